@@ -1,0 +1,103 @@
+# cython: language_level=3
+# C-level declarations of kimiha's compiled core. Bodies live in _core.pyx.
+
+cimport cython
+from libc.stdint cimport int64_t, uint64_t
+
+
+@cython.final
+cdef class LatencyHistogram:
+    cdef uint64_t* counts
+    cdef readonly uint64_t count
+    cdef readonly int64_t min
+    cdef readonly int64_t max
+    cdef double total
+
+    cdef inline void record_c(self, int64_t value) noexcept nogil
+
+
+cdef class Subscription
+
+
+@cython.final
+cdef class Channel:
+    cdef readonly object key
+    cdef readonly str name
+    cdef readonly str description
+    cdef readonly Py_ssize_t capacity
+    cdef readonly bint block
+    cdef readonly bint track_latency
+    cdef readonly bint closed
+    cdef readonly object payload_type
+    cdef object payload_classes        # tuple of classes, or None for any payload
+    cdef object decoder
+    cdef object encoder
+    cdef list objs                     # decoded payload per slot
+    cdef list frames                   # encoded frame per slot, or None until somebody asks
+    cdef int64_t* stamps               # publish time per slot (monotonic ns)
+    cdef uint64_t tail                 # sequence of the next event; == published count
+    cdef uint64_t min_cursor           # lower bound of the slowest live cursor (BLOCK room check)
+    cdef list push_subs                # subscriptions with a handler, held strongly
+    cdef list pull_refs                # weak references to pull subscriptions
+    cdef Py_ssize_t n_waiting          # pull subscriptions parked on a waiter future
+    cdef object pub_waiters            # deque of futures of publish_async calls waiting for room
+    cdef object pending                # deque of payloads from publish_threadsafe, not yet in the ring
+    cdef object thread_cond            # threads wait here when a BLOCK channel's pending queue is full
+    cdef Py_ssize_t thread_waiters
+    cdef bint ts_scheduled
+    cdef bint dispatch_scheduled
+    cdef object loop
+    cdef object loop_thread
+    cdef object dispatch_cb
+    cdef object flush_cb
+    cdef Py_ssize_t budget
+    cdef readonly LatencyHistogram latency
+    # counters
+    cdef readonly uint64_t delivered
+    cdef readonly uint64_t lagged
+    cdef readonly uint64_t blocked
+    cdef readonly uint64_t full
+    cdef readonly uint64_t high_water_mark
+    cdef readonly uint64_t bad_frames
+    cdef readonly uint64_t handler_errors
+    cdef readonly uint64_t dropped_on_close
+
+    cdef int check_payload(self, object payload) except -1
+    cdef bint has_room(self)
+    cdef uint64_t slowest_cursor(self)
+    cdef Py_ssize_t n_subscribers(self)
+    cdef Py_ssize_t write(self, object payload, object frame)
+    cdef Py_ssize_t publish_c(self, object payload) except -1
+    cdef void schedule_dispatch(self)
+    cdef void wake_readers(self)
+    cdef int reader_advanced(self) except -1
+    cdef int flush_pending(self) except -1
+    cdef int detach(self, Subscription sub) except -1
+    cdef inline Py_ssize_t slot(self, uint64_t seq)
+    cdef object frame_at(self, Py_ssize_t idx)
+
+
+@cython.final
+cdef class Subscription:
+    cdef readonly Channel channel
+    cdef readonly uint64_t cursor
+    cdef readonly uint64_t delivered
+    cdef readonly uint64_t lagged
+    cdef readonly uint64_t errors
+    cdef readonly uint64_t subscribed_at
+    cdef readonly bint frames
+    cdef readonly object handler
+    cdef object on_lag
+    cdef object on_error
+    cdef object waiter
+    cdef readonly bint closed
+    cdef Py_ssize_t streak
+    cdef object __weakref__
+
+    cdef object next_c(self)
+    cdef int report_lag(self) except -1
+    cdef bint deliver_push(self, Py_ssize_t budget)
+    cdef int handler_failed(self, object exc, object event) except -1
+    cdef int check_pull(self) except -1
+    cdef object park(self)
+    cdef void unpark(self, object fut)

@@ -1,0 +1,121 @@
+"""Channel configuration: capacity, overflow policy and payload type of one broadcast channel."""
+
+from __future__ import annotations
+
+import enum
+import types
+import typing
+from typing import Any
+
+import msgspec
+
+from kimiha.error import InvalidConfigurationError
+
+__all__ = ["ChannelConfig", "Overflow", "MAX_CAPACITY"]
+
+#: Largest ring a channel may ask for. Each slot costs three pointers and a timestamp (32 bytes), so this
+#: is half a GiB of slots -- far beyond any sensible ring, small enough to catch a typo such as ``10**12``.
+MAX_CAPACITY = 1 << 24
+
+
+class Overflow(enum.Enum):
+    """What a channel does when a publisher catches up with its slowest subscriber."""
+
+    #: Overwrite the oldest slot; the subscriber that had not read it gets ``Lagged(n)`` (Tokio broadcast).
+    LAG = "lag"
+    #: Never lose an event: ``publish`` raises ``ChannelFull``, ``publish_async`` waits for room (Disruptor).
+    BLOCK = "block"
+
+
+def _payload_classes(payload_type: Any) -> tuple[type, ...]:
+    """Return the classes an ``isinstance`` check must accept for ``payload_type``."""
+    if isinstance(payload_type, type):
+        return (payload_type,)
+    if typing.get_origin(payload_type) in (typing.Union, types.UnionType):
+        members = typing.get_args(payload_type)
+        for member in members:
+            if not isinstance(member, type):
+                raise InvalidConfigurationError(
+                    f"ChannelConfig.payload_type: expected a type or a Union of types, got member "
+                    f"{member!r} in {payload_type!r}"
+                )
+        return tuple(members)
+    raise InvalidConfigurationError(
+        f"ChannelConfig.payload_type: expected a msgspec.Struct type, a Union of them, or None; "
+        f"got {payload_type!r}"
+    )
+
+
+class ChannelConfig:
+    """Configuration of one broadcast channel.
+
+    Parameters
+    ----------
+    capacity : int
+        Number of slots in the ring, ``1 <= capacity <= MAX_CAPACITY``.
+    description : str
+        Free text shown in stats and errors.
+    overflow : Overflow
+        ``Overflow.LAG`` (default) or ``Overflow.BLOCK``.
+    payload_type : type or Union of types, optional
+        Declared payload type. Publishing anything else raises ``PayloadTypeError``; raw frames are
+        decoded and validated against it. ``None`` accepts any msgspec-encodable object except ``None``.
+    track_latency : bool
+        Record publish-to-delivery latency into the channel's histogram (two clock reads per event).
+    """
+
+    __slots__ = ("capacity", "description", "overflow", "payload_type", "payload_classes", "track_latency")
+
+    def __init__(
+        self,
+        capacity: int,
+        description: str = "",
+        *,
+        overflow: Overflow = Overflow.LAG,
+        payload_type: Any = None,
+        track_latency: bool = True,
+    ) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int):
+            raise InvalidConfigurationError(
+                f"ChannelConfig.capacity: expected an int between 1 and {MAX_CAPACITY}, "
+                f"got {type(capacity).__name__} {capacity!r}"
+            )
+        if capacity < 1 or capacity > MAX_CAPACITY:
+            raise InvalidConfigurationError(
+                f"ChannelConfig.capacity: expected an int between 1 and {MAX_CAPACITY}, got {capacity}"
+            )
+        if not isinstance(description, str):
+            raise InvalidConfigurationError(
+                f"ChannelConfig.description: expected str, got {type(description).__name__} {description!r}"
+            )
+        if not isinstance(overflow, Overflow):
+            raise InvalidConfigurationError(
+                f"ChannelConfig.overflow: expected Overflow.LAG or Overflow.BLOCK, got {overflow!r}"
+            )
+        classes: tuple[type, ...] = ()
+        if payload_type is not None:
+            classes = _payload_classes(payload_type)
+            try:
+                msgspec.msgpack.Decoder(payload_type)
+            except (TypeError, ValueError) as exc:
+                raise InvalidConfigurationError(
+                    f"ChannelConfig.payload_type: {payload_type!r} cannot be decoded by msgspec: {exc}"
+                ) from None
+        self.capacity = capacity
+        self.description = description
+        self.overflow = overflow
+        self.payload_type = payload_type
+        self.payload_classes = classes
+        self.track_latency = bool(track_latency)
+
+    def __repr__(self) -> str:
+        parts = [repr(self.capacity)]
+        if self.description:
+            parts.append(repr(self.description))
+        parts.append(f"overflow={self.overflow}")
+        if self.payload_type is not None:
+            name = getattr(self.payload_type, "__name__", None) or repr(self.payload_type)
+            parts.append(f"payload_type={name}")
+        if not self.track_latency:
+            parts.append("track_latency=False")
+        return f"ChannelConfig({', '.join(parts)})"

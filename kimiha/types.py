@@ -1,0 +1,114 @@
+"""Channel keys, event payloads and the task traits (the original framework's ``types`` module).
+
+* :class:`EventType` -- base Enum for channel keys: ``class Ev(EventType): MARKET_DATA = "MarketData"``.
+* :class:`Event` -- base for payloads, a frozen ``msgspec.Struct``.
+* :class:`Executable`, :class:`BackgroundTask`, :class:`EventTask` -- what the scheduler runs.
+* :class:`Connector`, :class:`Aggregator`, :class:`Strategy`, :class:`Executor` -- the trading roles.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, ClassVar
+
+import msgspec
+
+__all__ = [
+    "EventType",
+    "Event",
+    "Executable",
+    "BackgroundTask",
+    "EventTask",
+    "Connector",
+    "Aggregator",
+    "Strategy",
+    "Executor",
+]
+
+
+class EventType(enum.Enum):
+    """Base class of channel keys. Subclass it with members, e.g. ``MARKET_DATA = "MarketData"``.
+
+    Members hash by identity (they are singletons), which keeps the bus's channel lookup in C.
+    """
+
+    __hash__ = object.__hash__
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}.{self.name}"
+
+
+class Event(msgspec.Struct, frozen=True):
+    """Base class of event payloads: a frozen ``msgspec.Struct``, safe to share among subscribers."""
+
+
+class Executable:
+    """Something the scheduler runs: it has a ``name`` and optional ``initialize`` / ``shutdown`` hooks.
+
+    ``name`` defaults to the class name; set it as an attribute or a property to tell instances apart.
+    """
+
+    role: ClassVar[str] = "task"
+
+    @property
+    def name(self) -> str:
+        return self.__dict__.get("name", type(self).__name__)
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self.__dict__["name"] = value
+
+    async def initialize(self) -> None:
+        """Prepare the task; called once before it runs. Override as needed."""
+
+    async def shutdown(self) -> None:
+        """Release what ``initialize`` acquired; called once when the scheduler stops. Override as needed."""
+
+
+class BackgroundTask(Executable):
+    """A task whose ``execute()`` the scheduler calls in a loop until shutdown."""
+
+    role: ClassVar[str] = "background"
+
+    async def execute(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement async execute()")
+
+
+class EventTask(Executable):
+    """A task that handles the events of one channel (or several: return a tuple from ``subscribed_event``).
+
+    ``handle_event`` may be a plain function (called straight from the dispatch loop, no coroutine per
+    event) or a coroutine function (awaited, one event at a time, in order).
+    """
+
+    role: ClassVar[str] = "event"
+
+    def subscribed_event(self) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement subscribed_event()")
+
+    def handle_event(self, event: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement handle_event(event)")
+
+
+class Connector(BackgroundTask):
+    """Brings external data in (a venue feed, a replay) and publishes it on the bus."""
+
+    role: ClassVar[str] = "connector"
+
+
+class Aggregator(EventTask):
+    """Normalizes raw connector data into market events (books, trades, quotes)."""
+
+    role: ClassVar[str] = "aggregator"
+
+
+class Strategy(EventTask):
+    """Turns market events into signals and orders."""
+
+    role: ClassVar[str] = "strategy"
+
+
+class Executor(EventTask):
+    """Carries orders out (to a venue, or a paper book) and reports fills."""
+
+    role: ClassVar[str] = "executor"

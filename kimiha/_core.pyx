@@ -724,6 +724,7 @@ cdef class Subscription:
         cdef Channel ch = self.channel
         cdef uint64_t backlog = ch.tail - self.cursor
         cdef Py_ssize_t idx
+        cdef object event
         if self.closed:
             raise ChannelClosed(f"subscription to channel {ch.name!r} is closed")
         if backlog == 0:
@@ -741,11 +742,14 @@ cdef class Subscription:
         ch.delivered += 1
         if ch.track_latency:
             ch.latency.record_c(now_ns() - ch.stamps[idx])
+        if self.frames:
+            event = (self.cursor - 1, ch.stamps[idx], ch.frame_at(idx))
+        else:
+            event = ch.objs[idx]
+        # Only now may the freed slot be refilled by a waiting publisher.
         if ch.block and (ch.pub_waiters or ch.pending):
             ch.reader_advanced()
-        if self.frames:
-            return (self.cursor - 1, ch.stamps[idx], ch.frame_at(idx))
-        return ch.objs[idx]
+        return event
 
     cdef bint deliver_push(self, Py_ssize_t budget):
         """Call the handler for up to ``budget`` ready events; return whether more are ready."""

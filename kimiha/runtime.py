@@ -40,6 +40,11 @@ def run(main: Coroutine[Any, Any, T], *, loop: str = "uvloop", debug: bool | Non
 
     Like ``asyncio.run``: remaining tasks are cancelled and async generators closed at the end.
     """
-    factory = _loop_factory(loop)
+    try:
+        factory = _loop_factory(loop)
+    except InvalidConfigurationError:
+        if asyncio.iscoroutine(main):
+            main.close()  # it will never run: do not leave a "never awaited" warning behind
+        raise
     with asyncio.Runner(loop_factory=factory, debug=debug) as runner:
         return runner.run(main)

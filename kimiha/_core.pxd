@@ -91,6 +91,8 @@ cdef class Subscription:
     cdef object on_error
     cdef object waiter
     cdef readonly bint closed
+    cdef readonly bint paused
+    cdef readonly LatencyHistogram handler_time
     cdef Py_ssize_t streak
     cdef object __weakref__
 

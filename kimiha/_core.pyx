@@ -540,11 +540,14 @@ cdef class Channel:
 
     # -- subscribing --------------------------------------------------------------------------------------------
 
-    def subscribe(self, handler=None, *, on_lag=None, on_error=None, bint frames=False):
+    def subscribe(self, handler=None, *, on_lag=None, on_error=None, bint frames=False, bint paused=False,
+                  bint measure=False):
         """Return a :class:`Subscription` that sees every event published from now on.
 
         With ``handler``, the dispatch loop calls ``handler(event)`` for each event (no coroutine per event);
-        without it, pull events with ``recv``/``try_recv``/``async for``/``drain``.
+        without it, pull events with ``recv``/``try_recv``/``async for``/``drain``. A ``paused`` handler
+        subscription keeps its place (events wait in the ring) until ``resume()``; ``measure`` records each
+        handler call's duration in ``handler_time``.
         """
         if self.closed:
             raise ChannelClosed(f"channel {self.name!r} is closed; cannot subscribe")
@@ -566,6 +569,9 @@ cdef class Channel:
         sub.on_lag = on_lag
         sub.on_error = on_error
         sub.frames = frames
+        sub.paused = paused and handler is not None
+        if measure and handler is not None:
+            sub.handler_time = LatencyHistogram()
         if handler is not None:
             self.push_subs.append(sub)
         else:
@@ -759,6 +765,10 @@ cdef class Subscription:
         cdef Py_ssize_t n = 0
         cdef object handler = self.handler
         cdef object event
+        cdef LatencyHistogram timing = self.handler_time
+        cdef int64_t t0 = 0
+        if self.paused:
+            return False                  # resume() schedules the dispatch again
         if backlog > ch.high_water_mark:
             ch.high_water_mark = backlog if backlog <= <uint64_t>ch.capacity else ch.capacity
         while self.cursor < ch.tail:
@@ -771,8 +781,10 @@ cdef class Subscription:
             self.delivered += 1
             ch.delivered += 1
             n += 1
-            if ch.track_latency:
-                ch.latency.record_c(now_ns() - ch.stamps[idx])
+            if ch.track_latency or timing is not None:
+                t0 = now_ns()
+                if ch.track_latency:
+                    ch.latency.record_c(t0 - ch.stamps[idx])
             try:
                 if self.frames:
                     event = (self.cursor - 1, ch.stamps[idx], ch.frame_at(idx))
@@ -781,6 +793,10 @@ cdef class Subscription:
                 handler(event)
             except Exception as exc:
                 self.handler_failed(exc, ch.objs[idx])
+            if timing is not None:
+                timing.record_c(now_ns() - t0)
+            if self.paused:
+                return False
         return False
 
     cdef int handler_failed(self, object exc, object event) except -1:
@@ -891,6 +907,17 @@ cdef class Subscription:
 
     # -- lifecycle and introspection ----------------------------------------------------------------------------
 
+    def pause(self):
+        """Stop calling the handler; events keep their place in the ring (and may lag on a LAG channel)."""
+        self.paused = True
+
+    def resume(self):
+        """Call the handler again, starting with the events that arrived while paused."""
+        if self.paused and not self.closed:
+            self.paused = False
+            if self.handler is not None and self.cursor != self.channel.tail:
+                self.channel.schedule_dispatch()
+
     def close(self):
         """Detach from the channel; a pending ``recv`` raises ``ChannelClosed``. Idempotent."""
         if self.closed:
@@ -937,6 +964,7 @@ cdef class Subscription:
             "errors": self.errors,
             "backlog": self.backlog,
             "closed": self.closed,
+            "paused": self.paused,
         }
 
 
@@ -1030,7 +1058,8 @@ cdef class EventBusCore:
         """Decode and validate a msgpack ``frame`` against the channel's payload type, then publish it."""
         return self.lookup(event_type).publish_raw(frame)
 
-    def subscribe(self, event_type, handler=None, /, *, on_lag=None, on_error=None, bint frames=False):
+    def subscribe(self, event_type, handler=None, /, *, on_lag=None, on_error=None, bint frames=False,
+                  bint paused=False, bint measure=False):
         """Return a :class:`Subscription` to ``event_type`` that sees events published from now on.
 
         Parameters
@@ -1042,10 +1071,15 @@ cdef class EventBusCore:
             Called as ``on_lag(skipped)`` instead of raising ``Lagged``.
         frames : bool
             Deliver ``(sequence, publish_ns, msgpack_frame)`` tuples instead of decoded payloads.
+        paused : bool
+            Subscribe now (events are kept from this point) but call the handler only after ``resume()``.
+        measure : bool
+            Record each handler call's duration (ns) in ``subscription.handler_time``.
         """
         cdef Channel ch = self.lookup(event_type)
         self.ensure_loop()
-        return ch.subscribe(handler, on_lag=on_lag, on_error=on_error, frames=frames)
+        return ch.subscribe(handler, on_lag=on_lag, on_error=on_error, frames=frames, paused=paused,
+                            measure=measure)
 
     def close(self):
         """Close every channel. Subscribers receive what was published before, then ``ChannelClosed``."""

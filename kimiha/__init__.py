@@ -26,6 +26,7 @@ from kimiha.error import (
 )
 from kimiha.event_bus import Channel, EventBus, Subscription
 from kimiha.runtime import run
+from kimiha.scheduler import OnError, Scheduler, SchedulerState, Supervision, TaskRegistry, TaskState
 from kimiha.types import (
     Aggregator,
     BackgroundTask,
@@ -62,16 +63,22 @@ __all__ = [
     "LatencyHistogram",
     "Lagged",
     "MissingComponentError",
+    "OnError",
     "OrchestratorError",
     "Overflow",
     "PayloadTypeError",
+    "Scheduler",
+    "SchedulerState",
     "SerializationError",
     "Strategy",
     "Subscription",
+    "Supervision",
     "TaskExecutionError",
     "TaskInitializationError",
     "TaskNotFoundError",
+    "TaskRegistry",
     "TaskShutdownError",
+    "TaskState",
     "monotonic_ns",
     "run",
 ]

@@ -25,6 +25,7 @@ from kimiha.error import (
     TaskShutdownError,
 )
 from kimiha.event_bus import Channel, EventBus, Subscription
+from kimiha.orchestrator import BuildError, TradingOrchestrator, TradingOrchestratorBuilder
 from kimiha.runtime import run
 from kimiha.scheduler import OnError, Scheduler, SchedulerState, Supervision, TaskRegistry, TaskState
 from kimiha.types import (
@@ -44,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Aggregator",
     "BackgroundTask",
+    "BuildError",
     "Channel",
     "ChannelClosed",
     "ChannelConfig",
@@ -79,6 +81,8 @@ __all__ = [
     "TaskRegistry",
     "TaskShutdownError",
     "TaskState",
+    "TradingOrchestrator",
+    "TradingOrchestratorBuilder",
     "monotonic_ns",
     "run",
 ]

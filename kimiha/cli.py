@@ -1,82 +1,62 @@
-"""Command line: ``kimiha demo`` runs the main job on the embedded in-process bus."""
+"""Command line: ``kimiha demo`` (the main job) and ``kimiha bench`` (side-by-side benchmarks)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
-import time
 from collections.abc import Sequence
 
 import kimiha
-from kimiha import ChannelConfig, Event, EventBus, EventType
+from kimiha.runtime import LOOPS
 
 __all__ = ["main"]
 
 
-class DemoEvent(EventType):
-    TICKS = "Ticks"
-    SIGNALS = "Signals"
-
-
-class Tick(Event):
-    seq: int
-    price: float
-
-
-class Signal(Event):
-    seq: int
-    ema: float
-    side: str
-
-
-async def _bus_demo(events: int, loop_name: str) -> int:
-    bus = EventBus(
-        [
-            (DemoEvent.TICKS, ChannelConfig(4096, "synthetic prices", payload_type=Tick)),
-            (DemoEvent.SIGNALS, ChannelConfig(1024, "EMA crossings", payload_type=Signal)),
-        ]
-    )
-    state = {"ema": 100.0, "above": False}
-
-    def on_tick(tick: Tick) -> None:  # a plain function: called straight from the compiled dispatch loop
-        state["ema"] += 0.05 * (tick.price - state["ema"])
-        above = tick.price > state["ema"]
-        if above != state["above"]:
-            state["above"] = above
-            bus.publish(DemoEvent.SIGNALS, Signal(tick.seq, state["ema"], "BUY" if above else "SELL"))
-
-    bus.subscribe(DemoEvent.TICKS, on_tick)
-    signals = bus.subscribe(DemoEvent.SIGNALS)
-    ticks = bus.channel(DemoEvent.TICKS)
-    started = time.perf_counter()
-    price, received = 100.0, 0
-    for seq in range(events):
-        price += ((seq * 7919) % 13 - 6) * 0.01
-        await ticks.publish_async(Tick(seq, price))
-        if seq % 1024 == 1023:
-            await kimiha.runtime.asyncio.sleep(0)
-            received += len(signals.drain())
-    await kimiha.runtime.asyncio.sleep(0)
-    received += len(signals.drain())
-    elapsed = time.perf_counter() - started
-    print(f"kimiha {kimiha.__version__} bus demo on {loop_name}: {events:,} ticks -> {received:,} signals "
-          f"in {elapsed:.3f} s ({events / elapsed:,.0f} ticks/s)")
-    print(bus.format_stats())
-    bus.close()
-    return 0
+def _speed(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 (real-time factor), got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 (real-time factor), got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kimiha", description=__doc__)
+    parser = argparse.ArgumentParser(prog="kimiha", description="kimiha: low-latency trading orchestration")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the main job on the embedded in-process bus")
-    demo.add_argument("--events", type=int, default=200_000, help="number of ticks to publish")
-    demo.add_argument("--loop", choices=kimiha.runtime.LOOPS, default="uvloop", help="event loop")
+    demo = sub.add_parser(
+        "demo",
+        help="replay recorded Binance BTCUSDT data through connector -> aggregator -> strategy -> executor",
+        description="Replay recorded Binance spot BTCUSDT market data (shipped with kimiha) through the whole "
+        "trading pipeline on the in-process bus, then print a summary.",
+    )
+    demo.add_argument("--speed", type=_speed, default=None,
+                      help="replay at the recorded pace times this factor (default: as fast as possible)")
+    demo.add_argument("--data", action="append", metavar="PATH",
+                      help="a recording in the same wire format, gzipped or not (repeat for several files)")
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    demo.add_argument("--no-progress", action="store_true", help="do not show the progress bar on stderr")
+    demo.add_argument("--loop", choices=LOOPS, default="uvloop", help="event loop (default: uvloop)")
     args = parser.parse_args(argv)
+
     if args.command == "demo":
-        if args.events < 1:
-            parser.error(f"--events: expected a positive int, got {args.events}")
-        return kimiha.run(_bus_demo(args.events, args.loop), loop=args.loop)
+        from kimiha.demo import format_summary, run_demo
+
+        try:
+            summary = kimiha.run(
+                run_demo(args.data, speed=args.speed, progress=None if args.no_progress else sys.stderr),
+                loop=args.loop,
+            )
+        except FileNotFoundError as exc:
+            parser.exit(2, f"kimiha demo: {exc}\n")
+        if args.json:
+            print(json.dumps(summary, indent=2, default=str))
+        else:
+            print(format_summary(summary))
+        return 0 if summary["all_lines_accounted"] or args.data else 1
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -314,6 +314,9 @@ class Scheduler:
         self._stopped = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[Any]] = []
+        #: Groups of event-task ids drained one after another at shutdown (what a stage publishes while it
+        #: drains reaches the next stage). ``None``: every event task drains at once.
+        self.drain_stages: list[list[int]] | None = None
 
     # -- state --------------------------------------------------------------------------------------------------
 
@@ -675,11 +678,12 @@ class Scheduler:
             runner.cancel()
         await self._await_runners(self._background, deadline, report)
 
-        # 2. drain event tasks to the sequence published when shutdown began
+        # 2. drain event tasks to the sequence published when (their stage of) shutdown began
         event_infos = [info for info in self.registry if info.kind == "event"]
-        for info in event_infos:
-            info.drain_targets = [sub.channel.published for sub in info.subscriptions]
-        await self._drain(event_infos, deadline, report)
+        for stage in self._stages(event_infos):
+            for info in stage:
+                info.drain_targets = [sub.channel.published for sub in info.subscriptions]
+            await self._drain(stage, deadline, report)
 
         # 3. close subscriptions, stop pumps
         pumps = []
@@ -719,6 +723,14 @@ class Scheduler:
         if failures:
             detail = "; ".join(report["hook_failures"])
             raise TaskShutdownError(f"{self.name}: {len(failures)} shutdown hook(s) failed: {detail}", failures)
+
+    def _stages(self, event_infos: list[TaskInfo]) -> list[list[TaskInfo]]:
+        if not self.drain_stages:
+            return [event_infos]
+        stages = [[self.registry.get(task_id) for task_id in group] for group in self.drain_stages]
+        staged = {info.id for group in stages for info in group}
+        rest = [info for info in event_infos if info.id not in staged]
+        return [group for group in stages if group] + ([rest] if rest else [])
 
     async def _await_runners(self, runners: list[asyncio.Task[Any]], deadline: float,
                              report: dict[str, Any]) -> None:

@@ -201,7 +201,10 @@ class ImbalanceStrategy:
         self.in_flight += signed
         self._last_order_ts = ts
         self.orders += 1
-        return (signal, Order(order_id, side, qty, OrderType.MARKET, None, ts, self.symbol))
+        ref = getattr(quote, "update_id", None)
+        if ref is None:
+            ref = quote.final_update_id
+        return (signal, Order(order_id, side, qty, OrderType.MARKET, None, ts, self.symbol, ref))
 
     @property
     def exposure(self) -> float:

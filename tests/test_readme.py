@@ -45,3 +45,15 @@ def test_readme_names_the_two_commands():
     text = README.read_text(encoding="utf-8")
     assert "python -m kimiha demo" in text
     assert 'pip install ".[test]" && pytest' in text
+
+
+EXAMPLE_MARKER = re.compile(r"<!-- example: (\S+) -->\n```python\n(.*?)```", re.S)
+
+
+def test_readme_quick_starts_are_the_example_files_verbatim():
+    text = README.read_text(encoding="utf-8")
+    embedded = EXAMPLE_MARKER.findall(text)
+    assert {path for path, _ in embedded} >= {"examples/trading_quickstart.py", "examples/task_orchestrator.py"}
+    for path, code in embedded:
+        source = (README.parent / path).read_text(encoding="utf-8")
+        assert code.rstrip() == source.rstrip(), f"README copy of {path} differs from the file"

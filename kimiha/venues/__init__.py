@@ -258,6 +258,9 @@ class Order(Event, frozen=True, tag=True, gc=False):
         Time the order was decided, in nanoseconds (market time during a replay).
     symbol : str
         Venue symbol.
+    ref_update_id : int
+        Book update id the decision was based on (0: unknown). A paper executor fills the order against its
+        book as of that id, so fills do not depend on how fast market data and orders travel.
     """
 
     order_id: int
@@ -267,6 +270,7 @@ class Order(Event, frozen=True, tag=True, gc=False):
     price: float | None = None
     ts_ns: int = 0
     symbol: str = ""
+    ref_update_id: int = 0
 
 
 class Fill(Event, frozen=True, tag=True, gc=False):

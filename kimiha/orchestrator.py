@@ -1,0 +1,241 @@
+"""The trading orchestrator: Connectors -> Aggregator -> Strategies -> Executors over one event bus.
+
+:class:`TradingOrchestratorBuilder` collects components and registers nothing until :meth:`build`, which
+checks the whole wiring and reports every problem in one :class:`BuildError`. The resulting
+:class:`TradingOrchestrator` starts consumers before producers (executors, strategies, aggregator,
+connectors) and shuts down in reverse: connectors stop first, then the aggregator, strategies and executors
+each drain what reached them, stage after stage, within a deadline.
+"""
+
+from __future__ import annotations
+
+import inspect
+import signal
+from collections.abc import Iterable
+from typing import Any
+
+from kimiha.error import InvalidConfigurationError, InvalidStateError, MissingComponentError
+from kimiha.event_bus import EventBus
+from kimiha.scheduler import Scheduler, Supervision, TaskRegistry
+from kimiha.types import Aggregator, Connector, Executor, Strategy
+
+__all__ = ["BuildError", "TradingOrchestratorBuilder", "TradingOrchestrator"]
+
+_ROLES: dict[str, type] = {
+    "connector": Connector,
+    "aggregator": Aggregator,
+    "strategy": Strategy,
+    "executor": Executor,
+}
+
+
+class BuildError(MissingComponentError, InvalidConfigurationError):
+    """``build()`` found wiring problems; ``problems`` lists every one of them."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"cannot build the trading orchestrator, {len(self.problems)} problem(s):\n{lines}")
+
+
+def _name(component: Any) -> str:
+    name = getattr(component, "name", None)
+    return name if isinstance(name, str) and name else type(component).__name__
+
+
+def _role_problem(component: Any, role: str) -> str | None:
+    """Say why ``component`` cannot play ``role``, or return None if it can."""
+    for other_role, cls in _ROLES.items():
+        if other_role != role and isinstance(component, cls) and not isinstance(component, _ROLES[role]):
+            return f"{_name(component)!r} is a {cls.__name__}, passed to with_{role}()"
+    if role == "connector":
+        execute = getattr(component, "execute", None)
+        if not callable(execute) or not inspect.iscoroutinefunction(execute):
+            return f"connector {_name(component)!r} has no `async def execute()`"
+        return None
+    missing = [m for m in ("subscribed_event", "handle_event") if not callable(getattr(component, m, None))]
+    if missing:
+        return f"{role} {_name(component)!r} lacks {', '.join(missing)}()"
+    return None
+
+
+def _channels_of(component: Any) -> tuple[Any, ...]:
+    value = component.subscribed_event()
+    return tuple(value) if isinstance(value, (tuple, list, set, frozenset)) else (value,)
+
+
+class TradingOrchestratorBuilder:
+    """Collect trading components, then :meth:`build` a :class:`TradingOrchestrator`.
+
+    Nothing is registered or started before ``build()``; a builder used twice is an error.
+
+    Parameters
+    ----------
+    bus : EventBus
+        The bus every component publishes to and subscribes on.
+    shutdown_timeout : float
+        Deadline (seconds) for the whole staged shutdown.
+    """
+
+    def __init__(self, bus: EventBus, *, shutdown_timeout: float = 10.0) -> None:
+        if not isinstance(bus, EventBus):
+            raise InvalidConfigurationError(
+                f"TradingOrchestratorBuilder(bus): expected an EventBus, got {type(bus).__name__}"
+            )
+        self._bus = bus
+        self._shutdown_timeout = shutdown_timeout
+        self._connectors: list[tuple[Any, Supervision | None]] = []
+        self._aggregators: list[tuple[Any, Supervision | None]] = []
+        self._strategies: list[tuple[Any, Supervision | None]] = []
+        self._executors: list[tuple[Any, Supervision | None]] = []
+        self._built = False
+
+    def with_connector(self, connector: Connector, *, supervision: Supervision | None = None
+                       ) -> TradingOrchestratorBuilder:
+        """Add a connector (a background task that brings market data in)."""
+        self._connectors.append((connector, supervision))
+        return self
+
+    def with_aggregator(self, aggregator: Aggregator, *, supervision: Supervision | None = None
+                        ) -> TradingOrchestratorBuilder:
+        """Set the aggregator (exactly one; a second call is reported by ``build()``)."""
+        self._aggregators.append((aggregator, supervision))
+        return self
+
+    def with_strategy(self, strategy: Strategy, *, supervision: Supervision | None = None
+                      ) -> TradingOrchestratorBuilder:
+        """Add a strategy."""
+        self._strategies.append((strategy, supervision))
+        return self
+
+    def with_executor(self, executor: Executor, *, supervision: Supervision | None = None
+                      ) -> TradingOrchestratorBuilder:
+        """Add an executor."""
+        self._executors.append((executor, supervision))
+        return self
+
+    def problems(self) -> list[str]:
+        """Return every wiring problem ``build()`` would report (empty when it would succeed)."""
+        problems: list[str] = []
+        if not self._connectors:
+            problems.append("no connector: add one with with_connector()")
+        if not self._aggregators:
+            problems.append("no aggregator: add exactly one with with_aggregator()")
+        elif len(self._aggregators) > 1:
+            names = ", ".join(repr(_name(a)) for a, _ in self._aggregators)
+            problems.append(f"exactly one aggregator is allowed, got {len(self._aggregators)}: {names}")
+        if not self._strategies:
+            problems.append("no strategy: add at least one with with_strategy()")
+        if not self._executors:
+            problems.append("no executor: add at least one with with_executor()")
+        seen: dict[int, str] = {}
+        for role, entries in self._by_role():
+            for component, supervision in entries:
+                if id(component) in seen:
+                    problems.append(f"{_name(component)!r} is added twice (as {seen[id(component)]} and {role})")
+                    continue
+                seen[id(component)] = role
+                problem = _role_problem(component, role)
+                if problem:
+                    problems.append(problem)
+                    continue
+                if supervision is not None and not isinstance(supervision, Supervision):
+                    problems.append(f"{role} {_name(component)!r}: supervision must be a Supervision")
+                if role == "connector":
+                    continue
+                try:
+                    channels = _channels_of(component)
+                except Exception as exc:  # a broken subscribed_event is a wiring problem too
+                    problems.append(f"{role} {_name(component)!r}: subscribed_event() raised {exc!r}")
+                    continue
+                for channel in channels:
+                    if not self._bus.has_channel(channel):
+                        known = ", ".join(str(c) for c in self._bus.channels) or "none"
+                        problems.append(
+                            f"{role} {_name(component)!r} subscribes to {channel!r}, which the bus does not "
+                            f"have (known: {known})"
+                        )
+        return problems
+
+    def _by_role(self) -> list[tuple[str, list[tuple[Any, Supervision | None]]]]:
+        # start order: consumers before producers
+        return [
+            ("executor", self._executors),
+            ("strategy", self._strategies),
+            ("aggregator", self._aggregators),
+            ("connector", self._connectors),
+        ]
+
+    def build(self) -> TradingOrchestrator:
+        """Check the wiring and return the orchestrator; raise :class:`BuildError` listing every problem."""
+        if self._built:
+            raise InvalidStateError("TradingOrchestratorBuilder.build() was already called; use a new builder")
+        problems = self.problems()
+        if problems:
+            raise BuildError(problems)
+        self._built = True
+        scheduler = Scheduler(self._bus, shutdown_timeout=self._shutdown_timeout, name="trading-orchestrator")
+        stages: dict[str, list[int]] = {}
+        for role, entries in self._by_role():
+            for component, supervision in entries:
+                if role == "connector":
+                    task_id = scheduler.register_background_task(component, supervision=supervision)
+                else:
+                    task_id = scheduler.register_event_task(component, supervision=supervision)
+                stages.setdefault(role, []).append(task_id)
+        # producers stop first; each stage then drains what the one before it published
+        scheduler.drain_stages = [stages["aggregator"], stages["strategy"], stages["executor"]]
+        return TradingOrchestrator(
+            self._bus,
+            scheduler,
+            connectors=[c for c, _ in self._connectors],
+            aggregator=self._aggregators[0][0],
+            strategies=[s for s, _ in self._strategies],
+            executors=[e for e, _ in self._executors],
+        )
+
+
+class TradingOrchestrator:
+    """A built trading pipeline: start it, watch its registry, shut it down (or ``async with`` it)."""
+
+    def __init__(self, bus: EventBus, scheduler: Scheduler, *, connectors: list[Any], aggregator: Any,
+                 strategies: list[Any], executors: list[Any]) -> None:
+        self.bus = bus
+        self.scheduler = scheduler
+        self.connectors = connectors
+        self.aggregator = aggregator
+        self.strategies = strategies
+        self.executors = executors
+
+    @property
+    def registry(self) -> TaskRegistry:
+        """The task registry: state, counters and latency of every component."""
+        return self.scheduler.registry
+
+    @property
+    def state(self) -> Any:
+        return self.scheduler.state
+
+    async def start(self) -> None:
+        """Start executors, strategies, the aggregator, then connectors (consumers before producers)."""
+        await self.scheduler.start()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Stop connectors, then drain the aggregator, strategies and executors in turn; run every hook."""
+        await self.scheduler.shutdown(timeout)
+
+    async def run_until_signal(self, signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM),
+                               *, timeout: float | None = None) -> None:
+        """Start, run until SIGINT/SIGTERM (or an escalated failure), then shut down."""
+        await self.scheduler.run_until_signal(signals, timeout=timeout)
+
+    async def __aenter__(self) -> TradingOrchestrator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
+
+    def __repr__(self) -> str:
+        return (f"<TradingOrchestrator state={self.scheduler.state.value} connectors={len(self.connectors)} "
+                f"strategies={len(self.strategies)} executors={len(self.executors)}>")

@@ -93,6 +93,9 @@ cdef class Subscription:
     cdef readonly bint closed
     cdef readonly bint paused
     cdef readonly LatencyHistogram handler_time
+    cdef public uint64_t handled          # events a handler pump finished without an exception
+    cdef public Py_ssize_t in_hand        # events a pump received and has not finished yet
+    cdef public int64_t drain_target      # a pump returns once its cursor reaches this (-1: never)
     cdef Py_ssize_t streak
     cdef object __weakref__
 

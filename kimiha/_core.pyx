@@ -569,6 +569,7 @@ cdef class Channel:
         sub.on_lag = on_lag
         sub.on_error = on_error
         sub.frames = frames
+        sub.drain_target = -1
         sub.paused = paused and handler is not None
         if measure and handler is not None:
             sub.handler_time = LatencyHistogram()
@@ -767,37 +768,45 @@ cdef class Subscription:
         cdef object event
         cdef LatencyHistogram timing = self.handler_time
         cdef int64_t t0 = 0
+        cdef int64_t t_prev = 0
+        cdef bint clocked = ch.track_latency or timing is not None
         if self.paused:
             return False                  # resume() schedules the dispatch again
         if backlog > ch.high_water_mark:
             ch.high_water_mark = backlog if backlog <= <uint64_t>ch.capacity else ch.capacity
-        while self.cursor < ch.tail:
-            if n >= budget or self.closed:
-                return not self.closed
-            if ch.tail - self.cursor > <uint64_t>ch.capacity:
-                self.report_lag()
-            idx = ch.slot(self.cursor)
-            self.cursor += 1
-            self.delivered += 1
-            ch.delivered += 1
-            n += 1
-            if ch.track_latency or timing is not None:
-                t0 = now_ns()
-                if ch.track_latency:
-                    ch.latency.record_c(t0 - ch.stamps[idx])
-            try:
-                if self.frames:
-                    event = (self.cursor - 1, ch.stamps[idx], ch.frame_at(idx))
-                else:
-                    event = ch.objs[idx]
-                handler(event)
-            except Exception as exc:
-                self.handler_failed(exc, ch.objs[idx])
-            if timing is not None:
-                timing.record_c(now_ns() - t0)
-            if self.paused:
-                return False
-        return False
+        try:
+            while self.cursor < ch.tail:
+                if n >= budget or self.closed:
+                    return not self.closed
+                if ch.tail - self.cursor > <uint64_t>ch.capacity:
+                    self.report_lag()
+                idx = ch.slot(self.cursor)
+                self.cursor += 1
+                self.delivered += 1
+                ch.delivered += 1
+                if clocked:
+                    # One clock read per event: it ends the previous handler call and stamps this delivery.
+                    t0 = now_ns()
+                    if ch.track_latency:
+                        ch.latency.record_c(t0 - ch.stamps[idx])
+                    if timing is not None and n:
+                        timing.record_c(t0 - t_prev)
+                    t_prev = t0
+                n += 1
+                try:
+                    if self.frames:
+                        event = (self.cursor - 1, ch.stamps[idx], ch.frame_at(idx))
+                    else:
+                        event = ch.objs[idx]
+                    handler(event)
+                except Exception as exc:
+                    self.handler_failed(exc, ch.objs[idx])
+                if self.paused:
+                    return False
+            return False
+        finally:
+            if timing is not None and n:
+                timing.record_c(now_ns() - t_prev)
 
     cdef int handler_failed(self, object exc, object event) except -1:
         self.errors += 1
@@ -907,6 +916,45 @@ cdef class Subscription:
 
     # -- lifecycle and introspection ----------------------------------------------------------------------------
 
+    async def run_handler(self, handler, on_error, LatencyHistogram timing=None):
+        """Await ``handler(event)`` for every event, one at a time, in order, until the subscription closes.
+
+        The compiled pump behind coroutine event handlers: it receives in batches, keeps ``in_hand`` (events
+        received but not finished) and ``handled`` up to date, records each call's duration in ``timing``,
+        and on an exception calls ``on_error(exc, event)``, which may return a delay (seconds) to wait before
+        the next event. It returns once ``cursor`` reaches ``drain_target`` (when set, i.e. >= 0) with nothing
+        in hand.
+        """
+        self.check_pull()
+        cdef int64_t t0
+        cdef list batch
+        while True:
+            try:
+                batch = await self.recv_batch()
+            except ChannelClosed:
+                return
+            self.in_hand = len(batch)
+            for event in batch:
+                if self.closed:
+                    self.in_hand = 0
+                    return
+                t0 = now_ns()
+                try:
+                    await handler(event)
+                except Exception as exc:
+                    self.errors += 1
+                    delay = on_error(exc, event)
+                    if delay:
+                        await _sleep(delay)
+                else:
+                    self.handled += 1
+                    if timing is not None:
+                        timing.record_c(now_ns() - t0)
+                finally:
+                    self.in_hand -= 1
+            if 0 <= self.drain_target <= <int64_t>self.cursor:
+                return
+
     def pause(self):
         """Stop calling the handler; events keep their place in the ring (and may lag on a LAG channel)."""
         self.paused = True
@@ -962,6 +1010,7 @@ cdef class Subscription:
             "delivered": self.delivered,
             "lagged": self.lagged,
             "errors": self.errors,
+            "handled": self.handled,
             "backlog": self.backlog,
             "closed": self.closed,
             "paused": self.paused,

@@ -182,7 +182,6 @@ class TaskInfo:
         self.is_async_handler = False
         self.drain_targets: list[int] | None = None  # per subscription, set when shutdown begins
         self.handled_at_failure = 0
-        self.in_hand: list[int] = []  # per subscription: events a pump has received but not finished
 
     def transition(self, new: TaskState) -> None:
         if new not in _TASK_TRANSITIONS[self.state]:
@@ -194,7 +193,7 @@ class TaskInfo:
 
     def handled(self) -> int:
         if self.is_async_handler:
-            return self.events_handled
+            return self.events_handled + sum(sub.handled for sub in self.subscriptions)
         return sum(sub.delivered for sub in self.subscriptions)
 
     def handler_latency(self) -> LatencyHistogram:
@@ -465,11 +464,14 @@ class Scheduler:
 
     def _start_dispatch(self, info: TaskInfo) -> None:
         if info.is_async_handler:
-            info.in_hand = [0] * len(info.subscriptions)
             lock = asyncio.Lock() if len(info.subscriptions) > 1 else None
-            for index in range(len(info.subscriptions)):
-                runner = asyncio.create_task(self._event_pump(info, index, lock), name=f"kimiha:{info.name}")
-                info.runners.append(runner)
+            fast = lock is None and info.supervision.handler_timeout is None
+            for sub in info.subscriptions:
+                if fast:  # the compiled pump: no Python frame per event beyond the handler's own
+                    pump = sub.run_handler(info.task.handle_event, self._pump_error_cb(info), info.latency)
+                else:
+                    pump = self._event_pump(info, sub, lock)
+                info.runners.append(asyncio.create_task(pump, name=f"kimiha:{info.name}"))
         else:
             for sub in info.subscriptions:
                 sub.resume()
@@ -504,6 +506,12 @@ class Scheduler:
     def _handler_error_cb(self, info: TaskInfo):
         def on_error(exc: BaseException, event: Any) -> None:
             self._task_failed(info, exc, f"handle_event({event!r:.120})")
+
+        return on_error
+
+    def _pump_error_cb(self, info: TaskInfo):
+        def on_error(exc: BaseException, event: Any) -> float | None:
+            return self._task_failed(info, exc, f"handle_event({event!r:.120})")
 
         return on_error
 
@@ -551,9 +559,9 @@ class Scheduler:
     def _fail_task(self, info: TaskInfo, why: str) -> None:
         info.transition(TaskState.FAILED)
         logger.error("task %r is failed: %s", info.name, why)
-        if info.kind == "event" and not info.is_async_handler:
-            for sub in info.subscriptions:
-                sub.pause()
+        # A failed task unsubscribes: it must never hold a BLOCK channel's publishers back.
+        for sub in info.subscriptions:
+            sub.close()
 
     def _resume_handler(self, info: TaskInfo) -> None:
         if info.state is TaskState.DEGRADED and not self._stopping:
@@ -590,8 +598,6 @@ class Scheduler:
 
     async def _handle_one(self, info: TaskInfo, handler: Any, event: Any, timeout: float | None,
                           lock: asyncio.Lock | None, latency: LatencyHistogram) -> None:
-        if info.state is TaskState.FAILED:
-            return  # a failed task is handed nothing more; its backlog drains unhandled
         started = monotonic_ns()
         deadline = None
         try:
@@ -618,25 +624,24 @@ class Scheduler:
         if info.consecutive_failures:
             self._succeeded(info)
 
-    async def _event_pump(self, info: TaskInfo, index: int, lock: asyncio.Lock | None) -> None:
-        sub = info.subscriptions[index]
+    async def _event_pump(self, info: TaskInfo, sub: Subscription, lock: asyncio.Lock | None) -> None:
+        """Python pump for coroutine handlers that need a timeout or share a lock across channels."""
         handler = info.task.handle_event
         timeout = info.supervision.handler_timeout
         latency = info.latency
-        in_hand = info.in_hand
         while True:
             try:
                 batch = await sub.recv_batch()
             except ChannelClosed:
                 return
-            in_hand[index] = len(batch)
+            sub.in_hand = len(batch)
             for event in batch:
                 try:
-                    await self._handle_one(info, handler, event, timeout, lock, latency)
+                    if not sub.closed:
+                        await self._handle_one(info, handler, event, timeout, lock, latency)
                 finally:
-                    in_hand[index] -= 1
-            targets = info.drain_targets
-            if targets is not None and sub.cursor >= targets[index]:
+                    sub.in_hand -= 1
+            if 0 <= sub.drain_target <= sub.cursor:
                 return
 
     # -- shutdown -----------------------------------------------------------------------------------------------
@@ -683,6 +688,9 @@ class Scheduler:
         for stage in self._stages(event_infos):
             for info in stage:
                 info.drain_targets = [sub.channel.published for sub in info.subscriptions]
+                if info.is_async_handler:
+                    for sub, target in zip(info.subscriptions, info.drain_targets):
+                        sub.drain_target = target
             await self._drain(stage, deadline, report)
 
         # 3. close subscriptions, stop pumps
@@ -758,17 +766,16 @@ class Scheduler:
         def behind(info: TaskInfo) -> int:
             if info.state is TaskState.FAILED or info.drain_targets is None:
                 return 0
-            in_hand = info.in_hand or [0] * len(info.subscriptions)
             return sum(
-                max(0, target - (sub.cursor - held))
-                for sub, target, held in zip(info.subscriptions, info.drain_targets, in_hand)
+                max(0, target - (sub.cursor - sub.in_hand))
+                for sub, target in zip(info.subscriptions, info.drain_targets)
             )
 
         pumps: list[asyncio.Task[Any]] = []
         for info in infos:
             if info.is_async_handler:
-                for i, (sub, runner) in enumerate(zip(info.subscriptions, info.runners)):
-                    idle = info.in_hand[i] == 0 and sub.cursor >= info.drain_targets[i]  # type: ignore[index]
+                for sub, target, runner in zip(info.subscriptions, info.drain_targets or (), info.runners):
+                    idle = sub.in_hand == 0 and sub.cursor >= target
                     if idle or info.state is TaskState.FAILED:
                         runner.cancel()  # parked on recv_batch with nothing left to handle
                     else:

@@ -156,7 +156,7 @@ _SCHEDULER_TRANSITIONS: dict[SchedulerState, frozenset[SchedulerState]] = {
 class TaskInfo:
     """Registry entry of one task: identity, state and counters. Read it through :class:`TaskRegistry`."""
 
-    def __init__(self, task_id: int, task: Executable, kind: str, supervision: Supervision,
+    def __init__(self, task_id: int, task: Any, kind: str, supervision: Supervision,
                  interval: float | None, channels: tuple[Any, ...]) -> None:
         self.id = task_id
         self.task = task

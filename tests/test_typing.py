@@ -1,0 +1,24 @@
+"""The hand-written stub ``kimiha/_core.pyi`` matches the compiled module (mypy.stubtest)."""
+
+import pathlib
+import subprocess
+import sys
+
+import kimiha
+
+ALLOWLIST = pathlib.Path(__file__).with_name("stubtest-allowlist.txt")
+
+
+def test_core_stub_matches_the_compiled_module(tmp_path):
+    # Run beside the kimiha that tests import (site-packages for the wheel, the tree for an editable
+    # install), so mypy reads the stub that ships with it.
+    where = pathlib.Path(kimiha.__file__).resolve().parent.parent
+    config = tmp_path / "mypy.ini"
+    config.write_text("[mypy]\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "kimiha._core", "--allowlist", str(ALLOWLIST),
+         "--mypy-config-file", str(config)],
+        capture_output=True, text=True, timeout=600, cwd=where,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Success" in proc.stdout

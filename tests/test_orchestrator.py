@@ -279,7 +279,9 @@ def test_recording_with_an_update_id_gap_is_detected(run, tmp_path):
 
 
 def run_python(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    # cwd outside the source tree: `python -m kimiha` must import the installed package, not ./kimiha
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT / "examples")
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py")))

@@ -10,9 +10,10 @@ ALLOWLIST = pathlib.Path(__file__).with_name("stubtest-allowlist.txt")
 
 
 def test_core_stub_matches_the_compiled_module(tmp_path):
-    # Run beside the kimiha that tests import (site-packages for the wheel, the tree for an editable
-    # install), so mypy reads the stub that ships with it.
-    where = pathlib.Path(kimiha.__file__).resolve().parent.parent
+    # An installed wheel is found by mypy as a PEP 561 package from anywhere; an editable install is
+    # not, so there mypy has to run beside the source tree.
+    package = pathlib.Path(kimiha.__file__).resolve().parent
+    where = tmp_path if "site-packages" in package.parts else package.parent
     config = tmp_path / "mypy.ini"
     config.write_text("[mypy]\n")
     proc = subprocess.run(

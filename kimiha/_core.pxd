@@ -25,6 +25,7 @@ cdef class Channel:
     cdef readonly str name
     cdef readonly str description
     cdef readonly Py_ssize_t capacity
+    cdef uint64_t mask                 # capacity - 1 when capacity is a power of two, else 0
     cdef readonly bint block
     cdef readonly bint track_latency
     cdef readonly bint closed

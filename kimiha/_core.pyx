@@ -1,4 +1,4 @@
-# cython: language_level=3, embedsignature=True, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, embedsignature=True, binding=False, boundscheck=False, wraparound=False, cdivision=True
 """kimiha's compiled hot path: broadcast rings, subscriber cursors, the dispatch loop, counters, histograms.
 
 One :class:`Channel` per event type holds a preallocated ring of ``capacity`` slots and a 64-bit sequence
@@ -9,7 +9,8 @@ coalesced to one loop callback (handlers) or one future (pulling readers) per ba
 """
 
 cimport cython
-from cpython.object cimport PyObject
+from cpython.object cimport PyObject, PyTypeObject
+from cpython.ref cimport Py_INCREF
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset
@@ -35,6 +36,34 @@ from kimiha.error import (
 
 cdef extern from *:
     int __builtin_clzll(unsigned long long) nogil
+
+# A ready event is handed to ``await`` through the am_send slot (CPython >= 3.10): no coroutine object and
+# no StopIteration per event. Cython does not generate am_send, so a few lines of C install it.
+cdef extern from *:
+    """
+    #if PY_VERSION_HEX >= 0x030A0000
+    static PyObject *(*kimiha_ready_take)(PyObject *) = NULL;
+    static PySendResult kimiha_ready_am_send(PyObject *self, PyObject *arg, PyObject **presult) {
+        PyObject *value = kimiha_ready_take(self);
+        *presult = value;
+        return value == NULL ? PYGEN_ERROR : PYGEN_RETURN;
+    }
+    static int kimiha_install_am_send(PyTypeObject *tp, PyObject *(*take)(PyObject *)) {
+        if (tp->tp_as_async == NULL) {
+            PyErr_SetString(PyExc_RuntimeError, "kimiha: ready type has no async slots");
+            return -1;
+        }
+        kimiha_ready_take = take;
+        tp->tp_as_async->am_send = kimiha_ready_am_send;
+        PyType_Modified(tp);
+        return 0;
+    }
+    #else
+    static int kimiha_install_am_send(PyTypeObject *tp, PyObject *(*take)(PyObject *)) { return 0; }
+    #endif
+    """
+    ctypedef PyObject* (*take_fn)(PyObject*)
+    int kimiha_install_am_send(PyTypeObject* tp, take_fn take) except -1
 
 logger = logging.getLogger("kimiha.bus")
 
@@ -220,6 +249,7 @@ cdef class Channel:
         self.name = name
         self.description = config.description
         self.capacity = cap
+        self.mask = <uint64_t>(cap - 1) if cap > 1 and (cap & (cap - 1)) == 0 else 0
         self.block = config.overflow.value == "block"
         self.track_latency = config.track_latency
         self.payload_type = config.payload_type
@@ -305,6 +335,8 @@ cdef class Channel:
         return self.tail - self.min_cursor < <uint64_t>self.capacity
 
     cdef inline Py_ssize_t slot(self, uint64_t seq):
+        if self.mask:
+            return <Py_ssize_t>(seq & self.mask)  # power-of-two ring: no division on the hot path
         return <Py_ssize_t>(seq % <uint64_t>self.capacity)
 
     # -- writing ------------------------------------------------------------------------------------------------
@@ -317,7 +349,7 @@ cdef class Channel:
         if self.track_latency:
             self.stamps[idx] = now_ns()
         self.tail += 1
-        if self.push_subs:
+        if self.push_subs and not self.dispatch_scheduled:
             self.schedule_dispatch()
         if self.n_waiting:
             self.wake_readers()
@@ -686,6 +718,55 @@ cdef class Channel:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# An already-resolved awaitable: what recv() / __anext__ return when an event is ready.
+
+@cython.final
+@cython.freelist(16)
+cdef class _Ready:
+    cdef object value
+
+    def __await__(self):
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):  # fallback when am_send is not used (a tracer is active, or CPython < 3.10)
+        value = self.value
+        self.value = None
+        raise StopIteration(value)
+
+    def send(self, arg):
+        return self.__next__()
+
+    def throw(self, typ, val=None, tb=None):
+        self.value = None
+        if val is None:
+            raise typ
+        raise val
+
+    def close(self):
+        self.value = None
+
+
+cdef PyObject* _take_ready(PyObject* obj) noexcept:
+    cdef _Ready ready = <_Ready>obj
+    value = ready.value
+    ready.value = None
+    Py_INCREF(value)
+    return <PyObject*>value
+
+
+kimiha_install_am_send(<PyTypeObject*>_Ready, _take_ready)
+
+
+cdef inline _Ready _ready(object value):
+    cdef _Ready ready = _Ready.__new__(_Ready)
+    ready.value = value
+    return ready
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Subscription: one cursor.
 
 cdef class Subscription:
@@ -850,8 +931,18 @@ cdef class Subscription:
         return None if event is _EMPTY else event
 
     def recv(self):
-        """Wait for and return the next event (a coroutine)."""
+        """Return an awaitable of the next event: ``event = await sub.recv()``.
+
+        When an event is ready it is taken now and handed over without a coroutine; otherwise the awaitable
+        waits for one. ``Lagged`` / ``ChannelClosed`` may be raised by the call itself.
+        """
+        cdef object event
         self.check_pull()
+        if self.streak + 1 < self.channel.budget:
+            event = self.next_c()
+            if event is not _EMPTY:
+                self.streak += 1
+                return _ready(event)
         return self._recv(False)
 
     def __aiter__(self):
@@ -859,6 +950,15 @@ cdef class Subscription:
         return self
 
     def __anext__(self):
+        cdef object event
+        if self.streak + 1 < self.channel.budget and self.handler is None:
+            try:
+                event = self.next_c()
+            except ChannelClosed:
+                raise StopAsyncIteration from None
+            if event is not _EMPTY:
+                self.streak += 1
+                return _ready(event)
         return self._recv(True)
 
     async def _recv(self, bint iterating):

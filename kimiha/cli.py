@@ -40,7 +40,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     demo.add_argument("--no-progress", action="store_true", help="do not show the progress bar on stderr")
     demo.add_argument("--loop", choices=LOOPS, default="uvloop", help="event loop (default: uvloop)")
+    demo.add_argument("--distributed", action="store_true",
+                      help="run connector+aggregator, strategy and executor as three processes over NATS")
+    demo.add_argument("--nats", metavar="URL",
+                      help="NATS server for --distributed (default: start a local nats-server)")
+    bench = sub.add_parser("bench", add_help=False,
+                           help="side-by-side benchmarks (kimiha vs asyncio.Queue, pyee, NautilusTrader)")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+
+    if args.command == "bench":
+        from kimiha.benchmark import main as bench_main
+
+        return bench_main(args.bench_args)
+    if args.command == "demo" and (args.distributed or args.nats):
+        from kimiha.distributed import main as distributed_main
+
+        return distributed_main(args)
 
     if args.command == "demo":
         from kimiha.demo import format_summary, run_demo

@@ -20,6 +20,7 @@ import asyncio
 import collections
 import logging
 import threading
+import traceback
 import weakref
 
 import msgspec
@@ -72,6 +73,7 @@ cdef object _get_running_loop = asyncio.get_running_loop
 cdef object _sleep = asyncio.sleep
 cdef object _get_ident = threading.get_ident
 cdef object _CancelledError = asyncio.CancelledError
+cdef object _format_exception = traceback.format_exception
 
 DEFAULT_BUDGET = 1024
 
@@ -900,8 +902,13 @@ cdef class Subscription:
                 logger.exception("on_error callback of handler %r on channel %r failed",
                                  self.handler, self.channel.name)
                 return 0
-        logger.error("handler %r on channel %r raised on %r", self.handler, self.channel.name, event,
-                     exc_info=exc)
+        # Text only and rate-limited: a record holding the exception keeps the failing frames alive.
+        if self.errors <= 10:
+            logger.error("handler %r on channel %r raised on %.200r (error %d):\n%s", self.handler,
+                         self.channel.name, event, self.errors, "".join(_format_exception(exc)).rstrip())
+        elif self.errors % 1000 == 0:
+            logger.error("handler %r on channel %r: %r (%d errors so far)", self.handler, self.channel.name,
+                         exc, self.errors)
         return 0
 
     cdef object park(self):

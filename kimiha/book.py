@@ -96,7 +96,7 @@ class OrderBook:
     raise_on_gap : bool, default True
         Raise :class:`BookGap` when a gap is detected. With False the gap is only counted and flagged through
         :attr:`state` (``out_of_sync``) and :attr:`gaps`; either way the book never holds wrong levels.
-    max_buffer : int, default 10_000
+    max_buffer : int, default 1_000
         Diffs kept while waiting for a snapshot; the oldest are dropped beyond it (counted in
         :attr:`buffer_dropped`, and a snapshot that cannot bridge the remaining diffs is reported as a gap).
 
@@ -130,7 +130,7 @@ class OrderBook:
         "symbol",
     )
 
-    def __init__(self, symbol: str = "", *, raise_on_gap: bool = True, max_buffer: int = 10_000) -> None:
+    def __init__(self, symbol: str = "", *, raise_on_gap: bool = True, max_buffer: int = 1_000) -> None:
         if not isinstance(max_buffer, int) or isinstance(max_buffer, bool) or max_buffer < 1:
             raise InvalidConfigurationError(f"OrderBook: max_buffer must be an int >= 1, got {max_buffer!r}")
         self.symbol = symbol

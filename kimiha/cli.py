@@ -72,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(summary, indent=2, default=str))
         else:
             print(format_summary(summary))
+        if summary.get("interrupted"):
+            return 0 if summary["hooks_run"] else 1
         return 0 if summary["all_lines_accounted"] or args.data else 1
     return 2  # pragma: no cover - argparse rejects unknown commands
 

@@ -7,6 +7,7 @@ Connector (replay of the shipped tape, or ``--data``) -> Aggregator (typed decod
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -36,7 +37,7 @@ class Progress:
         self.label = label
         self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
         self.started = time.perf_counter()
-        self._next_mark = 25
+        self._next_mark = 0  # the first line right away: a run shows it is alive before 25 %
 
     def update(self, done: int, final: bool = False) -> None:
         if self.stream is None:
@@ -81,21 +82,36 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
     )
     bar = Progress(total, progress)
     started = time.perf_counter()
+    interrupted: list[str] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:  # Ctrl-C and SIGTERM stop the replay and go through the same staged shutdown
+            loop.add_signal_handler(signum, lambda s=signum: (interrupted.append(signal.Signals(s).name),
+                                                               stop.set()))
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+            pass
     await orchestrator.start()
     try:
-        while not connector.finished.is_set():
-            try:
-                await asyncio.wait_for(asyncio.shield(connector.finished.wait()), 0.2)
-            except TimeoutError:
-                pass
+        waiters = [asyncio.ensure_future(connector.finished.wait()), asyncio.ensure_future(stop.wait())]
+        while not (connector.finished.is_set() or stop.is_set()):
+            await asyncio.wait(waiters, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
             bar.update(connector.lines)
             if orchestrator.scheduler.failure is not None:
                 break
+        for waiter in waiters:
+            waiter.cancel()
     finally:
         await orchestrator.shutdown(timeout=60)
+        for signum in installed:
+            loop.remove_signal_handler(signum)
     elapsed = time.perf_counter() - started
     bar.update(connector.lines, final=True)
-    return _summary(bus, orchestrator, connector, aggregator, strategy, executor, expected, elapsed, paths)
+    summary = _summary(bus, orchestrator, connector, aggregator, strategy, executor, expected, elapsed, paths)
+    summary["interrupted"] = interrupted[0] if interrupted else None
+    return summary
 
 
 def _summary(bus: EventBus, orchestrator: Any, connector: BinanceConnector, aggregator: BinanceAggregator,
@@ -126,6 +142,7 @@ def _summary(bus: EventBus, orchestrator: Any, connector: BinanceConnector, aggr
         "bad_lines": parser.bad_lines,
         "all_lines_accounted": connector.lines == sum(expected.values()) == parser.lines
         and by_stream == file_counts,
+        "hooks_run": all(t["state"] == "stopped" for t in orchestrator.registry.snapshot()),
         "book_check": {
             "matched": aggregator.check.matched,
             "compared": aggregator.check.compared,
@@ -155,6 +172,9 @@ def _summary(bus: EventBus, orchestrator: Any, connector: BinanceConnector, aggr
 def format_summary(s: dict[str, Any]) -> str:
     """Return the summary as the readable report ``python -m kimiha demo`` prints."""
     out = [f"kimiha demo: {', '.join(s['data'])}"]
+    if s.get("interrupted"):
+        out.append(f"  interrupted by {s['interrupted']}: replay stopped early, every stage drained, "
+                   f"every shutdown hook run: {'yes' if s['hooks_run'] else 'NO'}")
     out.append(f"  lines: {s['lines_read']:,} read of {s['lines_in_files']:,} in the files, "
                f"{s['bad_lines']} bad; every line accounted for: {'yes' if s['all_lines_accounted'] else 'NO'}")
     out.append("  messages by stream: " + ", ".join(f"{k} {v:,}" for k, v in s["messages_by_stream"].items()))

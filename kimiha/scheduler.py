@@ -21,6 +21,7 @@ import inspect
 import logging
 import signal
 import time
+import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -269,6 +270,26 @@ class TaskRegistry:
         return "\n".join(lines)
 
 
+#: Errors of one task logged with their traceback; after that one line per ``_LOG_EVERY`` errors.
+_LOG_FIRST = 10
+_LOG_EVERY = 1000
+
+
+def _log_failure(task: str, where: str, exc: BaseException, count: int) -> None:
+    """Log a task failure as text, rate-limited; the registry keeps the exact count either way.
+
+    The record carries formatted text, not the exception: a record holding a live traceback keeps every frame
+    of the failing call (and the batch it was handling) alive in any handler that retains records.
+    """
+    if count <= _LOG_FIRST:
+        detail = "".join(traceback.format_exception(exc)).rstrip()
+        logger.error("task %r failed in %s (error %d)\n%s", task, where, count, detail)
+        if count == _LOG_FIRST:
+            logger.error("task %r: further errors are logged once per %d", task, _LOG_EVERY)
+    elif count % _LOG_EVERY == 0:
+        logger.error("task %r failed in %s: %s (%d errors so far)", task, where, repr(exc), count)
+
+
 def _task_name(task: Any) -> str:
     name = getattr(task, "name", None)
     return name if isinstance(name, str) and name else type(task).__name__
@@ -486,7 +507,7 @@ class Scheduler:
                 try:
                     await info.task.shutdown()
                 except Exception as exc:
-                    logger.error("rollback: shutdown hook of task %r failed: %r", info.name, exc)
+                    logger.error("rollback: shutdown hook of task %r failed: %s", info.name, repr(exc))
                 info.transition(TaskState.STOPPED)
             elif info.state is TaskState.REGISTERED or info.state is TaskState.FAILED:
                 info.transition(TaskState.STOPPED)
@@ -527,7 +548,7 @@ class Scheduler:
         info.consecutive_failures += 1
         info.last_error = f"{where}: {exc!r}"
         policy = info.supervision
-        logger.error("task %r failed in %s", info.name, where, exc_info=exc)
+        _log_failure(info.name, where, exc, info.errors)
         if self._stopping or info.state not in (TaskState.RUNNING, TaskState.DEGRADED):
             return None
         if policy.on_error is OnError.SKIP:
@@ -720,7 +741,8 @@ class Scheduler:
                 info.errors += 1
                 info.last_error = f"shutdown(): {err!r}"
                 report["hook_failures"].append(f"{info.name}: {err!r}")
-                logger.error("shutdown hook of task %r failed", info.name, exc_info=err)
+                logger.error("shutdown hook of task %r failed: %s", info.name,
+                             "".join(traceback.format_exception(err)).rstrip())
             if info.state is not TaskState.STOPPED:
                 info.transition(TaskState.STOPPED)
 

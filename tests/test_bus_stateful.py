@@ -201,7 +201,7 @@ class BusMachine(RuleBasedStateMachine):
 
 TestBusStateful = BusMachine.TestCase
 TestBusStateful.settings = settings(
-    max_examples=int(os.environ.get("KIMIHA_HYPOTHESIS_EXAMPLES", "300")),
+    max_examples=int(os.environ.get("KIMIHA_HYPOTHESIS_EXAMPLES", "500")),
     stateful_step_count=60,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

@@ -357,7 +357,8 @@ def parse_lines(lines: Iterable[bytes | str], parser: BinanceParser | None = Non
             event = parse(line)
         except SerializationError as exc:
             if on_error is None:
-                logger.warning("skipped a bad line: %s", exc)
+                if parser.bad_lines <= 20 or parser.bad_lines % 1000 == 0:  # rate-limited; counts stay exact
+                    logger.warning("skipped a bad line (%d so far): %s", parser.bad_lines, str(exc))
             else:
                 on_error(exc)
             continue

@@ -564,3 +564,15 @@ def test_no_asyncio_task_survives_the_pipeline(run):
         return result
 
     assert run(main())["lines"] == 99_574
+
+
+def test_atheris_fuzzes_the_raw_publish_path(tmp_path):
+    """Coverage-guided fuzzing (atheris, where it installs): no crash, every bad frame counted."""
+    pytest.importorskip("atheris", reason="atheris has no wheel for this platform/Python")
+    harness = os.path.join(os.path.dirname(__file__), "fuzz", "fuzz_publish_raw.py")
+    runs = int(os.environ.get("KIMIHA_ATHERIS_RUNS", "30000"))
+    proc = subprocess.run([sys.executable, harness, f"-runs={runs}", "-max_len=512", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Done {runs} runs" in proc.stderr
+    report("atheris raw frames", runs=runs, crashes=0)

@@ -5,6 +5,10 @@
 Every input goes through ``publish_raw`` on a typed channel: it must either be rejected with a kimiha
 error (and counted in ``bad_frames``) or decode to the channel's type and reach the subscriber intact.
 Any other exception, or counters that stop adding up, is a crash the fuzzer reports.
+
+Limitation: the decoders are C (msgspec, kimiha._core) built without sanitizer coverage, so libFuzzer gets no
+coverage feedback here and mutates blindly; the structured hypothesis strategies in test_reliability.py are
+the stronger of the two fuzzers for this path.
 """
 
 import sys

@@ -310,13 +310,16 @@ def test_shutdown_under_full_speed_publishers_meets_its_deadline_100_of_100(run)
 def test_signal_to_the_demo_pipeline_exits_cleanly_with_every_hook_run(signum, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kimiha", "demo", "--speed", "1", "--json"],
+        [sys.executable, "-m", "kimiha", "demo", "--speed", "50", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
     )
     try:
-        # the progress bar's first line means the pipeline is running
-        line = proc.stderr.readline()
-        assert "replay" in line, line
+        # wait for the progress line at 25 %: the pipeline is in full flow when the signal lands
+        for line in proc.stderr:
+            if "replay: 25%" in line:
+                break
+        else:
+            raise AssertionError("the demo ended before reaching 25 %")
         proc.send_signal(signum)
         out, err = proc.communicate(timeout=120)
     finally:

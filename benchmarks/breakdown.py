@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Where the time of compare.py's cases goes: per-event cost of each step, measured through the public API.
+"""Where the time of the comparison's cases goes: per-event cost of each step, through the public API.
 
 Default mode prints one line per step: median ns per event over ``--repeat`` samples (min..max beside it).
 Each sample times ``--rounds`` rounds of one chunk of 1024 ready events, so a step's cost is read directly
@@ -13,7 +13,7 @@ instead of being inferred from a whole flood:
   ``try_recv()``, ``drain()``, ``await recv_batch()`` -- each with the handler call;
 * asyncio.Queue: ``put_nowait``, ``await get()`` on a non-empty queue, ``get_nowait``.
 
-``--spin CASE`` instead runs one of compare.py's cases over and over for ``--seconds``, for a sampling profiler:
+``--spin CASE`` instead runs one comparison case over and over for ``--seconds``, for a sampling profiler:
 
     py-spy record --native -r 1000 -f raw -o /tmp/sync.txt -- python benchmarks/breakdown.py --spin sync
 """
@@ -26,9 +26,16 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
-import compare  # the sibling script: same events, handler, bus and cases
-from compare import Ev, Tick, kimiha, make_events, make_sink, new_bus
+try:
+    import kimiha
+except ImportError:  # not installed: use the source tree this script lives in (built in place)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import kimiha
+
+from kimiha import benchmark_compare as compare  # same events, handler, bus and cases as the comparison
+from kimiha.benchmark_compare import Ev, Tick, make_events, make_sink, new_bus
 
 CHUNK = 1024
 perf_counter_ns = time.perf_counter_ns
@@ -276,13 +283,17 @@ def breakdown(args: argparse.Namespace) -> None:
 
 
 def spin(args: argparse.Namespace) -> None:
-    """Run one compare.py case back to back for ``args.seconds`` (setup included, a small share)."""
+    """Run one comparison case back to back for ``args.seconds`` (setup included, a small share)."""
     kind, _, subs = args.spin.partition(":")
     if kind not in compare.KINDS or subs not in ("", *map(str, compare.SUBSCRIBER_COUNTS)):
         raise SystemExit(
             f"--spin: expected one of {', '.join(compare.KINDS)}, optionally ':4', got {args.spin!r}"
         )
-    case = compare.Case(kind, None if kind in ("floor", "bound") else args.loop, int(subs or 1))
+    anchor = compare.ANCHOR_KINDS[kind]() if kind in compare.ANCHOR_KINDS else None
+    if anchor is not None and not anchor.available:
+        raise SystemExit(f"--spin {kind}: skipped: {anchor.reason}")
+    loopless = kind in ("floor", "bound") or anchor is not None
+    case = compare.Case(kind, None if loopless else args.loop, int(subs or 1), anchor=anchor)
     n = 200_000
     events = make_events(n, compare.SEED)
     setup = compare.Setup(n, 4096, events, compare.chunked(events, compare.chunk_size(n, 4096)))
@@ -298,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="breakdown.py",
         description="Per-step cost of kimiha's publish, dispatch and pull paths, with Python and asyncio.Queue "
-        "references; or (--spin) one compare.py case in a loop for a sampling profiler.",
+        "references; or (--spin) one comparison case in a loop for a sampling profiler.",
     )
     parser.add_argument("--loop", choices=compare.LOOPS, default="uvloop", help="event loop (default uvloop)")
     parser.add_argument("--repeat", type=int, default=9, help="samples per step, median reported (default 9)")
@@ -306,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=200, help="chunks of 1024 events per sample (default 200)"
     )
     parser.add_argument(
-        "--spin", metavar="CASE[:SUBS]", help="run a compare.py case (e.g. sync, flood-iter:4) for --seconds"
+        "--spin", metavar="CASE[:SUBS]", help="run a comparison case (e.g. sync, flood-iter:4) for --seconds"
     )
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of --spin (default 20)")
     args = parser.parse_args(argv)

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 try:
@@ -101,13 +102,31 @@ def key() -> Ev:
 
 @pytest.fixture
 def make_bus() -> Callable[..., kimiha.EventBus]:
-    """``make_bus(track_latency=True)``: a bus with one LAG channel of ``CAPACITY`` slots typed ``Tick``."""
+    """``make_bus(track_latency=True, overflow="lag")``: a bus with one channel of ``CAPACITY`` slots typed ``Tick``."""
 
-    def _make(track_latency: bool = True) -> kimiha.EventBus:
-        config = kimiha.ChannelConfig(CAPACITY, payload_type=Tick, track_latency=track_latency)
+    def _make(track_latency: bool = True, overflow: str = "lag") -> kimiha.EventBus:
+        config = kimiha.ChannelConfig(
+            CAPACITY,
+            payload_type=Tick,
+            track_latency=track_latency,
+            overflow=kimiha.Overflow.BLOCK if overflow == "block" else kimiha.Overflow.LAG,
+        )
         return kimiha.EventBus([(Ev.MD, config)])
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def frames(events: list[Tick]) -> list[bytes]:
+    """The events encoded as msgpack frames, as a bridge or a journal would hand them to ``publish_raw``."""
+    encode = msgspec.msgpack.Encoder().encode
+    return [encode(e) for e in events]
+
+
+@pytest.fixture(scope="session")
+def tick_type() -> type[Tick]:
+    """The payload type of the benchmarked channel (for decoders built by the baselines)."""
+    return Tick
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """pytest-benchmark suites of kimiha's event bus, with the direct-call floor and asyncio.Queue as baselines.
 
 One round = ``EVENTS`` seeded events (built once per session) published in chunks of ``CHUNK`` and delivered
-to 1 or 4 subscribers whose handler counts them and reads one attribute. Buses, subscriptions, queues and
+to 1, 4 or 16 subscribers (the fan-out) whose handler counts them and reads one attribute. Buses, subscriptions, queues and
 handlers are made fresh for every round in ``setup`` (not timed); after the rounds, every handler of every round
 is checked to have seen exactly ``EVENTS`` events, so a round that lost events cannot pass as a fast one.
 ``extra_info["median_ns_per_event"]`` holds the median round time divided by ``EVENTS``.
@@ -20,7 +20,7 @@ from kimiha import ChannelClosed
 
 ROUNDS = 15
 WARMUP_ROUNDS = 2
-SUBSCRIBERS = [1, 4]
+SUBSCRIBERS = [1, 4, 16]
 LATENCY = pytest.mark.parametrize("track_latency", [True, False], ids=["latency", "nolatency"])
 
 sleep = asyncio.sleep
@@ -65,7 +65,12 @@ def test_floor_direct_calls(benchmark, events, make_sinks, record_rate, subs):
             h2(e)
             h3(e)
 
-    pedantic(benchmark, one if subs == 1 else four, setup)
+    def many(*hs):
+        for e in events:
+            for h in hs:
+                h(e)
+
+    pedantic(benchmark, {1: one, 4: four}.get(subs, many), setup)
     check_all(rounds, len(events))
     record_rate(benchmark)
 
@@ -243,6 +248,13 @@ def test_queue_fanout(benchmark, loop, chunks, make_sinks, record_rate, subs):
                 for e in chunk:
                     put(e)
                 await sleep(0)
+        elif len(pairs) != 4:
+            puts = [q.put_nowait for q, _ in pairs]
+            for chunk in chunks:
+                for e in chunk:
+                    for put in puts:
+                        put(e)
+                await sleep(0)
         else:
             p0, p1, p2, p3 = [q.put_nowait for q, _ in pairs]
             for chunk in chunks:
@@ -259,6 +271,109 @@ def test_queue_fanout(benchmark, loop, chunks, make_sinks, record_rate, subs):
 
     def target(pairs):
         loop.run_until_complete(flood(pairs))
+
+    pedantic(benchmark, target, setup)
+    check_all(rounds, sum(map(len, chunks)))
+    record_rate(benchmark)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Coroutine handlers: an awaited handler per event, by hand and through the compiled pump the scheduler uses.
+
+
+def make_async_handler(sink):
+    handler = sink.handler
+
+    async def async_handler(event):
+        handler(event)
+
+    return async_handler
+
+
+async def consume_awaiting(sub, async_handler):
+    async for ev in sub:
+        await async_handler(ev)
+
+
+def pump_error(exc, event):
+    raise AssertionError(f"handler failed on {event!r}") from exc
+
+
+@pytest.mark.benchmark(group="async handler")
+@pytest.mark.parametrize("via", ["async_for_await", "run_handler"])
+@pytest.mark.parametrize("subs", [1, 4])
+def test_async_handler(benchmark, loop, chunks, make_bus, make_sinks, key, record_rate, subs, via):
+    rounds = []
+
+    def setup():
+        bus = make_bus()
+        bus.bind_loop(loop)
+        sinks = make_sinks(subs)
+        rounds.append(sinks)
+        return (bus, [(bus.subscribe(key), make_async_handler(s)) for s in sinks]), {}
+
+    async def flood(bus, pairs):
+        if via == "run_handler":
+            tasks = [asyncio.ensure_future(sub.run_handler(h, pump_error)) for sub, h in pairs]
+        else:
+            tasks = [asyncio.ensure_future(consume_awaiting(sub, h)) for sub, h in pairs]
+        await sleep(0)
+        publish = bus.channel(key).publish
+        for chunk in chunks:
+            for e in chunk:
+                publish(e)
+            await sleep(0)
+        bus.close()
+        for t in tasks:
+            await t
+
+    def target(bus, pairs):
+        loop.run_until_complete(flood(bus, pairs))
+
+    pedantic(benchmark, target, setup)
+    check_all(rounds, sum(map(len, chunks)))
+    record_rate(benchmark)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LAG (overwrite the oldest, report the lag) vs BLOCK (the publisher waits for the slowest subscriber).
+
+
+@pytest.mark.benchmark(group="LAG vs BLOCK")
+@pytest.mark.parametrize("overflow", ["lag", "block"])
+@pytest.mark.parametrize("path", ["push", "pull"])
+@pytest.mark.parametrize("subs", [1, 4])
+def test_overflow(benchmark, loop, chunks, make_bus, make_sinks, key, record_rate, subs, path, overflow):
+    """The same flood on a LAG and on a BLOCK channel; BLOCK pays the slowest-cursor bookkeeping."""
+    rounds = []
+
+    def setup():
+        bus = make_bus(overflow=overflow)
+        bus.bind_loop(loop)
+        sinks = make_sinks(subs)
+        rounds.append(sinks)
+        if path == "push":
+            return (bus, [bus.subscribe(key, s.handler) for s in sinks], []), {}
+        return (bus, [], [(bus.subscribe(key), s.handler) for s in sinks]), {}
+
+    async def flood(bus, push_subs, pull_pairs):
+        tasks = [asyncio.ensure_future(consume_async_for(sub, h)) for sub, h in pull_pairs]
+        await sleep(0)
+        # channel.publish on both: a chunk fits the ring and is consumed before the next, so a BLOCK channel
+        # is never full here and the difference is BLOCK's bookkeeping (slowest cursor, waiter checks).
+        publish = bus.channel(key).publish
+        for chunk in chunks:
+            for e in chunk:
+                publish(e)
+            await sleep(0)
+        while any(s.backlog for s in push_subs):
+            await sleep(0)
+        bus.close()
+        for t in tasks:
+            await t
+
+    def target(bus, push_subs, pull_pairs):
+        loop.run_until_complete(flood(bus, push_subs, pull_pairs))
 
     pedantic(benchmark, target, setup)
     check_all(rounds, sum(map(len, chunks)))

@@ -25,6 +25,12 @@ def _speed(text: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["bench"]:
+        # everything after `bench` belongs to the benchmark's own parser (modes, --quick, --help, ...)
+        from kimiha.benchmark import main as bench_main
+
+        return bench_main(args_list[1:])
     parser = argparse.ArgumentParser(prog="kimiha", description="kimiha: low-latency trading orchestration")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
@@ -44,15 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="run connector+aggregator, strategy and executor as three processes over NATS")
     demo.add_argument("--nats", metavar="URL",
                       help="NATS server for --distributed (default: start a local nats-server)")
-    bench = sub.add_parser("bench", add_help=False,
-                           help="side-by-side benchmarks (kimiha vs asyncio.Queue, pyee, NautilusTrader)")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    sub.add_parser("bench", help="side-by-side benchmarks (kimiha vs asyncio.Queue, pyee, NautilusTrader); "
+                                 "`kimiha bench help` lists the modes")
+    args = parser.parse_args(args_list)
 
-    if args.command == "bench":
-        from kimiha.benchmark import main as bench_main
-
-        return bench_main(args.bench_args)
     if args.command == "demo" and (args.distributed or args.nats):
         from kimiha.distributed import main as distributed_main
 

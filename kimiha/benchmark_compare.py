@@ -1,0 +1,825 @@
+"""``kimiha bench compare``: kimiha's event bus side by side with direct calls, asyncio.Queue, pyee and Nautilus.
+
+Every case delivers the same N pre-built ``Tick`` events to the same trivial handler (it counts the event and
+reads one attribute) once per subscriber, and every run is checked afterwards: each handler must have seen
+exactly N events, the last one being the last published. Repetitions are interleaved (A, B, C, A, B, C, ...)
+in one process so that drift of a noisy machine hits every case alike; the table shows the median, min and max
+of the per-repetition ns per published event, and ratios of medians with the range of the per-repetition
+(paired) ratios.
+
+Cases, each with 1 and 4 subscribers:
+
+* ``floor``          -- the producer calls the handler(s) itself: ``for e in events: h(e)``.
+* ``bound``          -- the cheapest per-event deferred hand-off a Python producer can make: ``list.append``
+                        every event (one C call), then call the handler(s) over the list. It bounds ``sync``
+                        from below.
+* ``sync``           -- kimiha handler subscriptions: publish (``channel.publish``) in chunks, yielding to the
+                        loop between chunks; the compiled dispatch loop calls the handlers. Latency tracking on
+                        (the default) and off (``sync-nolat``).
+* ``flood-iter``     -- one consumer task per pull subscription doing ``async for ev in sub``.
+* ``flood-batch``    -- the same with ``await sub.recv_batch()`` (a drain of every ready event per wake-up).
+                        Both flood cases also run with latency tracking off (``-nolat``).
+* ``queue``          -- one ``asyncio.Queue`` per subscriber, ``put_nowait`` by the producer, ``await q.get()``
+                        consumer tasks: the classic alternative to a broadcast bus.
+* ``pyee``           -- pyee's ``EventEmitter``: ``emit`` calls the handlers inline.
+* ``nautilus``       -- NautilusTrader's ``MessageBus``, tuned so that it skips its external-serialization
+                        check (see ``kimiha.benchmark_anchors``); ``publish`` calls the handlers inline.
+                        ``nautilus-default`` is the same bus with its default configuration.
+
+pyee and NautilusTrader come with ``pip install 'kimiha[bench]'``; without them their cases are skipped with a
+note saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kimiha
+from kimiha import ChannelClosed, ChannelConfig, Event, EventBus, EventType
+from kimiha.benchmark import MIN_REPEAT, machine_header, machine_info, progress, write_json
+from kimiha.benchmark_anchors import NAUTILUS_TOPIC, PYEE_EVENT, Anchor, load_nautilus, load_pyee
+from kimiha.channel_config import MAX_CAPACITY
+
+__all__ = ["Case", "Ev", "Setup", "Tick", "main", "make_events", "make_sink", "new_bus", "run_case"]
+
+SEED = 20240601
+DEFAULT_EVENTS = 200_000
+DEFAULT_REPEAT = 9
+QUICK_EVENTS = 50_000
+QUICK_REPEAT = 5
+WARMUP_EVENTS = 5_000
+SUBSCRIBER_COUNTS = (1, 4)
+LOOPS = ("uvloop", "asyncio")
+
+perf_counter_ns = time.perf_counter_ns
+
+
+class Ev(EventType):
+    MD = "MarketData"
+
+
+class Tick(Event, frozen=True):
+    price: float
+    seq: int
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data and the one handler every case uses.
+
+
+def make_events(n: int, seed: int) -> list[Tick]:
+    """Return ``n`` ticks with sequence numbers ``0..n-1`` and seeded random prices."""
+    rng = random.Random(seed)
+    return [Tick(price=round(100.0 + rng.gauss(0.0, 1.0), 4), seq=i) for i in range(n)]
+
+
+def make_sink() -> tuple[Callable[[Tick], None], Callable[[], tuple[int, int]]]:
+    """Return ``(handler, seen)``: the handler counts events and keeps the last ``seq``; ``seen`` reports both."""
+    count = 0
+    last = -1
+
+    def handler(event: Tick) -> None:
+        nonlocal count, last
+        count += 1
+        last = event.seq
+
+    def seen() -> tuple[int, int]:
+        return count, last
+
+    return handler, seen
+
+
+def chunked(events: list[Tick], size: int) -> list[list[Tick]]:
+    return [events[i : i + size] for i in range(0, len(events), size)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The cases. Each returns (elapsed_ns, channel stats or None); setup and checks stay outside the timed span.
+
+
+def run_floor(events: list[Tick], handlers: list[Callable[[Tick], None]]) -> tuple[int, None]:
+    if len(handlers) == 1:
+        (h,) = handlers
+        t0 = perf_counter_ns()
+        for e in events:
+            h(e)
+        return perf_counter_ns() - t0, None
+    h0, h1, h2, h3 = handlers
+    t0 = perf_counter_ns()
+    for e in events:
+        h0(e)
+        h1(e)
+        h2(e)
+        h3(e)
+    return perf_counter_ns() - t0, None
+
+
+def run_bound(events: list[Tick], handlers: list[Callable[[Tick], None]]) -> tuple[int, None]:
+    buf: list[Tick] = []
+    append = buf.append
+    if len(handlers) == 1:
+        (h,) = handlers
+        t0 = perf_counter_ns()
+        for e in events:
+            append(e)
+        for e in buf:
+            h(e)
+        return perf_counter_ns() - t0, None
+    h0, h1, h2, h3 = handlers
+    t0 = perf_counter_ns()
+    for e in events:
+        append(e)
+    for e in buf:
+        h0(e)
+    for e in buf:
+        h1(e)
+    for e in buf:
+        h2(e)
+    for e in buf:
+        h3(e)
+    return perf_counter_ns() - t0, None
+
+
+def run_pyee(anchor: Anchor, events: list[Tick], handlers: list[Callable[[Tick], None]]) -> tuple[int, None]:
+    emit = anchor.factory(handlers).emit
+    name = PYEE_EVENT
+    t0 = perf_counter_ns()
+    for e in events:
+        emit(name, e)
+    return perf_counter_ns() - t0, None
+
+
+def run_nautilus(
+    anchor: Anchor, events: list[Tick], handlers: list[Callable[[Tick], None]], tuned: bool
+) -> tuple[int, dict[str, Any]]:
+    bus = anchor.factory(handlers)
+    publish = bus.publish
+    topic = NAUTILUS_TOPIC
+    if tuned:
+        t0 = perf_counter_ns()
+        for e in events:
+            publish(topic, e, False)
+    else:
+        t0 = perf_counter_ns()
+        for e in events:
+            publish(topic, e)
+    elapsed = perf_counter_ns() - t0
+    return elapsed, {"published": bus.pub_count}
+
+
+def new_bus(capacity: int, track_latency: bool = True) -> EventBus:
+    return EventBus([(Ev.MD, ChannelConfig(capacity, payload_type=Tick, track_latency=track_latency))])
+
+
+async def run_sync(
+    chunks: list[list[Tick]], handlers: list[Callable[[Tick], None]], capacity: int, track_latency: bool
+) -> tuple[int, dict[str, Any]]:
+    bus = new_bus(capacity, track_latency)
+    subs = [bus.subscribe(Ev.MD, h) for h in handlers]
+    publish = bus.channel(Ev.MD).publish
+    sleep = asyncio.sleep
+    t0 = perf_counter_ns()
+    for chunk in chunks:
+        for e in chunk:
+            publish(e)
+        await sleep(0)
+    # Normally nothing is left: a chunk is at most one dispatch budget. Waiting on the backlog rather than on
+    # the handlers' counts cannot hang if events were lost; the counts are checked afterwards.
+    while any(sub.backlog for sub in subs):
+        await sleep(0)
+    elapsed = perf_counter_ns() - t0
+    return elapsed, bus.stats(Ev.MD)
+
+
+async def consume_iter(sub: kimiha.Subscription, h: Callable[[Tick], None]) -> None:
+    async for ev in sub:
+        h(ev)
+
+
+async def consume_batch(sub: kimiha.Subscription, h: Callable[[Tick], None]) -> None:
+    recv_batch = sub.recv_batch
+    try:
+        while True:
+            for ev in await recv_batch():
+                h(ev)
+    except ChannelClosed:
+        pass
+
+
+async def run_flood(
+    chunks: list[list[Tick]],
+    handlers: list[Callable[[Tick], None]],
+    capacity: int,
+    batch: bool,
+    track_latency: bool,
+) -> tuple[int, dict[str, Any]]:
+    bus = new_bus(capacity, track_latency)
+    consume = consume_batch if batch else consume_iter
+    tasks = [asyncio.create_task(consume(bus.subscribe(Ev.MD), h)) for h in handlers]
+    sleep = asyncio.sleep
+    await sleep(0)  # every consumer starts and parks before the clock starts
+    publish = bus.channel(Ev.MD).publish
+    t0 = perf_counter_ns()
+    for chunk in chunks:
+        for e in chunk:
+            publish(e)
+        await sleep(0)
+    bus.close()  # consumers receive everything published, then their loops end
+    for t in tasks:
+        await t
+    elapsed = perf_counter_ns() - t0
+    return elapsed, bus.stats(Ev.MD)
+
+
+async def consume_queue(q: asyncio.Queue[Tick | None], h: Callable[[Tick], None]) -> None:
+    get = q.get
+    while True:
+        ev = await get()
+        if ev is None:
+            return
+        h(ev)
+
+
+async def run_queue(chunks: list[list[Tick]], handlers: list[Callable[[Tick], None]]) -> tuple[int, None]:
+    queues: list[asyncio.Queue[Tick | None]] = [asyncio.Queue() for _ in handlers]
+    tasks = [asyncio.create_task(consume_queue(q, h)) for q, h in zip(queues, handlers)]
+    sleep = asyncio.sleep
+    await sleep(0)
+    t0 = perf_counter_ns()
+    if len(queues) == 1:
+        put = queues[0].put_nowait
+        for chunk in chunks:
+            for e in chunk:
+                put(e)
+            await sleep(0)
+    else:
+        p0, p1, p2, p3 = [q.put_nowait for q in queues]
+        for chunk in chunks:
+            for e in chunk:
+                p0(e)
+                p1(e)
+                p2(e)
+                p3(e)
+            await sleep(0)
+    for q in queues:
+        q.put_nowait(None)  # end-of-stream sentinel, the idiomatic way to stop a queue consumer
+    for t in tasks:
+        await t
+    return perf_counter_ns() - t0, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Case table, one measured run, verification.
+
+KINDS = {
+    "floor": "floor: direct calls",
+    "bound": "bound: list.append + direct calls",
+    "sync": "kimiha sync dispatch",
+    "sync-nolat": "kimiha sync dispatch, no latency",
+    "flood-iter": "kimiha flood, async for",
+    "flood-iter-nolat": "kimiha flood, async for, no latency",
+    "flood-batch": "kimiha flood, recv_batch",
+    "flood-batch-nolat": "kimiha flood, recv_batch, no latency",
+    "queue": "asyncio.Queue fan-out",
+    "pyee": "pyee EventEmitter.emit",
+    "nautilus": "Nautilus MessageBus, tuned",
+    "nautilus-default": "Nautilus MessageBus, default config",
+}
+LOOP_KINDS = (
+    "sync",
+    "sync-nolat",
+    "flood-iter",
+    "flood-iter-nolat",
+    "flood-batch",
+    "flood-batch-nolat",
+    "queue",
+)
+#: Cases of other libraries: kind -> loader. They call handlers inline, without an event loop.
+ANCHOR_KINDS: dict[str, Callable[[], Anchor]] = {
+    "pyee": load_pyee,
+    "nautilus": lambda: load_nautilus(tuned=True),
+    "nautilus-default": lambda: load_nautilus(tuned=False),
+}
+
+
+@dataclass
+class Case:
+    kind: str
+    loop: str | None  # None: runs without an event loop
+    subs: int
+    samples: list[float] = field(default_factory=list)  # ns per published event, one per repetition
+    anchor: Anchor | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.loop or '-'}/{self.subs}"
+
+    @property
+    def label(self) -> str:
+        return KINDS[self.kind]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+@dataclass
+class Setup:
+    n: int
+    capacity: int
+    events: list[Tick]
+    chunks: list[list[Tick]]
+
+
+def load_anchors(kinds: list[str]) -> dict[str, Anchor]:
+    """Load the other libraries' cases among ``kinds``; unavailable ones come back with a ``reason``."""
+    return {kind: ANCHOR_KINDS[kind]() for kind in kinds if kind in ANCHOR_KINDS}
+
+
+def build_cases(loops: list[str], anchors: dict[str, Anchor] | None = None) -> list[Case]:
+    anchors = anchors or {}
+    cases = []
+    for subs in SUBSCRIBER_COUNTS:
+        cases.append(Case("floor", None, subs))
+        cases.append(Case("bound", None, subs))
+        for kind, anchor in anchors.items():
+            if anchor.available:
+                cases.append(Case(kind, None, subs, anchor=anchor))
+        for loop in loops:
+            for kind in LOOP_KINDS:
+                cases.append(Case(kind, loop, subs))
+    return cases
+
+
+def run_on_loop(loop: str, coro: Coroutine[Any, Any, Any]) -> Any:
+    return kimiha.run(coro, loop=loop)
+
+
+def run_case(case: Case, setup: Setup) -> float:
+    """Run ``case`` once on fresh handlers and a fresh bus/loop; verify it; return ns per published event."""
+    sinks = [make_sink() for _ in range(case.subs)]
+    handlers = [h for h, _ in sinks]
+    seen = [s for _, s in sinks]
+    n = setup.n
+    gc.collect()
+    stats: dict[str, Any] | None
+    track_latency = not case.kind.endswith("-nolat")
+    if case.kind == "floor":
+        elapsed, stats = run_floor(setup.events, handlers)
+    elif case.kind == "bound":
+        elapsed, stats = run_bound(setup.events, handlers)
+    elif case.kind == "pyee":
+        assert case.anchor is not None
+        elapsed, stats = run_pyee(case.anchor, setup.events, handlers)
+    elif case.kind.startswith("nautilus"):
+        assert case.anchor is not None
+        elapsed, stats = run_nautilus(case.anchor, setup.events, handlers, tuned=case.kind == "nautilus")
+    else:
+        assert case.loop is not None
+        if case.kind.startswith("sync"):
+            coro: Coroutine[Any, Any, Any] = run_sync(setup.chunks, handlers, setup.capacity, track_latency)
+        elif case.kind.startswith("flood"):
+            coro = run_flood(
+                setup.chunks, handlers, setup.capacity, case.kind.startswith("flood-batch"), track_latency
+            )
+        else:
+            coro = run_queue(setup.chunks, handlers)
+        elapsed, stats = run_on_loop(case.loop, coro)
+    verify(case, n, seen, stats)
+    return elapsed / n
+
+
+def verify(
+    case: Case, n: int, seen: list[Callable[[], tuple[int, int]]], stats: dict[str, Any] | None
+) -> None:
+    """Raise unless every handler saw exactly ``n`` events ending with the last one (and the bus agrees)."""
+    problems = []
+    for i, s in enumerate(seen):
+        count, last = s()
+        if count != n or last != n - 1:
+            problems.append(
+                f"subscriber {i} saw {count} events (last seq {last}), expected {n} (last {n - 1})"
+            )
+    if stats is not None and "latency_ns" in stats:  # a kimiha channel: its counters must agree
+        expect = {
+            "published": n,
+            "delivered": n * case.subs,
+            "lagged": 0,
+            "handler_errors": 0,
+        }
+        for name, want in expect.items():
+            if stats[name] != want:
+                problems.append(f"channel stats {name} = {stats[name]}, expected {want}")
+        want_lat = 0 if case.kind.endswith("-nolat") else n * case.subs
+        if stats["latency_ns"]["count"] != want_lat:
+            problems.append(
+                f"latency histogram holds {stats['latency_ns']['count']} records, expected {want_lat}"
+            )
+    elif stats is not None and stats.get("published") != n:
+        problems.append(f"the bus counted {stats.get('published')} publishes, expected {n}")
+    if problems:
+        raise RuntimeError(f"case {case.key} did not deliver what it claims: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ratios and the CI gate.
+
+
+@dataclass
+class Ratio:
+    label: str
+    num: Case
+    den: Case
+    target: str = ""  # "<= 1.5" or ">= 5"; empty: information only
+    headline: bool = False  # the tracker's target case: default configuration (latency on), uvloop
+
+    @property
+    def value(self) -> float:
+        return self.num.median / self.den.median
+
+    @property
+    def paired(self) -> list[float]:
+        return [a / b for a, b in zip(self.num.samples, self.den.samples)]
+
+    @property
+    def loop(self) -> str:
+        return self.num.loop or self.den.loop or "-"
+
+    @property
+    def met(self) -> bool | None:
+        if not self.target:
+            return None
+        op, bound = self.target.split()
+        return self.value <= float(bound) if op == "<=" else self.value >= float(bound)
+
+
+def build_ratios(cases: list[Case], loops: list[str]) -> list[Ratio]:
+    by_key = {c.key: c for c in cases}
+    main_loop = "uvloop" if "uvloop" in loops else loops[0]
+    ratios = []
+    for subs in SUBSCRIBER_COUNTS:
+        floor = by_key[f"floor/-/{subs}"]
+        ratios.append(Ratio("bound / floor", by_key[f"bound/-/{subs}"], floor, "<= 1.5"))
+        for loop in loops:
+            for kind in ("sync", "sync-nolat"):
+                ratios.append(
+                    Ratio(
+                        f"{KINDS[kind]} / floor",
+                        by_key[f"{kind}/{loop}/{subs}"],
+                        floor,
+                        "<= 1.5",
+                        headline=kind == "sync" and loop == main_loop,
+                    )
+                )
+        for anchor_kind in ("nautilus", "nautilus-default", "pyee"):
+            anchor_case = by_key.get(f"{anchor_kind}/-/{subs}")
+            if anchor_case is None:
+                continue
+            tuned_nautilus = anchor_kind == "nautilus"
+            for loop in loops:
+                for kind in ("sync", "sync-nolat") if tuned_nautilus else ("sync",):
+                    ratios.append(
+                        Ratio(
+                            f"{KINDS[anchor_kind]} / {KINDS[kind].removeprefix('kimiha ')}",
+                            anchor_case,
+                            by_key[f"{kind}/{loop}/{subs}"],
+                            ">= 2" if tuned_nautilus else "",
+                            headline=tuned_nautilus and kind == "sync" and loop == main_loop,
+                        )
+                    )
+        for loop in loops:
+            queue = by_key[f"queue/{loop}/{subs}"]
+            target = (">= 5" if subs == 1 else ">= 6") if loop == "uvloop" else ""
+            for kind in ("flood-iter", "flood-iter-nolat", "flood-batch", "flood-batch-nolat"):
+                label = "asyncio.Queue / " + KINDS[kind].removeprefix("kimiha ")
+                ratios.append(
+                    Ratio(
+                        label,
+                        queue,
+                        by_key[f"{kind}/{loop}/{subs}"],
+                        target,
+                        headline=kind == "flood-iter" and loop == "uvloop",
+                    )
+                )
+    return ratios
+
+
+def gate_ratio(cases: list[Case]) -> Ratio:
+    """The ratio CI gates on: asyncio.Queue over kimiha's ``async for`` flood, uvloop, 1 subscriber."""
+    by_key = {c.key: c for c in cases}
+    return Ratio(
+        "asyncio.Queue / kimiha flood, async for", by_key["queue/uvloop/1"], by_key["flood-iter/uvloop/1"]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reporting.
+
+
+def format_report(
+    cases: list[Case],
+    ratios: list[Ratio],
+    info: dict[str, Any],
+    args: argparse.Namespace,
+    chunk: int,
+    elapsed_s: float,
+    anchors: dict[str, Anchor],
+) -> str:
+    lines = machine_header(info) + [
+        (
+            f"{args.events} events/run, {args.repeat} interleaved repetitions, capacity {args.capacity}, "
+            f"chunks of {chunk}, seed {args.seed}; total {elapsed_s:.1f} s"
+        ),
+        "ns/event = wall time of one run / events published (with 4 subscribers each event is handled 4 times)",
+    ]
+    for kind, anchor in anchors.items():
+        if anchor.available:
+            lines.append(f"{KINDS[kind]}: {anchor.name} {anchor.version}, {anchor.detail}")
+        else:
+            lines.append(f"{KINDS[kind]}: skipped: {anchor.reason}")
+    lines.append("")
+    floors = {c.subs: c.median for c in cases if c.kind == "floor"}
+    header = (
+        f"{'case':<38} {'loop':<8} {'subs':>4} {'median':>9} {'min':>9} {'max':>9} "
+        f"{'spread':>7} {'x floor':>8}"
+    )
+    lines += [header, "-" * len(header)]
+    for subs in SUBSCRIBER_COUNTS:
+        for c in cases:
+            if c.subs != subs:
+                continue
+            med = c.median
+            lo, hi = min(c.samples), max(c.samples)
+            lines.append(
+                f"{c.label:<38} {c.loop or '-':<8} {c.subs:>4} {med:>9.1f} {lo:>9.1f} {hi:>9.1f} "
+                f"{(hi - lo) / med * 100:>6.1f}% {med / floors[subs]:>7.2f}x"
+            )
+        lines.append("")
+    header = (
+        f"  {'ratio of medians':<62} {'loop':<8} {'subs':>4} {'ratio':>7} {'paired min..max':>16} "
+        f"{'target':>7}"
+    )
+    lines += [header, "-" * (len(header) + 7)]
+    for r in ratios:
+        paired = r.paired
+        status = "" if r.met is None else ("met" if r.met else "missed")
+        lines.append(
+            f"{'*' if r.headline else ' '} {r.label:<62} {r.loop:<8} {r.num.subs:>4} {r.value:>6.2f}x "
+            f"{min(paired):>7.2f}..{max(paired):<7.2f} {r.target:>7} {status.upper() if r.headline else status}"
+        )
+    lines += [
+        "* = the tracker's target (default configuration: latency tracking on; uvloop); other rows show the same",
+        "    target for reference. spread = (max - min) / median over the repetitions; paired = per-repetition ratio",
+    ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def to_json(
+    cases: list[Case],
+    ratios: list[Ratio],
+    info: dict[str, Any],
+    args: argparse.Namespace,
+    chunk: int,
+    anchors: dict[str, Anchor],
+    gate: dict[str, Any] | None,
+) -> dict[str, Any]:
+    return {
+        "mode": "compare",
+        "machine": info,
+        "settings": {
+            "events": args.events,
+            "repeat": args.repeat,
+            "capacity": args.capacity,
+            "chunk": chunk,
+            "seed": args.seed,
+            "loops": args.loops,
+            "command": " ".join(sys.argv),
+        },
+        "anchors": {
+            kind: {"name": a.name, "version": a.version, "detail": a.detail, "skipped": a.reason}
+            for kind, a in anchors.items()
+        },
+        "cases": [
+            {
+                "case": c.kind,
+                "label": c.label,
+                "loop": c.loop,
+                "subscribers": c.subs,
+                "ns_per_event": {
+                    "median": c.median,
+                    "min": min(c.samples),
+                    "max": max(c.samples),
+                    "samples": c.samples,
+                },
+            }
+            for c in cases
+        ],
+        "ratios": [
+            {
+                "ratio": r.label,
+                "numerator": r.num.key,
+                "denominator": r.den.key,
+                "subscribers": r.num.subs,
+                "loop": r.loop,
+                "value": r.value,
+                "paired_min": min(r.paired),
+                "paired_max": max(r.paired),
+                "target": r.target or None,
+                "met": r.met,
+                "headline": r.headline,
+            }
+            for r in ratios
+        ],
+        "gate": gate,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driver.
+
+
+EPILOG = """\
+cases (each with 1 and 4 subscribers; the loop-dependent ones on every loop of --loops):
+  floor             the producer calls the handler(s) directly: for e in events: h(e)
+  bound             list.append every event, then call the handler(s) over the list (cheapest deferred hand-off)
+  sync              kimiha handler subscriptions, channel.publish in chunks, the compiled dispatch loop calls them
+  flood-iter        one consumer task per pull subscription: async for ev in sub
+  flood-batch       the same with await sub.recv_batch()
+  queue             one asyncio.Queue per subscriber: put_nowait by the producer, await q.get() consumer tasks
+  -nolat            the same kimiha case with ChannelConfig(track_latency=False)
+  pyee              pyee EventEmitter: ee.emit(name, e) calls the handlers inline
+  nautilus          NautilusTrader MessageBus, external-serialization check tuned away: publish calls them inline
+  nautilus-default  the same bus with MessageBusConfig() defaults
+
+examples:
+  kimiha bench compare --quick                         smoke run, well under a minute
+  kimiha bench compare --json bench-results/compare.json
+  kimiha bench compare --loops uvloop --events 500000 --repeat 11
+  kimiha bench compare --quick --loops uvloop --gate 2 --json /tmp/ci.json   the CI stage
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="kimiha bench compare",
+        description=(
+            "Compare kimiha's event bus with direct handler calls (the floor), asyncio.Queue fan-out, pyee\n"
+            "and NautilusTrader's MessageBus, on uvloop and asyncio, with 1 and 4 subscribers. Repetitions\n"
+            "are interleaved in one process; the table reports median/min/max ns per published event and\n"
+            "ratios of medians. Every run is verified: each handler saw exactly N events, the last one last,\n"
+            "and the bus's counters agree."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--events",
+        type=int,
+        metavar="N",
+        help=f"events published per run (default {DEFAULT_EVENTS}; {QUICK_EVENTS} with --quick)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        metavar="R",
+        help=f"interleaved repetitions, at least {MIN_REPEAT} (default {DEFAULT_REPEAT}; {QUICK_REPEAT} with --quick)",
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer events and repetitions: a smoke run")
+    parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON to PATH")
+    parser.add_argument(
+        "--loops",
+        default=",".join(LOOPS),
+        metavar="NAMES",
+        help=f"comma-separated event loops for the loop-dependent cases (default {','.join(LOOPS)})",
+    )
+    parser.add_argument(
+        "--capacity",
+        type=int,
+        default=4096,
+        metavar="SLOTS",
+        help="ring capacity of the channel (default 4096)",
+    )
+    parser.add_argument("--seed", type=int, default=SEED, help=f"seed of the event data (default {SEED})")
+    parser.add_argument(
+        "--no-anchors",
+        action="store_true",
+        help="leave out pyee and NautilusTrader (kimiha, the floor and asyncio.Queue only)",
+    )
+    parser.add_argument(
+        "--gate",
+        type=float,
+        metavar="X",
+        help="exit 1 unless asyncio.Queue / kimiha 'async for' flood >= X on uvloop with 1 subscriber "
+        "(ratio of medians of this run; needs uvloop in --loops)",
+    )
+    args = parser.parse_args(argv)
+    if args.events is None:
+        args.events = QUICK_EVENTS if args.quick else DEFAULT_EVENTS
+    if args.repeat is None:
+        args.repeat = QUICK_REPEAT if args.quick else DEFAULT_REPEAT
+    if args.events < 1:
+        parser.error(f"--events: expected >= 1, got {args.events}")
+    if args.repeat < MIN_REPEAT:
+        parser.error(
+            f"--repeat: expected >= {MIN_REPEAT} (medians need at least that many), got {args.repeat}"
+        )
+    if not 1 <= args.capacity <= MAX_CAPACITY:
+        parser.error(f"--capacity: expected between 1 and {MAX_CAPACITY}, got {args.capacity}")
+    args.loops = [name.strip() for name in args.loops.split(",") if name.strip()]
+    unknown = [name for name in args.loops if name not in LOOPS]
+    if unknown or not args.loops:
+        parser.error(
+            f"--loops: expected a comma-separated subset of {','.join(LOOPS)}, got {unknown or 'none'}"
+        )
+    if args.gate is not None and "uvloop" not in args.loops:
+        parser.error("--gate compares the uvloop cases: add uvloop to --loops")
+    if args.gate is not None and not args.gate > 0:
+        parser.error(f"--gate: expected a ratio > 0, got {args.gate}")
+    return args
+
+
+def chunk_size(n: int, capacity: int) -> int:
+    # Publish everything at once when the ring holds it all; otherwise no more than one dispatch budget per
+    # loop iteration, so neither the dispatch loop nor a pull consumer (which yields after `budget` events in a
+    # row) can be lapped by the producer on a LAG channel.
+    if capacity >= n:
+        return n
+    budget = getattr(kimiha._core, "DEFAULT_BUDGET", 1024)
+    return max(1, min(capacity, budget))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the comparison; return 0, or 1 when ``--gate`` is given and the gated ratio falls short."""
+    args = parse_args(argv)
+    started = time.monotonic()
+    anchors = {} if args.no_anchors else load_anchors(list(ANCHOR_KINDS))
+    for kind, anchor in anchors.items():
+        if not anchor.available:
+            progress(f"{KINDS[kind]}: skipped: {anchor.reason}", final=True)
+    chunk = chunk_size(args.events, args.capacity)
+    events = make_events(args.events, args.seed)
+    setup = Setup(args.events, args.capacity, events, chunked(events, chunk))
+    cases = build_cases(args.loops, anchors)
+    # What setup built (imported libraries, the events) stays alive to the end: keep it out of the collector's
+    # passes, so that the size of one library's imports does not slow down the cases of another.
+    gc.collect()
+    gc.freeze()
+
+    warm_n = min(args.events, WARMUP_EVENTS)
+    warm = Setup(
+        warm_n, args.capacity, events[:warm_n], chunked(events[:warm_n], chunk_size(warm_n, args.capacity))
+    )
+    for i, case in enumerate(cases, 1):
+        progress(f"warm-up {i}/{len(cases)} {case.key}")
+        run_case(case, warm)
+    progress(f"warm-up of {len(cases)} cases done ({time.monotonic() - started:.1f} s)", final=True)
+
+    for rep in range(1, args.repeat + 1):
+        t_rep = time.monotonic()
+        for i, case in enumerate(cases, 1):
+            progress(f"rep {rep}/{args.repeat} case {i}/{len(cases)} {case.key}")
+            case.samples.append(run_case(case, setup))
+        progress(f"rep {rep}/{args.repeat} done in {time.monotonic() - t_rep:.1f} s", final=True)
+
+    ratios = build_ratios(cases, args.loops)
+    info = machine_info()
+    print(format_report(cases, ratios, info, args, chunk, time.monotonic() - started, anchors))
+    status = 0
+    gate: dict[str, Any] | None = None
+    if args.gate is not None:
+        g = gate_ratio(cases)
+        passed = g.value >= args.gate
+        gate = {
+            "ratio": g.label,
+            "loop": "uvloop",
+            "subscribers": 1,
+            "value": g.value,
+            "paired_min": min(g.paired),
+            "paired_max": max(g.paired),
+            "required": args.gate,
+            "passed": passed,
+        }
+        print(
+            f"\ngate: {g.label} (uvloop, 1 subscriber) = {g.value:.2f}x "
+            f"(paired {min(g.paired):.2f}..{max(g.paired):.2f}), required >= {args.gate:g}x: "
+            + ("PASS" if passed else "FAIL")
+        )
+        status = 0 if passed else 1
+    if args.json:
+        write_json(args.json, to_json(cases, ratios, info, args, chunk, anchors, gate))
+        progress(f"wrote {args.json}", final=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,658 @@
+"""``kimiha bench latency``: publish-to-handler latency under a paced load, kimiha vs asyncio.Queue.
+
+A publisher task on the event loop sends one event every ``1 / rate`` seconds (100k events/s by default). The
+loop's timers are millisecond-grained, so it paces by busy-waiting on the clock, then stamps the event
+(``Stamped(seq, ts=monotonic_ns())``), publishes it and yields to the loop once (``await asyncio.sleep(0)``)
+so that the consumers run. Each consumer records ``monotonic_ns() - event.ts`` into a
+:class:`kimiha.LatencyHistogram` (HDR-style, <= 1.6 % relative error) when its handler is reached. With 4
+subscribers every delivery is recorded, so the 4th handler's wait counts as much as the 1st's.
+
+Cases, each with 1 and 4 subscribers (the floor with 1):
+
+* ``call_soon``      -- ``loop.call_soon(handler, event)``: the cost of one pass through the event loop, the floor
+                        of anything that hands an event from a task to a loop callback.
+* ``kimiha``         -- kimiha handler subscriptions (``bus.subscribe(key, handler)``), called by the compiled
+                        dispatch loop: the push path.
+* ``kimiha-pull``    -- one consumer task per subscription doing ``async for event in sub``: the pull path.
+* ``queue``          -- one ``asyncio.Queue`` per subscriber, ``put_nowait`` by the publisher, a consumer task
+                        per queue doing ``await q.get()``.
+
+Every case runs ``--events`` recorded events, split into ``--segments`` interleaved segments (case A, B, C, ...
+then again), each on a fresh event loop and preceded by unrecorded warm-up events; the table gives the
+percentiles of all recorded events together, the JSON adds each segment's. The publisher cannot always keep
+the pace (a handler slower than the interval, a preempted process on a shared machine): the "late" column counts
+the events sent more than one interval behind schedule. The timestamp is the actual send time, so a publisher
+stall is not counted as latency (coordinated omission); the late count shows how often that happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kimiha
+from kimiha import ChannelConfig, Event, EventBus, EventType, LatencyHistogram
+from kimiha._core import monotonic_ns
+from kimiha.benchmark import MIN_REPEAT, machine_header, machine_info, progress, write_json
+
+__all__ = ["LatencyCase", "Stamped", "main", "run_latency_case"]
+
+DEFAULT_RATE = 100_000
+DEFAULT_EVENTS = 200_000
+QUICK_EVENTS = 20_000
+WARMUP_EVENTS = 2_000
+SUBSCRIBER_COUNTS = (1, 4)
+LOOPS = ("uvloop", "asyncio")
+
+KINDS = {
+    "call_soon": "loop.call_soon hop (floor)",
+    "kimiha": "kimiha handler",
+    "kimiha-pull": "kimiha async for",
+    "queue": "asyncio.Queue",
+}
+
+#: Targets of the tracker for the kimiha handler case (ns): subscribers -> (p50, p99, p99.9).
+TARGETS_NS = {1: (1_200, 3_000, 10_000), 4: (2_000, 6_000, 20_000)}
+#: asyncio.Queue must be at least this many times slower than kimiha at p50 and p99.
+QUEUE_RATIO_TARGET = 1.5
+
+
+class Ev(EventType):
+    TICKS = "LatencyTicks"
+
+
+class Stamped(Event, frozen=True, gc=False):
+    """The event of the latency run: its sequence number and the clock (``monotonic_ns``) when it was sent."""
+
+    seq: int
+    ts: int
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The paced publisher and the cases.
+
+
+@dataclass
+class Pacing:
+    sent: int = 0
+    late: int = 0  # sent more than one interval behind schedule
+    elapsed_ns: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.sent * 1e9 / self.elapsed_ns if self.elapsed_ns else 0.0
+
+
+async def pace(pubs: list[Callable[[Stamped], Any]], n: int, warmup: int, interval_ns: int) -> Pacing:
+    """Send ``warmup + n`` events, one every ``interval_ns``, yielding to the loop after each."""
+    now = monotonic_ns
+    sleep = asyncio.sleep
+    stats = Pacing()
+    single = pubs[0] if len(pubs) == 1 else None
+    due = now()
+    started = due
+    for seq in range(warmup + n):
+        if seq == warmup:
+            stats.late = 0
+            started = due
+        due += interval_ns
+        t = now()
+        while t < due:  # busy-wait: the loop's timers are millisecond-grained
+            t = now()
+        if t - due > interval_ns:
+            stats.late += 1
+        event = Stamped(seq, now())
+        if single is not None:
+            single(event)
+        else:
+            for pub in pubs:
+                pub(event)
+        await sleep(0)
+    stats.elapsed_ns = now() - started
+    stats.sent = n
+    return stats
+
+
+def make_recorder(hist: LatencyHistogram, warmup: int) -> Callable[[Stamped], None]:
+    """Return the handler every case calls: record the event's latency unless it is a warm-up event."""
+    record = hist.record
+    now = monotonic_ns
+
+    def handler(event: Stamped) -> None:
+        if event.seq >= warmup:
+            record(now() - event.ts)
+
+    return handler
+
+
+async def run_call_soon(
+    hist: LatencyHistogram, subs: int, n: int, warmup: int, interval: int
+) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    handler = make_recorder(hist, warmup)
+    call_soon = loop.call_soon
+
+    def publish(event: Stamped) -> None:
+        for _ in range(subs):
+            call_soon(handler, event)
+
+    pacing = await pace([publish], n, warmup, interval)
+    await asyncio.sleep(0)
+    return {"pacing": pacing}
+
+
+async def run_kimiha(hist: LatencyHistogram, subs: int, n: int, warmup: int, interval: int) -> dict[str, Any]:
+    bus = EventBus([(Ev.TICKS, ChannelConfig(4096, payload_type=Stamped))])
+    handler = make_recorder(hist, warmup)
+    subscriptions = [bus.subscribe(Ev.TICKS, handler) for _ in range(subs)]
+    pacing = await pace([bus.channel(Ev.TICKS).publish], n, warmup, interval)
+    while any(s.backlog for s in subscriptions):
+        await asyncio.sleep(0)
+    return {"pacing": pacing, "bus": bus.stats(Ev.TICKS)}
+
+
+async def run_kimiha_pull(
+    hist: LatencyHistogram, subs: int, n: int, warmup: int, interval: int
+) -> dict[str, Any]:
+    bus = EventBus([(Ev.TICKS, ChannelConfig(4096, payload_type=Stamped))])
+    handler = make_recorder(hist, warmup)
+
+    async def consume(sub: kimiha.Subscription) -> None:
+        async for event in sub:
+            handler(event)
+
+    tasks = [asyncio.ensure_future(consume(bus.subscribe(Ev.TICKS))) for _ in range(subs)]
+    await asyncio.sleep(0)  # the consumers park before the first event
+    pacing = await pace([bus.channel(Ev.TICKS).publish], n, warmup, interval)
+    bus.close()
+    for t in tasks:
+        await t
+    return {"pacing": pacing, "bus": bus.stats(Ev.TICKS)}
+
+
+async def run_queue(hist: LatencyHistogram, subs: int, n: int, warmup: int, interval: int) -> dict[str, Any]:
+    handler = make_recorder(hist, warmup)
+    queues: list[asyncio.Queue[Stamped | None]] = [asyncio.Queue() for _ in range(subs)]
+
+    async def consume(q: asyncio.Queue[Stamped | None]) -> None:
+        get = q.get
+        while True:
+            event = await get()
+            if event is None:
+                return
+            handler(event)
+
+    tasks = [asyncio.ensure_future(consume(q)) for q in queues]
+    await asyncio.sleep(0)
+    pacing = await pace([q.put_nowait for q in queues], n, warmup, interval)
+    for q in queues:
+        q.put_nowait(None)
+    for t in tasks:
+        await t
+    return {"pacing": pacing}
+
+
+RUNNERS: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
+    "call_soon": run_call_soon,
+    "kimiha": run_kimiha,
+    "kimiha-pull": run_kimiha_pull,
+    "queue": run_queue,
+}
+
+
+@dataclass
+class LatencyCase:
+    kind: str
+    loop: str
+    subs: int
+    hist: LatencyHistogram = field(default_factory=LatencyHistogram)  # every recorded event of every segment
+    segments: list[dict[str, Any]] = field(default_factory=list)  # per segment: summary, pacing, bus stats
+    late: int = 0
+    sent: int = 0
+    elapsed_ns: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.loop}/{self.subs}"
+
+    @property
+    def label(self) -> str:
+        return KINDS[self.kind]
+
+    @property
+    def rate(self) -> float:
+        return self.sent * 1e9 / self.elapsed_ns if self.elapsed_ns else 0.0
+
+    def segment_values(self, name: str) -> list[float]:
+        return [s["summary"][name] for s in self.segments]
+
+
+def run_latency_case(case: LatencyCase, n: int, warmup: int, rate: int) -> None:
+    """Run one segment of ``case`` (``n`` recorded events) on a fresh loop; add it to ``case``; verify it."""
+    hist = LatencyHistogram()
+    interval = max(1, round(1e9 / rate))
+    gc.collect()
+    result = kimiha.run(RUNNERS[case.kind](hist, case.subs, n, warmup, interval), loop=case.loop)
+    if hist.count != n * case.subs:
+        raise RuntimeError(
+            f"latency case {case.key}: {hist.count} latencies recorded, expected {n} events x {case.subs} "
+            f"subscriber(s) = {n * case.subs}"
+        )
+    pacing: Pacing = result["pacing"]
+    bus = result.get("bus")
+    if bus is not None and (bus["lagged"] or bus["delivered"] != (n + warmup) * case.subs):
+        raise RuntimeError(f"latency case {case.key}: the channel lagged or lost events: {bus}")
+    case.hist.merge(hist)
+    case.late += pacing.late
+    case.sent += pacing.sent
+    case.elapsed_ns += pacing.elapsed_ns
+    case.segments.append(
+        {
+            "summary": hist.summary(),
+            "late": pacing.late,
+            "rate": round(pacing.rate, 1),
+            "bus_latency_ns": bus["latency_ns"] if bus is not None else None,
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Percentile curves, the table and the plot.
+
+#: Percentiles of the curves: 0 to 99.999 in steps even on a log scale of 1 / (1 - q).
+CURVE_QS = [0.0] + [100.0 * (1.0 - 10 ** (-k / 50.0)) for k in range(1, 251)]
+
+
+def curve(hist: LatencyHistogram) -> list[tuple[float, int]]:
+    """Return ``[(percentile, ns), ...]`` up to the resolution the record count allows, then the maximum."""
+    top = 100.0 * (1.0 - 1.0 / hist.count) if hist.count > 1 else 0.0
+    points = [(q, hist.percentile(q)) for q in CURVE_QS if q <= top]
+    points.append((100.0, hist.max))
+    return points
+
+
+@dataclass
+class LatencyRatio:
+    """asyncio.Queue's percentile over kimiha's, overall and per segment (paired)."""
+
+    subs: int
+    loop: str
+    pct: str  # "p50" / "p99"
+    queue: LatencyCase
+    kimiha: LatencyCase
+
+    @property
+    def value(self) -> float:
+        q = 50.0 if self.pct == "p50" else 99.0
+        return self.queue.hist.percentile(q) / max(1, self.kimiha.hist.percentile(q))
+
+    @property
+    def paired(self) -> list[float]:
+        return [
+            a / max(1, b)
+            for a, b in zip(self.queue.segment_values(self.pct), self.kimiha.segment_values(self.pct))
+        ]
+
+    @property
+    def met(self) -> bool:
+        return self.value >= QUEUE_RATIO_TARGET
+
+
+def build_ratios(cases: list[LatencyCase]) -> list[LatencyRatio]:
+    by_key = {c.key: c for c in cases}
+    out = []
+    for c in cases:
+        if c.kind != "kimiha":
+            continue
+        queue = by_key.get(f"queue/{c.loop}/{c.subs}")
+        if queue is not None:
+            out += [LatencyRatio(c.subs, c.loop, pct, queue, c) for pct in ("p50", "p99")]
+    return out
+
+
+def target_rows(cases: list[LatencyCase]) -> list[dict[str, Any]]:
+    rows = []
+    for c in cases:
+        if c.kind != "kimiha" or c.loop != "uvloop":
+            continue
+        for name, q, bound in zip(("p50", "p99", "p99.9"), (50.0, 99.0, 99.9), TARGETS_NS[c.subs]):
+            value = c.hist.percentile(q)
+            rows.append(
+                {
+                    "subscribers": c.subs,
+                    "percentile": name,
+                    "value_ns": value,
+                    "target_ns": bound,
+                    "met": value <= bound,
+                }
+            )
+    return rows
+
+
+def us(ns: float) -> str:
+    return f"{ns / 1e3:.2f}"
+
+
+def format_report(
+    cases: list[LatencyCase], args: argparse.Namespace, info: dict[str, Any], elapsed_s: float
+) -> str:
+    lines = machine_header(info) + [
+        (
+            f"publish -> handler latency, publisher paced at {args.rate:,} events/s (busy-wait), "
+            f"{args.events:,} recorded events per case in {args.segments} interleaved segments "
+            f"(+{args.warmup:,} warm-up each); total {elapsed_s:.1f} s"
+        ),
+        "percentiles in microseconds over every delivery (4 subscribers: 4 records per event)",
+        "",
+    ]
+    header = (
+        f"{'case':<28} {'loop':<8} {'subs':>4} {'p50':>7} {'p90':>7} {'p99':>7} {'p99.9':>8} {'max':>9} "
+        f"{'late':>7} {'rate/s':>9}"
+    )
+    lines += [header, "-" * len(header)]
+    for subs in SUBSCRIBER_COUNTS:
+        for c in cases:
+            if c.subs != subs:
+                continue
+            s = c.hist.summary()
+            late = 100.0 * c.late / c.sent if c.sent else 0.0
+            lines.append(
+                f"{c.label:<28} {c.loop:<8} {c.subs:>4} {us(s['p50']):>7} {us(s['p90']):>7} {us(s['p99']):>7} "
+                f"{us(s['p99_9']):>8} {us(s['max']):>9} {late:>6.1f}% {c.rate:>9,.0f}"
+            )
+        lines.append("")
+    ratios = build_ratios(cases)
+    if ratios:
+        header = (
+            f"  {'asyncio.Queue / kimiha handler':<32} {'loop':<8} {'subs':>4} {'ratio':>7} "
+            f"{'segments min..max':>18} {'target':>7}"
+        )
+        lines += [header, "-" * (len(header) + 7)]
+        for r in ratios:
+            paired = r.paired
+            mark = "*" if r.loop == "uvloop" else " "
+            status = "met" if r.met else "MISSED" if r.loop == "uvloop" else "missed"
+            lines.append(
+                f"{mark} {'at ' + r.pct:<32} {r.loop:<8} {r.subs:>4} {r.value:>6.2f}x "
+                f"{min(paired):>8.2f}..{max(paired):<8.2f} {'>= ' + format(QUEUE_RATIO_TARGET, 'g'):>7} {status}"
+            )
+        lines.append("")
+    rows = target_rows(cases)
+    if rows:
+        lines.append("targets, kimiha handler on uvloop:")
+        for row in rows:
+            lines.append(
+                f"  {row['subscribers']} subscriber(s) {row['percentile']:<6} {us(row['value_ns']):>7} us "
+                f"(target <= {us(row['target_ns'])} us) {'met' if row['met'] else 'MISSED'}"
+            )
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def to_json(cases: list[LatencyCase], args: argparse.Namespace, info: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "mode": "latency",
+        "machine": info,
+        "settings": {
+            "rate": args.rate,
+            "events": args.events,
+            "segments": args.segments,
+            "warmup": args.warmup,
+            "loops": args.loops,
+            "command": " ".join(sys.argv),
+        },
+        "cases": [
+            {
+                "case": c.kind,
+                "label": c.label,
+                "loop": c.loop,
+                "subscribers": c.subs,
+                "latency_ns": c.hist.summary(),
+                "segments": c.segments,
+                "late": c.late,
+                "sent": c.sent,
+                "rate": round(c.rate, 1),
+                "curve": curve(c.hist),
+                "buckets": c.hist.buckets(),
+            }
+            for c in cases
+        ],
+        "ratios": [
+            {
+                "ratio": f"asyncio.Queue / kimiha handler at {r.pct}",
+                "loop": r.loop,
+                "subscribers": r.subs,
+                "value": r.value,
+                "paired_min": min(r.paired),
+                "paired_max": max(r.paired),
+                "target": f">= {QUEUE_RATIO_TARGET:g}",
+                "met": r.met,
+            }
+            for r in build_ratios(cases)
+        ],
+        "targets": target_rows(cases),
+    }
+
+
+STYLE = {
+    "call_soon": {"color": "0.55", "linestyle": "--", "linewidth": 1.3},
+    "kimiha": {"color": "#1f5fbf", "linestyle": "-", "linewidth": 2.4},
+    "kimiha-pull": {"color": "#2ca02c", "linestyle": "-", "linewidth": 1.6},
+    "queue": {"color": "#d62728", "linestyle": "-", "linewidth": 1.6},
+}
+
+
+def plot(cases: list[LatencyCase], path: Path, args: argparse.Namespace, info: dict[str, Any]) -> str | None:
+    """Draw the percentile curves to ``path`` (PNG); return why not, or ``None`` once written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
+    except ImportError as exc:
+        return f"matplotlib is not installed ({exc}); pip install 'kimiha[plot]' for the PNG"
+
+    fig, axes = plt.subplots(1, len(SUBSCRIBER_COUNTS), figsize=(12, 5), sharey=True, squeeze=False)
+    ticks_q = [50.0, 90.0, 99.0, 99.9, 99.99, 99.999]
+    lo = min((c.hist.min for c in cases if c.hist.count), default=100)
+    hi = max((c.hist.max for c in cases if c.hist.count), default=100_000)
+    for ax, subs in zip(axes[0], SUBSCRIBER_COUNTS):
+        for c in cases:
+            if c.subs != subs or not c.hist.count:
+                continue
+            pts = [(q, ns) for q, ns in curve(c.hist) if q < 100.0]
+            xs = [1.0 / (1.0 - q / 100.0) for q, _ in pts]
+            ys = [ns / 1e3 for _, ns in pts]
+            style = dict(STYLE[c.kind])
+            if c.loop != "uvloop":
+                style["linestyle"] = ":"
+            ax.plot(xs, ys, label=f"{c.label}" + ("" if len(args.loops) == 1 else f" ({c.loop})"), **style)
+            ax.plot([xs[-1]], [c.hist.max / 1e3], marker="o", markersize=3.5, color=style["color"])
+        if subs in TARGETS_NS:
+            for q, bound in zip((50.0, 99.0, 99.9), TARGETS_NS[subs]):
+                ax.plot(
+                    [1.0 / (1.0 - q / 100.0)],
+                    [bound / 1e3],
+                    marker="x",
+                    markersize=9,
+                    mew=2,
+                    color="black",
+                    linestyle="none",
+                    label="kimiha target (p50, p99, p99.9)" if q == 50.0 else None,
+                )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(FixedLocator([1.0 / (1.0 - q / 100.0) for q in ticks_q]))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{100.0 * (1.0 - 1.0 / x):g}%"))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: f"{y:g}"))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.set_ylim(max(0.1, lo / 1e3 * 0.8), hi / 1e3 * 1.25)
+        ax.set_xlim(1.0, 1.0 / (1.0 - ticks_q[-1] / 100.0))
+        ax.grid(True, which="major", alpha=0.35)
+        ax.set_title(f"{subs} subscriber{'s' if subs > 1 else ''}")
+        ax.set_xlabel("percentile (left edge: 0 %; dot: maximum)")
+        ax.legend(loc="upper left", fontsize=8.5)
+    axes[0][0].set_ylabel("publish -> handler latency (µs, log scale)")
+    fig.suptitle(
+        f"kimiha {info['kimiha']} vs asyncio.Queue: latency at {args.rate:,} events/s, {args.events:,} events "
+        f"per case ({', '.join(args.loops)}; Python {info['python']}, {info['nproc']} CPUs)",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driver.
+
+EPILOG = """\
+examples:
+  kimiha bench latency                                  200k events per case at 100k events/s, uvloop
+  kimiha bench latency --json lat.json --plot lat.png   also JSON (with the histograms) and the PNG
+  kimiha bench latency --loops uvloop,asyncio           the same on both loops
+  kimiha bench latency --quick                          smoke run: 20k events per case
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="kimiha bench latency",
+        description=(
+            "Publish-to-handler latency under a paced load, kimiha vs asyncio.Queue: a publisher paced by\n"
+            "busy-waiting, a timestamp in each event, an HDR-style histogram at the handler. Prints the\n"
+            "percentiles, writes JSON (--json) and a PNG of the percentile curves (--plot, needs matplotlib)."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--rate",
+        type=int,
+        default=DEFAULT_RATE,
+        metavar="PER_S",
+        help=f"events per second the publisher sends (default {DEFAULT_RATE:,})",
+    )
+    parser.add_argument(
+        "--events",
+        type=int,
+        metavar="N",
+        help=f"recorded events per case (default {DEFAULT_EVENTS:,}; {QUICK_EVENTS:,} with --quick)",
+    )
+    parser.add_argument(
+        "--segments",
+        type=int,
+        default=MIN_REPEAT,
+        metavar="S",
+        help=f"interleaved segments per case, at least {MIN_REPEAT} (default {MIN_REPEAT})",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=WARMUP_EVENTS,
+        metavar="N",
+        help=f"unrecorded events at the start of each segment (default {WARMUP_EVENTS:,})",
+    )
+    parser.add_argument(
+        "--loops",
+        default="uvloop",
+        metavar="NAMES",
+        help=f"comma-separated event loops among {','.join(LOOPS)} (default uvloop)",
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer events: a smoke run")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PATH",
+        default=Path("kimiha-latency.png"),
+        help="PNG of the percentile curves (default ./kimiha-latency.png; needs matplotlib)",
+    )
+    parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
+    args = parser.parse_args(argv)
+    if args.events is None:
+        args.events = QUICK_EVENTS if args.quick else DEFAULT_EVENTS
+    if args.rate < 1 or args.rate > 10_000_000:
+        parser.error(f"--rate: expected 1 to 10,000,000 events/s, got {args.rate}")
+    if args.segments < MIN_REPEAT:
+        parser.error(
+            f"--segments: expected >= {MIN_REPEAT} (medians need at least that many), got {args.segments}"
+        )
+    if args.events < args.segments:
+        parser.error(
+            f"--events: expected at least one event per segment (>= {args.segments}), got {args.events}"
+        )
+    if args.warmup < 0:
+        parser.error(f"--warmup: expected >= 0, got {args.warmup}")
+    args.loops = [name.strip() for name in args.loops.split(",") if name.strip()]
+    unknown = [name for name in args.loops if name not in LOOPS]
+    if unknown or not args.loops:
+        parser.error(
+            f"--loops: expected a comma-separated subset of {','.join(LOOPS)}, got {unknown or 'none'}"
+        )
+    return args
+
+
+def build_cases(loops: list[str]) -> list[LatencyCase]:
+    cases = []
+    for subs in SUBSCRIBER_COUNTS:
+        for loop in loops:
+            for kind in KINDS:
+                if kind == "call_soon" and subs != 1:
+                    continue
+                cases.append(LatencyCase(kind, loop, subs))
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the latency mode; return 0 (targets are reported, not enforced)."""
+    args = parse_args(argv)
+    started = time.monotonic()
+    cases = build_cases(args.loops)
+    per_segment = [
+        args.events // args.segments + (1 if i < args.events % args.segments else 0)
+        for i in range(args.segments)
+    ]
+    gc.collect()
+    gc.freeze()  # setup stays alive to the end: keep it out of the collector's passes
+    for seg, n in enumerate(per_segment, 1):
+        t_seg = time.monotonic()
+        # Rotate the order each segment so that no case always runs right after the same one.
+        order = cases[seg % len(cases) :] + cases[: seg % len(cases)]
+        for i, case in enumerate(order, 1):
+            progress(
+                f"latency: segment {seg}/{args.segments}, case {i}/{len(cases)} {case.key} ({n:,} events)"
+            )
+            run_latency_case(case, n, args.warmup, args.rate)
+        progress(
+            f"latency: segment {seg}/{args.segments} done in {time.monotonic() - t_seg:.1f} s "
+            f"({sum(c.sent for c in cases):,} events recorded so far)",
+            final=True,
+        )
+    info = machine_info()
+    print(format_report(cases, args, info, time.monotonic() - started))
+    if args.json:
+        write_json(args.json, to_json(cases, args, info))
+        progress(f"wrote {args.json}", final=True)
+    if not args.no_plot:
+        why_not = plot(cases, args.plot, args, info)
+        if why_not is None:
+            print(f"\nplot: {args.plot}")
+        else:
+            print(f"\nplot: skipped: {why_not}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

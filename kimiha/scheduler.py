@@ -32,14 +32,13 @@ from kimiha.error import (
     InvalidChannelError,
     InvalidConfigurationError,
     InvalidStateError,
-    Lagged,
     TaskExecutionError,
     TaskInitializationError,
     TaskNotFoundError,
     TaskShutdownError,
 )
 from kimiha.event_bus import EventBus
-from kimiha.types import BackgroundTask, EventTask, Executable
+from kimiha.types import BackgroundTask, EventTask
 
 __all__ = [
     "OnError",
@@ -634,9 +633,10 @@ class Scheduler:
                 if lock is not None:
                     lock.release()
         except Exception as exc:
+            error: BaseException = exc
             if deadline is not None and deadline.expired():
-                exc = TimeoutError(f"handle_event did not finish within {timeout} s")
-            delay = self._task_failed(info, exc, f"handle_event({event!r:.120})")
+                error = TimeoutError(f"handle_event did not finish within {timeout} s")
+            delay = self._task_failed(info, error, f"handle_event({event!r:.120})")
             if delay:
                 await asyncio.sleep(delay)
             return

@@ -352,8 +352,8 @@ def test_block_close_wakes_waiting_publisher_with_channel_closed(run):
 
 
 @pytest.mark.parametrize("overflow", [Overflow.LAG, Overflow.BLOCK])
-def test_publish_threadsafe_from_many_threads_exactly_once_in_producer_order(run, overflow):
-    threads_n, per_thread = 4, 20000
+@pytest.mark.parametrize("threads_n, per_thread", [(4, 20_000), (6, 50_000)])
+def test_publish_threadsafe_from_many_threads_exactly_once_in_producer_order(run, overflow, threads_n, per_thread):
 
     class Msg(Event):
         producer: int

@@ -11,7 +11,6 @@ import textwrap
 
 import pytest
 
-import kimiha
 from kimiha import (
     BackgroundTask,
     ChannelConfig,

@@ -68,6 +68,8 @@ cdef class Channel:
     cdef uint64_t slowest_cursor(self)
     cdef Py_ssize_t n_subscribers(self)
     cdef Py_ssize_t write(self, object payload, object frame)
+    cdef object decode_frame(self, object frame)
+    cdef void restamp(self, int64_t publish_ns)
     cdef Py_ssize_t publish_c(self, object payload) except -1
     cdef void schedule_dispatch(self)
     cdef void wake_readers(self)

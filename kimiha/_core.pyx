@@ -408,15 +408,8 @@ cdef class Channel:
                 raise
             woken = True
 
-    def publish_raw(self, frame, /):
-        """Validate ``frame`` (a msgpack frame from a bridge or journal) by decoding it, then publish it.
-
-        The frame is kept in the slot, so exporters forward it without re-encoding. A frame that does not
-        decode to the channel's payload type is counted in ``bad_frames`` and raises ``SerializationError``;
-        nothing is written and the channel keeps flowing.
-        """
-        if self.closed:
-            raise ChannelClosed(f"channel {self.name!r} is closed; nothing was written")
+    cdef object decode_frame(self, object frame):
+        """Return ``(payload, frame as bytes)`` for a raw frame, or raise (counting it in ``bad_frames``)."""
         if not isinstance(frame, bytes):
             if isinstance(frame, (bytearray, memoryview)):
                 frame = bytes(frame)
@@ -434,10 +427,63 @@ cdef class Channel:
         if obj is None:
             self.bad_frames += 1
             raise SerializationError(f"channel {self.name!r}: frame decodes to nil, expected a payload")
+        return obj, frame
+
+    cdef void restamp(self, int64_t publish_ns):
+        # The event's origin time on this machine's monotonic clock (a bridge passes the sender's): the
+        # channel's latency then counts from the original publish, across processes.
+        if publish_ns > 0 and self.track_latency:
+            self.stamps[self.slot(self.tail - 1)] = publish_ns
+
+    def publish_raw(self, frame, /, int64_t publish_ns=0):
+        """Validate ``frame`` (a msgpack frame from a bridge or journal) by decoding it, then publish it.
+
+        The frame is kept in the slot, so exporters forward it without re-encoding. A frame that does not
+        decode to the channel's payload type is counted in ``bad_frames`` and raises ``SerializationError``;
+        nothing is written and the channel keeps flowing. ``publish_ns`` (optional, > 0) is the event's
+        original publish time on this machine's ``CLOCK_MONOTONIC``; the slot is stamped with it.
+        """
+        if self.closed:
+            raise ChannelClosed(f"channel {self.name!r} is closed; nothing was written")
+        obj, frame = self.decode_frame(frame)
         if self.block and (self.pub_waiters or not self.has_room()):
             self.full += 1
             raise ChannelFull(f"channel {self.name!r} is full (capacity {self.capacity}); nothing was written")
-        return self.write(obj, frame)
+        n = self.write(obj, frame)
+        self.restamp(publish_ns)
+        return n
+
+    async def publish_raw_async(self, frame, /, int64_t publish_ns=0):
+        """Like :meth:`publish_raw`, but wait for room on a full ``BLOCK`` channel instead of raising."""
+        cdef bint woken = False
+        cdef bint counted = False
+        if self.closed:
+            raise ChannelClosed(f"channel {self.name!r} is closed; nothing was written")
+        obj, frame = self.decode_frame(frame)
+        while True:
+            if self.closed:
+                raise ChannelClosed(f"channel {self.name!r} was closed while a publisher waited for room")
+            if not self.block or ((woken or not self.pub_waiters) and self.has_room()):
+                n = self.write(obj, frame)
+                self.restamp(publish_ns)
+                return n
+            if not counted:
+                self.blocked += 1
+                counted = True
+            fut = _get_running_loop().create_future()
+            if woken:
+                self.pub_waiters.appendleft(fut)
+            else:
+                self.pub_waiters.append(fut)
+            try:
+                await fut
+            except BaseException:
+                if fut in self.pub_waiters:
+                    self.pub_waiters.remove(fut)
+                elif not self.closed:
+                    self.reader_advanced()
+                raise
+            woken = True
 
     def _payload_name(self):
         return "any payload" if self.payload_classes is None else _type_name(self.payload_classes)
@@ -1210,9 +1256,13 @@ cdef class EventBusCore:
         """Publish from any thread; the payload enters the ring on the loop's thread, in call order."""
         self.lookup(event_type).publish_threadsafe(payload)
 
-    def publish_raw(self, event_type, frame, /):
+    def publish_raw(self, event_type, frame, /, publish_ns=0):
         """Decode and validate a msgpack ``frame`` against the channel's payload type, then publish it."""
-        return self.lookup(event_type).publish_raw(frame)
+        return self.lookup(event_type).publish_raw(frame, publish_ns)
+
+    def publish_raw_async(self, event_type, frame, /, publish_ns=0):
+        """Like :meth:`publish_raw`, waiting for room on a full ``BLOCK`` channel (returns an awaitable)."""
+        return self.lookup(event_type).publish_raw_async(frame, publish_ns)
 
     def subscribe(self, event_type, handler=None, /, *, on_lag=None, on_error=None, bint frames=False,
                   bint paused=False, bint measure=False):

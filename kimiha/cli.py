@@ -50,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="run connector+aggregator, strategy and executor as three processes over NATS")
     demo.add_argument("--nats", metavar="URL",
                       help="NATS server for --distributed (default: start a local nats-server)")
+    demo.add_argument("--delivery", choices=("jetstream", "core"), default=None,
+                      help="--distributed: JetStream (default, no loss) or core NATS (lowest latency)")
     sub.add_parser("bench", help="side-by-side benchmarks (kimiha vs asyncio.Queue, pyee, NautilusTrader); "
                                  "`kimiha bench help` lists the modes")
     args = parser.parse_args(args_list)

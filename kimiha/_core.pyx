@@ -378,24 +378,21 @@ cdef class Channel:
 
     async def publish_async(self, payload, /):
         """Publish ``payload``, waiting for room on a full ``BLOCK`` channel (first come, first served)."""
+        cdef bint woken = False
+        cdef bint counted = False
         if self.closed:
             raise ChannelClosed(f"channel {self.name!r} is closed; nothing was written")
         self.check_payload(payload)
-        if not self.block or (not self.pub_waiters and self.has_room()):
+        if not self.block:
             return self.write(payload, None)
-        return await self._write_when_room(payload, None, 0)
-
-    async def _write_when_room(self, payload, frame, int64_t publish_ns):
-        """Wait for room on this BLOCK channel in first-come order, then write (the shared slow path)."""
-        cdef bint woken = False
-        self.blocked += 1
         while True:
             if self.closed:
                 raise ChannelClosed(f"channel {self.name!r} was closed while a publisher waited for room")
             if (woken or not self.pub_waiters) and self.has_room():
-                n = self.write(payload, frame)
-                self.restamp(publish_ns)
-                return n
+                return self.write(payload, None)
+            if not counted:
+                self.blocked += 1
+                counted = True
             fut = _get_running_loop().create_future()
             if woken:
                 self.pub_waiters.appendleft(fut)
@@ -458,14 +455,35 @@ cdef class Channel:
 
     async def publish_raw_async(self, frame, /, int64_t publish_ns=0):
         """Like :meth:`publish_raw`, but wait for room on a full ``BLOCK`` channel instead of raising."""
+        cdef bint woken = False
+        cdef bint counted = False
         if self.closed:
             raise ChannelClosed(f"channel {self.name!r} is closed; nothing was written")
         obj, frame = self.decode_frame(frame)
-        if not self.block or (not self.pub_waiters and self.has_room()):
-            n = self.write(obj, frame)
-            self.restamp(publish_ns)
-            return n
-        return await self._write_when_room(obj, frame, publish_ns)
+        while True:
+            if self.closed:
+                raise ChannelClosed(f"channel {self.name!r} was closed while a publisher waited for room")
+            if not self.block or ((woken or not self.pub_waiters) and self.has_room()):
+                n = self.write(obj, frame)
+                self.restamp(publish_ns)
+                return n
+            if not counted:
+                self.blocked += 1
+                counted = True
+            fut = _get_running_loop().create_future()
+            if woken:
+                self.pub_waiters.appendleft(fut)
+            else:
+                self.pub_waiters.append(fut)
+            try:
+                await fut
+            except BaseException:
+                if fut in self.pub_waiters:
+                    self.pub_waiters.remove(fut)
+                elif not self.closed:
+                    self.reader_advanced()
+                raise
+            woken = True
 
     def _payload_name(self):
         return "any payload" if self.payload_classes is None else _type_name(self.payload_classes)

@@ -4,6 +4,61 @@ A compiled broadcast event bus (``kimiha._core``), a supervised scheduler and a 
 (Connectors -> Aggregator -> Strategies -> Executors), on uvloop.
 """
 
+import importlib.machinery as _machinery
+import os as _os
+import sys as _sys
+
+
+def _hand_over_to_an_installed_build() -> None:
+    """Make ``import kimiha`` from a source tree without a compiled core load the installed build instead.
+
+    ``python -m kimiha`` (and ``python -m pytest``, ``python -c``) put the current directory first on
+    ``sys.path``; typed in a checkout after ``pip install .``, that finds this source tree, whose
+    ``_core`` extension was built into the wheel, not here. Rather than fail, find the installed kimiha
+    (the rest of ``sys.path``, or an import finder of an editable install) and put it in ``sys.modules``: the import system then returns it, and
+    ``kimiha.<module>`` resolves through its ``__path__``. A tree with its own compiled core (an
+    editable install, ``pip install -e .``) imports itself as usual.
+    """
+    here = _os.path.dirname(_os.path.realpath(__file__))
+
+    def has_core(folder: str) -> bool:
+        return any(_os.path.isfile(_os.path.join(folder, "_core" + suffix))
+                   for suffix in _machinery.EXTENSION_SUFFIXES)
+
+    if has_core(here):
+        return
+    tree = _os.path.dirname(here)
+    saved = _sys.path
+    _sys.path = [p for p in saved if _os.path.realpath(p or _os.curdir) != tree]
+    try:  # every finder, not only sys.path's: an editable install of another tree has a finder of its own
+        spec = None
+        for finder in _sys.meta_path:
+            find_spec = getattr(finder, "find_spec", None)
+            spec = find_spec(__name__, None) if find_spec is not None else None
+            if spec is not None and spec.origin and _os.path.dirname(_os.path.realpath(spec.origin)) != here:
+                break
+            spec = None
+    finally:
+        _sys.path = saved
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if spec is None or spec.loader is None or not any(has_core(folder) for folder in locations):
+        raise ImportError(
+            f"kimiha: the compiled core (kimiha/_core) is not built in the source tree {tree}, and no installed "
+            f"kimiha with a compiled core was found on sys.path; install it with `pip install .` (or "
+            f"`pip install -e .` to build it in place for development)",
+            name=f"{__name__}._core",
+        )
+    import importlib.util
+
+    module = importlib.util.module_from_spec(spec)
+    _sys.modules[__name__] = module
+    spec.loader.exec_module(module)
+
+
+_hand_over_to_an_installed_build()
+# From here on, when the hand-over happened, ``kimiha`` in sys.modules is the installed build and the
+# imports below bind its objects (this module object is then discarded by the import system).
+
 from kimiha._core import LatencyHistogram, monotonic_ns
 from kimiha.channel_config import ChannelConfig, Overflow
 from kimiha.error import (

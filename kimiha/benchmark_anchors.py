@@ -1,4 +1,6 @@
-"""The libraries kimiha is compared with, loaded only if installed (``pip install 'kimiha[bench]'``).
+"""The libraries kimiha is compared with, loaded only if installed.
+
+They come with ``pip install 'kimiha[bench]'`` (``pip install '.[bench]'`` in a checkout).
 
 * **pyee** ``EventEmitter``: ``ee.on(name, handler)``, ``ee.emit(name, event)`` calls every handler inline.
 * **NautilusTrader** ``MessageBus`` (``nautilus_trader.common.component``): ``subscribe(topic, handler)``,
@@ -30,6 +32,7 @@ __all__ = ["NAUTILUS_TOPIC", "PYEE_EVENT", "Anchor", "load_nautilus", "load_pyee
 
 NAUTILUS_TOPIC = "data.bench.ticks"
 PYEE_EVENT = "tick"
+BENCH_HINT = "pip install 'kimiha[bench]' (pip install '.[bench]' in a checkout)"
 
 
 @dataclass
@@ -63,7 +66,7 @@ def load_pyee() -> Anchor:
     try:
         from pyee import EventEmitter
     except ImportError as exc:
-        return Anchor("pyee", reason=f"pyee is not installed ({exc}); pip install 'kimiha[bench]'")
+        return Anchor("pyee", reason=f"pyee is not installed ({exc}); {BENCH_HINT}")
 
     def factory(handlers: list[Callable[[Any], None]]) -> Any:
         ee = EventEmitter()
@@ -132,14 +135,12 @@ def load_nautilus(tuned: bool = True) -> Anchor:
     ``bus.publish(NAUTILUS_TOPIC, event)`` otherwise; ``bus.pub_count`` counts publishes.
     """
     label = "NautilusTrader MessageBus" + ("" if tuned else " (default config)")
-    if sys.version_info < (3, 11):
-        return Anchor(label, reason=f"NautilusTrader needs Python >= 3.11, this is {sys.version.split()[0]}")
     try:
         from nautilus_trader.common.component import MessageBus, TestClock
         from nautilus_trader.common.config import MessageBusConfig
         from nautilus_trader.model.identifiers import TraderId
     except ImportError as exc:
-        return Anchor(label, reason=f"nautilus_trader is not installed ({exc}); pip install 'kimiha[bench]'")
+        return Anchor(label, reason=f"nautilus_trader is not installed ({exc}); {BENCH_HINT}")
     version = _version("nautilus_trader")
     if tuned:
         try:

@@ -26,7 +26,7 @@ Cases, each with 1 and 4 subscribers:
                         check (see ``kimiha.benchmark_anchors``); ``publish`` calls the handlers inline.
                         ``nautilus-default`` is the same bus with its default configuration.
 
-pyee and NautilusTrader come with ``pip install 'kimiha[bench]'``; without them their cases are skipped with a
+pyee and NautilusTrader come with ``pip install 'kimiha[bench]'`` (``'.[bench]'`` in a checkout); without them their cases are skipped with a
 note saying why.
 """
 

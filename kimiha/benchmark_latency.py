@@ -457,7 +457,8 @@ def plot(cases: list[LatencyCase], path: Path, args: argparse.Namespace, info: d
         import matplotlib.pyplot as plt
         from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
     except ImportError as exc:
-        return f"matplotlib is not installed ({exc}); pip install 'kimiha[plot]' for the PNG"
+        return (f"matplotlib is not installed ({exc}); pip install 'kimiha[plot]' ('.[plot]' in a checkout) "
+                f"for the PNG")
 
     fig, axes = plt.subplots(1, len(SUBSCRIBER_COUNTS), figsize=(12, 5), sharey=True, squeeze=False)
     ticks_q = [50.0, 90.0, 99.0, 99.9, 99.99, 99.999]

@@ -56,7 +56,8 @@ def rss_bytes() -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    raise RuntimeError("cannot read the RSS: install psutil (pip install 'kimiha[bench]') or run on Linux")
+    raise RuntimeError("cannot read the RSS: install psutil (pip install 'kimiha[bench]', or '.[bench]' in a "
+                       "checkout) or run on Linux")
 
 
 def measured_rss() -> int:

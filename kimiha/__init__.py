@@ -83,6 +83,7 @@ from kimiha.event_bus import Channel, EventBus, Subscription
 from kimiha.orchestrator import BuildError, TradingOrchestrator, TradingOrchestratorBuilder
 from kimiha.runtime import run
 from kimiha.scheduler import OnError, Scheduler, SchedulerState, Supervision, TaskRegistry, TaskState
+from kimiha.typed import typed_channel
 from kimiha.types import (
     Aggregator,
     BackgroundTask,
@@ -140,4 +141,5 @@ __all__ = [
     "TradingOrchestratorBuilder",
     "monotonic_ns",
     "run",
+    "typed_channel",
 ]

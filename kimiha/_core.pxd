@@ -49,6 +49,7 @@ cdef class Channel:
     cdef bint dispatch_scheduled
     cdef object loop
     cdef object loop_thread
+    cdef object bus                    # weak reference to the EventBusCore that owns it (rebinds them all)
     cdef object dispatch_cb
     cdef object flush_cb
     cdef Py_ssize_t budget
@@ -67,14 +68,16 @@ cdef class Channel:
     cdef bint has_room(self)
     cdef uint64_t slowest_cursor(self)
     cdef Py_ssize_t n_subscribers(self)
-    cdef Py_ssize_t write(self, object payload, object frame)
+    cdef Py_ssize_t write(self, object payload, object frame) except -1
     cdef object decode_frame(self, object frame)
     cdef void restamp(self, int64_t publish_ns)
     cdef Py_ssize_t publish_c(self, object payload) except -1
-    cdef void schedule_dispatch(self)
+    cdef int schedule_dispatch(self) except -1
+    cdef int follow_running_loop(self) except -1
     cdef void wake_readers(self)
     cdef int reader_advanced(self) except -1
     cdef int flush_pending(self) except -1
+    cdef int unqueue(self, object payload) except -1
     cdef int detach(self, Subscription sub) except -1
     cdef inline Py_ssize_t slot(self, uint64_t seq)
     cdef object frame_at(self, Py_ssize_t idx)

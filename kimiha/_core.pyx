@@ -70,6 +70,7 @@ logger = logging.getLogger("kimiha.bus")
 
 cdef object _EMPTY = object()          # "nothing ready" marker; payloads are never None
 cdef object _get_running_loop = asyncio.get_running_loop
+cdef object _running_loop_or_none = asyncio._get_running_loop  # C-level; None when no loop runs here
 cdef object _sleep = asyncio.sleep
 cdef object _get_ident = threading.get_ident
 cdef object _CancelledError = asyncio.CancelledError
@@ -293,8 +294,49 @@ cdef class Channel:
     # -- binding ------------------------------------------------------------------------------------------------
 
     def _bind(self, loop, thread_id):
+        cdef Subscription sub
+        if loop is self.loop:
+            self.loop_thread = thread_id
+            return
         self.loop = loop
         self.loop_thread = thread_id
+        # Callbacks and futures of the previous loop died with it. A flag left set for a callback that will
+        # never run would keep every handler of this channel from being called again: reset it, forget the
+        # futures of the old loop, and let the new loop carry on where the old one stopped.
+        self.dispatch_scheduled = False
+        self.ts_scheduled = False
+        for fut in [f for f in self.pub_waiters if f.get_loop() is not loop]:
+            self.pub_waiters.remove(fut)
+        for ref in self.pull_refs:
+            obj = ref()
+            if obj is not None:
+                sub = <Subscription>obj
+                if sub.waiter is not None and sub.waiter.get_loop() is not loop:
+                    sub.waiter = None
+                    self.n_waiting -= 1
+        if self.pending:
+            self.ts_scheduled = True
+            loop.call_soon(self.flush_cb)
+        for obj in self.push_subs:
+            sub = <Subscription>obj
+            if not sub.paused and sub.cursor != self.tail:
+                self.schedule_dispatch()
+                break
+
+    cdef int follow_running_loop(self) except -1:
+        """The bound loop is closed: move the bus to the loop running here, or raise (nothing was written)."""
+        loop = _running_loop_or_none()
+        if loop is None:
+            raise InvalidStateError(
+                f"channel {self.name!r}: expected a running event loop for its handlers, but the loop the bus "
+                f"was bound to is closed and no loop runs in this thread; nothing was written (publish inside "
+                f"kimiha.run(...), where the bus rebinds by itself, or call bus.bind_loop(loop) first)")
+        bus = self.bus() if self.bus is not None else None
+        if bus is not None:
+            bus.bind_loop(loop)         # every channel of the bus moves together
+        if self.loop is not loop:
+            self._bind(loop, _get_ident())
+        return 0
 
     # -- checks and room ----------------------------------------------------------------------------------------
 
@@ -343,16 +385,17 @@ cdef class Channel:
 
     # -- writing ------------------------------------------------------------------------------------------------
 
-    cdef Py_ssize_t write(self, object payload, object frame):
-        cdef Py_ssize_t idx = self.slot(self.tail)
+    cdef Py_ssize_t write(self, object payload, object frame) except -1:
+        cdef Py_ssize_t idx
+        if self.push_subs and not self.dispatch_scheduled:
+            self.schedule_dispatch()  # before the write: when the loop is gone this raises with nothing written
+        idx = self.slot(self.tail)
         self.objs[idx] = payload
         if frame is not None or self.frames[idx] is not None:
             self.frames[idx] = frame
         if self.track_latency:
             self.stamps[idx] = now_ns()
         self.tail += 1
-        if self.push_subs and not self.dispatch_scheduled:
-            self.schedule_dispatch()
         if self.n_waiting:
             self.wake_readers()
         return len(self.push_subs) + len(self.pull_refs)
@@ -506,8 +549,17 @@ cdef class Channel:
                 f"(subscribe inside the loop or call bus.bind_loop() first)")
         on_loop = _get_ident() == self.loop_thread
         if on_loop and not self.pending and self.has_room():
-            self.write(payload, None)
+            self.write(payload, None)  # a closed loop is handled there: rebind to the running one, or raise
             return
+        if loop.is_closed():
+            # Only the thread that ran the closed loop may move the bus to the loop it runs now: a feed
+            # thread with a loop of its own must not pull the handlers over to it.
+            if not on_loop or _running_loop_or_none() is None:
+                raise InvalidStateError(
+                    f"channel {self.name!r}: publish_threadsafe expected the bus's event loop to be running, "
+                    f"but it is closed; nothing was written (call bus.bind_loop() on the new loop first)")
+            self.follow_running_loop()
+            loop = self.loop
         if self.block and len(self.pending) >= self.capacity:
             if on_loop:
                 self.full += 1
@@ -529,8 +581,20 @@ cdef class Channel:
                 loop.call_soon_threadsafe(self.flush_cb)
             except RuntimeError as exc:
                 self.ts_scheduled = False
+                self.unqueue(payload)
                 raise InvalidStateError(
-                    f"channel {self.name!r}: the bus's event loop is not running ({exc})") from None
+                    f"channel {self.name!r}: publish_threadsafe expected the bus's event loop to be running, "
+                    f"but it is closed ({exc}); nothing was written") from None
+
+    cdef int unqueue(self, object payload) except -1:
+        # Take back the payload this call queued (the newest one that is this very object).
+        cdef Py_ssize_t i
+        pending = self.pending
+        for i in range(len(pending) - 1, -1, -1):
+            if pending[i] is payload:
+                del pending[i]
+                break
+        return 0
 
     def _flush(self):
         self.ts_scheduled = False
@@ -549,10 +613,21 @@ cdef class Channel:
 
     # -- waking -------------------------------------------------------------------------------------------------
 
-    cdef void schedule_dispatch(self):
-        if not self.dispatch_scheduled:
-            self.dispatch_scheduled = True
+    cdef int schedule_dispatch(self) except -1:
+        if self.dispatch_scheduled:
+            return 0
+        loop = self.loop
+        try:
+            loop.call_soon(self.dispatch_cb)
+        except RuntimeError:
+            if not loop.is_closed():
+                raise
+            self.follow_running_loop()  # rebinding schedules the dispatch itself when events wait
+            if self.dispatch_scheduled:
+                return 0
             self.loop.call_soon(self.dispatch_cb)
+        self.dispatch_scheduled = True  # only once the callback is really scheduled
+        return 0
 
     cdef void wake_readers(self):
         cdef Subscription sub
@@ -566,7 +641,10 @@ cdef class Channel:
                 sub.waiter = None
                 self.n_waiting -= 1
                 if not fut.done():
-                    fut.set_result(None)
+                    try:
+                        fut.set_result(None)
+                    except RuntimeError:
+                        pass  # a reader parked on a loop that has closed since: nobody is left to wake
 
     cdef int reader_advanced(self) except -1:
         """A cursor moved on a BLOCK channel that has payloads or publishers waiting for room."""
@@ -580,7 +658,10 @@ cdef class Channel:
         while room > 0 and self.pub_waiters:
             fut = self.pub_waiters.popleft()
             if not fut.done():
-                fut.set_result(None)
+                try:
+                    fut.set_result(None)
+                except RuntimeError:
+                    continue  # a publisher of a loop that has closed since: it will not write
                 room -= 1
         return 0
 
@@ -637,9 +718,10 @@ cdef class Channel:
             raise TypeError(f"channel {self.name!r}: on_lag must be callable, got {on_lag!r}")
         if on_error is not None and not callable(on_error):
             raise TypeError(f"channel {self.name!r}: on_error must be callable, got {on_error!r}")
-        if handler is not None and self.loop is None:
+        if handler is not None and (self.loop is None or self.loop.is_closed()):
             raise InvalidStateError(
-                f"channel {self.name!r}: a handler subscription needs a running event loop "
+                f"channel {self.name!r}: a handler subscription needs a running event loop, and the bus is "
+                f"{'not bound to one' if self.loop is None else 'bound to a loop that is closed'} "
                 f"(subscribe inside kimiha.run(...) or call bus.bind_loop() first)")
         cdef Subscription sub = Subscription.__new__(Subscription)
         sub.channel = self
@@ -710,7 +792,10 @@ cdef class Channel:
         while self.pub_waiters:
             fut = self.pub_waiters.popleft()
             if not fut.done():
-                fut.set_result(None)     # the waiter sees `closed` and raises ChannelClosed
+                try:
+                    fut.set_result(None)     # the waiter sees `closed` and raises ChannelClosed
+                except RuntimeError:
+                    pass                     # its loop has closed: nobody is waiting any more
         if self.n_waiting:
             self.wake_readers()
 
@@ -1181,6 +1266,7 @@ cdef class EventBusCore:
     cdef object _loop_thread
     cdef Py_ssize_t _budget
     cdef readonly bint closed
+    cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
         self._channels = {}
@@ -1202,16 +1288,22 @@ cdef class EventBusCore:
         self._budget = budget
 
     def _add_channel_c(self, key, str name, config):
+        cdef Channel ch
         if self.closed:
             raise ChannelClosed("the bus is closed; cannot add a channel")
         ch = Channel(key, name, config, self._budget)
+        ch.bus = weakref.ref(self)     # weak: a dropped bus frees its rings at once, without the cycle collector
         if self._loop is not None:
             ch._bind(self._loop, self._loop_thread)
         self._channels[key] = ch
         return ch
 
     def bind_loop(self, loop=None):
-        """Attach the bus to ``loop`` (default: the running loop). Done implicitly on first async use."""
+        """Attach the bus to ``loop`` (default: the running loop).
+
+        Done implicitly on first use inside a running loop, and again when the loop the bus was bound to has
+        closed: handlers then run on the new loop, starting with any event the old loop never delivered.
+        """
         if loop is None:
             loop = _get_running_loop()
         if self._loop is loop:
@@ -1229,6 +1321,14 @@ cdef class EventBusCore:
                 self.bind_loop()
             except RuntimeError:
                 pass
+        return 0
+
+    cdef int ensure_live_loop(self) except -1:
+        """Bind to the running loop when the bus has none yet or the one it had is closed."""
+        if self._loop is None or self._loop.is_closed():
+            loop = _running_loop_or_none()
+            if loop is not None:
+                self.bind_loop(loop)
         return 0
 
     def _channels_list(self):
@@ -1268,6 +1368,9 @@ cdef class EventBusCore:
                   bint paused=False, bint measure=False):
         """Return a :class:`Subscription` to ``event_type`` that sees events published from now on.
 
+        Each call makes a new, independent subscription with its own cursor: the same handler subscribed
+        twice is called twice per event (close one subscription to stop that).
+
         Parameters
         ----------
         handler : callable, optional
@@ -1283,7 +1386,7 @@ cdef class EventBusCore:
             Record each handler call's duration (ns) in ``subscription.handler_time``.
         """
         cdef Channel ch = self.lookup(event_type)
-        self.ensure_loop()
+        self.ensure_live_loop()
         return ch.subscribe(handler, on_lag=on_lag, on_error=on_error, frames=frames, paused=paused,
                             measure=measure)
 

@@ -57,7 +57,11 @@ class EventBus(EventBusCore):
             self.add_channel(*item)
 
     def add_channel(self, event_type: Any, config: ChannelConfig) -> Channel:
-        """Create the channel of ``event_type``; raise ``InvalidChannelError`` if it already exists."""
+        """Create the channel of ``event_type``.
+
+        Raise ``InvalidChannelError`` if the key already has a channel, or if another key's channel has the
+        same name (the member's value: two ``EventType`` classes with a ``"MarketData"`` member collide).
+        """
         if not isinstance(config, ChannelConfig):
             raise InvalidConfigurationError(
                 f"add_channel({event_type!r}): expected a ChannelConfig, got {type(config).__name__} {config!r}"
@@ -75,7 +79,15 @@ class EventBus(EventBusCore):
                 f"channel {event_type!r} already exists ({self.channel(event_type).capacity} slots); "
                 f"a channel is never replaced"
             )
-        return self._add_channel_c(event_type, _channel_name(event_type), config)
+        name = _channel_name(event_type)
+        for ch in self._all_channels():
+            if ch.name == name:
+                raise InvalidChannelError(
+                    f"channel {event_type!r} cannot be added: its name {name!r} is already the name of channel "
+                    f"{ch.key!r}; channel names must be unique (stats, bridges and journals key channels by "
+                    f"name), so give one of the two keys another value"
+                )
+        return self._add_channel_c(event_type, name, config)
 
     def has_channel(self, event_type: Any) -> bool:
         """Whether ``event_type`` has a channel on this bus."""

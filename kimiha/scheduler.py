@@ -22,7 +22,7 @@ import logging
 import signal
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -318,6 +318,59 @@ def _as_channels(value: Any) -> tuple[Any, ...]:
     return (value,)
 
 
+def _placeholder(task: Any, method: str, base: type) -> bool:
+    """Whether ``task.method`` is still the placeholder ``base`` defines (no class in between wrote one)."""
+    return getattr(getattr(task, method, None), "__func__", None) is base.__dict__[method]
+
+
+def _loop_handles_signal(loop: asyncio.AbstractEventLoop, sig: int, current: Any) -> bool:
+    """Whether ``loop`` holds a handler of its own for ``sig`` (one installed with ``loop.add_signal_handler``).
+
+    No public API tells. asyncio's unix loop keeps them in its ``_signal_handlers`` dict; uvloop keeps that
+    table in C, out of reach, but installs one of its own bound methods as the Python-level handler.
+    """
+    table = getattr(loop, "_signal_handlers", None)
+    if isinstance(table, dict):
+        return sig in table
+    return getattr(current, "__self__", None) is loop
+
+
+def _take_signal(
+    loop: asyncio.AbstractEventLoop, sig: int, notify: Callable[[], Any]
+) -> Callable[[], None]:
+    """Make ``sig`` call ``notify()`` on ``loop``; return the function that gives the host its handler back.
+
+    A Python-level handler (``signal.signal``, the defaults, ``asyncio.Runner``'s Ctrl-C handler) is replaced
+    through ``loop.add_signal_handler`` and put back afterwards. A handler in the loop's own table cannot be
+    read back (there is no getter, and uvloop's table is not reachable from Python), so it is never replaced:
+    the scheduler chains in front of it and the host's handler runs too.
+    """
+    previous = signal.getsignal(sig)
+    if _loop_handles_signal(loop, sig, previous):
+        def chained(signum: int, frame: Any) -> None:
+            loop.call_soon_threadsafe(notify)
+            if callable(previous):
+                previous(signum, frame)  # the loop's own relay: its table still dispatches the host's handler
+
+        signal.signal(sig, chained)
+
+        def give_back_chained() -> None:
+            # somebody who replaced it since keeps their handler; None: not installed from Python
+            if signal.getsignal(sig) is chained and previous is not None:
+                signal.signal(sig, previous)
+
+        return give_back_chained
+
+    loop.add_signal_handler(sig, notify)
+
+    def give_back() -> None:
+        loop.remove_signal_handler(sig)  # leaves SIG_DFL (default_int_handler for SIGINT) behind
+        if previous is not None:  # None: not installed from Python, nothing that can be put back
+            signal.signal(sig, previous)
+
+    return give_back
+
+
 class Scheduler:
     """Runs background tasks and event tasks over ``bus``, supervised, with a clean shutdown.
 
@@ -379,7 +432,8 @@ class Scheduler:
         for info in self.registry:
             if info.task is task:
                 raise InvalidConfigurationError(
-                    f"{self.name}: task {info.name!r} is already registered (id {info.id})"
+                    f"{self.name}: task {info.name!r} is already registered (id {info.id}); register each task "
+                    f"object once (another instance of {type(task).__name__} is a task of its own)"
                 )
         if supervision is None:
             supervision = Supervision()
@@ -402,6 +456,12 @@ class Scheduler:
         ``interval`` paces the loop (seconds between the end of one ``execute`` and the next); without it the
         loop still yields to the event loop after every ``execute``.
         """
+        if isinstance(task, BackgroundTask) and _placeholder(task, "execute", BackgroundTask):
+            raise InvalidConfigurationError(
+                f"register_background_task: task {_task_name(task)!r} ({type(task).__qualname__}) does not "
+                f"define execute(); a BackgroundTask must define `async def execute(self)`, which the scheduler "
+                f"runs in a loop until shutdown"
+            )
         execute = getattr(task, "execute", None)
         if not callable(execute) or not inspect.iscoroutinefunction(execute):
             raise InvalidConfigurationError(
@@ -416,6 +476,16 @@ class Scheduler:
 
     def register_event_task(self, task: EventTask, *, supervision: Supervision | None = None) -> int:
         """Register ``task``, which handles the events of ``task.subscribed_event()``; return its id."""
+        if isinstance(task, EventTask):
+            missing = [shown for method, shown in (("subscribed_event", "subscribed_event()"),
+                                                   ("handle_event", "handle_event(event)"))
+                       if _placeholder(task, method, EventTask)]
+            if missing:
+                raise InvalidConfigurationError(
+                    f"register_event_task: task {_task_name(task)!r} ({type(task).__qualname__}) does not define "
+                    f"{' or '.join(missing)}; an EventTask must define subscribed_event() (the channel, or a "
+                    f"tuple of channels, it handles) and handle_event(event)"
+                )
         handler = getattr(task, "handle_event", None)
         subscribed = getattr(task, "subscribed_event", None)
         if not callable(handler) or not callable(subscribed):
@@ -433,6 +503,13 @@ class Scheduler:
             raise InvalidConfigurationError(
                 f"register_event_task: {_task_name(task)!r}.subscribed_event() named no channel"
             )
+        for i, channel in enumerate(channels):
+            if channel in channels[:i]:
+                raise InvalidConfigurationError(
+                    f"register_event_task: task {_task_name(task)!r}: subscribed_event() names channel {channel} "
+                    f"twice ({', '.join(str(c) for c in channels)}); each channel must appear once, or the "
+                    f"handler would get every event of that channel twice"
+                )
         return self._register(task, "event", supervision, None, channels)
 
     # -- start --------------------------------------------------------------------------------------------------
@@ -851,17 +928,22 @@ class Scheduler:
 
     async def run_until_signal(self, signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM),
                                *, timeout: float | None = None) -> None:
-        """Start (if needed), run until one of ``signals`` arrives or a task escalates, then shut down."""
+        """Start (if needed), run until one of ``signals`` arrives or a task escalates, then shut down.
+
+        Embedding-safe: the handlers the host had for ``signals`` are back in place when this returns. A
+        handler installed with ``signal.signal`` is replaced while this waits; one installed with
+        ``loop.add_signal_handler`` on this loop is left in place and runs too (a loop's handlers cannot be
+        read back, so they are never replaced).
+        """
         if self.state is SchedulerState.CREATED:
             await self.start()
         loop = asyncio.get_running_loop()
         got_signal = asyncio.Event()
-        installed = []
+        give_back: list[Callable[[], None]] = []
         for sig in signals:
             try:
-                loop.add_signal_handler(sig, got_signal.set)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError, ValueError):  # pragma: no cover - non-main thread / Windows
+                give_back.append(_take_signal(loop, sig, got_signal.set))
+            except (NotImplementedError, RuntimeError, ValueError, OSError):  # non-main thread / Windows
                 logger.warning("%s: cannot install a handler for signal %s", self.name, sig)
         try:
             waiters = [asyncio.ensure_future(got_signal.wait()), asyncio.ensure_future(self._stopped.wait())]
@@ -869,8 +951,8 @@ class Scheduler:
             for w in waiters:
                 w.cancel()
         finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
+            for restore in reversed(give_back):
+                restore()
         await self.shutdown(timeout)
         if self.failure is not None:
             raise self.failure

@@ -21,6 +21,7 @@ import collections
 import logging
 import threading
 import traceback
+import types
 import weakref
 
 import msgspec
@@ -85,6 +86,7 @@ cdef inline int64_t now_ns() noexcept nogil:
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
+@cython.binding(True)  # a real signature for inspect and stubtest on every CPython (3.13 saw `(self, /)`)
 def monotonic_ns():
     """Return the clock the bus stamps events with (CLOCK_MONOTONIC, ns); same as ``time.monotonic_ns``."""
     return now_ns()
@@ -245,6 +247,9 @@ cdef class Channel:
 
     Created by :class:`EventBus`; users reach it through ``bus.channel(event_type)`` for a lookup-free publish.
     """
+
+    # Generic in _core.pyi (Channel[Tick]); this makes the subscript legal at runtime too.
+    __class_getitem__ = classmethod(types.GenericAlias)
 
     def __cinit__(self, key, str name, config, Py_ssize_t budget):
         cdef Py_ssize_t cap = config.capacity
@@ -911,6 +916,9 @@ cdef class Subscription:
     ``on_lag`` callback takes the report); ``ChannelClosed`` once everything published before
     ``close()`` was received.
     """
+
+    # Generic in _core.pyi (Subscription[Tick]); this makes the subscript legal at runtime too.
+    __class_getitem__ = classmethod(types.GenericAlias)
 
     def __init__(self):
         raise TypeError("Subscription objects are made by EventBus.subscribe()")

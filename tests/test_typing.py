@@ -336,10 +336,6 @@ def test_typed_channel_of_an_unknown_channel_names_the_known_ones():
         typed_channel(bus, Ev.MIXED, Tick)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="Channel / Subscription are generic in the stub only: the compiled classes have no "
-                          "__class_getitem__ yet, so Subscription[Tick] works in annotations that are never "
-                          "evaluated (local variables, `from __future__ import annotations`), not elsewhere")
 def test_generic_handles_can_be_subscripted_at_runtime():
     assert kimiha.Subscription[Tick].__origin__ is kimiha.Subscription
     assert kimiha.Channel[Tick].__origin__ is kimiha.Channel

@@ -16,14 +16,11 @@ Failures inside ``execute`` / ``handle_event`` follow the task's :class:`Supervi
 from __future__ import annotations
 
 import asyncio
-import enum
 import inspect
 import logging
 import signal
 import time
-import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from kimiha._core import LatencyHistogram, Subscription, monotonic_ns
@@ -34,10 +31,19 @@ from kimiha.error import (
     InvalidStateError,
     TaskExecutionError,
     TaskInitializationError,
-    TaskNotFoundError,
-    TaskShutdownError,
 )
 from kimiha.event_bus import EventBus
+from kimiha.scheduling.registry import (
+    SCHEDULER_TRANSITIONS,
+    SchedulerState,
+    TaskInfo,
+    TaskRegistry,
+    TaskState,
+    task_name,
+)
+from kimiha.scheduling.shutdown import StopSequence
+from kimiha.scheduling.signals import take_signal
+from kimiha.scheduling.supervision import OnError, Supervision, Supervisor
 from kimiha.types import BackgroundTask, EventTask
 
 __all__ = [
@@ -53,265 +59,6 @@ __all__ = [
 logger = logging.getLogger("kimiha.scheduler")
 
 
-class OnError(enum.Enum):
-    """What a task does when ``execute`` or ``handle_event`` raises."""
-
-    #: Run again after an exponential backoff; after ``max_restarts`` consecutive failures the task fails.
-    RESTART = "restart"
-    #: Count and log the error, skip the event (or execution) and carry on. Default for event handlers.
-    SKIP = "skip"
-    #: Stop this task (state ``failed``); the others keep running.
-    STOP = "stop"
-    #: Shut the whole scheduler down.
-    ESCALATE = "escalate"
-
-
-@dataclass(frozen=True)
-class Supervision:
-    """A task's policy for exceptions in ``execute`` / ``handle_event``.
-
-    Parameters
-    ----------
-    on_error : OnError
-        The reaction; default ``RESTART`` for background tasks and ``SKIP`` for event tasks.
-    max_restarts : int
-        Consecutive failures tolerated under ``RESTART`` before the task is failed (a success resets it).
-    backoff_initial, backoff_max, backoff_factor : float
-        Exponential backoff between restarts, in seconds.
-    handler_timeout : float, optional
-        Bound on one ``await handle_event(event)`` of a coroutine handler; a timeout counts as an error.
-    """
-
-    on_error: OnError | None = None
-    max_restarts: int = 5
-    backoff_initial: float = 0.05
-    backoff_max: float = 5.0
-    backoff_factor: float = 2.0
-    handler_timeout: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.on_error is not None and not isinstance(self.on_error, OnError):
-            raise InvalidConfigurationError(f"Supervision.on_error: expected an OnError, got {self.on_error!r}")
-        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
-            raise InvalidConfigurationError(
-                f"Supervision.max_restarts: expected an int >= 0, got {self.max_restarts!r}"
-            )
-        for field in ("backoff_initial", "backoff_max"):
-            value = getattr(self, field)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise InvalidConfigurationError(f"Supervision.{field}: expected seconds >= 0, got {value!r}")
-        if not isinstance(self.backoff_factor, (int, float)) or self.backoff_factor < 1:
-            raise InvalidConfigurationError(
-                f"Supervision.backoff_factor: expected a number >= 1, got {self.backoff_factor!r}"
-            )
-        if self.handler_timeout is not None and (
-            not isinstance(self.handler_timeout, (int, float)) or self.handler_timeout <= 0
-        ):
-            raise InvalidConfigurationError(
-                f"Supervision.handler_timeout: expected seconds > 0 or None, got {self.handler_timeout!r}"
-            )
-
-    def backoff(self, attempt: int) -> float:
-        """Return the delay before restart number ``attempt`` (1-based)."""
-        return min(self.backoff_max, self.backoff_initial * self.backoff_factor ** (attempt - 1))
-
-
-class TaskState(enum.Enum):
-    REGISTERED = "registered"
-    INITIALIZING = "initializing"
-    RUNNING = "running"
-    DEGRADED = "degraded"
-    FAILED = "failed"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-
-
-class SchedulerState(enum.Enum):
-    CREATED = "created"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-
-
-_TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
-    TaskState.REGISTERED: frozenset({TaskState.INITIALIZING, TaskState.STOPPED}),
-    TaskState.INITIALIZING: frozenset({TaskState.RUNNING, TaskState.FAILED, TaskState.STOPPING}),
-    TaskState.RUNNING: frozenset({TaskState.DEGRADED, TaskState.FAILED, TaskState.STOPPING}),
-    TaskState.DEGRADED: frozenset({TaskState.RUNNING, TaskState.FAILED, TaskState.STOPPING}),
-    TaskState.FAILED: frozenset({TaskState.STOPPING, TaskState.STOPPED}),
-    TaskState.STOPPING: frozenset({TaskState.STOPPED}),
-    TaskState.STOPPED: frozenset(),
-}
-
-_SCHEDULER_TRANSITIONS: dict[SchedulerState, frozenset[SchedulerState]] = {
-    SchedulerState.CREATED: frozenset({SchedulerState.STARTING, SchedulerState.STOPPED}),
-    SchedulerState.STARTING: frozenset({SchedulerState.RUNNING, SchedulerState.STOPPED}),
-    SchedulerState.RUNNING: frozenset({SchedulerState.STOPPING}),
-    SchedulerState.STOPPING: frozenset({SchedulerState.STOPPED}),
-    SchedulerState.STOPPED: frozenset(),
-}
-
-
-class TaskInfo:
-    """Registry entry of one task: identity, state and counters. Read it through :class:`TaskRegistry`."""
-
-    def __init__(self, task_id: int, task: Any, kind: str, supervision: Supervision,
-                 interval: float | None, channels: tuple[Any, ...]) -> None:
-        self.id = task_id
-        self.task = task
-        self.name = _task_name(task)
-        self.role = getattr(task, "role", kind)
-        self.kind = kind
-        self.supervision = supervision
-        self.interval = interval
-        self.channels = channels
-        self.state = TaskState.REGISTERED
-        self.started_at: float | None = None
-        self.executions = 0
-        self.events_handled = 0
-        self.lagged = 0
-        self.errors = 0
-        self.restarts = 0
-        self.consecutive_failures = 0
-        self.last_error: str | None = None
-        self.latency = LatencyHistogram()
-        self.subscriptions: list[Subscription] = []
-        self.runners: list[asyncio.Task[Any]] = []
-        self.initialized = False
-        self.is_async_handler = False
-        self.drain_targets: list[int] | None = None  # per subscription, set when shutdown begins
-        self.handled_at_failure = 0
-
-    def transition(self, new: TaskState) -> None:
-        if new not in _TASK_TRANSITIONS[self.state]:
-            raise InvalidStateError(
-                f"task {self.name!r} (id {self.id}): cannot go from state {self.state.value!r} "
-                f"to {new.value!r}"
-            )
-        self.state = new
-
-    def handled(self) -> int:
-        if self.is_async_handler:
-            return self.events_handled + sum(sub.handled for sub in self.subscriptions)
-        return sum(sub.delivered for sub in self.subscriptions)
-
-    def handler_latency(self) -> LatencyHistogram:
-        if self.is_async_handler or self.kind == "background":
-            return self.latency
-        merged = LatencyHistogram()
-        for sub in self.subscriptions:
-            if sub.handler_time is not None:
-                merged.merge(sub.handler_time)
-        return merged
-
-    def task_stats(self) -> dict[str, Any] | None:
-        """Return the task's own counters (its ``stats()`` method, if it has one), or None."""
-        stats = getattr(self.task, "stats", None)
-        if not callable(stats):
-            return None
-        try:
-            return dict(stats())
-        except Exception as exc:  # a broken stats() must never break monitoring
-            return {"stats_error": repr(exc)}
-
-    def snapshot(self) -> dict[str, Any]:
-        lat = self.handler_latency()
-        return {
-            "id": self.id,
-            "name": self.name,
-            "role": self.role,
-            "state": self.state.value,
-            "started_at": self.started_at,
-            "channels": [str(c) for c in self.channels],
-            "executions": self.executions,
-            "events_handled": self.handled(),
-            "lagged": self.lagged,
-            "errors": self.errors,
-            "restarts": self.restarts,
-            "last_error": self.last_error,
-            "latency_ns": {"p50": lat.percentile(50), "p99": lat.percentile(99), "max": lat.max},
-            "stats": self.task_stats(),
-        }
-
-
-class TaskRegistry:
-    """Every task of a scheduler with its state and counters; ``str()`` gives a readable table."""
-
-    def __init__(self) -> None:
-        self._tasks: dict[int, TaskInfo] = {}
-
-    def _add(self, info: TaskInfo) -> None:
-        self._tasks[info.id] = info
-
-    def __len__(self) -> int:
-        return len(self._tasks)
-
-    def __iter__(self):
-        return iter(list(self._tasks.values()))
-
-    def get(self, key: int | str) -> TaskInfo:
-        """Return the entry of task id ``key`` or of the task named ``key``."""
-        if isinstance(key, int) and key in self._tasks:
-            return self._tasks[key]
-        for info in self._tasks.values():
-            if info.name == key:
-                return info
-        known = ", ".join(f"{i.id}:{i.name}" for i in self._tasks.values()) or "none"
-        raise TaskNotFoundError(f"no task with id or name {key!r}; registered: {known}")
-
-    def snapshot(self) -> list[dict[str, Any]]:
-        """Return one dict per task (see :meth:`TaskInfo.snapshot`), in registration order."""
-        return [info.snapshot() for info in self._tasks.values()]
-
-    def __str__(self) -> str:
-        header = (f"{'id':>3} {'name':<24} {'role':<11} {'state':<12} {'execs':>8} {'events':>9} "
-                  f"{'lagged':>7} {'errors':>6} {'restarts':>8} {'p50 us':>8} {'p99 us':>8} {'max us':>9}  "
-                  f"last error / counters")
-        lines = [header, "-" * len(header)]
-        for s in self.snapshot():
-            lat = s["latency_ns"]
-            lines.append(
-                f"{s['id']:>3} {s['name'][:24]:<24} {s['role'][:11]:<11} {s['state']:<12} {s['executions']:>8} "
-                f"{s['events_handled']:>9} {s['lagged']:>7} {s['errors']:>6} {s['restarts']:>8} "
-                f"{lat['p50'] / 1e3:>8.2f} {lat['p99'] / 1e3:>8.2f} {lat['max'] / 1e3:>9.2f}  "
-                f"{(s['last_error'] or _counters(s['stats']))[:60]}"
-            )
-        return "\n".join(lines)
-
-
-#: Errors of one task logged with their traceback; after that one line per ``_LOG_EVERY`` errors.
-_LOG_FIRST = 10
-_LOG_EVERY = 1000
-
-
-def _log_failure(task: str, where: str, exc: BaseException, count: int) -> None:
-    """Log a task failure as text, rate-limited; the registry keeps the exact count either way.
-
-    The record carries formatted text, not the exception: a record holding a live traceback keeps every frame
-    of the failing call (and the batch it was handling) alive in any handler that retains records.
-    """
-    if count <= _LOG_FIRST:
-        detail = "".join(traceback.format_exception(exc)).rstrip()
-        logger.error("task %r failed in %s (error %d)\n%s", task, where, count, detail)
-        if count == _LOG_FIRST:
-            logger.error("task %r: further errors are logged once per %d", task, _LOG_EVERY)
-    elif count % _LOG_EVERY == 0:
-        logger.error("task %r failed in %s: %s (%d errors so far)", task, where, repr(exc), count)
-
-
-def _counters(stats: dict[str, Any] | None) -> str:
-    """Render a task's non-zero integer counters compactly (the registry table's last column)."""
-    if not stats:
-        return ""
-    return " ".join(f"{k}={v}" for k, v in stats.items() if type(v) is int and v)
-
-
-def _task_name(task: Any) -> str:
-    name = getattr(task, "name", None)
-    return name if isinstance(name, str) and name else type(task).__name__
-
-
 def _as_channels(value: Any) -> tuple[Any, ...]:
     if isinstance(value, (tuple, list, set, frozenset)):
         return tuple(value)
@@ -321,54 +68,6 @@ def _as_channels(value: Any) -> tuple[Any, ...]:
 def _placeholder(task: Any, method: str, base: type) -> bool:
     """Whether ``task.method`` is still the placeholder ``base`` defines (no class in between wrote one)."""
     return getattr(getattr(task, method, None), "__func__", None) is base.__dict__[method]
-
-
-def _loop_handles_signal(loop: asyncio.AbstractEventLoop, sig: int, current: Any) -> bool:
-    """Whether ``loop`` holds a handler of its own for ``sig`` (one installed with ``loop.add_signal_handler``).
-
-    No public API tells. asyncio's unix loop keeps them in its ``_signal_handlers`` dict; uvloop keeps that
-    table in C, out of reach, but installs one of its own bound methods as the Python-level handler.
-    """
-    table = getattr(loop, "_signal_handlers", None)
-    if isinstance(table, dict):
-        return sig in table
-    return getattr(current, "__self__", None) is loop
-
-
-def _take_signal(
-    loop: asyncio.AbstractEventLoop, sig: int, notify: Callable[[], Any]
-) -> Callable[[], None]:
-    """Make ``sig`` call ``notify()`` on ``loop``; return the function that gives the host its handler back.
-
-    A Python-level handler (``signal.signal``, the defaults, ``asyncio.Runner``'s Ctrl-C handler) is replaced
-    through ``loop.add_signal_handler`` and put back afterwards. A handler in the loop's own table cannot be
-    read back (there is no getter, and uvloop's table is not reachable from Python), so it is never replaced:
-    the scheduler chains in front of it and the host's handler runs too.
-    """
-    previous = signal.getsignal(sig)
-    if _loop_handles_signal(loop, sig, previous):
-        def chained(signum: int, frame: Any) -> None:
-            loop.call_soon_threadsafe(notify)
-            if callable(previous):
-                previous(signum, frame)  # the loop's own relay: its table still dispatches the host's handler
-
-        signal.signal(sig, chained)
-
-        def give_back_chained() -> None:
-            # somebody who replaced it since keeps their handler; None: not installed from Python
-            if signal.getsignal(sig) is chained and previous is not None:
-                signal.signal(sig, previous)
-
-        return give_back_chained
-
-    loop.add_signal_handler(sig, notify)
-
-    def give_back() -> None:
-        loop.remove_signal_handler(sig)  # leaves SIG_DFL (default_int_handler for SIGINT) behind
-        if previous is not None:  # None: not installed from Python, nothing that can be put back
-            signal.signal(sig, previous)
-
-    return give_back
 
 
 class Scheduler:
@@ -404,6 +103,7 @@ class Scheduler:
         self._stopped = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[Any]] = []
+        self._supervisor = Supervisor(self)
         #: Groups of event-task ids drained one after another at shutdown (what a stage publishes while it
         #: drains reaches the next stage). ``None``: every event task drains at once.
         self.drain_stages: list[list[int]] | None = None
@@ -411,7 +111,7 @@ class Scheduler:
     # -- state --------------------------------------------------------------------------------------------------
 
     def _set_state(self, new: SchedulerState) -> None:
-        if new not in _SCHEDULER_TRANSITIONS[self.state]:
+        if new not in SCHEDULER_TRANSITIONS[self.state]:
             raise InvalidStateError(
                 f"{self.name}: cannot go from state {self.state.value!r} to {new.value!r}"
             )
@@ -426,7 +126,7 @@ class Scheduler:
                   channels: tuple[Any, ...]) -> int:
         if self.state is not SchedulerState.CREATED:
             raise InvalidStateError(
-                f"{self.name}: cannot register task {_task_name(task)!r} in state {self.state.value!r}; "
+                f"{self.name}: cannot register task {task_name(task)!r} in state {self.state.value!r}; "
                 f"register every task before start()"
             )
         for info in self.registry:
@@ -439,7 +139,7 @@ class Scheduler:
             supervision = Supervision()
         elif not isinstance(supervision, Supervision):
             raise InvalidConfigurationError(
-                f"task {_task_name(task)!r}: supervision must be a Supervision, got {supervision!r}"
+                f"task {task_name(task)!r}: supervision must be a Supervision, got {supervision!r}"
             )
         if supervision.on_error is None:
             default = OnError.RESTART if kind == "background" else OnError.SKIP
@@ -458,19 +158,19 @@ class Scheduler:
         """
         if isinstance(task, BackgroundTask) and _placeholder(task, "execute", BackgroundTask):
             raise InvalidConfigurationError(
-                f"register_background_task: task {_task_name(task)!r} ({type(task).__qualname__}) does not "
+                f"register_background_task: task {task_name(task)!r} ({type(task).__qualname__}) does not "
                 f"define execute(); a BackgroundTask must define `async def execute(self)`, which the scheduler "
                 f"runs in a loop until shutdown"
             )
         execute = getattr(task, "execute", None)
         if not callable(execute) or not inspect.iscoroutinefunction(execute):
             raise InvalidConfigurationError(
-                f"register_background_task: {_task_name(task)!r} must have an `async def execute()`, "
+                f"register_background_task: {task_name(task)!r} must have an `async def execute()`, "
                 f"got {execute!r}"
             )
         if interval is not None and (not isinstance(interval, (int, float)) or interval < 0):
             raise InvalidConfigurationError(
-                f"register_background_task({_task_name(task)!r}): interval must be seconds >= 0, got {interval!r}"
+                f"register_background_task({task_name(task)!r}): interval must be seconds >= 0, got {interval!r}"
             )
         return self._register(task, "background", supervision, interval, ())
 
@@ -482,7 +182,7 @@ class Scheduler:
                        if _placeholder(task, method, EventTask)]
             if missing:
                 raise InvalidConfigurationError(
-                    f"register_event_task: task {_task_name(task)!r} ({type(task).__qualname__}) does not define "
+                    f"register_event_task: task {task_name(task)!r} ({type(task).__qualname__}) does not define "
                     f"{' or '.join(missing)}; an EventTask must define subscribed_event() (the channel, or a "
                     f"tuple of channels, it handles) and handle_event(event)"
                 )
@@ -490,23 +190,23 @@ class Scheduler:
         subscribed = getattr(task, "subscribed_event", None)
         if not callable(handler) or not callable(subscribed):
             raise InvalidConfigurationError(
-                f"register_event_task: {_task_name(task)!r} must define subscribed_event() and "
+                f"register_event_task: {task_name(task)!r} must define subscribed_event() and "
                 f"handle_event(event)"
             )
         try:
             channels = _as_channels(subscribed())
         except Exception as exc:
             raise InvalidConfigurationError(
-                f"register_event_task: {_task_name(task)!r}.subscribed_event() raised {exc!r}"
+                f"register_event_task: {task_name(task)!r}.subscribed_event() raised {exc!r}"
             ) from exc
         if not channels:
             raise InvalidConfigurationError(
-                f"register_event_task: {_task_name(task)!r}.subscribed_event() named no channel"
+                f"register_event_task: {task_name(task)!r}.subscribed_event() named no channel"
             )
         for i, channel in enumerate(channels):
             if channel in channels[:i]:
                 raise InvalidConfigurationError(
-                    f"register_event_task: task {_task_name(task)!r}: subscribed_event() names channel {channel} "
+                    f"register_event_task: task {task_name(task)!r}: subscribed_event() names channel {channel} "
                     f"twice ({', '.join(str(c) for c in channels)}); each channel must appear once, or the "
                     f"handler would get every event of that channel twice"
                 )
@@ -610,7 +310,16 @@ class Scheduler:
 
     # -- running ------------------------------------------------------------------------------------------------
 
-    def _lag_counter(self, info: TaskInfo, channel: Any):
+    def _escalate(self, info: TaskInfo, exc: BaseException, where: str) -> None:
+        """A task escalated its failure: record it as the scheduler's failure and shut everything down."""
+        self.failure = TaskExecutionError(f"{self.name}: task {info.name!r} failed in {where}: {exc!r}")
+        self.failure.__cause__ = exc
+        if self._shutdown_task is None:
+            self._shutdown_task = asyncio.get_running_loop().create_task(
+                StopSequence(self, self.shutdown_timeout).run()
+            )
+
+    def _lag_counter(self, info: TaskInfo, channel: Any) -> Callable[[int], None]:
         def on_lag(skipped: int) -> None:
             info.lagged += skipped
             logger.warning("task %r lagged on channel %s: %d event(s) skipped; handling continues",
@@ -618,76 +327,17 @@ class Scheduler:
 
         return on_lag
 
-    def _handler_error_cb(self, info: TaskInfo):
+    def _handler_error_cb(self, info: TaskInfo) -> Callable[[BaseException, Any], None]:
         def on_error(exc: BaseException, event: Any) -> None:
-            self._task_failed(info, exc, f"handle_event({event!r:.120})")
+            self._supervisor.failed(info, exc, f"handle_event({event!r:.120})")
 
         return on_error
 
-    def _pump_error_cb(self, info: TaskInfo):
+    def _pump_error_cb(self, info: TaskInfo) -> Callable[[BaseException, Any], float | None]:
         def on_error(exc: BaseException, event: Any) -> float | None:
-            return self._task_failed(info, exc, f"handle_event({event!r:.120})")
+            return self._supervisor.failed(info, exc, f"handle_event({event!r:.120})")
 
         return on_error
-
-    def _task_failed(self, info: TaskInfo, exc: BaseException, where: str) -> float | None:
-        """Count and log ``exc``, apply the policy; return a backoff delay when the task should restart."""
-        info.errors += 1
-        if info.kind == "event" and not info.is_async_handler:
-            # sync handlers have no per-event success hook: a success happened if more than one event went by
-            handled = info.handled()
-            if handled - info.handled_at_failure > 1:
-                info.consecutive_failures = 0
-            info.handled_at_failure = handled
-        info.consecutive_failures += 1
-        info.last_error = f"{where}: {exc!r}"
-        policy = info.supervision
-        _log_failure(info.name, where, exc, info.errors)
-        if self._stopping or info.state not in (TaskState.RUNNING, TaskState.DEGRADED):
-            return None
-        if policy.on_error is OnError.SKIP:
-            return None
-        if policy.on_error is OnError.RESTART:
-            if info.consecutive_failures > policy.max_restarts:
-                self._fail_task(info, f"gave up after {policy.max_restarts} restart(s)")
-                return None
-            info.restarts += 1
-            if info.state is TaskState.RUNNING:
-                info.transition(TaskState.DEGRADED)
-            delay = policy.backoff(info.consecutive_failures)
-            if info.kind == "event" and not info.is_async_handler:
-                for sub in info.subscriptions:
-                    sub.pause()
-                asyncio.get_running_loop().call_later(delay, self._resume_handler, info)
-            return delay
-        if policy.on_error is OnError.STOP:
-            self._fail_task(info, "stopped by its supervision policy")
-            return None
-        # ESCALATE
-        self._fail_task(info, "escalated: shutting the scheduler down")
-        self.failure = TaskExecutionError(f"{self.name}: task {info.name!r} failed in {where}: {exc!r}")
-        self.failure.__cause__ = exc
-        if self._shutdown_task is None:
-            self._shutdown_task = asyncio.get_running_loop().create_task(self._shutdown(self.shutdown_timeout))
-        return None
-
-    def _fail_task(self, info: TaskInfo, why: str) -> None:
-        info.transition(TaskState.FAILED)
-        logger.error("task %r is failed: %s", info.name, why)
-        # A failed task unsubscribes: it must never hold a BLOCK channel's publishers back.
-        for sub in info.subscriptions:
-            sub.close()
-
-    def _resume_handler(self, info: TaskInfo) -> None:
-        if info.state is TaskState.DEGRADED and not self._stopping:
-            info.transition(TaskState.RUNNING)
-            for sub in info.subscriptions:
-                sub.resume()
-
-    def _succeeded(self, info: TaskInfo) -> None:
-        info.consecutive_failures = 0
-        if info.state is TaskState.DEGRADED:
-            info.transition(TaskState.RUNNING)
 
     async def _background_loop(self, info: TaskInfo) -> None:
         execute = info.task.execute
@@ -700,7 +350,7 @@ class Scheduler:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                delay = self._task_failed(info, exc, "execute()")
+                delay = self._supervisor.failed(info, exc, "execute()")
                 if info.state is TaskState.FAILED:
                     return
                 await sleep(delay if delay is not None else interval)
@@ -708,7 +358,7 @@ class Scheduler:
             info.executions += 1
             info.latency.record(monotonic_ns() - started)
             if info.consecutive_failures or info.state is TaskState.DEGRADED:
-                self._succeeded(info)
+                self._supervisor.succeeded(info)
             await sleep(interval)  # yields every iteration, so an execute() that never awaits cannot starve
 
     async def _handle_one(self, info: TaskInfo, handler: Any, event: Any, timeout: float | None,
@@ -731,14 +381,14 @@ class Scheduler:
             error: BaseException = exc
             if deadline is not None and deadline.expired():
                 error = TimeoutError(f"handle_event did not finish within {timeout} s")
-            delay = self._task_failed(info, error, f"handle_event({event!r:.120})")
+            delay = self._supervisor.failed(info, error, f"handle_event({event!r:.120})")
             if delay:
                 await asyncio.sleep(delay)
             return
         info.events_handled += 1
         latency.record(monotonic_ns() - started)
         if info.consecutive_failures:
-            self._succeeded(info)
+            self._supervisor.succeeded(info)
 
     async def _event_pump(self, info: TaskInfo, sub: Subscription, lock: asyncio.Lock | None) -> None:
         """Python pump for coroutine handlers that need a timeout or share a lock across channels."""
@@ -780,143 +430,9 @@ class Scheduler:
             raise InvalidStateError(f"{self.name}: shutdown() called while start() is in progress")
         if self._shutdown_task is None:
             self._shutdown_task = asyncio.get_running_loop().create_task(
-                self._shutdown(self.shutdown_timeout if timeout is None else float(timeout))
+                StopSequence(self, self.shutdown_timeout if timeout is None else float(timeout)).run()
             )
         await asyncio.shield(self._shutdown_task)
-
-    async def _shutdown(self, timeout: float) -> None:
-        if self.state is SchedulerState.STOPPED:
-            return
-        self._set_state(SchedulerState.STOPPING)
-        self._stopping = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        began = time.perf_counter()
-        report: dict[str, Any] = {"not_drained": {}, "did_not_stop": [], "hook_failures": []}
-
-        # 1. producers first: cancel and await every background loop
-        for runner in self._background:
-            runner.cancel()
-        await self._await_runners(self._background, deadline, report)
-
-        # 2. drain event tasks to the sequence published when (their stage of) shutdown began
-        event_infos = [info for info in self.registry if info.kind == "event"]
-        for stage in self._stages(event_infos):
-            for info in stage:
-                info.drain_targets = [sub.channel.published for sub in info.subscriptions]
-                if info.is_async_handler:
-                    for sub, target in zip(info.subscriptions, info.drain_targets):
-                        sub.drain_target = target
-            await self._drain(stage, deadline, report)
-
-        # 3. close subscriptions, stop pumps
-        pumps = []
-        for info in event_infos:
-            for sub in info.subscriptions:
-                sub.close()
-            pumps.extend(info.runners)
-        for pump in pumps:
-            pump.cancel()
-        await self._await_runners(pumps, deadline, report)
-
-        # 4. every shutdown hook, in reverse registration order, even when some fail
-        failures: list[BaseException] = []
-        for info in reversed(list(self.registry)):
-            if info.state is TaskState.REGISTERED:
-                info.transition(TaskState.STOPPED)
-                continue
-            if info.state is not TaskState.STOPPED:
-                info.transition(TaskState.STOPPING)
-            try:
-                async with asyncio.timeout(max(deadline - loop.time(), min(timeout, 1.0))):
-                    await info.task.shutdown()
-            except (Exception, TimeoutError) as exc:
-                err = exc if str(exc) else TimeoutError(f"shutdown hook of {info.name!r} timed out")
-                failures.append(err)
-                info.errors += 1
-                info.last_error = f"shutdown(): {err!r}"
-                report["hook_failures"].append(f"{info.name}: {err!r}")
-                logger.error("shutdown hook of task %r failed: %s", info.name,
-                             "".join(traceback.format_exception(err)).rstrip())
-            if info.state is not TaskState.STOPPED:
-                info.transition(TaskState.STOPPED)
-
-        self._set_state(SchedulerState.STOPPED)
-        report["seconds"] = time.perf_counter() - began
-        self.last_shutdown = report
-        self._stopped.set()
-        if failures:
-            detail = "; ".join(report["hook_failures"])
-            raise TaskShutdownError(f"{self.name}: {len(failures)} shutdown hook(s) failed: {detail}", failures)
-
-    def _stages(self, event_infos: list[TaskInfo]) -> list[list[TaskInfo]]:
-        if not self.drain_stages:
-            return [event_infos]
-        stages = [[self.registry.get(task_id) for task_id in group] for group in self.drain_stages]
-        staged = {info.id for group in stages for info in group}
-        rest = [info for info in event_infos if info.id not in staged]
-        return [group for group in stages if group] + ([rest] if rest else [])
-
-    async def _await_runners(self, runners: list[asyncio.Task[Any]], deadline: float,
-                             report: dict[str, Any]) -> None:
-        loop = asyncio.get_running_loop()
-        pending = [r for r in runners if not r.done()]
-        while pending:
-            remaining = deadline - loop.time()
-            done, still = await asyncio.wait(pending, timeout=max(remaining, 0.05))
-            pending = list(still)
-            if pending and loop.time() >= deadline:
-                # a task that swallows cancellation: keep cancelling, and say so
-                for runner in pending:
-                    runner.cancel()
-                    name = runner.get_name()
-                    if name not in report["did_not_stop"]:
-                        report["did_not_stop"].append(name)
-                        logger.error("%s: %s ignores cancellation past the shutdown deadline", self.name, name)
-        for runner in runners:
-            if runner.done() and not runner.cancelled() and runner.exception() is not None:
-                logger.error("%s: %s ended with %r", self.name, runner.get_name(), runner.exception())
-
-    async def _drain(self, infos: list[TaskInfo], deadline: float, report: dict[str, Any]) -> None:
-        loop = asyncio.get_running_loop()
-
-        def behind(info: TaskInfo) -> int:
-            if info.state is TaskState.FAILED or info.drain_targets is None:
-                return 0
-            return sum(
-                max(0, target - (sub.cursor - sub.in_hand))
-                for sub, target in zip(info.subscriptions, info.drain_targets)
-            )
-
-        pumps: list[asyncio.Task[Any]] = []
-        for info in infos:
-            if info.is_async_handler:
-                for sub, target, runner in zip(info.subscriptions, info.drain_targets or (), info.runners):
-                    idle = sub.in_hand == 0 and sub.cursor >= target
-                    if idle or info.state is TaskState.FAILED:
-                        runner.cancel()  # parked on recv_batch with nothing left to handle
-                    else:
-                        pumps.append(runner)  # returns by itself once it reaches its target
-            elif info.state is not TaskState.FAILED:
-                for sub in info.subscriptions:
-                    sub.resume()  # a handler paused for a restart backoff still drains
-        while True:
-            handlers_behind = [i for i in infos if not i.is_async_handler and behind(i)]
-            active = [p for p in pumps if not p.done()]
-            if not handlers_behind and not active:
-                return
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                for info in infos:
-                    if behind(info):
-                        report["not_drained"][info.name] = behind(info)
-                        logger.warning("%s: shutdown deadline reached with %d event(s) unhandled by task %r",
-                                       self.name, behind(info), info.name)
-                return
-            if handlers_behind:
-                await asyncio.sleep(0)  # handlers run from dispatch callbacks: one loop turn each
-            else:
-                await asyncio.wait(active, timeout=remaining)
 
     # -- convenience --------------------------------------------------------------------------------------------
 
@@ -942,7 +458,7 @@ class Scheduler:
         give_back: list[Callable[[], None]] = []
         for sig in signals:
             try:
-                give_back.append(_take_signal(loop, sig, got_signal.set))
+                give_back.append(take_signal(loop, sig, got_signal.set))
             except (NotImplementedError, RuntimeError, ValueError, OSError):  # non-main thread / Windows
                 logger.warning("%s: cannot install a handler for signal %s", self.name, sig)
         try:

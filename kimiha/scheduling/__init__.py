@@ -1,0 +1,7 @@
+"""The scheduler's parts, each a small unit of its own behind :class:`kimiha.scheduler.Scheduler`.
+
+* ``registry``    -- task and scheduler states, each task's entry and counters, the registry table.
+* ``supervision`` -- the failure policies (``OnError``, ``Supervision``) and the ``Supervisor`` applying them.
+* ``shutdown``    -- the stop sequence: producers, staged drains, pumps, hooks, within one deadline.
+* ``signals``     -- taking SIGINT / SIGTERM for a run and giving the host its handlers back.
+"""

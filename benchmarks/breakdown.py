@@ -34,8 +34,8 @@ except ImportError:  # not installed: use the source tree this script lives in (
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import kimiha
 
-from kimiha import benchmark_compare as compare  # same events, handler, bus and cases as the comparison
-from kimiha.benchmark_compare import Ev, Tick, make_events, make_sink, new_bus
+from kimiha.bench import compare  # same events, handler, bus and cases as the comparison
+from kimiha.bench.compare import Ev, Tick, make_events, make_sink, new_bus
 
 CHUNK = 1024
 perf_counter_ns = time.perf_counter_ns

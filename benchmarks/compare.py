@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Side-by-side comparison of kimiha's event bus: a wrapper of ``kimiha bench compare`` for the source tree.
 
-The comparison lives in the package (``kimiha/benchmark_compare.py``) so that ``python -m kimiha bench``
+The comparison lives in the package (``kimiha/bench/compare.py``) so that ``python -m kimiha bench``
 runs it from an installed wheel; this script runs the same code, with the same options:
 
     python benchmarks/compare.py --quick
@@ -20,7 +20,7 @@ try:
 except ImportError:  # not installed: use the source tree this script lives in (built in place)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kimiha.benchmark_compare import main
+from kimiha.bench.compare import main
 
 if __name__ == "__main__":
     sys.exit(main())

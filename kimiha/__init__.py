@@ -59,6 +59,7 @@ _hand_over_to_an_installed_build()
 # From here on, when the hand-over happened, ``kimiha`` in sys.modules is the installed build and the
 # imports below bind its objects (this module object is then discarded by the import system).
 
+from kimiha import _moved
 from kimiha._core import LatencyHistogram, monotonic_ns
 from kimiha.channel_config import ChannelConfig, Overflow
 from kimiha.error import (
@@ -97,6 +98,8 @@ from kimiha.types import (
 )
 
 __version__ = "0.1.0"
+
+_moved.install()  # kimiha 0.1's module paths keep working for one release (see CHANGELOG.md)
 
 __all__ = [
     "Aggregator",

@@ -15,7 +15,7 @@ import pytest
 
 from kimiha.error import InvalidConfigurationError, SerializationError
 from kimiha.types import Event
-from kimiha.venues import (
+from kimiha.trading.model import (
     BookUpdate,
     DepthDiff,
     DepthSnapshot,
@@ -25,8 +25,8 @@ from kimiha.venues import (
     Side,
     Signal,
     Trade,
-    binance,
 )
+from kimiha.venues import binance
 from kimiha.venues.binance import (
     BAD_LINE,
     SNAPSHOT,

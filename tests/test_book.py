@@ -10,9 +10,9 @@ from importlib import resources
 
 import pytest
 
-from kimiha.book import BookCheck, BookGap, BookNotReady, BookState, OrderBook
+from kimiha.trading.book import BookCheck, BookGap, BookNotReady, BookState, OrderBook
 from kimiha.error import InvalidConfigurationError, OrchestratorError
-from kimiha.venues import BookUpdate, DepthDiff, DepthSnapshot, Quote
+from kimiha.trading.model import BookUpdate, DepthDiff, DepthSnapshot, Quote
 from kimiha.venues.binance import BinanceParser, iter_lines, parse_lines, rebuild_book, recorded_tape
 
 DATA = resources.files("kimiha") / "data"

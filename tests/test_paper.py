@@ -7,11 +7,11 @@ import math
 
 import pytest
 
-from kimiha.book import OrderBook
+from kimiha.trading.book import OrderBook
 from kimiha.error import InvalidConfigurationError
-from kimiha.paper import OrderRejected, PaperExecutor
-from kimiha.strategy_logic import ImbalanceStrategy
-from kimiha.venues import (
+from kimiha.trading.paper import OrderRejected, PaperExecutor
+from kimiha.trading.strategy import ImbalanceStrategy
+from kimiha.trading.model import (
     BookUpdate,
     DepthDiff,
     DepthSnapshot,

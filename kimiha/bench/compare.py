@@ -23,7 +23,7 @@ Cases, each with 1 and 4 subscribers:
                         consumer tasks: the classic alternative to a broadcast bus.
 * ``pyee``           -- pyee's ``EventEmitter``: ``emit`` calls the handlers inline.
 * ``nautilus``       -- NautilusTrader's ``MessageBus``, tuned so that it skips its external-serialization
-                        check (see ``kimiha.benchmark_anchors``); ``publish`` calls the handlers inline.
+                        check (see ``kimiha.bench.anchors``); ``publish`` calls the handlers inline.
                         ``nautilus-default`` is the same bus with its default configuration.
 
 pyee and NautilusTrader come with ``pip install 'kimiha[bench]'`` (``'.[bench]'`` in a checkout); without them their cases are skipped with a
@@ -47,7 +47,7 @@ from typing import Any
 import kimiha
 from kimiha import ChannelClosed, ChannelConfig, Event, EventBus, EventType
 from kimiha.benchmark import MIN_REPEAT, machine_header, machine_info, progress, write_json
-from kimiha.benchmark_anchors import NAUTILUS_TOPIC, PYEE_EVENT, Anchor, load_nautilus, load_pyee
+from kimiha.bench.anchors import NAUTILUS_TOPIC, PYEE_EVENT, Anchor, load_nautilus, load_pyee
 from kimiha.channel_config import MAX_CAPACITY
 
 __all__ = ["Case", "Ev", "Setup", "Tick", "main", "make_events", "make_sink", "new_bus", "run_case"]

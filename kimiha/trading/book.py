@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 
 from kimiha.error import InvalidConfigurationError, InvalidStateError, OrchestratorError
-from kimiha.venues import BookUpdate, DepthDiff, DepthSnapshot, Quote
+from kimiha.trading.model import BookUpdate, DepthDiff, DepthSnapshot, Quote
 
 __all__ = ["BookCheck", "BookGap", "BookNotReady", "BookState", "OrderBook"]
 

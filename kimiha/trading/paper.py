@@ -1,4 +1,4 @@
-"""A paper executor: fills orders against a live :class:`~kimiha.book.OrderBook` and keeps the account.
+"""A paper executor: fills orders against a live :class:`~kimiha.trading.book.OrderBook` and keeps the account.
 
 :class:`PaperExecutor` is pure (no bus, no clock): give it an :class:`~kimiha.venues.Order`, it walks the
 book's levels from the best price outward as a taker, and returns one :class:`~kimiha.venues.Fill` with the
@@ -15,9 +15,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from kimiha.book import BookNotReady, OrderBook
+from kimiha.trading.book import BookNotReady, OrderBook
 from kimiha.error import InvalidConfigurationError, OrchestratorError
-from kimiha.venues import Fill, Liquidity, Order, OrderType, Side
+from kimiha.trading.model import Fill, Liquidity, Order, OrderType, Side
 
 __all__ = ["OrderRejected", "PaperExecutor"]
 

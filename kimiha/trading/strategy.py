@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 from kimiha.error import InvalidConfigurationError
-from kimiha.venues import BookUpdate, Fill, Order, OrderType, Quote, Side, Signal, Trade
+from kimiha.trading.model import BookUpdate, Fill, Order, OrderType, Quote, Side, Signal, Trade
 
 __all__ = ["ImbalanceStrategy"]
 

@@ -97,7 +97,7 @@ from kimiha.types import (
     Strategy,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _moved.install()  # kimiha 0.1's module paths keep working for one release (see CHANGELOG.md)
 

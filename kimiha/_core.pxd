@@ -41,7 +41,10 @@ cdef class Channel:
     cdef list push_subs                # subscriptions with a handler, held strongly
     cdef list pull_refs                # weak references to pull subscriptions
     cdef Py_ssize_t n_waiting          # pull subscriptions parked on a waiter future
+    cdef Py_ssize_t n_frame_subs       # live frames=True subscriptions: while > 0, every write makes its frame
     cdef object pub_waiters            # deque of futures of publish_async calls waiting for room
+    cdef list granted                  # futures of waiters woken for room, not written yet: each holds a slot
+    cdef uint64_t n_granted            # len(granted), for the room check
     cdef object pending                # deque of payloads from publish_threadsafe, not yet in the ring
     cdef object thread_cond            # threads wait here when a BLOCK channel's pending queue is full
     cdef Py_ssize_t thread_waiters
@@ -61,15 +64,20 @@ cdef class Channel:
     cdef readonly uint64_t full
     cdef readonly uint64_t high_water_mark
     cdef readonly uint64_t bad_frames
+    cdef readonly uint64_t encode_errors
     cdef readonly uint64_t handler_errors
     cdef readonly uint64_t dropped_on_close
 
     cdef int check_payload(self, object payload) except -1
     cdef bint has_room(self)
+    cdef inline void note_backlog(self, uint64_t backlog)
     cdef uint64_t slowest_cursor(self)
     cdef Py_ssize_t n_subscribers(self)
     cdef Py_ssize_t write(self, object payload, object frame) except -1
+    cdef object encode_c(self, object payload)
+    cdef int64_t stamp_of(self, object publish_ns) except? -1
     cdef object decode_frame(self, object frame)
+    cdef bint release(self, object fut)
     cdef void restamp(self, int64_t publish_ns)
     cdef Py_ssize_t publish_c(self, object payload) except -1
     cdef int schedule_dispatch(self) except -1
@@ -79,6 +87,7 @@ cdef class Channel:
     cdef int flush_pending(self) except -1
     cdef int unqueue(self, object payload) except -1
     cdef int detach(self, Subscription sub) except -1
+    cdef int forget(self, object ref, bint frames) except -1
     cdef inline Py_ssize_t slot(self, uint64_t seq)
     cdef object frame_at(self, Py_ssize_t idx)
 
@@ -105,10 +114,12 @@ cdef class Subscription:
     cdef Py_ssize_t streak
     cdef object __weakref__
 
+    cdef inline uint64_t backlog_c(self)
     cdef object next_c(self)
     cdef int report_lag(self) except -1
     cdef bint deliver_push(self, Py_ssize_t budget)
     cdef int handler_failed(self, object exc, object event) except -1
+    cdef int handler_returned_coroutine(self, object coro, object event) except -1
     cdef int check_pull(self) except -1
     cdef object park(self)
     cdef void unpark(self, object fut)

@@ -2,9 +2,9 @@
 """kimiha's compiled hot path: broadcast rings, subscriber cursors, the dispatch loop, counters, histograms.
 
 One :class:`Channel` per event type holds a preallocated ring of ``capacity`` slots and a 64-bit sequence
-(``tail``). Every subscriber owns a cursor into it. A slot keeps the decoded payload and, only once somebody
-asks for it, the payload's msgpack frame (or the frame it arrived as, for raw publishes): each form is made at
-most once per slot. Publishing never allocates per event beyond what the caller passed in; waking readers is
+(``tail``). Every subscriber owns a cursor into it. A slot keeps the decoded payload and, while the channel has
+frames subscribers, the payload's msgpack frame, made at publish so a payload that cannot be encoded is refused
+there (or the frame it arrived as, for raw publishes): each form is made at most once per slot. Publishing never allocates per event beyond what the caller passed in; waking readers is
 coalesced to one loop callback (handlers) or one future (pulling readers) per batch, never per event.
 """
 
@@ -18,6 +18,9 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import asyncio
 import collections
+import collections.abc
+import functools
+import inspect
 import logging
 import threading
 import traceback
@@ -76,6 +79,9 @@ cdef object _sleep = asyncio.sleep
 cdef object _get_ident = threading.get_ident
 cdef object _CancelledError = asyncio.CancelledError
 cdef object _format_exception = traceback.format_exception
+cdef object _Coroutine = collections.abc.Coroutine
+cdef object _partial = functools.partial
+cdef object _iscoroutinefunction = inspect.iscoroutinefunction
 
 DEFAULT_BUDGET = 1024
 
@@ -242,6 +248,22 @@ cdef str _type_name(object classes):
     return classes.__name__
 
 
+cdef bint _is_async_callable(object fn):
+    """Whether calling ``fn`` returns a coroutine: an ``async def``, a bound one, an object whose ``__call__``
+    is one, or a ``functools.partial`` of any of these."""
+    while isinstance(fn, _partial):
+        fn = fn.func
+    if _iscoroutinefunction(fn):
+        return True
+    return _iscoroutinefunction(getattr(type(fn), "__call__", None))
+
+
+cdef inline object _not_awaited_advice():
+    return ("the dispatch loop calls it without awaiting, so its body would never run; for async handlers use "
+            "an EventTask run by the Scheduler, or the pull API (async for event in bus.subscribe(key)), where "
+            "your code awaits each event")
+
+
 cdef class Channel:
     """One broadcast channel: a preallocated ring, its subscribers' cursors and its counters.
 
@@ -281,6 +303,7 @@ cdef class Channel:
         self.push_subs = []
         self.pull_refs = []
         self.pub_waiters = collections.deque()
+        self.granted = []
         self.pending = collections.deque()
         self.budget = budget
         self.latency = LatencyHistogram()
@@ -312,6 +335,9 @@ cdef class Channel:
         self.ts_scheduled = False
         for fut in [f for f in self.pub_waiters if f.get_loop() is not loop]:
             self.pub_waiters.remove(fut)
+        # A waiter woken on the old loop never runs again: the slot it held is free for the living.
+        self.granted = [f for f in self.granted if f.get_loop() is loop]
+        self.n_granted = len(self.granted)
         for ref in self.pull_refs:
             obj = ref()
             if obj is not None:
@@ -375,13 +401,23 @@ cdef class Channel:
         return low
 
     cdef bint has_room(self):
-        """Whether a write keeps every live subscriber's unread events (always true on LAG channels)."""
+        """Whether a write keeps every live subscriber's unread events (always true on LAG channels).
+
+        A slot a woken ``publish_async`` waiter was granted counts as taken until that waiter writes: no
+        other publisher (sync, raw, thread-published or newly arrived) can take it in between.
+        """
         if not self.block:
             return True
-        if self.tail - self.min_cursor < <uint64_t>self.capacity:
+        if self.tail - self.min_cursor + self.n_granted < <uint64_t>self.capacity:
             return True
         self.min_cursor = self.slowest_cursor()
-        return self.tail - self.min_cursor < <uint64_t>self.capacity
+        return self.tail - self.min_cursor + self.n_granted < <uint64_t>self.capacity
+
+    cdef inline void note_backlog(self, uint64_t backlog):
+        # ``backlog`` is a subscriber's backlog_c(): never above the capacity (a lagged cursor can be
+        # further behind, but only ``capacity`` of those events still exist).
+        if backlog > self.high_water_mark:
+            self.high_water_mark = backlog
 
     cdef inline Py_ssize_t slot(self, uint64_t seq):
         if self.mask:
@@ -392,6 +428,11 @@ cdef class Channel:
 
     cdef Py_ssize_t write(self, object payload, object frame) except -1:
         cdef Py_ssize_t idx
+        if self.n_frame_subs and frame is None:
+            # A frames subscriber (exporter, journal) reads every slot as msgpack: make the frame now, so a
+            # payload that cannot be encoded is refused before anything is written instead of failing a
+            # reader later. The frame is made once either way; channels without frames readers skip this.
+            return self.write(payload, self.encode_c(payload))
         if self.push_subs and not self.dispatch_scheduled:
             self.schedule_dispatch()  # before the write: when the loop is gone this raises with nothing written
         idx = self.slot(self.tail)
@@ -405,6 +446,17 @@ cdef class Channel:
             self.wake_readers()
         return len(self.push_subs) + len(self.pull_refs)
 
+    cdef object encode_c(self, object payload):
+        try:
+            return self.encoder.encode(payload)
+        except Exception as exc:   # TypeError, OverflowError, RecursionError, a failing property...
+            self.encode_errors += 1
+            raise SerializationError(
+                f"channel {self.name!r}: expected a payload msgpack can encode (the channel has "
+                f"{self.n_frame_subs} frames subscriber(s), which read every event as a frame), got "
+                f"{type(payload).__name__} {payload!r:.200} that cannot be encoded: "
+                f"{type(exc).__name__}: {exc}; nothing was written") from None
+
     cdef Py_ssize_t publish_c(self, object payload) except -1:
         if self.closed:
             raise ChannelClosed(f"channel {self.name!r} is closed; nothing was written")
@@ -413,37 +465,51 @@ cdef class Channel:
             self.full += 1
             raise ChannelFull(
                 f"channel {self.name!r} is full: capacity {self.capacity}, the slowest subscriber is "
-                f"{self.tail - self.min_cursor} events behind and {len(self.pub_waiters)} publisher(s) wait; "
-                f"nothing was written (publish_async waits for room)")
+                f"{self.tail - self.min_cursor} events behind and "
+                f"{len(self.pub_waiters) + self.n_granted} publish_async call(s) wait for room ahead of "
+                f"this one (first come, first served); nothing was written (publish_async waits for room)")
         return self.write(payload, None)
 
     def publish(self, payload, /):
         """Write ``payload`` into the ring and return the number of subscribers it reaches.
 
-        Never waits: on a full ``BLOCK`` channel raise ``ChannelFull`` and write nothing.
+        Never waits: on a full ``BLOCK`` channel, or while ``publish_async`` calls wait for room there (first
+        come, first served), raise ``ChannelFull`` and write nothing. While the channel has frames
+        subscribers, a payload that cannot be encoded raises ``SerializationError`` (nothing written).
         """
         return self.publish_c(payload)
 
     async def publish_async(self, payload, /):
-        """Publish ``payload``, waiting for room on a full ``BLOCK`` channel (first come, first served)."""
-        cdef bint woken = False
-        cdef bint counted = False
+        """Publish ``payload``, waiting for room on a full ``BLOCK`` channel (first come, first served).
+
+        Waiting publishers are served in arrival order, also against ``publish``/``publish_raw``: while one
+        waits, those raise ``ChannelFull``, and a slot freed for a waiter stays its own until it writes.
+        """
+        cdef object frame = None
         if self.closed:
             raise ChannelClosed(f"channel {self.name!r} is closed; nothing was written")
         self.check_payload(payload)
-        if not self.block:
+        if not self.block or (not self.pub_waiters and self.has_room()):
             return self.write(payload, None)
+        if self.n_frame_subs:
+            frame = self.encode_c(payload)      # refuse an unencodable payload before it waits, not after
+        await self._wait_turn()
+        try:
+            return self.write(payload, frame)
+        except BaseException:
+            if self.pub_waiters:
+                self.reader_advanced()           # the slot we waited for is unused: pass it on
+            raise
+
+    async def _wait_turn(self):
+        """Queue behind the publishers already waiting; return when this one may write (BLOCK channels)."""
+        cdef bint woken = False
+        self.blocked += 1
+        loop = _get_running_loop()
         while True:
-            if self.closed:
-                raise ChannelClosed(f"channel {self.name!r} was closed while a publisher waited for room")
-            if (woken or not self.pub_waiters) and self.has_room():
-                return self.write(payload, None)
-            if not counted:
-                self.blocked += 1
-                counted = True
-            fut = _get_running_loop().create_future()
+            fut = loop.create_future()
             if woken:
-                self.pub_waiters.appendleft(fut)
+                self.pub_waiters.appendleft(fut)  # woken but the room was gone: keep the place in line
             else:
                 self.pub_waiters.append(fut)
             try:
@@ -451,20 +517,60 @@ cdef class Channel:
             except BaseException:
                 if fut in self.pub_waiters:
                     self.pub_waiters.remove(fut)
-                elif not self.closed:
-                    self.reader_advanced()       # we were woken but will not write: pass the turn on
+                elif self.release(fut) and not self.closed:
+                    self.reader_advanced()       # woken for a slot we will not use: pass it on
                 raise
+            self.release(fut)
+            if self.closed:
+                raise ChannelClosed(f"channel {self.name!r} was closed while a publisher waited for room")
+            if self.has_room():
+                return
             woken = True
+
+    cdef bint release(self, object fut):
+        """Give back the slot ``fut``'s waiter was granted; return whether it held one."""
+        cdef Py_ssize_t i
+        granted = self.granted
+        for i in range(len(granted)):
+            if granted[i] is fut:
+                del granted[i]
+                self.n_granted -= 1
+                return True
+        return False
+
+    cdef int64_t stamp_of(self, object publish_ns) except? -1:
+        """Return ``publish_ns`` as a stamp, or raise (counting a bad frame): a header is part of the frame."""
+        cdef int64_t ns
+        try:
+            ns = publish_ns
+        except OverflowError:
+            self.bad_frames += 1
+            raise SerializationError(
+                f"channel {self.name!r}: bad frame header: publish_ns expected an int from -2**63 to "
+                f"2**63 - 1 (CLOCK_MONOTONIC ns; <= 0 for none), got {publish_ns}; nothing was written") from None
+        except TypeError:
+            self.bad_frames += 1
+            raise PayloadTypeError(
+                f"channel {self.name!r}: publish_raw expected publish_ns as an int (CLOCK_MONOTONIC ns), got "
+                f"{type(publish_ns).__name__} {publish_ns!r:.100}; nothing was written") from None
+        return ns
 
     cdef object decode_frame(self, object frame):
         """Return ``(payload, frame as bytes)`` for a raw frame, or raise (counting it in ``bad_frames``)."""
         if not isinstance(frame, bytes):
             if isinstance(frame, (bytearray, memoryview)):
-                frame = bytes(frame)
+                try:
+                    frame = bytes(frame)
+                except Exception as exc:         # a released memoryview, an unreadable buffer
+                    self.bad_frames += 1
+                    raise SerializationError(
+                        f"channel {self.name!r}: bad frame: expected a readable buffer, got "
+                        f"{type(frame).__name__} that cannot be read ({exc}); nothing was written") from None
             else:
                 self.bad_frames += 1
                 raise PayloadTypeError(
-                    f"channel {self.name!r}: publish_raw expected bytes, got {type(frame).__name__}")
+                    f"channel {self.name!r}: publish_raw expected bytes, got {type(frame).__name__}; "
+                    f"nothing was written")
         try:
             obj = self.decoder.decode(frame)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -472,9 +578,18 @@ cdef class Channel:
             raise SerializationError(
                 f"channel {self.name!r}: bad frame of {len(frame)} bytes, expected "
                 f"{self._payload_name()}: {exc}; nothing was written") from None
+        except Exception as exc:
+            # Whatever else decoding bytes from outside raises is a bad frame too: RecursionError for a
+            # deeply nested one, or an exception out of a payload's __post_init__.
+            self.bad_frames += 1
+            raise SerializationError(
+                f"channel {self.name!r}: bad frame of {len(frame)} bytes, expected "
+                f"{self._payload_name()}: {type(exc).__name__}: {exc}; nothing was written") from None
         if obj is None:
             self.bad_frames += 1
-            raise SerializationError(f"channel {self.name!r}: frame decodes to nil, expected a payload")
+            raise SerializationError(
+                f"channel {self.name!r}: frame decodes to nil, expected {self._payload_name()}; "
+                f"nothing was written")
         return obj, frame
 
     cdef void restamp(self, int64_t publish_ns):
@@ -483,55 +598,53 @@ cdef class Channel:
         if publish_ns > 0 and self.track_latency:
             self.stamps[self.slot(self.tail - 1)] = publish_ns
 
-    def publish_raw(self, frame, /, int64_t publish_ns=0):
+    def publish_raw(self, frame, /, publish_ns=0):
         """Validate ``frame`` (a msgpack frame from a bridge or journal) by decoding it, then publish it.
 
-        The frame is kept in the slot, so exporters forward it without re-encoding. A frame that does not
-        decode to the channel's payload type is counted in ``bad_frames`` and raises ``SerializationError``;
-        nothing is written and the channel keeps flowing. ``publish_ns`` (optional, > 0) is the event's
-        original publish time on this machine's ``CLOCK_MONOTONIC``; the slot is stamped with it.
+        The frame is kept in the slot, so exporters forward it without re-encoding. ``publish_ns``
+        (optional, > 0) is the event's original publish time on this machine's ``CLOCK_MONOTONIC``; the slot
+        is stamped with it (0 or less: stamped now).
+
+        Any bytes and any int ``publish_ns`` either publish or are a bad frame: counted in ``bad_frames``,
+        ``SerializationError`` raised (undecodable, not the payload type, nil, nested too deep, or
+        ``publish_ns`` outside the int64 range), nothing written, and the channel keeps flowing. A frame
+        that is not bytes-like, or a ``publish_ns`` that is not an int, is counted too and raises
+        ``PayloadTypeError``.
         """
+        cdef int64_t ns
         if self.closed:
             raise ChannelClosed(f"channel {self.name!r} is closed; nothing was written")
+        ns = self.stamp_of(publish_ns)
         obj, frame = self.decode_frame(frame)
         if self.block and (self.pub_waiters or not self.has_room()):
             self.full += 1
-            raise ChannelFull(f"channel {self.name!r} is full (capacity {self.capacity}); nothing was written")
+            raise ChannelFull(
+                f"channel {self.name!r} is full (capacity {self.capacity}, "
+                f"{len(self.pub_waiters) + self.n_granted} publish_async call(s) wait ahead); "
+                f"nothing was written")
         n = self.write(obj, frame)
-        self.restamp(publish_ns)
+        self.restamp(ns)
         return n
 
-    async def publish_raw_async(self, frame, /, int64_t publish_ns=0):
+    async def publish_raw_async(self, frame, /, publish_ns=0):
         """Like :meth:`publish_raw`, but wait for room on a full ``BLOCK`` channel instead of raising."""
-        cdef bint woken = False
-        cdef bint counted = False
+        cdef int64_t ns
         if self.closed:
             raise ChannelClosed(f"channel {self.name!r} is closed; nothing was written")
+        ns = self.stamp_of(publish_ns)
         obj, frame = self.decode_frame(frame)
-        while True:
-            if self.closed:
-                raise ChannelClosed(f"channel {self.name!r} was closed while a publisher waited for room")
-            if not self.block or ((woken or not self.pub_waiters) and self.has_room()):
-                n = self.write(obj, frame)
-                self.restamp(publish_ns)
-                return n
-            if not counted:
-                self.blocked += 1
-                counted = True
-            fut = _get_running_loop().create_future()
-            if woken:
-                self.pub_waiters.appendleft(fut)
-            else:
-                self.pub_waiters.append(fut)
+        if self.block and (self.pub_waiters or not self.has_room()):
+            await self._wait_turn()
             try:
-                await fut
+                n = self.write(obj, frame)
             except BaseException:
-                if fut in self.pub_waiters:
-                    self.pub_waiters.remove(fut)
-                elif not self.closed:
+                if self.pub_waiters:
                     self.reader_advanced()
                 raise
-            woken = True
+        else:
+            n = self.write(obj, frame)
+        self.restamp(ns)
+        return n
 
     def _payload_name(self):
         return "any payload" if self.payload_classes is None else _type_name(self.payload_classes)
@@ -542,7 +655,9 @@ cdef class Channel:
         """Publish ``payload`` from any thread; it enters the ring on the loop's thread, in call order.
 
         On a ``BLOCK`` channel whose queue of such payloads is full (``capacity`` waiting), the calling thread
-        waits for room; on the loop's own thread that raises ``ChannelFull`` instead.
+        waits for room; on the loop's own thread that raises ``ChannelFull`` instead. A payload the channel's
+        frames subscribers cannot encode is dropped when it reaches the ring, counted in ``encode_errors`` and
+        logged (the calling thread cannot be told then; on the loop's thread it may raise at once).
         """
         if self.closed:
             raise ChannelClosed(f"channel {self.name!r} is closed; nothing was written")
@@ -610,7 +725,15 @@ cdef class Channel:
         while pending:
             if self.block and not self.has_room():
                 break
-            self.write(pending.popleft(), None)
+            payload = pending.popleft()
+            try:
+                self.write(payload, None)
+            except SerializationError as exc:
+                # Refused for the frames subscribers (counted in encode_errors); the thread that published it
+                # cannot be told, so say it here. Its neighbours go on.
+                if self.encode_errors <= 10 or self.encode_errors % 1000 == 0:
+                    logger.error("publish_threadsafe on channel %r: payload dropped (encode error %d): %s",
+                                 self.name, self.encode_errors, exc)
         if self.thread_waiters:
             with self.thread_cond:
                 self.thread_cond.notify_all()
@@ -659,7 +782,7 @@ cdef class Channel:
         if not self.pub_waiters:
             return 0
         self.min_cursor = self.slowest_cursor()
-        room = self.capacity - <Py_ssize_t>(self.tail - self.min_cursor)
+        room = self.capacity - <Py_ssize_t>(self.tail - self.min_cursor + self.n_granted)
         while room > 0 and self.pub_waiters:
             fut = self.pub_waiters.popleft()
             if not fut.done():
@@ -667,6 +790,8 @@ cdef class Channel:
                     fut.set_result(None)
                 except RuntimeError:
                     continue  # a publisher of a loop that has closed since: it will not write
+                self.granted.append(fut)  # the slot is that waiter's until it writes or gives up
+                self.n_granted += 1
                 room -= 1
         return 0
 
@@ -694,6 +819,8 @@ cdef class Channel:
     # -- frames -------------------------------------------------------------------------------------------------
 
     cdef object frame_at(self, Py_ssize_t idx):
+        # A frames subscriber only reads slots written after it subscribed, and write() frames every slot
+        # while one lives: the encode below is a fallback, not a path that can drop a reader's events.
         frame = self.frames[idx]
         if frame is None:
             try:
@@ -714,15 +841,23 @@ cdef class Channel:
         without it, pull events with ``recv``/``try_recv``/``async for``/``drain``. A ``paused`` handler
         subscription keeps its place (events wait in the ring) until ``resume()``; ``measure`` records each
         handler call's duration in ``handler_time``.
+
+        ``handler``, ``on_lag`` and ``on_error`` are called, never awaited: a coroutine function (``async
+        def``, an object with an async ``__call__``, a ``functools.partial`` of one) raises ``TypeError``.
+        While a ``frames`` subscription lives, publishing a payload that cannot be encoded raises
+        ``SerializationError`` (see :attr:`encode_errors`).
         """
         if self.closed:
             raise ChannelClosed(f"channel {self.name!r} is closed; cannot subscribe")
-        if handler is not None and not callable(handler):
-            raise TypeError(f"channel {self.name!r}: subscribe handler must be callable, got {handler!r}")
-        if on_lag is not None and not callable(on_lag):
-            raise TypeError(f"channel {self.name!r}: on_lag must be callable, got {on_lag!r}")
-        if on_error is not None and not callable(on_error):
-            raise TypeError(f"channel {self.name!r}: on_error must be callable, got {on_error!r}")
+        for what, fn in (("handler", handler), ("on_lag", on_lag), ("on_error", on_error)):
+            if fn is None:
+                continue
+            if not callable(fn):
+                raise TypeError(f"channel {self.name!r}: subscribe {what} must be callable, got {fn!r}")
+            if _is_async_callable(fn):
+                raise TypeError(
+                    f"channel {self.name!r}: subscribe expected a plain (synchronous) {what}, got the coroutine "
+                    f"function {fn!r:.200}: {_not_awaited_advice()}")
         if handler is not None and (self.loop is None or self.loop.is_closed()):
             raise InvalidStateError(
                 f"channel {self.name!r}: a handler subscription needs a running event loop, and the bus is "
@@ -743,20 +878,31 @@ cdef class Channel:
         if handler is not None:
             self.push_subs.append(sub)
         else:
-            self.pull_refs.append(weakref.ref(sub, self._forget))
+            self.pull_refs.append(weakref.ref(sub, self._forget_frames if frames else self._forget))
+        if frames:
+            self.n_frame_subs += 1
         return sub
 
     def _forget(self, ref):
+        self.forget(ref, False)
+
+    def _forget_frames(self, ref):
+        self.forget(ref, True)
+
+    cdef int forget(self, object ref, bint frames) except -1:
         # A pull subscription was garbage-collected without close(): drop its cursor so it stalls nobody.
         try:
             self.pull_refs.remove(ref)
         except ValueError:
-            return
+            return 0                 # closed before: detach() already forgot it
+        if frames:
+            self.n_frame_subs -= 1
         if self.block and self.loop is not None and (self.pub_waiters or self.pending):
             try:
                 self.loop.call_soon_threadsafe(self._reader_advanced_cb)
             except RuntimeError:
                 pass
+        return 0
 
     def _reader_advanced_cb(self):
         if self.block:
@@ -764,16 +910,23 @@ cdef class Channel:
 
     cdef int detach(self, Subscription sub) except -1:
         cdef Py_ssize_t i
+        cdef bint found = False
         if sub.handler is not None:
             try:
                 self.push_subs.remove(sub)
+                found = True
             except ValueError:
                 pass
         else:
             for i in range(len(self.pull_refs)):
                 if self.pull_refs[i]() is sub:
                     del self.pull_refs[i]
+                    found = True
                     break
+        if found:
+            self.note_backlog(sub.backlog_c())   # its unread events count in the mark even though it leaves
+            if sub.frames:
+                self.n_frame_subs -= 1
         if self.block and (self.pub_waiters or self.pending):
             self.reader_advanced()
         return 0
@@ -829,9 +982,21 @@ cdef class Channel:
         return out
 
     def stats(self):
-        """Return the channel's counters and latency summary as a dict (a snapshot)."""
+        """Return the channel's counters and latency summary as a dict (a snapshot).
+
+        ``backlog`` is the largest backlog of a live subscriber now; ``high_water_mark`` the largest ever seen
+        (when a subscriber received, left, or stats were taken). Both count events still in the ring, so
+        neither exceeds ``capacity``: a lagged subscriber's skipped events are in ``lagged``.
+        ``encode_errors`` counts payloads refused because the frames subscribers could not encode them.
+        """
+        cdef uint64_t backlog = 0
+        cdef uint64_t b
         subs = self.subscriptions()
-        backlog = max([self.tail - (<Subscription>s).cursor for s in subs], default=0)
+        for s in subs:
+            b = (<Subscription>s).backlog_c()
+            if b > backlog:
+                backlog = b
+        self.note_backlog(backlog)
         return {
             "channel": self.name,
             "description": self.description,
@@ -844,9 +1009,10 @@ cdef class Channel:
             "lagged": self.lagged,
             "blocked": self.blocked,
             "full": self.full,
-            "high_water_mark": max(self.high_water_mark, backlog),
+            "high_water_mark": self.high_water_mark,
             "backlog": backlog,
             "bad_frames": self.bad_frames,
+            "encode_errors": self.encode_errors,
             "handler_errors": self.handler_errors,
             "pending_threadsafe": len(self.pending),
             "dropped_on_close": self.dropped_on_close,
@@ -925,10 +1091,16 @@ cdef class Subscription:
 
     def __repr__(self):
         kind = "handler" if self.handler is not None else ("frames" if self.frames else "pull")
-        state = "closed" if self.closed else f"backlog={self.channel.tail - self.cursor}"
+        state = "closed" if self.closed else f"backlog={self.backlog_c()}"
         return f"<Subscription {kind} of {self.channel.name!r} delivered={self.delivered} {state}>"
 
     # -- the hot path -------------------------------------------------------------------------------------------
+
+    cdef inline uint64_t backlog_c(self):
+        """Events published and still in the ring that this cursor has not received (<= capacity)."""
+        cdef uint64_t b = self.channel.tail - self.cursor
+        cdef uint64_t cap = <uint64_t>self.channel.capacity
+        return b if b < cap else cap
 
     cdef int report_lag(self) except -1:
         cdef Channel ch = self.channel
@@ -963,8 +1135,7 @@ cdef class Subscription:
         if backlog > <uint64_t>ch.capacity:
             self.report_lag()
             backlog = ch.capacity
-        if backlog > ch.high_water_mark:
-            ch.high_water_mark = backlog
+        ch.note_backlog(backlog)
         idx = ch.slot(self.cursor)
         self.cursor += 1
         self.delivered += 1
@@ -983,19 +1154,18 @@ cdef class Subscription:
     cdef bint deliver_push(self, Py_ssize_t budget):
         """Call the handler for up to ``budget`` ready events; return whether more are ready."""
         cdef Channel ch = self.channel
-        cdef uint64_t backlog = ch.tail - self.cursor
         cdef Py_ssize_t idx
         cdef Py_ssize_t n = 0
         cdef object handler = self.handler
         cdef object event
+        cdef object result
         cdef LatencyHistogram timing = self.handler_time
         cdef int64_t t0 = 0
         cdef int64_t t_prev = 0
         cdef bint clocked = ch.track_latency or timing is not None
         if self.paused:
             return False                  # resume() schedules the dispatch again
-        if backlog > ch.high_water_mark:
-            ch.high_water_mark = backlog if backlog <= <uint64_t>ch.capacity else ch.capacity
+        ch.note_backlog(self.backlog_c())
         try:
             while self.cursor < ch.tail:
                 if n >= budget or self.closed:
@@ -1020,9 +1190,13 @@ cdef class Subscription:
                         event = (self.cursor - 1, ch.stamps[idx], ch.frame_at(idx))
                     else:
                         event = ch.objs[idx]
-                    handler(event)
+                    result = handler(event)
                 except Exception as exc:
                     self.handler_failed(exc, ch.objs[idx])
+                else:
+                    # A sync handler returns None; a coroutine means an async one slipped past subscribe().
+                    if result is not None and isinstance(result, _Coroutine):
+                        self.handler_returned_coroutine(result, ch.objs[idx])
                 if self.paused:
                     return False
             return False
@@ -1049,6 +1223,17 @@ cdef class Subscription:
             logger.error("handler %r on channel %r: %r (%d errors so far)", self.handler, self.channel.name,
                          exc, self.errors)
         return 0
+
+    cdef int handler_returned_coroutine(self, object coro, object event) except -1:
+        try:
+            coro.close()                  # never awaited: close it, so it does not warn at collection
+        except Exception:
+            pass
+        exc = TypeError(
+            f"handler {self.handler!r:.200} on channel {self.channel.name!r} returned a coroutine "
+            f"({getattr(coro, '__qualname__', type(coro).__name__)}) instead of handling the event: "
+            f"{_not_awaited_advice()}")
+        return self.handler_failed(exc, event)
 
     cdef object park(self):
         fut = _get_running_loop().create_future()
@@ -1239,8 +1424,7 @@ cdef class Subscription:
     @property
     def backlog(self):
         """Events published but not yet received by this subscription (capped at the capacity)."""
-        cdef uint64_t b = self.channel.tail - self.cursor
-        return min(b, <uint64_t>self.channel.capacity)
+        return self.backlog_c()
 
     @property
     def published_since_subscribed(self):
@@ -1350,7 +1534,9 @@ cdef class EventBusCore:
         """Publish ``payload`` on ``event_type``'s channel; return the number of subscribers reached.
 
         Never waits. Raise ``InvalidChannelError`` for an unknown channel, ``PayloadTypeError`` for a payload
-        of the wrong type, ``ChannelFull`` on a full ``BLOCK`` channel; in each case nothing is written.
+        of the wrong type, ``ChannelFull`` on a full ``BLOCK`` channel (or one where ``publish_async`` calls
+        wait), ``SerializationError`` for a payload the channel's frames subscribers cannot encode; in each
+        case nothing is written.
         """
         return self.lookup(event_type).publish_c(payload)
 
@@ -1382,12 +1568,16 @@ cdef class EventBusCore:
         Parameters
         ----------
         handler : callable, optional
-            Called by the dispatch loop as ``handler(event)`` for each event. Exceptions are counted and
-            passed to ``on_error(exc, event)`` (or logged); delivery continues.
+            Called by the dispatch loop as ``handler(event)`` for each event, never awaited: a coroutine
+            function raises ``TypeError`` here (use an ``EventTask`` run by the Scheduler, or pull with
+            ``async for``). Exceptions are counted and passed to ``on_error(exc, event)`` (or logged);
+            delivery continues.
         on_lag : callable, optional
             Called as ``on_lag(skipped)`` instead of raising ``Lagged``.
         frames : bool
-            Deliver ``(sequence, publish_ns, msgpack_frame)`` tuples instead of decoded payloads.
+            Deliver ``(sequence, publish_ns, msgpack_frame)`` tuples instead of decoded payloads. While such
+            a subscription lives, every publish makes the frame, so a payload that cannot be encoded is
+            refused at publish (``SerializationError``, counted in the channel's ``encode_errors``).
         paused : bool
             Subscribe now (events are kept from this point) but call the handler only after ``resume()``.
         measure : bool

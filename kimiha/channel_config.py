@@ -59,7 +59,8 @@ class ChannelConfig:
         ``Overflow.LAG`` (default) or ``Overflow.BLOCK``.
     payload_type : type or Union of types, optional
         Declared payload type. Publishing anything else raises ``PayloadTypeError``; raw frames are
-        decoded and validated against it. ``None`` accepts any msgspec-encodable object except ``None``.
+        decoded and validated against it. ``None`` accepts any object except ``None``. While the channel has
+        frames subscribers (exporters, journals), a payload msgspec cannot encode is refused at publish.
     track_latency : bool
         Record publish-to-delivery latency into the channel's histogram (two clock reads per event).
     """

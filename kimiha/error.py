@@ -83,7 +83,12 @@ class InvalidConfigurationError(OrchestratorError, ValueError):
 
 
 class SerializationError(OrchestratorError, ValueError):
-    """A frame could not be encoded or decoded; the message names the channel and the msgspec path."""
+    """A frame could not be decoded, or a payload could not be encoded; nothing was written.
+
+    A bad raw frame (undecodable, not the channel's payload type, nested too deep, or a ``publish_ns`` header
+    outside the int64 range) is counted in the channel's ``bad_frames``; a payload the channel's frames
+    subscribers cannot encode, in its ``encode_errors``. The message names the channel and what was expected.
+    """
 
 
 class PayloadTypeError(EventSendError, TypeError):

@@ -34,8 +34,9 @@ except ImportError:  # not installed: use the source tree this script lives in (
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import kimiha
 
-from kimiha.bench import compare  # same events, handler, bus and cases as the comparison
-from kimiha.bench.compare import Ev, Tick, make_events, make_sink, new_bus
+from kimiha.bench import compare  # the comparison's cases, for --spin
+from kimiha.bench.cases import SEED, Ev, Sink, Tick, chunked, make_events, new_bus  # its events, handler, bus
+from kimiha.bench.runner import LOOPS, SUBSCRIBER_COUNTS
 
 CHUNK = 1024
 perf_counter_ns = time.perf_counter_ns
@@ -58,7 +59,7 @@ def python_refs(events: list[Tick], rounds: int) -> dict[str, Sample]:
         return t / (rounds * len(events))
 
     def floor() -> float:
-        h, _ = make_sink()
+        h = Sink().handler
         t = 0
         for _ in range(rounds):
             t0 = perf_counter_ns()
@@ -134,9 +135,9 @@ async def push_steps(
 
     async def one(track: bool, subs: int) -> tuple[float, float]:
         bus = new_bus(4096, track)
-        sinks = [make_sink() for _ in range(subs)]
-        for h, _ in sinks:
-            bus.subscribe(Ev.MD, h)
+        sinks = [Sink() for _ in range(subs)]
+        for s in sinks:
+            bus.subscribe(Ev.MD, s.handler)
         pub = bus.channel(Ev.MD).publish
         sleep = asyncio.sleep
         tp = td = 0
@@ -149,8 +150,8 @@ async def push_steps(
             td += perf_counter_ns() - t1
             tp += t1 - t0
         n = rounds * len(events)
-        for _, seen in sinks:
-            assert seen()[0] == n, "dispatch did not deliver every event in one loop iteration"
+        for s in sinks:
+            assert s.seen()[0] == n, "dispatch did not deliver every event in one loop iteration"
         return tp / n, td / n
 
     out = {}
@@ -167,7 +168,8 @@ async def pull_steps(events: list[Tick], rounds: int) -> dict[str, Callable[[], 
         bus = new_bus(4096, track)
         sub = bus.subscribe(Ev.MD)
         pub = bus.channel(Ev.MD).publish
-        h, seen = make_sink()
+        sink = Sink()
+        h, seen = sink.handler, sink.seen
         n = len(events)
         t = 0
         for _ in range(rounds):
@@ -210,7 +212,8 @@ async def pull_steps(events: list[Tick], rounds: int) -> dict[str, Callable[[], 
 async def queue_steps(events: list[Tick], rounds: int, repeat: int) -> dict[str, list[float]]:
     async def one(nowait: bool) -> tuple[float, float]:
         q: asyncio.Queue[Tick] = asyncio.Queue()
-        h, seen = make_sink()
+        sink = Sink()
+        h, seen = sink.handler, sink.seen
         n = len(events)
         tp = tg = 0
         for _ in range(rounds):
@@ -254,7 +257,7 @@ async def queue_steps(events: list[Tick], rounds: int, repeat: int) -> dict[str,
 
 
 def breakdown(args: argparse.Namespace) -> None:
-    events = make_events(CHUNK, compare.SEED)
+    events = make_events(CHUNK, SEED)
     rows: list[tuple[str, list[float]]] = []
 
     def sample(fn: Sample) -> list[float]:
@@ -285,7 +288,7 @@ def breakdown(args: argparse.Namespace) -> None:
 def spin(args: argparse.Namespace) -> None:
     """Run one comparison case back to back for ``args.seconds`` (setup included, a small share)."""
     kind, _, subs = args.spin.partition(":")
-    if kind not in compare.KINDS or subs not in ("", *map(str, compare.SUBSCRIBER_COUNTS)):
+    if kind not in compare.KINDS or subs not in ("", *map(str, SUBSCRIBER_COUNTS)):
         raise SystemExit(
             f"--spin: expected one of {', '.join(compare.KINDS)}, optionally ':4', got {args.spin!r}"
         )
@@ -295,8 +298,8 @@ def spin(args: argparse.Namespace) -> None:
     loopless = kind in ("floor", "bound") or anchor is not None
     case = compare.Case(kind, None if loopless else args.loop, int(subs or 1), anchor=anchor)
     n = 200_000
-    events = make_events(n, compare.SEED)
-    setup = compare.Setup(n, 4096, events, compare.chunked(events, compare.chunk_size(n, 4096)))
+    events = make_events(n, SEED)
+    setup = compare.Setup(n, 4096, events, chunked(events, compare.chunk_size(n, 4096)))
     end = time.monotonic() + args.seconds
     runs = 0
     while time.monotonic() < end:
@@ -311,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Per-step cost of kimiha's publish, dispatch and pull paths, with Python and asyncio.Queue "
         "references; or (--spin) one comparison case in a loop for a sampling profiler.",
     )
-    parser.add_argument("--loop", choices=compare.LOOPS, default="uvloop", help="event loop (default uvloop)")
+    parser.add_argument("--loop", choices=LOOPS, default="uvloop", help="event loop (default uvloop)")
     parser.add_argument("--repeat", type=int, default=9, help="samples per step, median reported (default 9)")
     parser.add_argument(
         "--rounds", type=int, default=200, help="chunks of 1024 events per sample (default 200)"

@@ -1,17 +1,21 @@
 """Fixtures of the pytest-benchmark suites: seeded events, a fresh event loop of each kind, counting handlers.
 
 The suites live outside ``testpaths`` so the default test run never collects them; run them with
-``python -m pytest benchmarks/ -q --benchmark-only``. Everything a suite needs comes through fixtures (the
+``python -m pytest benchmarks/ -q --benchmark-only``. The events, the handler, the bus and the floods are
+those of ``kimiha bench compare`` (``kimiha.bench.cases``), so that a suite and a comparison case mean the
+same thing; the suites import the floods from there and get everything else through these fixtures (the
 project runs pytest with ``--import-mode=importlib``, where test modules cannot import this one).
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
+import functools
+import gc
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -22,60 +26,27 @@ except ImportError:  # not installed: benchmark the source tree (its compiled co
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import kimiha
 
-from kimiha import Event, EventType
+from kimiha.bench.cases import SEED, Ev, Sink, Tick, chunked, make_events, new_bus
 from kimiha.runtime import new_event_loop
 
-SEED = 20240601
 #: Events published per benchmark round; the pedantic rounds time one whole flood each.
 EVENTS = 10_000
 CAPACITY = 4096
 #: At most one dispatch budget per loop iteration, so no reader is lapped on the LAG channel (see compare.py).
 CHUNK = 1024
-
-
-class Ev(EventType):
-    MD = "MarketData"
-
-
-class Tick(Event):
-    price: float
-    seq: int
-
-
-class Sink:
-    """The trivial handler every benchmark uses: count the event, read one attribute."""
-
-    __slots__ = ("handler", "seen")
-
-    def __init__(self) -> None:
-        count = 0
-        last = -1
-
-        def handler(event: Tick) -> None:
-            nonlocal count, last
-            count += 1
-            last = event.seq
-
-        def seen() -> tuple[int, int]:
-            return count, last
-
-        self.handler: Callable[[Tick], None] = handler
-        self.seen: Callable[[], tuple[int, int]] = seen
-
-    def check(self, n: int) -> None:
-        count, last = self.seen()
-        assert (count, last) == (n, n - 1), f"handler saw {count} events (last seq {last}), expected {n}"
+#: Timed rounds of a pedantic benchmark, after its warm-up rounds.
+ROUNDS = 15
+WARMUP_ROUNDS = 2
 
 
 @pytest.fixture(scope="session")
 def events() -> list[Tick]:
-    rng = random.Random(SEED)
-    return [Tick(price=round(100.0 + rng.gauss(0.0, 1.0), 4), seq=i) for i in range(EVENTS)]
+    return make_events(EVENTS, SEED)
 
 
 @pytest.fixture(scope="session")
 def chunks(events: list[Tick]) -> list[list[Tick]]:
-    return [events[i : i + CHUNK] for i in range(0, len(events), CHUNK)]
+    return chunked(events, CHUNK)
 
 
 @pytest.fixture(params=["uvloop", "asyncio"])
@@ -103,17 +74,7 @@ def key() -> Ev:
 @pytest.fixture
 def make_bus() -> Callable[..., kimiha.EventBus]:
     """``make_bus(track_latency=True, overflow="lag")``: a bus with one channel of ``CAPACITY`` slots typed ``Tick``."""
-
-    def _make(track_latency: bool = True, overflow: str = "lag") -> kimiha.EventBus:
-        config = kimiha.ChannelConfig(
-            CAPACITY,
-            payload_type=Tick,
-            track_latency=track_latency,
-            overflow=kimiha.Overflow.BLOCK if overflow == "block" else kimiha.Overflow.LAG,
-        )
-        return kimiha.EventBus([(Ev.MD, config)])
-
-    return _make
+    return functools.partial(new_bus, CAPACITY)
 
 
 @pytest.fixture(scope="session")
@@ -124,15 +85,57 @@ def frames(events: list[Tick]) -> list[bytes]:
 
 
 @pytest.fixture(scope="session")
+def frame_chunks(frames: list[bytes]) -> list[list[bytes]]:
+    return chunked(frames, CHUNK)
+
+
+@pytest.fixture(scope="session")
 def tick_type() -> type[Tick]:
     """The payload type of the benchmarked channel (for decoders built by the baselines)."""
     return Tick
 
 
+class Sinks:
+    """Every counting handler a benchmark made, round after round, to check them all at the end."""
+
+    def __init__(self) -> None:
+        self.rounds: list[list[Sink]] = []
+
+    def __call__(self, k: int) -> list[Sink]:
+        sinks = [Sink() for _ in range(k)]
+        self.rounds.append(sinks)
+        return sinks
+
+    def check(self, n: int) -> None:
+        """Assert that every handler of every round saw exactly ``n`` events, the last one last."""
+        for sinks in self.rounds:
+            for sink in sinks:
+                sink.check(n)
+
+
 @pytest.fixture
-def make_sinks() -> Callable[[int], list[Sink]]:
-    """``make_sinks(k)``: ``k`` fresh counting handlers."""
-    return lambda k: [Sink() for _ in range(k)]
+def make_sinks() -> Sinks:
+    """``make_sinks(k)``: ``k`` fresh counting handlers; ``make_sinks.check(n)`` checks all made so far."""
+    return Sinks()
+
+
+@pytest.fixture
+def pedantic(benchmark: Any) -> Callable[..., None]:
+    """``pedantic(target, setup, teardown=None)``: ``ROUNDS`` timed rounds of ``target`` after
+    ``WARMUP_ROUNDS``, each on what ``setup`` built for it after a ``gc.collect()`` (neither is timed)."""
+
+    def _run(
+        target: Callable[..., Any], setup: Callable[[], Any], teardown: Callable[..., Any] | None = None
+    ) -> None:
+        def fresh() -> Any:
+            gc.collect()  # start every round with empty GC generations, as kimiha bench compare does
+            return setup()
+
+        benchmark.pedantic(
+            target, setup=fresh, teardown=teardown, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1
+        )
+
+    return _run
 
 
 @pytest.fixture

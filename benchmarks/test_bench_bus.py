@@ -12,32 +12,25 @@ Run: ``python -m pytest benchmarks/ -q --benchmark-only`` (add ``-k sync`` etc. 
 from __future__ import annotations
 
 import asyncio
-import gc
 
 import pytest
 
-from kimiha import ChannelClosed
+from kimiha.bench.cases import (
+    call_direct,
+    close_and_join,
+    consume_batch,
+    consume_iter,
+    consume_queue,
+    pull_flood,
+    push_flood,
+    queue_flood,
+    start_consumers,
+)
 
-ROUNDS = 15
-WARMUP_ROUNDS = 2
 SUBSCRIBERS = [1, 4, 16]
 LATENCY = pytest.mark.parametrize("track_latency", [True, False], ids=["latency", "nolatency"])
 
 sleep = asyncio.sleep
-
-
-def pedantic(benchmark, target, setup):  # type: ignore[no-untyped-def]
-    def fresh():  # type: ignore[no-untyped-def]
-        gc.collect()  # start every round with empty GC generations, as compare.py does (not timed)
-        return setup()
-
-    benchmark.pedantic(target, setup=fresh, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
-
-
-def check_all(rounds, n):  # type: ignore[no-untyped-def]
-    for sinks in rounds:
-        for sink in sinks:
-            sink.check(n)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -46,32 +39,15 @@ def check_all(rounds, n):  # type: ignore[no-untyped-def]
 
 @pytest.mark.benchmark(group="floor: direct calls")
 @pytest.mark.parametrize("subs", SUBSCRIBERS)
-def test_floor_direct_calls(benchmark, events, make_sinks, record_rate, subs):
-    rounds = []
-
+def test_floor_direct_calls(benchmark, pedantic, events, make_sinks, record_rate, subs):
     def setup():
-        sinks = make_sinks(subs)
-        rounds.append(sinks)
-        return tuple(s.handler for s in sinks), {}
+        return ([s.handler for s in make_sinks(subs)],), {}
 
-    def one(h):
-        for e in events:
-            h(e)
+    def target(handlers):
+        call_direct(events, handlers)
 
-    def four(h0, h1, h2, h3):
-        for e in events:
-            h0(e)
-            h1(e)
-            h2(e)
-            h3(e)
-
-    def many(*hs):
-        for e in events:
-            for h in hs:
-                h(e)
-
-    pedantic(benchmark, {1: one, 4: four}.get(subs, many), setup)
-    check_all(rounds, len(events))
+    pedantic(target, setup)
+    make_sinks.check(len(events))
     record_rate(benchmark)
 
 
@@ -113,29 +89,19 @@ def test_publish_no_subscriber(benchmark, events, make_bus, key, record_rate, vi
 @pytest.mark.benchmark(group="sync dispatch")
 @LATENCY
 @pytest.mark.parametrize("subs", SUBSCRIBERS)
-def test_sync_dispatch(benchmark, loop, chunks, make_bus, make_sinks, key, record_rate, subs, track_latency):
-    rounds = []
-
+def test_sync_dispatch(
+    benchmark, pedantic, loop, chunks, make_bus, make_sinks, key, record_rate, subs, track_latency
+):
     def setup():
         bus = make_bus(track_latency)
         bus.bind_loop(loop)
-        sinks = make_sinks(subs)
-        rounds.append(sinks)
-        return (bus.channel(key).publish, [bus.subscribe(key, s.handler) for s in sinks]), {}
-
-    async def flood(publish, subscriptions):
-        for chunk in chunks:
-            for e in chunk:
-                publish(e)
-            await sleep(0)
-        while any(s.backlog for s in subscriptions):
-            await sleep(0)
+        return (bus.channel(key).publish, [bus.subscribe(key, s.handler) for s in make_sinks(subs)]), {}
 
     def target(publish, subscriptions):
-        loop.run_until_complete(flood(publish, subscriptions))
+        loop.run_until_complete(push_flood(publish, subscriptions, chunks))
 
-    pedantic(benchmark, target, setup)
-    check_all(rounds, sum(map(len, chunks)))
+    pedantic(target, setup)
+    make_sinks.check(sum(map(len, chunks)))
     record_rate(benchmark)
 
 
@@ -143,65 +109,45 @@ def test_sync_dispatch(benchmark, loop, chunks, make_bus, make_sinks, key, recor
 # Pull: one consumer task per subscription.
 
 
-async def consume_async_for(sub, handler):
-    async for ev in sub:
-        handler(ev)
+def pull_round(loop, consume, key, chunks):  # type: ignore[no-untyped-def]
+    """Return the target of a pull benchmark: start ``consume(sub, handler)`` tasks, let them park, flood."""
 
+    async def flood(bus, pairs):  # type: ignore[no-untyped-def]
+        tasks = start_consumers(consume, pairs)
+        await sleep(0)  # consumers park first
+        await pull_flood(bus.channel(key).publish, bus, tasks, chunks)
 
-async def consume_recv_batch(sub, handler):
-    try:
-        while True:
-            for ev in await sub.recv_batch():
-                handler(ev)
-    except ChannelClosed:
-        pass
+    def target(bus, pairs):  # type: ignore[no-untyped-def]
+        loop.run_until_complete(flood(bus, pairs))
+
+    return target
 
 
 @pytest.mark.benchmark(group="pull flood")
 @pytest.mark.parametrize("mode", ["async_for", "recv_batch"])
 @pytest.mark.parametrize("subs", SUBSCRIBERS)
-def test_pull_flood(benchmark, loop, chunks, make_bus, make_sinks, key, record_rate, subs, mode):
-    consume = consume_async_for if mode == "async_for" else consume_recv_batch
-    rounds = []
+def test_pull_flood(benchmark, pedantic, loop, chunks, make_bus, make_sinks, key, record_rate, subs, mode):
+    consume = consume_iter if mode == "async_for" else consume_batch
 
     def setup():
         bus = make_bus()
         bus.bind_loop(loop)
-        sinks = make_sinks(subs)
-        rounds.append(sinks)
-        return (bus, [(bus.subscribe(key), s.handler) for s in sinks]), {}
+        return (bus, [(bus.subscribe(key), s.handler) for s in make_sinks(subs)]), {}
 
-    async def flood(bus, pairs):
-        tasks = [asyncio.ensure_future(consume(sub, h)) for sub, h in pairs]
-        await sleep(0)  # consumers park first
-        publish = bus.channel(key).publish
-        for chunk in chunks:
-            for e in chunk:
-                publish(e)
-            await sleep(0)
-        bus.close()  # consumers get everything published, then their loops end
-        for t in tasks:
-            await t
-
-    def target(bus, pairs):
-        loop.run_until_complete(flood(bus, pairs))
-
-    pedantic(benchmark, target, setup)
-    check_all(rounds, sum(map(len, chunks)))
+    pedantic(pull_round(loop, consume, key, chunks), setup)
+    make_sinks.check(sum(map(len, chunks)))
     record_rate(benchmark)
 
 
 @pytest.mark.benchmark(group="pull drain, no loop")
 @pytest.mark.parametrize("subs", SUBSCRIBERS)
-def test_pull_drain_inline(benchmark, chunks, make_bus, make_sinks, key, record_rate, subs):
+def test_pull_drain_inline(benchmark, pedantic, chunks, make_bus, make_sinks, key, record_rate, subs):
     """The producer drains each subscription after every chunk: the pull path without any task switch."""
-    rounds = []
 
     def setup():
         bus = make_bus()
-        sinks = make_sinks(subs)
-        rounds.append(sinks)
-        return (bus.channel(key).publish, [(bus.subscribe(key).drain, s.handler) for s in sinks]), {}
+        pairs = [(bus.subscribe(key).drain, s.handler) for s in make_sinks(subs)]
+        return (bus.channel(key).publish, pairs), {}
 
     def target(publish, pairs):
         for chunk in chunks:
@@ -211,8 +157,8 @@ def test_pull_drain_inline(benchmark, chunks, make_bus, make_sinks, key, record_
                 for ev in drain():
                     h(ev)
 
-    pedantic(benchmark, target, setup)
-    check_all(rounds, sum(map(len, chunks)))
+    pedantic(target, setup)
+    make_sinks.check(sum(map(len, chunks)))
     record_rate(benchmark)
 
 
@@ -220,60 +166,22 @@ def test_pull_drain_inline(benchmark, chunks, make_bus, make_sinks, key, record_
 # The classic alternative: one asyncio.Queue per subscriber.
 
 
-async def consume_queue(q, handler):
-    get = q.get
-    while True:
-        ev = await get()
-        if ev is None:
-            return
-        handler(ev)
-
-
 @pytest.mark.benchmark(group="asyncio.Queue fan-out")
 @pytest.mark.parametrize("subs", SUBSCRIBERS)
-def test_queue_fanout(benchmark, loop, chunks, make_sinks, record_rate, subs):
-    rounds = []
-
+def test_queue_fanout(benchmark, pedantic, loop, chunks, make_sinks, record_rate, subs):
     def setup():
-        sinks = make_sinks(subs)
-        rounds.append(sinks)
-        return ([(asyncio.Queue(), s.handler) for s in sinks],), {}
+        return ([(asyncio.Queue(), s.handler) for s in make_sinks(subs)],), {}
 
     async def flood(pairs):
-        tasks = [asyncio.ensure_future(consume_queue(q, h)) for q, h in pairs]
+        tasks = start_consumers(consume_queue, pairs)
         await sleep(0)
-        if len(pairs) == 1:
-            put = pairs[0][0].put_nowait
-            for chunk in chunks:
-                for e in chunk:
-                    put(e)
-                await sleep(0)
-        elif len(pairs) != 4:
-            puts = [q.put_nowait for q, _ in pairs]
-            for chunk in chunks:
-                for e in chunk:
-                    for put in puts:
-                        put(e)
-                await sleep(0)
-        else:
-            p0, p1, p2, p3 = [q.put_nowait for q, _ in pairs]
-            for chunk in chunks:
-                for e in chunk:
-                    p0(e)
-                    p1(e)
-                    p2(e)
-                    p3(e)
-                await sleep(0)
-        for q, _ in pairs:
-            q.put_nowait(None)
-        for t in tasks:
-            await t
+        await queue_flood([q for q, _ in pairs], tasks, chunks)
 
     def target(pairs):
         loop.run_until_complete(flood(pairs))
 
-    pedantic(benchmark, target, setup)
-    check_all(rounds, sum(map(len, chunks)))
+    pedantic(target, setup)
+    make_sinks.check(sum(map(len, chunks)))
     record_rate(benchmark)
 
 
@@ -299,39 +207,24 @@ def pump_error(exc, event):
     raise AssertionError(f"handler failed on {event!r}") from exc
 
 
+def run_handler(sub, async_handler):
+    """The compiled pump the scheduler runs for a coroutine handler."""
+    return sub.run_handler(async_handler, pump_error)
+
+
 @pytest.mark.benchmark(group="async handler")
 @pytest.mark.parametrize("via", ["async_for_await", "run_handler"])
 @pytest.mark.parametrize("subs", [1, 4])
-def test_async_handler(benchmark, loop, chunks, make_bus, make_sinks, key, record_rate, subs, via):
-    rounds = []
+def test_async_handler(benchmark, pedantic, loop, chunks, make_bus, make_sinks, key, record_rate, subs, via):
+    consume = run_handler if via == "run_handler" else consume_awaiting
 
     def setup():
         bus = make_bus()
         bus.bind_loop(loop)
-        sinks = make_sinks(subs)
-        rounds.append(sinks)
-        return (bus, [(bus.subscribe(key), make_async_handler(s)) for s in sinks]), {}
+        return (bus, [(bus.subscribe(key), make_async_handler(s)) for s in make_sinks(subs)]), {}
 
-    async def flood(bus, pairs):
-        if via == "run_handler":
-            tasks = [asyncio.ensure_future(sub.run_handler(h, pump_error)) for sub, h in pairs]
-        else:
-            tasks = [asyncio.ensure_future(consume_awaiting(sub, h)) for sub, h in pairs]
-        await sleep(0)
-        publish = bus.channel(key).publish
-        for chunk in chunks:
-            for e in chunk:
-                publish(e)
-            await sleep(0)
-        bus.close()
-        for t in tasks:
-            await t
-
-    def target(bus, pairs):
-        loop.run_until_complete(flood(bus, pairs))
-
-    pedantic(benchmark, target, setup)
-    check_all(rounds, sum(map(len, chunks)))
+    pedantic(pull_round(loop, consume, key, chunks), setup)
+    make_sinks.check(sum(map(len, chunks)))
     record_rate(benchmark)
 
 
@@ -343,38 +236,30 @@ def test_async_handler(benchmark, loop, chunks, make_bus, make_sinks, key, recor
 @pytest.mark.parametrize("overflow", ["lag", "block"])
 @pytest.mark.parametrize("path", ["push", "pull"])
 @pytest.mark.parametrize("subs", [1, 4])
-def test_overflow(benchmark, loop, chunks, make_bus, make_sinks, key, record_rate, subs, path, overflow):
+def test_overflow(
+    benchmark, pedantic, loop, chunks, make_bus, make_sinks, key, record_rate, subs, path, overflow
+):
     """The same flood on a LAG and on a BLOCK channel; BLOCK pays the slowest-cursor bookkeeping."""
-    rounds = []
 
     def setup():
         bus = make_bus(overflow=overflow)
         bus.bind_loop(loop)
         sinks = make_sinks(subs)
-        rounds.append(sinks)
         if path == "push":
             return (bus, [bus.subscribe(key, s.handler) for s in sinks], []), {}
         return (bus, [], [(bus.subscribe(key), s.handler) for s in sinks]), {}
 
     async def flood(bus, push_subs, pull_pairs):
-        tasks = [asyncio.ensure_future(consume_async_for(sub, h)) for sub, h in pull_pairs]
+        tasks = start_consumers(consume_iter, pull_pairs)
         await sleep(0)
         # channel.publish on both: a chunk fits the ring and is consumed before the next, so a BLOCK channel
         # is never full here and the difference is BLOCK's bookkeeping (slowest cursor, waiter checks).
-        publish = bus.channel(key).publish
-        for chunk in chunks:
-            for e in chunk:
-                publish(e)
-            await sleep(0)
-        while any(s.backlog for s in push_subs):
-            await sleep(0)
-        bus.close()
-        for t in tasks:
-            await t
+        await push_flood(bus.channel(key).publish, push_subs, chunks)
+        await close_and_join(bus, tasks)
 
     def target(bus, push_subs, pull_pairs):
         loop.run_until_complete(flood(bus, push_subs, pull_pairs))
 
-    pedantic(benchmark, target, setup)
-    check_all(rounds, sum(map(len, chunks)))
+    pedantic(target, setup)
+    make_sinks.check(sum(map(len, chunks)))
     record_rate(benchmark)

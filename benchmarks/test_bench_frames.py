@@ -13,25 +13,14 @@ Run: ``python -m pytest benchmarks/test_bench_frames.py -q --benchmark-only``.
 
 from __future__ import annotations
 
-import asyncio
-import gc
-
 import msgspec
 import pytest
 
+from kimiha.bench.cases import push_flood
+
+#: Timed rounds of the baselines (no setup: each round calls the same handlers again).
 ROUNDS = 15
-WARMUP_ROUNDS = 2
 SUBSCRIBERS = [1, 4]
-
-sleep = asyncio.sleep
-
-
-def pedantic(benchmark, target, setup):  # type: ignore[no-untyped-def]
-    def fresh():  # type: ignore[no-untyped-def]
-        gc.collect()
-        return setup()
-
-    benchmark.pedantic(target, setup=fresh, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
 
 
 def frame_sink():  # type: ignore[no-untyped-def]
@@ -49,7 +38,7 @@ def frame_sink():  # type: ignore[no-untyped-def]
 
 @pytest.mark.benchmark(group="frames: encode once")
 @pytest.mark.parametrize("subs", SUBSCRIBERS)
-def test_encode_shared_frame(benchmark, loop, chunks, make_bus, key, record_rate, subs):
+def test_encode_shared_frame(benchmark, pedantic, loop, chunks, make_bus, key, record_rate, subs):
     n = sum(map(len, chunks))
     rounds = []
 
@@ -60,18 +49,10 @@ def test_encode_shared_frame(benchmark, loop, chunks, make_bus, key, record_rate
         rounds.append([state for _, state in sinks])
         return (bus.channel(key).publish, [bus.subscribe(key, h, frames=True) for h, _ in sinks]), {}
 
-    async def flood(publish, subscriptions):
-        for chunk in chunks:
-            for e in chunk:
-                publish(e)
-            await sleep(0)
-        while any(s.backlog for s in subscriptions):
-            await sleep(0)
-
     def target(publish, subscriptions):
-        loop.run_until_complete(flood(publish, subscriptions))
+        loop.run_until_complete(push_flood(publish, subscriptions, chunks))
 
-    pedantic(benchmark, target, setup)
+    pedantic(target, setup)
     for states in rounds:
         for state in states:
             assert (state["count"], state["last"]) == (n, n - 1), state
@@ -101,33 +82,19 @@ def test_encode_per_subscriber_baseline(benchmark, events, record_rate, subs):
 
 @pytest.mark.benchmark(group="frames: decode once")
 @pytest.mark.parametrize("subs", SUBSCRIBERS)
-def test_publish_raw_decode_once(benchmark, loop, frames, make_bus, make_sinks, key, record_rate, subs):
-    chunked = [frames[i : i + 1024] for i in range(0, len(frames), 1024)]
-    rounds = []
-
+def test_publish_raw_decode_once(
+    benchmark, pedantic, loop, frames, frame_chunks, make_bus, make_sinks, key, record_rate, subs
+):
     def setup():
         bus = make_bus()
         bus.bind_loop(loop)
-        sinks = make_sinks(subs)
-        rounds.append(sinks)
-        return (bus, [bus.subscribe(key, s.handler) for s in sinks]), {}
+        return (bus.channel(key).publish_raw, [bus.subscribe(key, s.handler) for s in make_sinks(subs)]), {}
 
-    async def flood(bus, subscriptions):
-        publish_raw = bus.channel(key).publish_raw
-        for chunk in chunked:
-            for frame in chunk:
-                publish_raw(frame)
-            await sleep(0)
-        while any(s.backlog for s in subscriptions):
-            await sleep(0)
+    def target(publish_raw, subscriptions):
+        loop.run_until_complete(push_flood(publish_raw, subscriptions, frame_chunks))
 
-    def target(bus, subscriptions):
-        loop.run_until_complete(flood(bus, subscriptions))
-
-    pedantic(benchmark, target, setup)
-    for sinks in rounds:
-        for sink in sinks:
-            sink.check(len(frames))
+    pedantic(target, setup)
+    make_sinks.check(len(frames))
     record_rate(benchmark, len(frames))
 
 

@@ -11,14 +11,10 @@ Run: ``python -m pytest benchmarks/test_bench_scheduler.py -q --benchmark-only``
 from __future__ import annotations
 
 import asyncio
-import gc
 
 import pytest
 
 from kimiha import EventTask, Scheduler
-
-ROUNDS = 15
-WARMUP_ROUNDS = 2
 
 sleep = asyncio.sleep
 
@@ -57,7 +53,7 @@ async def publish_all(bus, key, chunks, task) -> None:  # type: ignore[no-untype
 @pytest.mark.benchmark(group="scheduler event task")
 @pytest.mark.parametrize("handler", ["sync", "async"])
 @pytest.mark.parametrize("via", ["bare subscription", "event task"])
-def test_event_task_overhead(benchmark, loop, chunks, make_bus, key, record_rate, handler, via):
+def test_event_task_overhead(benchmark, pedantic, loop, chunks, make_bus, key, record_rate, handler, via):
     n = sum(map(len, chunks))
     tasks = []
 
@@ -80,7 +76,6 @@ def test_event_task_overhead(benchmark, loop, chunks, make_bus, key, record_rate
         return asyncio.ensure_future(pump())
 
     def setup():  # type: ignore[no-untyped-def]
-        gc.collect()
         bus = make_bus()
         bus.bind_loop(loop)
         task = AsyncCountingTask(key) if handler == "async" else CountingTask(key)
@@ -101,9 +96,7 @@ def test_event_task_overhead(benchmark, loop, chunks, make_bus, key, record_rate
     def teardown(bus, task, runner):  # type: ignore[no-untyped-def]
         loop.run_until_complete(stop(bus, runner))
 
-    benchmark.pedantic(
-        target, setup=setup, teardown=teardown, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1
-    )
+    pedantic(target, setup, teardown)
     for task in tasks:
         assert (task.count, task.last) == (n, n - 1)
     record_rate(benchmark)

@@ -11,32 +11,18 @@ Run: ``python -m pytest benchmarks/test_bench_threadsafe.py -q --benchmark-only`
 from __future__ import annotations
 
 import asyncio
-import gc
 import threading
 
 import pytest
 
-ROUNDS = 15
-WARMUP_ROUNDS = 2
-
-
-def pedantic(benchmark, target, setup):  # type: ignore[no-untyped-def]
-    def fresh():  # type: ignore[no-untyped-def]
-        gc.collect()
-        return setup()
-
-    benchmark.pedantic(target, setup=fresh, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
-
 
 @pytest.mark.benchmark(group="thread-safe publish")
 @pytest.mark.parametrize("via", ["kimiha publish_threadsafe", "loop.call_soon_threadsafe"])
-def test_threadsafe_publish(benchmark, loop, events, make_bus, make_sinks, key, record_rate, via):
+def test_threadsafe_publish(benchmark, pedantic, loop, events, make_bus, make_sinks, key, record_rate, via):
     n = len(events)
-    rounds = []
 
     def setup():  # type: ignore[no-untyped-def]
         (sink,) = make_sinks(1)
-        rounds.append(sink)
         finished = threading.Event()
         count = sink.handler
 
@@ -72,7 +58,6 @@ def test_threadsafe_publish(benchmark, loop, events, make_bus, make_sinks, key, 
         loop.run_until_complete(wait_for(finished))
         thread.join()
 
-    pedantic(benchmark, target, setup)
-    for sink in rounds:
-        sink.check(n)
+    pedantic(target, setup)
+    make_sinks.check(n)
     record_rate(benchmark)

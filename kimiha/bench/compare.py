@@ -35,118 +35,67 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import random
-import statistics
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import kimiha
-from kimiha import ChannelClosed, ChannelConfig, Event, EventBus, EventType
-from kimiha.benchmark import MIN_REPEAT, machine_header, machine_info, progress, write_json
+from kimiha.benchmark import MIN_REPEAT, machine_header, machine_info, progress
 from kimiha.bench.anchors import NAUTILUS_TOPIC, PYEE_EVENT, Anchor, load_nautilus, load_pyee
+from kimiha.bench.cases import (
+    SEED,
+    Ev,
+    Sink,
+    Tick,
+    call_direct,
+    chunked,
+    consume_batch,
+    consume_iter,
+    consume_queue,
+    make_events,
+    new_bus,
+    pull_flood,
+    push_flood,
+    queue_flood,
+    start_consumers,
+)
+from kimiha.bench.runner import LOOPS, SUBSCRIBER_COUNTS, BenchCase, freeze_setup, new_parser, parse_loops
+from kimiha.bench.runner import paired_json, rows_by_subscribers, run_interleaved, save_json
 from kimiha.channel_config import MAX_CAPACITY
 
-__all__ = ["Case", "Ev", "Setup", "Tick", "main", "make_events", "make_sink", "new_bus", "run_case"]
+__all__ = ["Case", "Ev", "Setup", "Sink", "Tick", "main", "make_events", "new_bus", "run_case"]
 
-SEED = 20240601
 DEFAULT_EVENTS = 200_000
 DEFAULT_REPEAT = 9
 QUICK_EVENTS = 50_000
 QUICK_REPEAT = 5
 WARMUP_EVENTS = 5_000
-SUBSCRIBER_COUNTS = (1, 4)
-LOOPS = ("uvloop", "asyncio")
 
 perf_counter_ns = time.perf_counter_ns
 
 
-class Ev(EventType):
-    MD = "MarketData"
-
-
-class Tick(Event, frozen=True):
-    price: float
-    seq: int
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data and the one handler every case uses.
-
-
-def make_events(n: int, seed: int) -> list[Tick]:
-    """Return ``n`` ticks with sequence numbers ``0..n-1`` and seeded random prices."""
-    rng = random.Random(seed)
-    return [Tick(price=round(100.0 + rng.gauss(0.0, 1.0), 4), seq=i) for i in range(n)]
-
-
-def make_sink() -> tuple[Callable[[Tick], None], Callable[[], tuple[int, int]]]:
-    """Return ``(handler, seen)``: the handler counts events and keeps the last ``seq``; ``seen`` reports both."""
-    count = 0
-    last = -1
-
-    def handler(event: Tick) -> None:
-        nonlocal count, last
-        count += 1
-        last = event.seq
-
-    def seen() -> tuple[int, int]:
-        return count, last
-
-    return handler, seen
-
-
-def chunked(events: list[Tick], size: int) -> list[list[Tick]]:
-    return [events[i : i + size] for i in range(0, len(events), size)]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The cases. Each returns (elapsed_ns, channel stats or None); setup and checks stay outside the timed span.
+# The events, the handler, the bus and the floods come from kimiha.bench.cases, shared with benchmarks/.
 
 
 def run_floor(events: list[Tick], handlers: list[Callable[[Tick], None]]) -> tuple[int, None]:
-    if len(handlers) == 1:
-        (h,) = handlers
-        t0 = perf_counter_ns()
-        for e in events:
-            h(e)
-        return perf_counter_ns() - t0, None
-    h0, h1, h2, h3 = handlers
     t0 = perf_counter_ns()
-    for e in events:
-        h0(e)
-        h1(e)
-        h2(e)
-        h3(e)
+    call_direct(events, handlers)
     return perf_counter_ns() - t0, None
 
 
 def run_bound(events: list[Tick], handlers: list[Callable[[Tick], None]]) -> tuple[int, None]:
     buf: list[Tick] = []
     append = buf.append
-    if len(handlers) == 1:
-        (h,) = handlers
-        t0 = perf_counter_ns()
-        for e in events:
-            append(e)
-        for e in buf:
-            h(e)
-        return perf_counter_ns() - t0, None
-    h0, h1, h2, h3 = handlers
     t0 = perf_counter_ns()
     for e in events:
         append(e)
-    for e in buf:
-        h0(e)
-    for e in buf:
-        h1(e)
-    for e in buf:
-        h2(e)
-    for e in buf:
-        h3(e)
+    for h in handlers:
+        call_direct(buf, (h,))
     return perf_counter_ns() - t0, None
 
 
@@ -177,43 +126,16 @@ def run_nautilus(
     return elapsed, {"published": bus.pub_count}
 
 
-def new_bus(capacity: int, track_latency: bool = True) -> EventBus:
-    return EventBus([(Ev.MD, ChannelConfig(capacity, payload_type=Tick, track_latency=track_latency))])
-
-
 async def run_sync(
     chunks: list[list[Tick]], handlers: list[Callable[[Tick], None]], capacity: int, track_latency: bool
 ) -> tuple[int, dict[str, Any]]:
     bus = new_bus(capacity, track_latency)
     subs = [bus.subscribe(Ev.MD, h) for h in handlers]
     publish = bus.channel(Ev.MD).publish
-    sleep = asyncio.sleep
     t0 = perf_counter_ns()
-    for chunk in chunks:
-        for e in chunk:
-            publish(e)
-        await sleep(0)
-    # Normally nothing is left: a chunk is at most one dispatch budget. Waiting on the backlog rather than on
-    # the handlers' counts cannot hang if events were lost; the counts are checked afterwards.
-    while any(sub.backlog for sub in subs):
-        await sleep(0)
+    await push_flood(publish, subs, chunks)
     elapsed = perf_counter_ns() - t0
     return elapsed, bus.stats(Ev.MD)
-
-
-async def consume_iter(sub: kimiha.Subscription, h: Callable[[Tick], None]) -> None:
-    async for ev in sub:
-        h(ev)
-
-
-async def consume_batch(sub: kimiha.Subscription, h: Callable[[Tick], None]) -> None:
-    recv_batch = sub.recv_batch
-    try:
-        while True:
-            for ev in await recv_batch():
-                h(ev)
-    except ChannelClosed:
-        pass
 
 
 async def run_flood(
@@ -225,56 +147,21 @@ async def run_flood(
 ) -> tuple[int, dict[str, Any]]:
     bus = new_bus(capacity, track_latency)
     consume = consume_batch if batch else consume_iter
-    tasks = [asyncio.create_task(consume(bus.subscribe(Ev.MD), h)) for h in handlers]
-    sleep = asyncio.sleep
-    await sleep(0)  # every consumer starts and parks before the clock starts
+    tasks = start_consumers(consume, [(bus.subscribe(Ev.MD), h) for h in handlers])
+    await asyncio.sleep(0)  # every consumer starts and parks before the clock starts
     publish = bus.channel(Ev.MD).publish
     t0 = perf_counter_ns()
-    for chunk in chunks:
-        for e in chunk:
-            publish(e)
-        await sleep(0)
-    bus.close()  # consumers receive everything published, then their loops end
-    for t in tasks:
-        await t
+    await pull_flood(publish, bus, tasks, chunks)
     elapsed = perf_counter_ns() - t0
     return elapsed, bus.stats(Ev.MD)
 
 
-async def consume_queue(q: asyncio.Queue[Tick | None], h: Callable[[Tick], None]) -> None:
-    get = q.get
-    while True:
-        ev = await get()
-        if ev is None:
-            return
-        h(ev)
-
-
 async def run_queue(chunks: list[list[Tick]], handlers: list[Callable[[Tick], None]]) -> tuple[int, None]:
     queues: list[asyncio.Queue[Tick | None]] = [asyncio.Queue() for _ in handlers]
-    tasks = [asyncio.create_task(consume_queue(q, h)) for q, h in zip(queues, handlers)]
-    sleep = asyncio.sleep
-    await sleep(0)
+    tasks = start_consumers(consume_queue, zip(queues, handlers))
+    await asyncio.sleep(0)
     t0 = perf_counter_ns()
-    if len(queues) == 1:
-        put = queues[0].put_nowait
-        for chunk in chunks:
-            for e in chunk:
-                put(e)
-            await sleep(0)
-    else:
-        p0, p1, p2, p3 = [q.put_nowait for q in queues]
-        for chunk in chunks:
-            for e in chunk:
-                p0(e)
-                p1(e)
-                p2(e)
-                p3(e)
-            await sleep(0)
-    for q in queues:
-        q.put_nowait(None)  # end-of-stream sentinel, the idiomatic way to stop a queue consumer
-    for t in tasks:
-        await t
+    await queue_flood(queues, tasks, chunks)
     return perf_counter_ns() - t0, None
 
 
@@ -313,24 +200,12 @@ ANCHOR_KINDS: dict[str, Callable[[], Anchor]] = {
 
 
 @dataclass
-class Case:
-    kind: str
-    loop: str | None  # None: runs without an event loop
-    subs: int
-    samples: list[float] = field(default_factory=list)  # ns per published event, one per repetition
+class Case(BenchCase):
+    """A comparison case; its samples are ns per published event, one per repetition."""
+
     anchor: Anchor | None = None
 
-    @property
-    def key(self) -> str:
-        return f"{self.kind}/{self.loop or '-'}/{self.subs}"
-
-    @property
-    def label(self) -> str:
-        return KINDS[self.kind]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
+    LABELS = KINDS
 
 
 @dataclass
@@ -367,9 +242,8 @@ def run_on_loop(loop: str, coro: Coroutine[Any, Any, Any]) -> Any:
 
 def run_case(case: Case, setup: Setup) -> float:
     """Run ``case`` once on fresh handlers and a fresh bus/loop; verify it; return ns per published event."""
-    sinks = [make_sink() for _ in range(case.subs)]
-    handlers = [h for h, _ in sinks]
-    seen = [s for _, s in sinks]
+    sinks = [Sink() for _ in range(case.subs)]
+    handlers = [s.handler for s in sinks]
     n = setup.n
     gc.collect()
     stats: dict[str, Any] | None
@@ -395,21 +269,13 @@ def run_case(case: Case, setup: Setup) -> float:
         else:
             coro = run_queue(setup.chunks, handlers)
         elapsed, stats = run_on_loop(case.loop, coro)
-    verify(case, n, seen, stats)
+    verify(case, n, sinks, stats)
     return elapsed / n
 
 
-def verify(
-    case: Case, n: int, seen: list[Callable[[], tuple[int, int]]], stats: dict[str, Any] | None
-) -> None:
+def verify(case: Case, n: int, sinks: list[Sink], stats: dict[str, Any] | None) -> None:
     """Raise unless every handler saw exactly ``n`` events ending with the last one (and the bus agrees)."""
-    problems = []
-    for i, s in enumerate(seen):
-        count, last = s()
-        if count != n or last != n - 1:
-            problems.append(
-                f"subscriber {i} saw {count} events (last seq {last}), expected {n} (last {n - 1})"
-            )
+    problems = [f"subscriber {i} {p}" for i, s in enumerate(sinks) if (p := s.problem(n)) is not None]
     if stats is not None and "latency_ns" in stats:  # a kimiha channel: its counters must agree
         expect = {
             "published": n,
@@ -549,22 +415,20 @@ def format_report(
             lines.append(f"{KINDS[kind]}: skipped: {anchor.reason}")
     lines.append("")
     floors = {c.subs: c.median for c in cases if c.kind == "floor"}
+
+    def row(c: Case) -> str:
+        med = c.median
+        lo, hi = min(c.samples), max(c.samples)
+        return (
+            f"{c.label:<38} {c.loop or '-':<8} {c.subs:>4} {med:>9.1f} {lo:>9.1f} {hi:>9.1f} "
+            f"{(hi - lo) / med * 100:>6.1f}% {med / floors[c.subs]:>7.2f}x"
+        )
+
     header = (
         f"{'case':<38} {'loop':<8} {'subs':>4} {'median':>9} {'min':>9} {'max':>9} "
         f"{'spread':>7} {'x floor':>8}"
     )
-    lines += [header, "-" * len(header)]
-    for subs in SUBSCRIBER_COUNTS:
-        for c in cases:
-            if c.subs != subs:
-                continue
-            med = c.median
-            lo, hi = min(c.samples), max(c.samples)
-            lines.append(
-                f"{c.label:<38} {c.loop or '-':<8} {c.subs:>4} {med:>9.1f} {lo:>9.1f} {hi:>9.1f} "
-                f"{(hi - lo) / med * 100:>6.1f}% {med / floors[subs]:>7.2f}x"
-            )
-        lines.append("")
+    lines += [header, "-" * len(header)] + rows_by_subscribers(cases, row)
     header = (
         f"  {'ratio of medians':<62} {'loop':<8} {'subs':>4} {'ratio':>7} {'paired min..max':>16} "
         f"{'target':>7}"
@@ -611,10 +475,7 @@ def to_json(
         },
         "cases": [
             {
-                "case": c.kind,
-                "label": c.label,
-                "loop": c.loop,
-                "subscribers": c.subs,
+                **c.identity(),
                 "ns_per_event": {
                     "median": c.median,
                     "min": min(c.samples),
@@ -631,9 +492,7 @@ def to_json(
                 "denominator": r.den.key,
                 "subscribers": r.num.subs,
                 "loop": r.loop,
-                "value": r.value,
-                "paired_min": min(r.paired),
-                "paired_max": max(r.paired),
+                **paired_json(r.value, r.paired),
                 "target": r.target or None,
                 "met": r.met,
                 "headline": r.headline,
@@ -670,17 +529,16 @@ examples:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="kimiha bench compare",
-        description=(
+    parser = new_parser(
+        "kimiha bench compare",
+        (
             "Compare kimiha's event bus with direct handler calls (the floor), asyncio.Queue fan-out, pyee\n"
             "and NautilusTrader's MessageBus, on uvloop and asyncio, with 1 and 4 subscribers. Repetitions\n"
             "are interleaved in one process; the table reports median/min/max ns per published event and\n"
             "ratios of medians. Every run is verified: each handler saw exactly N events, the last one last,\n"
             "and the bus's counters agree."
         ),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        EPILOG,
     )
     parser.add_argument(
         "--events",
@@ -735,12 +593,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
     if not 1 <= args.capacity <= MAX_CAPACITY:
         parser.error(f"--capacity: expected between 1 and {MAX_CAPACITY}, got {args.capacity}")
-    args.loops = [name.strip() for name in args.loops.split(",") if name.strip()]
-    unknown = [name for name in args.loops if name not in LOOPS]
-    if unknown or not args.loops:
-        parser.error(
-            f"--loops: expected a comma-separated subset of {','.join(LOOPS)}, got {unknown or 'none'}"
-        )
+    args.loops = parse_loops(parser, args.loops)
     if args.gate is not None and "uvloop" not in args.loops:
         parser.error("--gate compares the uvloop cases: add uvloop to --loops")
     if args.gate is not None and not args.gate > 0:
@@ -770,26 +623,27 @@ def main(argv: list[str] | None = None) -> int:
     events = make_events(args.events, args.seed)
     setup = Setup(args.events, args.capacity, events, chunked(events, chunk))
     cases = build_cases(args.loops, anchors)
-    # What setup built (imported libraries, the events) stays alive to the end: keep it out of the collector's
-    # passes, so that the size of one library's imports does not slow down the cases of another.
-    gc.collect()
-    gc.freeze()
+    freeze_setup()
 
     warm_n = min(args.events, WARMUP_EVENTS)
     warm = Setup(
         warm_n, args.capacity, events[:warm_n], chunked(events[:warm_n], chunk_size(warm_n, args.capacity))
     )
-    for i, case in enumerate(cases, 1):
-        progress(f"warm-up {i}/{len(cases)} {case.key}")
-        run_case(case, warm)
-    progress(f"warm-up of {len(cases)} cases done ({time.monotonic() - started:.1f} s)", final=True)
-
-    for rep in range(1, args.repeat + 1):
-        t_rep = time.monotonic()
-        for i, case in enumerate(cases, 1):
-            progress(f"rep {rep}/{args.repeat} case {i}/{len(cases)} {case.key}")
-            case.samples.append(run_case(case, setup))
-        progress(f"rep {rep}/{args.repeat} done in {time.monotonic() - t_rep:.1f} s", final=True)
+    run_interleaved(
+        cases,
+        1,
+        lambda case, _rep: run_case(case, warm),
+        note=lambda _rep, i, case: f"warm-up {i}/{len(cases)} {case.key}",
+        done=lambda _rep, _s: f"warm-up of {len(cases)} cases done ({time.monotonic() - started:.1f} s)",
+        keep=False,
+    )
+    run_interleaved(
+        cases,
+        args.repeat,
+        lambda case, _rep: run_case(case, setup),
+        note=lambda rep, i, case: f"rep {rep}/{args.repeat} case {i}/{len(cases)} {case.key}",
+        done=lambda rep, seconds: f"rep {rep}/{args.repeat} done in {seconds:.1f} s",
+    )
 
     ratios = build_ratios(cases, args.loops)
     info = machine_info()
@@ -803,9 +657,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratio": g.label,
             "loop": "uvloop",
             "subscribers": 1,
-            "value": g.value,
-            "paired_min": min(g.paired),
-            "paired_max": max(g.paired),
+            **paired_json(g.value, g.paired),
             "required": args.gate,
             "passed": passed,
         }
@@ -816,8 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         status = 0 if passed else 1
     if args.json:
-        write_json(args.json, to_json(cases, ratios, info, args, chunk, anchors, gate))
-        progress(f"wrote {args.json}", final=True)
+        save_json(args.json, to_json(cases, ratios, info, args, chunk, anchors, gate))
     return status
 
 

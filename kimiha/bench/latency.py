@@ -38,9 +38,20 @@ from pathlib import Path
 from typing import Any
 
 import kimiha
-from kimiha import ChannelConfig, Event, EventBus, EventType, LatencyHistogram
+from kimiha import Event, LatencyHistogram
 from kimiha._core import monotonic_ns
-from kimiha.benchmark import MIN_REPEAT, machine_header, machine_info, progress, write_json
+from kimiha.benchmark import MIN_REPEAT, machine_header, machine_info
+from kimiha.bench.cases import (
+    Ev,
+    close_and_join,
+    consume_iter,
+    consume_queue,
+    new_bus,
+    start_consumers,
+    stop_queues,
+)
+from kimiha.bench.runner import LOOPS, SUBSCRIBER_COUNTS, BenchCase, freeze_setup, new_parser, parse_loops
+from kimiha.bench.runner import paired_json, rows_by_subscribers, run_interleaved, save_json
 
 __all__ = ["LatencyCase", "Stamped", "main", "run_latency_case"]
 
@@ -48,8 +59,6 @@ DEFAULT_RATE = 100_000
 DEFAULT_EVENTS = 200_000
 QUICK_EVENTS = 20_000
 WARMUP_EVENTS = 2_000
-SUBSCRIBER_COUNTS = (1, 4)
-LOOPS = ("uvloop", "asyncio")
 
 KINDS = {
     "call_soon": "loop.call_soon hop (floor)",
@@ -62,10 +71,6 @@ KINDS = {
 TARGETS_NS = {1: (1_200, 3_000, 10_000), 4: (2_000, 6_000, 20_000)}
 #: asyncio.Queue must be at least this many times slower than kimiha at p50 and p99.
 QUEUE_RATIO_TARGET = 1.5
-
-
-class Ev(EventType):
-    TICKS = "LatencyTicks"
 
 
 class Stamped(Event, frozen=True, gc=False):
@@ -149,53 +154,34 @@ async def run_call_soon(
 
 
 async def run_kimiha(hist: LatencyHistogram, subs: int, n: int, warmup: int, interval: int) -> dict[str, Any]:
-    bus = EventBus([(Ev.TICKS, ChannelConfig(4096, payload_type=Stamped))])
+    bus = new_bus(4096, payload_type=Stamped)
     handler = make_recorder(hist, warmup)
-    subscriptions = [bus.subscribe(Ev.TICKS, handler) for _ in range(subs)]
-    pacing = await pace([bus.channel(Ev.TICKS).publish], n, warmup, interval)
+    subscriptions = [bus.subscribe(Ev.MD, handler) for _ in range(subs)]
+    pacing = await pace([bus.channel(Ev.MD).publish], n, warmup, interval)
     while any(s.backlog for s in subscriptions):
         await asyncio.sleep(0)
-    return {"pacing": pacing, "bus": bus.stats(Ev.TICKS)}
+    return {"pacing": pacing, "bus": bus.stats(Ev.MD)}
 
 
 async def run_kimiha_pull(
     hist: LatencyHistogram, subs: int, n: int, warmup: int, interval: int
 ) -> dict[str, Any]:
-    bus = EventBus([(Ev.TICKS, ChannelConfig(4096, payload_type=Stamped))])
+    bus = new_bus(4096, payload_type=Stamped)
     handler = make_recorder(hist, warmup)
-
-    async def consume(sub: kimiha.Subscription) -> None:
-        async for event in sub:
-            handler(event)
-
-    tasks = [asyncio.ensure_future(consume(bus.subscribe(Ev.TICKS))) for _ in range(subs)]
+    tasks = start_consumers(consume_iter, [(bus.subscribe(Ev.MD), handler) for _ in range(subs)])
     await asyncio.sleep(0)  # the consumers park before the first event
-    pacing = await pace([bus.channel(Ev.TICKS).publish], n, warmup, interval)
-    bus.close()
-    for t in tasks:
-        await t
-    return {"pacing": pacing, "bus": bus.stats(Ev.TICKS)}
+    pacing = await pace([bus.channel(Ev.MD).publish], n, warmup, interval)
+    await close_and_join(bus, tasks)
+    return {"pacing": pacing, "bus": bus.stats(Ev.MD)}
 
 
 async def run_queue(hist: LatencyHistogram, subs: int, n: int, warmup: int, interval: int) -> dict[str, Any]:
     handler = make_recorder(hist, warmup)
     queues: list[asyncio.Queue[Stamped | None]] = [asyncio.Queue() for _ in range(subs)]
-
-    async def consume(q: asyncio.Queue[Stamped | None]) -> None:
-        get = q.get
-        while True:
-            event = await get()
-            if event is None:
-                return
-            handler(event)
-
-    tasks = [asyncio.ensure_future(consume(q)) for q in queues]
+    tasks = start_consumers(consume_queue, [(q, handler) for q in queues])
     await asyncio.sleep(0)
     pacing = await pace([q.put_nowait for q in queues], n, warmup, interval)
-    for q in queues:
-        q.put_nowait(None)
-    for t in tasks:
-        await t
+    await stop_queues(queues, tasks)
     return {"pacing": pacing}
 
 
@@ -208,23 +194,20 @@ RUNNERS: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
 
 
 @dataclass
-class LatencyCase:
-    kind: str
-    loop: str
-    subs: int
+class LatencyCase(BenchCase):
+    """A latency case; its samples are its segments (summary, pacing, bus latency), one per repetition."""
+
+    loop: str  # every latency case runs on an event loop
     hist: LatencyHistogram = field(default_factory=LatencyHistogram)  # every recorded event of every segment
-    segments: list[dict[str, Any]] = field(default_factory=list)  # per segment: summary, pacing, bus stats
     late: int = 0
     sent: int = 0
     elapsed_ns: int = 0
 
-    @property
-    def key(self) -> str:
-        return f"{self.kind}/{self.loop}/{self.subs}"
+    LABELS = KINDS
 
     @property
-    def label(self) -> str:
-        return KINDS[self.kind]
+    def segments(self) -> list[dict[str, Any]]:
+        return self.samples
 
     @property
     def rate(self) -> float:
@@ -234,8 +217,9 @@ class LatencyCase:
         return [s["summary"][name] for s in self.segments]
 
 
-def run_latency_case(case: LatencyCase, n: int, warmup: int, rate: int) -> None:
-    """Run one segment of ``case`` (``n`` recorded events) on a fresh loop; add it to ``case``; verify it."""
+def run_latency_case(case: LatencyCase, n: int, warmup: int, rate: int) -> dict[str, Any]:
+    """Run one segment of ``case`` (``n`` recorded events) on a fresh loop and verify it; add its histogram
+    and pacing to the case's totals; return the segment (the runner keeps it in ``case.samples``)."""
     hist = LatencyHistogram()
     interval = max(1, round(1e9 / rate))
     gc.collect()
@@ -253,14 +237,12 @@ def run_latency_case(case: LatencyCase, n: int, warmup: int, rate: int) -> None:
     case.late += pacing.late
     case.sent += pacing.sent
     case.elapsed_ns += pacing.elapsed_ns
-    case.segments.append(
-        {
-            "summary": hist.summary(),
-            "late": pacing.late,
-            "rate": round(pacing.rate, 1),
-            "bus_latency_ns": bus["latency_ns"] if bus is not None else None,
-        }
-    )
+    return {
+        "summary": hist.summary(),
+        "late": pacing.late,
+        "rate": round(pacing.rate, 1),
+        "bus_latency_ns": bus["latency_ns"] if bus is not None else None,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,6 +322,16 @@ def us(ns: float) -> str:
     return f"{ns / 1e3:.2f}"
 
 
+def table_row(c: LatencyCase) -> str:
+    """Return the case's line of the table."""
+    s = c.hist.summary()
+    late = 100.0 * c.late / c.sent if c.sent else 0.0
+    return (
+        f"{c.label:<28} {c.loop:<8} {c.subs:>4} {us(s['p50']):>7} {us(s['p90']):>7} {us(s['p99']):>7} "
+        f"{us(s['p99_9']):>8} {us(s['max']):>9} {late:>6.1f}% {c.rate:>9,.0f}"
+    )
+
+
 def format_report(
     cases: list[LatencyCase], args: argparse.Namespace, info: dict[str, Any], elapsed_s: float
 ) -> str:
@@ -356,18 +348,7 @@ def format_report(
         f"{'case':<28} {'loop':<8} {'subs':>4} {'p50':>7} {'p90':>7} {'p99':>7} {'p99.9':>8} {'max':>9} "
         f"{'late':>7} {'rate/s':>9}"
     )
-    lines += [header, "-" * len(header)]
-    for subs in SUBSCRIBER_COUNTS:
-        for c in cases:
-            if c.subs != subs:
-                continue
-            s = c.hist.summary()
-            late = 100.0 * c.late / c.sent if c.sent else 0.0
-            lines.append(
-                f"{c.label:<28} {c.loop:<8} {c.subs:>4} {us(s['p50']):>7} {us(s['p90']):>7} {us(s['p99']):>7} "
-                f"{us(s['p99_9']):>8} {us(s['max']):>9} {late:>6.1f}% {c.rate:>9,.0f}"
-            )
-        lines.append("")
+    lines += [header, "-" * len(header)] + rows_by_subscribers(cases, table_row)
     ratios = build_ratios(cases)
     if ratios:
         header = (
@@ -409,10 +390,7 @@ def to_json(cases: list[LatencyCase], args: argparse.Namespace, info: dict[str, 
         },
         "cases": [
             {
-                "case": c.kind,
-                "label": c.label,
-                "loop": c.loop,
-                "subscribers": c.subs,
+                **c.identity(),
                 "latency_ns": c.hist.summary(),
                 "segments": c.segments,
                 "late": c.late,
@@ -428,9 +406,7 @@ def to_json(cases: list[LatencyCase], args: argparse.Namespace, info: dict[str, 
                 "ratio": f"asyncio.Queue / kimiha handler at {r.pct}",
                 "loop": r.loop,
                 "subscribers": r.subs,
-                "value": r.value,
-                "paired_min": min(r.paired),
-                "paired_max": max(r.paired),
+                **paired_json(r.value, r.paired),
                 "target": f">= {QUEUE_RATIO_TARGET:g}",
                 "met": r.met,
             }
@@ -528,15 +504,14 @@ examples:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="kimiha bench latency",
-        description=(
+    parser = new_parser(
+        "kimiha bench latency",
+        (
             "Publish-to-handler latency under a paced load, kimiha vs asyncio.Queue: a publisher paced by\n"
             "busy-waiting, a timestamp in each event, an HDR-style histogram at the handler. Prints the\n"
             "percentiles, writes JSON (--json) and a PNG of the percentile curves (--plot, needs matplotlib)."
         ),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        EPILOG,
     )
     parser.add_argument(
         "--rate",
@@ -596,12 +571,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
     if args.warmup < 0:
         parser.error(f"--warmup: expected >= 0, got {args.warmup}")
-    args.loops = [name.strip() for name in args.loops.split(",") if name.strip()]
-    unknown = [name for name in args.loops if name not in LOOPS]
-    if unknown or not args.loops:
-        parser.error(
-            f"--loops: expected a comma-separated subset of {','.join(LOOPS)}, got {unknown or 'none'}"
-        )
+    args.loops = parse_loops(parser, args.loops)
     return args
 
 
@@ -625,27 +595,25 @@ def main(argv: list[str] | None = None) -> int:
         args.events // args.segments + (1 if i < args.events % args.segments else 0)
         for i in range(args.segments)
     ]
-    gc.collect()
-    gc.freeze()  # setup stays alive to the end: keep it out of the collector's passes
-    for seg, n in enumerate(per_segment, 1):
-        t_seg = time.monotonic()
-        # Rotate the order each segment so that no case always runs right after the same one.
-        order = cases[seg % len(cases) :] + cases[: seg % len(cases)]
-        for i, case in enumerate(order, 1):
-            progress(
-                f"latency: segment {seg}/{args.segments}, case {i}/{len(cases)} {case.key} ({n:,} events)"
-            )
-            run_latency_case(case, n, args.warmup, args.rate)
-        progress(
-            f"latency: segment {seg}/{args.segments} done in {time.monotonic() - t_seg:.1f} s "
-            f"({sum(c.sent for c in cases):,} events recorded so far)",
-            final=True,
-        )
+    freeze_setup()
+    run_interleaved(
+        cases,
+        args.segments,
+        lambda case, seg: run_latency_case(case, per_segment[seg - 1], args.warmup, args.rate),
+        note=lambda seg, i, case: (
+            f"latency: segment {seg}/{args.segments}, case {i}/{len(cases)} {case.key} "
+            f"({per_segment[seg - 1]:,} events)"
+        ),
+        done=lambda seg, seconds: (
+            f"latency: segment {seg}/{args.segments} done in {seconds:.1f} s "
+            f"({sum(c.sent for c in cases):,} events recorded so far)"
+        ),
+        rotate=True,
+    )
     info = machine_info()
     print(format_report(cases, args, info, time.monotonic() - started))
     if args.json:
-        write_json(args.json, to_json(cases, args, info))
-        progress(f"wrote {args.json}", final=True)
+        save_json(args.json, to_json(cases, args, info))
     if not args.no_plot:
         why_not = plot(cases, args.plot, args, info)
         if why_not is None:

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import kimiha
-from kimiha import ChannelConfig, Event, EventBus, EventType
-from kimiha.benchmark import machine_header, machine_info, progress, write_json
+from kimiha.benchmark import machine_header, machine_info, progress
+from kimiha.bench.cases import Ev, Tick, close_and_join, new_bus
+from kimiha.bench.runner import new_parser, save_json
 
 __all__ = ["main", "rss_bytes", "run_memory"]
 
@@ -31,15 +32,6 @@ CAPACITY = 4096
 #: RSS growth target of the tracker (MB) over 10M events.
 TARGET_MB = 2.0
 MB = 1024 * 1024
-
-
-class Ev(EventType):
-    TICKS = "MemoryTicks"
-
-
-class Tick(Event, frozen=True):
-    price: float
-    seq: int
 
 
 def rss_bytes() -> int:
@@ -67,7 +59,7 @@ def measured_rss() -> int:
 
 async def run_memory(n: int, warmup: int, checkpoints: int) -> dict[str, Any]:
     """Publish ``warmup + n`` events; return RSS samples (bytes) and the channel's stats."""
-    bus = EventBus([(Ev.TICKS, ChannelConfig(CAPACITY, payload_type=Tick))])
+    bus = new_bus(CAPACITY)
     counts = [0, 0, 0, 0]
 
     def make_handler(i: int) -> Any:
@@ -80,10 +72,10 @@ async def run_memory(n: int, warmup: int, checkpoints: int) -> dict[str, Any]:
         async for _event in sub:
             counts[i] += 1
 
-    handler_subs = [bus.subscribe(Ev.TICKS, make_handler(i)) for i in (0, 1)]
-    tasks = [asyncio.ensure_future(consume(bus.subscribe(Ev.TICKS), i)) for i in (2, 3)]
+    handler_subs = [bus.subscribe(Ev.MD, make_handler(i)) for i in (0, 1)]
+    tasks = [asyncio.ensure_future(consume(bus.subscribe(Ev.MD), i)) for i in (2, 3)]
     await asyncio.sleep(0)
-    publish = bus.channel(Ev.TICKS).publish
+    publish = bus.channel(Ev.MD).publish
     sleep = asyncio.sleep
     total = warmup + n
     every = max(CHUNK, (n // max(1, checkpoints)) // CHUNK * CHUNK)
@@ -114,23 +106,20 @@ async def run_memory(n: int, warmup: int, checkpoints: int) -> dict[str, Any]:
                 final=seq == total,
             )
     elapsed = time.perf_counter() - t_measured
-    bus.close()
-    for t in tasks:
-        await t
-    stats = bus.stats(Ev.TICKS)
+    await close_and_join(bus, tasks)
+    stats = bus.stats(Ev.MD)
     return {"samples": samples, "stats": stats, "counts": counts, "elapsed_s": elapsed, "total": total}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="kimiha bench memory",
-        description=(
+    parser = new_parser(
+        "kimiha bench memory",
+        (
             "Resident memory (RSS) growth while millions of events go through one channel with 4\n"
             "subscribers (2 handler subscriptions, 2 async-for consumers); every event is checked delivered."
         ),
-        epilog="examples:\n  kimiha bench memory                      10M events (about 10 s here)\n"
+        "examples:\n  kimiha bench memory                      10M events (about 10 s here)\n"
         "  kimiha bench memory --events 1000000     a shorter run, e.g. for CI\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--events",
@@ -214,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print("memory: events went missing: " + "; ".join(problems), file=sys.stderr)
     if args.json:
-        write_json(
+        save_json(
             args.json,
             {
                 "mode": "memory",
@@ -239,7 +228,6 @@ def main(argv: list[str] | None = None) -> int:
                 "problems": problems,
             },
         )
-        progress(f"wrote {args.json}", final=True)
     return 1 if problems else 0
 
 

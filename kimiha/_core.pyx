@@ -78,6 +78,7 @@ cdef object _running_loop_or_none = asyncio._get_running_loop  # C-level; None w
 cdef object _sleep = asyncio.sleep
 cdef object _get_ident = threading.get_ident
 cdef object _CancelledError = asyncio.CancelledError
+cdef object _current_task = asyncio.current_task
 cdef object _format_exception = traceback.format_exception
 cdef object _Coroutine = collections.abc.Coroutine
 cdef object _partial = functools.partial
@@ -1191,7 +1192,7 @@ cdef class Subscription:
                     else:
                         event = ch.objs[idx]
                     result = handler(event)
-                except Exception as exc:
+                except (Exception, _CancelledError) as exc:  # no task cancels a plain call: its own failure
                     self.handler_failed(exc, ch.objs[idx])
                 else:
                     # A sync handler returns None; a coroutine means an async one slipped past subscribe().
@@ -1352,8 +1353,8 @@ cdef class Subscription:
 
         The compiled pump behind coroutine event handlers: it receives in batches, keeps ``in_hand`` (events
         received but not finished) and ``handled`` up to date, records each call's duration in ``timing``,
-        and on an exception calls ``on_error(exc, event)``, which may return a delay (seconds) to wait before
-        the next event. It returns once ``cursor`` reaches ``drain_target`` (when set, i.e. >= 0) with nothing
+        and on an exception (or a ``CancelledError`` that is not the pump's own cancellation) calls
+        ``on_error(exc, event)``, which may return a delay (seconds) to wait before the next event. It returns once ``cursor`` reaches ``drain_target`` (when set, i.e. >= 0) with nothing
         in hand.
         """
         self.check_pull()
@@ -1372,7 +1373,9 @@ cdef class Subscription:
                 t0 = now_ns()
                 try:
                     await handler(event)
-                except Exception as exc:
+                except (Exception, _CancelledError) as exc:
+                    if isinstance(exc, _CancelledError) and _current_task().cancelling():
+                        raise                    # the pump's own cancellation; any other is the handler's failure
                     self.errors += 1
                     delay = on_error(exc, event)
                     if delay:

@@ -3,8 +3,10 @@
 :class:`TradingOrchestratorBuilder` collects components and registers nothing until :meth:`build`, which
 checks the whole wiring and reports every problem in one :class:`BuildError`. The resulting
 :class:`TradingOrchestrator` starts consumers before producers (executors, strategies, aggregator,
-connectors) and shuts down in reverse: connectors stop first, then the aggregator, strategies and executors
-each drain what reached them, stage after stage, within a deadline.
+connectors) and shuts down in the order data flows: connectors stop first, then the aggregator, strategies and
+executors each drain what reached them, stage after stage; background tasks that read channels (a connector
+declaring ``consumes()``, a bridge exporter registered on the orchestrator) keep reading while the stages
+drain and stop after them -- all within one deadline (see :meth:`kimiha.Scheduler.stop_plan`).
 """
 
 from __future__ import annotations
@@ -59,8 +61,13 @@ def _role_problem(component: Any, role: str) -> str | None:
     return None
 
 
-def _channels_of(component: Any) -> tuple[Any, ...]:
-    value = component.subscribed_event()
+def _channels_of(component: Any, role: str) -> tuple[Any, ...]:
+    """The channels ``component`` reads: ``subscribed_event()``, or a connector's optional ``consumes()``."""
+    if role == "connector":
+        consumes = getattr(component, "consumes", None)
+        value = consumes() if callable(consumes) else ()
+    else:
+        value = component.subscribed_event()
     return tuple(value) if isinstance(value, (tuple, list, set, frozenset)) else (value,)
 
 
@@ -141,18 +148,18 @@ class TradingOrchestratorBuilder:
                     continue
                 if supervision is not None and not isinstance(supervision, Supervision):
                     problems.append(f"{role} {_name(component)!r}: supervision must be a Supervision")
-                if role == "connector":
-                    continue
+                method = "consumes()" if role == "connector" else "subscribed_event()"
                 try:
-                    channels = _channels_of(component)
-                except Exception as exc:  # a broken subscribed_event is a wiring problem too
-                    problems.append(f"{role} {_name(component)!r}: subscribed_event() raised {exc!r}")
+                    channels = _channels_of(component, role)
+                except Exception as exc:  # a broken subscribed_event / consumes is a wiring problem too
+                    problems.append(f"{role} {_name(component)!r}: {method} raised {exc!r}")
                     continue
                 for channel in channels:
                     if not self._bus.has_channel(channel):
                         known = ", ".join(str(c) for c in self._bus.channels) or "none"
+                        verb = "subscribes to" if role != "connector" else "consumes"
                         problems.append(
-                            f"{role} {_name(component)!r} subscribes to {channel!r}, which the bus does not "
+                            f"{role} {_name(component)!r} {verb} {channel!r}, which the bus does not "
                             f"have (known: {known})"
                         )
         return problems
@@ -183,7 +190,8 @@ class TradingOrchestratorBuilder:
                 else:
                     task_id = scheduler.register_event_task(component, supervision=supervision)
                 stages.setdefault(role, []).append(task_id)
-        # producers stop first; each stage then drains what the one before it published
+        # The stop follows the data flow: connectors (producers) first; each stage then drains what the one
+        # before it published; background readers (a connector declaring consumes(), a bridge exporter) last.
         scheduler.drain_stages = [stages["aggregator"], stages["strategy"], stages["executor"]]
         return TradingOrchestrator(
             self._bus,
@@ -221,7 +229,8 @@ class TradingOrchestrator:
         await self.scheduler.start()
 
     async def shutdown(self, timeout: float | None = None) -> None:
-        """Stop connectors, then drain the aggregator, strategies and executors in turn; run every hook."""
+        """Stop connectors, drain the aggregator, strategies and executors in turn, then stop background
+        readers (see :meth:`kimiha.Scheduler.stop_plan`); run every hook. One deadline bounds it all."""
         await self.scheduler.shutdown(timeout)
 
     async def run_until_signal(self, signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM),

@@ -6,11 +6,13 @@ Lifecycle (the original framework's shape, with its flaws fixed):
 * ``await start()`` checks every event task's channels (one error listing all missing ones), subscribes
   every event task *before* anything can publish, initializes tasks in registration order (rolling back on
   failure), starts dispatch, then the background loops.
-* ``await shutdown()`` stops producers first (cancel and await), drains event tasks up to what was
-  published when shutdown began (within a deadline), runs every ``shutdown`` hook in reverse order even when
-  some fail, and raises one :class:`~kimiha.TaskShutdownError` carrying every failure.
+* ``await shutdown()`` stops tasks in the order data flows through them (producers, then the event tasks'
+  drain stages, then background tasks that read channels), within one deadline; runs every ``shutdown`` hook
+  in reverse order even when some fail, and raises one :class:`~kimiha.TaskShutdownError` carrying every
+  failure. :meth:`Scheduler.stop_plan` shows that order; :mod:`kimiha.scheduling.shutdown` details it.
 
-Failures inside ``execute`` / ``handle_event`` follow the task's :class:`Supervision` policy.
+Failures inside ``execute`` / ``handle_event`` follow the task's :class:`Supervision` policy; so does a
+``CancelledError`` the task was not asked for (``Task.cancelling()`` tells the two apart).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import inspect
 import logging
 import signal
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -31,6 +34,7 @@ from kimiha.error import (
     InvalidStateError,
     TaskExecutionError,
     TaskInitializationError,
+    TaskShutdownError,
 )
 from kimiha.event_bus import EventBus
 from kimiha.scheduling.registry import (
@@ -41,9 +45,9 @@ from kimiha.scheduling.registry import (
     TaskState,
     task_name,
 )
-from kimiha.scheduling.shutdown import StopSequence
+from kimiha.scheduling.shutdown import StopSequence, stop_phases
 from kimiha.scheduling.signals import take_signal
-from kimiha.scheduling.supervision import OnError, Supervision, Supervisor
+from kimiha.scheduling.supervision import OnError, Supervision, Supervisor, cancel_requested
 from kimiha.types import BackgroundTask, EventTask
 
 __all__ = [
@@ -102,6 +106,10 @@ class Scheduler:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
+        self._start_task: asyncio.Task[Any] | None = None  # the task running start(), while it runs
+        self._start_cancelled = False  # shutdown() cancelled that task
+        self._rolling_back = False
+        self._rollback_timeout: float | None = None
         self._background: list[asyncio.Task[Any]] = []
         self._supervisor = Supervisor(self)
         #: Groups of event-task ids drained one after another at shutdown (what a stage publishes while it
@@ -154,7 +162,9 @@ class Scheduler:
         """Register ``task``, whose ``execute()`` runs in a loop until shutdown; return its id.
 
         ``interval`` paces the loop (seconds between the end of one ``execute`` and the next); without it the
-        loop still yields to the event loop after every ``execute``.
+        loop still yields to the event loop after every ``execute``. A task that reads channels (its
+        ``consumes()``, or the subscriptions it opens in ``initialize``) is stopped after the event tasks
+        drained, not with the producers (see :meth:`stop_plan`).
         """
         if isinstance(task, BackgroundTask) and _placeholder(task, "execute", BackgroundTask):
             raise InvalidConfigurationError(
@@ -172,7 +182,16 @@ class Scheduler:
             raise InvalidConfigurationError(
                 f"register_background_task({task_name(task)!r}): interval must be seconds >= 0, got {interval!r}"
             )
-        return self._register(task, "background", supervision, interval, ())
+        consumes = getattr(task, "consumes", None)
+        channels: tuple[Any, ...] = ()
+        if callable(consumes):
+            try:
+                channels = _as_channels(consumes())
+            except Exception as exc:
+                raise InvalidConfigurationError(
+                    f"register_background_task: {task_name(task)!r}.consumes() raised {exc!r}"
+                ) from exc
+        return self._register(task, "background", supervision, interval, channels)
 
     def register_event_task(self, task: EventTask, *, supervision: Supervision | None = None) -> int:
         """Register ``task``, which handles the events of ``task.subscribed_event()``; return its id."""
@@ -215,7 +234,13 @@ class Scheduler:
     # -- start --------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Subscribe, initialize (in registration order), start dispatch, then the background loops."""
+        """Subscribe, initialize (in registration order), start dispatch, then the background loops.
+
+        A failing ``initialize`` rolls back what was started (every hook of an initialized task runs, failures
+        are added to the error as notes and to ``last_shutdown``). So does cancelling ``start()``, and
+        ``shutdown()`` while it runs: the caller of ``start()`` then gets a
+        :class:`~kimiha.TaskInitializationError` saying it was interrupted.
+        """
         if self.state is not SchedulerState.CREATED:
             raise InvalidStateError(f"{self.name}: start() called in state {self.state.value!r}; start once")
         missing = [
@@ -227,17 +252,24 @@ class Scheduler:
         if missing:
             known = ", ".join(str(c) for c in self.bus.channels) or "none"
             raise InvalidChannelError(
-                f"{self.name}: event tasks subscribe to channels the bus does not have: {'; '.join(missing)}. "
+                f"{self.name}: tasks read channels the bus does not have: {'; '.join(missing)}. "
                 f"Known channels: {known}"
             )
         self._set_state(SchedulerState.STARTING)
         self.bus.bind_loop()
+        me = asyncio.current_task()
+        self._start_task = me
+        current: TaskInfo | None = None
         try:
             for info in self.registry:  # every consumer has its cursor before anything can publish
                 if info.kind == "event":
                     self._subscribe(info)
             for info in self.registry:
+                if self._stopping:  # shutdown() came while an initialize() that ignored its cancel ran
+                    raise self._interrupted(None)
+                current = info
                 info.transition(TaskState.INITIALIZING)
+                before = self._pull_subscriptions() if info.kind == "background" else None
                 try:
                     await info.task.initialize()
                 except Exception as exc:
@@ -248,12 +280,34 @@ class Scheduler:
                         f"{self.name}: task {info.name!r} (id {info.id}) failed to initialize: {exc!r}; "
                         f"started tasks were rolled back"
                     ) from exc
+                if before is not None:
+                    info.found_subscriptions = [weakref.ref(sub) for sub in self._pull_subscriptions()
+                                                if not any(sub is old for old in before)]
                 info.initialized = True
                 info.transition(TaskState.RUNNING)
                 info.started_at = time.time()
-        except BaseException:
-            await self._rollback()
-            raise
+                current = None
+            if self._stopping:
+                raise self._interrupted(None)
+        except BaseException as exc:
+            error: BaseException = exc
+            if self._start_cancelled and me is not None:
+                self._start_cancelled = False
+                # our own cancel, not the caller's: say what happened instead of passing a CancelledError on
+                if me.uncancel() == 0 and isinstance(exc, asyncio.CancelledError):
+                    error = self._interrupted(current)
+            if current is not None and current.state is TaskState.INITIALIZING:
+                current.last_error = f"initialize() interrupted: {error!r}"
+            self._rolling_back = True
+            timeout = self._rollback_timeout or self.shutdown_timeout
+            failures = await StopSequence(self, timeout).rollback()
+            for failure in failures:
+                error.add_note(f"rollback: {failure!r}")
+            if error is exc:
+                raise
+            raise error from None
+        finally:
+            self._start_task = None
         for info in self.registry:
             if info.kind == "event":
                 self._start_dispatch(info)
@@ -263,6 +317,18 @@ class Scheduler:
                 info.runners.append(runner)
                 self._background.append(runner)
         self._set_state(SchedulerState.RUNNING)
+
+    def _interrupted(self, info: TaskInfo | None) -> TaskInitializationError:
+        where = (f"while task {info.name!r} (id {info.id}) was initializing" if info is not None
+                 else "before every task was initialized")
+        return TaskInitializationError(
+            f"{self.name}: start() was interrupted by shutdown() {where}; started tasks were rolled back"
+        )
+
+    def _pull_subscriptions(self) -> list[Subscription]:
+        """Every live pull subscription on the bus (what a background task reads from its own loop)."""
+        return [sub for channel in self.bus._all_channels() for sub in channel.subscriptions()
+                if sub.handler is None]
 
     def _subscribe(self, info: TaskInfo) -> None:
         handler = info.task.handle_event
@@ -291,23 +357,6 @@ class Scheduler:
             for sub in info.subscriptions:
                 sub.resume()
 
-    async def _rollback(self) -> None:
-        for info in self.registry:
-            for sub in info.subscriptions:
-                sub.close()
-        for info in reversed(list(self.registry)):
-            if info.initialized:
-                info.transition(TaskState.STOPPING)
-                try:
-                    await info.task.shutdown()
-                except Exception as exc:
-                    logger.error("rollback: shutdown hook of task %r failed: %s", info.name, repr(exc))
-                info.transition(TaskState.STOPPED)
-            elif info.state is TaskState.REGISTERED or info.state is TaskState.FAILED:
-                info.transition(TaskState.STOPPED)
-        self._set_state(SchedulerState.STOPPED)
-        self._stopped.set()
-
     # -- running ------------------------------------------------------------------------------------------------
 
     def _escalate(self, info: TaskInfo, exc: BaseException, where: str) -> None:
@@ -316,7 +365,7 @@ class Scheduler:
         self.failure.__cause__ = exc
         if self._shutdown_task is None:
             self._shutdown_task = asyncio.get_running_loop().create_task(
-                StopSequence(self, self.shutdown_timeout).run()
+                StopSequence(self, self.shutdown_timeout).run(), name=f"kimiha:{self.name}:stop"
             )
 
     def _lag_counter(self, info: TaskInfo, channel: Any) -> Callable[[int], None]:
@@ -343,13 +392,13 @@ class Scheduler:
         execute = info.task.execute
         sleep = asyncio.sleep
         interval = info.interval or 0
-        while not self._stopping:
+        while not info.stop_requested:
             started = monotonic_ns()
             try:
                 await execute()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and cancel_requested():
+                    raise  # the loop's own cancellation; any other CancelledError is execute()'s failure
                 delay = self._supervisor.failed(info, exc, "execute()")
                 if info.state is TaskState.FAILED:
                     return
@@ -377,7 +426,9 @@ class Scheduler:
             finally:
                 if lock is not None:
                     lock.release()
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and cancel_requested():
+                raise  # the pump's own cancellation; any other CancelledError is the handler's failure
             error: BaseException = exc
             if deadline is not None and deadline.expired():
                 error = TimeoutError(f"handle_event did not finish within {timeout} s")
@@ -415,10 +466,18 @@ class Scheduler:
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop everything; idempotent, and a no-op before ``start()``.
 
-        Background loops are cancelled and awaited first; event tasks then handle what was published up to
-        the moment shutdown began (within ``timeout`` seconds, default ``shutdown_timeout``); every task's
-        ``shutdown`` hook runs in reverse registration order even when some fail. Raise
-        :class:`~kimiha.TaskShutdownError` listing every hook failure.
+        Tasks stop in the order data flows (see :meth:`stop_plan`): producers are cancelled and awaited,
+        event tasks then handle what was published up to the moment their stage began, background readers
+        read what was published to them and are stopped; then every task's ``shutdown`` hook runs in reverse
+        registration order even when some fail. ``timeout`` seconds (default ``shutdown_timeout``) bound the
+        whole stop, hooks included; a task that ignores cancellation is left behind at the deadline and listed
+        in ``last_shutdown["did_not_stop"]``. Raise :class:`~kimiha.TaskShutdownError` listing every hook
+        failure.
+
+        Called from inside a task this scheduler runs (a handler, ``execute()``, a hook), it schedules the
+        stop and returns at once: waiting would wait for that very task's own drain. Use
+        :meth:`wait_stopped` elsewhere to wait for the end. During ``start()`` it interrupts the start, which
+        rolls back.
         """
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise InvalidConfigurationError(f"shutdown(timeout=...): expected seconds > 0, got {timeout!r}")
@@ -426,18 +485,79 @@ class Scheduler:
             return
         if self.state is SchedulerState.STOPPED and (self._shutdown_task is None or self._shutdown_task.done()):
             return  # already stopped: idempotent, and the failures were reported by the call that stopped it
+        seconds = self.shutdown_timeout if timeout is None else float(timeout)
+        current = asyncio.current_task()
         if self.state is SchedulerState.STARTING:
-            raise InvalidStateError(f"{self.name}: shutdown() called while start() is in progress")
+            await self._interrupt_start(seconds, current)
+            return
         if self._shutdown_task is None:
             self._shutdown_task = asyncio.get_running_loop().create_task(
-                StopSequence(self, self.shutdown_timeout if timeout is None else float(timeout)).run()
+                StopSequence(self, seconds).run(), name=f"kimiha:{self.name}:stop"
             )
-        await asyncio.shield(self._shutdown_task)
+        if current is not None and self._runs(current):
+            return
+        stop = self._shutdown_task
+        try:
+            await asyncio.shield(stop)
+        except asyncio.CancelledError:
+            if stop.cancelled() and not cancel_requested():  # the stop was cancelled, not its caller
+                raise TaskShutdownError(
+                    f"{self.name}: the stop sequence was cancelled before it finished; see last_shutdown"
+                ) from None
+            raise
+
+    def _runs(self, task: asyncio.Task[Any]) -> bool:
+        """Whether ``task`` is one this scheduler runs: a loop, a pump, the start or the stop sequence."""
+        if task is self._shutdown_task or task is self._start_task:
+            return True
+        return any(task in info.runners for info in self.registry)
+
+    async def _interrupt_start(self, timeout: float, current: asyncio.Task[Any] | None) -> None:
+        self._stopping = True  # start() checks it after every initialize()
+        start = self._start_task
+        if (start is not None and start is not current and not start.done() and not self._rolling_back
+                and not self._start_cancelled):
+            self._start_cancelled = True
+            self._rollback_timeout = timeout
+            start.cancel()
+        if current is not None and self._runs(current):
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self._stopped.wait()
+        except TimeoutError:
+            stuck = [info.name for info in self.registry if info.state is TaskState.INITIALIZING]
+            self.last_shutdown = {"not_drained": {}, "did_not_stop": stuck, "hook_failures": [],
+                                  "finished": False}
+            logger.error("%s: start() did not stop within the shutdown deadline (%s s); still initializing: %s",
+                         self.name, timeout, ", ".join(map(repr, stuck)) or "none")
+
+    def stop_plan(self) -> list[tuple[str, list[str]]]:
+        """Return the order in which :meth:`shutdown` stops the tasks: ``(phase, [task names])`` pairs.
+
+        ``stop``: background tasks that read no channel (producers), cancelled first. ``drain``: one group of
+        event tasks (``drain_stages``, in order; the rest last), drained to what was published when the group
+        began. ``drain and stop``: background tasks that read channels -- declared with ``consumes()`` or
+        found from the subscriptions they opened in ``initialize`` (known once started) -- kept running while
+        the stages drain, then read up to what was published and stopped. Hooks run after all of them.
+        """
+        return [(phase, [info.name for info in infos]) for phase, infos in stop_phases(self)]
 
     # -- convenience --------------------------------------------------------------------------------------------
 
     async def wait_stopped(self) -> None:
-        """Wait until the scheduler has stopped (by ``shutdown()`` or an escalated failure)."""
+        """Wait until the scheduler has stopped (by ``shutdown()`` or an escalated failure).
+
+        Not from inside a task this scheduler runs (a handler, ``execute()``, a hook): the stop waits for
+        that task, so it would wait for itself (:class:`~kimiha.InvalidStateError`).
+        """
+        current = asyncio.current_task()
+        if current is not None and not self._stopped.is_set() and self._runs(current):
+            raise InvalidStateError(
+                f"{self.name}: wait_stopped() called from inside {current.get_name()!r}, a task this scheduler "
+                f"runs and stops: it would wait for itself; call shutdown() there (it returns once the stop is "
+                f"scheduled) and wait elsewhere"
+            )
         await self._stopped.wait()
         if self._shutdown_task is not None:
             await asyncio.shield(self._shutdown_task)

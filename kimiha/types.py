@@ -93,6 +93,17 @@ class BackgroundTask(Executable):
     async def execute(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} must implement async execute()")
 
+    def consumes(self) -> Any:
+        """Return the channel key (or a tuple of keys) this task reads; none by default. Optional.
+
+        The scheduler stops tasks in the order data flows: a background task that reads nothing is a
+        producer and stops first; one that reads channels keeps running while the event tasks drain (they
+        may publish to it, and on a ``BLOCK`` channel they would wait for it), and stops after them. A
+        subscription the task opens in ``initialize`` is found without this declaration; declare the
+        channels a task subscribes to later (in ``execute``), or reads some other way.
+        """
+        return ()
+
 
 class EventTask(Executable):
     """A task that handles the events of one channel (or several: return a tuple from ``subscribed_event``).

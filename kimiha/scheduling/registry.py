@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,8 @@ class TaskInfo:
         self.kind = kind
         self.supervision = supervision
         self.interval = interval
+        #: The channels the task reads: an event task's ``subscribed_event()``, a background task's
+        #: ``consumes()``.
         self.channels = channels
         self.state = TaskState.REGISTERED
         self.started_at: float | None = None
@@ -82,6 +85,11 @@ class TaskInfo:
         self.is_async_handler = False
         self.drain_targets: list[int] | None = None  # per subscription, set when shutdown begins
         self.handled_at_failure = 0
+        #: Subscriptions a background task opened during its ``initialize`` (what it reads, found rather
+        #: than declared). Weak: the task owns them, and a dropped one must not keep its cursor alive.
+        self.found_subscriptions: list[weakref.ref[Subscription]] = []
+        #: Set by the stop sequence when this task's turn to stop comes: its loop runs no further ``execute``.
+        self.stop_requested = False
 
     def transition(self, new: TaskState) -> None:
         if new not in TASK_TRANSITIONS[self.state]:
@@ -90,6 +98,15 @@ class TaskInfo:
                 f"to {new.value!r}"
             )
         self.state = new
+
+    def read_subscriptions(self) -> list[Subscription]:
+        """Return the live subscriptions this background task opened during ``initialize``."""
+        subs = (ref() for ref in self.found_subscriptions)
+        return [sub for sub in subs if sub is not None and not sub.closed]
+
+    def reads(self) -> bool:
+        """Whether the task reads channels (declared with ``consumes()`` or found from its subscriptions)."""
+        return bool(self.channels) or bool(self.read_subscriptions())
 
     def handled(self) -> int:
         if self.is_async_handler:

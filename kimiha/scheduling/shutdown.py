@@ -1,11 +1,28 @@
-"""The scheduler's stop sequence: producers, then staged drains, then pumps, then every hook, in one deadline.
+"""The scheduler's stop sequence: tasks stop in the order data flows through them, then every hook; one deadline.
 
-1. Cancel and await every background loop (the producers).
-2. Drain event tasks, stage by stage, to the sequence each channel had published when its stage began.
-3. Close the subscriptions and stop the pumps.
-4. Run every ``shutdown`` hook in reverse registration order, even when some fail.
+:func:`stop_phases` orders the stop by who publishes to whom, not by the kind of task:
 
-What did not drain, did not stop or failed is written to the report that becomes ``Scheduler.last_shutdown``.
+1. ``stop`` -- background tasks that read no channel (the producers): cancel and await their loops.
+2. ``drain`` -- event tasks, stage by stage (``Scheduler.drain_stages``), each to the sequence its channels had
+   published when its stage began; what a stage publishes while it drains reaches the stages after it.
+3. ``drain and stop`` -- background tasks that read channels (``consumes()``, or the subscriptions they opened
+   in ``initialize``, e.g. a bridge exporter): they keep running while the stages drain, since any stage may
+   publish to them (and on a ``BLOCK`` channel it would wait for them); then each subscription they opened is
+   read up to what was published, and their loops are cancelled and awaited.
+
+Then the event tasks' subscriptions are closed and their pumps stopped, and every ``shutdown`` hook runs in
+reverse registration order, even when some fail.
+
+One deadline bounds the whole stop. A loop that ignores cancellation is given up at the deadline (cancelled
+once more and granted a few loop turns) and listed under ``did_not_stop``; the stop goes on without it. A hook
+gets what is left of the deadline; one that starts after it has passed still runs, up to its first wait. What
+did not drain, did not stop or failed is written to the report that becomes ``Scheduler.last_shutdown``
+(``not_drained``, ``did_not_stop``, ``hook_failures``, ``finished``: every step ran, ``seconds``).
+
+Known limit: a background task that reads channels *and* feeds event tasks is stopped after the drains, so
+what it publishes from then on is left unhandled; such a cycle has no order that drains everything.
+
+:meth:`StopSequence.rollback` is the same hook step for a start that failed or was interrupted.
 """
 
 from __future__ import annotations
@@ -22,13 +39,41 @@ from kimiha.scheduling.registry import SchedulerState, TaskInfo, TaskState
 if TYPE_CHECKING:
     from kimiha.scheduler import Scheduler
 
-__all__ = ["StopSequence"]
+__all__ = ["StopSequence", "stop_phases"]
 
 logger = logging.getLogger("kimiha.scheduler")
 
+#: Loop turns granted past the deadline to tasks cancelled once more: enough for a task that honours the
+#: cancellation to unwind (each turn runs every ready callback), never a wait of its own.
+_GRACE_TURNS = 8
+#: A background reader's progress has no wake-up to wait on: poll it, first turn by turn, then every millisecond.
+_SPIN_TURNS = 64
+_POLL_SECONDS = 0.001
+
+
+def stop_phases(scheduler: Scheduler) -> list[tuple[str, list[TaskInfo]]]:
+    """Return the phases of ``scheduler``'s stop, in order: ``(phase, tasks)`` with phase ``stop``, ``drain``
+    or ``drain and stop`` (see the module's docstring); empty phases are left out."""
+    background = [info for info in scheduler.registry if info.kind == "background"]
+    events = [info for info in scheduler.registry if info.kind == "event"]
+    phases: list[tuple[str, list[TaskInfo]]] = [("stop", [i for i in background if not i.reads()])]
+    phases += [("drain", stage) for stage in _drain_groups(scheduler, events)]
+    phases.append(("drain and stop", [i for i in background if i.reads()]))
+    return [(phase, infos) for phase, infos in phases if infos]
+
+
+def _drain_groups(scheduler: Scheduler, event_infos: list[TaskInfo]) -> list[list[TaskInfo]]:
+    drain_stages = scheduler.drain_stages
+    if not drain_stages:
+        return [event_infos] if event_infos else []
+    stages = [[scheduler.registry.get(task_id) for task_id in group] for group in drain_stages]
+    staged = {info.id for group in stages for info in group}
+    rest = [info for info in event_infos if info.id not in staged]
+    return [group for group in stages if group] + ([rest] if rest else [])
+
 
 class StopSequence:
-    """One run of the stop sequence of ``scheduler``, bounded by ``timeout`` seconds."""
+    """One run of the stop sequence of ``scheduler``, bounded by ``timeout`` seconds from now."""
 
     def __init__(self, scheduler: Scheduler, timeout: float) -> None:
         self.scheduler = scheduler
@@ -36,7 +81,13 @@ class StopSequence:
         self.timeout = timeout
         self.loop = asyncio.get_running_loop()
         self.deadline = self.loop.time() + timeout
-        self.report: dict[str, Any] = {"not_drained": {}, "did_not_stop": [], "hook_failures": []}
+        self.report: dict[str, Any] = {"not_drained": {}, "did_not_stop": [], "hook_failures": [],
+                                       "finished": False}
+
+    def remaining(self) -> float:
+        return self.deadline - self.loop.time()
+
+    # -- the full stop ------------------------------------------------------------------------------------------
 
     async def run(self) -> None:
         sched = self.scheduler
@@ -46,23 +97,53 @@ class StopSequence:
         sched._stopping = True
         began = time.perf_counter()
         report = self.report
+        failures: list[BaseException] = []
+        try:
+            for phase, infos in stop_phases(sched):
+                if phase == "stop":
+                    await self.stop_loops(infos)
+                elif phase == "drain":
+                    await self.drain_stage(infos)
+                else:
+                    await self.drain_readers(infos)
+                    await self.stop_loops(infos)
+            await self.stop_pumps([info for info in sched.registry if info.kind == "event"])
+            failures = await self.run_hooks()
+            report["finished"] = True
+        finally:  # even when the stop itself is cancelled: nobody waits for a stop that never ends
+            self.finish(began)
+        if failures:
+            detail = "; ".join(report["hook_failures"])
+            raise TaskShutdownError(f"{self.name}: {len(failures)} shutdown hook(s) failed: {detail}", failures)
 
-        # 1. producers first: cancel and await every background loop
-        for runner in sched._background:
-            runner.cancel()
-        await self.await_runners(sched._background)
+    def finish(self, began: float) -> None:
+        sched = self.scheduler
+        if sched.state is not SchedulerState.STOPPED:
+            sched._set_state(SchedulerState.STOPPED)
+        self.report["seconds"] = time.perf_counter() - began
+        sched.last_shutdown = self.report
+        sched._stopped.set()
 
-        # 2. drain event tasks to the sequence published when (their stage of) shutdown began
-        event_infos = [info for info in sched.registry if info.kind == "event"]
-        for stage in self.stages(event_infos):
-            for info in stage:
-                info.drain_targets = [sub.channel.published for sub in info.subscriptions]
-                if info.is_async_handler:
-                    for sub, target in zip(info.subscriptions, info.drain_targets):
-                        sub.drain_target = target
-            await self.drain(stage)
+    async def stop_loops(self, infos: list[TaskInfo]) -> None:
+        """Cancel the loops of background tasks ``infos`` and await them (within the deadline)."""
+        runners = []
+        for info in infos:
+            info.stop_requested = True
+            for runner in info.runners:
+                if not runner.done():
+                    runner.cancel()
+                    runners.append(runner)
+        await self.await_runners(runners)
 
-        # 3. close subscriptions, stop pumps
+    async def drain_stage(self, stage: list[TaskInfo]) -> None:
+        for info in stage:
+            info.drain_targets = [sub.channel.published for sub in info.subscriptions]
+            if info.is_async_handler:
+                for sub, target in zip(info.subscriptions, info.drain_targets):
+                    sub.drain_target = target
+        await self.drain(stage)
+
+    async def stop_pumps(self, event_infos: list[TaskInfo]) -> None:
         pumps = []
         for info in event_infos:
             for sub in info.subscriptions:
@@ -72,67 +153,47 @@ class StopSequence:
             pump.cancel()
         await self.await_runners(pumps)
 
-        # 4. every shutdown hook, in reverse registration order, even when some fail
-        failures = await self.run_hooks()
+    # -- awaiting what was cancelled ----------------------------------------------------------------------------
 
-        sched._set_state(SchedulerState.STOPPED)
-        report["seconds"] = time.perf_counter() - began
-        sched.last_shutdown = report
-        sched._stopped.set()
-        if failures:
-            detail = "; ".join(report["hook_failures"])
-            raise TaskShutdownError(f"{self.name}: {len(failures)} shutdown hook(s) failed: {detail}", failures)
-
-    async def run_hooks(self) -> list[BaseException]:
-        failures: list[BaseException] = []
-        for info in reversed(list(self.scheduler.registry)):
-            if info.state is TaskState.REGISTERED:
-                info.transition(TaskState.STOPPED)
-                continue
-            if info.state is not TaskState.STOPPED:
-                info.transition(TaskState.STOPPING)
-            try:
-                async with asyncio.timeout(max(self.deadline - self.loop.time(), min(self.timeout, 1.0))):
-                    await info.task.shutdown()
-            except (Exception, TimeoutError) as exc:
-                err = exc if str(exc) else TimeoutError(f"shutdown hook of {info.name!r} timed out")
-                failures.append(err)
-                info.errors += 1
-                info.last_error = f"shutdown(): {err!r}"
-                self.report["hook_failures"].append(f"{info.name}: {err!r}")
-                logger.error("shutdown hook of task %r failed: %s", info.name,
-                             "".join(traceback.format_exception(err)).rstrip())
-            if info.state is not TaskState.STOPPED:
-                info.transition(TaskState.STOPPED)
-        return failures
-
-    def stages(self, event_infos: list[TaskInfo]) -> list[list[TaskInfo]]:
-        drain_stages = self.scheduler.drain_stages
-        if not drain_stages:
-            return [event_infos]
-        stages = [[self.scheduler.registry.get(task_id) for task_id in group] for group in drain_stages]
-        staged = {info.id for group in stages for info in group}
-        rest = [info for info in event_infos if info.id not in staged]
-        return [group for group in stages if group] + ([rest] if rest else [])
+    def owner(self, runner: asyncio.Task[Any]) -> TaskInfo | None:
+        for info in self.scheduler.registry:
+            if runner in info.runners:
+                return info
+        return None
 
     async def await_runners(self, runners: list[asyncio.Task[Any]]) -> None:
-        loop, report = self.loop, self.report
-        pending = [r for r in runners if not r.done()]
-        while pending:
-            remaining = self.deadline - loop.time()
-            done, still = await asyncio.wait(pending, timeout=max(remaining, 0.05))
-            pending = list(still)
-            if pending and loop.time() >= self.deadline:
-                # a task that swallows cancellation: keep cancelling, and say so
-                for runner in pending:
-                    runner.cancel()
-                    name = runner.get_name()
-                    if name not in report["did_not_stop"]:
-                        report["did_not_stop"].append(name)
-                        logger.error("%s: %s ignores cancellation past the shutdown deadline", self.name, name)
+        """Await cancelled ``runners`` until the deadline; give up on (and report) those that ignore it."""
+        pending = {r for r in runners if not r.done()}
+        if pending and self.remaining() > 0:
+            _, pending = await asyncio.wait(pending, timeout=self.remaining())
+        if pending:
+            for runner in pending:
+                runner.cancel()  # once more: a retry loop that ate the first request may give in to a second
+            for _ in range(_GRACE_TURNS):
+                await asyncio.sleep(0)
+                pending = {r for r in pending if not r.done()}
+                if not pending:
+                    break
         for runner in runners:
-            if runner.done() and not runner.cancelled() and runner.exception() is not None:
+            if runner in pending:
+                self.did_not_stop(runner)
+            elif not runner.cancelled() and runner.exception() is not None:
                 logger.error("%s: %s ended with %r", self.name, runner.get_name(), runner.exception())
+
+    def did_not_stop(self, runner: asyncio.Task[Any]) -> None:
+        info = self.owner(runner)
+        name = info.name if info is not None else runner.get_name()
+        if name in self.report["did_not_stop"]:
+            return
+        self.report["did_not_stop"].append(name)
+        if info is not None:
+            info.errors += 1
+            info.last_error = (f"shutdown: did not stop by the shutdown deadline ({self.timeout} s): it ignores "
+                               f"cancellation and is still running")
+        logger.error("%s: task %r ignores cancellation: still running at the shutdown deadline (%s s); the "
+                     "stop goes on without it", self.name, name, self.timeout)
+
+    # -- draining -----------------------------------------------------------------------------------------------
 
     async def drain(self, infos: list[TaskInfo]) -> None:
         loop = self.loop
@@ -174,3 +235,121 @@ class StopSequence:
                 await asyncio.sleep(0)  # handlers run from dispatch callbacks: one loop turn each
             else:
                 await asyncio.wait(active, timeout=remaining)
+
+    async def drain_readers(self, infos: list[TaskInfo]) -> None:
+        """Let background readers read what their subscriptions were published, up to the deadline.
+
+        Only the subscriptions a task opened in ``initialize`` are known; a task that declared its channels
+        but subscribed later has simply kept running through the drains, and its hook takes what is left.
+        """
+        targets = [(info, sub, sub.channel.published) for info in infos for sub in info.read_subscriptions()]
+
+        def behind() -> dict[str, int]:
+            out: dict[str, int] = {}
+            for info, sub, target in targets:
+                if info.state is TaskState.FAILED or sub.closed or all(r.done() for r in info.runners):
+                    continue
+                left = target - sub.cursor
+                if left > 0:
+                    out[info.name] = out.get(info.name, 0) + left
+            return out
+
+        turns = 0
+        while left := behind():
+            remaining = self.remaining()
+            if remaining <= 0:
+                for name, count in left.items():
+                    self.report["not_drained"][name] = count
+                    logger.warning("%s: shutdown deadline reached with %d event(s) unread by task %r",
+                                   self.name, count, name)
+                return
+            turns += 1
+            await asyncio.sleep(0 if turns < _SPIN_TURNS else min(_POLL_SECONDS, remaining))
+
+    # -- hooks --------------------------------------------------------------------------------------------------
+
+    async def run_hooks(self) -> list[BaseException]:
+        failures: list[BaseException] = []
+        for info in reversed(list(self.scheduler.registry)):
+            if info.state is TaskState.REGISTERED:
+                info.transition(TaskState.STOPPED)
+                continue
+            if info.state is not TaskState.STOPPED:
+                info.transition(TaskState.STOPPING)
+            error = await self.run_hook(info)
+            if error is not None:
+                failures.append(error)
+            if info.state is not TaskState.STOPPED:
+                info.transition(TaskState.STOPPED)
+        return failures
+
+    async def run_hook(self, info: TaskInfo) -> BaseException | None:
+        """Run ``info``'s ``shutdown`` hook within the deadline; return its failure (also recorded), or None.
+
+        A ``CancelledError`` out of the hook is the hook's failure (``t.cancel(); await t`` lets ``t``'s out)
+        unless the stop itself was asked to stop while the hook ran (``Task.cancelling()`` went up): then it
+        propagates.
+        """
+        task = asyncio.current_task()
+        asked_before = task.cancelling() if task is not None else 0
+        late = self.remaining() <= 0
+        error: BaseException
+        scope = asyncio.timeout_at(self.deadline)  # past the deadline: cancelled at its first wait
+        try:
+            async with scope:
+                await info.task.shutdown()
+            return None
+        except asyncio.CancelledError as exc:
+            if task is None or task.cancelling() > asked_before:
+                raise
+            error = TaskShutdownError(
+                f"shutdown hook of {info.name!r} raised CancelledError though the shutdown was not cancelled "
+                f"(a cancelled task or future it awaited?)"
+            )
+            error.__cause__ = exc
+        except TimeoutError as exc:
+            if not scope.expired():
+                error = exc
+            elif late:
+                error = TimeoutError(f"shutdown hook of {info.name!r} started after the shutdown deadline "
+                                     f"({self.timeout} s) had passed: cancelled at its first wait")
+            else:
+                error = TimeoutError(f"shutdown hook of {info.name!r} did not finish by the shutdown deadline "
+                                     f"({self.timeout} s)")
+        except Exception as exc:
+            error = exc
+        info.errors += 1
+        info.last_error = f"shutdown(): {error!r}"
+        self.report["hook_failures"].append(f"{info.name}: {error!r}")
+        logger.error("shutdown hook of task %r failed: %s", info.name,
+                     "".join(traceback.format_exception(error)).rstrip())
+        return error
+
+    # -- a start that failed or was interrupted -----------------------------------------------------------------
+
+    async def rollback(self) -> list[BaseException]:
+        """Undo a start: close every subscription, run the hooks of the tasks that finished ``initialize``
+        (reverse order, each failure collected), and leave every task and the scheduler ``stopped``."""
+        sched = self.scheduler
+        began = time.perf_counter()
+        failures: list[BaseException] = []
+        for info in sched.registry:
+            for sub in info.subscriptions:
+                sub.close()
+        try:
+            for info in reversed(list(sched.registry)):
+                if info.initialized:
+                    info.transition(TaskState.STOPPING)
+                    error = await self.run_hook(info)
+                    if error is not None:
+                        failures.append(error)
+                    info.transition(TaskState.STOPPED)
+                elif info.state is TaskState.INITIALIZING:  # interrupted: its initialize() never finished
+                    info.transition(TaskState.STOPPING)
+                    info.transition(TaskState.STOPPED)
+                elif info.state is TaskState.REGISTERED or info.state is TaskState.FAILED:
+                    info.transition(TaskState.STOPPED)
+            self.report["finished"] = True
+        finally:
+            self.finish(began)
+        return failures

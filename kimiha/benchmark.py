@@ -12,7 +12,8 @@ source tree only wraps them):
 * ``memory``: RSS growth while millions of events go through a channel with 4 subscribers (see
   ``kimiha.benchmark_memory``).
 
-Progress goes to stderr, tables to stdout; ``--json PATH`` writes every number.
+Progress goes to stderr, tables to stdout; ``--json PATH`` writes every number. Ctrl-C (or SIGTERM) stops a
+mode at once with one line on stderr and exit status 130 (143), as every ``kimiha`` command does.
 """
 
 from __future__ import annotations
@@ -147,7 +148,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     module_name = MODES[mode][0]
     module = __import__(module_name, fromlist=["main"])
-    return int(module.main(args))
+    from kimiha.cli import signal_exit_code, sigterm_as_interrupt
+
+    try:
+        with sigterm_as_interrupt():
+            return int(module.main(args))
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM: the measurements so far are incomplete, not shown
+        signame = getattr(exc, "signame", "SIGINT")
+        sys.stderr.write(f"\nkimiha bench {mode}: interrupted by {signame}; no table (a benchmark's numbers "
+                         f"need the whole run)\n")
+        return signal_exit_code(signame)
 
 
 if __name__ == "__main__":

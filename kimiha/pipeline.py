@@ -28,7 +28,7 @@ from kimiha.paper import OrderRejected, PaperExecutor
 from kimiha.strategy_logic import ImbalanceStrategy
 from kimiha.types import Aggregator, Connector, Event, EventType, Executor, Strategy
 from kimiha.venues import BookUpdate, DepthDiff, DepthSnapshot, Fill, Order, Quote, Signal, Trade
-from kimiha.venues.binance import BinanceParser
+from kimiha.venues.binance import BinanceParser, log_bad_line
 
 __all__ = [
     "TradingEvent",
@@ -140,8 +140,7 @@ class BinanceAggregator(Aggregator):
         try:
             message = self.parser.parse(raw.line)
         except SerializationError as exc:
-            if self.parser.bad_lines <= 20:
-                logger.warning("%s: skipped a bad line: %s", self.name, str(exc))
+            log_bad_line(logger, self.parser.bad_lines, exc, self.name)
             return
         publish = self._md.publish_async
         if type(message) is Quote:

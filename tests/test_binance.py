@@ -220,6 +220,52 @@ def test_bad_lines_are_reported_with_line_stream_and_expectation_and_skipped():
         assert "the line starts" in str(err)
 
 
+def test_the_census_and_the_parser_agree_on_every_kind_of_bad_line(tmp_path):
+    lines = [TRADE_LINE, TICKER_LINE] + [bad for bad, _ in BAD_LINES.values()] + [DEPTH_LINE, SNAPSHOT_LINE]
+    lines += [b'1 {"lastUpdateId":5}', b'1 {"stream":"btcusdt@bookTicker"}', b"1 [1, 2]"]
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    parser = BinanceParser()
+    list(parse_lines(iter_lines(path), parser, on_error=lambda exc: None))
+    census = count_lines_by_stream(path)
+    # one definition: a line is bad exactly when the parser rejects it, whatever the reason
+    assert census[BAD_LINE] == parser.bad_lines == len(BAD_LINES) + 3
+    assert {k: v for k, v in census.items() if k != BAD_LINE} == dict(parser.counts)
+    assert sum(census.values()) == parser.lines == len(lines)
+
+
+@pytest.mark.parametrize("line", [
+    b"\x1b[31m\xff\xfe\x00 \x9b2J\x07",  # raw control bytes and invalid UTF-8
+    "\x1b]0;title\x07 {}",  # a str line
+    b'1 {"stream":"\\u001b[2J@trade","data":{"e":"\\u001b[31m"}}',  # escapes decoded from JSON strings
+    b'1 {"stream":"' + b"\\u0007" * 5000 + b'@trade"}',  # a huge stream name
+    b"1 " + b"\x00" * 100_000,
+])
+def test_bad_line_messages_are_escaped_and_capped(line):
+    with pytest.raises(SerializationError) as info:
+        BinanceParser().parse(line)
+    message = str(info.value)
+    assert all(c.isprintable() for c in message), message
+    assert len(message) < 1500
+    assert "the line starts" in message
+
+
+def test_bad_line_snippets_keep_undecodable_bytes_visible():
+    with pytest.raises(SerializationError, match=r"the line starts b'junk \\xff'"):
+        BinanceParser().parse(b"junk \xff")
+
+
+def test_parse_lines_says_how_many_bad_lines_it_did_not_show(caplog):
+    lines = [b"junk %d" % i for i in range(binance.BAD_LINE_WARNINGS + 7)] + [TRADE_LINE]
+    with caplog.at_level("WARNING", logger="kimiha.venues.binance"):
+        assert len(list(parse_lines(lines))) == 1
+    shown = [r for r in caplog.records if "skipped a bad line" in r.getMessage()]
+    assert len(shown) == binance.BAD_LINE_WARNINGS
+    assert "further ones are counted, not shown" in shown[-1].getMessage()
+    assert caplog.records[-1].getMessage() == (
+        f"7 more bad line(s) were skipped and not shown ({binance.BAD_LINE_WARNINGS + 7} in all)")
+
+
 def test_parse_raises_serialization_error_and_logs_when_skipping(caplog):
     parser = BinanceParser()
     with pytest.raises(SerializationError, match=r"line 1, stream 'btcusdt@bookTicker'.*\$\.b"):

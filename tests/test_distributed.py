@@ -228,7 +228,10 @@ def test_distributed_demo_stops_everything_on_ctrl_c(tmp_path):
         assert len(descendants) == 4 and any("nats-server" in n for n in names), names
         proc.send_signal(signal.SIGINT)
         code = proc.wait(WAIT)
+        out = proc.stdout.read()
         assert code == 130, "".join(seen)
+        # the summary of what ran, every process having stopped in order
+        assert "interrupted by SIGINT: replay stopped early" in out and "every shutdown hook run: yes" in out, out
         _, alive = psutil.wait_procs(descendants, timeout=10)
         assert not alive, f"left behind: {alive}"
     finally:

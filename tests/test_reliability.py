@@ -323,7 +323,7 @@ def test_signal_to_the_demo_pipeline_exits_cleanly_with_every_hook_run(signum, t
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, err
+    assert proc.returncode == 128 + signum, err  # the CLI's rule: the summary first, then 128 + the signal
     summary = msgspec.json.decode(out)
     assert summary["interrupted"] == signal.Signals(signum).name
     assert summary["hooks_run"] is True

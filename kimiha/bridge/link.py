@@ -17,9 +17,46 @@ from typing import Any
 
 from kimiha.types import BackgroundTask
 
-__all__ = ["Backoff", "LinkState", "NatsLink"]
+__all__ = ["Backoff", "LinkState", "NatsLink", "connect_within"]
 
 logger = logging.getLogger("kimiha.bridge")
+
+
+async def connect_within(timeout: float, servers: str | list[str], *, client: Any = None, **options: Any) -> Any:
+    """Return ``await nats.connect(servers, **options)``, or raise TimeoutError after ``timeout`` seconds.
+
+    With ``client`` (a ``nats.aio.client.Client`` made by the caller, so that a failed attempt can be closed),
+    connect that one and return it.
+
+    Unlike ``asyncio.timeout`` around the call, the deadline holds even when nats-py swallows the
+    cancellation (its retry loop of a refused first connection does, now and then, on Python 3.11): the
+    attempt is cancelled again until it ends. A connection made just as the deadline passes is closed.
+    """
+    import nats
+
+    connecting = nats.connect(servers, **options) if client is None else client.connect(servers, **options)
+    attempt = asyncio.ensure_future(connecting)
+    try:
+        done, _ = await asyncio.wait({attempt}, timeout=timeout)
+    except BaseException:  # cancelled ourselves: take the attempt along
+        await _cancel_until_done(attempt)
+        raise
+    if done:
+        result = attempt.result()
+        return client if client is not None else result
+    await _cancel_until_done(attempt)
+    raise TimeoutError(f"no connection within {timeout:g} s")
+
+
+async def _cancel_until_done(task: asyncio.Future[Any]) -> None:
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if not task.cancelled() and task.exception() is None:
+        try:
+            await task.result().close()
+        except Exception:  # pragma: no cover - best effort
+            pass
 
 
 @dataclass(frozen=True)
@@ -332,25 +369,26 @@ class NatsLink(BackgroundTask):
             nc = Client()  # made here (not by nats.connect) so that a failed attempt can be closed
             try:
                 self._connecting = True
-                async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
-                    await nc.connect(
-                        self.servers,
-                        name=self.client_name,
-                        error_cb=self._on_error,
-                        disconnected_cb=self._on_disconnected,
-                        reconnected_cb=self._on_reconnected,
-                        closed_cb=self._on_closed,
-                        allow_reconnect=True,
-                        max_reconnect_attempts=-1,
-                        reconnect_to_server_handler=self._pick_server,
-                        # only paces nats-py's own retries of this first connection (reconnections use
-                        # _pick_server's backoff); the deadline above bounds them
-                        reconnect_time_wait=max(self.backoff.initial, 0.01),  # type: ignore[arg-type]
-                        connect_timeout=max(1, min(2, int(self.connect_timeout))),
-                        ping_interval=self.ping_interval,
-                        pending_size=self.pending_size,
-                        **self._auth,
-                    )
+                await connect_within(
+                    max(0.1, deadline - time.monotonic()),
+                    self.servers,
+                    client=nc,
+                    name=self.client_name,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    closed_cb=self._on_closed,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_to_server_handler=self._pick_server,
+                    # only paces nats-py's own retries of this first connection (reconnections use
+                    # _pick_server's backoff); the deadline above bounds them
+                    reconnect_time_wait=max(self.backoff.initial, 0.01),
+                    connect_timeout=max(1, min(2, int(self.connect_timeout))),
+                    ping_interval=self.ping_interval,
+                    pending_size=self.pending_size,
+                    **self._auth,
+                )
                 break
             except BaseException as exc:
                 self._connecting = False

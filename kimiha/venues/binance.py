@@ -44,6 +44,7 @@ from kimiha.venues import BookUpdate, DepthDiff, DepthSnapshot, MarketEvent, Quo
 
 __all__ = [
     "BAD_LINE",
+    "BAD_LINE_WARNINGS",
     "SNAPSHOT",
     "BinanceParser",
     "BookReplayReport",
@@ -54,6 +55,7 @@ __all__ = [
     "WireTrade",
     "count_lines_by_stream",
     "iter_lines",
+    "log_bad_line",
     "open_recording",
     "parse_lines",
     "rebuild_book",
@@ -65,8 +67,10 @@ logger = logging.getLogger(__name__)
 
 #: Counter key of REST depth snapshot lines (they carry no stream name).
 SNAPSHOT = "snapshot"
-#: Counter key of lines that could not be parsed, in :func:`count_lines_by_stream`.
+#: Counter key of bad lines (lines :meth:`BinanceParser.parse` rejects), in :func:`count_lines_by_stream`.
 BAD_LINE = "bad"
+#: How many bad lines are logged one by one before the rest are only counted (the count is reported at the end).
+BAD_LINE_WARNINGS = 20
 
 _Level = tuple[float, float]
 _CHUNK = 1 << 18  # bytes read at a time from a recording
@@ -135,15 +139,7 @@ class Envelope(msgspec.Struct, frozen=True):
     data: msgspec.Raw = msgspec.Raw()
 
 
-class _Probe(msgspec.Struct):
-    """Just enough of a line to tell which stream it belongs to (used by :func:`count_lines_by_stream`)."""
-
-    stream: str | None = None
-    lastUpdateId: int | None = None
-
-
 _ENVELOPE_DECODER = msgspec.json.Decoder(Envelope)
-_PROBE_DECODER = msgspec.json.Decoder(_Probe)
 _TRADE_DECODER = msgspec.json.Decoder(WireTrade, strict=False)
 _BOOK_TICKER_DECODER = msgspec.json.Decoder(WireBookTicker, strict=False)
 _DEPTH_DECODER = msgspec.json.Decoder(WireDepthUpdate, strict=False)
@@ -182,15 +178,28 @@ _ROUTES = {
 }
 
 
-def _snippet(line: Any, limit: int = 100) -> str:
-    if isinstance(line, str):
-        text = line
-    elif isinstance(line, (bytes, bytearray)):
-        text = bytes(line).decode("utf-8", "replace")
+def _printable(value: Any, limit: int = 100) -> str:
+    """Return ``value`` (part of a bad line, a stream name, a decoder's message) as a quoted, escaped and
+    length-capped literal, safe to print: control characters, escape sequences and undecodable bytes are
+    written as backslash escapes, never raw, and at most ``limit`` characters are kept."""
+    if isinstance(value, (bytes, bytearray)):
+        head = bytes(value[: 4 * limit + 4])
+        cut = len(value) > len(head)
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if not (cut and exc.start >= len(head) - 3):  # binary, not a character cut in two by the cap
+                return repr(head[:limit]) + ("..." if len(value) > limit else "")
+            text = head[: exc.start].decode("utf-8")
+        cut = cut or len(text) > limit
+    elif isinstance(value, str):
+        text = value
+        cut = len(text) > limit
     else:
-        return repr(line)[:limit]
+        text = repr(value)  # escaped already
+        return text[:limit] + ("..." if len(text) > limit else "")
     text = text.rstrip("\r\n")
-    return repr(text if len(text) <= limit else text[:limit] + "...")
+    return repr(text[:limit]) + ("..." if cut else "")
 
 
 # ------------------------------------------------------------------------------------------------- parser
@@ -269,7 +278,7 @@ class BinanceParser:
             recv_ts_ns = int(ts_text)
         except ValueError:
             raise self._error(line, None, "'<recv_ts_ns> <JSON>' starting with an integer receive timestamp",
-                              f"got {ts_text[:30]!r} before the first space") from None
+                              f"got {_printable(ts_text, 30)} before the first space") from None
         if not sep:
             raise self._error(line, None, "'<recv_ts_ns> <JSON>'", "the line has no JSON part")
         try:
@@ -317,9 +326,12 @@ class BinanceParser:
 
     def _error(self, line: Any, stream: str | None, expected: str, detail: str) -> SerializationError:
         self.bad_lines += 1
-        where = f"line {self.lines}" + (f", stream {stream!r}" if stream else "")
+        where = f"line {self.lines}" + (f", stream {_printable(stream, 60)}" if stream else "")
+        # a decoder's message may quote a value of the line, of any length and with any character
+        detail = "".join(c if c.isprintable() else repr(c)[1:-1] for c in detail[:300]) + (
+            "..." if len(detail) > 300 else "")
         err = SerializationError(
-            f"Binance feed {where}: expected {expected}; {detail}; the line starts {_snippet(line)}")
+            f"Binance feed {where}: expected {expected}; {detail}; the line starts {_printable(line)}")
         err.line_no = self.lines  # type: ignore[attr-defined]
         err.stream = stream  # type: ignore[attr-defined]
         self.errors.append(err)
@@ -347,22 +359,52 @@ def parse_lines(lines: Iterable[bytes | str], parser: BinanceParser | None = Non
     parser : BinanceParser, optional
         Parser to use (and whose counters to update); a new one by default.
     on_error : callable, optional
-        Called with each :class:`~kimiha.error.SerializationError`; by default the error is logged as a
-        warning. Either way the line is counted in ``parser.bad_lines`` and parsing continues.
+        Called with each :class:`~kimiha.error.SerializationError`. By default bad lines are logged as
+        warnings by :func:`log_bad_line` (rate-limited), and once the lines are exhausted one more warning
+        says how many were not shown. Either way the line is counted in ``parser.bad_lines`` and parsing
+        continues.
     """
     parser = parser if parser is not None else BinanceParser()
     parse = parser.parse
+    bad_before = parser.bad_lines
     for line in lines:
         try:
             event = parse(line)
         except SerializationError as exc:
-            if on_error is None:
-                if parser.bad_lines <= 20 or parser.bad_lines % 1000 == 0:  # rate-limited; counts stay exact
-                    logger.warning("skipped a bad line (%d so far): %s", parser.bad_lines, str(exc))
-            else:
+            if on_error is not None:
                 on_error(exc)
+            else:
+                log_bad_line(logger, parser.bad_lines - bad_before, exc)
             continue
         yield event
+    bad = parser.bad_lines - bad_before
+    if on_error is None and bad > BAD_LINE_WARNINGS:
+        logger.warning("%d more bad line(s) were skipped and not shown (%d in all)", bad - BAD_LINE_WARNINGS, bad)
+
+
+def log_bad_line(log: logging.Logger, bad: int, exc: SerializationError, who: str = "") -> None:
+    """Log the ``bad``-th bad line of a feed, rate-limited: each of the first :data:`BAD_LINE_WARNINGS` with
+    its error (the last of them says that further ones are not shown), then a count every 1000 bad lines.
+
+    Parameters
+    ----------
+    log : logging.Logger
+        Where to log (as warnings).
+    bad : int
+        How many bad lines the feed has had, this one included.
+    exc : SerializationError
+        This line's error (its message quotes the line escaped and capped, never raw).
+    who : str, optional
+        Name of the component, put in front of each message.
+    """
+    prefix = f"{who}: " if who else ""
+    if bad < BAD_LINE_WARNINGS:
+        log.warning("%sskipped a bad line (%d so far): %s", prefix, bad, str(exc))
+    elif bad == BAD_LINE_WARNINGS:
+        log.warning("%sskipped a bad line (%d so far; further ones are counted, not shown): %s", prefix, bad,
+                    str(exc))
+    elif bad % 1000 == 0:
+        log.warning("%s%d bad lines skipped so far (%d not shown)", prefix, bad, bad - BAD_LINE_WARNINGS)
 
 
 # ------------------------------------------------------------------------------------------- line sources
@@ -514,38 +556,46 @@ async def replay_lines(paths: RecordingPath | Iterable[RecordingPath], speed: fl
         yield line
 
 
-def count_lines_by_stream(path: RecordingPath | Iterable[RecordingPath]) -> collections.Counter[str]:
-    """Count the lines of recordings by stream name, independently of :class:`BinanceParser`.
-
-    Only the envelope is read (the payload is skipped), so this is a cheap census to check that a replay
+def count_lines_by_stream(path: RecordingPath | Iterable[RecordingPath], *,
+                          parser: BinanceParser | None = None) -> collections.Counter[str]:
+    """Count the lines of recordings by stream name, in a pass of their own, to check that a replay
     accounted for every line.
+
+    A line counts under its stream exactly when :meth:`BinanceParser.parse` accepts it, and under
+    :data:`BAD_LINE` exactly when the parser rejects it (whatever the reason: no timestamp, malformed JSON, an
+    unknown stream, a payload without the fields of its stream): this census and a replay's parser agree on
+    every kind of bad line. Blank lines are not lines (see :func:`iter_lines`).
 
     Parameters
     ----------
     path : path or iterable of paths
         Recording files.
+    parser : BinanceParser, optional
+        The parser to count with (a new one by default); pass one to read its :attr:`~BinanceParser.errors`
+        afterwards.
 
     Returns
     -------
     collections.Counter
-        Lines by stream name; REST snapshots under :data:`SNAPSHOT`, lines that are not
-        ``<int> <JSON object with "stream" or "lastUpdateId">`` under :data:`BAD_LINE`.
+        Lines by stream name; REST snapshots under :data:`SNAPSHOT`, bad lines under :data:`BAD_LINE` (only
+        when there are some).
+
+    Raises
+    ------
+    SerializationError
+        When compressed data is truncated or corrupt (see :func:`iter_lines`).
     """
-    counts: collections.Counter[str] = collections.Counter()
+    parser = parser if parser is not None else BinanceParser()
+    bad_before, counts_before = parser.bad_lines, collections.Counter(parser.counts)
+    parse = parser.parse
     for line in iter_lines(path):
-        ts_text, _, body = line.partition(b" ")
         try:
-            int(ts_text)
-            probe = _PROBE_DECODER.decode(body)
-        except (ValueError, msgspec.DecodeError):
-            counts[BAD_LINE] += 1
-            continue
-        if probe.stream is not None:
-            counts[probe.stream] += 1
-        elif probe.lastUpdateId is not None:
-            counts[SNAPSHOT] += 1
-        else:
-            counts[BAD_LINE] += 1
+            parse(line)
+        except SerializationError:
+            pass
+    counts = parser.counts - counts_before
+    if parser.bad_lines > bad_before:
+        counts[BAD_LINE] = parser.bad_lines - bad_before
     return counts
 
 

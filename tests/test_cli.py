@@ -342,7 +342,14 @@ def test_the_connect_deadline_holds_when_nats_py_swallows_a_cancellation(run, mo
             cancels.append("swallowed")
         await asyncio.Event().wait()
 
+    async def stubborn_client_connect(_client: object, *args: object, **kwargs: object) -> None:
+        await stubborn_connect(*args, **kwargs)
+
+    import nats.aio.client
+
     monkeypatch.setattr(nats, "connect", stubborn_connect)
+    # the bridge's link makes its own Client (so that a failed attempt can be closed) and connects it
+    monkeypatch.setattr(nats.aio.client.Client, "connect", stubborn_client_connect)
 
     async def main() -> None:
         with pytest.raises(TimeoutError, match="no connection within 0.2 s"):

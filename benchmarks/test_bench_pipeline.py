@@ -1,7 +1,7 @@
 """pytest-benchmark suite of the whole trading pipeline: the shipped Binance tape replayed as fast as possible.
 
 Connector -> Aggregator (typed decode, L2 book, book check) -> imbalance Strategy -> paper Executor on one
-in-process bus, started and shut down by the orchestrator: ``kimiha.demo.run_demo`` (what ``python -m kimiha
+in-process bus, started and shut down by the orchestrator: ``kimiha.apps.demo.run_demo`` (what ``python -m kimiha
 demo`` runs). ``extra_info`` carries the messages per second and the per-channel latency of the last round.
 
 Run: ``python -m pytest benchmarks/test_bench_pipeline.py -q --benchmark-only``.
@@ -13,7 +13,7 @@ import gc
 
 import pytest
 
-from kimiha.demo import run_demo
+from kimiha.apps.demo import run_demo
 
 ROUNDS = 5
 

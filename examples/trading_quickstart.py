@@ -3,8 +3,8 @@ connector -> aggregator -> strategy -> paper executor, then print what happened.
 
 import kimiha
 from kimiha import EventBus, TradingOrchestratorBuilder
-from kimiha.pipeline import (BinanceAggregator, BinanceConnector, ImbalanceStrategyTask, PaperExecutorTask,
-                             trading_channels)
+from kimiha.trading.tasks import ImbalanceStrategyTask, PaperExecutorTask, trading_channels
+from kimiha.venues.binance.tasks import BinanceAggregator, BinanceConnector
 from kimiha.venues.binance import recorded_tape, replay_lines
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import kimiha
-from kimiha.cli import EXIT_STATUS
+from kimiha.apps.cli import EXIT_STATUS
 from kimiha.venues.binance import BAD_LINE_WARNINGS, iter_lines, recorded_tape
 
 #: Hang guard for a process that should end on its own (never a speed assertion).

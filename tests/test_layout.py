@@ -111,3 +111,27 @@ def test_the_room_rule_is_checked_at_all():
     assert ROOMS.index(room_of("kimiha.apps.demo")) > ROOMS.index(room_of(module_name(fake)))
     assert room_of("kimiha.venues.binance.wire") == "venues"
     assert room_of("kimiha.scheduling.shutdown") == "framework"
+
+
+@pytest.mark.parametrize("old", sorted(__import__("kimiha._moved", fromlist=["MOVED"]).MOVED))
+def test_a_0_1_module_path_still_imports_with_a_deprecation_warning(old):
+    import importlib
+
+    from kimiha._moved import MOVED
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=rf"{old} moved to .*{MOVED[old][0]}"):
+        module = importlib.import_module(old)
+    new = importlib.import_module(MOVED[old][0])
+    for name in new.__all__:
+        assert getattr(module, name) is getattr(new, name)
+
+
+def test_the_0_1_market_model_names_still_import_from_kimiha_venues():
+    from kimiha.trading import model
+
+    with pytest.warns(DeprecationWarning, match="kimiha.venues.Trade moved to kimiha.trading.model.Trade"):
+        from kimiha.venues import Trade
+    assert Trade is model.Trade
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        __import__("kimiha.venues", fromlist=["Nope"]).Nope

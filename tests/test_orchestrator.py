@@ -25,7 +25,7 @@ from kimiha import (
     Strategy,
     TradingOrchestratorBuilder,
 )
-from kimiha.demo import run_demo
+from kimiha.apps.demo import run_demo
 from kimiha.venues.binance import count_lines_by_stream, iter_lines, recorded_tape
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

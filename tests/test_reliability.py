@@ -400,7 +400,7 @@ def test_huge_payloads_and_frames(run):
 
 
 def test_malformed_truncated_and_reordered_wire_lines(run, tmp_path):
-    from kimiha.demo import run_demo
+    from kimiha.apps.demo import run_demo
     from kimiha.venues.binance import iter_lines, recorded_tape
 
     lines = []
@@ -471,8 +471,8 @@ def open_fds() -> int:
 
 
 async def soak_pipeline(loops: int) -> dict:
-    from kimiha.pipeline import (BinanceAggregator, BinanceConnector, ImbalanceStrategyTask, PaperExecutorTask,
-                                 trading_channels)
+    from kimiha.trading.tasks import ImbalanceStrategyTask, PaperExecutorTask, TradingEvent, trading_channels
+    from kimiha.venues.binance.tasks import BinanceAggregator, BinanceConnector
     from kimiha.venues.binance import recorded_tape, replay_lines
 
     async def tape_in_a_loop(marks):
@@ -494,7 +494,7 @@ async def soak_pipeline(loops: int) -> dict:
     started = time.perf_counter()
     async with engine:
         await connector.finished.wait()
-    published = bus.stats(kimiha.pipeline.TradingEvent.RAW_MARKET_DATA)["published"]
+    published = bus.stats(TradingEvent.RAW_MARKET_DATA)["published"]
     return {"marks": marks, "lines": connector.lines, "published": published,
             "seconds": time.perf_counter() - started,
             "aggregator_errors": engine.registry.get("binance-aggregator").errors}

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import kimiha
-from kimiha.benchmark import MIN_REPEAT, machine_header, machine_info, progress
+from kimiha.bench.main import MIN_REPEAT, machine_header, machine_info, progress
 from kimiha.bench.anchors import NAUTILUS_TOPIC, PYEE_EVENT, Anchor, load_nautilus, load_pyee
 from kimiha.bench.cases import (
     SEED,

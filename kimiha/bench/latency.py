@@ -40,7 +40,7 @@ from typing import Any
 import kimiha
 from kimiha import Event, LatencyHistogram
 from kimiha._core import monotonic_ns
-from kimiha.benchmark import MIN_REPEAT, machine_header, machine_info
+from kimiha.bench.main import MIN_REPEAT, machine_header, machine_info
 from kimiha.bench.cases import (
     Ev,
     close_and_join,

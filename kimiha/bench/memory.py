@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import kimiha
-from kimiha.benchmark import machine_header, machine_info, progress
+from kimiha.bench.main import machine_header, machine_info, progress
 from kimiha.bench.cases import Ev, Tick, close_and_join, new_bus
 from kimiha.bench.runner import new_parser, save_json
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from kimiha.benchmark import progress, write_json
+from kimiha.bench.main import progress, write_json
 from kimiha.runtime import LOOPS
 
 __all__ = [

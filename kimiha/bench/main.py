@@ -5,12 +5,12 @@ source tree only wraps them):
 
 * ``compare`` (the default): throughput of one flood of events, kimiha vs a direct call of the handler (the
   floor), ``asyncio.Queue`` fan-out on asyncio and uvloop, pyee and NautilusTrader's MessageBus; interleaved
-  repetitions in one process, medians, ratios, an optional ratio gate for CI (see ``kimiha.benchmark_compare``).
+  repetitions in one process, medians, ratios, an optional ratio gate for CI (see ``kimiha.bench.compare``).
 * ``latency``: a publisher paced at a fixed rate stamps each event; the handler records publish-to-handler
   latency into an HDR-style histogram; percentiles for kimiha and ``asyncio.Queue``, a table, JSON and a PNG
-  plot (see ``kimiha.benchmark_latency``).
+  plot (see ``kimiha.bench.latency``).
 * ``memory``: RSS growth while millions of events go through a channel with 4 subscribers (see
-  ``kimiha.benchmark_memory``).
+  ``kimiha.bench.memory``).
 
 Progress goes to stderr, tables to stdout; ``--json PATH`` writes every number. Ctrl-C (or SIGTERM) stops a
 mode at once with one line on stderr and exit status 130 (143), as every ``kimiha`` command does.
@@ -33,14 +33,14 @@ __all__ = ["MODES", "machine_info", "main", "progress", "write_json"]
 #: The modes, each with the module that runs it and a one-line description.
 MODES = {
     "compare": (
-        "kimiha.benchmark_compare",
+        "kimiha.bench.compare",
         "throughput side by side: floor, kimiha, asyncio.Queue, pyee, Nautilus",
     ),
     "latency": (
-        "kimiha.benchmark_latency",
+        "kimiha.bench.latency",
         "paced publisher, publish-to-handler latency percentiles and plot",
     ),
-    "memory": ("kimiha.benchmark_memory", "RSS growth over millions of events through 4 subscribers"),
+    "memory": ("kimiha.bench.memory", "RSS growth over millions of events through 4 subscribers"),
 }
 
 #: Medians need at least this many repetitions.
@@ -148,16 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     module_name = MODES[mode][0]
     module = __import__(module_name, fromlist=["main"])
-    from kimiha.cli import signal_exit_code, sigterm_as_interrupt
-
     try:
-        with sigterm_as_interrupt():
-            return int(module.main(args))
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM: the measurements so far are incomplete, not shown
-        signame = getattr(exc, "signame", "SIGINT")
-        sys.stderr.write(f"\nkimiha bench {mode}: interrupted by {signame}; no table (a benchmark's numbers "
-                         f"need the whole run)\n")
-        return signal_exit_code(signame)
+        return int(module.main(args))
+    except KeyboardInterrupt as exc:  # the CLI reports it (kimiha.apps.cli): say which mode was stopped
+        exc.bench_mode = mode  # type: ignore[attr-defined]
+        raise
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The Binance spot trading pipeline as kimiha tasks: connector, aggregator, strategy, paper executor.
+"""The trading pipeline's channels and its venue-neutral tasks: the strategy and the paper executor.
 
 Channels (see :func:`trading_channels`), all ``BLOCK`` so a replay as fast as possible loses nothing:
 
@@ -8,40 +8,36 @@ Channels (see :func:`trading_channels`), all ``BLOCK`` so a replay as fast as po
 ``Orders``         strategies -> executors       Order
 ``Fills``          executors -> strategies       Fill
 
-The components only talk through the bus, so the same classes run in one process or split across several.
+A venue adapter (``kimiha.venues.binance.tasks``) brings the connector and the aggregator that fill the first
+two channels. The components only talk through the bus, so the same classes run in one process or split
+across several.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import math
-from collections.abc import AsyncIterator
 from typing import Any
 
-from kimiha.book import BookCheck, BookGap, BookNotReady, OrderBook
 from kimiha.channel_config import ChannelConfig, Overflow
-from kimiha.error import SerializationError
 from kimiha.event_bus import EventBus
-from kimiha.paper import OrderRejected, PaperExecutor
-from kimiha.strategy_logic import ImbalanceStrategy
-from kimiha.types import Aggregator, Connector, Event, EventType, Executor, Strategy
-from kimiha.venues import BookUpdate, DepthDiff, DepthSnapshot, Fill, Order, Quote, Signal, Trade
-from kimiha.venues.binance import BinanceParser, log_bad_line
+from kimiha.trading.book import BookGap, BookNotReady, OrderBook
+from kimiha.trading.model import BookUpdate, DepthDiff, DepthSnapshot, Fill, Order, Quote, Signal, Trade
+from kimiha.trading.paper import OrderRejected, PaperExecutor
+from kimiha.trading.strategy import ImbalanceStrategy
+from kimiha.types import Event, EventType, Executor, Strategy
 
 __all__ = [
     "TradingEvent",
     "RawMessage",
     "MarketData",
     "trading_channels",
-    "BinanceConnector",
-    "BinanceAggregator",
     "ImbalanceStrategyTask",
     "PaperExecutorTask",
 ]
 
-logger = logging.getLogger("kimiha.pipeline")
+logger = logging.getLogger(__name__)
 
 
 class TradingEvent(EventType):
@@ -73,110 +69,6 @@ def trading_channels(capacity: int = 4096) -> list[tuple[TradingEvent, ChannelCo
         (TradingEvent.ORDERS, ChannelConfig(capacity, "orders", overflow=block, payload_type=Order)),
         (TradingEvent.FILLS, ChannelConfig(capacity, "fills", overflow=block, payload_type=Fill)),
     ]
-
-
-class BinanceConnector(Connector):
-    """Publishes every line of an async line source (a replay, or a live websocket) as a :class:`RawMessage`.
-
-    Each ``execute()`` forwards up to ``chunk`` lines, waiting for room (``publish_async``) so a fast source
-    never outruns the pipeline. When the source ends, ``finished`` is set and the connector idles until
-    shutdown.
-    """
-
-    def __init__(self, bus: EventBus, source: AsyncIterator[bytes], *, chunk: int = 256,
-                 name: str = "binance-connector") -> None:
-        if not hasattr(source, "__anext__"):
-            raise TypeError(f"BinanceConnector: source must be an async iterator of lines, got {source!r}")
-        self.name = name
-        self._source = source
-        self._channel = bus.channel(TradingEvent.RAW_MARKET_DATA)
-        self._chunk = chunk
-        self.lines = 0
-        self.finished = asyncio.Event()
-
-    async def execute(self) -> None:
-        if self.finished.is_set():
-            await asyncio.Event().wait()  # nothing left: idle until shutdown cancels us
-        publish = self._channel.publish_async
-        source = self._source
-        for _ in range(self._chunk):
-            try:
-                line = await source.__anext__()
-            except StopAsyncIteration:
-                self.finished.set()
-                return
-            await publish(RawMessage(line))
-            self.lines += 1
-
-    async def shutdown(self) -> None:
-        closer = getattr(self._source, "aclose", None)
-        if closer is not None:
-            await closer()
-
-
-class BinanceAggregator(Aggregator):
-    """Decodes wire lines with typed msgspec Structs, rebuilds the L2 book, publishes normalized events.
-
-    Per line: a trade becomes a :class:`Trade`; a bookTicker a :class:`Quote` (checked against the rebuilt
-    book at every common update id); a depth diff is applied to the book (Binance's snapshot + diff rules)
-    and published with the resulting :class:`BookUpdate`; the REST snapshot (re)starts the book. A corrupt
-    line is counted and skipped; a sequence gap is counted, logged loudly and the book waits for a snapshot.
-    """
-
-    def __init__(self, bus: EventBus, *, name: str = "binance-aggregator", symbol: str | None = None) -> None:
-        self.name = name
-        self.parser = BinanceParser(symbol=symbol)
-        self.book = OrderBook(symbol or "", raise_on_gap=True)
-        self.check = BookCheck()
-        self.gaps = 0
-        self.gap_errors: list[str] = []
-        self.published = 0
-        self._md = bus.channel(TradingEvent.MARKET_DATA)
-
-    def subscribed_event(self) -> TradingEvent:
-        return TradingEvent.RAW_MARKET_DATA
-
-    async def handle_event(self, raw: RawMessage) -> None:
-        try:
-            message = self.parser.parse(raw.line)
-        except SerializationError as exc:
-            log_bad_line(logger, self.parser.bad_lines, exc, self.name)
-            return
-        publish = self._md.publish_async
-        if type(message) is Quote:
-            self.check.on_quote(message)
-            await publish(message)
-        elif type(message) is Trade:
-            await publish(message)
-        elif type(message) is DepthDiff:
-            # Replicas downstream apply the same rules, so they get every diff, buffered or stale ones too.
-            await publish(message)
-            try:
-                update = self.book.apply_diff(message)
-            except BookGap as gap:
-                self._gap(gap)
-                return
-            if update is not None:
-                self.check.on_update(update)
-                await publish(update)
-        else:  # DepthSnapshot
-            await publish(message)
-            try:
-                updates = self.book.apply_snapshot(message)
-            except BookGap as gap:  # the diffs buffered before it do not line up with it
-                self._gap(gap)
-                return
-            for update in updates:
-                self.check.on_update(update)
-                await publish(update)
-        self.published += 1
-
-    def _gap(self, gap: BookGap) -> None:
-        self.gaps += 1
-        if len(self.gap_errors) < 20:
-            self.gap_errors.append(str(gap))
-        if self.gaps <= 20:  # text only: a log record holding the exception would keep its frames alive
-            logger.error("%s: %s -- book out of sync until the next snapshot", self.name, str(gap))
 
 
 class ImbalanceStrategyTask(Strategy):

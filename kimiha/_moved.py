@@ -58,7 +58,7 @@ class _MovedLoader(importlib.abc.Loader):
                 setattr(module, attr, getattr(new, attr))
                 if attr not in exported:
                     exported.append(attr)
-        module.__all__ = exported
+        setattr(module, "__all__", exported)  # noqa: B010 - a module type has no __all__ to the checker
         module.__doc__ = f"Moved: this module's names now live in {where}."
 
 

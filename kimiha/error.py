@@ -12,6 +12,8 @@ from it too, so ``except ValueError`` keeps working.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "OrchestratorError",
     "TaskInitializationError",
@@ -114,7 +116,7 @@ class Lagged(EventReceiveError):
             f"received them{cap}; reception resumes at the oldest retained event"
         )
 
-    def __reduce__(self):  # keep it picklable despite the custom signature
+    def __reduce__(self) -> tuple[type[Lagged], tuple[int, Any]]:  # keep it picklable despite the custom signature
         return (type(self), (self.skipped, self.channel))
 
 

@@ -339,3 +339,15 @@ def test_typed_channel_of_an_unknown_channel_names_the_known_ones():
 def test_generic_handles_can_be_subscripted_at_runtime():
     assert kimiha.Subscription[Tick].__origin__ is kimiha.Subscription
     assert kimiha.Channel[Tick].__origin__ is kimiha.Channel
+
+
+def test_the_package_itself_passes_mypy_strict(tmp_path):
+    # the installed package, checked with the repository's mypy settings (optional libraries without types)
+    config = pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--config-file", str(config), "--cache-dir",
+         str(tmp_path / "cache"), "-p", "kimiha"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Success: no issues found" in proc.stdout

@@ -65,7 +65,7 @@ class BenchCase:
 
     @property
     def median(self) -> float:
-        return statistics.median(self.samples)
+        return float(statistics.median(self.samples))
 
     def identity(self) -> dict[str, Any]:
         """Return the keys that name the case in the JSON output."""

@@ -18,7 +18,7 @@ import asyncio
 import collections
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 from kimiha._core import monotonic_ns
 from kimiha.bridge.link import LinkState, NatsLink, _Waiters, wait_until
@@ -31,7 +31,7 @@ __all__ = ["ChannelExporter"]
 
 logger = logging.getLogger("kimiha.bridge")
 
-_Frame = tuple  # (ring sequence, publish_ns, frame bytes) from a frames subscription
+_Frame = tuple[int, int, bytes]  # (ring sequence, publish_ns, frame bytes) from a frames subscription
 
 #: nats-py's MaxPayloadError, bound by the first ``initialize`` (nats-py is imported lazily; an empty tuple
 #: in an ``except`` clause catches nothing).
@@ -287,7 +287,7 @@ class ChannelExporter(BackgroundTask):
         except ChannelClosed:
             return []
         self._take(batch, bounded=bounded)
-        return batch
+        return cast("list[_Frame]", batch)
 
     async def _wait_ring(self, timeout: float | None, limit: int | None = None) -> None:
         """Wait for frames in the ring, a link change or progress (acks), whichever comes first."""
@@ -426,7 +426,7 @@ class ChannelExporter(BackgroundTask):
         if not self._inflight:
             return self.ack_timeout
         oldest = self._inflight[next(iter(self._inflight))]
-        return max(0.001, oldest[2] + self.ack_timeout - time.monotonic())
+        return max(0.001, float(oldest[2]) + self.ack_timeout - time.monotonic())
 
     async def _wait_change(self, timeout: float) -> None:
         change = self._link.changed.arm()

@@ -106,7 +106,7 @@ class _Holes:
         else:
             ranges[i][1] = seq - 1
             ranges.insert(i + 1, [seq + 1, hi, counted])
-        return counted
+        return bool(counted)
 
     def __len__(self) -> int:
         return sum(hi - lo + 1 for lo, hi, _ in self.ranges)

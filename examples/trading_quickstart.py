@@ -4,8 +4,7 @@ connector -> aggregator -> strategy -> paper executor, then print what happened.
 import kimiha
 from kimiha import EventBus, TradingOrchestratorBuilder
 from kimiha.trading.tasks import ImbalanceStrategyTask, PaperExecutorTask, trading_channels
-from kimiha.venues.binance.tasks import BinanceAggregator, BinanceConnector
-from kimiha.venues.binance import recorded_tape, replay_lines
+from kimiha.venues.binance import BinanceAggregator, BinanceConnector, recorded_tape, replay_lines
 
 
 async def main() -> None:

@@ -32,7 +32,7 @@ from kimiha.venues.binance import (
     replay_lines,
 )
 
-__all__ = ["RecordingError", "accounting", "format_summary", "log_not_shown", "run_demo", "survey_recordings"]
+__all__ = ["RecordingError", "accounting", "channel_summary", "format_summary", "log_not_shown", "run_demo", "survey_recordings"]
 
 logger = logging.getLogger("kimiha.apps.demo")
 
@@ -219,6 +219,23 @@ def accounting(connector: BinanceConnector, parser: BinanceParser, expected: Any
     }
 
 
+def channel_summary(bus: EventBus) -> dict[str, Any]:
+    """Return each channel's counters and publish -> handler latency (us) as the summaries show them."""
+    out = {}
+    for name, st in bus.stats().items():
+        lat = st["latency_ns"]
+        out[name] = {
+            "published": st["published"],
+            "delivered": st["delivered"],
+            "lagged": st["lagged"],
+            "blocked": st["blocked"],
+            "bad_frames": st["bad_frames"],
+            "high_water_mark": st["high_water_mark"],
+            "latency_us": {k: round(lat[k] / 1e3, 2) for k in ("p50", "p99", "max")},
+        }
+    return out
+
+
 def _summary(bus: EventBus, orchestrator: Any, connector: BinanceConnector, aggregator: BinanceAggregator,
              strategy: ImbalanceStrategyTask, executor: PaperExecutorTask, expected: Any, elapsed: float,
              paths: list[Any]) -> dict[str, Any]:
@@ -227,17 +244,7 @@ def _summary(bus: EventBus, orchestrator: Any, connector: BinanceConnector, aggr
     file_counts = {k: v for k, v in sorted(expected.items()) if k != BAD_LINE}
     paper = executor.paper
     mark = executor.last_mid
-    channels = {}
-    for name, st in bus.stats().items():
-        lat = st["latency_ns"]
-        channels[name] = {
-            "published": st["published"],
-            "delivered": st["delivered"],
-            "lagged": st["lagged"],
-            "blocked": st["blocked"],
-            "high_water_mark": st["high_water_mark"],
-            "latency_us": {k: round(lat[k] / 1e3, 2) for k in ("p50", "p99", "max")},
-        }
+    channels = channel_summary(bus)
     return {
         "data": [getattr(p, "name", str(p)) for p in paths],
         "lines_read": connector.lines,

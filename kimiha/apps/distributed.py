@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import kimiha
-from kimiha.apps.demo import RecordingError, accounting, log_not_shown, survey_recordings
+from kimiha.apps.demo import RecordingError, accounting, channel_summary, log_not_shown, survey_recordings
 from kimiha.event_bus import EventBus
 from kimiha.trading.tasks import ImbalanceStrategyTask, PaperExecutorTask, TradingEvent, trading_channels
 from kimiha.venues.binance.tasks import BinanceAggregator, BinanceConnector
@@ -203,22 +203,6 @@ async def _upstream_complete(ctl: _Control, bridge: Any, channel: TradingEvent, 
         raise _Stopped
 
 
-def _channels(bus: EventBus) -> dict[str, Any]:
-    out = {}
-    for name, st in bus.stats().items():
-        lat = st["latency_ns"]
-        out[name] = {
-            "published": st["published"],
-            "delivered": st["delivered"],
-            "lagged": st["lagged"],
-            "blocked": st["blocked"],
-            "bad_frames": st["bad_frames"],
-            "high_water_mark": st["high_water_mark"],
-            "latency_us": {k: round(lat[k] / 1e3, 2) for k in ("p50", "p99", "max")},
-        }
-    return out
-
-
 async def _child(opts: argparse.Namespace) -> int:
     from kimiha.bridge import ENV_TOKEN, Delivery, NatsBridge
 
@@ -344,7 +328,7 @@ async def _child(opts: argparse.Namespace) -> int:
                 "total": round(paper.total_pnl(mark) if mark else paper.realized_pnl - paper.fees_paid, 6),
             },
         })
-    ctl.send("summary", role=role.name, parts=parts, channels=_channels(bus), tasks=scheduler.registry.snapshot(),
+    ctl.send("summary", role=role.name, parts=parts, channels=channel_summary(bus), tasks=scheduler.registry.snapshot(),
              bridge=bridge.stats(), elapsed=elapsed, failed=failed)
     return 0 if failed is None else 1
 

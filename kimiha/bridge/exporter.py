@@ -21,11 +21,11 @@ import time
 from typing import Any, cast
 
 from kimiha._core import monotonic_ns
+from kimiha.bridge.endpoint import ChannelEndpoint
 from kimiha.bridge.link import LinkState, NatsLink, _Waiters, wait_until
 from kimiha.bridge.wire import HDR_META, HDR_MSG_ID, BufferPolicy, Delivery, new_sender_id
 from kimiha.error import ChannelClosed
 from kimiha.event_bus import EventBus
-from kimiha.types import BackgroundTask
 
 __all__ = ["ChannelExporter"]
 
@@ -38,7 +38,7 @@ _Frame = tuple[int, int, bytes]  # (ring sequence, publish_ns, frame bytes) from
 _TOO_LARGE: tuple[type[BaseException], ...] = ()
 
 
-class ChannelExporter(BackgroundTask):
+class ChannelExporter(ChannelEndpoint):
     """Forward every event of a local channel to a NATS subject (role ``bridge-export``).
 
     Made by :meth:`NatsBridge.export_channel <kimiha.bridge.NatsBridge.export_channel>`, which documents the
@@ -50,15 +50,8 @@ class ChannelExporter(BackgroundTask):
     def __init__(self, link: NatsLink, bus: EventBus, event_type: Any, subject: str, *, delivery: Delivery,
                  buffer: int, when_full: BufferPolicy, stream: str | None, schema: int, max_in_flight: int,
                  ack_timeout: float, batch: int, flush_timeout: float, name: str) -> None:
-        self.name = name
-        self._link = link
-        self._channel = bus.channel(event_type)
-        self.event_type = event_type
-        self.type_name = self._channel.name
-        self.subject = subject
-        self.delivery = delivery
-        self.stream = stream
-        self.schema = schema
+        super().__init__(link, bus, event_type, subject, delivery=delivery, stream=stream, schema=schema,
+                         name=name)
         self.buffer = buffer
         self.when_full = when_full
         self.max_in_flight = max_in_flight
@@ -115,10 +108,7 @@ class ChannelExporter(BackgroundTask):
     def stats(self) -> dict[str, Any]:
         """Return the exporter's counters (``sent`` is the last sequence number sent)."""
         return {
-            "channel": self.type_name,
-            "subject": self.subject,
-            "delivery": self.delivery.value,
-            "stream": self.stream,
+            **self._identity(),
             "sender": self.sender,
             "sent": self._seq,
             "acked": self.acked if self._js else None,

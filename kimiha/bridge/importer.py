@@ -45,6 +45,7 @@ from typing import Any
 import msgspec
 
 from kimiha._core import LatencyHistogram, monotonic_ns
+from kimiha.bridge.endpoint import ChannelEndpoint
 from kimiha.bridge.link import NatsLink, _Waiters, wait_until
 from kimiha.bridge.wire import HDR_META, Delivery, clock_domain
 from kimiha.error import (
@@ -56,7 +57,6 @@ from kimiha.error import (
     PayloadTypeError,
 )
 from kimiha.event_bus import EventBus
-from kimiha.types import BackgroundTask
 
 __all__ = ["CONFIRM", "ChannelImporter", "SenderState"]
 
@@ -217,7 +217,7 @@ def _peek(msg: Any) -> tuple[str, int] | None:
     return (parts[2], seq) if 0 < seq < _INT64 and parts[2] else None
 
 
-class ChannelImporter(BackgroundTask):
+class ChannelImporter(ChannelEndpoint):
     """Publish the events of a NATS subject into a local channel (role ``bridge-import``).
 
     Made by :meth:`NatsBridge.import_channel <kimiha.bridge.NatsBridge.import_channel>`, which documents the
@@ -232,18 +232,11 @@ class ChannelImporter(BackgroundTask):
                  replay: Any, durable: str | None, reset: bool, stream: str | None, schema: int, ack_wait: float,
                  max_ack_pending: int, reorder_timeout: float, pending_limit: int, name: str,
                  heartbeat: float = 5.0, inactive_threshold: float | None = None) -> None:
-        self.name = name
-        self._link = link
-        self._channel = bus.channel(event_type)
-        self.event_type = event_type
-        self.type_name = self._channel.name
-        self.subject = subject
-        self.delivery = delivery
+        super().__init__(link, bus, event_type, subject, delivery=delivery, stream=stream, schema=schema,
+                         name=name)
         self.replay = replay
         self.durable = durable
         self.reset = reset
-        self.stream = stream
-        self.schema = schema
         self.ack_wait = ack_wait
         self.max_ack_pending = max_ack_pending
         self.reorder_timeout = reorder_timeout
@@ -319,10 +312,7 @@ class ChannelImporter(BackgroundTask):
     def stats(self) -> dict[str, Any]:
         """Return the importer's counters, per-sender state and latency summary."""
         return {
-            "channel": self.type_name,
-            "subject": self.subject,
-            "delivery": self.delivery.value,
-            "stream": self.stream,
+            **self._identity(),
             "durable": self.durable,
             "received": self.received,
             "delivered": self.delivered,

@@ -23,6 +23,7 @@ __all__ = ["ImbalanceStrategy"]
 
 _NOTHING: tuple = ()  # returned when nothing happens: no allocation on the common path
 _QTY_EPS = 1e-12  # quantities closer than this are equal (float sums of lot sizes are not exact)
+_INF = math.inf
 
 
 def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool, high: float = math.inf) -> float:
@@ -75,6 +76,10 @@ class ImbalanceStrategy:
         Current smoothed imbalance (None before the first quote).
     signals, orders, suppressed_by_cooldown, suppressed_by_limit : int
         Counters.
+    skipped_quotes : int
+        Tops of book that gave no imbalance and were ignored: a side empty, a quantity that is not a finite
+        number > 0 (zero, negative, infinite or NaN: their sum may be zero, or the ratio meaningless), or a
+        price that is not a finite number > 0.
     """
 
     def __init__(self, *, order_qty: float = 0.001, max_position: float = 0.005, entry_threshold: float = 0.6,
@@ -107,6 +112,7 @@ class ImbalanceStrategy:
         self.orders = 0
         self.suppressed_by_cooldown = 0
         self.suppressed_by_limit = 0
+        self.skipped_quotes = 0
         self._armed = True
         self._next_order_id = first_order_id
         self._last_order_ts: int | None = None
@@ -120,7 +126,9 @@ class ImbalanceStrategy:
         ----------
         quote : Quote or BookUpdate
             Top of book; feed one kind consistently (their timestamps differ: a ``Quote`` carries the receive
-            time, a ``BookUpdate`` the venue's event time). A side without quantity is ignored.
+            time, a ``BookUpdate`` the venue's event time). A top without a usable imbalance (a side empty,
+            a size that is not a finite number > 0, a price that is not a finite number > 0) is ignored and
+            counted in :attr:`skipped_quotes`; it never changes the smoothed imbalance.
 
         Returns
         -------
@@ -130,10 +138,23 @@ class ImbalanceStrategy:
         try:
             bid_qty = quote.bid_qty
             ask_qty = quote.ask_qty
+            bid_px = quote.bid_px
+            ask_px = quote.ask_px
         except AttributeError:
             raise TypeError(f"ImbalanceStrategy.on_quote: expected a Quote or a BookUpdate, got "
                             f"{type(quote).__name__}") from None
-        if not bid_qty or not ask_qty:  # None or 0.0: an empty side says nothing about pressure
+        if bid_qty is None or ask_qty is None or bid_px is None or ask_px is None:  # an empty side
+            self.skipped_quotes += 1
+            return _NOTHING
+        try:
+            # Both sizes > 0 keep the sum > 0 (no division by zero) and the ratio in [-1, 1]; one NaN would
+            # make the average NaN for good (it never crosses a threshold again, nor re-arms).
+            usable = (0.0 < bid_qty < _INF and 0.0 < ask_qty < _INF
+                      and 0.0 < bid_px < _INF and 0.0 < ask_px < _INF)
+        except TypeError:  # not numbers at all
+            usable = False
+        if not usable:
+            self.skipped_quotes += 1
             return _NOTHING
         raw = (bid_qty - ask_qty) / (bid_qty + ask_qty)
         ema = self.imbalance

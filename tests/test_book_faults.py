@@ -437,10 +437,6 @@ def test_the_demo_on_a_doctored_tape(run, tape_lines, tmp_path, kind):
         assert s["rejected"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason="PaperExecutorTask (kimiha/pipeline.py, outside this change) holds diffs "
-                   "back by final_update_id: the corrupted diff (u + 1e9) waits at the head of its queue forever, "
-                   "so the replica book never sees it (nor anything after it) and orders fill against a frozen "
-                   "replica; its market_position also jumps to u + 1e9")
 def test_the_executor_replica_leaves_live_on_the_u_plus_1e9_tape(run, tape_lines, tmp_path):
     s = _demo(run, _doctor(tape_lines, "u_plus_1e9"), tmp_path, "u_plus_1e9")
     assert s["book_check"]["book_state"] == "out_of_sync"

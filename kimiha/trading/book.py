@@ -424,6 +424,10 @@ class OrderBook:
         self._buffer_diff(diff)
         return None
 
+    def has_plausible_ids(self, diff: DepthDiff) -> bool:
+        """Whether ``diff``'s update ids pass the checks :meth:`apply_diff` makes before anything else."""
+        return self._id_problem(diff.first_update_id, diff.final_update_id) is None
+
     def _id_problem(self, first: object, final: object) -> tuple[str, object, str, str] | None:
         for field, value in (("first_update_id", first), ("final_update_id", final)):
             if not isinstance(value, int) or isinstance(value, bool):

@@ -133,6 +133,11 @@ class PaperExecutorTask(Executor):
         if kind is Order:
             self._orders.append(event)
         elif kind is DepthDiff:
+            if not self.book.has_plausible_ids(event):
+                # The replica refuses it as the aggregator's book did (and leaves live); held back, it would
+                # block the queue for good and move the watermark by whatever the corrupted id says.
+                self._apply(event)
+                return
             self._diffs.append(event)
             self.market_position = max(self.market_position, event.final_update_id)
             if len(self._diffs) > self._max_pending:

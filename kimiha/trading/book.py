@@ -96,7 +96,7 @@ class BookGap(OrchestratorError):
             f"until a new snapshot arrives"
         )
 
-    def __reduce__(self):  # keep it picklable despite the custom signature
+    def __reduce__(self) -> tuple[type[BookGap], tuple[object, ...]]:  # keep it picklable (custom signature)
         return (type(self), (self.symbol, self.expected_first_update_id, self.first_update_id,
                              self.final_update_id, self.after_snapshot))
 

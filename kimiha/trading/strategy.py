@@ -21,7 +21,7 @@ from kimiha.trading.model import BookUpdate, Fill, Order, OrderType, Quote, Side
 
 __all__ = ["ImbalanceStrategy"]
 
-_NOTHING: tuple = ()  # returned when nothing happens: no allocation on the common path
+_NOTHING: tuple[()] = ()  # returned when nothing happens: no allocation on the common path
 _QTY_EPS = 1e-12  # quantities closer than this are equal (float sums of lot sizes are not exact)
 _INF = math.inf
 
@@ -198,7 +198,8 @@ class ImbalanceStrategy:
             self.position = 0.0
 
     # ------------------------------------------------------------------ decisions
-    def _on_signal(self, side: Side, strength: float, quote: Quote | BookUpdate):
+    def _on_signal(self, side: Side, strength: float,
+                   quote: Quote | BookUpdate) -> tuple[Signal] | tuple[Signal, Order] | tuple[()]:
         ts = quote.ts_ns
         bid_px = quote.bid_px
         ask_px = quote.ask_px
@@ -222,9 +223,7 @@ class ImbalanceStrategy:
         self.in_flight += signed
         self._last_order_ts = ts
         self.orders += 1
-        ref = getattr(quote, "update_id", None)
-        if ref is None:
-            ref = quote.final_update_id
+        ref = quote.update_id if isinstance(quote, Quote) else quote.final_update_id
         return (signal, Order(order_id, side, qty, OrderType.MARKET, None, ts, self.symbol, ref))
 
     @property

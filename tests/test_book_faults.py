@@ -406,7 +406,7 @@ def _doctor(lines, kind):
 
 
 def _demo(run, lines, tmp_path, name):
-    from kimiha.demo import run_demo
+    from kimiha.apps.demo import run_demo
 
     path = tmp_path / f"{name}.txt"
     path.write_bytes(b"\n".join(lines) + b"\n")

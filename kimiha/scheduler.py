@@ -106,6 +106,8 @@ class Scheduler:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
+        #: the shutdown hooks the stop sequence is running (each in a task of its own)
+        self._hook_tasks: set[asyncio.Future[Any]] = set()
         self._start_task: asyncio.Task[Any] | None = None  # the task running start(), while it runs
         self._start_cancelled = False  # shutdown() cancelled that task
         self._rolling_back = False
@@ -508,7 +510,7 @@ class Scheduler:
 
     def _runs(self, task: asyncio.Task[Any]) -> bool:
         """Whether ``task`` is one this scheduler runs: a loop, a pump, the start or the stop sequence."""
-        if task is self._shutdown_task or task is self._start_task:
+        if task is self._shutdown_task or task is self._start_task or task in self._hook_tasks:
             return True
         return any(task in info.runners for info in self.registry)
 

@@ -657,7 +657,7 @@ def test_hostile_frames_are_counted_acknowledged_and_skipped(run, server, delive
         importer._channel = _RaisingChannel(importer._channel, poison, KeyError("whatever publish_raw raises"))
         raw = await Raw.connect(server.url, subject, delivery)
         sender = f"{clock_domain()}.13.hostile"
-        nested = b"\x91" * 1023 + b"\xc0"  # 1 KB: 1023 nested arrays
+        nested = b"\x91" * 100_000 + b"\xc0"  # deeper than any CPython's C recursion limit (3.12 decodes 1,023)
         try:
             await raw.send(1, sender, data=msgspec.msgpack.encode({"seq": 1}))
             await raw.send(2, sender, data=nested)                                       # RecursionError

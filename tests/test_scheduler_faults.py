@@ -817,3 +817,45 @@ def test_orchestrator_build_reports_a_connector_reading_an_unknown_channel():
                .with_strategy(Strat()).with_executor(Exe()))
     with pytest.raises(BuildError, match="Reads.*consumes.*Ev.NOWHERE"):
         builder.build()
+
+
+def test_a_hook_that_swallows_its_cancellation_is_left_behind_at_the_deadline(run):
+    # found by the adversarial review of round 2: the hook ate the deadline's cancellation and the stop hung
+    release = asyncio.Event()
+
+    class StubbornHook(BackgroundTask):
+        async def execute(self) -> None:
+            await asyncio.sleep(0.01)
+
+        async def shutdown(self) -> None:
+            while not release.is_set():
+                try:
+                    await asyncio.sleep(0.01)
+                except asyncio.CancelledError:
+                    pass
+
+    class After(BackgroundTask):
+        ran = False
+
+        async def execute(self) -> None:
+            await asyncio.sleep(0.01)
+
+        async def shutdown(self) -> None:
+            After.ran = True
+
+    async def main() -> None:
+        bus = EventBus([])
+        sched = Scheduler(bus, shutdown_timeout=0.3)
+        sched.register_background_task(After())
+        sched.register_background_task(StubbornHook())
+        await sched.start()
+        async with asyncio.timeout(10):  # hang guard, not a speed claim
+            with pytest.raises(TaskShutdownError, match="StubbornHook.*ignores cancellation: left behind"):
+                await sched.shutdown()
+        assert sched.state is SchedulerState.STOPPED
+        assert After.ran  # the hooks after it still ran
+        assert "StubbornHook (shutdown hook)" in sched.last_shutdown["did_not_stop"]
+        release.set()
+        await asyncio.sleep(0.05)
+
+    run(main())

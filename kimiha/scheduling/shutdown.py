@@ -43,6 +43,15 @@ __all__ = ["StopSequence", "stop_phases"]
 
 logger = logging.getLogger("kimiha.scheduler")
 
+#: Loop turns a cancelled hook gets to finish before the stop leaves it behind.
+_GRACE_TURNS = 8
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Take a left-behind hook's outcome, so that its end is not reported as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
 #: Loop turns granted past the deadline to tasks cancelled once more: enough for a task that honours the
 #: cancellation to unwind (each turn runs every ready callback), never a wait of its own.
 _GRACE_TURNS = 8
@@ -286,37 +295,51 @@ class StopSequence:
     async def run_hook(self, info: TaskInfo) -> BaseException | None:
         """Run ``info``'s ``shutdown`` hook within the deadline; return its failure (also recorded), or None.
 
-        A ``CancelledError`` out of the hook is the hook's failure (``t.cancel(); await t`` lets ``t``'s out)
-        unless the stop itself was asked to stop while the hook ran (``Task.cancelling()`` went up): then it
-        propagates.
+        The hook runs as a task of its own, so that one which swallows its cancellation cannot hold the stop
+        past the deadline: it is cancelled at the deadline, given a few loop turns, then left behind (listed
+        in ``did_not_stop``). A ``CancelledError`` out of the hook is the hook's failure (``t.cancel(); await
+        t`` lets ``t``'s out); a cancellation of the stop itself propagates (and cancels the hook).
         """
-        task = asyncio.current_task()
-        asked_before = task.cancelling() if task is not None else 0
         late = self.remaining() <= 0
+        hook = asyncio.ensure_future(info.task.shutdown())
+        own = self.scheduler._hook_tasks
+        own.add(hook)
+        hook.add_done_callback(own.discard)
         error: BaseException
-        scope = asyncio.timeout_at(self.deadline)  # past the deadline: cancelled at its first wait
         try:
-            async with scope:
-                await info.task.shutdown()
-            return None
-        except asyncio.CancelledError as exc:
-            if task is None or task.cancelling() > asked_before:
-                raise
+            await asyncio.wait({hook}, timeout=max(self.remaining(), 0.0))
+        except asyncio.CancelledError:
+            hook.cancel()
+            raise
+        cut = not hook.done()
+        if cut:
+            hook.cancel()
+            for _ in range(_GRACE_TURNS):
+                if hook.done():
+                    break
+                await asyncio.sleep(0)
+        if not hook.done():
+            hook.add_done_callback(_retrieve)
+            self.report["did_not_stop"].append(f"{info.name} (shutdown hook)")
+            error = TimeoutError(f"shutdown hook of {info.name!r} did not finish by the shutdown deadline "
+                                 f"({self.timeout} s) and ignores cancellation: left behind")
+        elif cut:
+            if hook.cancelled() or isinstance(hook.exception(), (asyncio.CancelledError, TimeoutError)):
+                error = TimeoutError(
+                    f"shutdown hook of {info.name!r} started after the shutdown deadline ({self.timeout} s) had "
+                    f"passed: cancelled at its first wait" if late else
+                    f"shutdown hook of {info.name!r} did not finish by the shutdown deadline ({self.timeout} s)")
+            else:
+                error = hook.exception() or TimeoutError(f"shutdown hook of {info.name!r} was cut at the deadline")
+        elif hook.cancelled() or isinstance(hook.exception(), asyncio.CancelledError):
             error = TaskShutdownError(
                 f"shutdown hook of {info.name!r} raised CancelledError though the shutdown was not cancelled "
                 f"(a cancelled task or future it awaited?)"
             )
-            error.__cause__ = exc
-        except TimeoutError as exc:
-            if not scope.expired():
-                error = exc
-            elif late:
-                error = TimeoutError(f"shutdown hook of {info.name!r} started after the shutdown deadline "
-                                     f"({self.timeout} s) had passed: cancelled at its first wait")
-            else:
-                error = TimeoutError(f"shutdown hook of {info.name!r} did not finish by the shutdown deadline "
-                                     f"({self.timeout} s)")
-        except Exception as exc:
+        else:
+            exc = hook.exception()
+            if exc is None:
+                return None
             error = exc
         info.errors += 1
         info.last_error = f"shutdown(): {error!r}"

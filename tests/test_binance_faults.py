@@ -264,9 +264,9 @@ class _FakePath:
 
 
 def _bytes_scanned(lines: Iterator[bytes]) -> tuple[int, int]:
-    """Consume ``lines``; return how many lines, and how many bytes the methods of ``bytes`` / ``bytearray``
-    called from recording.py were given as ``self`` (``split``, ``find``, ``endswith`` ...): the work of
-    splitting, counted as operations rather than timed."""
+    """Consume ``lines``; return how many lines, and the total length of the ``bytes`` / ``bytearray``
+    objects whose methods recording.py called (``find``, ``split``, ``endswith`` ...): a bound on the work of
+    splitting, counted rather than timed."""
     scanned = 0
     source = recording.__file__
 
@@ -298,7 +298,8 @@ def test_reading_a_recording_is_linear_in_its_size(shape):
         data = (b"z" * 99 + b"\n") * (size // 100)
     n, scanned = _bytes_scanned(iter_lines(_FakePath(data)))
     assert n == {"one line": 1, "few long lines": 3, "many short lines": size // 100}[shape]
-    # Each byte is looked at a bounded number of times (find the newline, split, strip the line end); the
-    # quadratic reader re-scanned the whole pending line for every chunk: about 24 times the size here.
+    # Each byte is handed to a bounded number of methods (find the newline, split, check the line end and
+    # blankness: 3 to 4 times here); the quadratic reader re-scanned the whole pending line for every chunk:
+    # 27.5 times the size for one line, 10.5 for three.
     ratio = scanned / len(data)
-    assert ratio <= 4, f"{scanned:,} bytes scanned to split {len(data):,}: {ratio:.1f} times the size"
+    assert ratio <= 5, f"{scanned:,} bytes handed to bytes methods to split {len(data):,}: {ratio:.1f} times"

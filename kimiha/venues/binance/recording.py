@@ -1,7 +1,8 @@
 """Binance recordings: line sources over recording files, the shipped tape, and a full book rebuild.
 
 * :func:`iter_lines` / :func:`replay_lines`, sync and async sources over recording files (gzipped or not),
-  the async one optionally paced at the recorded speed; :func:`count_lines_by_stream` to account for every
+  the async one optionally paced at the recorded speed, reading in linear time with a maximum line length
+  (:data:`MAX_LINE_BYTES`, :class:`LineTooLongError`); :func:`count_lines_by_stream` to account for every
   line, with the parser's own definition of a bad line;
 * :func:`rebuild_book`, a full replay through the parser and :class:`~kimiha.trading.book.OrderBook` that
   checks the rebuilt book against ``bookTicker`` (see :class:`~kimiha.trading.book.BookCheck`) and measures
@@ -22,7 +23,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from importlib import resources
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import msgspec
 
@@ -35,7 +36,9 @@ from kimiha.venues.binance.wire import (
 )
 
 __all__ = [
+    "MAX_LINE_BYTES",
     "BookReplayReport",
+    "LineTooLongError",
     "RecordingPath",
     "count_lines_by_stream",
     "iter_lines",
@@ -49,6 +52,51 @@ logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 18  # bytes read at a time from a recording
 RecordingPath = Union[str, "os.PathLike[str]", Any]  # Any: an importlib.resources Traversable
+
+#: Default maximum length of a line of a recording, in bytes (its newline not counted). The longest line of
+#: the shipped tape is a REST snapshot of about 50 KB; the limit bounds the memory a file without newlines
+#: (a corrupt or wrong file) can take before it is rejected.
+MAX_LINE_BYTES = 16 << 20
+
+
+class LineTooLongError(SerializationError):
+    """A line of a recording is longer than the maximum (see :func:`iter_lines`).
+
+    Attributes
+    ----------
+    path : str
+        The file.
+    line_no : int
+        The line's number in that file (from 1, blank lines included, as an editor numbers them).
+    limit : int
+        The maximum, in bytes.
+    """
+
+    def __init__(self, path: str, line_no: int, limit: int, seen: int) -> None:
+        super().__init__(
+            f"recording {path!r}: expected lines of at most {_size(limit)} (max_line_bytes), but line "
+            f"{line_no} is longer: {seen:,} bytes without a newline")
+        self.path = path
+        self.line_no = line_no
+        self.limit = limit
+        self.seen = seen
+
+    def __reduce__(self) -> tuple[type[LineTooLongError], tuple[str, int, int, int]]:
+        return type(self), (self.path, self.line_no, self.limit, self.seen)  # the message is built from these
+
+
+def _size(n: int) -> str:
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20} MiB ({n:,} bytes)"
+    return f"{n:,} bytes"
+
+
+def _check_max_line_bytes(max_line_bytes: int | None, who: str) -> int | None:
+    if max_line_bytes is not None and (isinstance(max_line_bytes, bool) or not isinstance(max_line_bytes, int)
+                                       or max_line_bytes < 1):
+        raise InvalidConfigurationError(
+            f"{who}: max_line_bytes must be None (no limit) or an int >= 1, got {max_line_bytes!r}")
+    return max_line_bytes
 
 
 # ------------------------------------------------------------------------------------------- line sources
@@ -74,8 +122,9 @@ def open_recording(path: RecordingPath) -> io.BufferedIOBase:
     path : str, os.PathLike or importlib.resources Traversable
         The file. Closing the returned object closes the file.
     """
+    raw: io.BufferedIOBase
     if hasattr(path, "open") and not isinstance(path, (str, bytes)):
-        raw = path.open("rb")
+        raw = cast(io.BufferedIOBase, path.open("rb"))
     else:
         raw = open(os.fspath(path), "rb")  # noqa: SIM115 - returned to the caller
     try:
@@ -94,27 +143,53 @@ def _as_path_list(paths: RecordingPath | Iterable[RecordingPath]) -> list[Any]:
     return list(paths)
 
 
-def iter_lines(paths: RecordingPath | Iterable[RecordingPath]) -> Iterator[bytes]:
+def iter_lines(paths: RecordingPath | Iterable[RecordingPath], *,
+               max_line_bytes: int | None = MAX_LINE_BYTES) -> Iterator[bytes]:
     """Yield the lines of one or more recordings in order, as bytes without the line ending.
 
-    Blank lines are skipped (they carry no message).
+    Blank lines are skipped (they carry no message). Reading takes time linear in the size of the files,
+    however long their lines.
 
     Parameters
     ----------
     paths : path or iterable of paths
         Recording files, gzipped or plain; several files are read one after the other as one stream.
+    max_line_bytes : int or None, default :data:`MAX_LINE_BYTES` (16 MiB)
+        Longest line accepted, in bytes, not counting its newline (a ``\\r`` before it counts); None for no
+        limit.
 
     Raises
     ------
     SerializationError
         When compressed data is truncated or corrupt (a recorder that crashed mid-write); the lines before
         the damage have been yielded, and the message names the file and how many lines it gave.
+    LineTooLongError
+        (a :class:`~kimiha.error.SerializationError`) as soon as a line is longer than ``max_line_bytes``,
+        without reading the rest of it; the message names the file, the line number and the limit.
+    InvalidConfigurationError
+        For a ``max_line_bytes`` that is neither None nor an int >= 1 (a ``ValueError`` too).
     """
-    for path in _as_path_list(paths):
+    return _lines(paths, max_line_bytes, "iter_lines")
+
+
+def _lines(paths: RecordingPath | Iterable[RecordingPath], max_line_bytes: int | None,
+           who: str) -> Iterator[bytes]:
+    """Check ``max_line_bytes`` now (as ``who``'s parameter), then return the generator of the lines."""
+    return _iter_lines(_as_path_list(paths), _check_max_line_bytes(max_line_bytes, who))
+
+
+def _iter_lines(paths: list[Any], limit: int | None) -> Iterator[bytes]:
+    # A line only ever exceeds a chunk when it continues over several; lines within one chunk need checking
+    # only for a limit below the chunk size.
+    check_each = limit is not None and limit < _CHUNK
+    for path in paths:
         with open_recording(path) as f:
             # Splitting large chunks is about a third faster than iterating the (gzip) file line by line.
-            tail = b""
-            given = 0
+            # The unfinished line is kept as a list of pieces, joined once when its newline arrives: adding
+            # each chunk to it instead would copy and re-scan it for every chunk (quadratic in its length).
+            pending: list[bytes] = []
+            pending_len = 0
+            given = 0  # lines of this file ended so far, blank ones included
             while True:
                 try:
                     chunk = f.read(_CHUNK)
@@ -124,14 +199,36 @@ def iter_lines(paths: RecordingPath | Iterable[RecordingPath]) -> Iterator[bytes
                         f"corrupt after {given} line(s): {exc}") from exc
                 if not chunk:
                     break
-                lines = (tail + chunk).split(b"\n") if tail else chunk.split(b"\n")
+                if chunk.find(b"\n") < 0:
+                    pending.append(chunk)
+                    pending_len += len(chunk)
+                    if limit is not None and pending_len > limit:
+                        raise LineTooLongError(str(path), given + 1, limit, pending_len)
+                    continue
+                lines = chunk.split(b"\n")
                 tail = lines.pop()
+                if pending:
+                    if limit is not None and pending_len + len(lines[0]) > limit:
+                        raise LineTooLongError(str(path), given + 1, limit, pending_len + len(lines[0]))
+                    pending.append(lines[0])
+                    lines[0] = b"".join(pending)
+                    pending.clear()
+                if check_each and limit is not None:
+                    for i, line in enumerate(lines):
+                        if len(line) > limit:
+                            raise LineTooLongError(str(path), given + i + 1, limit, len(line))
                 given += len(lines)
+                if tail:
+                    pending.append(tail)
+                pending_len = len(tail)
+                if limit is not None and pending_len > limit:
+                    raise LineTooLongError(str(path), given + 1, limit, pending_len)
                 for line in lines:
                     if line.endswith(b"\r"):
                         line = line[:-1]
                     if line and not line.isspace():
                         yield line
+            tail = b"".join(pending)
             if tail.endswith(b"\r"):
                 tail = tail[:-1]
             if tail and not tail.isspace():
@@ -148,7 +245,8 @@ def _recv_ts(line: bytes) -> int | None:
 
 async def replay_lines(paths: RecordingPath | Iterable[RecordingPath], speed: float | None = None, *,
                        yield_every: int = 256, clock: Callable[[], float] = time.monotonic,
-                       sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> AsyncIterator[bytes]:
+                       sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+                       max_line_bytes: int | None = MAX_LINE_BYTES) -> AsyncIterator[bytes]:
     """Yield the lines of one or more recordings as an async stream, as fast as possible or paced.
 
     Parameters
@@ -164,6 +262,8 @@ async def replay_lines(paths: RecordingPath | Iterable[RecordingPath], speed: fl
         never starves timers and I/O.
     clock, sleep : callable, optional
         Monotonic clock in seconds and the coroutine used to wait; replaceable for deterministic tests.
+    max_line_bytes : int or None, default :data:`MAX_LINE_BYTES`
+        Longest line accepted (see :func:`iter_lines`, which raises :class:`LineTooLongError`).
 
     Yields
     ------
@@ -176,12 +276,13 @@ async def replay_lines(paths: RecordingPath | Iterable[RecordingPath], speed: fl
             f"replay_lines: speed must be None or a finite number > 0, got {speed!r}")
     if isinstance(yield_every, bool) or not isinstance(yield_every, int) or yield_every < 1:
         raise InvalidConfigurationError(f"replay_lines: yield_every must be an int >= 1, got {yield_every!r}")
+    lines = _lines(paths, max_line_bytes, "replay_lines")
     paced = speed is not None
     ns_per_second = 1e9 * float(speed) if speed is not None else 0.0
     start_ts: int | None = None
     start_clock = 0.0
     since_pause = 0
-    for line in iter_lines(paths):
+    for line in lines:
         if paced:
             ts = _recv_ts(line)
             if ts is not None:
@@ -201,7 +302,8 @@ async def replay_lines(paths: RecordingPath | Iterable[RecordingPath], speed: fl
 
 
 def count_lines_by_stream(path: RecordingPath | Iterable[RecordingPath], *,
-                          parser: BinanceParser | None = None) -> collections.Counter[str]:
+                          parser: BinanceParser | None = None,
+                          max_line_bytes: int | None = MAX_LINE_BYTES) -> collections.Counter[str]:
     """Count the lines of recordings by stream name, in a pass of their own, to check that a replay
     accounted for every line.
 
@@ -217,6 +319,8 @@ def count_lines_by_stream(path: RecordingPath | Iterable[RecordingPath], *,
     parser : BinanceParser, optional
         The parser to count with (a new one by default); pass one to read its :attr:`~BinanceParser.errors`
         afterwards.
+    max_line_bytes : int or None, default :data:`MAX_LINE_BYTES`
+        Longest line accepted (see :func:`iter_lines`).
 
     Returns
     -------
@@ -227,12 +331,14 @@ def count_lines_by_stream(path: RecordingPath | Iterable[RecordingPath], *,
     Raises
     ------
     SerializationError
-        When compressed data is truncated or corrupt (see :func:`iter_lines`).
+        When compressed data is truncated or corrupt, or a line is longer than ``max_line_bytes``
+        (:class:`LineTooLongError`); see :func:`iter_lines`.
     """
+    lines = _lines(path, max_line_bytes, "count_lines_by_stream")
     parser = parser if parser is not None else BinanceParser()
     bad_before, counts_before = parser.bad_lines, collections.Counter(parser.counts)
     parse = parser.parse
-    for line in iter_lines(path):
+    for line in lines:
         try:
             parse(line)
         except SerializationError:
@@ -305,7 +411,7 @@ class BookReplayReport(msgspec.Struct, kw_only=True):
 
 def rebuild_book(paths: RecordingPath | Iterable[RecordingPath] | None = None, *,
                  book: OrderBook | None = None, parser: BinanceParser | None = None,
-                 keep_gap_errors: int = 10) -> BookReplayReport:
+                 keep_gap_errors: int = 10, max_line_bytes: int | None = MAX_LINE_BYTES) -> BookReplayReport:
     """Replay recordings through the parser and an order book, checking the book against ``bookTicker``.
 
     Bad lines are skipped (counted); gaps are counted and their messages kept, and the book resyncs on the
@@ -321,12 +427,20 @@ def rebuild_book(paths: RecordingPath | Iterable[RecordingPath] | None = None, *
         Parser to use; a new one by default.
     keep_gap_errors : int, default 10
         Gap messages kept in the report.
+    max_line_bytes : int or None, default :data:`MAX_LINE_BYTES`
+        Longest line accepted (see :func:`iter_lines`).
 
     Returns
     -------
     BookReplayReport
+
+    Raises
+    ------
+    SerializationError
+        When compressed data is truncated or corrupt, or a line is longer than ``max_line_bytes``
+        (:class:`LineTooLongError`); see :func:`iter_lines`.
     """
-    paths = recorded_tape() if paths is None else paths
+    lines = _lines(recorded_tape() if paths is None else paths, max_line_bytes, "rebuild_book")
     book = book if book is not None else OrderBook()
     parser = parser if parser is not None else BinanceParser()
     check = BookCheck()
@@ -339,7 +453,7 @@ def rebuild_book(paths: RecordingPath | Iterable[RecordingPath] | None = None, *
     lines_before, bad_before = parser.lines, parser.bad_lines
 
     start = time.perf_counter()
-    for line in iter_lines(paths):
+    for line in lines:
         try:
             event = parse(line)
         except SerializationError:

@@ -94,12 +94,13 @@ class BinanceAggregator(Aggregator):
             log_bad_line(logger, self.parser.bad_lines, exc, self.name)
             return
         publish = self._md.publish_async
-        if type(message) is Quote:
+        # isinstance, not type(...) is: as fast here, and it narrows the union for the type checker
+        if isinstance(message, Quote):
             self.check.on_quote(message)
             await publish(message)
-        elif type(message) is Trade:
+        elif isinstance(message, Trade):
             await publish(message)
-        elif type(message) is DepthDiff:
+        elif isinstance(message, DepthDiff):
             # Replicas downstream apply the same rules, so they get every diff, buffered or stale ones too.
             await publish(message)
             try:

@@ -9,14 +9,32 @@
 
 Decimal strings are decoded straight into floats by ``msgspec`` (``strict=False`` lets a JSON string fill a
 ``float`` field): it is faster than ``float()`` on each value and gives the same float for the same string.
+
+What a price or a quantity may be is checked by the same decoders, with ``msgspec.Meta`` constraints on the
+fields (C code, once per value, while decoding; no second pass). Every value must be a finite number; the
+``strict=False`` conversion would otherwise turn ``"NaN"``, ``"inf"`` or ``"-Infinity"`` into floats:
+
+=================================  ===========  ====================================================
+message                            price        quantity
+=================================  ===========  ====================================================
+``trade``                          > 0          > 0 (a trade of nothing did not happen)
+``bookTicker`` (best bid and ask)  > 0          > 0 (the best level exists, so it holds something)
+``depthUpdate`` levels             > 0          >= 0 (0 removes the level)
+REST depth snapshot levels         > 0          > 0 (a snapshot lists the levels that exist)
+=================================  ===========  ====================================================
+
+A line breaking one of these is a bad line like any other (see :meth:`BinanceParser.parse`); the message
+names the field, its JSON path and the value. ``-0.0`` counts as zero.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 from msgspec import field
@@ -48,7 +66,15 @@ BAD_LINE = "bad"
 #: How many bad lines are logged one by one before the rest are only counted (the count is reported at the end).
 BAD_LINE_WARNINGS = 20
 
-_Level = tuple[float, float]
+# Constraints checked by msgspec while decoding: ``gt`` / ``ge`` also reject NaN (it compares false), ``le``
+# the infinities. The description is what a bad-line message says the value must be.
+_FINITE_MAX = sys.float_info.max
+_Price = Annotated[float, msgspec.Meta(gt=0.0, le=_FINITE_MAX, description="a finite number > 0")]
+_Quantity = Annotated[float, msgspec.Meta(gt=0.0, le=_FINITE_MAX, description="a finite number > 0")]
+_DiffQuantity = Annotated[float, msgspec.Meta(ge=0.0, le=_FINITE_MAX,
+                                              description="a finite number >= 0 (0 removes the level)")]
+_Level = tuple[_Price, _Quantity]
+_DiffLevel = tuple[_Price, _DiffQuantity]
 
 
 # ---------------------------------------------------------------------------------------------- wire messages
@@ -62,8 +88,8 @@ class WireTrade(Event, frozen=True):
     event_time_ms: int = field(name="E")
     symbol: str = field(name="s")
     trade_id: int = field(name="t")
-    price: float = field(name="p")
-    qty: float = field(name="q")
+    price: _Price = field(name="p")
+    qty: _Quantity = field(name="q")
     trade_time_ms: int = field(name="T")
     buyer_is_maker: bool = field(name="m")
     best_match: bool = field(name="M", default=True)  # documented by Binance as "ignore"
@@ -74,10 +100,10 @@ class WireBookTicker(Event, frozen=True):
 
     update_id: int = field(name="u")
     symbol: str = field(name="s")
-    bid_px: float = field(name="b")
-    bid_qty: float = field(name="B")
-    ask_px: float = field(name="a")
-    ask_qty: float = field(name="A")
+    bid_px: _Price = field(name="b")
+    bid_qty: _Quantity = field(name="B")
+    ask_px: _Price = field(name="a")
+    ask_qty: _Quantity = field(name="A")
 
 
 class WireDepthUpdate(Event, frozen=True):
@@ -91,8 +117,8 @@ class WireDepthUpdate(Event, frozen=True):
     symbol: str = field(name="s")
     first_update_id: int = field(name="U")
     final_update_id: int = field(name="u")
-    bids: tuple[_Level, ...] = field(name="b")
-    asks: tuple[_Level, ...] = field(name="a")
+    bids: tuple[_DiffLevel, ...] = field(name="b")
+    asks: tuple[_DiffLevel, ...] = field(name="a")
 
 
 class WireDepthSnapshot(Event, frozen=True):
@@ -138,17 +164,18 @@ def _depth_event(msg: WireDepthUpdate, recv_ts_ns: int) -> DepthDiff:
 
 class _Route(msgspec.Struct, frozen=True):
     kind: str
-    decoder: msgspec.json.Decoder
-    convert: Callable[[Any, int], Any]
+    struct: type[msgspec.Struct]  # what the decoder decodes
+    decoder: msgspec.json.Decoder[Any]
+    convert: Callable[[Any, int], MarketEvent]
 
 
 # Keyed by what follows "<symbol>@" in the stream name.
 _ROUTES = {
-    "trade": _Route("trade", _TRADE_DECODER, _trade_event),
-    "bookTicker": _Route("bookTicker", _BOOK_TICKER_DECODER, _quote_event),
-    "depth": _Route("depthUpdate", _DEPTH_DECODER, _depth_event),
-    "depth@100ms": _Route("depthUpdate", _DEPTH_DECODER, _depth_event),
-    "depth@1000ms": _Route("depthUpdate", _DEPTH_DECODER, _depth_event),
+    "trade": _Route("trade", WireTrade, _TRADE_DECODER, _trade_event),
+    "bookTicker": _Route("bookTicker", WireBookTicker, _BOOK_TICKER_DECODER, _quote_event),
+    "depth": _Route("depthUpdate", WireDepthUpdate, _DEPTH_DECODER, _depth_event),
+    "depth@100ms": _Route("depthUpdate", WireDepthUpdate, _DEPTH_DECODER, _depth_event),
+    "depth@1000ms": _Route("depthUpdate", WireDepthUpdate, _DEPTH_DECODER, _depth_event),
 }
 
 
@@ -174,6 +201,39 @@ def _printable(value: Any, limit: int = 100) -> str:
         return text[:limit] + ("..." if len(text) > limit else "")
     text = text.rstrip("\r\n")
     return repr(text[:limit]) + ("..." if cut else "")
+
+
+# msgspec's message for a value breaking its field's constraint, e.g. "Expected `float` > 0.0 - at `$.p`"
+_CONSTRAINT_BROKEN = re.compile(r"Expected `float` [<>]=? \S+ - at `(\$[^`]*)`")
+_PATH_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+
+
+def _out_of_range(cls: type[msgspec.Struct], raw: bytes | str | msgspec.Raw,
+                  exc: msgspec.ValidationError) -> str | None:
+    """Explain a price or quantity that broke its constraint (see the module's table): the field, its JSON
+    path, what it must be and the value that arrived. None when ``exc`` is about something else.
+
+    Only called for a bad line, so it may decode the payload again (generically) to find the value."""
+    match = _CONSTRAINT_BROKEN.fullmatch(str(exc))
+    if match is None:
+        return None
+    path = match.group(1)
+    steps = _PATH_STEP.findall(path[1:])
+    try:
+        info = next(f for f in msgspec.structs.fields(cls) if f.encode_name == steps[0][0])
+        value: Any = msgspec.json.decode(raw)
+        for key, index in steps:
+            value = value[key] if key else value[int(index)]
+    except (StopIteration, IndexError, KeyError, TypeError, ValueError, msgspec.DecodeError):
+        return None
+    name, kind = info.name, info.type
+    if len(steps) == 3:  # a book level: [price, quantity]
+        position = int(steps[2][1])
+        name = f"{name}[{steps[1][1]}] {('price', 'quantity')[position]}"
+        kind = get_args(get_args(kind)[0])[position]  # tuple[tuple[price, quantity], ...]
+    metas = [m for m in get_args(kind)[1:] if isinstance(m, msgspec.Meta)]
+    must = metas[0].description if metas and metas[0].description else "in range"
+    return f"{name} `{path}` must be {must}, got {_printable(value, 40)}"
 
 
 # ------------------------------------------------------------------------------------------------- parser
@@ -231,8 +291,9 @@ class BinanceParser:
         Raises
         ------
         SerializationError
-            When the line is not of that form, the JSON is malformed or truncated, the stream is unknown, or
-            the payload does not have the fields and types of its stream. The message gives the line number,
+            When the line is not of that form, the JSON is malformed or truncated, the stream is unknown, the
+            payload does not have the fields and types of its stream, or a price or quantity is not a finite
+            number in its range (see the module's table). The message gives the line number,
             the stream, what was expected (with msgspec's path to the bad field) and the start of the line;
             the error also carries ``line_no`` and ``stream`` attributes. The line is counted in
             :attr:`bad_lines`.
@@ -269,6 +330,9 @@ class BinanceParser:
             route = self._route(line, stream)
         try:
             message = route.decoder.decode(envelope.data)
+        except msgspec.ValidationError as exc:
+            detail = _out_of_range(route.struct, envelope.data, exc) or str(exc)
+            raise self._error(line, stream, f"a Binance {route.kind} payload in 'data'", detail) from None
         except msgspec.DecodeError as exc:
             detail = "the envelope has no 'data'" if not envelope.data else str(exc)
             raise self._error(line, stream, f"a Binance {route.kind} payload in 'data'", detail) from None
@@ -280,6 +344,13 @@ class BinanceParser:
     def _snapshot(self, line: bytes | str, body: bytes | str, recv_ts_ns: int) -> DepthSnapshot:
         try:
             snap = _SNAPSHOT_DECODER.decode(body)
+        except msgspec.ValidationError as exc:
+            detail = _out_of_range(WireDepthSnapshot, body, exc)
+            if detail is not None:  # a snapshot, with a price or quantity out of range
+                raise self._error(line, None, "a Binance REST depth snapshot", detail) from None
+            raise self._error(line, None,
+                              'a combined-stream envelope {"stream": ..., "data": ...} or a REST depth '
+                              'snapshot {"lastUpdateId": ..., "bids": ..., "asks": ...}', str(exc)) from None
         except msgspec.DecodeError as exc:
             raise self._error(line, None,
                               'a combined-stream envelope {"stream": ..., "data": ...} or a REST depth '

@@ -29,15 +29,22 @@ def _hand_over_to_an_installed_build() -> None:
         return
     tree = _os.path.dirname(here)
     saved = _sys.path
-    _sys.path = [p for p in saved if _os.path.realpath(p or _os.curdir) != tree]
-    try:  # every finder, not only sys.path's: an editable install of another tree has a finder of its own
-        spec = None
-        for finder in _sys.meta_path:
-            find_spec = getattr(finder, "find_spec", None)
-            spec = find_spec(__name__, None) if find_spec is not None else None
-            if spec is not None and spec.origin and _os.path.dirname(_os.path.realpath(spec.origin)) != here:
+    spec = None
+    try:
+        # Each sys.path entry on its own, so that another uncompiled tree (or this one through a symlink) is
+        # passed over rather than taken; then the other finders (an editable install of another tree has its own).
+        for entries in [[entry] for entry in saved] + [[]]:
+            _sys.path = entries
+            for finder in _sys.meta_path:
+                find_spec = getattr(finder, "find_spec", None)
+                found = find_spec(__name__, None) if find_spec is not None else None
+                if (found is not None and found.origin and found.loader is not None
+                        and _os.path.dirname(_os.path.realpath(found.origin)) != here
+                        and any(has_core(f) for f in found.submodule_search_locations or [])):
+                    spec = found
+                    break
+            if spec is not None:
                 break
-            spec = None
     finally:
         _sys.path = saved
     locations = list(spec.submodule_search_locations or []) if spec is not None else []

@@ -7,6 +7,7 @@ hands over to the installed build in that case (see `kimiha/__init__.py`).
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
 import subprocess
@@ -66,3 +67,18 @@ def test_no_installed_build_is_one_clear_import_error(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: kimiha: the compiled core (kimiha/_core) is not built"), proc.stderr
     assert "pip install ." in last and str(tree) in last
+
+
+def test_another_uncompiled_tree_earlier_on_the_path_is_passed_over(tmp_path):
+    # found by the adversarial review: a second checkout on PYTHONPATH (or this one through a symlink) was
+    # taken as "the installed kimiha" and rejected, and the search stopped there
+    tree = source_tree_without_core(tmp_path)
+    other = source_tree_without_core(tmp_path / "other")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "kimiha").symlink_to(tree / "kimiha")
+    for cwd, extra in ((tree, other), (linked, other), (linked, tree)):
+        proc = subprocess.run([sys.executable, "-c", SHOW], cwd=cwd, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(extra)})
+        assert proc.returncode == 0, (cwd, extra, proc.stderr)
+        assert proc.stdout.splitlines()[0] == kimiha.__file__

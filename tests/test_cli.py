@@ -360,3 +360,29 @@ def test_the_connect_deadline_holds_when_nats_py_swallows_a_cancellation(run, mo
 
     run(main())  # the fixture's hang guard fails the test if a deadline did not hold
     assert cancels == ["swallowed", "swallowed"]
+
+
+def test_closed_standard_streams_and_a_full_disk_are_handled(tmp_path):
+    # found by the adversarial review: `>&-` aborted uvloop (fd reuse), `> /dev/full` printed a traceback
+    cmd = [sys.executable, "-m", "kimiha", "demo", "--no-progress", "--data", str(recorded_tape()[0])]
+    closed = subprocess.run(cmd, cwd=tmp_path, capture_output=False, stdout=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120,
+                            preexec_fn=lambda: os.close(1))
+    assert closed.returncode == 0, closed.stderr
+    if Path("/dev/full").exists():
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run(cmd, cwd=tmp_path, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+        assert proc.returncode == 1
+        assert proc.stderr.strip().splitlines()[-1] == "kimiha: cannot write the output: No space left on device"
+        assert "Traceback" not in proc.stderr
+
+
+def test_control_characters_in_stream_names_never_reach_the_terminal(tmp_path):
+    line = (b'1723161254000000000 {"stream":"btc\\u001b]0;PWNED\\u0007\\u001b[2Jusdt@trade","data":{"e":"trade",'
+            b'"E":1723161254000,"s":"BTCUSDT","t":1,"p":"61000.00","q":"0.001","T":1723161254000,"m":true}}\n')
+    data = tmp_path / "evil.txt"
+    data.write_bytes(line)
+    proc = subprocess.run([sys.executable, "-m", "kimiha", "demo", "--no-progress", "--data", str(data)],
+                          cwd=tmp_path, capture_output=True, timeout=120)
+    assert b"\x1b" not in proc.stdout and b"\x07" not in proc.stdout
+    assert b"\x1b" not in proc.stderr and b"\x07" not in proc.stderr

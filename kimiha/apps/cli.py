@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
@@ -152,8 +153,27 @@ def _quiet_stdout() -> None:
         pass
 
 
+def _open_standard_streams() -> None:
+    """Give a closed stdin, stdout or stderr (a supervisor's ``>&-``) ``/dev/null`` instead.
+
+    Otherwise the next file the process opens takes fd 0, 1 or 2 (uvloop aborts on that), and Python has no
+    ``sys.stdout`` to write the summary to.
+    """
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 - lives as long as the process
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``kimiha ARGS`` (``sys.argv[1:]`` by default); return the exit status (see :data:`EXIT_STATUS`)."""
+    _open_standard_streams()
     try:
         with sigterm_as_interrupt():
             code = _main(argv)
@@ -162,6 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         _quiet_stdout()
         return EXIT_BROKEN_PIPE
+    except OSError as exc:  # stdout on a full disk, a dead terminal: one line, not a traceback
+        if exc.filename is not None or exc.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
+            raise
+        _quiet_stdout()
+        print(f"kimiha: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as exc:  # a signal outside the run's own handling: before it started, or after
         signame = getattr(exc, "signame", "SIGINT")
         print(f"kimiha: interrupted by {signame}", file=sys.stderr)

@@ -281,9 +281,14 @@ def _summary(bus: EventBus, orchestrator: Any, connector: BinanceConnector, aggr
     }
 
 
+def _shown(text: str) -> str:
+    """``text`` as a terminal may show it: control characters (a recording's stream names, file names) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def format_summary(s: dict[str, Any]) -> str:
     """Return the summary as the readable report ``python -m kimiha demo`` prints."""
-    out = [f"kimiha demo: {', '.join(s['data'])}"]
+    out = [f"kimiha demo: {', '.join(_shown(d) for d in s['data'])}"]
     if s.get("interrupted"):
         stopped = ("every process drained what it had received" if "distributed" in s else "every stage drained")
         out.append(f"  interrupted by {s['interrupted']}: replay stopped early, {stopped}, "
@@ -295,7 +300,7 @@ def format_summary(s: dict[str, Any]) -> str:
     else:
         out.append(f"  lines: {s['lines_read']:,} read of {s['lines_in_files']:,} in the files, "
                    f"{s['bad_lines']:,} bad; every line accounted for: {'yes' if s['all_lines_accounted'] else 'NO'}")
-    out.append("  messages by stream: " + ", ".join(f"{k} {v:,}" for k, v in s["messages_by_stream"].items()))
+    out.append("  messages by stream: " + ", ".join(f"{_shown(k)} {v:,}" for k, v in s["messages_by_stream"].items()))
     bc = s["book_check"]
     out.append(f"  book check: {bc['matched']:,} matched / {bc['compared']:,} compared "
                f"(gaps {bc['gaps']}, book {bc['book_state']})")

@@ -5,6 +5,8 @@ The names of the 0.1 module ``kimiha.venues.binance`` import from here as before
 """
 
 from kimiha.venues.binance.recording import (
+    MAX_LINE_BYTES,
+    LineTooLongError,
     BookReplayReport,
     RecordingPath,
     count_lines_by_stream,
@@ -30,6 +32,8 @@ from kimiha.venues.binance.wire import (
 )
 
 __all__ = [
+    "MAX_LINE_BYTES",
+    "LineTooLongError",
     "BinanceAggregator",
     "BinanceConnector",
     "BAD_LINE",

@@ -18,7 +18,10 @@ handlers have handled them, and its exporters have flushed (JetStream: stored). 
 and reports its part of the summary. Ctrl-C or SIGTERM stops every process the same way (each drains what it
 received and runs its shutdown hooks, then reports), the summary of what ran is printed and the exit status
 is 130 or 143; a failing process or the coordinator's death (a child sees its stdin close) stop every process
-and the server.
+and the server. A process that has not stopped :data:`STOP_GRACE` seconds after it was told to gets SIGTERM,
+then SIGKILL :data:`TERM_GRACE` later (said on stderr, and in the summary); that ladder is derived from the
+children's own deadlines (:data:`CHILD_SHUTDOWN_TIMEOUT`, :data:`CHILD_FLUSH_TIMEOUT`), so a child stopping within
+them is never killed. A control line that cannot be read is counted, shown escaped, and skipped.
 
 Channels travel over JetStream by default (no loss whatever the replay speed), or core NATS with
 ``--delivery core`` (or ``KIMIHA_DEMO_DELIVERY=core``). Fills are the same as in one process: the executor
@@ -39,7 +42,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import kimiha
 from kimiha.apps.demo import RecordingError, accounting, channel_summary, log_not_shown, survey_recordings
@@ -62,8 +65,30 @@ SILENCE_TIMEOUT = 300.0
 CONNECT_TIMEOUT = 5.0
 #: The children connect once the server is known to answer; they get at least this long (a loaded machine).
 CHILD_CONNECT_TIMEOUT = 15.0
-#: After Ctrl-C (or SIGTERM), how long the processes get to stop and report before they are terminated.
-STOP_GRACE = 15.0
+
+# The stop of a child, and the coordinator's escalation ladder, from the same constants. A child told to stop
+# (the "stop" line, SIGINT or SIGTERM) notices at once (every wait of its main flow also waits for the stop),
+# then its scheduler stops within CHILD_SHUTDOWN_TIMEOUT: drains, exporters' reads, and every shutdown hook,
+# the exporters' flush (CHILD_FLUSH_TIMEOUT) included, since a hook only gets what is left of that deadline.
+# Then it reports its summary and exits (CHILD_EXIT_MARGIN). The coordinator waits STOP_GRACE, longer than
+# all of that even if the flush were not part of the deadline, before SIGTERM, then TERM_GRACE before SIGKILL.
+
+#: A child's scheduler deadline (``Scheduler(shutdown_timeout=...)``): the whole stop, hooks included.
+CHILD_SHUTDOWN_TIMEOUT = 10.0
+#: A child's exporter flush at shutdown (``NatsBridge(flush_timeout=...)``); within the deadline above.
+CHILD_FLUSH_TIMEOUT = 5.0
+#: Once its scheduler stopped: the child's summary line and its exit (loop teardown, interpreter exit).
+CHILD_EXIT_MARGIN = 3.0
+#: After a stop request (Ctrl-C, SIGTERM, the end of the run, a failed process): how long the processes get to
+#: stop and report before the coordinator sends SIGTERM.
+STOP_GRACE = CHILD_SHUTDOWN_TIMEOUT + CHILD_FLUSH_TIMEOUT + CHILD_EXIT_MARGIN
+#: After SIGTERM, before SIGKILL; and after SIGKILL, how long to wait for the exit to be reaped.
+TERM_GRACE = 3.0
+KILL_WAIT = 3.0
+#: How often the feed reports progress (and how often the children look at their scheduler's failure).
+PROGRESS_INTERVAL = 0.2
+#: Malformed control lines shown on stderr per process (all are counted).
+_MALFORMED_SHOWN = 10
 
 
 class _Stopped(Exception):
@@ -203,58 +228,139 @@ async def _upstream_complete(ctl: _Control, bridge: Any, channel: TradingEvent, 
         raise _Stopped
 
 
-async def _child(opts: argparse.Namespace) -> int:
-    from kimiha.bridge import ENV_TOKEN, Delivery, NatsBridge
+class _Process:
+    """One child's pipeline: its bus, scheduler, the demo's components of its role, and its bridge."""
 
-    role = ROLES[opts.role]
-    run = opts.run
-    delivery = Delivery(opts.delivery)
+    def __init__(self, opts: argparse.Namespace, go: asyncio.Event) -> None:
+        from kimiha.bridge import ENV_TOKEN, Delivery, NatsBridge
+
+        self.role = role = ROLES[opts.role]
+        run = opts.run
+        delivery = Delivery(opts.delivery)
+        self.bus = bus = EventBus(trading_channels(opts.capacity))
+        self.scheduler = scheduler = Scheduler(bus, name=f"kimiha-{role.name}",
+                                               shutdown_timeout=CHILD_SHUTDOWN_TIMEOUT)
+        self.parts: dict[str, Any] = {}
+        self.expected: dict[str, int] = {}
+        self.connector: BinanceConnector | None = None
+        self.aggregator: BinanceAggregator | None = None
+        self.strategy: ImbalanceStrategyTask | None = None
+        self.executor: PaperExecutorTask | None = None
+        if role.name == "feed":
+            paths: list[Any] = list(opts.data) if opts.data else recorded_tape()
+            self.expected = expected = count_lines_by_stream(paths)
+            self.connector = BinanceConnector(bus, _after_go(go, replay_lines(paths, opts.speed)))
+            self.aggregator = BinanceAggregator(bus)
+            agg_id = scheduler.register_event_task(self.aggregator)
+            scheduler.register_background_task(self.connector)
+            scheduler.drain_stages = [[agg_id]]
+            self.parts["data"] = [getattr(p, "name", str(p)) for p in paths]
+            self.parts["lines_in_files"] = sum(expected.values())
+            self.parts["messages_by_stream_in_files"] = {k: v for k, v in sorted(expected.items()) if k != BAD_LINE}
+            self.parts["bad_lines_in_files"] = expected.get(BAD_LINE, 0)
+        elif role.name == "strategy":
+            self.strategy = ImbalanceStrategyTask(bus)
+            scheduler.register_event_task(self.strategy)
+        else:
+            self.executor = PaperExecutorTask(bus)
+            scheduler.register_event_task(self.executor)
+
+        # The exporters subscribe to their channels in initialize(), so once started the scheduler knows them
+        # as readers ("drain and stop" in its stop_plan(): stopped after the stages that publish to them, which
+        # would otherwise wait on a BLOCK channel nobody reads any more); nothing to declare here.
+        self.bridge = bridge = NatsBridge(
+            bus, opts.nats, name=f"demo-{run}-{role.name}",
+            connect_timeout=max(CHILD_CONNECT_TIMEOUT, opts.connect_timeout), flush_timeout=CHILD_FLUSH_TIMEOUT,
+            token=os.environ.pop(ENV_TOKEN, None) or None)  # from the coordinator, see _spawn
+        for channel in role.exports:
+            bridge.export_channel(channel, _subject(run, channel), delivery=delivery,
+                                  stream=_stream(run, channel) if delivery is Delivery.JETSTREAM else None)
+        for channel in role.imports:
+            extra: dict[str, Any] = {}
+            if delivery is Delivery.JETSTREAM:
+                extra = {"stream": _stream(run, channel), "durable": f"demo-{run}-{role.name}-{channel.value}",
+                         "reset": True, "ack_wait": 10.0, "max_ack_pending": 8192}
+            bridge.import_channel(channel, _subject(run, channel), delivery=delivery, **extra)
+        bridge.register(scheduler)
+
+    def results(self) -> dict[str, Any]:
+        """Return the role's part of the summary (after the stop)."""
+        parts = dict(self.parts)
+        aggregator, connector = self.aggregator, self.connector
+        if aggregator is not None and connector is not None:
+            parser = aggregator.parser
+            by_stream = dict(sorted(parser.counts.items()))
+            log_not_shown(aggregator)
+            parts.update({
+                "lines_read": connector.lines,
+                "messages_by_stream": by_stream,
+                "bad_lines": parser.bad_lines,
+                **accounting(connector, parser, self.expected),
+                "book_check": {"matched": aggregator.check.matched, "compared": aggregator.check.compared,
+                               "gaps": aggregator.gaps, "book_state": aggregator.book.state.value},
+                "trades": by_stream.get("btcusdt@trade", 0),
+            })
+        if self.strategy is not None:
+            strategy = self.strategy
+            parts.update({"signals": strategy.logic.signals, "orders": strategy.logic.orders,
+                          "fills_seen_by_strategy": strategy.fills})
+        if self.executor is not None:
+            executor = self.executor
+            paper = executor.paper
+            mark = executor.last_mid
+            parts.update({
+                "fills": paper.fills,
+                "rejected": executor.rejected,
+                "position": round(paper.position, 8),
+                "pnl": {
+                    "realized": round(paper.realized_pnl, 6),
+                    "unrealized": round(paper.unrealized_pnl(mark) if mark else 0.0, 6),
+                    "fees": round(paper.fees_paid, 6),
+                    "total": round(paper.total_pnl(mark) if mark else paper.realized_pnl - paper.fees_paid, 6),
+                },
+            })
+        return parts
+
+
+async def _wait_set(event: asyncio.Event, timeout: float) -> None:
+    """Wait until ``event`` is set, at most ``timeout`` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        pass
+
+
+async def _or_stop(aw: Any, ctl: _Control, scheduler: Scheduler) -> Any:
+    """Return what ``aw`` returns; raise _Stopped (and cancel it) once told to stop or when a task failed the
+    scheduler, whichever comes first: a stop request is never kept waiting by what the child was doing."""
+    work = asyncio.ensure_future(aw)
+    stop = asyncio.ensure_future(ctl.stop.wait())
+    try:
+        while not work.done():
+            if ctl.stop.is_set() or scheduler.failure is not None:
+                raise _Stopped
+            await asyncio.wait((work, stop), timeout=PROGRESS_INTERVAL, return_when=asyncio.FIRST_COMPLETED)
+        return work.result()
+    finally:
+        for task in (work, stop):
+            if not task.done():
+                task.cancel()
+        await asyncio.wait((work, stop))
+
+
+async def _child(opts: argparse.Namespace) -> int:
     ctl = _Control()
     await ctl.open()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, ctl.stop.set)
 
-    bus = EventBus(trading_channels(opts.capacity))
-    scheduler = Scheduler(bus, name=f"kimiha-{role.name}", shutdown_timeout=30.0)
-    parts: dict[str, Any] = {}
-    connector = aggregator = strategy = executor = None
-    if role.name == "feed":
-        paths: list[Any] = list(opts.data) if opts.data else recorded_tape()
-        expected = count_lines_by_stream(paths)
-        connector = BinanceConnector(bus, _after_go(ctl.go, replay_lines(paths, opts.speed)))
-        aggregator = BinanceAggregator(bus)
-        agg_id = scheduler.register_event_task(aggregator)
-        scheduler.register_background_task(connector)
-        scheduler.drain_stages = [[agg_id]]
-        parts["data"] = [getattr(p, "name", str(p)) for p in paths]
-        parts["lines_in_files"] = sum(expected.values())
-        parts["messages_by_stream_in_files"] = {k: v for k, v in sorted(expected.items()) if k != BAD_LINE}
-        parts["bad_lines_in_files"] = expected.get(BAD_LINE, 0)
-    elif role.name == "strategy":
-        strategy = ImbalanceStrategyTask(bus)
-        scheduler.register_event_task(strategy)
-    else:
-        executor = PaperExecutorTask(bus)
-        scheduler.register_event_task(executor)
-
-    bridge = NatsBridge(bus, opts.nats, name=f"demo-{run}-{role.name}",
-                        connect_timeout=max(CHILD_CONNECT_TIMEOUT, opts.connect_timeout), flush_timeout=30.0,
-                        token=os.environ.pop(ENV_TOKEN, None) or None)  # from the coordinator, see _spawn
-    for channel in role.exports:
-        bridge.export_channel(channel, _subject(run, channel), delivery=delivery,
-                              stream=_stream(run, channel) if delivery is Delivery.JETSTREAM else None)
-    for channel in role.imports:
-        extra: dict[str, Any] = {}
-        if delivery is Delivery.JETSTREAM:
-            extra = {"stream": _stream(run, channel), "durable": f"demo-{run}-{role.name}-{channel.value}",
-                     "reset": True, "ack_wait": 10.0, "max_ack_pending": 8192}
-        bridge.import_channel(channel, _subject(run, channel), delivery=delivery, **extra)
-    bridge.register(scheduler)
-
+    proc = _Process(opts, ctl.go)
+    role, scheduler, bridge, connector = proc.role, proc.scheduler, proc.bridge, proc.connector
     started = time.perf_counter()
     await scheduler.start()
-    ctl.send("ready", role=role.name, pid=os.getpid(), total=parts.get("lines_in_files"),
+    ctl.send("ready", role=role.name, pid=os.getpid(), total=proc.parts.get("lines_in_files"),
              senders={e.type_name: e.sender for e in bridge.exporters})
     failed: str | None = None
     try:
@@ -264,19 +370,13 @@ async def _child(opts: argparse.Namespace) -> int:
             if connector is not None:
                 while not connector.finished.is_set():
                     _Control.send("progress", lines=connector.lines)
-                    try:
-                        await asyncio.wait_for(asyncio.shield(connector.finished.wait()), 0.2)
-                    except TimeoutError:
-                        pass
-                    if ctl.stop.is_set() or scheduler.failure is not None:
-                        raise _Stopped
+                    await _or_stop(_wait_set(connector.finished, PROGRESS_INTERVAL), ctl, scheduler)
                 _Control.send("progress", lines=connector.lines)
             if not await _until(lambda: _drained(scheduler), ctl.stop, scheduler):
                 raise _Stopped
-            for channel in exports:
-                while not await bridge.exporter(channel).flush(1.0):
-                    if ctl.stop.is_set():
-                        raise _Stopped
+            for channel in exports:  # flushed (JetStream: stored) before the others hear of the end
+                while not await _or_stop(bridge.exporter(channel).flush(1.0), ctl, scheduler):
+                    pass
             ctl.send("eos", channels={bridge.exporter(ch).type_name: {"sender": bridge.exporter(ch).sender,
                                                                      "last_seq": bridge.exporter(ch).last_seq}
                                       for ch in exports})
@@ -297,43 +397,16 @@ async def _child(opts: argparse.Namespace) -> int:
             failed = f"shutdown: {exc!r}"
     if scheduler.failure is not None:
         failed = repr(scheduler.failure)
-
-    if aggregator is not None and connector is not None:
-        parser = aggregator.parser
-        by_stream = dict(sorted(parser.counts.items()))
-        log_not_shown(aggregator)
-        parts.update({
-            "lines_read": connector.lines,
-            "messages_by_stream": by_stream,
-            "bad_lines": parser.bad_lines,
-            **accounting(connector, parser, expected),
-            "book_check": {"matched": aggregator.check.matched, "compared": aggregator.check.compared,
-                           "gaps": aggregator.gaps, "book_state": aggregator.book.state.value},
-            "trades": by_stream.get("btcusdt@trade", 0),
-        })
-    if strategy is not None:
-        parts.update({"signals": strategy.logic.signals, "orders": strategy.logic.orders,
-                      "fills_seen_by_strategy": strategy.fills})
-    if executor is not None:
-        paper = executor.paper
-        mark = executor.last_mid
-        parts.update({
-            "fills": paper.fills,
-            "rejected": executor.rejected,
-            "position": round(paper.position, 8),
-            "pnl": {
-                "realized": round(paper.realized_pnl, 6),
-                "unrealized": round(paper.unrealized_pnl(mark) if mark else 0.0, 6),
-                "fees": round(paper.fees_paid, 6),
-                "total": round(paper.total_pnl(mark) if mark else paper.realized_pnl - paper.fees_paid, 6),
-            },
-        })
-    ctl.send("summary", role=role.name, parts=parts, channels=channel_summary(bus), tasks=scheduler.registry.snapshot(),
-             bridge=bridge.stats(), elapsed=elapsed, failed=failed)
+    report = scheduler.last_shutdown or {}
+    ctl.send("summary", role=role.name, parts=proc.results(), channels=channel_summary(proc.bus),
+             tasks=scheduler.registry.snapshot(), bridge=bridge.stats(), elapsed=elapsed, failed=failed,
+             shutdown={"seconds": round(report.get("seconds", 0.0), 3), "finished": report.get("finished", False),
+                       "not_drained": report.get("not_drained", {}), "did_not_stop": report.get("did_not_stop", []),
+                       "hook_failures": report.get("hook_failures", [])})
     return 0 if failed is None else 1
 
 
-def _child_main(argv: Sequence[str] | None = None) -> int:
+def _child_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kimiha.apps.distributed",
                                      description="one process of `kimiha demo --distributed` (started by it)")
     parser.add_argument("--role", choices=sorted(ROLES), required=True)
@@ -345,7 +418,11 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", action="append")
     parser.add_argument("--capacity", type=int, default=4096)
     parser.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT)
-    opts = parser.parse_args(argv)
+    return parser
+
+
+def _child_main(argv: Sequence[str] | None = None) -> int:
+    opts = _child_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"[{opts.role}] %(levelname)s %(name)s: %(message)s")
     try:
         return kimiha.run(_child(opts), loop=opts.loop)
@@ -367,6 +444,14 @@ class _Child:
         self.summary: dict[str, Any] | None = None
         self.ready: dict[str, Any] | None = None
         self.done = False
+        #: Control lines from this process that could not be read (counted, the first few shown, skipped).
+        self.malformed = 0
+        #: The escalation this process needed to stop: None, "SIGTERM" or "SIGKILL".
+        self.escalated: str | None = None
+
+
+#: The longest control line read from a child (a summary is a few tens of kB; asyncio's default is 64 KiB).
+_LINE_LIMIT = 16 * 1024 * 1024
 
 
 async def _spawn(role: str, url: str, run: str, delivery: str, args: Any, token: str | None = None) -> _Child:
@@ -389,7 +474,7 @@ async def _spawn(role: str, url: str, run: str, delivery: str, args: Any, token:
 
         env[ENV_TOKEN] = token
     proc = await asyncio.create_subprocess_exec(
-        *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
+        *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, limit=_LINE_LIMIT,
         start_new_session=True,  # Ctrl-C reaches the coordinator only; it stops the children in order
     )
     return _Child(role, proc)
@@ -406,23 +491,134 @@ def _send(child: _Child, kind: str, **fields: Any) -> None:
         stdin.write((json.dumps({"type": kind, **fields}) + "\n").encode())
 
 
-async def _stop_children(children: list[_Child], grace: float = 15.0) -> None:
+#: The fields the coordinator reads of each kind of control message, and their types.
+_CONTROL_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "ready": {"role": (str,), "total": (int, type(None))},
+    "progress": {"lines": (int,)},
+    "eos": {"channels": (dict,)},
+    "done": {},
+    "summary": {"parts": (dict,), "channels": (dict,), "tasks": (list,), "bridge": (dict,),
+                "failed": (str, type(None))},
+}
+
+
+def _parse_control(payload: str) -> dict[str, Any]:
+    """Return the control message in ``payload`` (what follows the prefix); raise ValueError saying what is
+    wrong with it."""
+    try:
+        msg = json.loads(payload)
+    except ValueError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(msg, dict):
+        raise ValueError(f"expected a JSON object, got {type(msg).__name__}")
+    kind = msg.get("type")
+    fields = _CONTROL_FIELDS.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        raise ValueError(f"unknown message type {kind!r}")
+    for field, types in fields.items():
+        value = msg.get(field)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ValueError(f"{kind!r} message: field {field!r} must be "
+                             f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}, "
+                             f"got {value!r:.80}")
+    if kind == "eos":
+        for name, info in msg["channels"].items():
+            if not (isinstance(info, dict) and isinstance(info.get("sender"), str)
+                    and isinstance(info.get("last_seq"), int) and not isinstance(info.get("last_seq"), bool)):
+                raise ValueError(f"'eos' message: channel {name!r} needs a sender and a last_seq")
+    return msg
+
+
+def _malformed(child: _Child, why: str, text: str, err: TextIO) -> None:
+    """Count a control line of ``child`` that could not be read; show the first few (escaped, shortened)."""
+    child.malformed += 1
+    if child.malformed <= _MALFORMED_SHOWN:
+        shown = _printable_line(text)
+        shown = shown if len(shown) <= 200 else shown[:200] + f"... ({len(shown):,} characters)"
+        more = "; further ones are only counted" if child.malformed == _MALFORMED_SHOWN else ""
+        err.write(f"kimiha demo --distributed: malformed control line #{child.malformed} from the {child.role} "
+                  f"process, skipped ({why}{more}): {shown}\n")
+        err.flush()
+
+
+async def _read_control(child: _Child, stream: asyncio.StreamReader,
+                        events: asyncio.Queue[tuple[_Child | None, dict[str, Any] | None]],
+                        err: TextIO | None = None) -> None:
+    """Put ``(child, message)`` on ``events`` for each control line ``child`` prints, ``(child, None)`` once its
+    stdout closed; show its other lines on ``err`` (default stderr), prefixed with its role. A control line
+    that cannot be read is counted in ``child.malformed`` and shown (escaped), and reading goes on."""
+    out = err if err is not None else sys.stderr
+    try:
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # longer than the stream's limit: asyncio dropped it (up to its newline)
+                _malformed(child, "longer than the line limit", "(dropped)", out)
+                continue
+            if not line:
+                return
+            text = line.decode(errors="replace")
+            if not text.startswith(_CTL):
+                out.write(f"[{child.role}] {_printable_line(text)}\n")
+                continue
+            try:
+                msg = _parse_control(text[len(_CTL):])
+            except ValueError as exc:
+                _malformed(child, str(exc), text, out)
+                continue
+            await events.put((child, msg))
+    except Exception as exc:  # never silently: the coordinator would wait for this process until its guard
+        out.write(f"kimiha demo --distributed: reading the {child.role} process's output failed ({exc!r}); "
+                  f"treating it as closed\n")
+    finally:
+        events.put_nowait((child, None))
+
+
+async def _next_event(events: asyncio.Queue[Any], timeout: float) -> Any:
+    """Return the next item of ``events``, or None once ``timeout`` seconds passed without one.
+
+    Not ``asyncio.wait_for(events.get(), timeout)``: on CPython 3.11 that returns the item when a cancellation
+    arrives in the loop turn the get completes (a timeout firing then included), and the cancellation is lost.
+    Here the get runs in the caller's own task, so a cancellation always ends it and leaves the item queued.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            return await events.get()
+    except TimeoutError:
+        return None
+
+
+async def _stop_children(children: list[_Child], grace: float | None = None, why: str | None = None,
+                         err: TextIO | None = None) -> None:
+    """Stop every child still running: the "stop" line, then SIGTERM after ``grace`` seconds (default
+    :data:`STOP_GRACE`; ``why`` says what it waited for), then SIGKILL after :data:`TERM_GRACE` more; each
+    escalation is said on ``err`` (default stderr), naming the process."""
+    out = err if err is not None else sys.stderr
+    grace = STOP_GRACE if grace is None else grace
+    why = why or f"within {STOP_GRACE:g} s of the stop request"
     for child in children:
         if child.proc.returncode is None:
             _send(child, "stop")
     waits = [asyncio.ensure_future(c.proc.wait()) for c in children]
-    if waits:
-        await asyncio.wait(waits, timeout=grace)
-    for child in children:
-        if child.proc.returncode is None:
-            child.proc.terminate()
-    if waits:
-        await asyncio.wait(waits, timeout=3.0)
-    for child in children:
-        if child.proc.returncode is None:
-            child.proc.kill()
-    if waits:
-        await asyncio.wait(waits, timeout=3.0)
+    try:
+        for signame, wait, after in (("SIGTERM", grace, why),
+                                     ("SIGKILL", TERM_GRACE, f"within {TERM_GRACE:g} s of SIGTERM")):
+            if waits:
+                await asyncio.wait(waits, timeout=wait)
+            for child in children:
+                if child.proc.returncode is None:
+                    out.write(f"kimiha demo --distributed: the {child.role} process (pid {child.proc.pid}) did not "
+                              f"stop {after}; sending {signame}\n")
+                    child.escalated = signame
+                    try:
+                        child.proc.send_signal(getattr(signal, signame))
+                    except ProcessLookupError:  # it just exited
+                        pass
+        if waits:
+            await asyncio.wait(waits, timeout=KILL_WAIT)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str | None = None) -> dict[str, Any]:
@@ -447,40 +643,28 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
             pass
 
-    async def read(child: _Child) -> None:
-        assert child.proc.stdout is not None
-        while True:
-            line = await child.proc.stdout.readline()
-            if not line:
-                await events.put((child, None))
-                return
-            text = line.decode(errors="replace")
-            if not text.startswith(_CTL):
-                sys.stderr.write(f"[{child.role}] {_printable_line(text)}\n")
-                continue
-            await events.put((child, json.loads(text[len(_CTL):])))
-
     readers = []
     exited: set[str] = set()
     stop_deadline: float | None = None
+    elapsed = 0.0
     try:
         for role in ROLES:
             spawned = await _spawn(role, url, run, delivery, args, token)
             children.append(spawned)
-            readers.append(asyncio.ensure_future(read(spawned)))
+            assert spawned.proc.stdout is not None
+            readers.append(asyncio.ensure_future(_read_control(spawned, spawned.proc.stdout, events)))
         by_role = {c.role: c for c in children}
         bar: Progress | None = None
         started = None
         waiting_summaries = False
-        elapsed = 0.0
         while not all(c.summary is not None or c.role in exited for c in children):
             timeout = SILENCE_TIMEOUT if stop_deadline is None else max(0.0, stop_deadline - time.monotonic())
-            try:
-                child, msg = await asyncio.wait_for(events.get(), timeout)
-            except TimeoutError:
+            event = await _next_event(events, timeout)
+            if event is None:
                 if stop_deadline is not None:
-                    break  # interrupted, and some process did not report in time: it is terminated below
-                raise RuntimeError(f"no process reported anything for {SILENCE_TIMEOUT:.0f} s; giving up") from None
+                    break  # stopping, and some process did not report in time: it is terminated below
+                raise RuntimeError(f"no process reported anything for {SILENCE_TIMEOUT:.0f} s; giving up")
+            child, msg = event
             if child is None:  # a signal
                 if len(interrupted) > 1:  # a second one: terminate them now
                     stop_deadline = time.monotonic()
@@ -493,8 +677,13 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
             if msg is None:
                 exited.add(child.role)
                 if child.summary is None and not interrupted:
-                    raise RuntimeError(f"the {child.role} process exited (code {await child.proc.wait()}) before "
-                                       f"reporting its summary; see its messages above")
+                    exit_wait = asyncio.ensure_future(child.proc.wait())
+                    await asyncio.wait((exit_wait,), timeout=TERM_GRACE)
+                    exit_wait.cancel()
+                    code = child.proc.returncode
+                    what = f"exited (code {code})" if code is not None else "closed its output"
+                    raise RuntimeError(f"the {child.role} process {what} before reporting its summary; see its "
+                                       f"messages above")
                 continue
             kind = msg["type"]
             if kind == "ready":
@@ -520,6 +709,8 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
                 child.done = True
                 if all(c.done for c in children) and not waiting_summaries:
                     waiting_summaries = True
+                    if stop_deadline is None:  # the summaries come within the grace, or SIGTERM goes out
+                        stop_deadline = time.monotonic() + STOP_GRACE
                     elapsed = time.perf_counter() - (started or time.perf_counter())
                     if bar is not None:
                         bar.update(by_role["feed"].ready.get("total") or 0, final=True)  # type: ignore[union-attr]
@@ -534,17 +725,21 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
             feed = by_role["feed"].summary
             if bar is not None:
                 bar.update(feed["parts"].get("lines_read", 0) if feed else 0, final=True)
-        summary = _assemble(children, elapsed, url, delivery, run)
-        summary["interrupted"] = interrupted[0] if interrupted else None
-        return summary
     finally:
-        # after a signal the processes were told to stop already: what is left of the grace, then terminate
-        await _stop_children(children, STOP_GRACE if stop_deadline is None
-                             else max(0.0, stop_deadline - time.monotonic()))
+        # once stopping, the processes were told to stop already: what is left of the grace, then terminate
+        if len(interrupted) > 1:
+            await _stop_children(children, 0.0, f"before a second {interrupted[1]}")
+        else:
+            await _stop_children(children, None if stop_deadline is None
+                                 else max(0.0, stop_deadline - time.monotonic()))
         for reader in readers:
             reader.cancel()
         for signum in installed:
             loop.remove_signal_handler(signum)
+    # assembled once every process is gone: the exit codes and escalations are known
+    summary = _assemble(children, elapsed, url, delivery, run)
+    summary["interrupted"] = interrupted[0] if interrupted else None
+    return summary
 
 
 def _assemble(children: list[_Child], elapsed: float, url: str, delivery: str, run: str) -> dict[str, Any]:
@@ -597,7 +792,8 @@ def _assemble(children: list[_Child], elapsed: float, url: str, delivery: str, r
     for c in children:
         if c.summary is None:
             code = c.proc.returncode
-            failed[c.role] = f"no summary ({'exit code ' + str(code) if code is not None else 'did not stop in time'})"
+            how = f"exit code {code}" if code is not None else "did not stop in time"
+            failed[c.role] = f"no summary ({how}{', after ' + c.escalated if c.escalated else ''})"
     summary["distributed"] = {
         "nats": url,
         "delivery": delivery,
@@ -608,6 +804,10 @@ def _assemble(children: list[_Child], elapsed: float, url: str, delivery: str, r
         "cross_process_latency": latency,
         "bridge": {role: s["bridge"] for role, s in by_role.items() if "bridge" in s},
         "failed": failed,
+        # how each process stopped: its scheduler's stop report, and any signal the coordinator had to send
+        "shutdown": {role: s["shutdown"] for role, s in by_role.items() if isinstance(s.get("shutdown"), dict)},
+        "escalated": {c.role: c.escalated for c in children if c.escalated},
+        "control_lines_malformed": {c.role: c.malformed for c in children if c.malformed},
     }
     return summary
 
@@ -640,6 +840,12 @@ def format_distributed(summary: dict[str, Any]) -> str:
     reconnects = sum(b["link"]["reconnects"] for b in d["bridge"].values())
     out.append(f"  bridge: events lost {d['events_lost']}, reconnects {reconnects}"
                + (f"; FAILED: {d['failed']}" if d["failed"] else ""))
+    if d.get("escalated"):
+        out.append("  processes that had to be signalled to stop: "
+                   + ", ".join(f"{role} ({sig})" for role, sig in d["escalated"].items()))
+    if d.get("control_lines_malformed"):
+        out.append("  malformed control lines (skipped): "
+                   + ", ".join(f"{role} {n}" for role, n in d["control_lines_malformed"].items()))
     return "\n".join(out)
 
 

@@ -1,0 +1,367 @@
+"""How ``kimiha demo --distributed`` stops: each child's stop order and deadlines, the coordinator's wait, its
+control-line reader and its escalation ladder.
+
+* Each role's scheduler stops its bridge exporters after the stages that publish to them (the exporters are
+  found as readers from the subscriptions they open in ``initialize``), within the children's deadline
+  constants, and a feed stopped in the middle of a fast replay drains and flushes everything.
+* The coordinator's wait for the next event keeps a cancellation that arrives in the same loop turn as an
+  event or as its own timeout (``asyncio.wait_for`` on CPython 3.11 returned the event and lost it).
+* A malformed control line is counted, shown escaped, and skipped; the reader goes on.
+* A process that does not stop gets SIGTERM after ``STOP_GRACE``, then SIGKILL; the summary says so.
+
+The coordinator runs in this process against scripted children (``FAKE_CHILD``); the bridge tests start their own
+nats-server on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import textwrap
+
+import pytest
+
+from kimiha.apps import distributed
+from kimiha.apps.distributed import (
+    CHILD_EXIT_MARGIN,
+    CHILD_FLUSH_TIMEOUT,
+    CHILD_SHUTDOWN_TIMEOUT,
+    ROLES,
+    STOP_GRACE,
+    _Child,
+    _next_event,
+    _Process,
+    _read_control,
+)
+
+HANG = 60.0  # hang guard only
+
+
+# -- the children's stop order and deadlines --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nats_server():
+    pytest.importorskip("nats")
+    from kimiha.bridge import NatsServer
+
+    with NatsServer() as server:
+        yield server
+
+
+def child_opts(role: str, url: str, run: str) -> argparse.Namespace:
+    return distributed._child_parser().parse_args(["--role", role, "--nats", url, "--run", run,
+                                                   "--delivery", "jetstream"])
+
+
+@pytest.mark.parametrize("role", sorted(ROLES))
+def test_each_role_stops_its_exporters_after_the_stages_that_feed_them(run, nats_server, role, loop_name):
+    async def main():
+        proc = _Process(child_opts(role, nats_server.url, f"plan{role}{loop_name}"), asyncio.Event())
+        scheduler = proc.scheduler
+        assert scheduler.shutdown_timeout == CHILD_SHUTDOWN_TIMEOUT
+        assert proc.bridge.flush_timeout == CHILD_FLUSH_TIMEOUT
+        await scheduler.start()
+        try:
+            plan = scheduler.stop_plan()
+        finally:
+            await scheduler.shutdown()
+        phases = [phase for phase, _ in plan]
+        exporters = sorted(e.name for e in proc.bridge.exporters)
+        assert len(exporters) == len(ROLES[role].exports)
+        # the exporters read channels the event tasks publish to: after every drain stage, never with the
+        # producers (stopping them first is the deadlock of a stage blocked on a channel nobody reads)
+        assert phases[-1] == "drain and stop", plan
+        assert sorted(plan[-1][1]) == exporters, plan
+        assert "drain" in phases and phases.index("drain") < phases.index("drain and stop"), plan
+        assert not any(name in exporters for phase, names in plan[:-1] for name in names), plan
+        report = scheduler.last_shutdown
+        assert report["finished"] and not report["did_not_stop"] and not report["hook_failures"], report
+
+    run(main())
+
+
+def test_the_coordinator_outwaits_the_children_deadlines():
+    # the ladder is derived from the children's constants: their whole stop, the flush counted on top even
+    # though it runs within the deadline, and the time to report and exit
+    assert STOP_GRACE >= CHILD_SHUTDOWN_TIMEOUT + CHILD_FLUSH_TIMEOUT + CHILD_EXIT_MARGIN
+    assert CHILD_FLUSH_TIMEOUT < CHILD_SHUTDOWN_TIMEOUT and CHILD_EXIT_MARGIN > 0
+
+
+def test_a_feed_stopped_mid_replay_drains_and_flushes_everything(run, nats_server, loop_name):
+    # what Ctrl-C does to the feed, in one process: the connector at full speed, the aggregator publishing
+    # MarketData (BLOCK) that the exporter reads; the stop has to drain all of it and flush it to JetStream
+    async def main():
+        go = asyncio.Event()
+        proc = _Process(child_opts("feed", nats_server.url, f"midstop{loop_name}"), go)
+        scheduler = proc.scheduler
+        await scheduler.start()
+        try:
+            go.set()
+            async with asyncio.timeout(HANG):
+                while proc.connector.lines < 2 * 4096:  # well into the tape, every stage busy
+                    await asyncio.sleep(0.01)
+        finally:
+            await scheduler.shutdown()
+        report = scheduler.last_shutdown
+        assert report["finished"], report
+        assert report["not_drained"] == {} and report["did_not_stop"] == [] and report["hook_failures"] == [], report
+        assert [s["state"] for s in scheduler.registry.snapshot()] == ["stopped"] * len(scheduler.registry)
+        md = proc.bus.stats()["MarketData"]
+        export = proc.bridge.exporter(distributed.MD).stats()
+        assert md["published"] > 0
+        assert export["sent"] == md["published"] and export["acked"] == md["published"], (md, export)
+        assert export["unflushed"] == 0 and export["lagged"] == 0 and export["dropped"] == 0, export
+
+    run(main())
+
+
+# -- the coordinator's wait cannot lose a cancellation ----------------------------------------------------------
+
+
+def test_a_cancellation_in_the_turn_an_event_arrives_is_kept(run):
+    async def main():
+        events: asyncio.Queue = asyncio.Queue()
+        waiter = asyncio.ensure_future(_next_event(events, HANG))
+        for _ in range(3):
+            await asyncio.sleep(0)  # parked in its get
+        events.put_nowait(("feed", "event"))  # wakes the get ...
+        waiter.cancel()                        # ... and cancels the wait, in the same turn
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert events.get_nowait() == ("feed", "event")  # not taken by a wait that was cancelled
+
+    run(main())
+
+
+class FakeClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock only moves when the test moves it: a timer fires on the turn chosen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+def run_on_fake_clock(main):
+    with asyncio.Runner(loop_factory=FakeClockLoop) as runner:
+        return runner.run(main())
+
+
+@pytest.mark.parametrize("with_event", [False, True])
+def test_a_cancellation_in_the_turn_the_timeout_fires_is_kept(with_event):
+    async def main():
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        waiter = asyncio.ensure_future(_next_event(events, 5.0))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        loop.now += 5.0
+        await asyncio.sleep(0)  # this turn runs the wait's timeout too, after this step ...
+        if with_event:
+            events.put_nowait(("strategy", "event"))  # ... as an event arrives ...
+        waiter.cancel()  # ... and the wait is cancelled
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert events.qsize() == int(with_event)
+
+    run_on_fake_clock(main)
+
+
+def test_a_timeout_returns_none_and_never_takes_an_event_it_does_not_return():
+    async def main():
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        waiter = asyncio.ensure_future(_next_event(events, 5.0))
+        await asyncio.sleep(0)
+        loop.now += 5.0
+        assert await waiter is None
+        waiter = asyncio.ensure_future(_next_event(events, 5.0))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        loop.now += 5.0
+        await asyncio.sleep(0)
+        events.put_nowait(("executor", "event"))  # in the turn the timeout fires
+        got = await waiter
+        assert got == ("executor", "event") or (got is None and events.get_nowait() == ("executor", "event"))
+
+    run_on_fake_clock(main)
+
+
+# -- the control-line reader ------------------------------------------------------------------------------------
+
+
+class _Proc:
+    pid = 0
+    returncode = None
+
+
+class Err:
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, s: str) -> None:
+        self.text += s
+
+    def flush(self) -> None:
+        pass
+
+
+def ctl(kind: str, **fields) -> bytes:
+    return ("@kimiha " + json.dumps({"type": kind, **fields}) + "\n").encode()
+
+
+def test_a_malformed_control_line_is_counted_shown_escaped_and_skipped(run):
+    async def main():
+        child = _Child("strategy", _Proc())
+        stream = asyncio.StreamReader(limit=4096)
+        err = Err()
+        events: asyncio.Queue = asyncio.Queue()
+        stream.feed_data(ctl("ready", role="strategy", pid=1, total=None, senders={}))
+        stream.feed_data(b"@kimiha {\"type\": \"progress\", \"lines\n")          # cut short
+        stream.feed_data(b"@kimiha [1, 2]\n")                                   # not an object
+        stream.feed_data(ctl("progress", lines="many"))                         # a field of the wrong type
+        stream.feed_data(ctl("hello"))                                          # an unknown type
+        stream.feed_data(ctl("eos", channels={"Orders": {"sender": "s"}}))      # no last_seq
+        stream.feed_data(b"@kimiha \x1b[2J{\"type\": \"done\"}\n")              # a terminal escape
+        stream.feed_data(b"@kimiha " + b"x" * 8192 + b"\n")                     # longer than the reader's limit
+        stream.feed_data(b"a plain line \x07\n")
+        stream.feed_data(ctl("done", role="strategy"))
+        stream.feed_eof()
+        async with asyncio.timeout(HANG):
+            await _read_control(child, stream, events, err)
+        got = []
+        while not events.empty():
+            got.append(events.get_nowait())
+        assert [msg["type"] if msg else None for _, msg in got] == ["ready", "done", None]
+        assert all(c is child for c, _ in got)
+        assert child.malformed == 7, err.text
+        shown = [line for line in err.text.splitlines() if "malformed control line" in line]
+        assert len(shown) == 7 and all("from the strategy process" in line for line in shown), err.text
+        assert "not JSON" in shown[0] and "expected a JSON object, got list" in shown[1]
+        assert "'progress' message: field 'lines' must be int, got 'many'" in shown[2]
+        assert "unknown message type 'hello'" in shown[3] and "channel 'Orders' needs" in shown[4]
+        assert "\\x1b[2J" in shown[5] and "longer than the line limit" in shown[6]
+        assert "[strategy] a plain line \\x07" in err.text
+        assert "\x1b" not in err.text and "\x07" not in err.text  # escaped: nothing reaches the terminal raw
+
+    run(main())
+
+
+# -- the coordinator against scripted children ------------------------------------------------------------------
+
+FAKE_CHILD = textwrap.dedent('''
+    import json, os, signal, sys, time
+    role, mode = sys.argv[1], sys.argv[2]
+
+    def send(kind, **fields):
+        sys.stdout.write("@kimiha " + json.dumps({"type": kind, **fields}) + "\\n")
+        sys.stdout.flush()
+
+    if mode == "stubborn":  # ignores the stop line and SIGTERM: only SIGKILL ends it
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    send("ready", role=role, pid=os.getpid(), total=10 if role == "feed" else None, senders={})
+    if mode == "malformed":
+        sys.stdout.write("@kimiha {not json\\n@kimiha \\x1b[31m\\n")
+        sys.stdout.flush()
+
+    def summary():
+        send("summary", role=role, parts={}, channels={}, tasks=[],
+             bridge={"imports": {}, "link": {"reconnects": 0}}, failed=None,
+             shutdown={"seconds": 0.0, "finished": True, "not_drained": {}, "did_not_stop": [],
+                       "hook_failures": []})
+
+    if mode in ("ok", "malformed"):  # reported before the stop: whatever the ladder does next, it is in
+        summary()
+    if mode != "idle":
+        send("done", role=role)
+    for line in sys.stdin:
+        if json.loads(line)["type"] == "stop":
+            break
+    if mode == "stubborn":
+        while True:
+            time.sleep(1)
+    if mode == "idle":
+        summary()
+''')
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Make the coordinator spawn FAKE_CHILD for each role, in the mode given by role (default "ok")."""
+    modes: dict[str, str] = {}
+
+    async def spawn(role, url, run, delivery, args, token=None):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", FAKE_CHILD, role, modes.get(role, "ok"), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, start_new_session=True)
+        return _Child(role, proc)
+
+    monkeypatch.setattr(distributed, "_spawn", spawn)
+    return modes
+
+
+def coordinator_args() -> argparse.Namespace:
+    return argparse.Namespace(no_progress=True, json=True, loop="asyncio", speed=None, data=None,
+                              connect_timeout=None)
+
+
+def test_malformed_control_lines_do_not_stop_the_run(run, scripted, capsys):
+    scripted["executor"] = "malformed"
+    summary = run(distributed._coordinate(coordinator_args(), "nats://127.0.0.1:1", "t", "core"))
+    d = summary["distributed"]
+    assert d["control_lines_malformed"] == {"executor": 2} and not d["failed"] and not d["escalated"], d
+    err = capsys.readouterr().err
+    assert "malformed control line #1 from the executor process" in err and "\\x1b[31m" in err, err
+    assert "malformed control lines (skipped): executor 2" in distributed.format_distributed(summary)
+
+
+def test_a_process_that_ignores_the_stop_gets_sigterm_then_sigkill(run, scripted, monkeypatch, capsys):
+    # short rungs for the test (the others reported before the stop: a slow exit of theirs changes nothing)
+    monkeypatch.setattr(distributed, "STOP_GRACE", 0.5)
+    monkeypatch.setattr(distributed, "TERM_GRACE", 0.5)
+    scripted["strategy"] = "stubborn"
+    summary = run(distributed._coordinate(coordinator_args(), "nats://127.0.0.1:1", "t", "core"))
+    d = summary["distributed"]
+    assert d["escalated"]["strategy"] == "SIGKILL", d
+    assert "SIGKILL" not in [sig for role, sig in d["escalated"].items() if role != "strategy"], d
+    assert d["failed"] == {"strategy": "no summary (exit code -9, after SIGKILL)"}, d
+    assert set(d["shutdown"]) == {"feed", "executor"}
+    err = capsys.readouterr().err
+    assert "the strategy process (pid" in err, err
+    assert "did not stop within 0.5 s of the stop request; sending SIGTERM" in err, err
+    assert "did not stop within 0.5 s of SIGTERM; sending SIGKILL" in err, err
+
+
+def test_a_cancelled_coordinator_stops_every_process(run, scripted, monkeypatch):
+    for role in ROLES:
+        scripted[role] = "idle"  # ready, then waiting for the stop line
+    readies = []
+    all_ready = asyncio.Event()
+    real = distributed._next_event
+
+    async def next_event(events, timeout):
+        event = await real(events, timeout)
+        if event is not None and event[1] is not None and event[1].get("type") == "ready":
+            readies.append(event[0])
+            if len(readies) == len(ROLES):
+                all_ready.set()
+        return event
+
+    monkeypatch.setattr(distributed, "_next_event", next_event)
+
+    async def main():
+        coordinator = asyncio.ensure_future(distributed._coordinate(coordinator_args(), "nats://127.0.0.1:1", "t",
+                                                                    "core"))
+        await all_ready.wait()
+        coordinator.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await coordinator
+        assert [c.proc.returncode for c in readies] == [0, 0, 0]  # each stopped by its stop line, and reaped
+        assert not any(c.escalated for c in readies)
+
+    run(main())

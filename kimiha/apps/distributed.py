@@ -617,8 +617,8 @@ async def _stop_children(children: list[_Child], grace: float | None = None, why
         if waits:
             await asyncio.wait(waits, timeout=KILL_WAIT)
     finally:
-        for wait in waits:
-            wait.cancel()
+        for waiter in waits:
+            waiter.cancel()
 
 
 async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str | None = None) -> dict[str, Any]:

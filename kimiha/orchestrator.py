@@ -16,6 +16,7 @@ import signal
 from collections.abc import Iterable
 from typing import Any
 
+from kimiha.clock import Clock
 from kimiha.error import InvalidConfigurationError, InvalidStateError, MissingComponentError
 from kimiha.event_bus import EventBus
 from kimiha.scheduler import Scheduler, Supervision, TaskRegistry
@@ -82,15 +83,18 @@ class TradingOrchestratorBuilder:
         The bus every component publishes to and subscribes on.
     shutdown_timeout : float
         Deadline (seconds) for the whole staged shutdown.
+    clock : Clock, optional
+        The scheduler's clock (``Scheduler(bus, clock=...)``): live by default, a ``SimClock`` for a replay.
     """
 
-    def __init__(self, bus: EventBus, *, shutdown_timeout: float = 10.0) -> None:
+    def __init__(self, bus: EventBus, *, shutdown_timeout: float = 10.0, clock: Clock | None = None) -> None:
         if not isinstance(bus, EventBus):
             raise InvalidConfigurationError(
                 f"TradingOrchestratorBuilder(bus): expected an EventBus, got {type(bus).__name__}"
             )
         self._bus = bus
         self._shutdown_timeout = shutdown_timeout
+        self._clock = clock
         self._connectors: list[tuple[Any, Supervision | None]] = []
         self._aggregators: list[tuple[Any, Supervision | None]] = []
         self._strategies: list[tuple[Any, Supervision | None]] = []
@@ -181,7 +185,8 @@ class TradingOrchestratorBuilder:
         if problems:
             raise BuildError(problems)
         self._built = True
-        scheduler = Scheduler(self._bus, shutdown_timeout=self._shutdown_timeout, name="trading-orchestrator")
+        scheduler = Scheduler(self._bus, shutdown_timeout=self._shutdown_timeout, name="trading-orchestrator",
+                              clock=self._clock)
         stages: dict[str, list[int]] = {}
         for role, entries in self._by_role():
             for component, supervision in entries:

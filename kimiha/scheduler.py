@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from kimiha._core import LatencyHistogram, Subscription, monotonic_ns
+from kimiha.clock import Clock, LiveClock, SimClock
 from kimiha.error import (
     ChannelClosed,
     InvalidChannelError,
@@ -83,12 +84,22 @@ class Scheduler:
         The bus whose channels event tasks subscribe to.
     shutdown_timeout : float
         Default deadline (seconds) of :meth:`shutdown` for stopping loops and draining event tasks.
+    clock : Clock, optional
+        The time of every task, reached as ``task.clock`` (:mod:`kimiha.clock`): a :class:`~kimiha.clock.LiveClock`
+        by default; a :class:`~kimiha.clock.SimClock` for a replay, which moves each event task's clock to the
+        time of each event (``SimClock.time_of``) before the task handles it.
 
     Use it as ``async with Scheduler(bus) as s:`` -- register tasks, ``await s.start()``; leaving the block
     shuts it down.
     """
 
-    def __init__(self, bus: EventBus, *, shutdown_timeout: float = 10.0, name: str = "scheduler") -> None:
+    def __init__(self, bus: EventBus, *, shutdown_timeout: float = 10.0, name: str = "scheduler",
+                 clock: Clock | None = None) -> None:
+        if clock is None:
+            clock = LiveClock()
+        elif not isinstance(clock, Clock):
+            raise InvalidConfigurationError(
+                f"Scheduler(clock=...): expected a kimiha.clock.Clock (LiveClock or SimClock), got {clock!r}")
         if not isinstance(bus, EventBus):
             raise InvalidConfigurationError(f"Scheduler(bus): expected an EventBus, got {type(bus).__name__}")
         if not isinstance(shutdown_timeout, (int, float)) or shutdown_timeout <= 0:
@@ -97,6 +108,7 @@ class Scheduler:
             )
         self.bus = bus
         self.name = name
+        self.clock = clock
         self.shutdown_timeout = float(shutdown_timeout)
         self.registry = TaskRegistry()
         self.state = SchedulerState.CREATED
@@ -156,6 +168,11 @@ class Scheduler:
             supervision = Supervision(**{**supervision.__dict__, "on_error": default})
         info = TaskInfo(self._next_id, task, kind, supervision, interval, channels)
         self._next_id += 1
+        info.clock = self.clock._for_task(info.id, self._timer_error_cb(info))
+        try:
+            task.clock = info.clock
+        except AttributeError:  # a duck-typed task with slots or a read-only clock: it reads no clock
+            pass
         self.registry._add(info)
         return info.id
 
@@ -332,9 +349,45 @@ class Scheduler:
         return [sub for channel in self.bus._all_channels() for sub in channel.subscriptions()
                 if sub.handler is None]
 
+    def _timed(self, info: TaskInfo, handler: Any, is_async: bool) -> Any:
+        """``handler`` as the task's dispatch calls it: under a SimClock, behind a step that moves the task's
+        clock to the event's time first, firing the task's timers due by then (before the event)."""
+        clock = info.clock
+        if not isinstance(clock, SimClock):
+            return handler
+        time_of = clock.time_of
+        set_time = clock.set_time
+        advance = clock.advance_to
+        if is_async:
+            async def timed_async(event: Any) -> Any:
+                ts = time_of(event)
+                if ts is not None and not set_time(ts):
+                    await advance(ts)
+                return await handler(event)
+
+            return timed_async
+        advance_now = clock.advance_now
+
+        def timed(event: Any) -> Any:
+            ts = time_of(event)
+            if ts is not None and not set_time(ts):
+                advance_now(ts)
+            return handler(event)
+
+        return timed
+
+    def _timer_error_cb(self, info: TaskInfo) -> Callable[[str, BaseException], None]:
+        def on_error(name: str, exc: BaseException) -> None:
+            self._supervisor.failed(info, exc, f"timer {name!r}")
+            if info.state is TaskState.FAILED:
+                info.clock.cancel_all()
+
+        return on_error
+
     def _subscribe(self, info: TaskInfo) -> None:
         handler = info.task.handle_event
         info.is_async_handler = inspect.iscoroutinefunction(handler)
+        handler = self._timed(info, handler, info.is_async_handler)
         for channel in info.channels:
             on_lag = self._lag_counter(info, channel)
             if info.is_async_handler:
@@ -351,7 +404,8 @@ class Scheduler:
             fast = lock is None and info.supervision.handler_timeout is None
             for sub in info.subscriptions:
                 if fast:  # the compiled pump: no Python frame per event beyond the handler's own
-                    pump = sub.run_handler(info.task.handle_event, self._pump_error_cb(info), info.latency)
+                    handler = self._timed(info, info.task.handle_event, True)
+                    pump = sub.run_handler(handler, self._pump_error_cb(info), info.latency)
                 else:
                     pump = self._event_pump(info, sub, lock)
                 info.runners.append(asyncio.create_task(pump, name=f"kimiha:{info.name}"))
@@ -445,7 +499,7 @@ class Scheduler:
 
     async def _event_pump(self, info: TaskInfo, sub: Subscription, lock: asyncio.Lock | None) -> None:
         """Python pump for coroutine handlers that need a timeout or share a lock across channels."""
-        handler = info.task.handle_event
+        handler = self._timed(info, info.task.handle_event, True)
         timeout = info.supervision.handler_timeout
         latency = info.latency
         while True:

@@ -13,8 +13,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 
+from kimiha.error import InvalidStateError
+
 if TYPE_CHECKING:
     from typing_extensions import dataclass_transform as _dataclass_transform
+
+    from kimiha.clock import Clock
 else:
     def _dataclass_transform(**_options: Any) -> Any:
         """Runtime stand-in: the decorator only informs type checkers, so the class is left untouched."""
@@ -77,6 +81,25 @@ class Executable:
     @name.setter
     def name(self, value: str) -> None:
         self._kimiha_name = value
+
+    @property
+    def clock(self) -> Clock:
+        """The clock of the scheduler this task is registered with (``Scheduler(bus, clock=...)``).
+
+        A view of that clock whose timers belong to this task: supervised with its policy, cancelled when it
+        fails or the scheduler stops. See :mod:`kimiha.clock`.
+        """
+        try:
+            return self._kimiha_clock
+        except AttributeError:
+            raise InvalidStateError(
+                f"task {self.name!r} has no clock yet: its clock comes from the scheduler it is registered "
+                f"with (Scheduler(bus, clock=...)); read self.clock from initialize() on, or assign one"
+            ) from None
+
+    @clock.setter
+    def clock(self, value: Clock) -> None:
+        self._kimiha_clock = value
 
     async def initialize(self) -> None:
         """Prepare the task; called once before it runs. Override as needed."""

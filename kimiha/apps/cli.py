@@ -96,6 +96,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0 or value > 60_000:
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds in [0, 60000], got {text!r}")
+    return value
+
+
 def _nats_url(text: str) -> str:
     url = text.strip() if "://" in text else f"nats://{text.strip()}"  # nats-py's own default scheme
     try:
@@ -138,6 +148,12 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     demo.add_argument("--connect-timeout", type=_seconds, default=None, metavar="SECONDS",
                       help=f"with --distributed: how long to wait for the NATS server to accept a connection "
                            f"before giving up (default {CONNECT_TIMEOUT:g})")
+    # -- time: the order latency of the paper executor, and the PnL at several latencies (issue 14) --
+    demo.add_argument("--latency", type=_milliseconds, default=0.0, metavar="MS",
+                      help="the paper executor's order latency in milliseconds: an order fills against the "
+                           "book as of its arrival (default 0: as of the decision)")
+    demo.add_argument("--latency-report", action="store_true",
+                      help="also report the PnL at 0, 1 and 10 ms of order latency (shadow executors)")
     sub.add_parser("bench", help="side-by-side benchmarks (kimiha vs asyncio.Queue, pyee, NautilusTrader); "
                                  "`kimiha bench help` lists the modes")
     return parser, demo
@@ -229,7 +245,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
     try:
         summary = kimiha.run(
-            run_demo(args.data, speed=args.speed, progress=None if args.no_progress else sys.stderr),
+            run_demo(args.data, speed=args.speed, progress=None if args.no_progress else sys.stderr,
+                     latency_ms=args.latency, latency_report=args.latency_report),
             loop=args.loop,
         )
     except RecordingError as exc:

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from kimiha.clock import SimClock
 from kimiha.error import InvalidConfigurationError, SerializationError
 from kimiha.event_bus import EventBus
 from kimiha.orchestrator import TradingOrchestratorBuilder
@@ -32,7 +33,8 @@ from kimiha.venues.binance import (
     replay_lines,
 )
 
-__all__ = ["RecordingError", "accounting", "channel_summary", "format_summary", "log_not_shown", "run_demo", "survey_recordings"]
+__all__ = ["REPORT_LATENCIES_MS", "RecordingError", "accounting", "channel_summary", "format_summary", "log_not_shown",
+           "ms_to_ns", "pnl_of", "run_demo", "shadow_executors", "survey_recordings"]
 
 logger = logging.getLogger("kimiha.apps.demo")
 
@@ -131,9 +133,21 @@ class Progress:
             self.stream.flush()
 
 
+#: The latencies (milliseconds) of the demo's ``--latency-report``: one shadow executor each.
+REPORT_LATENCIES_MS = (0, 1, 10)
+
+
 async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | None = None,
-                   progress: TextIO | None = sys.stderr, capacity: int = 4096) -> dict[str, Any]:
-    """Run the pipeline over ``data`` (default: the shipped tape) and return the summary as a dict."""
+                   progress: TextIO | None = sys.stderr, capacity: int = 4096, latency_ms: float = 0.0,
+                   latency_report: bool = False) -> dict[str, Any]:
+    """Run the pipeline over ``data`` (default: the shipped tape) and return the summary as a dict.
+
+    The replay runs on a :class:`~kimiha.clock.SimClock`: the connector sets it to each line's recorded
+    receive time, every task's clock follows the market data it handles, so the orders, the fills and their
+    ``digest`` are the same on every run, loop and replay speed. ``latency_ms``: the executor's order
+    latency (:class:`~kimiha.trading.paper.FixedLatency`); ``latency_report``: also fill every order in
+    shadow executors at :data:`REPORT_LATENCIES_MS` and report their PnL (``pnl_by_latency``).
+    """
     paths: list[Any] = list(data) if data else recorded_tape()
     expected = survey_recordings(paths)
     total = sum(expected.values())
@@ -142,15 +156,18 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
     connector = BinanceConnector(bus, replay_lines(paths, speed))
     aggregator = BinanceAggregator(bus)
     strategy = ImbalanceStrategyTask(bus)
-    executor = PaperExecutorTask(bus)
-    orchestrator = (
-        TradingOrchestratorBuilder(bus)
+    executor = PaperExecutorTask(bus, latency=ms_to_ns(latency_ms))
+    builder = (
+        TradingOrchestratorBuilder(bus, clock=SimClock())
         .with_connector(connector)
         .with_aggregator(aggregator)
         .with_strategy(strategy)
         .with_executor(executor)
-        .build()
     )
+    shadows = shadow_executors(bus) if latency_report else {}
+    for shadow in shadows.values():
+        builder.with_executor(shadow)
+    orchestrator = builder.build()
     bar = Progress(total, progress)
     started = time.perf_counter()
     interrupted: list[str] = []
@@ -185,9 +202,38 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
     elapsed = time.perf_counter() - started
     bar.update(connector.lines, final=True)
     summary = _summary(bus, orchestrator, connector, aggregator, strategy, executor, expected, elapsed, paths)
+    summary["latency_ms"] = latency_ms
+    if shadows:
+        summary["pnl_by_latency"] = {label: pnl_of(shadow) for label, shadow in shadows.items()}
     summary["interrupted"] = interrupted[0] if interrupted else None
     log_not_shown(aggregator)
     return summary
+
+
+def ms_to_ns(ms: float) -> int:
+    """Return ``ms`` milliseconds as whole nanoseconds."""
+    return int(round(ms * 1_000_000))
+
+
+def shadow_executors(bus: EventBus, latencies_ms: Iterable[float] = REPORT_LATENCIES_MS) -> dict[str, PaperExecutorTask]:
+    """Return one shadow executor (fills and accounts, publishes nothing) per latency, keyed ``"<ms> ms"``."""
+    return {f"{ms:g} ms": PaperExecutorTask(bus, name=f"paper-executor-{ms:g}ms", latency=ms_to_ns(ms),
+                                           publish_fills=False) for ms in latencies_ms}
+
+
+def pnl_of(executor: PaperExecutorTask) -> dict[str, Any]:
+    """Return an executor's fills and PnL as the summary shows them (marked to its last quote's mid)."""
+    paper = executor.paper
+    mark = executor.last_mid
+    return {
+        "fills": paper.fills,
+        "position": round(paper.position, 8),
+        "realized": round(paper.realized_pnl, 6),
+        "unrealized": round(paper.unrealized_pnl(mark) if mark else 0.0, 6),
+        "fees": round(paper.fees_paid, 6),
+        "total": round(paper.total_pnl(mark) if mark else paper.realized_pnl - paper.fees_paid, 6),
+        "digest": executor.digest,
+    }
 
 
 def log_not_shown(aggregator: BinanceAggregator) -> None:
@@ -242,9 +288,8 @@ def _summary(bus: EventBus, orchestrator: Any, connector: BinanceConnector, aggr
     parser = aggregator.parser
     by_stream = dict(sorted(parser.counts.items()))
     file_counts = {k: v for k, v in sorted(expected.items()) if k != BAD_LINE}
-    paper = executor.paper
-    mark = executor.last_mid
     channels = channel_summary(bus)
+    pnl = pnl_of(executor)
     return {
         "data": [getattr(p, "name", str(p)) for p in paths],
         "lines_read": connector.lines,
@@ -264,15 +309,12 @@ def _summary(bus: EventBus, orchestrator: Any, connector: BinanceConnector, aggr
         "trades": by_stream.get("btcusdt@trade", 0),
         "signals": strategy.logic.signals,
         "orders": strategy.logic.orders,
-        "fills": paper.fills,
+        "fills": pnl["fills"],
         "rejected": executor.rejected,
-        "position": round(paper.position, 8),
-        "pnl": {
-            "realized": round(paper.realized_pnl, 6),
-            "unrealized": round(paper.unrealized_pnl(mark) if mark else 0.0, 6),
-            "fees": round(paper.fees_paid, 6),
-            "total": round(paper.total_pnl(mark) if mark else paper.realized_pnl - paper.fees_paid, 6),
-        },
+        "position": pnl["position"],
+        "pnl": {k: pnl[k] for k in ("realized", "unrealized", "fees", "total")},
+        "digest": executor.digest,
+        "cooldowns_ended": strategy.cooldowns_ended,
         "wall_time_s": round(elapsed, 3),
         "messages_per_s": round(connector.lines / elapsed, 1) if elapsed else 0.0,
         "channels": channels,
@@ -309,6 +351,12 @@ def format_summary(s: dict[str, Any]) -> str:
     pnl = s["pnl"]
     out.append(f"  position {s['position']:+.5f} BTC  PnL: realized {pnl['realized']:+.4f}  unrealized "
                f"{pnl['unrealized']:+.4f}  fees {pnl['fees']:.4f}  total {pnl['total']:+.4f} USDT")
+    if "pnl_by_latency" in s:
+        out.append("  PnL by order latency: " + ", ".join(
+            f"{label} {p['total']:+.4f} USDT ({p['fills']} fills)" for label, p in s["pnl_by_latency"].items()))
+    if "digest" in s:
+        latency = f", order latency {s['latency_ms']:g} ms" if s.get("latency_ms") else ""
+        out.append(f"  digest {s['digest']} (orders and fills, sha256{latency})")
     out.append(f"  wall time {s['wall_time_s']:.3f} s, {s['messages_per_s']:,.0f} messages/s")
     out.append(f"  {'channel':<15} {'published':>10} {'delivered':>10} {'lagged':>7} {'blocked':>8} "
                f"{'p50 us':>8} {'p99 us':>9} {'max us':>10}")

@@ -90,6 +90,8 @@ class TaskInfo:
         self.found_subscriptions: list[weakref.ref[Subscription]] = []
         #: Set by the stop sequence when this task's turn to stop comes: its loop runs no further ``execute``.
         self.stop_requested = False
+        #: The task's view of the scheduler's clock (``task.clock``), set at registration.
+        self.clock: Any = None
 
     def transition(self, new: TaskState) -> None:
         if new not in TASK_TRANSITIONS[self.state]:

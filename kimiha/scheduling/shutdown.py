@@ -117,6 +117,7 @@ class StopSequence:
                     await self.drain_readers(infos)
                     await self.stop_loops(infos)
             await self.stop_pumps([info for info in sched.registry if info.kind == "event"])
+            sched.clock._close()  # no timer fires into a task whose hook is running or has run
             failures = await self.run_hooks()
             report["finished"] = True
         finally:  # even when the stop itself is cancelled: nobody waits for a stop that never ends
@@ -359,6 +360,7 @@ class StopSequence:
         for info in sched.registry:
             for sub in info.subscriptions:
                 sub.close()
+        sched.clock._close()
         try:
             for info in reversed(list(sched.registry)):
                 if info.initialized:

@@ -128,6 +128,11 @@ class Quote(Event, frozen=True, tag=True, gc=False):
         """Return the mid price."""
         return (self.bid_px + self.ask_px) * 0.5
 
+    @property
+    def recv_ts_ns(self) -> int:
+        """Return the receive time (``ts_ns``: a bookTicker's only time), as the other market events name it."""
+        return self.ts_ns
+
 
 class DepthDiff(Event, frozen=True, tag=True, gc=False):
     """An incremental order-book update covering update ids ``first_update_id..final_update_id``.

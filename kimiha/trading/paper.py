@@ -6,20 +6,24 @@ volume-weighted average price, the fee, and how much could not be filled when th
 position, cash, average entry price, realized PnL, fees, and unrealized PnL marked to the book's mid.
 
 Simplifications, on purpose: the book is read, never modified (an order has no market impact on later market
-data), fills are immediate (no latency model), and limit orders are immediate-or-cancel (they take what is at
-or better than their price; nothing rests in the book). Fees are charged in the quote asset.
+data), and limit orders are immediate-or-cancel (they take what is at or better than their price; nothing
+rests in the book). Fees are charged in the quote asset. Latency is the caller's: :class:`LatencyModel` says
+how long an order takes to reach the venue, and the task (:class:`~kimiha.trading.tasks.PaperExecutorTask`)
+fills it against the book as of its arrival.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 from kimiha.trading.book import BookNotReady, OrderBook
 from kimiha.error import InvalidConfigurationError, OrchestratorError
 from kimiha.trading.model import Fill, Liquidity, Order, OrderType, Side
 
-__all__ = ["OrderRejected", "PaperExecutor"]
+__all__ = ["FixedLatency", "LatencyModel", "LogNormalLatency", "OrderRejected", "PaperExecutor",
+           "as_latency_model"]
 
 _QTY_EPS = 1e-12  # positions closer to zero than this are flat (float sums of lot sizes are not exact)
 
@@ -35,6 +39,65 @@ class OrderRejected(OrchestratorError, ValueError):
 
 def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+class LatencyModel:
+    """How long an order takes from its decision to the venue: :meth:`delay_ns` per order, in order."""
+
+    def delay_ns(self, order: Order) -> int:
+        raise NotImplementedError
+
+
+class FixedLatency(LatencyModel):
+    """The same latency for every order, ``ns`` nanoseconds (>= 0)."""
+
+    def __init__(self, ns: int) -> None:
+        if isinstance(ns, bool) or not isinstance(ns, int) or ns < 0:
+            raise InvalidConfigurationError(f"FixedLatency: ns must be an int >= 0 (nanoseconds), got {ns!r}")
+        self.ns = ns
+
+    def delay_ns(self, order: Order) -> int:
+        return self.ns
+
+    def __repr__(self) -> str:
+        return f"FixedLatency({self.ns})"
+
+
+class LogNormalLatency(LatencyModel):
+    """A latency drawn per order from a log-normal distribution: median ``median_ns``, shape ``sigma``, at least
+    ``floor_ns``; seeded, so the same orders in the same order draw the same latencies."""
+
+    def __init__(self, median_ns: int, sigma: float = 0.5, *, seed: int = 0, floor_ns: int = 0) -> None:
+        if isinstance(median_ns, bool) or not isinstance(median_ns, int) or median_ns <= 0:
+            raise InvalidConfigurationError(
+                f"LogNormalLatency: median_ns must be an int > 0 (nanoseconds), got {median_ns!r}")
+        if not _is_number(sigma) or not math.isfinite(sigma) or sigma < 0:
+            raise InvalidConfigurationError(f"LogNormalLatency: sigma must be a finite number >= 0, got {sigma!r}")
+        if isinstance(floor_ns, bool) or not isinstance(floor_ns, int) or floor_ns < 0:
+            raise InvalidConfigurationError(f"LogNormalLatency: floor_ns must be an int >= 0, got {floor_ns!r}")
+        self.median_ns = median_ns
+        self.sigma = float(sigma)
+        self.floor_ns = floor_ns
+        self.seed = seed
+        self._mu = math.log(median_ns)
+        self._random = random.Random(seed)
+
+    def delay_ns(self, order: Order) -> int:
+        return max(self.floor_ns, int(self._random.lognormvariate(self._mu, self.sigma)))
+
+    def __repr__(self) -> str:
+        return f"LogNormalLatency({self.median_ns}, {self.sigma}, seed={self.seed}, floor_ns={self.floor_ns})"
+
+
+def as_latency_model(latency: int | LatencyModel | None) -> LatencyModel | None:
+    """Return ``latency`` as a model: None or 0 stays None (no latency: fill as of the decision), an int of
+    nanoseconds becomes a :class:`FixedLatency`, a model is returned as is."""
+    if latency is None or isinstance(latency, LatencyModel):
+        return latency
+    if isinstance(latency, bool) or not isinstance(latency, int) or latency < 0:
+        raise InvalidConfigurationError(
+            f"latency: expected None, an int of nanoseconds >= 0 or a LatencyModel, got {latency!r}")
+    return FixedLatency(latency) if latency else None
 
 
 class PaperExecutor:
@@ -150,7 +213,7 @@ class PaperExecutor:
         return side, order_type
 
     # ------------------------------------------------------------------ execution
-    def execute(self, order: Order) -> Fill:
+    def execute(self, order: Order, *, ts_ns: int | None = None) -> Fill:
         """Fill an order against the current book and update the account.
 
         A buy takes the asks from the lowest price up, a sell takes the bids from the highest price down,
@@ -162,11 +225,14 @@ class PaperExecutor:
         order : Order
             The order; see :meth:`validate` for what is accepted.
 
+        ts_ns : int, optional
+            Time of the execution (the order's arrival at the venue); default ``order.ts_ns``.
+
         Returns
         -------
         Fill
             ``qty`` filled (possibly less than ``requested_qty``, possibly 0.0 with a NaN ``avg_price``),
-            the VWAP, the fee, the number of levels consumed; timestamped with ``order.ts_ns``.
+            the VWAP, the fee, the number of levels consumed; timestamped with ``ts_ns``.
 
         Raises
         ------
@@ -201,9 +267,10 @@ class PaperExecutor:
 
         self._seen_ids.add(order.order_id)
         self.orders += 1
+        at = order.ts_ns if ts_ns is None else ts_ns
         if filled == 0.0:
             self.unfilled += 1
-            return Fill(order.order_id, side, 0.0, math.nan, 0.0, order.ts_ns, Liquidity.TAKER, qty, 0,
+            return Fill(order.order_id, side, 0.0, math.nan, 0.0, at, Liquidity.TAKER, qty, 0,
                         order.symbol or self.symbol)
         avg_price = cost / filled
         fee = cost * self.fee_rate
@@ -211,7 +278,7 @@ class PaperExecutor:
         self.fills += 1
         if filled < qty:
             self.partial_fills += 1
-        return Fill(order.order_id, side, filled, avg_price, fee, order.ts_ns, Liquidity.TAKER, qty, used,
+        return Fill(order.order_id, side, filled, avg_price, fee, at, Liquidity.TAKER, qty, used,
                     order.symbol or self.symbol)
 
     def _book_fill(self, side: Side, qty: float, price: float, notional: float, fee: float) -> None:

@@ -61,6 +61,10 @@ class ImbalanceStrategy:
         EMA weight of the newest imbalance, in ``(0, 1]`` (1: no smoothing).
     cooldown_ns : int, default 1_000_000_000
         Minimum event time between two orders.
+    cooldown_by_timer : bool, default False
+        False: the cooldown compares event timestamps. True: placing an order sets :attr:`cooling_down`,
+        and the owner ends it with :meth:`end_cooldown` (the task does so from a clock alert
+        ``cooldown_ns`` after the order, see :class:`~kimiha.trading.tasks.ImbalanceStrategyTask`).
     symbol : str, optional
         Symbol written into signals and orders.
     first_order_id : int, default 1
@@ -84,7 +88,7 @@ class ImbalanceStrategy:
 
     def __init__(self, *, order_qty: float = 0.001, max_position: float = 0.005, entry_threshold: float = 0.6,
                  rearm_threshold: float = 0.2, smoothing: float = 0.1, cooldown_ns: int = 1_000_000_000,
-                 symbol: str = "", first_order_id: int = 1) -> None:
+                 symbol: str = "", first_order_id: int = 1, cooldown_by_timer: bool = False) -> None:
         self.order_qty = _check_number("order_qty", order_qty, low=0.0, low_inclusive=False)
         self.max_position = _check_number("max_position", max_position, low=0.0, low_inclusive=False)
         self.entry_threshold = _check_number("entry_threshold", entry_threshold, low=0.0, low_inclusive=False,
@@ -103,6 +107,9 @@ class ImbalanceStrategy:
             raise InvalidConfigurationError(
                 f"ImbalanceStrategy: first_order_id must be an int, got {first_order_id!r}")
         self.cooldown_ns = cooldown_ns
+        self.cooldown_by_timer = bool(cooldown_by_timer)
+        #: With ``cooldown_by_timer``: an order was placed and :meth:`end_cooldown` was not called since.
+        self.cooling_down = False
         self.symbol = symbol
         self.position = 0.0
         self.in_flight = 0.0
@@ -207,7 +214,11 @@ class ImbalanceStrategy:
         self.signals += 1
         signal = Signal(ts, side, strength, mid, "imbalance", self.symbol)
 
-        if self._last_order_ts is not None and ts - self._last_order_ts < self.cooldown_ns:
+        if self.cooldown_by_timer:
+            if self.cooling_down:
+                self.suppressed_by_cooldown += 1
+                return (signal,)
+        elif self._last_order_ts is not None and ts - self._last_order_ts < self.cooldown_ns:
             self.suppressed_by_cooldown += 1
             return (signal,)
         exposure = self.position + self.in_flight
@@ -222,9 +233,14 @@ class ImbalanceStrategy:
         self._open[order_id] = signed
         self.in_flight += signed
         self._last_order_ts = ts
+        self.cooling_down = self.cooldown_by_timer and self.cooldown_ns > 0
         self.orders += 1
         ref = quote.update_id if isinstance(quote, Quote) else quote.final_update_id
         return (signal, Order(order_id, side, qty, OrderType.MARKET, None, ts, self.symbol, ref))
+
+    def end_cooldown(self) -> None:
+        """End the cooldown of the last order (with ``cooldown_by_timer``): the next signal may trade."""
+        self.cooling_down = False
 
     @property
     def exposure(self) -> float:

@@ -16,15 +16,19 @@ across several.
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import math
 from typing import Any
 
+import msgspec
+
 from kimiha.channel_config import ChannelConfig, Overflow
+from kimiha.clock import TimeEvent
 from kimiha.event_bus import EventBus
 from kimiha.trading.book import BookGap, BookNotReady, OrderBook
 from kimiha.trading.model import BookUpdate, DepthDiff, DepthSnapshot, Fill, Order, Quote, Signal, Trade
-from kimiha.trading.paper import OrderRejected, PaperExecutor
+from kimiha.trading.paper import LatencyModel, OrderRejected, PaperExecutor, as_latency_model
 from kimiha.trading.strategy import ImbalanceStrategy
 from kimiha.types import Event, EventType, Executor, Strategy
 
@@ -72,12 +76,22 @@ def trading_channels(capacity: int = 4096) -> list[tuple[TradingEvent, ChannelCo
 
 
 class ImbalanceStrategyTask(Strategy):
-    """Runs :class:`~kimiha.strategy_logic.ImbalanceStrategy` on quotes; publishes signals and orders."""
+    """Runs :class:`~kimiha.trading.strategy.ImbalanceStrategy` on quotes; publishes signals and orders.
+
+    The cooldown between orders is a clock alert (``cooldown_by_timer``, the default here): each order sets
+    ``self.clock.set_time_alert("cooldown", order.ts_ns + cooldown_ns, ...)`` and signals are not traded until
+    it fires. Under a :class:`~kimiha.clock.SimClock` the task's clock follows the market data it handles, so
+    the alert fires before the first event at or after the deadline, in every topology; under a
+    :class:`~kimiha.clock.LiveClock`, at that wall-clock time.
+    """
 
     def __init__(self, bus: EventBus, *, name: str = "imbalance-strategy", **params: Any) -> None:
         self.name = name
+        params.setdefault("cooldown_by_timer", True)
         self.logic = ImbalanceStrategy(**params)
         self.fills = 0
+        #: Cooldown alerts that fired (each ended a cooldown).
+        self.cooldowns_ended = 0
         self._signals = bus.channel(TradingEvent.SIGNALS)
         self._orders = bus.channel(TradingEvent.ORDERS)
 
@@ -91,7 +105,11 @@ class ImbalanceStrategyTask(Strategy):
             if out:
                 await self._signals.publish_async(out[0])
                 if len(out) > 1:
-                    await self._orders.publish_async(out[1])
+                    order = out[1]
+                    if self.logic.cooling_down:
+                        self.clock.set_time_alert("cooldown", order.ts_ns + self.logic.cooldown_ns,
+                                                  self._cooldown_over)
+                    await self._orders.publish_async(order)
         elif kind is Fill:
             self.fills += 1
             self.logic.on_fill(event)
@@ -99,8 +117,14 @@ class ImbalanceStrategyTask(Strategy):
             self.logic.on_trade(event)
 
 
+    def _cooldown_over(self, event: TimeEvent) -> None:
+        self.cooldowns_ended += 1
+        self.logic.end_cooldown()
+
+
 class PaperExecutorTask(Executor):
-    """Fills orders against a replica of the book, as of the update id each order was decided on.
+    """Fills orders against a replica of the book, as of the update id each order was decided on, or as of
+    its arrival at the simulated venue when a latency model is given.
 
     The replica is rebuilt from the aggregator's snapshot and diffs. Diffs are applied only up to the newest
     order's ``ref_update_id``, and an order waits until market data up to its reference has arrived, so the
@@ -108,22 +132,49 @@ class PaperExecutorTask(Executor):
     several). ``max_pending`` bounds the diffs held back when no order comes (about 3 minutes of Binance's
     100 ms diffs by default, so memory stays flat); past it the oldest are applied (``forced_applies``), and an
     order that refers to an older update id is filled against the newer book.
+
+    With ``latency`` (nanoseconds, or a :class:`~kimiha.trading.paper.LatencyModel`) an order reaches the venue
+    at ``order.ts_ns + latency``: it waits until market data received after that time has arrived, then
+    fills against the replica with every diff received up to its arrival applied (and at least those up to
+    its reference id); the fill is stamped with the arrival time. ``latency=None`` or ``0``: as of the
+    reference id, stamped with the order's time.
+
+    ``digest`` is a sha256 over every order received and every fill sent, in order (see :attr:`digest`);
+    ``publish_fills=False`` makes a shadow executor that fills and accounts without publishing (the demo's
+    PnL at several latencies).
     """
 
     def __init__(self, bus: EventBus, *, name: str = "paper-executor", fee_bps: float = 10.0,
-                 max_pending: int = 2048) -> None:
+                 max_pending: int = 2048, latency: int | LatencyModel | None = None,
+                 publish_fills: bool = True) -> None:
         self.name = name
         self.book = OrderBook(raise_on_gap=False)
         self.paper = PaperExecutor(self.book, fee_bps=fee_bps)
+        self.latency = as_latency_model(latency)
         self.rejected = 0
         self.forced_applies = 0
         self.market_position = -1  # newest update id seen on the market-data channel
+        self.market_time = 0  # newest receive time seen on the market-data channel
         self.last_mid: float | None = None
         self._watermark = 0  # newest order reference: diffs up to it may be applied
+        self._time_mark = 0  # newest order arrival: diffs received up to it may be applied
         self._diffs: collections.deque[DepthDiff] = collections.deque()
-        self._orders: collections.deque[Order] = collections.deque()
+        self._orders: collections.deque[tuple[Order, int | None]] = collections.deque()
         self._max_pending = max_pending
         self._fills = bus.channel(TradingEvent.FILLS)
+        self._publish_fills = publish_fills
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._orders_hash = hashlib.sha256()
+        self._fills_hash = hashlib.sha256()
+
+    @property
+    def digest(self) -> str:
+        """Return ``sha256(sha256(O) + sha256(F)).hexdigest()``, where ``O`` is the concatenated msgpack
+        encoding (``msgspec.msgpack.encode``) of every :class:`Order` this executor received, in the order it
+        received them (the channel's publish order), and ``F`` that of every :class:`Fill` it produced, in
+        order (rejections and unfilled orders included). Every field counts: ids, sides, quantities, prices
+        (float bits), fees, timestamps (market time, never the wall clock)."""
+        return hashlib.sha256(self._orders_hash.digest() + self._fills_hash.digest()).hexdigest()
 
     def subscribed_event(self) -> tuple[TradingEvent, TradingEvent]:
         return (TradingEvent.MARKET_DATA, TradingEvent.ORDERS)
@@ -131,8 +182,12 @@ class PaperExecutorTask(Executor):
     async def handle_event(self, event: Any) -> None:
         kind = type(event)
         if kind is Order:
-            self._orders.append(event)
+            self._orders_hash.update(self._encode(event))
+            latency = self.latency
+            self._orders.append((event, None if latency is None else event.ts_ns + latency.delay_ns(event)))
         elif kind is DepthDiff:
+            if event.recv_ts_ns > self.market_time:
+                self.market_time = event.recv_ts_ns
             if not self.book.has_plausible_ids(event):
                 # The replica refuses it as the aggregator's book did (and leaves live); held back, it would
                 # block the queue for good and move the watermark by whatever the corrupted id says.
@@ -145,10 +200,19 @@ class PaperExecutorTask(Executor):
                 self._apply(self._diffs.popleft())
         elif kind is Quote:
             self.market_position = max(self.market_position, event.update_id)
+            if event.ts_ns > self.market_time:
+                self.market_time = event.ts_ns
             self.last_mid = event.mid
         elif kind is DepthSnapshot:
             self.book.apply_snapshot(event)
             self.market_position = max(self.market_position, event.last_update_id)
+            if event.recv_ts_ns > self.market_time:
+                self.market_time = event.recv_ts_ns
+        elif kind is Trade or kind is BookUpdate:
+            if self.latency is None:
+                return  # they move no reference id: nothing to release
+            if event.recv_ts_ns > self.market_time:
+                self.market_time = event.recv_ts_ns
         else:
             return
         await self._release()
@@ -159,28 +223,39 @@ class PaperExecutorTask(Executor):
         except (BookGap, BookNotReady) as exc:  # the aggregator reports gaps; keep the replica going
             logger.debug("%s: replica book: %s", self.name, exc)
 
-    def _apply_upto(self, update_id: int) -> None:
+    def _apply_upto(self, update_id: int, time_ns: int) -> None:
         diffs = self._diffs
-        while diffs and diffs[0].final_update_id <= update_id:
+        while diffs and (diffs[0].final_update_id <= update_id or diffs[0].recv_ts_ns <= time_ns):
             self._apply(diffs.popleft())
 
     async def _release(self) -> None:
         orders = self._orders
-        while orders and orders[0].ref_update_id <= self.market_position:
-            order = orders.popleft()
+        while orders:
+            order, arrival = orders[0]
+            if order.ref_update_id > self.market_position:
+                return
+            if arrival is not None:
+                # Every diff received up to the arrival is in once something received after it is.
+                if self.market_time <= arrival:
+                    return
+                self._time_mark = max(self._time_mark, arrival)
+            orders.popleft()
             self._watermark = max(self._watermark, order.ref_update_id)
-            self._apply_upto(self._watermark)
+            self._apply_upto(self._watermark, self._time_mark)
             try:
-                fill = self.paper.execute(order)
+                fill = self.paper.execute(order, ts_ns=arrival)
             except (OrderRejected, BookNotReady) as exc:
                 self.rejected += 1
                 if self.rejected <= 5:
                     logger.warning("%s: order %s rejected: %s", self.name, order.order_id, str(exc))
                 # Always answer: an execution report with nothing filled releases the strategy's in-flight
                 # quantity (otherwise its position limit would stay taken by an order that will never fill).
-                fill = Fill(order.order_id, order.side, 0.0, math.nan, 0.0, order.ts_ns,
-                            requested_qty=order.qty, symbol=order.symbol)
-            await self._fills.publish_async(fill)
+                fill = Fill(order.order_id, order.side, 0.0, math.nan, 0.0,
+                            order.ts_ns if arrival is None else arrival, requested_qty=order.qty,
+                            symbol=order.symbol)
+            self._fills_hash.update(self._encode(fill))
+            if self._publish_fills:
+                await self._fills.publish_async(fill)
 
     async def shutdown(self) -> None:
         if self._orders:

@@ -45,6 +45,7 @@ __all__ = [
     "open_recording",
     "rebuild_book",
     "recorded_tape",
+    "recv_ts_of",
     "replay_lines",
 ]
 
@@ -235,7 +236,8 @@ def _iter_lines(paths: list[Any], limit: int | None) -> Iterator[bytes]:
                 yield tail
 
 
-def _recv_ts(line: bytes) -> int | None:
+def recv_ts_of(line: bytes) -> int | None:
+    """Return the recorded receive time of a line (``<recv_ts_ns> <JSON>``), or None when it has none."""
     head = line[:24].partition(b" ")[0]
     try:
         return int(head)
@@ -284,7 +286,7 @@ async def replay_lines(paths: RecordingPath | Iterable[RecordingPath], speed: fl
     since_pause = 0
     for line in lines:
         if paced:
-            ts = _recv_ts(line)
+            ts = recv_ts_of(line)
             if ts is not None:
                 if start_ts is None:
                     start_ts = ts

@@ -10,12 +10,14 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-from kimiha.error import SerializationError
+from kimiha.clock import SimClock
+from kimiha.error import InvalidStateError, SerializationError
 from kimiha.event_bus import EventBus
 from kimiha.trading.book import BookCheck, BookGap, OrderBook
 from kimiha.trading.model import DepthDiff, Quote, Trade
 from kimiha.trading.tasks import RawMessage, TradingEvent
 from kimiha.types import Aggregator, Connector
+from kimiha.venues.binance.recording import recv_ts_of
 from kimiha.venues.binance.wire import BinanceParser, log_bad_line
 
 __all__ = [
@@ -31,7 +33,8 @@ class BinanceConnector(Connector):
 
     Each ``execute()`` forwards up to ``chunk`` lines, waiting for room (``publish_async``) so a fast source
     never outruns the pipeline. When the source ends, ``finished`` is set and the connector idles until
-    shutdown.
+    shutdown. Under a :class:`~kimiha.clock.SimClock` it sets its clock to each line's recorded receive time
+    before publishing the line (firing its own timers due by then first).
     """
 
     def __init__(self, bus: EventBus, source: AsyncIterator[bytes], *, chunk: int = 256,
@@ -50,12 +53,19 @@ class BinanceConnector(Connector):
             await asyncio.Event().wait()  # nothing left: idle until shutdown cancels us
         publish = self._channel.publish_async
         source = self._source
+        try:
+            clock = self.clock
+        except InvalidStateError:  # run by hand, outside a scheduler
+            clock = None
+        sim = clock if isinstance(clock, SimClock) else None
         for _ in range(self._chunk):
             try:
                 line = await source.__anext__()
             except StopAsyncIteration:
                 self.finished.set()
                 return
+            if sim is not None and (ts := recv_ts_of(line)) is not None and not sim.set_time(ts):
+                await sim.advance_to(ts)
             await publish(RawMessage(line))
             self.lines += 1
 

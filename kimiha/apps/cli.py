@@ -237,6 +237,9 @@ def _main(argv: Sequence[str] | None) -> int:
                            f"{option} (the in-process demo uses no NATS)")
 
     if args.distributed:
+        for option, given in (("--latency", args.latency), ("--latency-report", args.latency_report)):
+            if given:
+                demo.error(f"{option} applies to the in-process demo only: leave out --distributed or {option}")
         from kimiha.apps.distributed import main as distributed_main
 
         return distributed_main(args)

@@ -46,6 +46,7 @@ from typing import Any, TextIO
 
 import kimiha
 from kimiha.apps.demo import RecordingError, accounting, channel_summary, log_not_shown, survey_recordings
+from kimiha.clock import SimClock
 from kimiha.event_bus import EventBus
 from kimiha.trading.tasks import ImbalanceStrategyTask, PaperExecutorTask, TradingEvent, trading_channels
 from kimiha.venues.binance.tasks import BinanceAggregator, BinanceConnector
@@ -238,8 +239,10 @@ class _Process:
         run = opts.run
         delivery = Delivery(opts.delivery)
         self.bus = bus = EventBus(trading_channels(opts.capacity))
+        # A SimClock, as in one process: each task's clock follows the market data it handles, so the
+        # strategy's timers fire at the same point of its input whatever the transport's timing.
         self.scheduler = scheduler = Scheduler(bus, name=f"kimiha-{role.name}",
-                                               shutdown_timeout=CHILD_SHUTDOWN_TIMEOUT)
+                                               shutdown_timeout=CHILD_SHUTDOWN_TIMEOUT, clock=SimClock())
         self.parts: dict[str, Any] = {}
         self.expected: dict[str, int] = {}
         self.connector: BinanceConnector | None = None
@@ -309,6 +312,7 @@ class _Process:
             paper = executor.paper
             mark = executor.last_mid
             parts.update({
+                "digest": executor.digest,
                 "fills": paper.fills,
                 "rejected": executor.rejected,
                 "position": round(paper.position, 8),
@@ -769,6 +773,7 @@ def _assemble(children: list[_Child], elapsed: float, url: str, delivery: str, r
         "rejected": executor.get("rejected", 0),
         "position": executor.get("position", 0.0),
         "pnl": executor.get("pnl", {"realized": 0.0, "unrealized": 0.0, "fees": 0.0, "total": 0.0}),
+        "digest": executor.get("digest", ""),
         "wall_time_s": round(elapsed, 3),
         "messages_per_s": round(lines_read / elapsed, 1) if elapsed else 0.0,
         "channels": {f"{role}/{name}": ch for role, s in by_role.items()

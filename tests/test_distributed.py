@@ -190,7 +190,7 @@ def test_distributed_demo_matches_the_single_process_demo(tmp_path, single_proce
     split = run_cli(["demo", "--distributed", "--json", "--no-progress"], tmp_path,
                     env={**os.environ, "KIMIHA_DEMO_DELIVERY": delivery})
     for key in ("book_check", "lines_read", "messages_by_stream", "trades", "signals", "orders", "fills",
-                "rejected", "position", "pnl", "all_lines_accounted"):
+                "rejected", "position", "pnl", "all_lines_accounted", "digest"):
         assert split[key] == single[key], key
     assert single["fills"] > 0 and single["book_check"]["matched"] > 0
     d = split["distributed"]

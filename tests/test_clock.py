@@ -1,0 +1,331 @@
+"""kimiha.clock: SimClock and LiveClock timers, alone and under a Scheduler, on asyncio and uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from kimiha import ChannelConfig, Event, EventBus, EventTask, EventType, Scheduler, Supervision
+from kimiha.clock import LiveClock, SimClock, TimeEvent
+from kimiha.error import InvalidConfigurationError, InvalidStateError
+from kimiha.scheduler import OnError, TaskState
+
+
+class Ev(EventType):
+    TICKS = "Ticks"
+
+
+class Tick(Event):
+    n: int
+    recv_ts_ns: int
+
+
+# -- SimClock alone -------------------------------------------------------------------------------------------
+
+def test_sim_timer_fires_at_each_deadline_and_stops(run):
+    async def main():
+        clock = SimClock(1_000)
+        fired = []
+        clock.set_timer("t", 100, lambda e: fired.append((e.name, e.ts_ns, clock.now_ns())), stop_ns=1_350)
+        await clock.advance_to(1_099)
+        assert fired == []
+        await clock.advance_to(1_400)
+        assert clock.now_ns() == 1_400
+        return fired, clock.timer_names()
+
+    fired, names = run(main())
+    # each callback sees the clock at its own deadline; the last deadline <= stop_ns is 1_300
+    assert fired == [("t", 1_100, 1_100), ("t", 1_200, 1_200), ("t", 1_300, 1_300)]
+    assert names == []  # past its stop: gone
+
+
+def test_sim_ties_fire_in_the_order_set_and_repeating_timers_keep_their_place(run):
+    async def main():
+        clock = SimClock(0)
+        fired = []
+        clock.set_timer("b", 10, lambda e: fired.append((e.ts_ns, e.name)))
+        clock.set_time_alert("a", 20, lambda e: fired.append((e.ts_ns, e.name)))
+        clock.set_timer("c", 5, lambda e: fired.append((e.ts_ns, e.name)), stop_ns=20)
+        await clock.advance_to(20)
+        return fired
+
+    assert run(main()) == [(5, "c"), (10, "b"), (10, "c"), (15, "c"), (20, "b"), (20, "a"), (20, "c")]
+
+
+def test_sim_alert_in_the_past_fires_at_the_next_advance_and_time_never_goes_back(run):
+    async def main():
+        clock = SimClock(500)
+        fired = []
+        clock.set_time_alert("late", 100, lambda e: fired.append(e))
+        assert fired == []
+        await clock.advance_to(400)  # earlier than now: ignored as a time, but the due alert fires
+        return fired, clock.now_ns()
+
+    fired, now = run(main())
+    assert fired == [TimeEvent("late", 100)]
+    assert now == 500
+
+
+def test_sim_coroutine_callbacks_are_awaited_in_order_and_may_set_timers(run):
+    async def main():
+        clock = SimClock(0)
+        order = []
+
+        async def slow(event):
+            await asyncio.sleep(0)
+            order.append(("slow", event.ts_ns))
+            clock.set_time_alert("chained", event.ts_ns + 1, lambda e: order.append(("chained", e.ts_ns)))
+
+        clock.set_time_alert("slow", 10, slow)
+        clock.set_time_alert("fast", 11, lambda e: order.append(("fast", e.ts_ns)))
+        await clock.advance_to(100)
+        return order
+
+    # "chained" (due 11) was set while "slow" ran: it fires in this same advance, after "fast" (set first)
+    assert run(main()) == [("slow", 10), ("fast", 11), ("chained", 11)]
+
+
+def test_sim_cancel_and_name_reuse():
+    clock = SimClock(0)
+    clock.set_timer("x", 10, lambda e: None)
+    with pytest.raises(InvalidConfigurationError, match="'x'.*already active"):
+        clock.set_timer("x", 10, lambda e: None)
+    assert clock.timer_names() == ["x"]
+    assert clock.cancel_timer("x") is True
+    assert clock.cancel_timer("x") is False
+    clock.set_time_alert("x", 5, lambda e: None)  # the name is free again
+    assert clock.next_deadline_ns() == 5
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"interval_ns": 0}, "interval_ns must be >= 1"),
+    ({"interval_ns": 1.5}, "interval_ns must be an int"),
+    ({"interval_ns": 10, "stop_ns": 5}, "never fire"),
+])
+def test_sim_bad_timer_arguments_name_the_parameter(kwargs, match):
+    clock = SimClock(0)
+    with pytest.raises(InvalidConfigurationError, match=match):
+        clock.set_timer("t", callback=lambda e: None, **kwargs)
+    with pytest.raises(InvalidConfigurationError, match="callback must be callable"):
+        clock.set_time_alert("t", 1, None)  # type: ignore[arg-type]
+    assert clock.timer_names() == []
+
+
+def test_a_failing_callback_is_reported_and_the_timer_goes_on(run, caplog):
+    async def main():
+        clock = SimClock(0)
+        seen = []
+
+        def boom(event):
+            seen.append(event.ts_ns)
+            raise RuntimeError("boom")
+
+        clock.set_timer("t", 10, boom)
+        await clock.advance_to(30)
+        return seen
+
+    assert run(main()) == [10, 20, 30]
+    assert sum("boom" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_live_clock_refuses_advance_to(run):
+    async def main():
+        await LiveClock().advance_to(1)
+
+    with pytest.raises(InvalidStateError, match="advance_to"):
+        run(main())
+
+
+# -- LiveClock alone -----------------------------------------------------------------------------------------
+
+def test_live_timers_fire_on_absolute_deadlines_in_order(run):
+    async def main():
+        clock = LiveClock()
+        done = asyncio.Event()
+        fired = []
+        start = clock.now_ns()
+
+        def on_tick(event):
+            fired.append((event.name, event.ts_ns, time.time_ns()))
+            if len([f for f in fired if f[0] == "tick"]) == 5:
+                clock.cancel_timer("tick")
+                done.set()
+
+        clock.set_timer("tick", 2_000_000, on_tick, start_ns=start)
+        clock.set_time_alert("once", start + 3_000_000, lambda e: fired.append((e.name, e.ts_ns, time.time_ns())))
+        await done.wait()
+        return start, fired, clock.timer_names()
+
+    start, fired, names = run(main())
+    ticks = [f for f in fired if f[0] == "tick"]
+    # deadlines are absolute: start + k * interval exactly, however late each callback ran
+    assert [ts for _, ts, _ in ticks] == [start + k * 2_000_000 for k in range(1, 6)]
+    assert all(at >= due for _, due, at in fired)  # never early
+    assert [name for name, _, _ in fired][:3] == ["tick", "once", "tick"]  # 2 ms, 3 ms, 4 ms
+    assert names == []
+
+
+def test_live_clock_coalesces_timers_into_one_loop_timer():
+    async def main():
+        loop = asyncio.get_running_loop()
+        before = len(loop._scheduled)  # type: ignore[attr-defined]
+        clock = LiveClock()
+        now = clock.now_ns()
+        for i in range(100):
+            clock.set_time_alert(f"a{i}", now + 10_000_000_000 + i, lambda e: None)
+        during = len(loop._scheduled)  # type: ignore[attr-defined]
+        clock._close()
+        return before, during
+
+    before, during = asyncio.run(main())  # asyncio: its scheduled heap is readable
+    assert during - before == 1
+
+
+def test_live_clock_needs_a_running_loop():
+    with pytest.raises(InvalidStateError, match="running event loop"):
+        LiveClock().set_time_alert("a", 1, lambda e: None)
+
+
+# -- under a Scheduler ----------------------------------------------------------------------------------------
+
+class Recorder(EventTask):
+    """Records its events and the timers it set, interleaved, as it sees them."""
+
+    def __init__(self, *, use_async: bool, alert_every: int = 0) -> None:
+        self.seen: list[tuple[str, int]] = []
+        self.alert_every = alert_every
+        if use_async:
+            self.handle_event = self._handle_async  # type: ignore[method-assign]
+
+    def subscribed_event(self) -> Ev:
+        return Ev.TICKS
+
+    async def initialize(self) -> None:
+        self.clock.set_timer("every-25", 25, self.on_timer, start_ns=0)
+
+    def on_timer(self, event: TimeEvent) -> None:
+        self.seen.append((event.name, event.ts_ns))
+        assert self.clock.now_ns() == event.ts_ns
+
+    def handle_event(self, event: Tick) -> None:
+        self._record(event)
+
+    def _record(self, event: Tick) -> None:
+        assert self.clock.now_ns() == event.recv_ts_ns
+        self.seen.append(("tick", event.recv_ts_ns))
+
+    async def _handle_async(self, event: Tick) -> None:
+        await asyncio.sleep(0)
+        self._record(event)
+
+
+async def _wait_for(predicate, turns: int = 10_000) -> None:
+    for _ in range(turns):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync-handler", "async-handler"])
+def test_sim_timers_of_an_event_task_fire_before_the_event_that_passes_them(run, use_async):
+    times = [10, 30, 30, 50, 51, 120]
+
+    async def main():
+        bus = EventBus([(Ev.TICKS, ChannelConfig(64, payload_type=Tick))])
+        task = Recorder(use_async=use_async)
+        async with Scheduler(bus, clock=SimClock(0)) as scheduler:
+            scheduler.register_event_task(task)
+            await scheduler.start()
+            for n, ts in enumerate(times):  # published all at once: the task's clock follows its own handling
+                bus.publish(Ev.TICKS, Tick(n, ts))
+            await _wait_for(lambda: sum(1 for kind, _ in task.seen if kind == "tick") == len(times))
+        return task.seen
+
+    assert run(main()) == [("tick", 10), ("every-25", 25), ("tick", 30), ("tick", 30), ("every-25", 50),
+                           ("tick", 50), ("tick", 51), ("every-25", 75), ("every-25", 100), ("tick", 120)]
+
+
+def test_executable_clock_before_registration_says_where_it_comes_from():
+    task = Recorder(use_async=False)
+    with pytest.raises(InvalidStateError, match="Scheduler\\(bus, clock=...\\)"):
+        task.clock  # noqa: B018
+
+
+def test_each_task_gets_its_own_view_of_the_scheduler_clock():
+    bus = EventBus([(Ev.TICKS, ChannelConfig(64, payload_type=Tick))])
+    a, b = Recorder(use_async=False), Recorder(use_async=False)
+    scheduler = Scheduler(bus, clock=SimClock(0))
+    scheduler.register_event_task(a)
+    scheduler.register_event_task(b)
+    a.clock.set_time_alert("same-name", 5, lambda e: None)
+    b.clock.set_time_alert("same-name", 5, lambda e: None)  # names are per task
+    assert a.clock.timer_names() == b.clock.timer_names() == ["same-name"]
+    assert a.clock is not b.clock
+
+
+@pytest.mark.parametrize("clock_kind", ["sim", "live"])
+def test_timer_failures_follow_the_task_supervision(run, clock_kind):
+    class Failing(Recorder):
+        async def initialize(self) -> None:
+            self.calls = 0
+            self.clock.set_timer("fails", 1_000 if clock_kind == "sim" else 1_000_000, self.fail,
+                                 start_ns=0 if clock_kind == "sim" else None)
+
+        def fail(self, event: TimeEvent) -> None:
+            self.calls += 1
+            raise ValueError(f"timer failure {self.calls}")
+
+    async def main():
+        bus = EventBus([(Ev.TICKS, ChannelConfig(64, payload_type=Tick))])
+        failing = Failing(use_async=False)
+        async with Scheduler(bus, clock=SimClock(0) if clock_kind == "sim" else None) as scheduler:
+            task_id = scheduler.register_event_task(failing, supervision=Supervision(on_error=OnError.STOP))
+            await scheduler.start()
+            if clock_kind == "sim":
+                bus.publish(Ev.TICKS, Tick(0, 5_500))  # passes five deadlines
+            await _wait_for(lambda: scheduler.registry.get(task_id).state is TaskState.FAILED, turns=10**6)
+            info = scheduler.registry.get(task_id)
+            return failing.calls, info.errors, info.last_error, failing.clock.timer_names()
+
+    calls, errors, last_error, names = run(main())
+    # STOP: the first failure fails the task and cancels its timers, so the callback ran once
+    assert (calls, errors) == (1, 1)
+    assert "timer 'fails'" in last_error and "timer failure 1" in last_error
+    assert names == []
+
+
+def test_live_timers_of_a_task_run_and_stop_with_the_scheduler(run):
+    class Ticker(Recorder):
+        async def initialize(self) -> None:
+            self.clock.set_timer("beat", 1_000_000, self.on_timer)
+
+        def on_timer(self, event: TimeEvent) -> None:
+            self.seen.append((event.name, event.ts_ns))
+
+    async def main():
+        bus = EventBus([(Ev.TICKS, ChannelConfig(64, payload_type=Tick))])
+        ticker = Ticker(use_async=False)
+        scheduler = Scheduler(bus)
+        assert isinstance(scheduler.clock, LiveClock)
+        scheduler.register_event_task(ticker)
+        await scheduler.start()
+        await _wait_for(lambda: len(ticker.seen) >= 3, turns=10**7)
+        await scheduler.shutdown()
+        after = len(ticker.seen)
+        names = ticker.clock.timer_names()
+        await asyncio.sleep(0.01)  # ten intervals: a timer still armed would have fired
+        return after, len(ticker.seen), names
+
+    after, later, names = run(main())
+    assert after >= 3
+    assert later == after
+    assert names == []
+
+
+def test_scheduler_rejects_a_clock_that_is_not_one():
+    bus = EventBus([(Ev.TICKS, ChannelConfig(64, payload_type=Tick))])
+    with pytest.raises(InvalidConfigurationError, match="Scheduler\\(clock=...\\)"):
+        Scheduler(bus, clock=time.time)  # type: ignore[arg-type]

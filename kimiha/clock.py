@@ -376,6 +376,12 @@ class SimClock(Clock):
     def now_ns(self) -> int:
         return self._now
 
+    @property
+    def root(self) -> SimClock:
+        """The scheduler's clock this task view belongs to (itself when it is not a view): its time is the
+        latest any of its views reached."""
+        return self._parent if self._parent is not None else self
+
     def due_by(self, ts_ns: int) -> bool:
         """Return whether a timer is due at or before ``ts_ns`` (an advance to it would fire one)."""
         due = self._table.earliest()

@@ -154,6 +154,24 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                            "book as of its arrival (default 0: as of the decision)")
     demo.add_argument("--latency-report", action="store_true",
                       help="also report the PnL at 0, 1 and 10 ms of order latency (shadow executors)")
+    demo.add_argument("--journal", metavar="PATH", default=None,
+                      help="record the run's RawMarketData, Orders and Fills frames to a journal at PATH "
+                           "(replay it with `kimiha replay PATH`)")
+    demo.add_argument("--journal-fsync", choices=("never", "batch", "always"), default="never",
+                      help="with --journal: when the journal is forced to disk (default never: at close only)")
+    demo.add_argument("--journal-rotate-mb", type=_seconds, default=None, metavar="MB",
+                      help="with --journal: start a new segment (PATH.1, PATH.2, ...) past this many MB")
+    replay = sub.add_parser(
+        "replay", help="replay a journal written by `kimiha demo --journal PATH` and print the demo's summary",
+        description="Replay the RawMarketData records of a journal through aggregator -> strategy -> executor "
+        "on a simulated clock, as fast as possible; print the demo's summary and digest, and whether the "
+        "journal's recorded orders and fills have the same digest.",
+        epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    replay.add_argument("path", metavar="PATH", help="the journal (its first segment)")
+    replay.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    replay.add_argument("--no-progress", action="store_true", help="do not show the progress bar on stderr")
+    replay.add_argument("--loop", choices=LOOPS, default="uvloop", help="event loop (default: uvloop)")
     sub.add_parser("bench", help="side-by-side benchmarks (kimiha vs asyncio.Queue, pyee, NautilusTrader); "
                                  "`kimiha bench help` lists the modes")
     return parser, demo
@@ -227,6 +245,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return signal_exit_code(signame)
     parser, demo = _parser()
     args = parser.parse_args(args_list)
+    if args.command == "replay":
+        return _replay(args)
     if args.command != "demo":  # pragma: no cover - argparse rejects unknown commands
         return 2
     if not args.distributed:
@@ -237,7 +257,8 @@ def _main(argv: Sequence[str] | None) -> int:
                            f"{option} (the in-process demo uses no NATS)")
 
     if args.distributed:
-        for option, given in (("--latency", args.latency), ("--latency-report", args.latency_report)):
+        for option, given in (("--latency", args.latency), ("--latency-report", args.latency_report),
+                              ("--journal", args.journal)):
             if given:
                 demo.error(f"{option} applies to the in-process demo only: leave out --distributed or {option}")
         from kimiha.apps.distributed import main as distributed_main
@@ -249,7 +270,10 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         summary = kimiha.run(
             run_demo(args.data, speed=args.speed, progress=None if args.no_progress else sys.stderr,
-                     latency_ms=args.latency, latency_report=args.latency_report),
+                     latency_ms=args.latency, latency_report=args.latency_report, journal=args.journal,
+                     journal_fsync=args.journal_fsync,
+                     journal_rotate_bytes=None if args.journal_rotate_mb is None
+                     else max(int(args.journal_rotate_mb * (1 << 20)), 1024)),
             loop=args.loop,
         )
     except RecordingError as exc:
@@ -267,6 +291,23 @@ def _main(argv: Sequence[str] | None) -> int:
     if summary.get("interrupted"):
         return signal_exit_code(summary["interrupted"])
     return 0 if summary["all_lines_accounted"] else 1
+
+
+def _replay(args: argparse.Namespace) -> int:
+    """``kimiha replay PATH``: exit 0 when every line was accounted for and the digest matches the journal's."""
+    from kimiha.apps.demo import RecordingError, format_summary, run_replay
+
+    try:
+        summary = kimiha.run(run_replay(args.path, progress=None if args.no_progress else sys.stderr),
+                             loop=args.loop)
+    except RecordingError as exc:
+        print(f"kimiha {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(format_summary(summary))
+    return 0 if summary["all_lines_accounted"] and summary["digest_matches_recording"] else 1
 
 
 if __name__ == "__main__":

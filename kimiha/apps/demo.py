@@ -18,11 +18,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import msgspec
+
 from kimiha.clock import SimClock
 from kimiha.error import InvalidConfigurationError, SerializationError
 from kimiha.event_bus import EventBus
 from kimiha.orchestrator import TradingOrchestratorBuilder
-from kimiha.trading.tasks import ImbalanceStrategyTask, PaperExecutorTask, trading_channels
+from kimiha.journal import JournalWriter, read_journal
+from kimiha.trading.tasks import ImbalanceStrategyTask, PaperExecutorTask, RawMessage, TradingEvent, trading_channels
 from kimiha.venues.binance.tasks import BinanceAggregator, BinanceConnector
 from kimiha.venues.binance import (
     BAD_LINE,
@@ -34,7 +37,8 @@ from kimiha.venues.binance import (
 )
 
 __all__ = ["REPORT_LATENCIES_MS", "RecordingError", "accounting", "channel_summary", "format_summary", "log_not_shown",
-           "ms_to_ns", "pnl_of", "run_demo", "shadow_executors", "survey_recordings"]
+           "JOURNALED", "ms_to_ns", "pnl_of", "run_demo", "run_replay", "shadow_executors", "survey_journal",
+           "survey_recordings"]
 
 logger = logging.getLogger("kimiha.apps.demo")
 
@@ -133,13 +137,18 @@ class Progress:
             self.stream.flush()
 
 
+#: The channels ``demo --journal`` records: the input (what ``replay`` publishes again) and the orders and
+#: fills (what ``replay`` compares its own with).
+JOURNALED = (TradingEvent.RAW_MARKET_DATA, TradingEvent.ORDERS, TradingEvent.FILLS)
+
 #: The latencies (milliseconds) of the demo's ``--latency-report``: one shadow executor each.
 REPORT_LATENCIES_MS = (0, 1, 10)
 
 
 async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | None = None,
                    progress: TextIO | None = sys.stderr, capacity: int = 4096, latency_ms: float = 0.0,
-                   latency_report: bool = False) -> dict[str, Any]:
+                   latency_report: bool = False, journal: str | Path | None = None,
+                   journal_fsync: str = "never", journal_rotate_bytes: int | None = None) -> dict[str, Any]:
     """Run the pipeline over ``data`` (default: the shipped tape) and return the summary as a dict.
 
     The replay runs on a :class:`~kimiha.clock.SimClock`: the connector sets it to each line's recorded
@@ -147,10 +156,18 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
     ``digest`` are the same on every run, loop and replay speed. ``latency_ms``: the executor's order
     latency (:class:`~kimiha.trading.paper.FixedLatency`); ``latency_report``: also fill every order in
     shadow executors at :data:`REPORT_LATENCIES_MS` and report their PnL (``pnl_by_latency``).
+    ``journal``: record :data:`JOURNALED` to that path (:class:`~kimiha.journal.JournalWriter`), for
+    ``kimiha replay``.
     """
     paths: list[Any] = list(data) if data else recorded_tape()
     expected = survey_recordings(paths)
     total = sum(expected.values())
+    if journal is not None:
+        try:  # a journal that cannot be written is a bad option, said before anything runs
+            with open(journal, "ab"):
+                pass
+        except OSError as exc:
+            raise RecordingError(f"--journal {journal}: cannot write it ({exc.strerror or exc})") from None
 
     bus = EventBus(trading_channels(capacity))
     connector = BinanceConnector(bus, replay_lines(paths, speed))
@@ -168,6 +185,10 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
     for shadow in shadows.values():
         builder.with_executor(shadow)
     orchestrator = builder.build()
+    writer = None
+    if journal is not None:
+        writer = JournalWriter(bus, journal, JOURNALED, fsync=journal_fsync, rotate_bytes=journal_rotate_bytes)
+        orchestrator.scheduler.register_background_task(writer)
     bar = Progress(total, progress)
     started = time.perf_counter()
     interrupted: list[str] = []
@@ -203,9 +224,99 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
     bar.update(connector.lines, final=True)
     summary = _summary(bus, orchestrator, connector, aggregator, strategy, executor, expected, elapsed, paths)
     summary["latency_ms"] = latency_ms
+    if writer is not None:
+        summary["journal"] = {"path": str(writer.path), "records": writer.records, "bytes": writer.bytes,
+                              "segments": [str(p) for p in writer.segments], "fsync": writer.fsync}
     if shadows:
         summary["pnl_by_latency"] = {label: pnl_of(shadow) for label, shadow in shadows.items()}
     summary["interrupted"] = interrupted[0] if interrupted else None
+    log_not_shown(aggregator)
+    return summary
+
+
+def survey_journal(path: str | Path) -> tuple[collections.Counter[str], str, dict[str, int]]:
+    """Read a journal once: count its market-data lines by stream (as :func:`survey_recordings` does for a
+    recording), compute the digest of its recorded orders and fills, count its records by channel.
+
+    Raises
+    ------
+    RecordingError
+        When the journal cannot be read, is corrupt (the offset is named), or holds no ``RawMarketData``.
+    """
+    import hashlib
+
+    from kimiha.journal import JournalCorrupt
+
+    parser = BinanceParser()
+    decode_raw = msgspec.msgpack.Decoder(RawMessage).decode
+    orders_hash, fills_hash = hashlib.sha256(), hashlib.sha256()
+    raw, order_name, fill_name = (TradingEvent.RAW_MARKET_DATA.value, TradingEvent.ORDERS.value,
+                                  TradingEvent.FILLS.value)
+    by_channel: collections.Counter[str] = collections.Counter()
+    try:
+        for record in read_journal(path):
+            by_channel[record.channel] += 1
+            if record.channel == raw:
+                try:
+                    parser.parse(decode_raw(record.frame).line)
+                except SerializationError:
+                    pass
+            elif record.channel == order_name:
+                orders_hash.update(record.frame)
+            elif record.channel == fill_name:
+                fills_hash.update(record.frame)
+    except (JournalCorrupt, InvalidConfigurationError) as exc:
+        raise RecordingError(f"replay: {exc}") from None
+    except OSError as exc:
+        raise RecordingError(f"replay {path}: cannot read it ({exc.strerror or exc})") from None
+    except msgspec.DecodeError as exc:
+        raise RecordingError(f"replay {path}: a RawMarketData record is not a RawMessage frame: {exc}") from None
+    if not by_channel[raw]:
+        raise RecordingError(f"replay {path}: the journal holds no {raw} records (it has "
+                             f"{dict(by_channel) or 'none'}); record one with `kimiha demo --journal PATH`")
+    counts = collections.Counter({k: v for k, v in parser.counts.items() if v})
+    if parser.bad_lines:
+        counts[BAD_LINE] = parser.bad_lines
+    recorded = hashlib.sha256(orders_hash.digest() + fills_hash.digest()).hexdigest()
+    return counts, recorded, dict(by_channel)
+
+
+async def run_replay(path: str | Path, *, progress: TextIO | None = sys.stderr,
+                     capacity: int = 4096) -> dict[str, Any]:
+    """Replay a journal written by ``demo --journal``: its ``RawMarketData`` records go into the stages
+    downstream (aggregator, strategy, executor) on a :class:`~kimiha.clock.SimClock`, as fast as possible;
+    return the demo's summary, plus ``recorded_digest`` (the digest of the journal's own orders and fills)
+    and ``digest_matches_recording``."""
+    from kimiha.journal import JournalReplayer
+
+    expected, recorded, by_channel = survey_journal(path)
+    bus = EventBus(trading_channels(capacity))
+    replayer = JournalReplayer(bus, path, [TradingEvent.RAW_MARKET_DATA])
+    aggregator = BinanceAggregator(bus)
+    strategy = ImbalanceStrategyTask(bus)
+    executor = PaperExecutorTask(bus)
+    orchestrator = (TradingOrchestratorBuilder(bus, clock=SimClock()).with_connector(replayer)
+                    .with_aggregator(aggregator).with_strategy(strategy).with_executor(executor).build())
+    bar = Progress(sum(expected.values()), progress)
+    started = time.perf_counter()
+    await orchestrator.start()
+    try:
+        while not replayer.finished.is_set() and orchestrator.scheduler.failure is None:
+            try:
+                await asyncio.wait_for(replayer.finished.wait(), 0.2)
+            except TimeoutError:
+                pass
+            bar.update(replayer.lines)
+    finally:
+        await orchestrator.shutdown(timeout=60)
+    elapsed = time.perf_counter() - started
+    bar.update(replayer.lines, final=True)
+    summary = _summary(bus, orchestrator, replayer, aggregator, strategy, executor, expected, elapsed, [Path(path)])
+    summary["replay_of"] = str(path)
+    summary["journal_records"] = by_channel
+    summary["recorded_digest"] = recorded
+    summary["digest_matches_recording"] = recorded == summary["digest"]
+    summary["interrupted"] = None
     log_not_shown(aggregator)
     return summary
 
@@ -248,7 +359,7 @@ def log_not_shown(aggregator: BinanceAggregator) -> None:
                        aggregator.gaps)
 
 
-def accounting(connector: BinanceConnector, parser: BinanceParser, expected: Any) -> dict[str, bool]:
+def accounting(connector: BinanceConnector | Any, parser: BinanceParser, expected: Any) -> dict[str, bool]:
     """Return whether every line was accounted for: read by the connector, then parsed under its stream or
     counted bad by the parser, the same lines that the census of the files (``expected``) found.
 
@@ -282,7 +393,7 @@ def channel_summary(bus: EventBus) -> dict[str, Any]:
     return out
 
 
-def _summary(bus: EventBus, orchestrator: Any, connector: BinanceConnector, aggregator: BinanceAggregator,
+def _summary(bus: EventBus, orchestrator: Any, connector: Any, aggregator: BinanceAggregator,
              strategy: ImbalanceStrategyTask, executor: PaperExecutorTask, expected: Any, elapsed: float,
              paths: list[Any]) -> dict[str, Any]:
     parser = aggregator.parser
@@ -357,6 +468,13 @@ def format_summary(s: dict[str, Any]) -> str:
     if "digest" in s:
         latency = f", order latency {s['latency_ms']:g} ms" if s.get("latency_ms") else ""
         out.append(f"  digest {s['digest']} (orders and fills, sha256{latency})")
+    if "recorded_digest" in s:
+        same = "the same" if s["digest_matches_recording"] else f"DIFFERENT: {s['recorded_digest']}"
+        out.append(f"  replay of {_shown(s['replay_of'])}: the recorded orders and fills have {same} digest")
+    if "journal" in s:
+        j = s["journal"]
+        out.append(f"  journal {_shown(j['path'])}: {j['records']:,} records, {j['bytes']:,} bytes in "
+                   f"{len(j['segments'])} segment(s), fsync {j['fsync']}")
     out.append(f"  wall time {s['wall_time_s']:.3f} s, {s['messages_per_s']:,.0f} messages/s")
     out.append(f"  {'channel':<15} {'published':>10} {'delivered':>10} {'lagged':>7} {'blocked':>8} "
                f"{'p50 us':>8} {'p99 us':>9} {'max us':>10}")

@@ -1,0 +1,343 @@
+"""A journal of the bus: channels' frames appended to files, read back, and replayed into a bus.
+
+:class:`JournalWriter` (a background task) journals any channels: it subscribes to each with a frames handler,
+so every event is written as the msgpack frame the ring already holds (no re-encode; the ring encodes a slot
+once for all its frames readers, the NATS exporter included). :func:`read_journal` reads the records back;
+:class:`JournalReplayer` (a connector) publishes them into a bus with ``publish_raw_async``, setting its
+:class:`~kimiha.clock.SimClock` to each record's publish time first.
+
+File format (every segment)::
+
+    b"KIMIHAJ1"                                   8-byte magic, once at the start of each segment
+    then records, each:
+      u32 little-endian  length of the body
+      u32 little-endian  CRC-32 (zlib) of the body
+      body: a msgpack array [channel: str, sequence: uint64, publish_ns: uint64, frame: bin]
+
+``channel`` is the channel's name (``EventType`` value), ``sequence`` the event's sequence in that channel's
+ring (0-based, consecutive per channel unless the journal lagged), ``publish_ns`` the journal's clock when it
+took the event (``Clock.now_ns()``: wall time under a :class:`~kimiha.clock.LiveClock`, the scheduler's
+simulated time under a :class:`~kimiha.clock.SimClock`), ``frame`` the event's msgpack frame as published.
+
+Segments rotate by size: ``PATH``, then ``PATH.1``, ``PATH.2``, ... (``rotate_bytes``). ``fsync`` says when
+the file is forced to disk: ``"never"`` (the OS decides; closing a segment still flushes it), ``"batch"``
+(every ``flush_interval`` seconds, when buffered records are written) or ``"always"`` (after every record:
+slow, for tests of durability). A crash may leave the last record torn: the reader detects it (too short, or a
+bad CRC at the very end of the last segment), warns and stops there; every record before it is read. A record
+that fails its check anywhere else is :class:`JournalCorrupt`, naming the file and the offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from kimiha.clock import SimClock
+from kimiha.error import InvalidConfigurationError, InvalidStateError, SerializationError
+from kimiha.event_bus import EventBus
+from kimiha.types import BackgroundTask, Connector
+
+__all__ = ["FSYNC_POLICIES", "JournalCorrupt", "JournalRecord", "JournalReplayer", "JournalWriter",
+           "MAGIC", "journal_segments", "read_journal"]
+
+logger = logging.getLogger("kimiha.journal")
+
+MAGIC = b"KIMIHAJ1"
+FSYNC_POLICIES = ("never", "batch", "always")
+_HEAD = struct.Struct("<II")
+#: The msgpack prefix of a record body after the channel name: uint64 sequence, uint64 publish_ns, bin32.
+_NUMS = struct.Struct(">BQBQBI")
+_MAX_RECORD = 1 << 30
+
+
+class JournalCorrupt(SerializationError):
+    """A journal record fails its check before the end of the journal; ``path`` and ``offset`` say where."""
+
+    def __init__(self, message: str, *, path: str, offset: int) -> None:
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+
+
+@dataclasses.dataclass(frozen=True)
+class JournalRecord:
+    """One journaled event: its channel's name, sequence, publish time and msgpack frame."""
+
+    channel: str
+    sequence: int
+    publish_ns: int
+    frame: bytes
+
+
+def _name_bytes(name: str) -> bytes:
+    return msgspec.msgpack.encode(name)
+
+
+def journal_segments(path: str | os.PathLike[str]) -> list[Path]:
+    """Return the segment files of the journal at ``path``, in order (``PATH``, ``PATH.1``, ...)."""
+    base = Path(path)
+    out = [base]
+    n = 1
+    while (nxt := base.with_name(f"{base.name}.{n}")).exists():
+        out.append(nxt)
+        n += 1
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ writing
+class JournalWriter(BackgroundTask):
+    """Journal the frames of ``channels`` of ``bus`` to ``path`` (see the module's docstring for the format).
+
+    Register it with the scheduler that runs the bus (``scheduler.register_background_task(writer)``); it
+    subscribes in ``initialize`` (before any producer starts), writes each frame from the dispatch loop into a
+    buffered file, flushes every ``flush_interval`` seconds (``fsync="batch"`` forces it to disk then), and
+    closes the file in its shutdown hook, after every stage drained.
+
+    Parameters
+    ----------
+    bus : EventBus
+    path : path
+        The first segment; later ones are ``PATH.1``, ``PATH.2``, ... An existing journal there is replaced.
+    channels : iterable of channel keys
+    fsync : {"never", "batch", "always"}, default "never"
+    rotate_bytes : int, optional
+        Start a new segment before a record would take the current one past this size.
+    flush_interval : float, default 0.05
+        Seconds between flushes of the buffer to the file.
+    """
+
+    def __init__(self, bus: EventBus, path: str | os.PathLike[str], channels: Iterable[Any], *,
+                 fsync: str = "never", rotate_bytes: int | None = None, flush_interval: float = 0.05,
+                 name: str = "journal") -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise InvalidConfigurationError(f"JournalWriter: fsync must be one of {FSYNC_POLICIES}, got {fsync!r}")
+        if rotate_bytes is not None and (isinstance(rotate_bytes, bool) or not isinstance(rotate_bytes, int)
+                                         or rotate_bytes < 1024):
+            raise InvalidConfigurationError(
+                f"JournalWriter: rotate_bytes must be None or an int >= 1024, got {rotate_bytes!r}")
+        if not isinstance(flush_interval, (int, float)) or flush_interval <= 0:
+            raise InvalidConfigurationError(
+                f"JournalWriter: flush_interval must be seconds > 0, got {flush_interval!r}")
+        self.name = name
+        self.bus = bus
+        self.path = Path(path)
+        self.channels = [bus.channel(key) for key in channels]  # an unknown channel fails here, named
+        if not self.channels:
+            raise InvalidConfigurationError("JournalWriter: channels is empty; name at least one channel to journal")
+        self.fsync = fsync
+        self.rotate_bytes = rotate_bytes
+        self.flush_interval = float(flush_interval)
+        self.records = 0
+        self.bytes = 0
+        self.lagged = 0
+        self.segments: list[Path] = []
+        self._file: Any = None
+        self._segment_bytes = 0
+        self._subs: list[Any] = []
+        self._clock_now: Any = None
+
+    def consumes(self) -> Any:
+        return ()  # reads through handlers, which the dispatch loop calls: nothing to drain at shutdown
+
+    async def initialize(self) -> None:
+        for stale in journal_segments(self.path)[1:]:
+            stale.unlink()
+        self._open(self.path)
+        try:
+            clock = self.clock
+        except InvalidStateError:  # used without a scheduler: records carry no publish time (0)
+            self._clock_now = None
+        else:
+            # a background task's SimClock view does not move by itself: take the scheduler's time
+            self._clock_now = (clock.root if isinstance(clock, SimClock) else clock).now_ns
+        for channel in self.channels:
+            self._subs.append(channel.subscribe(self._writer_for(channel.name), frames=True,
+                                                on_lag=self._on_lag))
+
+    def _open(self, path: Path) -> None:
+        self._file = open(path, "wb", buffering=1 << 20)  # noqa: SIM115 - closed by _close_segment
+        self._file.write(MAGIC)
+        self._segment_bytes = len(MAGIC)
+        self.segments.append(path)
+
+    def _close_segment(self) -> None:
+        file = self._file
+        if file is None:
+            return
+        self._file = None
+        file.flush()
+        if self.fsync != "never":
+            os.fsync(file.fileno())
+        file.close()
+
+    def _writer_for(self, channel_name: str) -> Any:
+        name = _name_bytes(channel_name)
+        prefix = b"\x94" + name
+        pack_nums = _NUMS.pack
+        pack_head = _HEAD.pack
+        crc32 = zlib.crc32
+        fixed = len(prefix) + _NUMS.size
+
+        def write(item: tuple[int, int, bytes]) -> None:
+            seq, _, frame = item
+            clock_now = self._clock_now
+            body_head = prefix + pack_nums(0xCF, seq, 0xCF, clock_now() if clock_now else 0, 0xC6, len(frame))
+            length = fixed + len(frame)
+            if self.rotate_bytes is not None and self._segment_bytes + 8 + length > self.rotate_bytes \
+                    and self._segment_bytes > len(MAGIC):
+                self._rotate()
+            file = self._file
+            file.write(pack_head(length, crc32(frame, crc32(body_head))))
+            file.write(body_head)
+            file.write(frame)
+            self._segment_bytes += 8 + length
+            self.records += 1
+            self.bytes += 8 + length
+            if self.fsync == "always":
+                file.flush()
+                os.fsync(file.fileno())
+
+        return write
+
+    def _rotate(self) -> None:
+        self._close_segment()
+        self._open(self.path.with_name(f"{self.path.name}.{len(self.segments)}"))
+
+    def _on_lag(self, skipped: int) -> None:
+        self.lagged += skipped
+        logger.warning("%s: the journal fell behind and lost %d event(s) (a LAG channel overwrote them)",
+                       self.name, skipped)
+
+    async def execute(self) -> None:
+        await asyncio.sleep(self.flush_interval)
+        self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered records to the file (and to disk under ``fsync="batch"``)."""
+        file = self._file
+        if file is not None:
+            file.flush()
+            if self.fsync == "batch":
+                os.fsync(file.fileno())
+
+    async def shutdown(self) -> None:
+        for sub in self._subs:
+            sub.close()
+        self._close_segment()
+
+
+# ------------------------------------------------------------------------------------------------ reading
+_decode_body = msgspec.msgpack.Decoder(tuple[str, int, int, bytes]).decode
+
+
+def read_journal(path: str | os.PathLike[str], *, channels: Iterable[str] | None = None) -> Iterator[JournalRecord]:
+    """Yield the records of the journal at ``path`` (every segment, in order), of ``channels`` only if given.
+
+    A torn last record is skipped with a warning; a record that fails its check elsewhere raises
+    :class:`JournalCorrupt` naming the file and the offset; a file that is not a journal raises it too.
+    """
+    wanted = None if channels is None else set(channels)
+    segments = journal_segments(path)
+    if not segments[0].exists():
+        raise InvalidConfigurationError(f"journal {str(path)!r}: no such file")
+    for index, segment in enumerate(segments):
+        last = index == len(segments) - 1
+        data = segment.read_bytes()
+        name = str(segment)
+        if data[:len(MAGIC)] != MAGIC:
+            raise JournalCorrupt(f"journal {name!r}: expected the magic {MAGIC!r} at offset 0, got "
+                                 f"{data[:len(MAGIC)]!r}: not a kimiha journal", path=name, offset=0)
+        offset = len(MAGIC)
+        size = len(data)
+        while offset < size:
+            torn = None
+            if size - offset < _HEAD.size:
+                torn = f"{size - offset} byte(s) where an 8-byte record header belongs"
+            else:
+                length, crc = _HEAD.unpack_from(data, offset)
+                end = offset + _HEAD.size + length
+                if length > _MAX_RECORD:
+                    if not last:
+                        raise JournalCorrupt(f"journal {name!r}: record at offset {offset} claims {length:,} "
+                                             f"bytes (more than {_MAX_RECORD:,})", path=name, offset=offset)
+                    torn = f"a header claiming {length:,} bytes"
+                elif end > size:
+                    torn = f"{size - offset - _HEAD.size} of its {length} body byte(s)"
+                elif zlib.crc32(data[offset + _HEAD.size:end]) != crc:
+                    if not last or end != size:
+                        raise JournalCorrupt(f"journal {name!r}: record at offset {offset} fails its CRC check "
+                                             f"(corrupt; {size - end:,} byte(s) follow it)", path=name,
+                                             offset=offset)
+                    torn = "a body that fails its CRC check"
+            if torn is not None:
+                if not last:
+                    raise JournalCorrupt(f"journal {name!r}: segment ends inside a record at offset {offset} "
+                                         f"({torn}) though later segments follow", path=name, offset=offset)
+                logger.warning("journal %r: the last record (offset %d) is torn (%s), as a crash mid-write "
+                               "leaves it; skipped, every record before it was read", name, offset, torn)
+                return
+            try:
+                channel, seq, ts, frame = _decode_body(data[offset + _HEAD.size:end])
+            except msgspec.DecodeError as exc:
+                raise JournalCorrupt(f"journal {name!r}: record at offset {offset} passes its CRC but is not "
+                                     f"[channel, sequence, publish_ns, frame]: {exc}", path=name,
+                                     offset=offset) from None
+            offset = end
+            if wanted is None or channel in wanted:
+                yield JournalRecord(channel, seq, ts, frame)
+
+
+# ------------------------------------------------------------------------------------------------ replay
+class JournalReplayer(Connector):
+    """Publish the journal's records of ``channels`` into ``bus`` (``publish_raw_async``, in file order).
+
+    Under a :class:`~kimiha.clock.SimClock` it sets its clock to each record's ``publish_ns`` before
+    publishing it. ``finished`` is set once every record was published; ``published`` counts them by channel.
+    """
+
+    def __init__(self, bus: EventBus, path: str | os.PathLike[str], channels: Iterable[Any], *,
+                 chunk: int = 256, name: str = "journal-replayer") -> None:
+        self.name = name
+        self.path = Path(path)
+        self._targets = {bus.channel(key).name: bus.channel(key) for key in channels}
+        if not self._targets:
+            raise InvalidConfigurationError("JournalReplayer: channels is empty; name at least one channel")
+        self._records: Iterator[JournalRecord] = read_journal(path, channels=list(self._targets))
+        self._chunk = chunk
+        self.published: dict[str, int] = dict.fromkeys(self._targets, 0)
+        self.finished = asyncio.Event()
+
+    @property
+    def lines(self) -> int:
+        """Records published so far, all channels."""
+        return sum(self.published.values())
+
+    async def execute(self) -> None:
+        if self.finished.is_set():
+            await asyncio.Event().wait()  # nothing left: idle until shutdown cancels us
+        try:
+            clock = self.clock
+        except InvalidStateError:
+            clock = None
+        sim = clock if isinstance(clock, SimClock) else None
+        targets = self._targets
+        for _ in range(self._chunk):
+            record = next(self._records, None)
+            if record is None:
+                self.finished.set()
+                return
+            if sim is not None and record.publish_ns and not sim.set_time(record.publish_ns):
+                await sim.advance_to(record.publish_ns)
+            await targets[record.channel].publish_raw_async(record.frame)
+            self.published[record.channel] += 1
+        await asyncio.sleep(0)
+

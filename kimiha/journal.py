@@ -14,8 +14,10 @@ File format (every segment)::
       u32 little-endian  CRC-32 (zlib) of the body
       body: a msgpack array [channel: str, sequence: uint64, publish_ns: uint64, frame: bin]
 
-``channel`` is the channel's name (``EventType`` value), ``sequence`` the event's sequence in that channel's
-ring (0-based, consecutive per channel unless the journal lagged), ``publish_ns`` the journal's clock when it
+Records of one channel are in its publish order; records of different channels are in the order the
+dispatch loop delivered them to the journal (batch by batch), which need not be the order they were published
+in. ``channel`` is the channel's name (``EventType`` value), ``sequence`` the event's sequence in that
+channel's ring (0-based, consecutive per channel unless the journal lagged), ``publish_ns`` the journal's clock when it
 took the event (``Clock.now_ns()``: wall time under a :class:`~kimiha.clock.LiveClock`, the scheduler's
 simulated time under a :class:`~kimiha.clock.SimClock`), ``frame`` the event's msgpack frame as published.
 

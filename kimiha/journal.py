@@ -59,6 +59,8 @@ _HEAD = struct.Struct("<II")
 #: The msgpack prefix of a record body after the channel name: uint64 sequence, uint64 publish_ns, bin32.
 _NUMS = struct.Struct(">BQBQBI")
 _MAX_RECORD = 1 << 30
+#: Records are gathered in memory and written out once this much is buffered (or at each flush).
+_BUFFER_BYTES = 1 << 20
 
 
 class JournalCorrupt(SerializationError):
@@ -143,6 +145,7 @@ class JournalWriter(BackgroundTask):
         self.lagged = 0
         self.segments: list[Path] = []
         self._file: Any = None
+        self._buf = bytearray()
         self._segment_bytes = 0
         self._subs: list[Any] = []
         self._clock_now: Any = None
@@ -166,7 +169,7 @@ class JournalWriter(BackgroundTask):
                                                 on_lag=self._on_lag))
 
     def _open(self, path: Path) -> None:
-        self._file = open(path, "wb", buffering=1 << 20)  # noqa: SIM115 - closed by _close_segment
+        self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by _close_segment; _buf buffers
         self._file.write(MAGIC)
         self._segment_bytes = len(MAGIC)
         self.segments.append(path)
@@ -175,38 +178,43 @@ class JournalWriter(BackgroundTask):
         file = self._file
         if file is None:
             return
+        if self._buf:
+            file.write(self._buf)
+            del self._buf[:]
         self._file = None
-        file.flush()
         if self.fsync != "never":
             os.fsync(file.fileno())
         file.close()
 
     def _writer_for(self, channel_name: str) -> Any:
-        name = _name_bytes(channel_name)
-        prefix = b"\x94" + name
+        prefix = b"\x94" + _name_bytes(channel_name)
         pack_nums = _NUMS.pack
         pack_head = _HEAD.pack
         crc32 = zlib.crc32
         fixed = len(prefix) + _NUMS.size
+        rotate = self.rotate_bytes
+        always = self.fsync == "always"
+        buf = self._buf
 
+        # Called from the dispatch loop with (sequence, stamp, frame) for each event: appends the record to
+        # an in-memory buffer (one bytearray, no file call per event); flush() and rotation write it out.
         def write(item: tuple[int, int, bytes]) -> None:
             seq, _, frame = item
             clock_now = self._clock_now
             body_head = prefix + pack_nums(0xCF, seq, 0xCF, clock_now() if clock_now else 0, 0xC6, len(frame))
-            length = fixed + len(frame)
-            if self.rotate_bytes is not None and self._segment_bytes + 8 + length > self.rotate_bytes \
-                    and self._segment_bytes > len(MAGIC):
+            size = 8 + fixed + len(frame)
+            if rotate is not None and self._segment_bytes + size > rotate and self._segment_bytes > len(MAGIC):
                 self._rotate()
-            file = self._file
-            file.write(pack_head(length, crc32(frame, crc32(body_head))))
-            file.write(body_head)
-            file.write(frame)
-            self._segment_bytes += 8 + length
+            buf.extend(pack_head(size - 8, crc32(frame, crc32(body_head))))
+            buf.extend(body_head)
+            buf.extend(frame)
+            self._segment_bytes += size
             self.records += 1
-            self.bytes += 8 + length
-            if self.fsync == "always":
-                file.flush()
-                os.fsync(file.fileno())
+            self.bytes += size
+            if always:
+                self.flush(sync=True)
+            elif len(buf) >= _BUFFER_BYTES:
+                self.flush(sync=False)
 
         return write
 
@@ -221,15 +229,18 @@ class JournalWriter(BackgroundTask):
 
     async def execute(self) -> None:
         await asyncio.sleep(self.flush_interval)
-        self.flush()
+        self.flush(sync=self.fsync == "batch")
 
-    def flush(self) -> None:
-        """Write the buffered records to the file (and to disk under ``fsync="batch"``)."""
+    def flush(self, *, sync: bool | None = None) -> None:
+        """Write the buffered records to the file, and to disk when ``sync`` (default: ``fsync != "never"``)."""
         file = self._file
-        if file is not None:
-            file.flush()
-            if self.fsync == "batch":
-                os.fsync(file.fileno())
+        if file is None:
+            return
+        if self._buf:
+            file.write(self._buf)
+            del self._buf[:]
+        if sync if sync is not None else self.fsync != "never":
+            os.fsync(file.fileno())
 
     async def shutdown(self) -> None:
         for sub in self._subs:

@@ -643,6 +643,18 @@ class OrderBook:
         px = -self._ask_keys[-1]
         return px, self._asks[px]
 
+    def qty_at(self, side: str, price: float) -> float:
+        """Return the quantity resting at ``price`` on ``side`` (``"buy"``: bids, ``"sell"``: asks), 0.0 if none.
+
+        Raises
+        ------
+        BookNotReady
+            When the book is not ``live``.
+        """
+        if self.state is not BookState.LIVE:
+            raise self._not_ready()
+        return (self._bids if side == "buy" else self._asks).get(price, 0.0)
+
     def mid(self) -> float | None:
         """Return the mid price, or None when a side is empty (raises :class:`BookNotReady` if not live)."""
         bid = self.best_bid()

@@ -33,6 +33,7 @@ __all__ = [
     "Quote",
     "Side",
     "Signal",
+    "TimeInForce",
     "Trade",
 ]
 
@@ -59,6 +60,16 @@ class OrderType(str, enum.Enum):
 
     MARKET = "market"
     LIMIT = "limit"
+
+
+class TimeInForce(str, enum.Enum):
+    """How long a limit order lives at the paper venue."""
+
+    #: Immediate or cancel: take what is at or better than the limit, cancel the rest (the default).
+    IOC = "ioc"
+    #: Good till cancelled: the rest rests in the book, in the queue of its price level (see
+    #: :class:`~kimiha.trading.paper.PaperExecutor`), until filled, cancelled, or ``cancel_after_ns`` passed.
+    GTC = "gtc"
 
 
 class Liquidity(str, enum.Enum):
@@ -267,6 +278,10 @@ class Order(Event, frozen=True, tag=True, gc=False):
     ref_update_id : int
         Book update id the decision was based on (0: unknown). A paper executor fills the order against its
         book as of that id, so fills do not depend on how fast market data and orders travel.
+    time_in_force : TimeInForce
+        ``IOC`` (default) or ``GTC`` (limit orders only: the rest rests in the book).
+    cancel_after_ns : int
+        With ``GTC``: the venue cancels what is left this long after the order arrived (0: never).
     """
 
     order_id: int
@@ -277,10 +292,14 @@ class Order(Event, frozen=True, tag=True, gc=False):
     ts_ns: int = 0
     symbol: str = ""
     ref_update_id: int = 0
+    time_in_force: TimeInForce = TimeInForce.IOC
+    cancel_after_ns: int = 0
 
 
 class Fill(Event, frozen=True, tag=True, gc=False):
-    """The execution report of one order (one event per order, aggregated across the levels it took).
+    """An execution report: for a market or IOC order, one event per order, aggregated across the levels it
+    took; a resting (GTC) order gets one per execution, the last one with ``leaves_qty == 0`` (a cancel is a
+    report with ``qty == 0`` and ``leaves_qty == 0``).
 
     Parameters
     ----------
@@ -304,6 +323,8 @@ class Fill(Event, frozen=True, tag=True, gc=False):
         Number of price levels the fill consumed.
     symbol : str
         Venue symbol.
+    leaves_qty : float
+        Quantity of the order still open after this report (0.0: the order is done).
     """
 
     order_id: int
@@ -316,6 +337,7 @@ class Fill(Event, frozen=True, tag=True, gc=False):
     requested_qty: float = 0.0
     levels: int = 0
     symbol: str = ""
+    leaves_qty: float = 0.0
 
     @property
     def unfilled_qty(self) -> float:

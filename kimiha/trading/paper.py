@@ -6,8 +6,28 @@ volume-weighted average price, the fee, and how much could not be filled when th
 position, cash, average entry price, realized PnL, fees, and unrealized PnL marked to the book's mid.
 
 Simplifications, on purpose: the book is read, never modified (an order has no market impact on later market
-data), and limit orders are immediate-or-cancel (they take what is at or better than their price; nothing
-rests in the book). Fees are charged in the quote asset. Latency is the caller's: :class:`LatencyModel` says
+data). Limit orders are immediate-or-cancel by default (they take what is at or better than their price).
+Fees are charged in the quote asset: ``fee_bps`` for taker fills, ``maker_fee_bps`` for maker fills.
+
+Resting orders (``LIMIT`` with ``time_in_force=GTC``, :meth:`PaperExecutor.place`): what crosses the book at
+arrival fills at once as a taker; the rest rests at its price with a queue position, hftbacktest's
+"risk-averse" queue model:
+
+* at placement, the quantity ahead is the whole size of the book's level at that price on the order's side
+  (every order already there is ahead; 0 when the level is empty);
+* a trade at that price whose aggressor is on the other side (a sell hitting bids, for a resting buy) takes
+  the queue first: the quantity ahead drops by the trade's size, and what the trade has beyond it fills the
+  order (partially, possibly) as a maker (:meth:`PaperExecutor.on_trade`);
+* a trade through the price (a sell below a resting buy's price) means the whole level traded: the order fills;
+* when the level shrinks in the book (cancels, or trades not seen), the order only moves up if the level
+  becomes smaller than the quantity ahead (``ahead = min(ahead, level)``): a cancel is assumed to come from
+  behind the order unless it cannot (:meth:`PaperExecutor.on_book`). Growth of the level queues behind it;
+* when the other side of the book reaches the price (best ask at or below a resting buy), the order fills;
+* our own resting orders are not queued behind one another (each has its own queue).
+
+A resting order ends filled, cancelled (:meth:`PaperExecutor.cancel`) or expired (``cancel_after_ns``,
+:meth:`PaperExecutor.expire`); every execution is one :class:`~kimiha.trading.model.Fill` (``leaves_qty``:
+what is still open), a cancel is a report with ``qty == 0`` and ``leaves_qty == 0``. Latency is the caller's: :class:`LatencyModel` says
 how long an order takes to reach the venue, and the task (:class:`~kimiha.trading.tasks.PaperExecutorTask`)
 fills it against the book as of its arrival.
 """
@@ -20,10 +40,10 @@ from typing import Any
 
 from kimiha.trading.book import BookNotReady, OrderBook
 from kimiha.error import InvalidConfigurationError, OrchestratorError
-from kimiha.trading.model import Fill, Liquidity, Order, OrderType, Side
+from kimiha.trading.model import Fill, Liquidity, Order, OrderType, Side, TimeInForce, Trade
 
 __all__ = ["FixedLatency", "LatencyModel", "LogNormalLatency", "OrderRejected", "PaperExecutor",
-           "as_latency_model"]
+           "RestingOrder", "as_latency_model"]
 
 _QTY_EPS = 1e-12  # positions closer to zero than this are flat (float sums of lot sizes are not exact)
 
@@ -39,6 +59,26 @@ class OrderRejected(OrchestratorError, ValueError):
 
 def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def _walk(levels: Any, side: Side, qty: float, limit: float | None) -> tuple[float, float, int]:
+    """Take ``qty`` from ``levels`` (best first) up to ``limit``; return (filled, cost, levels used)."""
+    remaining = qty
+    filled = 0.0
+    cost = 0.0
+    used = 0
+    for px, available in levels:
+        if limit is not None and (px > limit if side is Side.BUY else px < limit):
+            break
+        used += 1
+        if available >= remaining:
+            cost += remaining * px
+            filled = qty  # exact: no float residue left over from repeated subtraction
+            break
+        cost += available * px
+        filled += available
+        remaining -= available
+    return filled, cost, used
 
 
 class LatencyModel:
@@ -100,6 +140,26 @@ def as_latency_model(latency: int | LatencyModel | None) -> LatencyModel | None:
     return FixedLatency(latency) if latency else None
 
 
+class RestingOrder:
+    """A GTC limit order resting at the paper venue: what is left of it and its place in its level's queue."""
+
+    __slots__ = ("order", "side", "price", "remaining", "ahead", "expire_ns", "symbol")
+
+    def __init__(self, order: Order, side: Side, remaining: float, ahead: float, expire_ns: int | None,
+                 symbol: str) -> None:
+        self.order = order
+        self.side = side
+        self.price = float(order.price)  # type: ignore[arg-type]  # validated: a limit order has a price
+        self.remaining = remaining
+        self.ahead = ahead
+        self.expire_ns = expire_ns
+        self.symbol = symbol
+
+    def __repr__(self) -> str:
+        return (f"RestingOrder(id={self.order.order_id}, {self.side.value} {self.remaining} @ {self.price}, "
+                f"ahead={self.ahead})")
+
+
 class PaperExecutor:
     """Fill orders as a taker against an order book and track the resulting account.
 
@@ -109,6 +169,9 @@ class PaperExecutor:
         The book to trade against; it must be ``live`` when an order arrives.
     fee_bps : float, default 10.0
         Taker fee in basis points of the filled notional (10 bps = 0.1%, Binance's base spot rate).
+    maker_fee_bps : float, optional
+        Fee of maker fills (resting orders), in basis points; default ``fee_bps`` (Binance's base rate is the
+        same for both).
     initial_cash : float, default 0.0
         Starting quote-asset balance (cash may go negative: the account is not margin-checked).
     symbol : str, optional
@@ -134,7 +197,7 @@ class PaperExecutor:
     """
 
     def __init__(self, book: OrderBook, *, fee_bps: float = 10.0, initial_cash: float = 0.0,
-                 symbol: str = "") -> None:
+                 symbol: str = "", maker_fee_bps: float | None = None) -> None:
         if not isinstance(book, OrderBook):
             raise InvalidConfigurationError(
                 f"PaperExecutor: book must be an OrderBook, got {type(book).__name__}")
@@ -144,9 +207,18 @@ class PaperExecutor:
         if not _is_number(initial_cash) or not math.isfinite(initial_cash):
             raise InvalidConfigurationError(
                 f"PaperExecutor: initial_cash must be a finite number, got {initial_cash!r}")
+        if maker_fee_bps is not None and (not _is_number(maker_fee_bps) or not math.isfinite(maker_fee_bps)):
+            raise InvalidConfigurationError(
+                f"PaperExecutor: maker_fee_bps must be a finite number (negative: a rebate), got {maker_fee_bps!r}")
         self.book = book
         self.fee_bps = float(fee_bps)
         self.fee_rate = self.fee_bps / 10_000.0
+        self.maker_fee_bps = self.fee_bps if maker_fee_bps is None else float(maker_fee_bps)
+        self.maker_fee_rate = self.maker_fee_bps / 10_000.0
+        #: GTC limit orders resting at the venue, by order id, in placement order.
+        self.resting: dict[int, RestingOrder] = {}
+        self.maker_fills = 0
+        self.cancelled = 0
         self.initial_cash = float(initial_cash)
         self.symbol = symbol
         self.position = 0.0
@@ -210,6 +282,17 @@ class PaperExecutor:
         if self.symbol and order.symbol and order.symbol != self.symbol:
             raise self._reject(oid, "symbol", f"must be {self.symbol!r} (this executor's book), got "
                                               f"{order.symbol!r}")
+        try:
+            tif = TimeInForce(order.time_in_force)
+        except (ValueError, TypeError):
+            raise self._reject(oid, "time_in_force", f"must be TimeInForce.IOC or TimeInForce.GTC, got "
+                                                     f"{order.time_in_force!r}") from None
+        if tif is TimeInForce.GTC and order_type is not OrderType.LIMIT:
+            raise self._reject(oid, "time_in_force", "GTC applies to limit orders only (a market order takes "
+                                                     "what is there and never rests)")
+        after = order.cancel_after_ns
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise self._reject(oid, "cancel_after_ns", f"must be an int >= 0 (nanoseconds), got {after!r}")
         return side, order_type
 
     # ------------------------------------------------------------------ execution
@@ -248,23 +331,7 @@ class PaperExecutor:
             raise OrderRejected(f"Order {order.order_id!r}: cannot execute against the book: {exc}",
                                 order_id=order.order_id, field=None) from exc
 
-        remaining = qty
-        filled = 0.0
-        cost = 0.0
-        used = 0
-        for px, available in levels:
-            if limit is not None and (px > limit if side is Side.BUY else px < limit):
-                break
-            used += 1
-            if available >= remaining:
-                cost += remaining * px
-                filled = qty  # exact: no float residue left over from repeated subtraction
-                remaining = 0.0
-                break
-            cost += available * px
-            filled += available
-            remaining -= available
-
+        filled, cost, used = _walk(levels, side, qty, limit)
         self._seen_ids.add(order.order_id)
         self.orders += 1
         at = order.ts_ns if ts_ns is None else ts_ns
@@ -280,6 +347,132 @@ class PaperExecutor:
             self.partial_fills += 1
         return Fill(order.order_id, side, filled, avg_price, fee, at, Liquidity.TAKER, qty, used,
                     order.symbol or self.symbol)
+
+    # ------------------------------------------------------------------ resting orders (GTC limit)
+    def place(self, order: Order, *, ts_ns: int | None = None) -> list[Fill]:
+        """Execute ``order`` at ``ts_ns`` (default ``order.ts_ns``); return its execution reports.
+
+        A market or IOC order: ``[execute(order)]``. A GTC limit order: the part that crosses the book fills
+        at once as a taker (one report, with ``leaves_qty`` the rest), the rest rests with the whole level at
+        its price ahead of it (see the module's docstring); nothing more is reported until a trade, a book
+        change, a cancel or its expiry.
+
+        Raises
+        ------
+        OrderRejected
+            As :meth:`execute`.
+        """
+        if order.time_in_force != TimeInForce.GTC:
+            return [self.execute(order, ts_ns=ts_ns)]
+        side, _ = self.validate(order)
+        at = order.ts_ns if ts_ns is None else ts_ns
+        qty = float(order.qty)
+        limit = float(order.price)  # type: ignore[arg-type]  # validated
+        try:
+            levels = self.book.iter_asks() if side is Side.BUY else self.book.iter_bids()
+            filled, cost, used = _walk(levels, side, qty, limit)
+            ahead = self.book.qty_at(side.value, limit)
+        except BookNotReady as exc:
+            raise OrderRejected(f"Order {order.order_id!r}: cannot execute against the book: {exc}",
+                                order_id=order.order_id, field=None) from exc
+        self._seen_ids.add(order.order_id)
+        self.orders += 1
+        symbol = order.symbol or self.symbol
+        remaining = 0.0 if filled >= qty else qty - filled
+        reports = []
+        if filled:
+            avg = cost / filled
+            fee = cost * self.fee_rate
+            self._book_fill(side, filled, avg, cost, fee)
+            self.fills += 1
+            reports.append(Fill(order.order_id, side, filled, avg, fee, at, Liquidity.TAKER, qty, used, symbol,
+                                remaining))
+        if remaining > _QTY_EPS:
+            expire = at + order.cancel_after_ns if order.cancel_after_ns else None
+            self.resting[order.order_id] = RestingOrder(order, side, remaining, ahead, expire, symbol)
+        return reports
+
+    def _maker_fill(self, resting: RestingOrder, qty: float, ts_ns: int) -> Fill:
+        price = resting.price
+        if qty >= resting.remaining - _QTY_EPS:
+            qty = resting.remaining
+            resting.remaining = 0.0
+            del self.resting[resting.order.order_id]
+        else:
+            resting.remaining -= qty
+        notional = qty * price
+        fee = notional * self.maker_fee_rate
+        self._book_fill(resting.side, qty, price, notional, fee)
+        self.fills += 1
+        self.maker_fills += 1
+        return Fill(resting.order.order_id, resting.side, qty, price, fee, ts_ns, Liquidity.MAKER,
+                    float(resting.order.qty), 1, resting.symbol, resting.remaining)
+
+    def on_trade(self, trade: Trade) -> list[Fill]:
+        """Advance the resting orders' queues by a public trade; return the maker fills it causes."""
+        if not self.resting:
+            return []
+        fills = []
+        ts = trade.recv_ts_ns or trade.ts_ns
+        for resting in list(self.resting.values()):
+            if resting.side is Side.BUY:
+                if trade.aggressor != Side.SELL or trade.price > resting.price:
+                    continue
+            elif trade.aggressor != Side.BUY or trade.price < resting.price:
+                continue
+            if trade.price != resting.price:  # traded through the price: the whole level went, the order too
+                fills.append(self._maker_fill(resting, resting.remaining, ts))
+                continue
+            beyond = trade.qty - resting.ahead
+            resting.ahead = max(resting.ahead - trade.qty, 0.0)
+            if beyond > _QTY_EPS:
+                fills.append(self._maker_fill(resting, min(beyond, resting.remaining), ts))
+        return fills
+
+    def on_book(self, ts_ns: int) -> list[Fill]:
+        """Re-read the resting orders' levels after a book change; return the fills of orders the other side
+        reached. A level smaller than the quantity ahead of an order moves the order up to it."""
+        if not self.resting:
+            return []
+        fills = []
+        book = self.book
+        try:
+            best_bid, best_ask = book.best_bid(), book.best_ask()
+            for resting in list(self.resting.values()):
+                if resting.side is Side.BUY:
+                    crossed = best_ask is not None and best_ask[0] <= resting.price
+                else:
+                    crossed = best_bid is not None and best_bid[0] >= resting.price
+                if crossed:
+                    fills.append(self._maker_fill(resting, resting.remaining, ts_ns))
+                    continue
+                level = book.qty_at(resting.side.value, resting.price)
+                if level < resting.ahead:
+                    resting.ahead = level
+        except BookNotReady:  # a gap: the queues wait for the book to come back
+            return fills
+        return fills
+
+    def cancel(self, order_id: int, ts_ns: int) -> Fill | None:
+        """Cancel a resting order at ``ts_ns``; return its final report, or None when it is not resting (it
+        filled already, or never rested: a cancel that arrives too late does nothing)."""
+        resting = self.resting.pop(order_id, None)
+        if resting is None:
+            return None
+        self.cancelled += 1
+        return Fill(order_id, resting.side, 0.0, math.nan, 0.0, ts_ns, Liquidity.MAKER, float(resting.order.qty),
+                    0, resting.symbol, 0.0)
+
+    def expire(self, ts_ns: int) -> list[Fill]:
+        """Cancel the resting orders whose ``cancel_after_ns`` ran out at or before ``ts_ns``, earliest first."""
+        due = sorted((r.expire_ns, r.order.order_id) for r in self.resting.values()
+                     if r.expire_ns is not None and r.expire_ns <= ts_ns)
+        return [fill for at, oid in due if (fill := self.cancel(oid, at)) is not None]
+
+    def next_expiry_ns(self) -> int | None:
+        """Return the earliest expiry of a resting order, or None."""
+        times = [r.expire_ns for r in self.resting.values() if r.expire_ns is not None]
+        return min(times) if times else None
 
     def _book_fill(self, side: Side, qty: float, price: float, notional: float, fee: float) -> None:
         self.volume += qty

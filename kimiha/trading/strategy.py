@@ -191,12 +191,19 @@ class ImbalanceStrategy:
     def on_fill(self, fill: Fill) -> None:
         """Account for the execution report of one of this strategy's orders.
 
-        The order is then closed: market orders are immediate-or-cancel, so an unfilled remainder is gone.
-        Fills of orders this strategy did not send are ignored.
+        A report with ``leaves_qty == 0`` closes the order (market orders are immediate-or-cancel, so an
+        unfilled remainder is gone); one with ``leaves_qty > 0`` (a resting order's partial execution) keeps
+        the rest in flight. Fills of orders this strategy did not send are ignored.
         """
-        requested = self._open.pop(fill.order_id, None)
+        requested = self._open.get(fill.order_id)
         if requested is None:
             return
+        if fill.leaves_qty > _QTY_EPS:  # a resting order's partial execution: the rest is still in flight
+            signed = fill.qty if fill.side == Side.BUY else -fill.qty
+            self._open[fill.order_id] = requested - signed
+            requested = signed
+        else:
+            del self._open[fill.order_id]
         self.in_flight -= requested
         if abs(self.in_flight) < _QTY_EPS:
             self.in_flight = 0.0

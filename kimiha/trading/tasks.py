@@ -139,6 +139,12 @@ class PaperExecutorTask(Executor):
     its reference id); the fill is stamped with the arrival time. ``latency=None`` or ``0``: as of the
     reference id, stamped with the order's time.
 
+    GTC limit orders (``Order(..., OrderType.LIMIT, price, time_in_force=TimeInForce.GTC,
+    cancel_after_ns=...)``) rest at the paper venue with a queue position (the model is in
+    :mod:`kimiha.trading.paper`): the replica's diffs and the public trades are played to them in receive-time
+    order as far as the newest released order's time (the same watermark as the book's), so their maker fills,
+    partial fills and expiries are reported in the same order in every topology.
+
     ``digest`` is a sha256 over every order received and every fill sent, in order (see :attr:`digest`);
     ``publish_fills=False`` makes a shadow executor that fills and accounts without publishing (the demo's
     PnL at several latencies).
@@ -146,10 +152,10 @@ class PaperExecutorTask(Executor):
 
     def __init__(self, bus: EventBus, *, name: str = "paper-executor", fee_bps: float = 10.0,
                  max_pending: int = 2048, latency: int | LatencyModel | None = None,
-                 publish_fills: bool = True) -> None:
+                 publish_fills: bool = True, maker_fee_bps: float | None = None) -> None:
         self.name = name
         self.book = OrderBook(raise_on_gap=False)
-        self.paper = PaperExecutor(self.book, fee_bps=fee_bps)
+        self.paper = PaperExecutor(self.book, fee_bps=fee_bps, maker_fee_bps=maker_fee_bps)
         self.latency = as_latency_model(latency)
         self.rejected = 0
         self.forced_applies = 0
@@ -158,7 +164,10 @@ class PaperExecutorTask(Executor):
         self.last_mid: float | None = None
         self._watermark = 0  # newest order reference: diffs up to it may be applied
         self._time_mark = 0  # newest order arrival: diffs received up to it may be applied
+        self._trade_mark = 0  # newest released order's time (arrival, or decision): trades up to it are played
         self._diffs: collections.deque[DepthDiff] = collections.deque()
+        self._trades: collections.deque[Trade] = collections.deque()
+        self._reports: list[Fill] = []  # reports made while applying market data, published in order
         self._orders: collections.deque[tuple[Order, int | None]] = collections.deque()
         self._max_pending = max_pending
         self._fills = bus.channel(TradingEvent.FILLS)
@@ -192,6 +201,7 @@ class PaperExecutorTask(Executor):
                 # The replica refuses it as the aggregator's book did (and leaves live); held back, it would
                 # block the queue for good and move the watermark by whatever the corrupted id says.
                 self._apply(event)
+                await self._publish_reports()
                 return
             self._diffs.append(event)
             self.market_position = max(self.market_position, event.final_update_id)
@@ -208,9 +218,20 @@ class PaperExecutorTask(Executor):
             self.market_position = max(self.market_position, event.last_update_id)
             if event.recv_ts_ns > self.market_time:
                 self.market_time = event.recv_ts_ns
-        elif kind is Trade or kind is BookUpdate:
+        elif kind is Trade:
+            self._trades.append(event)  # played to resting orders once the watermark passes it
+            if len(self._trades) > self._max_pending:
+                self.forced_applies += 1
+                self._reports.extend(self.paper.on_trade(self._trades.popleft()))
+            if event.recv_ts_ns > self.market_time:
+                self.market_time = event.recv_ts_ns
+            if event.recv_ts_ns <= self._trade_mark:  # late for the watermark it is under: play it now
+                self._apply_upto(self._watermark, self._time_mark)
+            if self.latency is None and not self._reports:
+                return  # moves no reference id: nothing to release
+        elif kind is BookUpdate:
             if self.latency is None:
-                return  # they move no reference id: nothing to release
+                return
             if event.recv_ts_ns > self.market_time:
                 self.market_time = event.recv_ts_ns
         else:
@@ -218,44 +239,80 @@ class PaperExecutorTask(Executor):
         await self._release()
 
     def _apply(self, diff: DepthDiff) -> None:
+        paper = self.paper
+        if paper.resting:
+            self._reports.extend(paper.expire(diff.recv_ts_ns))
         try:
             self.book.apply_diff(diff)
         except (BookGap, BookNotReady) as exc:  # the aggregator reports gaps; keep the replica going
             logger.debug("%s: replica book: %s", self.name, exc)
+            return
+        if paper.resting:
+            self._reports.extend(paper.on_book(diff.recv_ts_ns))
+
+    def _play(self, trade: Trade) -> None:
+        paper = self.paper
+        if paper.resting:
+            self._reports.extend(paper.expire(trade.recv_ts_ns))
+            self._reports.extend(paper.on_trade(trade))
 
     def _apply_upto(self, update_id: int, time_ns: int) -> None:
-        diffs = self._diffs
-        while diffs and (diffs[0].final_update_id <= update_id or diffs[0].recv_ts_ns <= time_ns):
-            self._apply(diffs.popleft())
+        """Apply the held diffs up to ``update_id`` (or received by ``time_ns``) and play the held trades up to
+        the trade watermark, merged in receive-time order (a diff first on a tie)."""
+        diffs, trades = self._diffs, self._trades
+        trade_mark = self._trade_mark
+        while True:
+            diff_ok = bool(diffs) and (diffs[0].final_update_id <= update_id or diffs[0].recv_ts_ns <= time_ns)
+            trade_ok = bool(trades) and trades[0].recv_ts_ns <= trade_mark
+            if diff_ok and (not trade_ok or diffs[0].recv_ts_ns <= trades[0].recv_ts_ns):
+                self._apply(diffs.popleft())
+            elif trade_ok:
+                self._play(trades.popleft())
+            else:
+                break
+        if self.paper.resting:
+            self._reports.extend(self.paper.expire(trade_mark))
 
     async def _release(self) -> None:
         orders = self._orders
         while orders:
             order, arrival = orders[0]
-            if order.ref_update_id > self.market_position:
-                return
+            if order.ref_update_id > self.market_position or order.ts_ns > self.market_time:
+                break  # the market data the order was decided on has not all arrived yet
             if arrival is not None:
                 # Every diff received up to the arrival is in once something received after it is.
                 if self.market_time <= arrival:
-                    return
+                    break
                 self._time_mark = max(self._time_mark, arrival)
             orders.popleft()
             self._watermark = max(self._watermark, order.ref_update_id)
+            self._trade_mark = max(self._trade_mark, order.ts_ns if arrival is None else arrival)
             self._apply_upto(self._watermark, self._time_mark)
+            await self._publish_reports()
             try:
-                fill = self.paper.execute(order, ts_ns=arrival)
+                fills = self.paper.place(order, ts_ns=arrival)
             except (OrderRejected, BookNotReady) as exc:
                 self.rejected += 1
                 if self.rejected <= 5:
                     logger.warning("%s: order %s rejected: %s", self.name, order.order_id, str(exc))
                 # Always answer: an execution report with nothing filled releases the strategy's in-flight
                 # quantity (otherwise its position limit would stay taken by an order that will never fill).
-                fill = Fill(order.order_id, order.side, 0.0, math.nan, 0.0,
-                            order.ts_ns if arrival is None else arrival, requested_qty=order.qty,
-                            symbol=order.symbol)
-            self._fills_hash.update(self._encode(fill))
-            if self._publish_fills:
-                await self._fills.publish_async(fill)
+                fills = [Fill(order.order_id, order.side, 0.0, math.nan, 0.0,
+                              order.ts_ns if arrival is None else arrival, requested_qty=order.qty,
+                              symbol=order.symbol)]
+            self._reports.extend(fills)
+            await self._publish_reports()
+        await self._publish_reports()
+
+    async def _publish_reports(self) -> None:
+        reports = self._reports
+        while reports:
+            self._reports = []
+            for fill in reports:
+                self._fills_hash.update(self._encode(fill))
+                if self._publish_fills:
+                    await self._fills.publish_async(fill)
+            reports = self._reports
 
     async def shutdown(self) -> None:
         if self._orders:

@@ -31,7 +31,7 @@ import heapq
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kimiha.error import InvalidConfigurationError, InvalidStateError
@@ -408,25 +408,20 @@ class SimClock(Clock):
         A coroutine callback is awaited before the next one fires. Timers set by a callback are due in this
         same advance when their deadline is at or before ``ts_ns``.
         """
-        if ts_ns <= self._now:
-            ts_ns = self._now
-        table = self._table
-        while (popped := table.pop_due(ts_ns)) is not None:
-            timer, due = popped
-            if due > self._now:
-                self._now = due
-            self.fired += 1
-            result = _call(timer, due)
-            if inspect.isawaitable(result):
-                await _await_callback(timer, result)
-        self._now = ts_ns
-        parent = self._parent
-        if parent is not None and ts_ns > parent._now:
-            parent._now = ts_ns
+        for timer, pending in self._fire_due(ts_ns):
+            await _await_callback(timer, pending)
 
     def advance_now(self, ts_ns: int) -> None:
         """:meth:`advance_to` for a caller that cannot await (a plain-function handler): coroutine callbacks
         are started as tasks instead of awaited, so they finish after the event, not before it."""
+        for timer, pending in self._fire_due(ts_ns):
+            task = asyncio.ensure_future(_await_callback(timer, pending))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _fire_due(self, ts_ns: int) -> Iterator[tuple[_Timer, Any]]:
+        """Fire the timers due by ``ts_ns`` in order, yielding each awaitable a callback returned (the caller
+        awaits or schedules it before the next timer fires); then move the clock to ``ts_ns``."""
         if ts_ns <= self._now:
             ts_ns = self._now
         table = self._table
@@ -437,9 +432,7 @@ class SimClock(Clock):
             self.fired += 1
             result = _call(timer, due)
             if inspect.isawaitable(result):
-                task = asyncio.ensure_future(_await_callback(timer, result))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                yield timer, result
         self._now = ts_ns
         parent = self._parent
         if parent is not None and ts_ns > parent._now:

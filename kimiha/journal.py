@@ -178,12 +178,8 @@ class JournalWriter(BackgroundTask):
         file = self._file
         if file is None:
             return
-        if self._buf:
-            file.write(self._buf)
-            del self._buf[:]
+        self.flush()
         self._file = None
-        if self.fsync != "never":
-            os.fsync(file.fileno())
         file.close()
 
     def _writer_for(self, channel_name: str) -> Any:

@@ -49,7 +49,7 @@ from kimiha.scheduling.registry import (
 from kimiha.scheduling.shutdown import StopSequence, stop_phases
 from kimiha.scheduling.signals import take_signal
 from kimiha.scheduling.supervision import OnError, Supervision, Supervisor, cancel_requested
-from kimiha.types import BackgroundTask, EventTask
+from kimiha.types import BackgroundTask, EventTask, Executable
 
 __all__ = [
     "OnError",
@@ -169,10 +169,8 @@ class Scheduler:
         info = TaskInfo(self._next_id, task, kind, supervision, interval, channels)
         self._next_id += 1
         info.clock = self.clock._for_task(info.id, self._timer_error_cb(info))
-        try:
+        if isinstance(task, Executable):  # a duck-typed task may have a `clock` of its own: left alone
             task.clock = info.clock
-        except AttributeError:  # a duck-typed task with slots or a read-only clock: it reads no clock
-            pass
         self.registry._add(info)
         return info.id
 

@@ -213,13 +213,13 @@ class Clock:
 
     def cancel_all(self) -> None:
         """Cancel every timer of this clock (of this task's view under a scheduler)."""
-        for key in [k for k in self._table.timers if k[0] is self._owner]:
+        for key in [k for k in self._table.timers if k[0] == self._owner]:
             self._table.remove(key)
         self._rearm()
 
     def timer_names(self) -> list[str]:
         """Return the names of the active timers and alerts, in the order they were set."""
-        own = [t for t in self._table.timers.values() if t.key[0] is self._owner]
+        own = [t for t in self._table.timers.values() if t.key[0] == self._owner]
         return [t.name for t in sorted(own, key=lambda t: t.order)]
 
     def next_deadline_ns(self) -> int | None:

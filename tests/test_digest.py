@@ -51,3 +51,27 @@ def test_latency_report_and_latency_change_the_fills_not_the_orders(slice_path):
     assert late["digest"] == by_latency["10 ms"]["digest"]  # the shadow and a real 10 ms executor agree
     assert late["orders"] == report["orders"]
     assert "PnL by order latency: 0 ms" in format_summary(report)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["demo", "--latency", "-1"], "milliseconds"),
+    (["demo", "--latency", "soon"], "milliseconds"),
+    (["demo", "--latency", "5", "--distributed"], "in-process demo only"),
+    (["demo", "--journal", "x.kj", "--distributed"], "in-process demo only"),
+    (["demo", "--journal-rotate-mb", "0"], "megabytes"),
+])
+def test_bad_time_options_are_one_line_and_exit_2(argv, fragment, capsys):
+    from kimiha.apps.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_replay_of_a_missing_journal_is_one_line_and_exit_2(tmp_path, capsys):
+    from kimiha.apps.cli import main
+
+    assert main(["replay", str(tmp_path / "nothing.kj")]) == 2
+    err = capsys.readouterr().err
+    assert "no such file" in err and len(err.splitlines()) == 1

@@ -106,6 +106,16 @@ def _milliseconds(text: str) -> float:
     return value
 
 
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of megabytes > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of megabytes > 0, got {text!r}")
+    return value
+
+
 def _nats_url(text: str) -> str:
     url = text.strip() if "://" in text else f"nats://{text.strip()}"  # nats-py's own default scheme
     try:
@@ -159,7 +169,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                            "(replay it with `kimiha replay PATH`)")
     demo.add_argument("--journal-fsync", choices=("never", "batch", "always"), default="never",
                       help="with --journal: when the journal is forced to disk (default never: at close only)")
-    demo.add_argument("--journal-rotate-mb", type=_seconds, default=None, metavar="MB",
+    demo.add_argument("--journal-rotate-mb", type=_megabytes, default=None, metavar="MB",
                       help="with --journal: start a new segment (PATH.1, PATH.2, ...) past this many MB")
     replay = sub.add_parser(
         "replay", help="replay a journal written by `kimiha demo --journal PATH` and print the demo's summary",

@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import kimiha
 from kimiha.runtime import LOOPS
@@ -96,24 +96,24 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _milliseconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of milliseconds >= 0, got {text!r}") from None
-    if not math.isfinite(value) or value < 0 or value > 60_000:
-        raise argparse.ArgumentTypeError(f"expected a number of milliseconds in [0, 60000], got {text!r}")
-    return value
+def _amount(unit: str, *, zero_ok: bool = False, most: float = math.inf) -> Callable[[str], float]:
+    """An argparse type: a finite number of ``unit`` above 0 (or at 0 with ``zero_ok``), at most ``most``."""
+    bounds = (f"in [0, {most:g}]" if most != math.inf else ">= 0") if zero_ok else "> 0"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok) or value > most:
+            raise argparse.ArgumentTypeError(f"expected a number of {unit} {bounds}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _megabytes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of megabytes > 0, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of megabytes > 0, got {text!r}")
-    return value
+_milliseconds = _amount("milliseconds", zero_ok=True, most=60_000)
+_megabytes = _amount("megabytes")
 
 
 def _nats_url(text: str) -> str:

@@ -1,0 +1,421 @@
+"""Prometheus metrics of a running engine: ``serve(bus, scheduler, port)`` serves ``/metrics``.
+
+Needs the ``metrics`` extra (``pip install 'kimiha[metrics]'``, ``'.[metrics]'`` in a checkout: prometheus-client).
+
+Nothing here runs per event. A custom collector reads the counters the compiled core and the scheduler keep
+anyway (channel counters, the C latency histograms, the task registry, the NATS bridge's tasks) when a scraper
+asks, in the HTTP server's thread; the dispatch loop never sees a scrape except as the GIL it takes for the
+read (``benchmarks/README.md`` has the measured cost).
+
+Names follow the Prometheus conventions: prefix ``kimiha_``, counters end in ``_total``, times are in seconds,
+event counts in events. The latency histograms are the C histograms' buckets (about 1.6 % wide) folded into
+fixed Prometheus buckets: a value is counted in the first bucket whose bound is at or above the top of its fine
+bucket, so a bucket's count is never more than the values truly at or below its bound. The exact quantiles
+(to the fine buckets' precision) are exported beside them as gauges.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from kimiha._core import LatencyHistogram
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from kimiha.event_bus import EventBus
+    from kimiha.scheduler import Scheduler
+
+__all__ = ["DEFAULT_PORT", "LATENCY_BUCKETS", "KimihaCollector", "MetricsServer", "serve", "require_client",
+           "histogram_buckets"]
+
+#: The port of ``--metrics-port`` examples (Prometheus' exporter registry has no entry for it).
+DEFAULT_PORT = 9464
+
+#: Upper bounds (seconds) of the exported latency histograms' buckets, 1-2.5-5 per decade from 1 us to 10 s.
+LATENCY_BUCKETS: tuple[float, ...] = tuple(
+    m * 10.0 ** e for e in range(-6, 1) for m in (1.0, 2.5, 5.0)
+) + (10.0,)
+
+#: Quantiles exported exactly from the C histograms (``1`` is the maximum).
+QUANTILES = (0.5, 0.9, 0.99, 0.999, 1.0)
+
+_EXTRA_HINT = ("kimiha.metrics needs prometheus-client: pip install 'kimiha[metrics]' ('.[metrics]' in a "
+               "checkout)")
+
+
+def require_client() -> None:
+    """Raise ``ImportError`` naming the ``metrics`` extra if prometheus-client is not installed."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"{_EXTRA_HINT}; import failed: {exc}") from exc
+
+
+def histogram_buckets(hist: LatencyHistogram,
+                      bounds: Iterable[float] = LATENCY_BUCKETS) -> tuple[list[tuple[str, float]], float, int]:
+    """Fold ``hist``'s fine buckets into Prometheus buckets.
+
+    Returns
+    -------
+    (buckets, sum_seconds, count)
+        ``buckets`` as ``[(le, cumulative count), ..., ("+Inf", count)]`` with ``le`` in seconds; ``count`` is
+        the total of the fine buckets read (one snapshot), ``sum_seconds`` the mean times that count.
+    """
+    fine = hist.buckets()  # one C call: a consistent snapshot of every bucket
+    mean_ns = hist.mean
+    limits = [(b, round(b * 1e9)) for b in bounds]
+    out: list[tuple[str, float]] = []
+    cumulative = 0
+    i = 0
+    for bound, bound_ns in limits:
+        while i < len(fine) and fine[i][0] <= bound_ns:
+            cumulative += fine[i][1]
+            i += 1
+        out.append((_le(bound), float(cumulative)))
+    count = cumulative + sum(c for _, c in fine[i:])
+    out.append(("+Inf", float(count)))
+    return out, mean_ns * count / 1e9, count
+
+
+def _le(bound: float) -> str:
+    return repr(float(f"{bound:.6g}"))
+
+
+class KimihaCollector:
+    """A Prometheus collector over one bus and (optionally) its scheduler; reads everything at scrape time.
+
+    ``watch`` sets what it reads, so a server can listen before the engine it reports on is built.
+    """
+
+    def __init__(self, bus: EventBus | None = None, scheduler: Scheduler | None = None) -> None:
+        self._lock = threading.Lock()
+        self._bus = bus
+        self._scheduler = scheduler
+
+    def watch(self, bus: EventBus | None, scheduler: Scheduler | None = None) -> None:
+        """Report on ``bus`` and ``scheduler`` from the next scrape on."""
+        with self._lock:
+            self._bus = bus
+            self._scheduler = scheduler
+
+    def describe(self) -> list[Metric]:
+        # An empty description: the registry then takes the metric names from collect() at registration,
+        # which runs here before any bus is watched; every name is unique to this collector anyway.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+
+        import kimiha
+
+        with self._lock:
+            bus, scheduler = self._bus, self._scheduler
+        info = InfoMetricFamily("kimiha_build", "kimiha's version")
+        info.add_metric([], {"version": kimiha.__version__})
+        yield info
+        watched = GaugeMetricFamily("kimiha_watched", "1 once the endpoint reports on a bus (0 before)")
+        watched.add_metric([], 1.0 if bus is not None else 0.0)
+        yield watched
+        if bus is not None:
+            yield from _channel_metrics(bus)
+        if scheduler is not None:
+            yield from _scheduler_metrics(scheduler)
+            yield from _bridge_metrics(scheduler)
+
+
+def _families(prefix: str, specs: Iterable[tuple[str, str, str]], labels: list[str]) -> dict[str, Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    out: dict[str, Any] = {}
+    for key, kind, doc in specs:
+        cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        out[key] = cls(f"{prefix}_{key}", doc, labels=labels)
+    return out
+
+
+_CHANNEL_COUNTERS = (
+    ("published", "published_total", "events published on the channel"),
+    ("delivered", "delivered_total", "events delivered to its subscribers (one per subscriber)"),
+    ("lagged", "lagged_total", "events subscribers missed (LAG channels: overwritten before they read them)"),
+    ("blocked", "blocked_total", "times a publisher waited for room (BLOCK channels)"),
+    ("full", "full_total", "publishes refused with ChannelFull (BLOCK channels)"),
+    ("bad_frames", "bad_frames_total", "raw frames refused as undecodable (counted and skipped)"),
+    ("encode_errors", "encode_errors_total", "payloads refused because a frames subscriber could not encode them"),
+    ("handler_errors", "handler_errors_total", "exceptions raised by the channel's handlers"),
+    ("dropped_on_close", "dropped_on_close_total", "thread-safe publishes still pending when the bus closed"),
+)
+_CHANNEL_GAUGES = (
+    ("backlog", "backlog_events", "largest backlog of a live subscriber now"),
+    ("high_water_mark", "high_water_mark_events", "largest backlog ever seen"),
+    ("capacity", "capacity_events", "ring size"),
+    ("subscribers", "subscribers", "live subscriptions"),
+)
+
+
+def _channel_metrics(bus: EventBus) -> Iterator[Metric]:
+    from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+
+    fams = _families("kimiha_channel", [(name, "counter", doc) for _, name, doc in _CHANNEL_COUNTERS]
+                     + [(name, "gauge", doc) for _, name, doc in _CHANNEL_GAUGES], ["channel"])
+    latency = HistogramMetricFamily("kimiha_channel_latency_seconds",
+                                    "publish -> handler latency of the channel's events", labels=["channel"])
+    quantiles = GaugeMetricFamily("kimiha_channel_latency_quantile_seconds",
+                                  "publish -> handler latency quantile since start (1 = maximum)",
+                                  labels=["channel", "quantile"])
+    for ch in bus._all_channels():
+        name = ch.name
+        # stats() is one C call: the counters of one channel come from the same moment
+        s = ch.stats()
+        for key, metric, _ in _CHANNEL_COUNTERS:
+            fams[metric].add_metric([name], float(s[key]))
+        for key, metric, _ in _CHANNEL_GAUGES:
+            fams[metric].add_metric([name], float(s[key]))
+        hist = ch.latency
+        buckets, total, _count = histogram_buckets(hist)
+        latency.add_metric([name], buckets, total)
+        _add_quantiles(quantiles, [name], hist)
+    yield from fams.values()
+    yield latency
+    yield quantiles
+
+
+def _add_quantiles(family: Any, labels: list[str], hist: LatencyHistogram) -> None:
+    for q in QUANTILES:
+        value = hist.max if q >= 1.0 else hist.percentile(q * 100.0)
+        family.add_metric([*labels, f"{q:g}"], value / 1e9)
+
+
+_TASK_COUNTERS = (
+    ("events_handled", "handled_total", "events the task handled"),
+    ("executions", "executions_total", "execute() calls of a background task"),
+    ("errors", "errors_total", "failures of the task (each one counted, logged rate-limited)"),
+    ("restarts", "restarts_total", "restarts by the task's supervision"),
+    ("lagged", "lagged_total", "events the task missed on LAG channels"),
+)
+
+
+def _scheduler_metrics(scheduler: Scheduler) -> Iterator[Metric]:
+    from prometheus_client.core import GaugeMetricFamily
+
+    from kimiha.scheduling.registry import SchedulerState, TaskState
+
+    state = GaugeMetricFamily("kimiha_scheduler_state", "1 for the scheduler's current state, 0 for the others",
+                              labels=["scheduler", "state"])
+    for st in SchedulerState:
+        state.add_metric([scheduler.name, st.value], 1.0 if scheduler.state is st else 0.0)
+    yield state
+    labels = ["task", "role"]
+    fams = _families("kimiha_task", [(name, "counter", doc) for _, name, doc in _TASK_COUNTERS], labels)
+    task_state = GaugeMetricFamily("kimiha_task_state", "1 for the task's current state, 0 for the others",
+                                   labels=[*labels, "state"])
+    quantiles = GaugeMetricFamily("kimiha_task_latency_quantile_seconds",
+                                  "time in the task's handler or execute() (when measured), quantile since start",
+                                  labels=[*labels, "quantile"])
+    for info in scheduler.registry:
+        snap = _task_snapshot(info)
+        key = [info.name, str(info.role)]
+        for field, metric, _ in _TASK_COUNTERS:
+            fams[metric].add_metric(key, float(snap[field]))
+        for st in TaskState:
+            task_state.add_metric([*key, st.value], 1.0 if info.state is st else 0.0)
+        hist = info.handler_latency()
+        if hist.count:
+            _add_quantiles(quantiles, key, hist)
+    yield from fams.values()
+    yield task_state
+    yield quantiles
+
+
+def _task_snapshot(info: Any) -> dict[str, int]:
+    return {"events_handled": info.handled(), "executions": info.executions, "errors": info.errors,
+            "restarts": info.restarts, "lagged": info.lagged}
+
+
+_LINK_COUNTERS = (
+    ("connects", "connects_total", "connections made"),
+    ("reconnects", "reconnects_total", "reconnections after a loss"),
+    ("disconnects", "disconnects_total", "connections lost"),
+    ("seconds_down", "down_seconds_total", "time spent disconnected"),
+    ("slow_consumers", "slow_consumers_total", "NATS slow-consumer events (messages dropped by the client)"),
+    ("async_errors", "errors_total", "errors reported by the NATS client"),
+    ("out_msgs", "messages_sent_total", "NATS messages sent"),
+    ("in_msgs", "messages_received_total", "NATS messages received"),
+)
+_EXPORT_COUNTERS = (
+    ("sent", "sent_total", "events sent (the last sequence number)"),
+    ("acked", "acked_total", "events JetStream acknowledged"),
+    ("resent", "resent_total", "events sent again after a reconnect or a refusal"),
+    ("dropped", "dropped_total", "events dropped from a full buffer (DROP_OLDEST)"),
+    ("lagged", "lagged_total", "events overwritten in the channel before export (lost)"),
+    ("nacks", "nacks_total", "refusals from JetStream"),
+    ("errors", "errors_total", "publish errors"),
+)
+_EXPORT_GAUGES = (
+    ("buffered", "buffered_events", "events waiting in the outgoing buffer"),
+    ("in_flight", "in_flight_events", "events sent, not yet acknowledged"),
+    ("buffer_high_water", "buffer_high_water_mark_events", "largest outgoing buffer seen"),
+    ("unflushed", "unflushed_events", "events not flushed at shutdown"),
+)
+_IMPORT_COUNTERS = (
+    ("received", "received_total", "messages received"),
+    ("delivered", "delivered_total", "events published into the channel"),
+    ("duplicates", "duplicates_total", "duplicates dropped"),
+    ("missing", "missing_total", "events lost in transit (sequence gaps)"),
+    ("gaps", "gaps_total", "sequence gaps seen"),
+    ("late", "late_total", "events that arrived out of order"),
+    ("suspect", "suspect_total", "events dropped as implausible sequences"),
+    ("bad_frames", "bad_frames_total", "undecodable frames (counted and skipped)"),
+    ("schema_mismatches", "schema_mismatches_total", "frames of another schema"),
+    ("channel_full_waits", "channel_full_waits_total", "waits for room in a BLOCK channel"),
+)
+
+
+def _bridge_metrics(scheduler: Scheduler) -> Iterator[Metric]:
+    from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+
+    from kimiha.bridge.exporter import ChannelExporter
+    from kimiha.bridge.importer import ChannelImporter
+    from kimiha.bridge.link import NatsLink
+
+    links, exports, imports = [], [], []
+    for info in scheduler.registry:
+        task = info.task
+        if isinstance(task, NatsLink):
+            links.append(task)
+        elif isinstance(task, ChannelExporter):
+            exports.append(task)
+        elif isinstance(task, ChannelImporter):
+            imports.append(task)
+    if not (links or exports or imports):
+        return
+    link_fams = _families("kimiha_bridge_link", [(m, "counter", d) for _, m, d in _LINK_COUNTERS], ["bridge"])
+    up = GaugeMetricFamily("kimiha_bridge_link_up", "1 while the NATS link is up", labels=["bridge"])
+    for link in links:
+        s = link.stats()
+        up.add_metric([link.name], 1.0 if s["up"] else 0.0)
+        for key, metric, _ in _LINK_COUNTERS:
+            link_fams[metric].add_metric([link.name], float(s[key] or 0))
+    yield up
+    yield from link_fams.values()
+    labels = ["bridge", "channel"]
+    exp = _families("kimiha_bridge_export", [(m, "counter", d) for _, m, d in _EXPORT_COUNTERS]
+                    + [(m, "gauge", d) for _, m, d in _EXPORT_GAUGES], labels)
+    for e in exports:
+        s = e.stats()
+        key = [e._link.name, e.type_name]
+        for field, metric, _ in _EXPORT_COUNTERS + _EXPORT_GAUGES:
+            if s[field] is not None:  # acked: JetStream only
+                exp[metric].add_metric(key, float(s[field]))
+    yield from exp.values()
+    imp = _families("kimiha_bridge_import", [(m, "counter", d) for _, m, d in _IMPORT_COUNTERS], labels)
+    latency = HistogramMetricFamily("kimiha_bridge_import_latency_seconds",
+                                    "sender publish -> local publish latency of imported events", labels=labels)
+    for i in imports:
+        s = i.stats()
+        key = [i._link.name, i.type_name]
+        for field, metric, _ in _IMPORT_COUNTERS:
+            imp[metric].add_metric(key, float(s[field]))
+        buckets, total, _count = histogram_buckets(i.latency)
+        latency.add_metric(key, buckets, total)
+    yield from imp.values()
+    yield latency
+
+
+class MetricsServer:
+    """An HTTP server for ``/metrics`` on its own thread; ``close()`` (or ``with``) stops it.
+
+    Parameters
+    ----------
+    port : int
+        TCP port; 0 picks a free one (read it back from :attr:`port`).
+    host : str
+        Address to bind: loopback by default, so nothing is exposed beyond the machine unless asked.
+    process : bool
+        Also export prometheus-client's ``process_*`` metrics (CPU, memory, file descriptors).
+    """
+
+    def __init__(self, port: int = DEFAULT_PORT, host: str = "127.0.0.1", *, process: bool = True) -> None:
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            from kimiha.error import InvalidConfigurationError
+
+            raise InvalidConfigurationError(f"metrics port: expected an int between 0 and 65535, got {port!r}")
+        require_client()
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.process_collector import ProcessCollector
+
+        self.host = host
+        self.collector = KimihaCollector()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.collector)
+        if process:
+            ProcessCollector(registry=self.registry)
+        self._requested_port = port
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> MetricsServer:
+        """Listen and serve; raise ``OSError`` naming the address when it cannot listen (e.g. port in use)."""
+        from prometheus_client import start_http_server
+
+        try:
+            self._server, self._thread = start_http_server(self._requested_port, addr=self.host,
+                                                           registry=self.registry)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot serve metrics on {self.host}:{self._requested_port}: "
+                                     f"{exc.strerror or exc}") from exc
+        return self
+
+    def watch(self, bus: EventBus | None, scheduler: Scheduler | None = None) -> MetricsServer:
+        """Report on ``bus`` and ``scheduler`` from the next scrape on; return self."""
+        self.collector.watch(bus, scheduler)
+        return self
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (the one picked when asked for 0)."""
+        if self._server is None:
+            return self._requested_port
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """``http://HOST:PORT/metrics``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        """Stop serving and wait for the server's thread (idempotent)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(5.0)
+            self._thread = None
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<MetricsServer {self.url}{'' if self._server is not None else ' (closed)'}>"
+
+
+def serve(bus: EventBus, scheduler: Scheduler | None = None, port: int = DEFAULT_PORT, *,
+          host: str = "127.0.0.1") -> MetricsServer:
+    """Serve ``bus``'s and ``scheduler``'s metrics at ``http://host:port/metrics``; return the server.
+
+    One line for an embedding application::
+
+        server = kimiha.metrics.serve(bus, scheduler, 9464)   # ... server.close() at the end
+
+    ``scheduler`` may be an orchestrator's (``engine.scheduler``); without it only the channels are reported.
+    Binds to loopback unless ``host`` says otherwise. Raises ``ImportError`` naming the ``metrics`` extra when
+    prometheus-client is missing, ``OSError`` naming the address when the port cannot be bound.
+    """
+    return MetricsServer(port, host).start().watch(bus, scheduler)

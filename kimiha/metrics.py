@@ -95,6 +95,11 @@ class KimihaCollector:
         self._bus = bus
         self._scheduler = scheduler
 
+    @property
+    def bus(self) -> EventBus | None:
+        """The bus reported on (None before :meth:`watch`)."""
+        return self._bus
+
     def watch(self, bus: EventBus | None, scheduler: Scheduler | None = None) -> None:
         """Report on ``bus`` and ``scheduler`` from the next scrape on."""
         with self._lock:
@@ -372,6 +377,11 @@ class MetricsServer:
         """Report on ``bus`` and ``scheduler`` from the next scrape on; return self."""
         self.collector.watch(bus, scheduler)
         return self
+
+    @property
+    def watching(self) -> bool:
+        """Whether a bus was given (:meth:`watch`)."""
+        return self.collector.bus is not None
 
     @property
     def port(self) -> int:

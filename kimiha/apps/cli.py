@@ -1,4 +1,5 @@
-"""Command line: ``kimiha demo`` (the main job) and ``kimiha bench`` (side-by-side benchmarks).
+"""Command line: ``kimiha demo`` (the main job), ``kimiha top`` (a live view of a running engine's metrics)
+and ``kimiha bench`` (side-by-side benchmarks).
 
 One set of conventions for every mode (see :data:`EXIT_STATUS`): an interrupted run stops cleanly, prints its
 summary and exits 128 + the signal's number; a closed stdout (``| head``) ends the run quietly with 141; a
@@ -18,8 +19,20 @@ import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kimiha.metrics import MetricsServer
 
 import kimiha
+from kimiha.apps.observe import (
+    MetricsUnavailable,
+    add_log_options,
+    add_metrics_options,
+    close_metrics,
+    configure_logs,
+    open_metrics,
+)
 from kimiha.runtime import LOOPS
 
 __all__ = ["EXIT_STATUS", "Interrupted", "main", "signal_exit_code", "sigterm_as_interrupt"]
@@ -114,6 +127,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(prog="kimiha", description="kimiha: low-latency trading orchestration",
                                      epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"kimiha {kimiha.__version__}")
+    add_log_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
@@ -138,6 +152,11 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     demo.add_argument("--connect-timeout", type=_seconds, default=None, metavar="SECONDS",
                       help=f"with --distributed: how long to wait for the NATS server to accept a connection "
                            f"before giving up (default {CONNECT_TIMEOUT:g})")
+    add_metrics_options(demo)  # with --distributed: the feed on PORT, the strategy on PORT+1, the executor PORT+2
+    add_log_options(demo, defaults=False)
+    from kimiha.apps.top import add_top_parser
+
+    add_top_parser(sub)
     sub.add_parser("bench", help="side-by-side benchmarks (kimiha vs asyncio.Queue, pyee, NautilusTrader); "
                                  "`kimiha bench help` lists the modes")
     return parser, demo
@@ -211,6 +230,11 @@ def _main(argv: Sequence[str] | None) -> int:
             return signal_exit_code(signame)
     parser, demo = _parser()
     args = parser.parse_args(args_list)
+    configure_logs(args)
+    if args.command == "top":
+        from kimiha.apps.top import main as top_main
+
+        return top_main(args)
     if args.command != "demo":  # pragma: no cover - argparse rejects unknown commands
         return 2
     if not args.distributed:
@@ -219,17 +243,33 @@ def _main(argv: Sequence[str] | None) -> int:
             if value is not None:
                 demo.error(f"{option} applies to the distributed demo only: add --distributed, or leave out "
                            f"{option} (the in-process demo uses no NATS)")
+    elif args.metrics_linger:
+        demo.error("--metrics-linger applies to the in-process demo only: each process of the distributed demo "
+                   "serves its metrics until it exits")
 
     if args.distributed:
         from kimiha.apps.distributed import main as distributed_main
 
         return distributed_main(args)
 
+    try:
+        metrics = open_metrics(args)
+    except MetricsUnavailable as exc:
+        print(f"kimiha demo: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _demo(args, metrics)
+    finally:
+        close_metrics(metrics, args)
+
+
+def _demo(args: argparse.Namespace, metrics: MetricsServer | None) -> int:
     from kimiha.apps.demo import RecordingError, format_summary, run_demo
 
     try:
         summary = kimiha.run(
-            run_demo(args.data, speed=args.speed, progress=None if args.no_progress else sys.stderr),
+            run_demo(args.data, speed=args.speed, progress=None if args.no_progress else sys.stderr,
+                     metrics=metrics),
             loop=args.loop,
         )
     except RecordingError as exc:

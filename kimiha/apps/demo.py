@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from kimiha.error import InvalidConfigurationError, SerializationError
 from kimiha.event_bus import EventBus
@@ -33,6 +33,9 @@ from kimiha.venues.binance import (
 )
 
 __all__ = ["RecordingError", "accounting", "channel_summary", "format_summary", "log_not_shown", "run_demo", "survey_recordings"]
+
+if TYPE_CHECKING:
+    from kimiha.metrics import MetricsServer
 
 logger = logging.getLogger("kimiha.apps.demo")
 
@@ -132,8 +135,12 @@ class Progress:
 
 
 async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | None = None,
-                   progress: TextIO | None = sys.stderr, capacity: int = 4096) -> dict[str, Any]:
-    """Run the pipeline over ``data`` (default: the shipped tape) and return the summary as a dict."""
+                   progress: TextIO | None = sys.stderr, capacity: int = 4096,
+                   metrics: MetricsServer | None = None) -> dict[str, Any]:
+    """Run the pipeline over ``data`` (default: the shipped tape) and return the summary as a dict.
+
+    ``metrics``: a started :class:`~kimiha.metrics.MetricsServer` to report this run's bus and scheduler.
+    """
     paths: list[Any] = list(data) if data else recorded_tape()
     expected = survey_recordings(paths)
     total = sum(expected.values())
@@ -151,6 +158,8 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
         .with_executor(executor)
         .build()
     )
+    if metrics is not None:
+        metrics.watch(bus, orchestrator.scheduler)
     bar = Progress(total, progress)
     started = time.perf_counter()
     interrupted: list[str] = []

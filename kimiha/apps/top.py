@@ -225,9 +225,12 @@ def render(url: str, snap: Snapshot | None, prev: Snapshot | None, error: str | 
     dt = snap.at - prev.at if prev is not None else 0.0
     channels = Table(title="channels", title_justify="left", box=box.SIMPLE_HEAD, header_style="bold",
                      pad_edge=False)
+    widest = max((len(name) for name in snap.channels), default=7)
     for column in ("channel", "pub/s", "published", "deliv/s", "lagged", "backlog", "hwm/cap", "p50 us",
                    "p99 us", "max us", "bad", "errors"):
-        channels.add_column(column, justify="left" if column == "channel" else "right", no_wrap=True)
+        # names are never cut: on a narrow terminal the numbers' columns give way first
+        channels.add_column(column, justify="left" if column == "channel" else "right", no_wrap=True,
+                            min_width=min(widest, 24) if column == "channel" else None)
     for name, c in snap.channels.items():
         before = prev.channels.get(name) if prev is not None else None
         lagged = c.get("lagged", 0.0)
@@ -243,9 +246,10 @@ def render(url: str, snap: Snapshot | None, prev: Snapshot | None, error: str | 
     if snap.tasks:
         tasks = Table(title="tasks", title_justify="left", box=box.SIMPLE_HEAD, header_style="bold",
                       pad_edge=False)
+        widest = max(len(name) for name, _ in snap.tasks)
         for column in ("task", "role", "state", "handled", "handled/s", "execs", "errors", "restarts", "lagged"):
             tasks.add_column(column, justify="left" if column in ("task", "role", "state") else "right",
-                             no_wrap=True)
+                             no_wrap=True, min_width=min(widest, 24) if column == "task" else None)
         for (name, role), t in snap.tasks.items():
             before_t = prev.tasks.get((name, role)) if prev is not None else None
             state = str(t.get("state", "?"))

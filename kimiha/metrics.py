@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from kimiha.event_bus import EventBus
     from kimiha.scheduler import Scheduler
 
-__all__ = ["DEFAULT_PORT", "LATENCY_BUCKETS", "KimihaCollector", "MetricsServer", "serve", "require_client",
-           "histogram_buckets"]
+__all__ = ["DEFAULT_PORT", "LATENCY_BUCKETS", "KimihaCollector", "MetricsServer", "histogram_buckets",
+           "require_client", "serve"]
 
 #: The port of ``--metrics-port`` examples (Prometheus' exporter registry has no entry for it).
 DEFAULT_PORT = 9464
@@ -224,8 +224,8 @@ def _scheduler_metrics(scheduler: Scheduler) -> Iterator[Metric]:
         key = [info.name, str(info.role)]
         for field, metric, _ in _TASK_COUNTERS:
             fams[metric].add_metric(key, float(snap[field]))
-        for st in TaskState:
-            task_state.add_metric([*key, st.value], 1.0 if info.state is st else 0.0)
+        for task_st in TaskState:
+            task_state.add_metric([*key, task_st.value], 1.0 if info.state is task_st else 0.0)
         hist = info.handler_latency()
         if hist.count:
             _add_quantiles(quantiles, key, hist)
@@ -310,21 +310,21 @@ def _bridge_metrics(scheduler: Scheduler) -> Iterator[Metric]:
                     + [(m, "gauge", d) for _, m, d in _EXPORT_GAUGES], labels)
     for e in exports:
         s = e.stats()
-        key = [e._link.name, e.type_name]
+        ends = [e._link.name, e.type_name]
         for field, metric, _ in _EXPORT_COUNTERS + _EXPORT_GAUGES:
             if s[field] is not None:  # acked: JetStream only
-                exp[metric].add_metric(key, float(s[field]))
+                exp[metric].add_metric(ends, float(s[field]))
     yield from exp.values()
     imp = _families("kimiha_bridge_import", [(m, "counter", d) for _, m, d in _IMPORT_COUNTERS], labels)
     latency = HistogramMetricFamily("kimiha_bridge_import_latency_seconds",
                                     "sender publish -> local publish latency of imported events", labels=labels)
     for i in imports:
         s = i.stats()
-        key = [i._link.name, i.type_name]
+        ends = [i._link.name, i.type_name]
         for field, metric, _ in _IMPORT_COUNTERS:
-            imp[metric].add_metric(key, float(s[field]))
+            imp[metric].add_metric(ends, float(s[field]))
         buckets, total, _count = histogram_buckets(i.latency)
-        latency.add_metric(key, buckets, total)
+        latency.add_metric(ends, buckets, total)
     yield from imp.values()
     yield latency
 

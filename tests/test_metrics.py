@@ -325,3 +325,38 @@ def test_linger_is_for_the_in_process_demo(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT, env={**os.environ})
     assert out.returncode == 2
     assert "--metrics-linger applies to the in-process demo only" in out.stderr
+
+
+def test_distributed_processes_serve_their_metrics(tmp_path):
+    """``demo --distributed --metrics-port 0``: each process serves its bus, its tasks and its bridge."""
+    pytest.importorskip("nats")
+    tape = small_tape(tmp_path, 1500)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kimiha", "demo", "--distributed", "--data", str(tape), "--speed", "4",
+         "--metrics-port", "0", "--json", "--no-progress"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = ""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and not line.startswith("metrics: serving"):
+            line = proc.stderr.readline()
+            assert line, f"the distributed demo ended without serving metrics (exit {proc.poll()})"
+        urls = dict(part.split(" ") for part in line.removeprefix("metrics: serving ").strip().split(", "))
+        assert sorted(urls) == ["executor", "feed", "strategy"]
+        scraped = {role: samples(scrape(url)) for role, url in urls.items()}
+        summary = read_summary(proc)
+    finally:
+        proc.wait(TIMEOUT)
+    assert proc.returncode == 0
+    assert summary["all_lines_accounted"]
+    feed, strategy, executor = scraped["feed"], scraped["strategy"], scraped["executor"]
+    assert value(feed, "kimiha_scheduler_state", scheduler="kimiha-feed", state="running") == 1
+    assert value(feed, "kimiha_channel_published_total", channel="RawMarketData") <= 1500
+    assert any(name == "kimiha_bridge_export_sent_total" and ("channel", "MarketData") in labels
+               for name, labels in feed)
+    assert any(name == "kimiha_bridge_import_delivered_total" and ("channel", "MarketData") in labels
+               for name, labels in strategy)
+    assert any(name == "kimiha_bridge_import_delivered_total" and ("channel", "Orders") in labels
+               for name, labels in executor)
+    assert any(name == "kimiha_bridge_link_up" and v == 1 for (name, _), v in executor.items())

@@ -58,7 +58,7 @@ def metrics_url(text: str) -> str:
     return urllib.parse.urlunsplit(parts)
 
 
-def add_top_parser(sub: Any) -> argparse.ArgumentParser:
+def add_top_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Add the ``top`` subcommand to the CLI's subparsers."""
     top = sub.add_parser(
         "top", help="live view of a running engine from its metrics endpoint (--metrics-port)",
@@ -100,7 +100,7 @@ def fetch(url: str, timeout: float) -> str:
     """Return the endpoint's text; raise ``OSError`` (``urllib.error.URLError`` among them) when it does not
     answer, or answers with an HTTP error."""
     request = urllib.request.Request(url, headers={"Accept": "text/plain"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - the user's own URL
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         body: bytes = response.read()
     return body.decode("utf-8", errors="replace")
 

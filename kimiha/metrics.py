@@ -4,8 +4,9 @@ Needs the ``metrics`` extra (``pip install 'kimiha[metrics]'``, ``'.[metrics]'``
 
 Nothing here runs per event. A custom collector reads the counters the compiled core and the scheduler keep
 anyway (channel counters, the C latency histograms, the task registry, the NATS bridge's tasks) when a scraper
-asks, in the HTTP server's thread; the dispatch loop never sees a scrape except as the GIL it takes for the
-read (``benchmarks/README.md`` has the measured cost).
+asks: the HTTP server has its own thread, and a scrape is rendered on the watched event loop between two of its
+callbacks (a consistent snapshot), or in the server's thread when no loop runs or the loop does not answer in
+time. What a scrape costs the dispatch loop is measured in ``benchmarks/README.md``.
 
 Names follow the Prometheus conventions: prefix ``kimiha_``, counters end in ``_total``, times are in seconds,
 event counts in events. The latency histograms are the C histograms' buckets (about 1.6 % wide) folded into
@@ -16,7 +17,12 @@ bucket, so a bucket's count is never more than the values truly at or below its 
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import socket
+import socketserver
 import threading
+import wsgiref.simple_server
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -329,8 +335,28 @@ def _bridge_metrics(scheduler: Scheduler) -> Iterator[Metric]:
     yield latency
 
 
+class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+        pass  # one line per scrape on stderr would drown the run's own output
+
+
+class _Server(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class MetricsServer:
     """An HTTP server for ``/metrics`` on its own thread; ``close()`` (or ``with``) stops it.
+
+    A scrape is rendered on the event loop the server watches (the loop running when :meth:`watch` was
+    called), between two of its callbacks: every counter of one scrape comes from the same instant, and the
+    render runs in one go instead of trading the GIL with the loop's thread every few milliseconds. When that
+    loop is not running (after the run, before it) or does not take the job within ``loop_timeout`` seconds
+    (a handler blocking it), the server's thread renders instead: a stuck engine can still be scraped.
 
     Parameters
     ----------
@@ -340,9 +366,12 @@ class MetricsServer:
         Address to bind: loopback by default, so nothing is exposed beyond the machine unless asked.
     process : bool
         Also export prometheus-client's ``process_*`` metrics (CPU, memory, file descriptors).
+    loop_timeout : float
+        How long a scrape waits for the loop before it reads from the server's thread.
     """
 
-    def __init__(self, port: int = DEFAULT_PORT, host: str = "127.0.0.1", *, process: bool = True) -> None:
+    def __init__(self, port: int = DEFAULT_PORT, host: str = "127.0.0.1", *, process: bool = True,
+                 loop_timeout: float = 1.0) -> None:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             from kimiha.error import InvalidConfigurationError
 
@@ -352,31 +381,91 @@ class MetricsServer:
         from prometheus_client.process_collector import ProcessCollector
 
         self.host = host
+        self.loop_timeout = loop_timeout
         self.collector = KimihaCollector()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
         if process:
             ProcessCollector(registry=self.registry)
         self._requested_port = port
-        self._server: Any = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Scrapes rendered on the loop, and in the server's thread (no loop, or it did not answer in time).
+        self.scrapes_on_loop = 0
+        self.scrapes_in_thread = 0
 
     def start(self) -> MetricsServer:
         """Listen and serve; raise ``OSError`` naming the address when it cannot listen (e.g. port in use)."""
-        from prometheus_client import start_http_server
-
+        cls = _Server6 if ":" in self.host else _Server
         try:
-            self._server, self._thread = start_http_server(self._requested_port, addr=self.host,
-                                                           registry=self.registry)
+            server = cls((self.host, self._requested_port), _QuietHandler)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot serve metrics on {self.host}:{self._requested_port}: "
                                      f"{exc.strerror or exc}") from exc
+        server.set_app(self._app)
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name=f"kimiha-metrics:{self.port}",
+                                        daemon=True)
+        self._thread.start()
         return self
 
     def watch(self, bus: EventBus | None, scheduler: Scheduler | None = None) -> MetricsServer:
-        """Report on ``bus`` and ``scheduler`` from the next scrape on; return self."""
+        """Report on ``bus`` and ``scheduler`` from the next scrape on (rendered on the running loop, if any);
+        return self."""
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
         self.collector.watch(bus, scheduler)
         return self
+
+    def render(self) -> bytes:
+        """Return one scrape in the Prometheus text format (what ``GET /metrics`` answers)."""
+        from prometheus_client import generate_latest
+
+        loop = self._loop
+        if loop is not None and loop.is_running() and not loop.is_closed() and not _in_loop_thread(loop):
+            job: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+
+            def render_on_loop() -> None:
+                if job.set_running_or_notify_cancel():  # False once the scrape gave up waiting
+                    try:
+                        job.set_result(generate_latest(self.registry))
+                    except BaseException as exc:  # handed to the scrape, which answers 500
+                        job.set_exception(exc)
+
+            try:
+                loop.call_soon_threadsafe(render_on_loop)
+                body = job.result(timeout=self.loop_timeout)
+                self.scrapes_on_loop += 1
+                return body
+            except RuntimeError:  # the loop closed in between
+                pass
+            except concurrent.futures.TimeoutError:
+                job.cancel()
+        body = generate_latest(self.registry)
+        self.scrapes_in_thread += 1
+        return body
+
+    def _app(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        path = environ.get("PATH_INFO", "/")
+        if path not in ("/metrics", "/"):
+            body = f"kimiha metrics: no page {path}; the metrics are at /metrics\n".encode()
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8"),
+                                             ("Content-Length", str(len(body)))])
+            return [body]
+        try:
+            body = self.render()
+        except Exception as exc:  # a broken collector answers 500 with the reason, never kills the server
+            body = f"kimiha metrics: the scrape failed: {exc!r}\n".encode()
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain; charset=utf-8"),
+                                                         ("Content-Length", str(len(body)))])
+            return [body]
+        start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))])
+        return [body]
 
     @property
     def watching(self) -> bool:
@@ -400,6 +489,7 @@ class MetricsServer:
         """Stop serving and wait for the server's thread (idempotent)."""
         server, self._server = self._server, None
         if server is not None:
+            self._requested_port = int(server.server_address[1])
             server.shutdown()
             server.server_close()
         if self._thread is not None:
@@ -414,6 +504,13 @@ class MetricsServer:
 
     def __repr__(self) -> str:
         return f"<MetricsServer {self.url}{'' if self._server is not None else ' (closed)'}>"
+
+
+def _in_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def serve(bus: EventBus, scheduler: Scheduler | None = None, port: int = DEFAULT_PORT, *,

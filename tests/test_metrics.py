@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -360,3 +361,49 @@ def test_distributed_processes_serve_their_metrics(tmp_path):
     assert any(name == "kimiha_bridge_import_delivered_total" and ("channel", "Orders") in labels
                for name, labels in executor)
     assert any(name == "kimiha_bridge_link_up" and v == 1 for (name, _), v in executor.items())
+
+
+def test_scrape_is_rendered_on_the_loop_and_in_the_thread_when_the_loop_is_stuck():
+    async def main() -> tuple[int, int, int, int]:
+        bus = EventBus([(Ev.TICKS, ChannelConfig(8))])
+        server = MetricsServer(0, loop_timeout=0.2).start().watch(bus)
+        try:
+            await asyncio.to_thread(scrape, server.url)  # the loop is free: it renders
+            on_loop, in_thread = server.scrapes_on_loop, server.scrapes_in_thread
+            # a handler blocking the loop for 1 s: the scrape answers from the server's thread meanwhile
+            pending = asyncio.get_running_loop().run_in_executor(None, scrape, server.url)
+            time.sleep(1.0)
+            await pending
+            return on_loop, in_thread, server.scrapes_on_loop, server.scrapes_in_thread
+        finally:
+            server.close()
+
+    on_loop, in_thread, on_loop_after, in_thread_after = kimiha.run(main())
+    assert (on_loop, in_thread) == (1, 0)
+    assert (on_loop_after, in_thread_after) == (1, 1)
+
+
+def test_scrape_without_a_loop_reads_in_the_thread():
+    bus = EventBus([(Ev.TICKS, ChannelConfig(8))])
+    with serve(bus, None, 0) as server:  # called outside any loop
+        found = samples(scrape(server.url))
+        assert (server.scrapes_on_loop, server.scrapes_in_thread) == (0, 1)
+    assert value(found, "kimiha_channel_capacity_events", channel="Ticks") == 8
+
+
+def test_unknown_path_is_404_and_a_broken_collector_500(monkeypatch):
+    bus = EventBus([(Ev.TICKS, ChannelConfig(8))])
+    with serve(bus, None, 0) as server:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(server.url.replace("/metrics", "/nope"), timeout=10)
+        assert err.value.code == 404 and b"/metrics" in err.value.read()
+
+        def broken() -> Any:
+            raise RuntimeError("collector broke")
+
+        monkeypatch.setattr(server.collector, "collect", broken)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(server.url, timeout=10)
+        assert err.value.code == 500 and b"collector broke" in err.value.read()
+        monkeypatch.undo()
+        assert value(samples(scrape(server.url)), "kimiha_watched") == 1  # the server lives on

@@ -4,9 +4,12 @@ One process, one loop: a bus shaped like the demo's (5 channels, latency tracked
 tasks; a publisher floods channel 0 (chunks of 512, each handled before the next) for ``--seconds`` per run and
 counts events handled per second. The metrics server (``kimiha.metrics.serve``) is up in every run; in the
 "scrape" runs a separate process (as Prometheus would be) fetches ``/metrics`` every ``--every`` seconds.
-Runs are interleaved (the order alternates each repetition) and the ratio is of the medians of this same run.
-It also times one scrape in the process (``generate_latest`` on the server's registry): the CPU the loop's
-thread can lose per scrape, since the server's thread holds the GIL while it reads.
+A third mode is the control for the machine: the same scraper process, at the same rate, fetching a copy of
+the same text from a server in its own process (its CPU on the machine, none in the engine's process); on a
+machine whose cores are shared, "scrape vs control" is the engine's own cost and "scrape vs none" includes the
+scraper's. Runs are interleaved (the order rotates each repetition); ratios are of this same run's medians.
+It also times one scrape rendered in the process (``MetricsServer.render``, which a real scrape runs on the loop):
+what one scrape takes from the loop.
 
     python benchmarks/metrics_scrape.py [--seconds 1] [--repeat 7] [--every 0.1] [--loop uvloop] [--json PATH]
 """
@@ -16,9 +19,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import kimiha
@@ -29,6 +34,20 @@ SCRAPER = r"""
 import sys, time, urllib.request
 url, every = sys.argv[1], float(sys.argv[2])
 n = 0
+if url.startswith("self:"):  # the control: the same client work against a copy served in this process
+    import http.server, threading
+    body = open(url[5:], "rb").read()
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *args):
+            pass
+    own = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=own.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{own.server_address[1]}/metrics"
 urllib.request.urlopen(url, timeout=10).read()
 print("ready", flush=True)
 import select
@@ -106,8 +125,6 @@ def stop_scraper(proc: subprocess.Popen[str]) -> int:
 
 
 async def main(opts: argparse.Namespace) -> dict[str, object]:
-    from prometheus_client import generate_latest
-
     bus = EventBus([(ev, ChannelConfig(4096, payload_type=Tick)) for ev in Ev])
     scheduler = Scheduler(bus)
     tasks = [Handler(ev) for ev in (Ev.C0, Ev.C1, Ev.C3, Ev.C4)]
@@ -115,38 +132,49 @@ async def main(opts: argparse.Namespace) -> dict[str, object]:
         scheduler.register_event_task(task)
     events = [Tick(i, 100.0 + i * 0.01) for i in range(512)]
     server = serve(bus, scheduler, 0)
-    samples: dict[str, list[float]] = {"none": [], "scrape": []}
+    samples: dict[str, list[float]] = {"none": [], "control": [], "scrape": []}
     scrapes: list[int] = []
+    copy = os.path.join(tempfile.mkdtemp(prefix="kimiha-scrape-"), "metrics.txt")
     try:
         await scheduler.start()
         await flood(bus, tasks[0], events, min(opts.seconds, 0.3))  # warm-up, not counted
+        with open(copy, "wb") as f:
+            f.write(await asyncio.to_thread(server.render))
+        modes = list(samples)
         for rep in range(opts.repeat):
-            order = ("none", "scrape") if rep % 2 == 0 else ("scrape", "none")
+            order = modes[rep % 3:] + modes[:rep % 3]
             for mode in order:
-                scraper = start_scraper(server.url, opts.every) if mode == "scrape" else None
+                target = {"none": None, "control": f"self:{copy}", "scrape": server.url}[mode]
+                scraper = start_scraper(target, opts.every) if target is not None else None
                 try:
                     samples[mode].append(await flood(bus, tasks[0], events, opts.seconds))
                 finally:
                     if scraper is not None:
-                        scrapes.append(stop_scraper(scraper))
+                        done = stop_scraper(scraper)
+                        if mode == "scrape":
+                            scrapes.append(done)
                 print(f"  {mode:<6} rep {rep + 1}/{opts.repeat}: {samples[mode][-1]:,.0f} events/s",
                       file=sys.stderr, flush=True)
         one = []
         for _ in range(50):
             t0 = time.perf_counter()
-            body = generate_latest(server.registry)
+            body = server.render()
             one.append(time.perf_counter() - t0)
     finally:
         await scheduler.shutdown()
         server.close()
     none, scrape = statistics.median(samples["none"]), statistics.median(samples["scrape"])
+    control = statistics.median(samples["control"])
     per_scrape = statistics.median(one)
-    # each repetition's two runs are neighbours in time: their ratio cancels the machine's slow drift
+    # each repetition's runs are neighbours in time: their ratio cancels the machine's slow drift
     paired = [s / n for s, n in zip(samples["scrape"], samples["none"])]
+    paired_control = [s / c for s, c in zip(samples["scrape"], samples["control"])]
     return {
         "loop": opts.loop, "seconds": opts.seconds, "repeat": opts.repeat, "every_s": opts.every,
-        "events_per_s": samples, "median_none": none, "median_scrape": scrape, "ratio_scrape_vs_none": scrape / none,
+        "events_per_s": samples, "median_none": none, "median_control": control, "median_scrape": scrape,
+        "ratio_scrape_vs_none": scrape / none, "ratio_scrape_vs_control": scrape / control,
         "paired_ratios": paired, "median_paired_ratio": statistics.median(paired),
+        "median_paired_ratio_vs_control": statistics.median(paired_control),
         "scrapes_per_run": scrapes, "scrapes_per_s": statistics.mean(scrapes) / opts.seconds,
         "one_scrape_s": per_scrape, "scrape_bytes": len(body),
         "cpu_share_at_interval": per_scrape / opts.every,
@@ -165,9 +193,12 @@ def cli() -> None:
     print(f"dispatch throughput, {opts.loop}, median of {opts.repeat} interleaved {opts.seconds:g} s runs "
           f"(5 channels, 4 event tasks, sync handler):")
     print(f"  no scrape                    {result['median_none']:>14,.0f} events/s")
+    print(f"  control (scraper elsewhere)  {result['median_control']:>14,.0f} events/s")
     print(f"  scrape every {opts.every * 1e3:g} ms          {result['median_scrape']:>14,.0f} events/s   "
           f"ratio of medians {result['ratio_scrape_vs_none']:.3f}, median of paired ratios "
           f"{result['median_paired_ratio']:.3f}  ({result['scrapes_per_s']:.1f} scrapes/s done)")
+    print(f"  scrape vs control: ratio of medians {result['ratio_scrape_vs_control']:.3f}, median of paired ratios "
+          f"{result['median_paired_ratio_vs_control']:.3f}")
     print(f"  one scrape in process: {result['one_scrape_s'] * 1e6:,.0f} us for {result['scrape_bytes']:,} bytes "
           f"= {result['cpu_share_at_interval'] * 100:.2f} % of one core at one scrape per {opts.every:g} s")
     if opts.json:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import socket
 import socketserver
 import threading
@@ -34,8 +35,11 @@ if TYPE_CHECKING:
     from kimiha.event_bus import EventBus
     from kimiha.scheduler import Scheduler
 
-__all__ = ["DEFAULT_PORT", "LATENCY_BUCKETS", "KimihaCollector", "MetricsServer", "histogram_buckets",
-           "require_client", "serve"]
+__all__ = ["CONTENT_TYPE", "DEFAULT_PORT", "LATENCY_BUCKETS", "Family", "KimihaCollector", "MetricsServer",
+           "histogram_buckets", "render_text", "require_client", "serve"]
+
+#: What the server answers: the Prometheus text format 0.0.4, which every Prometheus version reads.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: The port of ``--metrics-port`` examples (Prometheus' exporter registry has no entry for it).
 DEFAULT_PORT = 9464
@@ -45,8 +49,9 @@ LATENCY_BUCKETS: tuple[float, ...] = tuple(
     m * 10.0 ** e for e in range(-6, 1) for m in (1.0, 2.5, 5.0)
 ) + (10.0,)
 
-#: Quantiles exported exactly from the C histograms (``1`` is the maximum).
+#: Quantiles exported exactly from the C histograms (``1`` is the maximum), with their label text.
 QUANTILES = (0.5, 0.9, 0.99, 0.999, 1.0)
+QUANTILE_LABELS = tuple((q, f"{q:g}") for q in QUANTILES)
 
 _EXTRA_HINT = ("kimiha.metrics needs prometheus-client: pip install 'kimiha[metrics]' ('.[metrics]' in a "
                "checkout)")
@@ -61,7 +66,7 @@ def require_client() -> None:
 
 
 def histogram_buckets(hist: LatencyHistogram,
-                      bounds: Iterable[float] = LATENCY_BUCKETS) -> tuple[list[tuple[str, float]], float, int]:
+                      bounds: Iterable[float] = LATENCY_BUCKETS) -> tuple[list[tuple[str, int]], float, int]:
     """Fold ``hist``'s fine buckets into Prometheus buckets.
 
     Returns
@@ -72,28 +77,65 @@ def histogram_buckets(hist: LatencyHistogram,
     """
     fine = hist.buckets()  # one C call: a consistent snapshot of every bucket
     mean_ns = hist.mean
-    limits = [(b, round(b * 1e9)) for b in bounds]
-    out: list[tuple[str, float]] = []
+    out: list[tuple[str, int]] = []
     cumulative = 0
     i = 0
-    for bound, bound_ns in limits:
+    for le, bound_ns in _bounds(tuple(bounds)):
         while i < len(fine) and fine[i][0] <= bound_ns:
             cumulative += fine[i][1]
             i += 1
-        out.append((_le(bound), float(cumulative)))
+        out.append((le, cumulative))
     count = cumulative + sum(c for _, c in fine[i:])
-    out.append(("+Inf", float(count)))
+    out.append(("+Inf", count))
     return out, mean_ns * count / 1e9, count
 
 
-def _le(bound: float) -> str:
-    return repr(float(f"{bound:.6g}"))
+@functools.lru_cache(maxsize=8)
+def _bounds(bounds: tuple[float, ...]) -> tuple[tuple[str, int], ...]:
+    return tuple((repr(float(f"{b:.6g}")), round(b * 1e9)) for b in bounds)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a scrape holds: plain families of samples, written as text by the server or handed to prometheus-client.
+
+_Labels = tuple[tuple[str, str], ...]
+
+
+class Family:
+    """One metric family of a scrape: ``name`` (without the ``_total`` / ``_info`` of counters and infos),
+    Prometheus ``kind``, ``help``, and ``samples`` as ``(sample name, labels, value)``."""
+
+    __slots__ = ("help", "kind", "name", "samples")
+
+    def __init__(self, name: str, kind: str, help: str) -> None:  # noqa: A002 - Prometheus' word
+        self.name = name
+        self.kind = kind
+        self.help = help
+        self.samples: list[tuple[str, _Labels, float]] = []
+
+    @property
+    def sample_name(self) -> str:
+        """The name of a plain sample of this family (``x_total`` for a counter ``x``)."""
+        return self.name + {"counter": "_total", "info": "_info"}.get(self.kind, "")
+
+    def add(self, labels: _Labels, value: float) -> None:
+        self.samples.append((self.sample_name, labels, value))
+
+    def add_histogram(self, labels: _Labels, hist: LatencyHistogram) -> None:
+        buckets, total, count = histogram_buckets(hist)
+        bucket = self.name + "_bucket"
+        for le, c in buckets:
+            self.samples.append((bucket, (*labels, ("le", le)), c))
+        self.samples.append((self.name + "_count", labels, count))
+        self.samples.append((self.name + "_sum", labels, total))
 
 
 class KimihaCollector:
-    """A Prometheus collector over one bus and (optionally) its scheduler; reads everything at scrape time.
+    """What a scrape reads: one bus and (optionally) its scheduler, everything read at scrape time.
 
-    ``watch`` sets what it reads, so a server can listen before the engine it reports on is built.
+    ``watch`` sets what it reads, so a server can listen before the engine it reports on is built. It is also a
+    prometheus-client collector (``collect()``): an application that runs its own prometheus-client registry can
+    ``registry.register(KimihaCollector(bus, scheduler))`` instead of starting :class:`MetricsServer`.
     """
 
     def __init__(self, bus: EventBus | None = None, scheduler: Scheduler | None = None) -> None:
@@ -112,38 +154,92 @@ class KimihaCollector:
             self._bus = bus
             self._scheduler = scheduler
 
+    def families(self) -> list[Family]:
+        """Read everything now; return the families of one scrape."""
+        import kimiha
+
+        with self._lock:
+            bus, scheduler = self._bus, self._scheduler
+        info = Family("kimiha_build", "info", "kimiha's version")
+        info.add((("version", kimiha.__version__),), 1)
+        watched = Family("kimiha_watched", "gauge", "1 once the endpoint reports on a bus (0 before)")
+        watched.add((), 1 if bus is not None else 0)
+        out = [info, watched]
+        if bus is not None:
+            out += _channel_metrics(bus)
+        if scheduler is not None:
+            out += _scheduler_metrics(scheduler)
+            out += _bridge_metrics(scheduler)
+        return out
+
     def describe(self) -> list[Metric]:
         # An empty description: the registry then takes the metric names from collect() at registration,
         # which runs here before any bus is watched; every name is unique to this collector anyway.
         return []
 
     def collect(self) -> Iterator[Metric]:
-        from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+        """The families as prometheus-client metrics (the ``Collector`` interface)."""
+        from prometheus_client.metrics_core import Metric
 
-        import kimiha
-
-        with self._lock:
-            bus, scheduler = self._bus, self._scheduler
-        info = InfoMetricFamily("kimiha_build", "kimiha's version")
-        info.add_metric([], {"version": kimiha.__version__})
-        yield info
-        watched = GaugeMetricFamily("kimiha_watched", "1 once the endpoint reports on a bus (0 before)")
-        watched.add_metric([], 1.0 if bus is not None else 0.0)
-        yield watched
-        if bus is not None:
-            yield from _channel_metrics(bus)
-        if scheduler is not None:
-            yield from _scheduler_metrics(scheduler)
-            yield from _bridge_metrics(scheduler)
+        for family in self.families():
+            metric = Metric(family.name, family.help, family.kind)
+            for name, labels, value in family.samples:
+                metric.add_sample(name, dict(labels), float(value))
+            yield metric
 
 
-def _families(prefix: str, specs: Iterable[tuple[str, str, str]], labels: list[str]) -> dict[str, Any]:
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+_LABEL_TEXT: dict[_Labels, str] = {}
 
-    out: dict[str, Any] = {}
+
+def _label_text(labels: _Labels) -> str:
+    text = _LABEL_TEXT.get(labels)
+    if text is None:
+        if len(_LABEL_TEXT) > 50_000:  # label sets come from channel and task names: a handful, but bounded
+            _LABEL_TEXT.clear()
+        inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+        text = _LABEL_TEXT[labels] = "{" + inner + "}"
+    return text
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if type(value) is int:
+        return str(value)
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def render_text(families: Iterable[Family]) -> str:
+    """Write ``families`` in the Prometheus text format 0.0.4 (what ``prometheus_client.parser`` reads).
+
+    Written here rather than through prometheus-client's ``generate_latest``, which validates and escapes
+    every sample again on each scrape: measured, that made a scrape of the demo's engine about three times the
+    CPU, all of it taken from the dispatch loop (benchmarks/README.md).
+    """
+    out: list[str] = []
+    for f in families:
+        text_name = f.sample_name if f.kind in ("counter", "info") else f.name
+        kind = "gauge" if f.kind == "info" else f.kind
+        out.append(f"# HELP {text_name} {_escape_help(f.help)}\n# TYPE {text_name} {kind}\n")
+        for name, labels, value in f.samples:
+            out.append(f"{name}{_label_text(labels) if labels else ''} {_number(value)}\n")
+    return "".join(out)
+
+
+def _families(prefix: str, specs: Iterable[tuple[str, str, str]]) -> dict[str, Family]:
+    out: dict[str, Family] = {}
     for key, kind, doc in specs:
-        cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-        out[key] = cls(f"{prefix}_{key}", doc, labels=labels)
+        out[key] = Family(f"{prefix}_{key.removesuffix('_total')}", kind, doc)
     return out
 
 
@@ -166,37 +262,32 @@ _CHANNEL_GAUGES = (
 )
 
 
-def _channel_metrics(bus: EventBus) -> Iterator[Metric]:
-    from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
+
+def _channel_metrics(bus: EventBus) -> list[Family]:
     fams = _families("kimiha_channel", [(name, "counter", doc) for _, name, doc in _CHANNEL_COUNTERS]
-                     + [(name, "gauge", doc) for _, name, doc in _CHANNEL_GAUGES], ["channel"])
-    latency = HistogramMetricFamily("kimiha_channel_latency_seconds",
-                                    "publish -> handler latency of the channel's events", labels=["channel"])
-    quantiles = GaugeMetricFamily("kimiha_channel_latency_quantile_seconds",
-                                  "publish -> handler latency quantile since start (1 = maximum)",
-                                  labels=["channel", "quantile"])
+                     + [(name, "gauge", doc) for _, name, doc in _CHANNEL_GAUGES])
+    latency = Family("kimiha_channel_latency_seconds", "histogram", "publish -> handler latency of the channel's events")
+    quantiles = Family("kimiha_channel_latency_quantile_seconds", "gauge",
+                       "publish -> handler latency quantile since start (1 = maximum)")
     for ch in bus._all_channels():
-        name = ch.name
+        labels = (("channel", ch.name),)
         # stats() is one C call: the counters of one channel come from the same moment
         s = ch.stats()
         for key, metric, _ in _CHANNEL_COUNTERS:
-            fams[metric].add_metric([name], float(s[key]))
+            fams[metric].add(labels, s[key])
         for key, metric, _ in _CHANNEL_GAUGES:
-            fams[metric].add_metric([name], float(s[key]))
+            fams[metric].add(labels, s[key])
         hist = ch.latency
-        buckets, total, _count = histogram_buckets(hist)
-        latency.add_metric([name], buckets, total)
-        _add_quantiles(quantiles, [name], hist)
-    yield from fams.values()
-    yield latency
-    yield quantiles
+        latency.add_histogram(labels, hist)
+        _add_quantiles(quantiles, labels, hist)
+    return [*fams.values(), latency, quantiles]
 
 
-def _add_quantiles(family: Any, labels: list[str], hist: LatencyHistogram) -> None:
-    for q in QUANTILES:
+def _add_quantiles(family: Family, labels: _Labels, hist: LatencyHistogram) -> None:
+    for q, text in QUANTILE_LABELS:
         value = hist.max if q >= 1.0 else hist.percentile(q * 100.0)
-        family.add_metric([*labels, f"{q:g}"], value / 1e9)
+        family.add((*labels, ("quantile", text)), value / 1e9)
 
 
 _TASK_COUNTERS = (
@@ -208,36 +299,29 @@ _TASK_COUNTERS = (
 )
 
 
-def _scheduler_metrics(scheduler: Scheduler) -> Iterator[Metric]:
-    from prometheus_client.core import GaugeMetricFamily
 
+
+def _scheduler_metrics(scheduler: Scheduler) -> list[Family]:
     from kimiha.scheduling.registry import SchedulerState, TaskState
 
-    state = GaugeMetricFamily("kimiha_scheduler_state", "1 for the scheduler's current state, 0 for the others",
-                              labels=["scheduler", "state"])
+    state = Family("kimiha_scheduler_state", "gauge", "1 for the scheduler's current state, 0 for the others")
     for st in SchedulerState:
-        state.add_metric([scheduler.name, st.value], 1.0 if scheduler.state is st else 0.0)
-    yield state
-    labels = ["task", "role"]
-    fams = _families("kimiha_task", [(name, "counter", doc) for _, name, doc in _TASK_COUNTERS], labels)
-    task_state = GaugeMetricFamily("kimiha_task_state", "1 for the task's current state, 0 for the others",
-                                   labels=[*labels, "state"])
-    quantiles = GaugeMetricFamily("kimiha_task_latency_quantile_seconds",
-                                  "time in the task's handler or execute() (when measured), quantile since start",
-                                  labels=[*labels, "quantile"])
+        state.add((("scheduler", scheduler.name), ("state", st.value)), 1 if scheduler.state is st else 0)
+    fams = _families("kimiha_task", [(name, "counter", doc) for _, name, doc in _TASK_COUNTERS])
+    task_state = Family("kimiha_task_state", "gauge", "1 for the task's current state, 0 for the others")
+    quantiles = Family("kimiha_task_latency_quantile_seconds", "gauge",
+                       "time in the task's handler or execute() (when measured), quantile since start")
     for info in scheduler.registry:
         snap = _task_snapshot(info)
-        key = [info.name, str(info.role)]
+        labels = (("task", info.name), ("role", str(info.role)))
         for field, metric, _ in _TASK_COUNTERS:
-            fams[metric].add_metric(key, float(snap[field]))
+            fams[metric].add(labels, snap[field])
         for task_st in TaskState:
-            task_state.add_metric([*key, task_st.value], 1.0 if info.state is task_st else 0.0)
+            task_state.add((*labels, ("state", task_st.value)), 1 if info.state is task_st else 0)
         hist = info.handler_latency()
         if hist.count:
-            _add_quantiles(quantiles, key, hist)
-    yield from fams.values()
-    yield task_state
-    yield quantiles
+            _add_quantiles(quantiles, labels, hist)
+    return [state, *fams.values(), task_state, quantiles]
 
 
 def _task_snapshot(info: Any) -> dict[str, int]:
@@ -284,9 +368,9 @@ _IMPORT_COUNTERS = (
 )
 
 
-def _bridge_metrics(scheduler: Scheduler) -> Iterator[Metric]:
-    from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
+
+def _bridge_metrics(scheduler: Scheduler) -> list[Family]:
     from kimiha.bridge.exporter import ChannelExporter
     from kimiha.bridge.importer import ChannelImporter
     from kimiha.bridge.link import NatsLink
@@ -301,38 +385,33 @@ def _bridge_metrics(scheduler: Scheduler) -> Iterator[Metric]:
         elif isinstance(task, ChannelImporter):
             imports.append(task)
     if not (links or exports or imports):
-        return
-    link_fams = _families("kimiha_bridge_link", [(m, "counter", d) for _, m, d in _LINK_COUNTERS], ["bridge"])
-    up = GaugeMetricFamily("kimiha_bridge_link_up", "1 while the NATS link is up", labels=["bridge"])
+        return []
+    link_fams = _families("kimiha_bridge_link", [(m, "counter", d) for _, m, d in _LINK_COUNTERS])
+    up = Family("kimiha_bridge_link_up", "gauge", "1 while the NATS link is up")
     for link in links:
         s = link.stats()
-        up.add_metric([link.name], 1.0 if s["up"] else 0.0)
+        link_labels: _Labels = (("bridge", link.name),)
+        up.add(link_labels, 1 if s["up"] else 0)
         for key, metric, _ in _LINK_COUNTERS:
-            link_fams[metric].add_metric([link.name], float(s[key] or 0))
-    yield up
-    yield from link_fams.values()
-    labels = ["bridge", "channel"]
+            link_fams[metric].add(link_labels, s[key] or 0)
     exp = _families("kimiha_bridge_export", [(m, "counter", d) for _, m, d in _EXPORT_COUNTERS]
-                    + [(m, "gauge", d) for _, m, d in _EXPORT_GAUGES], labels)
+                    + [(m, "gauge", d) for _, m, d in _EXPORT_GAUGES])
     for e in exports:
         s = e.stats()
-        ends = [e._link.name, e.type_name]
+        labels = (("bridge", e._link.name), ("channel", e.type_name))
         for field, metric, _ in _EXPORT_COUNTERS + _EXPORT_GAUGES:
             if s[field] is not None:  # acked: JetStream only
-                exp[metric].add_metric(ends, float(s[field]))
-    yield from exp.values()
-    imp = _families("kimiha_bridge_import", [(m, "counter", d) for _, m, d in _IMPORT_COUNTERS], labels)
-    latency = HistogramMetricFamily("kimiha_bridge_import_latency_seconds",
-                                    "sender publish -> local publish latency of imported events", labels=labels)
+                exp[metric].add(labels, s[field])
+    imp = _families("kimiha_bridge_import", [(m, "counter", d) for _, m, d in _IMPORT_COUNTERS])
+    latency = Family("kimiha_bridge_import_latency_seconds", "histogram",
+                     "sender publish -> local publish latency of imported events")
     for i in imports:
         s = i.stats()
-        ends = [i._link.name, i.type_name]
+        labels = (("bridge", i._link.name), ("channel", i.type_name))
         for field, metric, _ in _IMPORT_COUNTERS:
-            imp[metric].add_metric(ends, float(s[field]))
-        buckets, total, _count = histogram_buckets(i.latency)
-        latency.add_metric(ends, buckets, total)
-    yield from imp.values()
-    yield latency
+            imp[metric].add(labels, s[field])
+        latency.add_histogram(labels, i.latency)
+    return [up, *link_fams.values(), *exp.values(), *imp.values(), latency]
 
 
 class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
@@ -383,10 +462,10 @@ class MetricsServer:
         self.host = host
         self.loop_timeout = loop_timeout
         self.collector = KimihaCollector()
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self.collector)
+        self._process: CollectorRegistry | None = None
         if process:
-            ProcessCollector(registry=self.registry)
+            self._process = CollectorRegistry(auto_describe=False)
+            ProcessCollector(registry=self._process)
         self._requested_port = port
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -420,10 +499,16 @@ class MetricsServer:
         self.collector.watch(bus, scheduler)
         return self
 
+    def _render_now(self) -> bytes:
+        text = render_text(self.collector.families())
+        if self._process is not None:
+            from prometheus_client import generate_latest
+
+            text += generate_latest(self._process).decode()
+        return text.encode()
+
     def render(self) -> bytes:
         """Return one scrape in the Prometheus text format (what ``GET /metrics`` answers)."""
-        from prometheus_client import generate_latest
-
         loop = self._loop
         if loop is not None and loop.is_running() and not loop.is_closed() and not _in_loop_thread(loop):
             job: concurrent.futures.Future[bytes] = concurrent.futures.Future()
@@ -431,7 +516,7 @@ class MetricsServer:
             def render_on_loop() -> None:
                 if job.set_running_or_notify_cancel():  # False once the scrape gave up waiting
                     try:
-                        job.set_result(generate_latest(self.registry))
+                        job.set_result(self._render_now())
                     except BaseException as exc:  # handed to the scrape, which answers 500
                         job.set_exception(exc)
 
@@ -444,13 +529,11 @@ class MetricsServer:
                 pass
             except concurrent.futures.TimeoutError:
                 job.cancel()
-        body = generate_latest(self.registry)
+        body = self._render_now()
         self.scrapes_in_thread += 1
         return body
 
     def _app(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        from prometheus_client import CONTENT_TYPE_LATEST
-
         path = environ.get("PATH_INFO", "/")
         if path not in ("/metrics", "/"):
             body = f"kimiha metrics: no page {path}; the metrics are at /metrics\n".encode()
@@ -464,7 +547,7 @@ class MetricsServer:
             start_response("500 Internal Server Error", [("Content-Type", "text/plain; charset=utf-8"),
                                                          ("Content-Length", str(len(body)))])
             return [body]
-        start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))])
+        start_response("200 OK", [("Content-Type", CONTENT_TYPE), ("Content-Length", str(len(body)))])
         return [body]
 
     @property

@@ -401,9 +401,36 @@ def test_unknown_path_is_404_and_a_broken_collector_500(monkeypatch):
         def broken() -> Any:
             raise RuntimeError("collector broke")
 
-        monkeypatch.setattr(server.collector, "collect", broken)
+        monkeypatch.setattr(server.collector, "families", broken)
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(server.url, timeout=10)
         assert err.value.code == 500 and b"collector broke" in err.value.read()
         monkeypatch.undo()
         assert value(samples(scrape(server.url)), "kimiha_watched") == 1  # the server lives on
+
+
+def test_the_server_text_and_the_collector_say_the_same(caplog):
+    """The server writes the text itself (cheaper); prometheus-client's own writer, fed by the same collector
+    through its Collector interface, gives the very same samples."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from kimiha.metrics import KimihaCollector, render_text
+
+    async def main() -> tuple[str, str]:
+        bus = EventBus([(Ev.TICKS, ChannelConfig(16)), (Ev.QUIET, ChannelConfig(8))])
+        scheduler = Scheduler(bus, name='odd "name"\\with\nbreaks')  # label values that need escaping
+        scheduler.register_event_task(Counter(fail_every=7))
+        await scheduler.start()
+        for i in range(1, 60):
+            bus.publish(Ev.TICKS, Tick(i))
+            await asyncio.sleep(0)
+        await scheduler.shutdown()
+        collector = KimihaCollector(bus, scheduler)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(collector)
+        return render_text(collector.families()), generate_latest(registry).decode()
+
+    ours, theirs = kimiha.run(main())
+    assert samples(ours) == samples(theirs)
+    assert len(samples(ours)) > 100
+    assert value(samples(ours), "kimiha_scheduler_state", scheduler='odd "name"\\with\nbreaks', state="stopped") == 1

@@ -53,7 +53,9 @@ print("ready", flush=True)
 import select
 next_at = time.monotonic()
 while True:
-    next_at = max(next_at + every, time.monotonic())  # one scrape per interval at most: no catching up
+    next_at += every  # a fixed cadence, as Prometheus keeps; after a stall it resumes from now, no burst
+    if next_at < time.monotonic() - every:
+        next_at = time.monotonic()
     wait = max(0.0, next_at - time.monotonic())
     if select.select([sys.stdin], [], [], wait)[0]:
         break  # stdin closed: stop
@@ -134,6 +136,7 @@ async def main(opts: argparse.Namespace) -> dict[str, object]:
     server = serve(bus, scheduler, 0)
     samples: dict[str, list[float]] = {"none": [], "control": [], "scrape": []}
     scrapes: list[int] = []
+    loop_share: list[float] = []  # per scrape run: the share of its time the loop spent rendering scrapes
     copy = os.path.join(tempfile.mkdtemp(prefix="kimiha-scrape-"), "metrics.txt")
     try:
         await scheduler.start()
@@ -146,8 +149,11 @@ async def main(opts: argparse.Namespace) -> dict[str, object]:
             for mode in order:
                 target = {"none": None, "control": f"self:{copy}", "scrape": server.url}[mode]
                 scraper = start_scraper(target, opts.every) if target is not None else None
+                loop_before = server.loop_seconds
                 try:
                     samples[mode].append(await flood(bus, tasks[0], events, opts.seconds))
+                    if mode == "scrape":
+                        loop_share.append((server.loop_seconds - loop_before) / opts.seconds)
                 finally:
                     if scraper is not None:
                         done = stop_scraper(scraper)
@@ -175,6 +181,7 @@ async def main(opts: argparse.Namespace) -> dict[str, object]:
         "ratio_scrape_vs_none": scrape / none, "ratio_scrape_vs_control": scrape / control,
         "paired_ratios": paired, "median_paired_ratio": statistics.median(paired),
         "median_paired_ratio_vs_control": statistics.median(paired_control),
+        "loop_share_rendering": loop_share, "median_loop_share_rendering": statistics.median(loop_share),
         "scrapes_per_run": scrapes, "scrapes_per_s": statistics.mean(scrapes) / opts.seconds,
         "one_scrape_s": per_scrape, "scrape_bytes": len(body),
         "cpu_share_at_interval": per_scrape / opts.every,
@@ -199,6 +206,8 @@ def cli() -> None:
           f"{result['median_paired_ratio']:.3f}  ({result['scrapes_per_s']:.1f} scrapes/s done)")
     print(f"  scrape vs control: ratio of medians {result['ratio_scrape_vs_control']:.3f}, median of paired ratios "
           f"{result['median_paired_ratio_vs_control']:.3f}")
+    print(f"  the loop spent {result['median_loop_share_rendering'] * 100:.2f} % of each scrape run rendering "
+          f"the scrapes (median over the runs)")
     print(f"  one scrape in process: {result['one_scrape_s'] * 1e6:,.0f} us for {result['scrape_bytes']:,} bytes "
           f"= {result['cpu_share_at_interval'] * 100:.2f} % of one core at one scrape per {opts.every:g} s")
     if opts.json:

@@ -21,8 +21,8 @@ import asyncio
 import concurrent.futures
 import functools
 import socket
-import socketserver
 import threading
+import time
 import wsgiref.simple_server
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -415,12 +415,15 @@ def _bridge_metrics(scheduler: Scheduler) -> list[Family]:
 
 
 class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
+    timeout = 10.0  # one scrape at a time (Prometheus scrapes a target serially): a stalled client cannot hang it
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
         pass  # one line per scrape on stderr would drown the run's own output
 
 
-class _Server(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
-    daemon_threads = True
+class _Server(wsgiref.simple_server.WSGIServer):
+    # One thread serves the requests one after the other: a thread per request would cost the loop's thread
+    # a thread start (and its GIL hand-overs) on every scrape.
     allow_reuse_address = True
 
 
@@ -473,6 +476,8 @@ class MetricsServer:
         #: Scrapes rendered on the loop, and in the server's thread (no loop, or it did not answer in time).
         self.scrapes_on_loop = 0
         self.scrapes_in_thread = 0
+        #: Seconds the loop spent rendering scrapes (what scraping took from it).
+        self.loop_seconds = 0.0
 
     def start(self) -> MetricsServer:
         """Listen and serve; raise ``OSError`` naming the address when it cannot listen (e.g. port in use)."""
@@ -515,10 +520,12 @@ class MetricsServer:
 
             def render_on_loop() -> None:
                 if job.set_running_or_notify_cancel():  # False once the scrape gave up waiting
+                    t0 = time.perf_counter()
                     try:
                         job.set_result(self._render_now())
                     except BaseException as exc:  # handed to the scrape, which answers 500
                         job.set_exception(exc)
+                    self.loop_seconds += time.perf_counter() - t0
 
             try:
                 loop.call_soon_threadsafe(render_on_loop)

@@ -23,7 +23,6 @@ import functools
 import socket
 import threading
 import time
-import wsgiref.simple_server
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -414,31 +413,40 @@ def _bridge_metrics(scheduler: Scheduler) -> list[Family]:
     return [up, *link_fams.values(), *exp.values(), *imp.values(), latency]
 
 
-class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
-    timeout = 10.0  # one scrape at a time (Prometheus scrapes a target serially): a stalled client cannot hang it
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
-        pass  # one line per scrape on stderr would drown the run's own output
-
-
-class _Server(wsgiref.simple_server.WSGIServer):
-    # One thread serves the requests one after the other: a thread per request would cost the loop's thread
-    # a thread start (and its GIL hand-overs) on every scrape.
-    allow_reuse_address = True
+#: The longest request head read (a scrape's is a few hundred bytes).
+_HEAD_LIMIT = 16 * 1024
+#: How long a client may take to send its request head.
+_CLIENT_TIMEOUT = 10.0
 
 
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+def _request_path(head: bytes) -> tuple[str, str] | None:
+    """Return (method, path) of an HTTP request head, None if it is not one."""
+    line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        return None
+    return parts[0], parts[1].split("?", 1)[0]
+
+
+def _http(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
+    return (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n").encode("latin-1") + body
 
 
 class MetricsServer:
-    """An HTTP server for ``/metrics`` on its own thread; ``close()`` (or ``with``) stops it.
+    """An HTTP endpoint for ``/metrics``; ``close()`` (or ``with``) stops it.
 
-    A scrape is rendered on the event loop the server watches (the loop running when :meth:`watch` was
-    called), between two of its callbacks: every counter of one scrape comes from the same instant, and the
-    render runs in one go instead of trading the GIL with the loop's thread every few milliseconds. When that
-    loop is not running (after the run, before it) or does not take the job within ``loop_timeout`` seconds
-    (a handler blocking it), the server's thread renders instead: a stuck engine can still be scraped.
+    A thread waits for connections (``accept`` holds no GIL). Each connection goes to the event loop the server
+    watches (the loop running when :meth:`watch` was called): the loop reads the request, renders the scrape
+    between two of its callbacks (every counter of one scrape from the same instant) and answers, so a scrape
+    costs the loop its render and one wake-up, with no GIL traded back and forth between the loop's thread and
+    a server thread (measured: that trading, not the render, was most of a threaded server's cost on a busy
+    machine). When no loop runs (before or after the run) or the loop does not take the connection within
+    ``loop_timeout`` seconds (a handler blocking it), the server's thread answers itself: a stuck engine can
+    still be scraped.
+
+    The HTTP is the least a scraper needs (``GET /metrics``, ``Connection: close``), written here: the
+    standard library's servers and prometheus-client's run a thread per server or per request.
 
     Parameters
     ----------
@@ -449,7 +457,7 @@ class MetricsServer:
     process : bool
         Also export prometheus-client's ``process_*`` metrics (CPU, memory, file descriptors).
     loop_timeout : float
-        How long a scrape waits for the loop before it reads from the server's thread.
+        How long a connection waits for the loop before the server's thread answers it.
     """
 
     def __init__(self, port: int = DEFAULT_PORT, host: str = "127.0.0.1", *, process: bool = True,
@@ -470,32 +478,39 @@ class MetricsServer:
             self._process = CollectorRegistry(auto_describe=False)
             ProcessCollector(registry=self._process)
         self._requested_port = port
-        self._server: _Server | None = None
+        self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        #: Scrapes rendered on the loop, and in the server's thread (no loop, or it did not answer in time).
+        self._handlers: set[asyncio.Task[None]] = set()
+        #: Scrapes answered on the loop, and by the server's thread (no loop, or it did not take them in time).
         self.scrapes_on_loop = 0
         self.scrapes_in_thread = 0
-        #: Seconds the loop spent rendering scrapes (what scraping took from it).
+        #: Seconds the loop spent answering scrapes (what scraping took from it, besides its wake-ups).
         self.loop_seconds = 0.0
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
 
     def start(self) -> MetricsServer:
         """Listen and serve; raise ``OSError`` naming the address when it cannot listen (e.g. port in use)."""
-        cls = _Server6 if ":" in self.host else _Server
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            server = cls((self.host, self._requested_port), _QuietHandler)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self._requested_port))
+            sock.listen(16)
         except OSError as exc:
+            sock.close()
             raise OSError(exc.errno, f"cannot serve metrics on {self.host}:{self._requested_port}: "
                                      f"{exc.strerror or exc}") from exc
-        server.set_app(self._app)
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name=f"kimiha-metrics:{self.port}",
-                                        daemon=True)
+        sock.settimeout(0.5)  # the accept loop looks at the stop flag twice a second
+        self._sock = sock
+        self._thread = threading.Thread(target=self._accept_loop, name=f"kimiha-metrics:{self.port}", daemon=True)
         self._thread.start()
         return self
 
     def watch(self, bus: EventBus | None, scheduler: Scheduler | None = None) -> MetricsServer:
-        """Report on ``bus`` and ``scheduler`` from the next scrape on (rendered on the running loop, if any);
+        """Report on ``bus`` and ``scheduler`` from the next scrape on (answered on the running loop, if any);
         return self."""
         try:
             self._loop = asyncio.get_running_loop()
@@ -504,7 +519,27 @@ class MetricsServer:
         self.collector.watch(bus, scheduler)
         return self
 
-    def _render_now(self) -> bytes:
+    def close(self) -> None:
+        """Stop serving and wait for the server's thread (idempotent)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+            self._thread = None
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self._requested_port = int(sock.getsockname()[1])
+            sock.close()
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- rendering ----------------------------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """Return one scrape in the Prometheus text format (what ``GET /metrics`` answers), read now."""
         text = render_text(self.collector.families())
         if self._process is not None:
             from prometheus_client import generate_latest
@@ -512,50 +547,102 @@ class MetricsServer:
             text += generate_latest(self._process).decode()
         return text.encode()
 
-    def render(self) -> bytes:
-        """Return one scrape in the Prometheus text format (what ``GET /metrics`` answers)."""
-        loop = self._loop
-        if loop is not None and loop.is_running() and not loop.is_closed() and not _in_loop_thread(loop):
-            job: concurrent.futures.Future[bytes] = concurrent.futures.Future()
-
-            def render_on_loop() -> None:
-                if job.set_running_or_notify_cancel():  # False once the scrape gave up waiting
-                    t0 = time.perf_counter()
-                    try:
-                        job.set_result(self._render_now())
-                    except BaseException as exc:  # handed to the scrape, which answers 500
-                        job.set_exception(exc)
-                    self.loop_seconds += time.perf_counter() - t0
-
-            try:
-                loop.call_soon_threadsafe(render_on_loop)
-                body = job.result(timeout=self.loop_timeout)
-                self.scrapes_on_loop += 1
-                return body
-            except RuntimeError:  # the loop closed in between
-                pass
-            except concurrent.futures.TimeoutError:
-                job.cancel()
-        body = self._render_now()
-        self.scrapes_in_thread += 1
-        return body
-
-    def _app(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        path = environ.get("PATH_INFO", "/")
+    def _response(self, head: bytes) -> bytes:
+        request = _request_path(head)
+        if request is None:
+            return _http("400 Bad Request", b"kimiha metrics: expected an HTTP request\n")
+        method, path = request
+        if method not in ("GET", "HEAD"):
+            return _http("405 Method Not Allowed", b"kimiha metrics: only GET /metrics\n")
         if path not in ("/metrics", "/"):
-            body = f"kimiha metrics: no page {path}; the metrics are at /metrics\n".encode()
-            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8"),
-                                             ("Content-Length", str(len(body)))])
-            return [body]
+            return _http("404 Not Found", f"kimiha metrics: no page {path}; the metrics are at /metrics\n".encode())
         try:
             body = self.render()
         except Exception as exc:  # a broken collector answers 500 with the reason, never kills the server
-            body = f"kimiha metrics: the scrape failed: {exc!r}\n".encode()
-            start_response("500 Internal Server Error", [("Content-Type", "text/plain; charset=utf-8"),
-                                                         ("Content-Length", str(len(body)))])
-            return [body]
-        start_response("200 OK", [("Content-Type", CONTENT_TYPE), ("Content-Length", str(len(body)))])
-        return [body]
+            return _http("500 Internal Server Error", f"kimiha metrics: the scrape failed: {exc!r}\n".encode())
+        response = _http("200 OK", body, CONTENT_TYPE)
+        return response[: len(response) - len(body)] if method == "HEAD" else response
+
+    # -- the server's thread ------------------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        while not self._stopping.is_set():
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.05)  # e.g. out of file descriptors: try again, without spinning
+                continue
+            if not self._hand_to_loop(conn):
+                self._answer_here(conn)
+
+    def _hand_to_loop(self, conn: socket.socket) -> bool:
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            return False
+        taken: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def take() -> None:
+            if taken.set_running_or_notify_cancel():  # False once the thread gave up waiting
+                task = loop.create_task(self._answer_on_loop(conn))
+                self._handlers.add(task)
+                task.add_done_callback(self._handlers.discard)
+                taken.set_result(None)
+
+        try:
+            loop.call_soon_threadsafe(take)
+            taken.result(timeout=self.loop_timeout)
+            return True
+        except RuntimeError:  # the loop closed in between
+            return False
+        except concurrent.futures.TimeoutError:
+            return not taken.cancel()  # cancel() fails only if the loop took it after all
+
+    def _answer_here(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(_CLIENT_TIMEOUT)
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < _HEAD_LIMIT:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    head += chunk
+                response = self._response(head)
+                self.scrapes_in_thread += 1
+                conn.sendall(response)
+            except OSError:
+                pass  # the client went away or stalled: nothing to tell it
+
+    # -- on the loop ----------------------------------------------------------------------------------------------
+
+    async def _answer_on_loop(self, conn: socket.socket) -> None:
+        writer = None
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn, limit=_HEAD_LIMIT)
+            async with asyncio.timeout(_CLIENT_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+            t0 = time.perf_counter()
+            response = self._response(head)
+            self.loop_seconds += time.perf_counter() - t0
+            self.scrapes_on_loop += 1
+            writer.write(response)
+            async with asyncio.timeout(_CLIENT_TIMEOUT):
+                await writer.drain()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # the client went away, stalled, or sent no request: nothing to tell it
+        finally:
+            if writer is not None:
+                writer.close()
+            else:
+                conn.close()
+
+    # -- what it is ---------------------------------------------------------------------------------------------
 
     @property
     def watching(self) -> bool:
@@ -565,9 +652,9 @@ class MetricsServer:
     @property
     def port(self) -> int:
         """The port it listens on (the one picked when asked for 0)."""
-        if self._server is None:
+        if self._sock is None:
             return self._requested_port
-        return int(self._server.server_address[1])
+        return int(self._sock.getsockname()[1])
 
     @property
     def url(self) -> str:
@@ -575,32 +662,8 @@ class MetricsServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/metrics"
 
-    def close(self) -> None:
-        """Stop serving and wait for the server's thread (idempotent)."""
-        server, self._server = self._server, None
-        if server is not None:
-            self._requested_port = int(server.server_address[1])
-            server.shutdown()
-            server.server_close()
-        if self._thread is not None:
-            self._thread.join(5.0)
-            self._thread = None
-
-    def __enter__(self) -> MetricsServer:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
-        return f"<MetricsServer {self.url}{'' if self._server is not None else ' (closed)'}>"
-
-
-def _in_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
-    try:
-        return asyncio.get_running_loop() is loop
-    except RuntimeError:
-        return False
+        return f"<MetricsServer {self.url}{'' if self._sock is not None else ' (closed)'}>"
 
 
 def serve(bus: EventBus, scheduler: Scheduler | None = None, port: int = DEFAULT_PORT, *,

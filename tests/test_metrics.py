@@ -172,7 +172,7 @@ def test_server_binds_loopback_by_default_and_closes():
     try:
         assert server.host == "127.0.0.1"
         assert server.port > 0
-        assert server._server.server_address[0] == "127.0.0.1"
+        assert server._sock is not None and server._sock.getsockname()[0] == "127.0.0.1"
     finally:
         server.close()
     server.close()  # idempotent

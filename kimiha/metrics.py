@@ -18,7 +18,6 @@ bucket, so a bucket's count is never more than the values truly at or below its 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import socket
 import threading
@@ -436,17 +435,15 @@ def _http(status: str, body: bytes, content_type: str = "text/plain; charset=utf
 class MetricsServer:
     """An HTTP endpoint for ``/metrics``; ``close()`` (or ``with``) stops it.
 
-    A thread waits for connections (``accept`` holds no GIL). Each connection goes to the event loop the server
-    watches (the loop running when :meth:`watch` was called): the loop reads the request, renders the scrape
-    between two of its callbacks (every counter of one scrape from the same instant) and answers, so a scrape
-    costs the loop its render and one wake-up, with no GIL traded back and forth between the loop's thread and
-    a server thread (measured: that trading, not the render, was most of a threaded server's cost on a busy
-    machine). When no loop runs (before or after the run) or the loop does not take the connection within
-    ``loop_timeout`` seconds (a handler blocking it), the server's thread answers itself: a stuck engine can
-    still be scraped.
+    While the event loop it watches runs (the loop running when :meth:`watch` was called), that loop serves:
+    it accepts, reads the request, renders the scrape between two of its callbacks (every counter of one scrape
+    from the same instant) and answers. A scrape then costs the loop its render and a few I/O callbacks, and no
+    other thread takes the GIL from it: measured, a server thread trading the GIL with a busy dispatch loop
+    cost it far more than the render itself. Before and after the loop runs (the CLI's ``--metrics-linger``),
+    a thread of the server answers instead, looking twice a second whether the loop runs.
 
     The HTTP is the least a scraper needs (``GET /metrics``, ``Connection: close``), written here: the
-    standard library's servers and prometheus-client's run a thread per server or per request.
+    standard library's servers and prometheus-client's answer from a thread.
 
     Parameters
     ----------
@@ -456,12 +453,9 @@ class MetricsServer:
         Address to bind: loopback by default, so nothing is exposed beyond the machine unless asked.
     process : bool
         Also export prometheus-client's ``process_*`` metrics (CPU, memory, file descriptors).
-    loop_timeout : float
-        How long a connection waits for the loop before the server's thread answers it.
     """
 
-    def __init__(self, port: int = DEFAULT_PORT, host: str = "127.0.0.1", *, process: bool = True,
-                 loop_timeout: float = 1.0) -> None:
+    def __init__(self, port: int = DEFAULT_PORT, host: str = "127.0.0.1", *, process: bool = True) -> None:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             from kimiha.error import InvalidConfigurationError
 
@@ -471,7 +465,6 @@ class MetricsServer:
         from prometheus_client.process_collector import ProcessCollector
 
         self.host = host
-        self.loop_timeout = loop_timeout
         self.collector = KimihaCollector()
         self._process: CollectorRegistry | None = None
         if process:
@@ -482,8 +475,9 @@ class MetricsServer:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_sock: socket.socket | None = None  # the listening socket as the loop reads it (non-blocking)
         self._handlers: set[asyncio.Task[None]] = set()
-        #: Scrapes answered on the loop, and by the server's thread (no loop, or it did not take them in time).
+        #: Scrapes answered on the loop, and by the server's thread (no loop running).
         self.scrapes_on_loop = 0
         self.scrapes_in_thread = 0
         #: Seconds the loop spent answering scrapes (what scraping took from it, besides its wake-ups).
@@ -510,14 +504,36 @@ class MetricsServer:
         return self
 
     def watch(self, bus: EventBus | None, scheduler: Scheduler | None = None) -> MetricsServer:
-        """Report on ``bus`` and ``scheduler`` from the next scrape on (answered on the running loop, if any);
-        return self."""
-        try:
-            self._loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loop = None
+        """Report on ``bus`` and ``scheduler`` from the next scrape on; called from a running loop, that loop
+        serves while it runs. Return self."""
         self.collector.watch(bus, scheduler)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self
+        if self._sock is not None and loop is not self._loop:
+            self._stop_loop_serving()
+            self._loop_sock = self._sock.dup()
+            self._loop_sock.setblocking(False)
+            loop.add_reader(self._loop_sock.fileno(), self._accept_on_loop)
+            self._loop = loop
         return self
+
+    def _loop_serves(self) -> bool:
+        loop = self._loop
+        return loop is not None and loop.is_running() and not loop.is_closed()
+
+    def _stop_loop_serving(self) -> None:
+        loop, sock = self._loop, self._loop_sock
+        self._loop = self._loop_sock = None
+        if loop is not None and sock is not None and not loop.is_closed():
+            try:
+                if asyncio.get_running_loop() is loop:
+                    loop.remove_reader(sock.fileno())
+            except RuntimeError:  # another thread: the loop forgets the reader when it closes
+                pass
+        if sock is not None:
+            sock.close()
 
     def close(self) -> None:
         """Stop serving and wait for the server's thread (idempotent)."""
@@ -525,6 +541,7 @@ class MetricsServer:
         if self._thread is not None:
             self._thread.join(5.0)
             self._thread = None
+        self._stop_loop_serving()
         sock, self._sock = self._sock, None
         if sock is not None:
             self._requested_port = int(sock.getsockname()[1])
@@ -569,6 +586,9 @@ class MetricsServer:
         sock = self._sock
         assert sock is not None
         while not self._stopping.is_set():
+            if self._loop_serves():
+                self._stopping.wait(0.5)  # the loop accepts; look again in a while
+                continue
             try:
                 conn, _ = sock.accept()
             except TimeoutError:
@@ -578,30 +598,14 @@ class MetricsServer:
                     return
                 time.sleep(0.05)  # e.g. out of file descriptors: try again, without spinning
                 continue
-            if not self._hand_to_loop(conn):
-                self._answer_here(conn)
-
-    def _hand_to_loop(self, conn: socket.socket) -> bool:
-        loop = self._loop
-        if loop is None or loop.is_closed() or not loop.is_running():
-            return False
-        taken: concurrent.futures.Future[None] = concurrent.futures.Future()
-
-        def take() -> None:
-            if taken.set_running_or_notify_cancel():  # False once the thread gave up waiting
-                task = loop.create_task(self._answer_on_loop(conn))
-                self._handlers.add(task)
-                task.add_done_callback(self._handlers.discard)
-                taken.set_result(None)
-
-        try:
-            loop.call_soon_threadsafe(take)
-            taken.result(timeout=self.loop_timeout)
-            return True
-        except RuntimeError:  # the loop closed in between
-            return False
-        except concurrent.futures.TimeoutError:
-            return not taken.cancel()  # cancel() fails only if the loop took it after all
+            loop = self._loop
+            if loop is not None and self._loop_serves():  # accepted just as the loop began to serve
+                try:
+                    loop.call_soon_threadsafe(self._adopt, conn)
+                    continue
+                except RuntimeError:  # it closed in between
+                    pass
+            self._answer_here(conn)
 
     def _answer_here(self, conn: socket.socket) -> None:
         with conn:
@@ -620,6 +624,29 @@ class MetricsServer:
                 pass  # the client went away or stalled: nothing to tell it
 
     # -- on the loop ----------------------------------------------------------------------------------------------
+
+    def _accept_on_loop(self) -> None:
+        sock, loop = self._loop_sock, self._loop
+        if sock is None or loop is None:
+            return
+        for _ in range(16):  # what is waiting, then back to the loop's other work
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # e.g. out of file descriptors: the next readiness tries again
+                return
+            self._adopt(conn)
+
+    def _adopt(self, conn: socket.socket) -> None:
+        loop = self._loop
+        if loop is None:  # stopped serving in between
+            conn.close()
+            return
+        conn.setblocking(False)
+        task = loop.create_task(self._answer_on_loop(conn))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
 
     async def _answer_on_loop(self, conn: socket.socket) -> None:
         writer = None

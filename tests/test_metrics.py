@@ -21,7 +21,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,7 +31,6 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 import kimiha  # noqa: E402
 from kimiha import ChannelConfig, Event, EventBus, EventTask, EventType, LatencyHistogram, Scheduler  # noqa: E402
 from kimiha.metrics import LATENCY_BUCKETS, MetricsServer, histogram_buckets, serve  # noqa: E402
-from kimiha.venues.binance import iter_lines, recorded_tape  # noqa: E402
 
 #: Hang guard for a process or a wait that should end on its own (never a speed assertion).
 TIMEOUT = 120
@@ -215,16 +213,6 @@ def test_missing_client_names_the_extra(tmp_path):
 # -- the demo, scraped over HTTP --------------------------------------------------------------------------------
 
 
-def small_tape(tmp_path: Path, n: int = 2000) -> Path:
-    path = tmp_path / "slice.txt"
-    with path.open("wb") as f:
-        for i, line in enumerate(iter_lines(recorded_tape())):
-            if i == n:
-                break
-            f.write(line + b"\n")
-    return path
-
-
 def read_url(proc: subprocess.Popen[str]) -> str:
     assert proc.stderr is not None
     deadline = time.monotonic() + TIMEOUT
@@ -248,9 +236,9 @@ def read_summary(proc: subprocess.Popen[str]) -> dict[str, Any]:
     raise AssertionError(f"no summary on stdout: {''.join(lines)[:500]!r} (exit {proc.poll()})")
 
 
-def test_demo_metrics_agree_with_its_summary(tmp_path):
+def test_demo_metrics_agree_with_its_summary(tmp_path, tape_slice):
     """Scrape a running demo, then after its summary: the last scrape is the summary's counters, exactly."""
-    tape = small_tape(tmp_path)
+    tape = tape_slice(2000)
     proc = subprocess.Popen(
         [sys.executable, "-m", "kimiha", "demo", "--data", str(tape), "--speed", "8", "--metrics-port", "0",
          "--metrics-linger", "60", "--json", "--no-progress"],
@@ -328,10 +316,10 @@ def test_linger_is_for_the_in_process_demo(tmp_path):
     assert "--metrics-linger applies to the in-process demo only" in out.stderr
 
 
-def test_distributed_processes_serve_their_metrics(tmp_path):
+def test_distributed_processes_serve_their_metrics(tmp_path, tape_slice):
     """``demo --distributed --metrics-port 0``: each process serves its bus, its tasks and its bridge."""
     pytest.importorskip("nats")
-    tape = small_tape(tmp_path, 1500)
+    tape = tape_slice(1500)
     proc = subprocess.Popen(
         [sys.executable, "-m", "kimiha", "demo", "--distributed", "--data", str(tape), "--speed", "4",
          "--metrics-port", "0", "--json", "--no-progress"],

@@ -20,7 +20,6 @@ pytest.importorskip("rich")
 pexpect = pytest.importorskip("pexpect")
 
 from kimiha.apps.top import metrics_url, parse  # noqa: E402
-from kimiha.venues.binance import iter_lines, recorded_tape  # noqa: E402
 
 #: Hang guard for a process or a wait that should end on its own (never a speed assertion).
 TIMEOUT = 60
@@ -40,14 +39,9 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def live_demo(tmp_path: Path):
+def live_demo(tmp_path: Path, tape_slice):
     """A demo replaying a slice of the tape slowly, serving metrics; yields its URL; stopped at the end."""
-    tape = tmp_path / "slice.txt"
-    with tape.open("wb") as f:
-        for i, line in enumerate(iter_lines(recorded_tape())):
-            if i == 3000:
-                break
-            f.write(line + b"\n")
+    tape = tape_slice(3000)
     proc = subprocess.Popen(
         [sys.executable, "-m", "kimiha", "demo", "--data", str(tape), "--speed", "1", "--metrics-port", "0",
          "--no-progress", "--json"],

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import select
 import signal
@@ -33,16 +32,6 @@ __all__ = ["Snapshot", "add_top_parser", "fetch", "main", "metrics_url", "parse"
 _EXTRA = "pip install 'kimiha[metrics]' ('.[metrics]' in a checkout)"
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
-    return value
-
-
 def metrics_url(text: str) -> str:
     """Return the scrape URL for ``text``: ``http://`` added when no scheme is given, ``/metrics`` when no path."""
     url = text.strip() if "://" in text else f"http://{text.strip()}"
@@ -60,6 +49,7 @@ def metrics_url(text: str) -> str:
 
 def add_top_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Add the ``top`` subcommand to the CLI's subparsers."""
+    from kimiha.apps.cli import _seconds
     top = sub.add_parser(
         "top", help="live view of a running engine from its metrics endpoint (--metrics-port)",
         description="Show a running engine's channels (rates, lag, backlog, latency) and tasks (state, errors), "

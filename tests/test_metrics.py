@@ -309,6 +309,13 @@ def test_demo_metrics_port_bad_value(tmp_path, bad):
     assert f"expected a TCP port number 0-65535, got {bad!r}" in out.stderr
 
 
+def test_distributed_port_leaves_room_for_three(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "kimiha", "demo", "--distributed", "--metrics-port", "65534"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 2
+    assert "PORT must be at most 65533" in out.stderr
+
+
 def test_linger_is_for_the_in_process_demo(tmp_path):
     out = subprocess.run([sys.executable, "-m", "kimiha", "demo", "--distributed", "--metrics-linger", "5"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT, env={**os.environ})

@@ -21,9 +21,6 @@ import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from kimiha.metrics import MetricsServer
-
 import kimiha
 from kimiha.apps.observe import (
     MetricsUnavailable,
@@ -34,6 +31,9 @@ from kimiha.apps.observe import (
     open_metrics,
 )
 from kimiha.runtime import LOOPS
+
+if TYPE_CHECKING:
+    from kimiha.metrics import MetricsServer
 
 __all__ = ["EXIT_STATUS", "Interrupted", "main", "signal_exit_code", "sigterm_as_interrupt"]
 
@@ -246,6 +246,9 @@ def _main(argv: Sequence[str] | None) -> int:
     elif args.metrics_linger:
         demo.error("--metrics-linger applies to the in-process demo only: each process of the distributed demo "
                    "serves its metrics until it exits")
+    elif args.metrics_port is not None and args.metrics_port > 65533:
+        demo.error(f"--metrics-port {args.metrics_port}: with --distributed the three processes take PORT, PORT+1 "
+                   f"and PORT+2, so PORT must be at most 65533 (or 0 for any free ports)")
 
     if args.distributed:
         from kimiha.apps.distributed import main as distributed_main

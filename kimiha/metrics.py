@@ -4,9 +4,9 @@ Needs the ``metrics`` extra (``pip install 'kimiha[metrics]'``, ``'.[metrics]'``
 
 Nothing here runs per event. A custom collector reads the counters the compiled core and the scheduler keep
 anyway (channel counters, the C latency histograms, the task registry, the NATS bridge's tasks) when a scraper
-asks: the HTTP server has its own thread, and a scrape is rendered on the watched event loop between two of its
-callbacks (a consistent snapshot), or in the server's thread when no loop runs or the loop does not answer in
-time. What a scrape costs the dispatch loop is measured in ``benchmarks/README.md``.
+asks. While the watched event loop runs, that loop accepts and answers the scrape between two of its callbacks
+(a consistent snapshot, no other thread taking the GIL from it); before and after, the server's own thread
+answers. What a scrape costs the dispatch loop is measured in ``benchmarks/README.md``.
 
 Names follow the Prometheus conventions: prefix ``kimiha_``, counters end in ``_total``, times are in seconds,
 event counts in events. The latency histograms are the C histograms' buckets (about 1.6 % wide) folded into

@@ -88,6 +88,7 @@ from kimiha.error import (
     TaskShutdownError,
 )
 from kimiha.event_bus import Channel, EventBus, Subscription
+from kimiha.logs import install_fallback as _install_fallback
 from kimiha.orchestrator import BuildError, TradingOrchestrator, TradingOrchestratorBuilder
 from kimiha.runtime import run
 from kimiha.scheduler import OnError, Scheduler, SchedulerState, Supervision, TaskRegistry, TaskState
@@ -106,6 +107,7 @@ from kimiha.types import (
 
 __version__ = "0.2.0"
 
+_install_fallback()  # readable log lines for a process that configured no logging (kimiha.logs)
 _moved.install()  # kimiha 0.1's module paths keep working for one release (see CHANGELOG.md)
 
 __all__ = [

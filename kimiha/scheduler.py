@@ -38,6 +38,7 @@ from kimiha.error import (
     TaskShutdownError,
 )
 from kimiha.event_bus import EventBus
+from kimiha.logs import fields
 from kimiha.scheduling.registry import (
     SCHEDULER_TRANSITIONS,
     SchedulerState,
@@ -425,8 +426,9 @@ class Scheduler:
     def _lag_counter(self, info: TaskInfo, channel: Any) -> Callable[[int], None]:
         def on_lag(skipped: int) -> None:
             info.lagged += skipped
-            logger.warning("task %r lagged on channel %s: %d event(s) skipped; handling continues",
-                           info.name, channel, skipped)
+            if logger.isEnabledFor(logging.WARNING):
+                logger.warning("task %r lagged on channel %s: %d event(s) skipped; handling continues",
+                               info.name, channel, skipped, extra=fields(info.name, channel))
 
         return on_lag
 

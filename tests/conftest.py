@@ -29,3 +29,20 @@ def run(loop_name: str):
         return kimiha.run(guarded(), loop=loop_name)
 
     return _run
+
+
+@pytest.fixture
+def tape_slice(tmp_path):
+    """Return ``make(n)``: a recording of the shipped tape's first ``n`` lines in ``tmp_path`` (its path)."""
+    from kimiha.venues.binance import iter_lines, recorded_tape
+
+    def make(n: int):
+        path = tmp_path / f"slice-{n}.txt"
+        with path.open("wb") as f:
+            for i, line in enumerate(iter_lines(recorded_tape())):
+                if i == n:
+                    break
+                f.write(line + b"\n")
+        return path
+
+    return make

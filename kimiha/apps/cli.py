@@ -1,4 +1,5 @@
-"""Command line: ``kimiha demo`` (the main job) and ``kimiha bench`` (side-by-side benchmarks).
+"""Command line: ``kimiha demo`` (the main job), ``kimiha top`` (a live view of a running engine's metrics)
+and ``kimiha bench`` (side-by-side benchmarks).
 
 One set of conventions for every mode (see :data:`EXIT_STATUS`): an interrupted run stops cleanly, prints its
 summary and exits 128 + the signal's number; a closed stdout (``| head``) ends the run quietly with 141; a
@@ -18,9 +19,21 @@ import sys
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import kimiha
+from kimiha.apps.observe import (
+    MetricsUnavailable,
+    add_log_options,
+    add_metrics_options,
+    close_metrics,
+    configure_logs,
+    open_metrics,
+)
 from kimiha.runtime import LOOPS
+
+if TYPE_CHECKING:
+    from kimiha.metrics import MetricsServer
 
 __all__ = ["EXIT_STATUS", "Interrupted", "main", "signal_exit_code", "sigterm_as_interrupt"]
 
@@ -134,6 +147,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(prog="kimiha", description="kimiha: low-latency trading orchestration",
                                      epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"kimiha {kimiha.__version__}")
+    add_log_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
@@ -182,6 +196,11 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     replay.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     replay.add_argument("--no-progress", action="store_true", help="do not show the progress bar on stderr")
     replay.add_argument("--loop", choices=LOOPS, default="uvloop", help="event loop (default: uvloop)")
+    add_metrics_options(demo)  # with --distributed: the feed on PORT, the strategy on PORT+1, the executor PORT+2
+    add_log_options(demo, defaults=False)
+    from kimiha.apps.top import add_top_parser
+
+    add_top_parser(sub)
     sub.add_parser("bench", help="side-by-side benchmarks (kimiha vs asyncio.Queue, pyee, NautilusTrader); "
                                  "`kimiha bench help` lists the modes")
     return parser, demo
@@ -255,6 +274,11 @@ def _main(argv: Sequence[str] | None) -> int:
             return signal_exit_code(signame)
     parser, demo = _parser()
     args = parser.parse_args(args_list)
+    configure_logs(args)
+    if args.command == "top":
+        from kimiha.apps.top import main as top_main
+
+        return top_main(args)
     if args.command == "replay":
         return _replay(args)
     if args.command != "demo":  # pragma: no cover - argparse rejects unknown commands
@@ -265,6 +289,12 @@ def _main(argv: Sequence[str] | None) -> int:
             if value is not None:
                 demo.error(f"{option} applies to the distributed demo only: add --distributed, or leave out "
                            f"{option} (the in-process demo uses no NATS)")
+    elif args.metrics_linger:
+        demo.error("--metrics-linger applies to the in-process demo only: each process of the distributed demo "
+                   "serves its metrics until it exits")
+    elif args.metrics_port is not None and args.metrics_port > 65533:
+        demo.error(f"--metrics-port {args.metrics_port}: with --distributed the three processes take PORT, PORT+1 "
+                   f"and PORT+2, so PORT must be at most 65533 (or 0 for any free ports)")
 
     if args.distributed:
         for option, given in (("--latency", args.latency), ("--latency-report", args.latency_report),
@@ -275,6 +305,18 @@ def _main(argv: Sequence[str] | None) -> int:
 
         return distributed_main(args)
 
+    try:
+        metrics = open_metrics(args)
+    except MetricsUnavailable as exc:
+        print(f"kimiha demo: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _demo(args, metrics)
+    finally:
+        close_metrics(metrics, args)
+
+
+def _demo(args: argparse.Namespace, metrics: MetricsServer | None) -> int:
     from kimiha.apps.demo import RecordingError, format_summary, run_demo
 
     try:
@@ -283,7 +325,7 @@ def _main(argv: Sequence[str] | None) -> int:
                      latency_ms=args.latency, latency_report=args.latency_report, journal=args.journal,
                      journal_fsync=args.journal_fsync,
                      journal_rotate_bytes=None if args.journal_rotate_mb is None
-                     else max(int(args.journal_rotate_mb * (1 << 20)), 1024)),
+                     else max(int(args.journal_rotate_mb * (1 << 20)), 1024), metrics=metrics),
             loop=args.loop,
         )
     except RecordingError as exc:

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import msgspec
 
@@ -39,6 +39,9 @@ from kimiha.venues.binance import (
 __all__ = ["REPORT_LATENCIES_MS", "RecordingError", "accounting", "channel_summary", "format_summary", "log_not_shown",
            "JOURNALED", "ms_to_ns", "pnl_of", "run_demo", "run_replay", "shadow_executors", "survey_journal",
            "survey_recordings"]
+
+if TYPE_CHECKING:
+    from kimiha.metrics import MetricsServer
 
 logger = logging.getLogger("kimiha.apps.demo")
 
@@ -148,7 +151,8 @@ REPORT_LATENCIES_MS = (0, 1, 10)
 async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | None = None,
                    progress: TextIO | None = sys.stderr, capacity: int = 4096, latency_ms: float = 0.0,
                    latency_report: bool = False, journal: str | Path | None = None,
-                   journal_fsync: str = "never", journal_rotate_bytes: int | None = None) -> dict[str, Any]:
+                   journal_fsync: str = "never", journal_rotate_bytes: int | None = None,
+                   metrics: MetricsServer | None = None) -> dict[str, Any]:
     """Run the pipeline over ``data`` (default: the shipped tape) and return the summary as a dict.
 
     The replay runs on a :class:`~kimiha.clock.SimClock`: the connector sets it to each line's recorded
@@ -157,7 +161,8 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
     latency (:class:`~kimiha.trading.paper.FixedLatency`); ``latency_report``: also fill every order in
     shadow executors at :data:`REPORT_LATENCIES_MS` and report their PnL (``pnl_by_latency``).
     ``journal``: record :data:`JOURNALED` to that path (:class:`~kimiha.journal.JournalWriter`), for
-    ``kimiha replay``.
+    ``kimiha replay``. ``metrics``: a started :class:`~kimiha.metrics.MetricsServer` to report this run's bus
+    and scheduler.
     """
     paths: list[Any] = list(data) if data else recorded_tape()
     expected = survey_recordings(paths)
@@ -189,6 +194,8 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
     if journal is not None:
         writer = JournalWriter(bus, journal, JOURNALED, fsync=journal_fsync, rotate_bytes=journal_rotate_bytes)
         orchestrator.scheduler.register_background_task(writer)
+    if metrics is not None:
+        metrics.watch(bus, orchestrator.scheduler)
     bar = Progress(total, progress)
     started = time.perf_counter()
     interrupted: list[str] = []

@@ -48,6 +48,7 @@ import kimiha
 from kimiha.apps.demo import RecordingError, accounting, channel_summary, log_not_shown, survey_recordings
 from kimiha.clock import SimClock
 from kimiha.event_bus import EventBus
+from kimiha.logs import FORMATS, configure
 from kimiha.trading.tasks import ImbalanceStrategyTask, PaperExecutorTask, TradingEvent, trading_channels
 from kimiha.venues.binance.tasks import BinanceAggregator, BinanceConnector
 from kimiha.scheduler import Scheduler
@@ -361,11 +362,24 @@ async def _child(opts: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, ctl.stop.set)
 
     proc = _Process(opts, ctl.go)
+    metrics = None
+    if opts.metrics_port is not None:  # a taken port fails this process, with the address in the message
+        from kimiha.metrics import serve
+
+        metrics = serve(proc.bus, proc.scheduler, opts.metrics_port, host=opts.metrics_host)
+    try:
+        return await _child_run(ctl, proc, metrics.url if metrics is not None else None)
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+async def _child_run(ctl: _Control, proc: _Process, metrics_url: str | None) -> int:
     role, scheduler, bridge, connector = proc.role, proc.scheduler, proc.bridge, proc.connector
     started = time.perf_counter()
     await scheduler.start()
     ctl.send("ready", role=role.name, pid=os.getpid(), total=proc.parts.get("lines_in_files"),
-             senders={e.type_name: e.sender for e in bridge.exporters})
+             senders={e.type_name: e.sender for e in bridge.exporters}, metrics=metrics_url)
     failed: str | None = None
     try:
         for exports, needs in role.groups:
@@ -422,12 +436,16 @@ def _child_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", action="append")
     parser.add_argument("--capacity", type=int, default=4096)
     parser.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT)
+    parser.add_argument("--metrics-port", type=int, default=None)
+    parser.add_argument("--metrics-host", default="127.0.0.1")
+    parser.add_argument("--log-format", choices=FORMATS, default="text")
+    parser.add_argument("--log-level", default="warning")
     return parser
 
 
 def _child_main(argv: Sequence[str] | None = None) -> int:
     opts = _child_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format=f"[{opts.role}] %(levelname)s %(name)s: %(message)s")
+    configure(opts.log_format, opts.log_level.upper(), prefix=f"[{opts.role}] ", static={"process": opts.role})
     try:
         return kimiha.run(_child(opts), loop=opts.loop)
     except KeyboardInterrupt:  # the coordinator stops us over stdin; a stray signal ends us quietly
@@ -466,6 +484,10 @@ async def _spawn(role: str, url: str, run: str, delivery: str, args: Any, token:
            "--connect-timeout", repr(getattr(args, "connect_timeout", None) or CONNECT_TIMEOUT)]
     if args.speed is not None:
         cmd += ["--speed", repr(args.speed)]
+    if getattr(args, "metrics_port", None) is not None:  # feed PORT, strategy PORT+1, executor PORT+2 (0: any)
+        port = args.metrics_port + list(ROLES).index(role) if args.metrics_port else 0
+        cmd += ["--metrics-port", str(port), "--metrics-host", args.metrics_host]
+    cmd += ["--log-format", getattr(args, "log_format", "text"), "--log-level", getattr(args, "log_level", "warning")]
     for path in args.data or ():
         cmd += ["--data", str(Path(path).resolve())]
     env = dict(os.environ)
@@ -695,6 +717,10 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
                 if msg.get("total"):
                     bar = Progress(msg["total"], None if args.no_progress else sys.stderr)
                 if all(c.ready is not None for c in children) and not interrupted:
+                    served = [f"{c.role} {c.ready['metrics']}" for c in children
+                              if c.ready is not None and c.ready.get("metrics")]
+                    if served:
+                        print(f"metrics: serving {', '.join(served)}", file=sys.stderr, flush=True)
                     if not args.json:
                         print("kimiha demo --distributed: feed, strategy and executor processes ready; replaying",
                               file=sys.stderr, flush=True)

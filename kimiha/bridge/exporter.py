@@ -26,6 +26,7 @@ from kimiha.bridge.link import LinkState, NatsLink, _Waiters, wait_until
 from kimiha.bridge.wire import HDR_META, HDR_MSG_ID, BufferPolicy, Delivery, new_sender_id
 from kimiha.error import ChannelClosed
 from kimiha.event_bus import EventBus
+from kimiha.logs import fields
 
 __all__ = ["ChannelExporter"]
 
@@ -213,7 +214,8 @@ class ChannelExporter(ChannelEndpoint):
             if self.unflushed:
                 logger.error("%s: %d event(s) of channel %r not delivered to NATS at shutdown (%s)", self.name,
                              self.unflushed, self.type_name,
-                             "not acknowledged by the stream" if self._inflight else "broker unreachable")
+                             "not acknowledged by the stream" if self._inflight else "broker unreachable",
+                             extra=fields(self.name, self.type_name))
             if self._sub is not None:
                 self._sub.close()
             if self._ack_sub is not None and link.nc is not None and not link.nc.is_closed:
@@ -252,7 +254,8 @@ class ChannelExporter(ChannelEndpoint):
         if self._log_budget > 0:
             self._log_budget -= 1
             logger.warning("%s: fell behind channel %r: %d event(s) overwritten before export (lost; receivers "
-                           "learn it from the %s header)", self.name, self.type_name, skipped, HDR_META)
+                           "learn it from the %s header)", self.name, self.type_name, skipped, HDR_META,
+                           extra=fields(self.name, self.type_name))
 
     def _take(self, batch: list[_Frame], *, bounded: bool = True) -> None:
         if not batch:

@@ -57,6 +57,7 @@ from kimiha.error import (
     PayloadTypeError,
 )
 from kimiha.event_bus import EventBus
+from kimiha.logs import fields
 
 __all__ = ["CONFIRM", "ChannelImporter", "SenderState"]
 
@@ -749,7 +750,8 @@ class ChannelImporter(ChannelEndpoint):
         if self._log_budget > 0:
             self._log_budget -= 1
             logger.warning("%s: event %d of %r from %s arrived after %d (late, delivered out of order); %d "
-                           "missing so far", self.name, seq, self.type_name, st.sender, st.expected - 1, self.missing)
+                           "missing so far", self.name, seq, self.type_name, st.sender, st.expected - 1, self.missing,
+                           extra=fields(self.name, self.type_name))
         await self._deliver(msg, st, ts, seq)
 
     async def _suspect(self, msg: Any, st: SenderState, seq: int, ts: int, lost: int) -> None:
@@ -799,7 +801,8 @@ class ChannelImporter(ChannelEndpoint):
         if self._log_budget > 0:
             self._log_budget -= 1
             logger.warning("%s: %d event(s) of %r from %s missing before sequence %d (lost in transit); "
-                           "%d missing so far", self.name, n, self.type_name, st.sender, hi + 1, self.missing)
+                           "%d missing so far", self.name, n, self.type_name, st.sender, hi + 1, self.missing,
+                           extra=fields(self.name, self.type_name))
 
     async def _release(self, st: SenderState, *, force: bool = False) -> None:
         held = st.held
@@ -891,7 +894,8 @@ class ChannelImporter(ChannelEndpoint):
         self.last_bad = why[:300]
         if self._log_budget > 0:
             self._log_budget -= 1
-            logger.warning("%s: skipped a bad frame on %r: %s", self.name, self.subject, why[:300])
+            logger.warning("%s: skipped a bad frame on %r: %s", self.name, self.subject, why[:300],
+                           extra=fields(self.name, self.type_name))
 
     async def _ack(self, msg: Any) -> None:
         if self._js and msg.reply:

@@ -34,6 +34,7 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 from kimiha.error import TaskShutdownError
+from kimiha.logs import fields
 from kimiha.scheduling.registry import SchedulerState, TaskInfo, TaskState
 
 if TYPE_CHECKING:
@@ -201,7 +202,7 @@ class StopSequence:
             info.last_error = (f"shutdown: did not stop by the shutdown deadline ({self.timeout} s): it ignores "
                                f"cancellation and is still running")
         logger.error("%s: task %r ignores cancellation: still running at the shutdown deadline (%s s); the "
-                     "stop goes on without it", self.name, name, self.timeout)
+                     "stop goes on without it", self.name, name, self.timeout, extra=fields(name))
 
     # -- draining -----------------------------------------------------------------------------------------------
 
@@ -239,7 +240,7 @@ class StopSequence:
                     if behind(info):
                         self.report["not_drained"][info.name] = behind(info)
                         logger.warning("%s: shutdown deadline reached with %d event(s) unhandled by task %r",
-                                       self.name, behind(info), info.name)
+                                       self.name, behind(info), info.name, extra=fields(info.name))
                 return
             if handlers_behind:
                 await asyncio.sleep(0)  # handlers run from dispatch callbacks: one loop turn each
@@ -271,7 +272,7 @@ class StopSequence:
                 for name, count in left.items():
                     self.report["not_drained"][name] = count
                     logger.warning("%s: shutdown deadline reached with %d event(s) unread by task %r",
-                                   self.name, count, name)
+                                   self.name, count, name, extra=fields(name))
                 return
             turns += 1
             await asyncio.sleep(0 if turns < _SPIN_TURNS else min(_POLL_SECONDS, remaining))
@@ -345,8 +346,9 @@ class StopSequence:
         info.errors += 1
         info.last_error = f"shutdown(): {error!r}"
         self.report["hook_failures"].append(f"{info.name}: {error!r}")
-        logger.error("shutdown hook of task %r failed: %s", info.name,
-                     "".join(traceback.format_exception(error)).rstrip())
+        if logger.isEnabledFor(logging.ERROR):
+            logger.error("shutdown hook of task %r failed: %s", info.name,
+                         "".join(traceback.format_exception(error)).rstrip(), extra=fields(info.name))
         return error
 
     # -- a start that failed or was interrupted -----------------------------------------------------------------

@@ -7,9 +7,10 @@ import enum
 import logging
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kimiha.error import InvalidConfigurationError, TaskExecutionError
+from kimiha.logs import fields
 from kimiha.scheduling.registry import TaskState
 
 if TYPE_CHECKING:
@@ -89,19 +90,23 @@ _LOG_FIRST = 10
 _LOG_EVERY = 1000
 
 
-def log_failure(task: str, where: str, exc: BaseException, count: int) -> None:
+def log_failure(task: str, where: str, exc: BaseException, count: int, channel: Any = None) -> None:
     """Log a task failure as text, rate-limited; the registry keeps the exact count either way.
 
     The record carries formatted text, not the exception: a record holding a live traceback keeps every frame
-    of the failing call (and the batch it was handling) alive in any handler that retains records.
+    of the failing call (and the batch it was handling) alive in any handler that retains records. Nothing is
+    formatted when ERROR records of the scheduler are not emitted.
     """
+    if not logger.isEnabledFor(logging.ERROR):
+        return
+    extra = fields(task, channel)
     if count <= _LOG_FIRST:
         detail = "".join(traceback.format_exception(exc)).rstrip()
-        logger.error("task %r failed in %s (error %d)\n%s", task, where, count, detail)
+        logger.error("task %r failed in %s (error %d)\n%s", task, where, count, detail, extra=extra)
         if count == _LOG_FIRST:
-            logger.error("task %r: further errors are logged once per %d", task, _LOG_EVERY)
+            logger.error("task %r: further errors are logged once per %d", task, _LOG_EVERY, extra=extra)
     elif count % _LOG_EVERY == 0:
-        logger.error("task %r failed in %s: %s (%d errors so far)", task, where, repr(exc), count)
+        logger.error("task %r failed in %s: %s (%d errors so far)", task, where, repr(exc), count, extra=extra)
 
 
 def cancel_requested() -> bool:
@@ -145,7 +150,7 @@ class Supervisor:
         info.consecutive_failures += 1
         info.last_error = f"{where}: {exc!r}"
         policy = info.supervision
-        log_failure(info.name, where, exc, info.errors)
+        log_failure(info.name, where, exc, info.errors, info.channels[0] if len(info.channels) == 1 else None)
         if self.scheduler._stopping or info.state not in (TaskState.RUNNING, TaskState.DEGRADED):
             return None
         if policy.on_error is OnError.SKIP:
@@ -175,7 +180,7 @@ class Supervisor:
 
     def fail_task(self, info: TaskInfo, why: str) -> None:
         info.transition(TaskState.FAILED)
-        logger.error("task %r is failed: %s", info.name, why)
+        logger.error("task %r is failed: %s", info.name, why, extra=fields(info.name))
         # A failed task unsubscribes: it must never hold a BLOCK channel's publishers back.
         for sub in info.subscriptions:
             sub.close()

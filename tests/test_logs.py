@@ -1,0 +1,278 @@
+"""Logs a trader can read (kimiha.logs): structured ``task`` / ``channel`` fields, readable lines for a process
+that configured nothing (and silence from kimiha's side as soon as the application configures logging), no
+traceback formatted for a record nobody emits, ``--log-format json`` in the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import kimiha
+from kimiha import ChannelConfig, Event, EventBus, EventTask, EventType, Scheduler
+from kimiha.logs import JsonFormatter, configure, fields
+from kimiha.scheduling import supervision
+
+#: Hang guard for a process that should end on its own (never a speed assertion).
+TIMEOUT = 120
+
+SCRIPT = textwrap.dedent('''
+    import asyncio, logging, sys
+    import kimiha
+    from kimiha import ChannelConfig, Event, EventBus, EventTask, EventType, Scheduler
+
+    class Ev(EventType):
+        TICKS = "Ticks"
+
+    class Tick(Event):
+        seq: int
+
+    class Slow(EventTask):
+        name = "slow-reader"
+        def subscribed_event(self):
+            return Ev.TICKS
+        def handle_event(self, event):
+            pass
+
+    async def main():
+        bus = EventBus([(Ev.TICKS, ChannelConfig(4))])
+        scheduler = Scheduler(bus)
+        scheduler.register_event_task(Slow())
+        await scheduler.start()
+        for i in range(100):  # no yield in between: the reader falls 96 events behind a 4-slot ring
+            bus.publish(Ev.TICKS, Tick(i))
+        await asyncio.sleep(0.05)
+        await scheduler.shutdown()
+
+    mode = sys.argv[1]
+    if mode == "basic":
+        logging.basicConfig(format="APP %(levelname)s %(name)s %(message)s")
+    elif mode == "own":
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("OWN %(message)s"))
+        logging.getLogger("kimiha").addHandler(handler)
+    elif mode == "quiet":
+        logging.getLogger("kimiha").setLevel(logging.ERROR)
+    print("root handlers after import:", len(logging.getLogger().handlers), logging.getLogger().level)
+    kimiha.run(main())
+''')
+
+LAG = "task 'slow-reader' lagged on channel Ev.TICKS: 96 event(s) skipped; handling continues"
+
+
+def run_script(tmp_path: Path, mode: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "lagging.py"
+    script.write_text(SCRIPT)
+    return subprocess.run([sys.executable, str(script), mode], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+
+
+def test_unconfigured_process_gets_level_and_logger_name(tmp_path):
+    out = run_script(tmp_path, "none")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "root handlers after import: 0 30"  # import kimiha left the root logger alone
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3} WARNING kimiha\.scheduler: " + re.escape(LAG), lines[0]), lines[0]
+
+
+def test_application_logging_config_wins(tmp_path):
+    out = run_script(tmp_path, "basic")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip().splitlines() == [f"APP WARNING kimiha.scheduler {LAG}"]  # once, in its format
+
+
+def test_application_handler_on_the_kimiha_logger_wins(tmp_path):
+    out = run_script(tmp_path, "own")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip().splitlines() == [f"OWN {LAG}"]
+
+
+def test_application_level_is_respected(tmp_path):
+    out = run_script(tmp_path, "quiet")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+
+
+# -- structured fields ------------------------------------------------------------------------------------------
+
+
+class Ev(EventType):
+    TICKS = "Ticks"
+
+
+class Tick(Event):
+    seq: int
+
+
+class Failing(EventTask):
+    name = "failing-task"
+
+    def subscribed_event(self) -> Ev:
+        return Ev.TICKS
+
+    def handle_event(self, event: Tick) -> None:
+        raise ValueError(f"refused {event.seq}")
+
+
+def run_failing(events: int, capacity: int = 64) -> Scheduler:
+    async def main() -> Scheduler:
+        bus = EventBus([(Ev.TICKS, ChannelConfig(capacity))])
+        scheduler = Scheduler(bus)
+        scheduler.register_event_task(Failing())
+        await scheduler.start()
+        for i in range(events):
+            bus.publish(Ev.TICKS, Tick(i))
+        await asyncio.sleep(0.01)
+        await scheduler.shutdown()
+        return scheduler
+
+    return kimiha.run(main())
+
+
+def test_failure_records_carry_task_and_channel(caplog):
+    with caplog.at_level(logging.WARNING, logger="kimiha"):
+        scheduler = run_failing(3)
+    assert scheduler.registry.get("failing-task").errors == 3
+    failures = [r for r in caplog.records if "failed in handle_event" in r.getMessage()]
+    assert len(failures) == 3
+    for record in failures:
+        assert record.task == "failing-task"  # type: ignore[attr-defined]
+        assert record.channel == "Ticks"  # type: ignore[attr-defined]
+
+
+def test_lag_record_carries_task_and_channel(caplog):
+    class Reader(EventTask):
+        name = "reader"
+
+        def subscribed_event(self) -> Ev:
+            return Ev.TICKS
+
+        def handle_event(self, event: Tick) -> None:
+            pass
+
+    async def main() -> None:
+        bus = EventBus([(Ev.TICKS, ChannelConfig(4))])
+        scheduler = Scheduler(bus)
+        scheduler.register_event_task(Reader())
+        await scheduler.start()
+        for i in range(20):
+            bus.publish(Ev.TICKS, Tick(i))
+        await asyncio.sleep(0.01)
+        await scheduler.shutdown()
+
+    with caplog.at_level(logging.WARNING, logger="kimiha"):
+        kimiha.run(main())
+    (record,) = [r for r in caplog.records if "lagged" in r.getMessage()]
+    assert (record.task, record.channel) == ("reader", "Ticks")  # type: ignore[attr-defined]
+
+
+def test_no_traceback_is_formatted_for_a_record_nobody_emits(monkeypatch):
+    """A failing handler with ERROR records off: the registry counts, nothing formats the traceback."""
+    calls = []
+    real = supervision.traceback.format_exception
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(supervision.traceback, "format_exception", counting)
+    scheduler_logger = logging.getLogger("kimiha.scheduler")
+    monkeypatch.setattr(scheduler_logger, "level", logging.CRITICAL)
+    scheduler_logger.manager._clear_cache()
+    try:
+        scheduler = run_failing(5)
+    finally:
+        scheduler_logger.manager._clear_cache()
+    assert scheduler.registry.get("failing-task").errors == 5
+    assert calls == []
+
+
+def test_fields_take_channel_keys_and_names():
+    assert fields("t", Ev.TICKS) == {"task": "t", "channel": "Ticks"}
+    assert fields(channel="Raw") == {"channel": "Raw"}
+    assert fields() == {}
+
+
+def test_json_formatter_keeps_the_fields_and_the_exception():
+    logger = logging.getLogger("kimiha.test_logs")
+    try:
+        raise KeyError("boom")
+    except KeyError:
+        record = logger.makeRecord(logger.name, logging.ERROR, __file__, 1, "task %r failed", ("t",),
+                                   sys.exc_info(), extra=fields("t", Ev.TICKS))
+    line = JsonFormatter({"process": "feed"}).format(record)
+    assert "\n" not in line
+    data = json.loads(line)
+    assert data["level"] == "ERROR" and data["logger"] == "kimiha.test_logs"
+    assert data["message"] == "task 't' failed"
+    assert (data["task"], data["channel"], data["process"]) == ("t", "Ticks", "feed")
+    assert "KeyError: 'boom'" in data["exception"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", data["time"])
+
+
+def test_configure_replaces_only_its_own_handler():
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    theirs = logging.NullHandler()
+    root.addHandler(theirs)
+    try:
+        first = configure("json")
+        second = configure("text", "info")
+        assert first not in root.handlers and second in root.handlers and theirs in root.handlers
+        assert root.level == logging.INFO
+        with pytest.raises(ValueError, match="expected one of text, json, got 'xml'"):
+            configure("xml")
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+
+
+# -- the CLI ----------------------------------------------------------------------------------------------------
+
+
+def bad_tape(tmp_path: Path) -> Path:
+    from kimiha.venues.binance import iter_lines, recorded_tape
+
+    path = tmp_path / "bad.txt"
+    with path.open("wb") as f:
+        for i, line in enumerate(iter_lines(recorded_tape())):
+            if i == 300:
+                break
+            f.write(line + b"\n")
+            if i % 50 == 10:
+                f.write(b"123 {not json\n")
+    return path
+
+
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_cli_log_format_json(tmp_path, where):
+    tape = bad_tape(tmp_path)
+    demo = ["demo", "--data", str(tape), "--no-progress", "--json"]
+    args = [*demo, "--log-format", "json"] if where == "after" else ["--log-format", "json", *demo]
+    out = subprocess.run([sys.executable, "-m", "kimiha", *args], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    records = [json.loads(line) for line in out.stderr.splitlines()]  # every line on stderr is one JSON object
+    bad = [r for r in records if "bad line" in r["message"]]
+    assert len(bad) == summary["bad_lines"] == 6
+    assert all(r["level"] == "WARNING" and r["logger"].startswith("kimiha.") for r in records)
+
+
+def test_cli_text_logs_have_level_and_logger(tmp_path):
+    tape = bad_tape(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "kimiha", "demo", "--data", str(tape), "--no-progress", "--json"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 6
+    assert all(re.match(r"\d\d:\d\d:\d\d\.\d{3} WARNING kimiha\.[\w.]+: ", line) for line in lines), lines

@@ -1,0 +1,154 @@
+"""``python -m kimiha top URL`` as a person meets it: in a pseudo-terminal (pexpect), against a live demo's metrics
+endpoint; it shows the channels and tasks, says when the endpoint does not answer, and quits on q or Ctrl-C.
+Plus the pieces without a terminal: the URL, the parse of a scrape, ``--once``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("prometheus_client")
+pytest.importorskip("rich")
+pexpect = pytest.importorskip("pexpect")
+
+from kimiha.apps.top import metrics_url, parse  # noqa: E402
+
+#: Hang guard for a process or a wait that should end on its own (never a speed assertion).
+TIMEOUT = 60
+
+#: The pseudo-terminal's size is what rich must use: no COLUMNS/LINES inherited from the test runner.
+TERMINAL_ENV = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")} | {"TERM": "xterm"}
+
+CHANNELS = ("RawMarketData", "MarketData", "Signals", "Orders", "Fills")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def live_demo(tmp_path: Path, tape_slice):
+    """A demo replaying a slice of the tape slowly, serving metrics; yields its URL; stopped at the end."""
+    tape = tape_slice(3000)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kimiha", "demo", "--data", str(tape), "--speed", "1", "--metrics-port", "0",
+         "--no-progress", "--json"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        m = re.match(r"metrics: serving (http://\S+)", line)
+        assert m, line
+        yield m.group(1).removesuffix("/metrics")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(TIMEOUT)
+
+
+def spawn_top(*args: str, cwd: Path) -> pexpect.spawn:
+    return pexpect.spawn(sys.executable, ["-m", "kimiha", "top", *args], cwd=str(cwd), dimensions=(40, 150),
+                         timeout=TIMEOUT, encoding="utf-8", env=TERMINAL_ENV)
+
+
+def test_top_shows_a_live_engine_and_quits_on_q(live_demo, tmp_path):
+    top = spawn_top(live_demo, "--interval", "0.3", cwd=tmp_path)
+    try:
+        for name in CHANNELS:
+            top.expect(name)
+        top.expect("binance-connector")
+        top.expect("running")
+        # the counters move between two views: rates appear once two reads were made
+        top.expect(re.compile(r"RawMarketData\s+[\d,]+\s+[\d,]+"))
+        top.send("q")
+        top.expect(pexpect.EOF)
+    finally:
+        top.close()
+    assert top.exitstatus == 0
+
+
+def test_top_says_when_the_endpoint_does_not_answer_and_quits_on_ctrl_c(tmp_path):
+    port = free_port()  # nothing listens there
+    top = spawn_top(f"http://127.0.0.1:{port}", "--interval", "0.2", cwd=tmp_path)
+    try:
+        top.expect("the endpoint does not answer: Connection refused")
+        top.sendintr()
+        top.expect(pexpect.EOF)
+    finally:
+        top.close()
+    assert top.exitstatus == 130
+
+
+def test_top_once_without_an_answer_is_one_line_and_exit_1(tmp_path):
+    port = free_port()
+    out = subprocess.run([sys.executable, "-m", "kimiha", "top", f"127.0.0.1:{port}", "--once"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 1
+    assert out.stderr.strip() == f"kimiha top: http://127.0.0.1:{port}/metrics does not answer: Connection refused"
+
+
+def test_top_once_prints_the_engine(live_demo, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "kimiha", "top", live_demo, "--once"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr
+    for name in CHANNELS + ("paper-executor", "imbalance-strategy", "binance-aggregator", "binance-connector"):
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("given, url", [
+    ("127.0.0.1:9464", "http://127.0.0.1:9464/metrics"),
+    ("http://127.0.0.1:9464", "http://127.0.0.1:9464/metrics"),
+    ("http://127.0.0.1:9464/", "http://127.0.0.1:9464/metrics"),
+    ("http://127.0.0.1:9464/custom", "http://127.0.0.1:9464/custom"),
+])
+def test_metrics_url(given, url):
+    assert metrics_url(given) == url
+
+
+@pytest.mark.parametrize("bad", ["nats://127.0.0.1:4222", "http://", "127.0.0.1:99999"])
+def test_metrics_url_refuses(bad):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a metrics endpoint"):
+        metrics_url(bad)
+
+
+def test_parse_reads_the_exporter():
+    text = "\n".join([
+        '# TYPE kimiha_channel_published_total counter',
+        'kimiha_channel_published_total{channel="A"} 10.0',
+        '# TYPE kimiha_channel_lagged_total counter',
+        'kimiha_channel_lagged_total{channel="A"} 3.0',
+        '# TYPE kimiha_channel_latency_quantile_seconds gauge',
+        'kimiha_channel_latency_quantile_seconds{channel="A",quantile="0.99"} 2.5e-05',
+        '# TYPE kimiha_task_state gauge',
+        'kimiha_task_state{task="t",role="strategy",state="running"} 1.0',
+        'kimiha_task_state{task="t",role="strategy",state="failed"} 0.0',
+        '# TYPE kimiha_task_errors_total counter',
+        'kimiha_task_errors_total{task="t",role="strategy"} 2.0',
+        "",
+    ])
+    snap = parse(text, at=1.0)
+    assert snap.channels == {"A": {"published": 10.0, "lagged": 3.0, "p99": 2.5e-05}}
+    assert snap.tasks == {("t", "strategy"): {"state": "running", "errors": 2.0}}
+
+
+def test_parse_refuses_what_is_not_prometheus_text():
+    with pytest.raises(ValueError):
+        parse("<html>not metrics</html>\n")
+
+
+def test_top_usage_error_is_exit_2(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "kimiha", "top", "ftp://x"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=TIMEOUT)
+    assert out.returncode == 2
+    assert "expected a metrics endpoint like http://127.0.0.1:9464, got 'ftp://x'" in out.stderr

@@ -35,6 +35,12 @@ def _seconds(name: str, value: Any) -> float:
     return float(value)
 
 
+def _linger(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 0.01:
+        raise InvalidConfigurationError(f"{name}: expected seconds in [0, 0.01] (a few hundred us), got {value!r}")
+    return float(value)
+
+
 def _enum(name: str, value: Any, cls: Any) -> Any:
     if isinstance(value, cls):
         return value
@@ -129,7 +135,8 @@ class NatsBridge:
                        delivery: Delivery | str = Delivery.CORE, buffer: int = 10_000,
                        when_full: BufferPolicy | str = BufferPolicy.BLOCK, stream: str | None = None,
                        schema: int = 1, max_in_flight: int = 1024, ack_timeout: float = 5.0,
-                       batch: int = 256) -> ChannelExporter:
+                       batch: int = 256, max_batch_bytes: int = 65536, linger: float = 0.0002
+                       ) -> ChannelExporter:
         """Send every event published on ``event_type``'s channel to ``subject`` (default ``kimiha.<name>``).
 
         Parameters
@@ -150,7 +157,15 @@ class NatsBridge:
         ack_timeout : float
             JetStream: seconds without an acknowledgement before everything in flight is sent again.
         batch : int
-            Events taken from the ring per round.
+            Events taken from the ring per round (and at most per NATS message).
+        max_batch_bytes : int
+            Frames ready together travel as one NATS message of at most this many bytes (a batch, see
+            :mod:`kimiha.bridge.wire`); 0 sends one frame per message (what importers before 0.3 read).
+            JetStream stores a batch as one stream message: an importer's ``replay`` from a stream sequence,
+            or ``"last"``, then starts at a batch boundary.
+        linger : float
+            Seconds (at most 0.01) a busy exporter waits for more frames to join a batch; it never waits when
+            the ring is idle, so a lone event leaves at once. 0 never waits.
         """
         self._check_open("export_channel")
         channel = self.bus.channel(event_type)  # unknown channel: InvalidChannelError naming the known ones
@@ -172,6 +187,8 @@ class NatsBridge:
             max_in_flight=_positive_int("export_channel.max_in_flight", max_in_flight),
             ack_timeout=_seconds("export_channel.ack_timeout", ack_timeout),
             batch=_positive_int("export_channel.batch", batch), flush_timeout=self.flush_timeout,
+            max_batch_bytes=_positive_int("export_channel.max_batch_bytes", max_batch_bytes, low=0),
+            linger=_linger("export_channel.linger", linger),
             name=f"nats-export:{channel.name}",
         )
         self.exporters.append(exporter)

@@ -184,11 +184,15 @@ def single_process_demo(tmp_path_factory) -> dict:
     return run_cli(["demo", "--json", "--no-progress"], tmp_path_factory.mktemp("single"))
 
 
-@pytest.mark.parametrize("delivery", ["jetstream", "core"])
+@pytest.mark.parametrize("delivery", ["jetstream", "core", "shm"])
 def test_distributed_demo_matches_the_single_process_demo(tmp_path, single_process_demo, delivery):
     single = single_process_demo
-    split = run_cli(["demo", "--distributed", "--json", "--no-progress"], tmp_path,
-                    env={**os.environ, "KIMIHA_DEMO_DELIVERY": delivery})
+    transport = ["--transport", "shm"] if delivery == "shm" else []
+    split = run_cli(["demo", "--distributed", "--json", "--no-progress", *transport], tmp_path,
+                    env={**os.environ, "KIMIHA_DEMO_DELIVERY": delivery} if delivery != "shm" else None)
+    # the one-process summary's keys on every transport (each process's stop report is under "distributed"),
+    # and the same results
+    assert set(single) - {"shutdown"} <= set(split), set(single) - set(split)
     for key in ("book_check", "lines_read", "messages_by_stream", "trades", "signals", "orders", "fills",
                 "rejected", "position", "pnl", "all_lines_accounted"):
         assert split[key] == single[key], key
@@ -200,8 +204,14 @@ def test_distributed_demo_matches_the_single_process_demo(tmp_path, single_proce
     assert all(r["events"] > 0 and r["missing"] == 0 for r in d["cross_process_latency"])
     assert split["channels"]["executor/Orders"]["published"] == single["orders"]
     # every process is gone once the demo returned: the three roles and the server
-    assert d["nats_server_pid"]
-    for pid in [*d["processes"].values(), d["nats_server_pid"]]:
+    if delivery == "shm":
+        assert d["transport"] == "shm" and d["nats_server_pid"] is None
+        assert not pathlib.Path(d["shm_directory"]).exists()  # the run's rings removed
+        pids = list(d["processes"].values())
+    else:
+        assert d["transport"] == "nats" and d["nats_server_pid"]
+        pids = [*d["processes"].values(), d["nats_server_pid"]]
+    for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 

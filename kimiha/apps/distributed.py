@@ -275,29 +275,30 @@ class _Process:
         if opts.transport == "shm":
             # rings in a folder of this run (the coordinator removes it); readers have durable places, so a
             # ring never waits for a reader that is not there yet: each process attaches before "ready"
-            self.bridge = bridge = ShmBridge(bus, opts.shm_dir, name=f"demo-{role.name}",
-                                             flush_timeout=CHILD_FLUSH_TIMEOUT)
+            rings = ShmBridge(bus, opts.shm_dir, name=f"demo-{role.name}", flush_timeout=CHILD_FLUSH_TIMEOUT)
             for channel in role.exports:
-                bridge.export_channel(channel, _subject(run, channel))
+                rings.export_channel(channel, _subject(run, channel))
             for channel in role.imports:
-                bridge.import_channel(channel, _subject(run, channel), durable=f"{role.name}-{channel.value}",
-                                      replay="all")
+                rings.import_channel(channel, _subject(run, channel), durable=f"{role.name}-{channel.value}",
+                                     replay="all")
+            self.bridge = rings
         else:
             delivery = Delivery(opts.delivery)
-            self.bridge = bridge = NatsBridge(
+            nats = NatsBridge(
                 bus, opts.nats, name=f"demo-{run}-{role.name}",
                 connect_timeout=max(CHILD_CONNECT_TIMEOUT, opts.connect_timeout), flush_timeout=CHILD_FLUSH_TIMEOUT,
                 token=os.environ.pop(ENV_TOKEN, None) or None)  # from the coordinator, see _spawn
             for channel in role.exports:
-                bridge.export_channel(channel, _subject(run, channel), delivery=delivery,
+                nats.export_channel(channel, _subject(run, channel), delivery=delivery,
                                       stream=_stream(run, channel) if delivery is Delivery.JETSTREAM else None)
             for channel in role.imports:
                 extra: dict[str, Any] = {}
                 if delivery is Delivery.JETSTREAM:
                     extra = {"stream": _stream(run, channel), "durable": f"demo-{run}-{role.name}-{channel.value}",
                              "reset": True, "ack_wait": 10.0, "max_ack_pending": 8192}
-                bridge.import_channel(channel, _subject(run, channel), delivery=delivery, **extra)
-        self.orchestrator = builder.with_bridge(bridge).build()
+                nats.import_channel(channel, _subject(run, channel), delivery=delivery, **extra)
+            self.bridge = nats
+        self.orchestrator = builder.with_bridge(self.bridge).build()
         self.scheduler = self.orchestrator.scheduler
 
     def results(self) -> dict[str, Any]:

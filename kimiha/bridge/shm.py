@@ -99,10 +99,10 @@ def _positive_int(name: str, value: Any, *, low: int = 1) -> int:
 
 
 def _pow2(name: str, value: Any) -> int:
-    value = _positive_int(name, value, low=2)
-    if value & (value - 1):
+    number = _positive_int(name, value, low=2)
+    if number & (number - 1):
         raise InvalidConfigurationError(f"{name}: expected a power of two, got {value!r}")
-    return value
+    return number
 
 
 def _lock(path: Path, flags: int) -> int | None:
@@ -198,7 +198,7 @@ class _Segment:
 def remove_stale(directory: str | os.PathLike[str] | None = None) -> list[str]:
     """Remove the subject folders under ``directory`` whose writer and readers are all gone; return them."""
     base = Path(directory) if directory is not None else default_directory()
-    removed = []
+    removed: list[str] = []
     if not base.is_dir():
         return removed
     for path in base.iterdir():

@@ -220,12 +220,14 @@ def test_distributed_demo_matches_the_single_process_demo(tmp_path, single_proce
 STOP_GUARD = distributed.STOP_GRACE + distributed.TERM_GRACE + distributed.KILL_WAIT + WAIT
 
 
-@pytest.mark.parametrize("speed", [None, "0.2"], ids=["fast-replay", "speed-0.2"])
-def test_distributed_demo_stops_everything_on_ctrl_c(tmp_path, speed):
+@pytest.mark.parametrize("speed, transport", [(None, "nats"), ("0.2", "nats"), (None, "shm")],
+                         ids=["fast-replay", "speed-0.2", "shm-fast-replay"])
+def test_distributed_demo_stops_everything_on_ctrl_c(tmp_path, speed, transport):
     # Fast replay (no --speed) is the case that used to stall: the feed's aggregator publishing MarketData
     # (BLOCK) at full speed when the stop began. SIGINT goes out once the replay is under way: for the fast
     # replay at its first progress line past 0 %, for the paced one as soon as every process is ready.
     args = ["--speed", speed, "--no-progress"] if speed else []
+    args += ["--transport", transport]
     proc = subprocess.Popen([sys.executable, "-m", "kimiha", "demo", "--distributed", *args], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
     lines: queue.Queue[str] = queue.Queue()
@@ -249,7 +251,10 @@ def test_distributed_demo_stops_everything_on_ctrl_c(tmp_path, speed):
                 pass
         descendants = psutil.Process(proc.pid).children(recursive=True)
         names = sorted(p.name() for p in descendants)
-        assert len(descendants) == 4 and any("nats-server" in n for n in names), names
+        if transport == "nats":
+            assert len(descendants) == 4 and any("nats-server" in n for n in names), names
+        else:  # no broker
+            assert len(descendants) == 3 and not any("nats-server" in n for n in names), names
         proc.send_signal(signal.SIGINT)
         code = proc.wait(STOP_GUARD)
         out = proc.stdout.read()

@@ -105,9 +105,15 @@ def _pow2(name: str, value: Any) -> int:
     return number
 
 
-def _lock(path: Path, flags: int) -> int | None:
-    """Open ``path`` and ``flock`` it with ``flags | LOCK_NB``; return the fd, or None if someone holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _lock(path: Path, flags: int, *, create: bool = True) -> int | None:
+    """Open ``path`` and ``flock`` it with ``flags | LOCK_NB``; return the fd, or None if someone holds it
+    (or, with ``create=False``, if it does not exist)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o600)
+    except FileNotFoundError:
+        if create:
+            raise
+        return None
     try:
         fcntl.flock(fd, flags | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -120,13 +126,17 @@ def _lock(path: Path, flags: int) -> int | None:
 
 
 def _held(path: Path) -> bool:
-    """Whether a live process holds ``path``'s lock."""
-    if not path.exists():
+    """Whether a live process holds ``path``'s lock (a missing file: no)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
         return False
-    fd = _lock(path, fcntl.LOCK_SH)
-    if fd is None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
-    os.close(fd)
+    finally:
+        os.close(fd)
     return False
 
 
@@ -266,8 +276,11 @@ class _ShmEndpoint(BackgroundTask):
             ring, self._ring = self._ring, None
             self._final = {"head": int(ring.head), "lost": int(ring.lost), "readers": 0}
             seg.close()
-            if not seg.busy():  # the last one out removes the folder
-                shutil.rmtree(seg.path, ignore_errors=True)
+            try:
+                if not seg.busy():  # the last one out removes the folder (another may just have done so)
+                    shutil.rmtree(seg.path, ignore_errors=True)
+            except OSError as exc:  # pragma: no cover - best effort
+                logger.debug("%s: cleanup of %s: %r", self.name, seg.path, exc)
 
 
 class ShmExporter(_ShmEndpoint):
@@ -465,7 +478,11 @@ class ShmExporter(_ShmEndpoint):
         for idx in range(ring.max_readers):
             if ring.reader(idx)[0] != 1:
                 continue
-            fd = _lock(self.path / f"r{idx}.lock", fcntl.LOCK_EX)
+            try:
+                fd = _lock(self.path / f"r{idx}.lock", fcntl.LOCK_EX)
+            except FileNotFoundError:  # the folder is gone (removed by hand): nothing to wait for
+                fd = None
+                ring.detach(idx)
             if fd is None:
                 continue  # alive
             try:

@@ -265,44 +265,48 @@ cdef class Ring:
         cdef Py_ssize_t i, n = len(items), written = 0
         cdef tuple item
         cdef bytes frame
+        cdef int64_t ts
         cdef Slot *slot
         if block:
             minc = self._min_cursor(h)
-        for i in range(start, n):
-            item = <tuple>items[i]
-            frame = <bytes>item[2]
-            ln = <uint64_t>PyBytes_GET_SIZE(frame)
-            if ln > self.max_frame:
-                break
-            p = dh
-            if (p & self.dmask) + ln > dsize:
-                p += dsize - (p & self.dmask)
-            if block:
-                if h - minc >= cap:
-                    minc = self._min_cursor(h)  # readers may have moved on since
+        try:
+            for i in range(start, n):
+                item = <tuple?>items[i]
+                frame = <bytes?>item[2]  # checked: anything else raises before the ring is touched
+                ts = <int64_t>item[1]
+                ln = <uint64_t>PyBytes_GET_SIZE(frame)
+                if ln > self.max_frame:
+                    break
+                p = dh
+                if (p & self.dmask) + ln > dsize:
+                    p += dsize - (p & self.dmask)
+                if block:
                     if h - minc >= cap:
-                        break
-                tail = self.slots[minc & self.mask].off if minc < h else dh
-                if p + ln - tail > dsize:
-                    minc = self._min_cursor(h)
+                        minc = self._min_cursor(h)  # readers may have moved on since
+                        if h - minc >= cap:
+                            break
                     tail = self.slots[minc & self.mask].off if minc < h else dh
                     if p + ln - tail > dsize:
-                        break
-            slot = &self.slots[h & self.mask]
-            kh_store_rlx(&slot.seq, BUSY)
-            kh_store_rlx(self._h(H_DATA_HEAD), p + ln)  # reserved before the bytes change (the readers' check)
-            kh_fence_rel()
-            memcpy(self.data + (p & self.dmask), PyBytes_AS_STRING(frame), ln)
-            slot.ts = <int64_t>item[1]
-            slot.off = p
-            slot.length = ln
-            kh_store_rel(&slot.seq, h + 1)
-            h += 1
-            dh = p + ln
-            written += 1
-        if written:
-            kh_store_sc(self._h(H_HEAD), h)  # also orders the head before reading the waiting flags
-            kh_store_rlx(self._h(H_WRITES), kh_load_rlx(self._h(H_WRITES)) + 1)
+                        minc = self._min_cursor(h)
+                        tail = self.slots[minc & self.mask].off if minc < h else dh
+                        if p + ln - tail > dsize:
+                            break
+                slot = &self.slots[h & self.mask]
+                kh_store_rlx(&slot.seq, BUSY)
+                kh_store_rlx(self._h(H_DATA_HEAD), p + ln)  # reserved before the bytes change (the readers' check)
+                kh_fence_rel()
+                memcpy(self.data + (p & self.dmask), PyBytes_AS_STRING(frame), ln)
+                slot.ts = ts
+                slot.off = p
+                slot.length = ln
+                kh_store_rel(&slot.seq, h + 1)
+                h += 1
+                dh = p + ln
+                written += 1
+        finally:  # a bad item (TypeError, OverflowError) ends the batch: what was written is published
+            if written:
+                kh_store_sc(self._h(H_HEAD), h)  # also orders the head before reading the waiting flags
+                kh_store_rlx(self._h(H_WRITES), kh_load_rlx(self._h(H_WRITES)) + 1)
         return written
 
     def take_waiting(self):

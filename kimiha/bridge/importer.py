@@ -808,12 +808,16 @@ class ChannelImporter(ChannelEndpoint):
         record = self.latency.record
         stamped = self._stamped
         publish_raw = self._channel.publish_raw
+        limit = _INT64
         seq = first
-        for ts, data in items:
-            if not 0 <= ts < _INT64:
-                self._bad(f"timestamp {ts} of frame {seq} in a {HDR_BATCH} batch from {st.sender} on "
-                          f"{msg.subject!r} out of range, expected an integer in [0, 2**63)")
-            else:
+        delivered = 0
+        try:
+            for ts, data in items:
+                if not 0 <= ts < limit:
+                    self._bad(f"timestamp {ts} of frame {seq} in a {HDR_BATCH} batch from {st.sender} on "
+                              f"{msg.subject!r} out of range, expected an integer in [0, 2**63)")
+                    seq += 1
+                    continue
                 if not same:
                     ts = 0  # another machine's monotonic clock: not comparable with ours
                 try:
@@ -824,12 +828,12 @@ class ChannelImporter(ChannelEndpoint):
                             self._publish(data, ts)
                             stamped = self._stamped
                     except ChannelFull:
+                        st.expected = seq  # (what waiting callers see meanwhile)
                         await self._publish_waiting(data, ts)
                 except ChannelClosed:
                     # the bus closed under us: the rest of the batch is not published; it stays unacknowledged
                     # (JetStream redelivers all of it to the next importer)
                     self._stopping = True
-                    st.expected = seq
                     logger.warning("%s: the channel closed in the middle of a batch from %s (%d of %d frames "
                                    "published)", self.name, st.sender, seq - first, n)
                     return
@@ -839,12 +843,14 @@ class ChannelImporter(ChannelEndpoint):
                         f"{type(exc).__name__}: {exc}")
                     self._bad(f"{why} [from {st.sender} (sequence {seq}, in a batch) on {msg.subject!r}]")
                 else:
-                    self.delivered += 1
-                    st.delivered += 1
+                    delivered += 1
                     if ts:
                         record(monotonic_ns() - ts)
-            seq += 1
+                seq += 1
+        finally:
             st.expected = seq
+            self.delivered += delivered
+            st.delivered += delivered
         if self._js:
             await self._ack(msg)
 

@@ -39,62 +39,15 @@ except ImportError:  # not installed: use the source tree this script lives in (
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import kimiha
 
-from kimiha import (
-    ChannelConfig,
-    Event,
-    EventBus,
-    EventTask,
-    EventType,
-    LatencyHistogram,
-    Overflow,
-    Scheduler,
-    monotonic_ns,
-)
+from kimiha import EventBus, Scheduler, monotonic_ns
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_nats import Ev, Probe, Tick, _median, flood, make_bus  # noqa: E402  (the same event, handler, flood)
 
 
-class Ev(EventType):
-    TICKS = "Ticks"
-
-
-class Tick(Event, frozen=True, gc=False):
-    seq: int
-    t_ns: int
-    phase: int  # 0 rate, 1 flood
-
-
-def make_bus(capacity: int = 4096) -> EventBus:
-    return EventBus([(Ev.TICKS, ChannelConfig(capacity, payload_type=Tick, overflow=Overflow.BLOCK))])
-
-
-class Probe(EventTask):
-    """Records publish -> handler latency per phase; calls ``on_phase_done(phase)`` when a phase is complete."""
-
-    def __init__(self, n_rate: int, n_flood: int, on_phase_done: Any) -> None:
-        self.expected = (n_rate, n_flood)
-        self.counts = [0, 0]
-        self.latency = (LatencyHistogram(), LatencyHistogram())
-        self.first_publish = 0
-        self.last_handled = 0
-        self.on_phase_done = on_phase_done
-
-    def subscribed_event(self) -> Ev:
-        return Ev.TICKS
-
-    def handle_event(self, tick: Tick) -> None:
-        now = monotonic_ns()
-        phase = tick.phase
-        self.latency[phase].record(now - tick.t_ns)
-        if phase == 1:
-            if self.counts[1] == 0:
-                self.first_publish = tick.t_ns
-            self.last_handled = now
-        self.counts[phase] += 1
-        if self.counts[phase] == self.expected[phase]:
-            self.on_phase_done(phase)
-
-    def results(self) -> dict[str, Any]:
-        return {"rate": self.latency[0].summary(), "flood": self.latency[1].summary(), "counts": self.counts,
-                "first_publish": self.first_publish, "last_handled": self.last_handled}
+def _timed(probe: Probe) -> dict[str, Any]:
+    """The probe's results, with the flood's first publish and last handler time (to merge readers)."""
+    return {**probe.results(), "first_publish": probe.first_publish, "last_handled": probe.last_handled}
 
 
 # -- a reader process ----------------------------------------------------------------------------------------------
@@ -113,7 +66,7 @@ async def reader(opts: argparse.Namespace) -> None:
     await scheduler.start()
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the writer closes it
-    results = probe.results()
+    results = _timed(probe)
     results["importer"] = importer.stats()
     await scheduler.shutdown()
     print("results " + json.dumps(results), flush=True)
@@ -134,12 +87,6 @@ async def at_rate(bus: EventBus, n: int, rate: float) -> None:
         await asyncio.sleep(0)
 
 
-async def flood(bus: EventBus, n: int) -> None:
-    publish = bus.channel(Ev.TICKS).publish_async
-    for i in range(n):
-        await publish(Tick(i, monotonic_ns(), 1))
-
-
 async def in_process(opts: argparse.Namespace) -> dict[str, Any]:
     bus = make_bus()
     done = [asyncio.Event(), asyncio.Event()]
@@ -154,9 +101,7 @@ async def in_process(opts: argparse.Namespace) -> dict[str, Any]:
         await asyncio.wait_for(done[1].wait(), 120)
     finally:
         await scheduler.shutdown()
-    res = probe.results()
-    res["throughput"] = opts.flood / ((res["last_handled"] - res["first_publish"]) / 1e9)
-    return res
+    return _timed(probe)
 
 
 async def shm(opts: argparse.Namespace, directory: str) -> dict[str, Any]:
@@ -211,7 +156,7 @@ async def shm(opts: argparse.Namespace, directory: str) -> dict[str, Any]:
     first = min(r["first_publish"] for r in readers)
     last = max(r["last_handled"] for r in readers)
     merged = {}
-    for phase in ("rate", "flood"):  # the worst reader's figures (each reader gets every event)
+    for phase in ("paced", "flood"):  # the worst reader's figures (each reader gets every event)
         merged[phase] = {k: max(r[phase][k] for r in readers) for k in readers[0][phase]}
     return {**merged, "throughput": opts.flood / ((last - first) / 1e9), "readers": readers,
             "exporter": exporter.stats()}
@@ -224,12 +169,6 @@ async def run_all(opts: argparse.Namespace) -> list[dict[str, Any]]:
             runs.append({"in-process": await in_process(opts),
                          f"shm, 1 writer -> {opts.readers} reader processes": await shm(opts, directory)})
     return runs
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def report(runs: list[dict[str, Any]], opts: argparse.Namespace, seconds: float) -> str:
@@ -256,7 +195,7 @@ def report(runs: list[dict[str, Any]], opts: argparse.Namespace, seconds: float)
 
     for name in runs[0]:
         per = [run[name] for run in runs]
-        row = [cell([r["rate"][k] for r in per], 1e3, ",.1f") for k in ("p50", "p99", "p99_9", "max")]
+        row = [cell([r["paced"][k] for r in per], 1e3, ",.1f") for k in ("p50", "p99", "p99_9", "max")]
         row.append(cell([r["throughput"] for r in per], 1, ",.0f"))
         row.append(cell([r["flood"]["p50"] for r in per], 1e3, ",.0f"))
         lines.append(f"| {name} | " + " | ".join(row) + " |")

@@ -373,3 +373,38 @@ def test_a_durable_reader_started_again_resumes_where_it_stopped(shm_dir):
     # held the place (the dead one detached) is counted, exactly
     assert imp["resumed"] is True and imp["first_position"] >= len(a.seqs), imp
     assert start == imp["first_position"] + imp["missing"] + 1, imp
+
+
+def test_a_live_reader_that_never_reads_bounds_the_writers_shutdown_by_its_flush_timeout(run, tmp_path):
+    """BLOCK never overwrites a live reader's frames, so a stuck one holds the writer back, but its shutdown
+    gives up after flush_timeout and counts what it could not write (nothing lost silently)."""
+    import fcntl
+
+    from kimiha.bridge.shm import _Segment
+
+    async def main():
+        subject = "md.stuck"
+        seg = _Segment(tmp_path / subject, capacity=16, data_bytes=4096, max_readers=2, block=True)
+        lock = os.open(tmp_path / subject / "r0.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # alive, as far as the writer can tell
+        seg.ring.attach(0, os.getpid(), 0, "stuck")
+        bus = make_bus()
+        scheduler = Scheduler(bus)
+        bridge = ShmBridge(bus, tmp_path, flush_timeout=0.3, liveness_interval=0.05)
+        exporter = bridge.export_channel(Ev.MD, subject)
+        bridge.register(scheduler)
+        await scheduler.start()
+        try:
+            for i in range(1, 101):
+                await bus.publish_async(Ev.MD, md(i))
+            await until(lambda: exporter.stats()["sent"] == 16, what="the ring full")
+            assert not await bridge.flush(0.2)  # it cannot finish: the reader holds it back
+        finally:
+            await scheduler.shutdown()
+            os.close(lock)
+            seg.close()
+        e = exporter.stats()
+        assert (e["sent"], e["unflushed"], e["readers_lost"]) == (16, 84, 0), e
+        assert e["blocked_waits"] > 0
+
+    run(main())

@@ -941,6 +941,12 @@ def main(args: Any) -> int:
     from kimiha.apps.cli import signal_exit_code
 
     prog = "kimiha demo --distributed"
+    if args.data:  # before any process starts: a bad recording is a usage error
+        try:
+            survey_recordings(args.data)
+        except RecordingError as exc:
+            print(f"kimiha demo: {exc}", file=sys.stderr)
+            return 2
     transport = getattr(args, "transport", None) or "nats"
     if transport == "shm":
         for option in ("nats", "delivery"):
@@ -955,12 +961,6 @@ def main(args: Any) -> int:
         print(f"{prog}: delivery ({ENV_DELIVERY}) must be 'jetstream' or 'core', got {delivery!r}", file=sys.stderr)
         return 2
     timeout = getattr(args, "connect_timeout", None) or CONNECT_TIMEOUT
-    if args.data:
-        try:
-            survey_recordings(args.data)
-        except RecordingError as exc:
-            print(f"kimiha demo: {exc}", file=sys.stderr)
-            return 2
     run = secrets.token_hex(4)
     server = None
     try:
@@ -1023,12 +1023,6 @@ def _main_shm(args: Any, prog: str) -> int:
     from kimiha.apps.cli import signal_exit_code
     from kimiha.bridge.shm import default_directory
 
-    if args.data:
-        try:
-            survey_recordings(args.data)
-        except RecordingError as exc:
-            print(f"kimiha demo: {exc}", file=sys.stderr)
-            return 2
     run = secrets.token_hex(4)
     directory = default_directory() / f"demo-{run}"
     try:

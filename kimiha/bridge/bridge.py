@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import secrets
-from typing import Any
+from typing import Any, cast
 
+from kimiha.bridge.endpoint import BridgeTasks
 from kimiha.bridge.exporter import ChannelExporter
 from kimiha.bridge.importer import ChannelImporter
 from kimiha.bridge.link import Backoff, NatsLink
 from kimiha.bridge.wire import BufferPolicy, Delivery, check_subject, stream_name_for
 from kimiha.error import InvalidConfigurationError, InvalidStateError
 from kimiha.event_bus import EventBus
-from kimiha.scheduler import Scheduler
 
 __all__ = ["NatsBridge"]
 
@@ -51,7 +50,7 @@ def _enum(name: str, value: Any, cls: Any) -> Any:
         raise InvalidConfigurationError(f"{name}: expected one of {options}, got {value!r}") from None
 
 
-class NatsBridge:
+class NatsBridge(BridgeTasks):
     """Export local channels to NATS subjects and import subjects into local channels.
 
     Parameters
@@ -294,39 +293,15 @@ class NatsBridge:
         Call it before the scheduler starts. The link is registered first, so it connects before the others
         initialize and closes after every exporter flushed (hooks run in reverse order). Return the task ids.
         """
-        scheduler = getattr(target, "scheduler", target)
-        if not isinstance(scheduler, Scheduler):
-            raise InvalidConfigurationError(
-                f"NatsBridge.register: expected a Scheduler or a TradingOrchestrator, got {type(target).__name__}"
-            )
-        if self._registered:
-            raise InvalidStateError(f"NatsBridge {self.name!r} is already registered")
-        self._registered = True
-        return [scheduler.register_background_task(task) for task in self.tasks]
-
-    async def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every exporter has sent what its channel published so far (JetStream: stored).
-
-        Return False if ``timeout`` seconds passed first.
-        """
-        if not self.exporters:
-            return True
-        results = await asyncio.gather(*(e.flush(timeout) for e in self.exporters))
-        return all(results)
+        return super().register(target)
 
     def exporter(self, event_type: Any) -> ChannelExporter:
         """Return the exporter of ``event_type``'s channel."""
-        for exporter in self.exporters:
-            if exporter.event_type == event_type:
-                return exporter
-        raise InvalidConfigurationError(f"channel {event_type!r} is not exported by bridge {self.name!r}")
+        return cast(ChannelExporter, super().exporter(event_type))
 
     def importer(self, event_type: Any) -> ChannelImporter:
         """Return the (first) importer into ``event_type``'s channel."""
-        for importer in self.importers:
-            if importer.event_type == event_type:
-                return importer
-        raise InvalidConfigurationError(f"channel {event_type!r} is not imported by bridge {self.name!r}")
+        return cast(ChannelImporter, super().importer(event_type))
 
     def stats(self) -> dict[str, Any]:
         """Return ``{"link": ..., "exports": {channel: ...}, "imports": {channel: ...}}`` (counters only)."""

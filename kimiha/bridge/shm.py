@@ -46,9 +46,10 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kimiha._core import LatencyHistogram, monotonic_ns
+from kimiha.bridge.endpoint import BridgeTasks
 from kimiha.bridge.link import _Waiters, wait_until
 from kimiha.bridge.wire import new_sender_id
 from kimiha.channel_config import Overflow
@@ -60,7 +61,6 @@ from kimiha.error import (
     OrchestratorError,
 )
 from kimiha.event_bus import EventBus
-from kimiha.scheduler import Scheduler
 from kimiha.types import BackgroundTask
 
 __all__ = ["ShmBridge", "ShmExporter", "ShmImporter", "default_directory", "remove_stale"]
@@ -159,13 +159,24 @@ def _drain_fd(fd: int) -> None:
         pass
 
 
+def _private_dir(path: Path) -> None:
+    """Make ``path`` (mode 0700) if missing; refuse one another user owns (its rings would not be ours)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    owner = path.stat().st_uid
+    if owner != os.getuid():
+        raise InvalidConfigurationError(f"shared-memory directory {str(path)!r} belongs to uid {owner}, not to "
+                                        f"this process (uid {os.getuid()}); give ShmBridge(directory=...) one of "
+                                        f"your own")
+
+
 class _Segment:
     """One subject's folder and mapped ring (opened, or created with the given geometry if missing)."""
 
     def __init__(self, path: Path, *, capacity: int, data_bytes: int, max_readers: int, block: bool) -> None:
         shm = _ring_module()
         self.path = path
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _private_dir(path.parent)
+        path.mkdir(mode=0o700, exist_ok=True)
         ring_path = path / "ring"
         self.created = False
         try:
@@ -793,7 +804,7 @@ class ShmImporter(_ShmEndpoint):
         self._close()
 
 
-class ShmBridge:
+class ShmBridge(BridgeTasks):
     """Export local channels to shared-memory rings and import rings into local channels (one host).
 
     The export/import API of :class:`~kimiha.bridge.NatsBridge` over :mod:`kimiha.bridge.shm`'s rings:
@@ -918,39 +929,13 @@ class ShmBridge:
         self.importers.append(importer)
         return importer
 
-    @property
-    def tasks(self) -> list[Any]:
-        """The bridge's tasks: the exporters, then the importers."""
-        return [*self.exporters, *self.importers]
-
-    def register(self, target: Any) -> list[int]:
-        """Register the bridge's tasks with a :class:`~kimiha.Scheduler` (or a built orchestrator)."""
-        scheduler = getattr(target, "scheduler", target)
-        if not isinstance(scheduler, Scheduler):
-            raise InvalidConfigurationError(
-                f"ShmBridge.register: expected a Scheduler or a TradingOrchestrator, got {type(target).__name__}")
-        if self._registered:
-            raise InvalidStateError(f"ShmBridge {self.name!r} is already registered")
-        self._registered = True
-        return [scheduler.register_background_task(task) for task in self.tasks]
-
-    async def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every exporter has written what its channel published so far; False on timeout."""
-        if not self.exporters:
-            return True
-        return all(await asyncio.gather(*(e.flush(timeout) for e in self.exporters)))
-
     def exporter(self, event_type: Any) -> ShmExporter:
-        for exporter in self.exporters:
-            if exporter.event_type == event_type:
-                return exporter
-        raise InvalidConfigurationError(f"channel {event_type!r} is not exported by bridge {self.name!r}")
+        """Return the exporter of ``event_type``'s channel."""
+        return cast(ShmExporter, super().exporter(event_type))
 
     def importer(self, event_type: Any) -> ShmImporter:
-        for importer in self.importers:
-            if importer.event_type == event_type:
-                return importer
-        raise InvalidConfigurationError(f"channel {event_type!r} is not imported by bridge {self.name!r}")
+        """Return the (first) importer into ``event_type``'s channel."""
+        return cast(ShmImporter, super().importer(event_type))
 
     def stats(self) -> dict[str, Any]:
         """Return ``{"link": ..., "exports": {channel: ...}, "imports": {channel: ...}}``."""

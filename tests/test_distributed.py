@@ -272,3 +272,15 @@ def test_distributed_demo_stops_everything_on_ctrl_c(tmp_path, speed, transport)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--transport", "shm"], "--transport applies to the distributed demo only"),
+    (["--distributed", "--transport", "shm", "--delivery", "core"], "--delivery applies to --transport nats only"),
+    (["--distributed", "--transport", "carrier"], "invalid choice: 'carrier'"),
+])
+def test_transport_option_misuse_is_a_usage_error(tmp_path, args, expected):
+    proc = subprocess.run([sys.executable, "-m", "kimiha", "demo", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 2 and expected in proc.stderr, (proc.returncode, proc.stderr[-500:])
+

@@ -24,7 +24,11 @@ children's own deadlines (:data:`CHILD_SHUTDOWN_TIMEOUT`, :data:`CHILD_FLUSH_TIM
 them is never killed. A control line that cannot be read is counted, shown escaped, and skipped.
 
 Channels travel over JetStream by default (no loss whatever the replay speed), or core NATS with
-``--delivery core`` (or ``KIMIHA_DEMO_DELIVERY=core``). Fills are the same as in one process: the executor
+``--delivery core`` (or ``KIMIHA_DEMO_DELIVERY=core``), or through shared-memory rings with ``--transport shm``
+(no broker: the rings live in a folder of the run under :func:`kimiha.bridge.shm.default_directory`, removed at
+the end; BLOCK rings, so nothing is lost). Each process is a partial pipeline built by
+:class:`~kimiha.orchestrator.TradingOrchestratorBuilder` (``partial=True``, its bridge given to ``with_bridge``),
+and the summary has the same keys on every transport. Fills are the same as in one process: the executor
 fills each order against its book replica as of the order's reference update id, whatever the timing.
 """
 

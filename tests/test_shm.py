@@ -408,3 +408,40 @@ def test_a_live_reader_that_never_reads_bounds_the_writers_shutdown_by_its_flush
         assert e["blocked_waits"] > 0
 
     run(main())
+
+
+def test_reader_slots_free_ones_first_and_a_clear_error_when_none_is_left(run, tmp_path, caplog):
+    from kimiha import OrchestratorError
+
+    async def main():
+        subject = "md.slots"
+        writer = Node(tmp_path, "w")  # holds the ring while readers come and go
+        writer.bridge.export_channel(Ev.MD, subject, max_readers=2)
+        await writer.start()
+        durable = Node(tmp_path, "d")
+        durable.reader(subject, durable="keep")
+        await durable.start()
+        await durable.stop()  # its place (slot 0, with its cursor) stays for its restart
+        nodes = []
+        try:
+            plain = Node(tmp_path, "p")
+            first = plain.reader(subject)
+            await plain.start()
+            nodes.append(plain)
+            assert first.stats()["slot"] == 1  # a free slot, not the durable reader's saved place
+            late = Node(tmp_path, "l")
+            second = late.reader(subject)
+            await late.start()  # nothing else left: the saved place, said in the log
+            nodes.append(late)
+            assert second.stats()["slot"] == 0
+            assert "reusing the saved place of durable reader 'keep'" in caplog.text
+            extra = Node(tmp_path, "x")
+            extra.reader(subject)
+            with pytest.raises(OrchestratorError, match="no free reader slot"):  # (failed to initialize)
+                await extra.start()
+        finally:
+            for node in nodes:
+                await node.stop()
+            await writer.stop()
+
+    run(main())

@@ -648,13 +648,13 @@ class ShmImporter(_ShmEndpoint):
         self._open()
         ring = self._ring
         chosen = None
-        for want_name in ((self.durable,) if self.durable else ("",)) + (None,):
+        # this durable reader's own place first, then a free one; another durable reader's saved place (its
+        # process gone) only when nothing else is left
+        for want_name in ((self.durable,) if self.durable else ()) + ("", None):
             for idx in range(ring.max_readers):
                 state, _, _, _, name = ring.reader(idx)
                 if want_name is not None and name != want_name:
                     continue
-                if want_name is None and self.durable is None and name:
-                    continue  # never take a durable reader's saved place
                 fd = _lock(self.path / f"r{idx}.lock", fcntl.LOCK_EX)
                 if fd is None:
                     continue
@@ -667,6 +667,9 @@ class ShmImporter(_ShmEndpoint):
             raise InvalidStateError(f"{self.name}: shared-memory ring {str(self.path)!r} has no free reader slot "
                                     f"(max_readers {ring.max_readers}, all held by live processes)")
         idx, self._lock_fd, name = chosen
+        if name and name != self.durable:
+            logger.warning("%s: every reader slot of %s is taken; reusing the saved place of durable reader %r "
+                           "(its cursor is lost)", self.name, self.path, name)
         head = ring.head
         _, _, saved, _, _ = ring.reader(idx)
         if self.durable and name == self.durable:

@@ -20,6 +20,7 @@ writer's head store and a reader's "I am going to sleep" store cannot both miss 
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy, memset
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cdef extern from *:
     """
@@ -402,6 +403,62 @@ cdef class Ring:
             c += 1
             n += 1
         return out, c, lagged
+
+    def deliver(self, Py_ssize_t idx, uint64_t cursor, Py_ssize_t max_frames, publish, record=None):
+        """Read from ``cursor`` like :meth:`read`, handing each frame to ``publish(frame, publish_ns)`` as it is
+        copied (and, if given, ``record(now - publish_ns)`` after each publish of a stamped frame).
+
+        Return ``(next cursor, lagged, delivered, failed)``. The first ``publish`` that raises stops the
+        round: ``failed`` is then ``(exception, publish_ns, frame)`` of that frame, whose place is ``next
+        cursor`` (not passed: the caller decides -- wait for room, or count it as bad and go on); else None.
+        """
+        self._check_reader(idx)
+        cdef uint64_t h = kh_load_acq(self._h(H_HEAD))
+        cdef uint64_t cap = self.capacity, dsize = self.data_size
+        cdef uint64_t c = cursor, lagged = 0, s1, s2, off, ln, dh
+        cdef int64_t ts
+        cdef Slot *slot
+        cdef object frame
+        cdef Py_ssize_t n = 0
+        cdef timespec now
+        if h > c + cap:
+            lagged = h - cap - c
+            c = h - cap
+        while c < h and n < max_frames:
+            slot = &self.slots[c & self.mask]
+            s1 = kh_load_acq(&slot.seq)
+            if s1 != c + 1:
+                if n:
+                    break
+                lagged += 1
+                c += 1
+                continue
+            ts = slot.ts
+            off = slot.off
+            ln = slot.length
+            if ln > self.max_frame:
+                frame = None
+            else:
+                frame = PyBytes_FromStringAndSize(<char *>(self.data + (off & self.dmask)), ln)
+            kh_fence_acq()
+            s2 = kh_load_rlx(&slot.seq)
+            dh = kh_load_rlx(self._h(H_DATA_HEAD))
+            if frame is None or s2 != s1 or dh - off > dsize:
+                if n:
+                    break
+                lagged += 1
+                c += 1
+                continue
+            try:
+                publish(frame, ts)
+            except Exception as exc:
+                return c, lagged, n, (exc, ts, frame)
+            n += 1
+            c += 1
+            if ts > 0 and record is not None:
+                clock_gettime(CLOCK_MONOTONIC, &now)
+                record(<int64_t>now.tv_sec * 1000000000 + now.tv_nsec - ts)
+        return c, lagged, n, None
 
     def commit(self, Py_ssize_t idx, uint64_t cursor, uint64_t lagged=0):
         """Publish reader ``idx``'s progress; return True if the writer sleeps waiting for room (wake it)."""

@@ -690,26 +690,60 @@ class ShmImporter(_ShmEndpoint):
 
     async def execute(self) -> None:
         ring = self._ring
-        frames, cursor, lagged = ring.read(self._idx, self._cursor, self.batch)
+        start = self._cursor
+        channel: Any = self._channel
+        # the frames' loop runs in the compiled ring: copy out, publish_raw, record the latency
+        cursor, lagged, delivered, failed = ring.deliver(self._idx, start, self.batch, channel.publish_raw,
+                                                         self.latency.record)
+        self.delivered += delivered
         if lagged:
-            self._lagged(lagged, cursor - len(frames))
-        if frames:
-            await self._publish_all(frames, cursor - len(frames))
-            return
-        if lagged:
-            self._commit(cursor, 0)
-            return
-        await self._idle()
+            self.missing += lagged
+            if self._log_budget > 0:
+                self._log_budget -= 1
+                logger.warning("%s: fell behind ring %s: %d frame(s) overwritten before they were read "
+                               "(missing); resuming at frame %d", self.name, self.path, lagged,
+                               cursor - delivered)
+        if failed is not None:
+            self._commit(cursor, lagged)  # what was published so far is accounted for, whatever comes next
+            lagged = 0
+            cursor = await self._failed(failed, cursor)
+        if cursor != start or lagged:
+            self._commit(cursor, lagged)
+        elif failed is None:
+            await self._idle()
 
-    def _lagged(self, n: int, resume_at: int) -> None:
-        self.missing += n
-        ring = self._ring
-        self._commit(resume_at, n)
+    async def _failed(self, failed: tuple[BaseException, int, bytes], cursor: int) -> int:
+        """Deal with the frame at ``cursor`` whose publish raised; return the cursor after it (or at it, if
+        the channel closed)."""
+        exc, ts, data = failed
+        channel: Any = self._channel
+        if isinstance(exc, ChannelFull):  # BLOCK and full: wait for room (the ring then waits for us)
+            self.waits += 1
+            try:
+                await channel.publish_raw_async(data, ts)
+            except ChannelClosed:
+                return cursor
+            except Exception as again:
+                self._bad(again, data, cursor)
+            else:
+                self.delivered += 1
+                if ts > 0:
+                    self.latency.record(monotonic_ns() - ts)
+            return cursor + 1
+        if isinstance(exc, ChannelClosed):
+            await self._wake.wait(self.liveness_interval)  # the bus is closing: nothing to publish into
+            return cursor
+        self._bad(exc, data, cursor)
+        return cursor + 1
+
+    def _bad(self, exc: BaseException, data: bytes, seq: int) -> None:
+        self.bad_frames += 1
+        why = str(exc) if isinstance(exc, OrchestratorError) else (
+            f"channel {self.type_name!r} refused a frame of {len(data)} bytes: {type(exc).__name__}: {exc}")
+        self.last_bad = f"{why} [frame {seq} of {self.path}]"[:300]
         if self._log_budget > 0:
             self._log_budget -= 1
-            logger.warning("%s: fell behind ring %s: %d frame(s) overwritten before they were read (missing); "
-                           "resuming at frame %d", self.name, self.path, n, resume_at)
-        del ring
+            logger.warning("%s: skipped a bad frame: %s", self.name, self.last_bad)
 
     def _commit(self, cursor: int, lagged: int) -> None:
         self._cursor = cursor
@@ -728,40 +762,6 @@ class ShmImporter(_ShmEndpoint):
             pass
         finally:
             os.close(fd)
-
-    async def _publish_all(self, frames: list[tuple[int, bytes]], first: int) -> None:
-        channel: Any = self._channel
-        publish_raw = channel.publish_raw
-        record = self.latency.record
-        seq = first
-        try:
-            for ts, data in frames:
-                try:
-                    try:
-                        publish_raw(data, ts)
-                    except ChannelFull:
-                        self.waits += 1
-                        await channel.publish_raw_async(data, ts)
-                except ChannelClosed:
-                    raise
-                except Exception as exc:
-                    self.bad_frames += 1
-                    why = str(exc) if isinstance(exc, OrchestratorError) else (
-                        f"channel {self.type_name!r} refused a frame of {len(data)} bytes: {type(exc).__name__}: "
-                        f"{exc}")
-                    self.last_bad = f"{why} [frame {seq} of {self.path}]"[:300]
-                    if self._log_budget > 0:
-                        self._log_budget -= 1
-                        logger.warning("%s: skipped a bad frame: %s", self.name, self.last_bad)
-                else:
-                    self.delivered += 1
-                    if ts:
-                        record(monotonic_ns() - ts)
-                seq += 1
-        except ChannelClosed:
-            pass
-        finally:  # what was published is accounted for, even when cancelled in the middle (a full channel)
-            self._commit(seq, 0)
 
     async def _idle(self) -> None:
         ring = self._ring

@@ -289,8 +289,9 @@ def test_restarted_receiver_on_the_same_durable_loses_nothing(run, server):
         async def publish_all():
             for i in range(1, n + 1):
                 await sender.bus.publish_async(Ev.MD, md(i))
-                if i % 10 == 0:
-                    await asyncio.sleep(0)
+                # a yield per event: the exporter sends small batches often, so messages are arriving while
+                # the first receiver stops (with ten per yield, batches of ten came too seldom to be sure)
+                await asyncio.sleep(0)
 
         publisher = asyncio.ensure_future(publish_all())
         try:

@@ -355,6 +355,24 @@ cdef class Ring:
         kh_store_sc(self._r(idx, R_STATE), 0)
         kh_store_rel(self._r(idx, R_WAITING), 0)
 
+    cdef object _copy(self, uint64_t c, int64_t *ts):
+        """The frame at ring position ``c`` copied out (its timestamp in ``ts``), or None if the writer
+        overwrote it, or was overwriting it, while it was copied (the seqlock check of the module doc)."""
+        cdef Slot *slot = &self.slots[c & self.mask]
+        cdef uint64_t s1 = kh_load_acq(&slot.seq), off, ln
+        if s1 != c + 1:  # overwritten (or being overwritten) by a writer that lapped us
+            return None
+        ts[0] = slot.ts
+        off = slot.off
+        ln = slot.length
+        if ln > self.max_frame:  # torn
+            return None
+        frame = PyBytes_FromStringAndSize(<char *>(self.data + (off & self.dmask)), ln)
+        kh_fence_acq()
+        if kh_load_rlx(&slot.seq) != s1 or kh_load_rlx(self._h(H_DATA_HEAD)) - off > self.data_size:
+            return None
+        return frame
+
     def read(self, Py_ssize_t idx, uint64_t cursor, Py_ssize_t max_frames):
         """Read from ``cursor``: return ``(frames, next cursor, lagged)``, frames a list of ``(publish_ns,
         bytes)``. ``lagged`` counts frames overwritten before they could be read (a LAG ring), skipped; they
@@ -364,38 +382,19 @@ cdef class Ring:
         """
         self._check_reader(idx)
         cdef uint64_t h = kh_load_acq(self._h(H_HEAD))
-        cdef uint64_t cap = self.capacity, dsize = self.data_size
-        cdef uint64_t c = cursor, lagged = 0, s1, s2, off, ln, dh
-        cdef int64_t ts
-        cdef Slot *slot
+        cdef uint64_t c = cursor, lagged = 0
+        cdef int64_t ts = 0
         cdef list out = []
         cdef object frame
         cdef Py_ssize_t n = 0
-        if h > c + cap:
-            lagged = h - cap - c
-            c = h - cap
+        if h > c + self.capacity:
+            lagged = h - self.capacity - c
+            c = h - self.capacity
         while c < h and n < max_frames:
-            slot = &self.slots[c & self.mask]
-            s1 = kh_load_acq(&slot.seq)
-            if s1 != c + 1:  # overwritten (or being overwritten) by a writer that lapped us
+            frame = self._copy(c, &ts)
+            if frame is None:
                 if n:
                     break  # the frames returned stay contiguous: the next read counts this one
-                lagged += 1
-                c += 1
-                continue
-            ts = slot.ts
-            off = slot.off
-            ln = slot.length
-            if ln > self.max_frame:
-                frame = None
-            else:
-                frame = PyBytes_FromStringAndSize(<char *>(self.data + (off & self.dmask)), ln)
-            kh_fence_acq()
-            s2 = kh_load_rlx(&slot.seq)
-            dh = kh_load_rlx(self._h(H_DATA_HEAD))
-            if frame is None or s2 != s1 or dh - off > dsize:
-                if n:
-                    break
                 lagged += 1
                 c += 1
                 continue
@@ -414,36 +413,17 @@ cdef class Ring:
         """
         self._check_reader(idx)
         cdef uint64_t h = kh_load_acq(self._h(H_HEAD))
-        cdef uint64_t cap = self.capacity, dsize = self.data_size
-        cdef uint64_t c = cursor, lagged = 0, s1, s2, off, ln, dh
-        cdef int64_t ts
-        cdef Slot *slot
+        cdef uint64_t c = cursor, lagged = 0
+        cdef int64_t ts = 0
         cdef object frame
         cdef Py_ssize_t n = 0
         cdef timespec now
-        if h > c + cap:
-            lagged = h - cap - c
-            c = h - cap
+        if h > c + self.capacity:
+            lagged = h - self.capacity - c
+            c = h - self.capacity
         while c < h and n < max_frames:
-            slot = &self.slots[c & self.mask]
-            s1 = kh_load_acq(&slot.seq)
-            if s1 != c + 1:
-                if n:
-                    break
-                lagged += 1
-                c += 1
-                continue
-            ts = slot.ts
-            off = slot.off
-            ln = slot.length
-            if ln > self.max_frame:
-                frame = None
-            else:
-                frame = PyBytes_FromStringAndSize(<char *>(self.data + (off & self.dmask)), ln)
-            kh_fence_acq()
-            s2 = kh_load_rlx(&slot.seq)
-            dh = kh_load_rlx(self._h(H_DATA_HEAD))
-            if frame is None or s2 != s1 or dh - off > dsize:
+            frame = self._copy(c, &ts)
+            if frame is None:
                 if n:
                     break
                 lagged += 1

@@ -42,7 +42,7 @@ except ImportError:  # not installed: use the source tree this script lives in (
 from kimiha import EventBus, Scheduler, monotonic_ns
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_nats import Ev, Probe, Tick, _median, flood, make_bus  # noqa: E402  (the same event, handler, flood)
+from bench_nats import Ev, Probe, Tick, _cell, _median, flood, make_bus  # noqa: E402  (the same event)
 
 
 def _timed(probe: Probe) -> dict[str, Any]:
@@ -186,18 +186,11 @@ def report(runs: list[dict[str, Any]], opts: argparse.Namespace, seconds: float)
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
 
-    def cell(values: list[float], scale: float, fmt: str) -> str:
-        scaled = [v / scale for v in values]
-        text = format(_median(scaled), fmt)
-        if len(scaled) > 1:
-            text += f" [{format(min(scaled), fmt)}..{format(max(scaled), fmt)}]"
-        return text
-
     for name in runs[0]:
         per = [run[name] for run in runs]
-        row = [cell([r["paced"][k] for r in per], 1e3, ",.1f") for k in ("p50", "p99", "p99_9", "max")]
-        row.append(cell([r["throughput"] for r in per], 1, ",.0f"))
-        row.append(cell([r["flood"]["p50"] for r in per], 1e3, ",.0f"))
+        row = [_cell([r["paced"][k] for r in per], 1e3, ",.1f") for k in ("p50", "p99", "p99_9", "max")]
+        row.append(_cell([r["throughput"] for r in per], 1, ",.0f"))
+        row.append(_cell([r["flood"]["p50"] for r in per], 1e3, ",.0f"))
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     lines.append("")
     for run in runs:

@@ -1,4 +1,5 @@
-"""Build script: cythonize the compiled core ``kimiha/_core.pyx``.
+"""Build script: cythonize the compiled core ``kimiha/_core.pyx`` and the shared-memory ring
+``kimiha/bridge/_shm.pyx`` (the same-host transport's hot path; POSIX only).
 
 Environment variables select build variants:
 
@@ -30,6 +31,16 @@ extensions = [
         extra_link_args=link_args,
     )
 ]
+if posix:
+    extensions.append(
+        Extension(
+            "kimiha.bridge._shm",
+            ["kimiha/bridge/_shm.pyx"],
+            define_macros=macros,
+            extra_compile_args=compile_args,
+            extra_link_args=link_args,
+        )
+    )
 
 setup(
     ext_modules=cythonize(

@@ -287,6 +287,15 @@ def _median(values: list[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
+def _cell(values: list[float], scale: float, fmt: str) -> str:
+    """A table cell: the median of ``values / scale``, and [min..max] over repetitions."""
+    scaled = [v / scale for v in values]
+    text = format(_median(scaled), fmt)
+    if len(scaled) > 1:
+        text += f" [{format(min(scaled), fmt)}..{format(max(scaled), fmt)}]"
+    return text
+
+
 def report(runs: list[dict[str, Any]], opts: argparse.Namespace, seconds: float) -> str:
     from importlib.metadata import version
 
@@ -313,18 +322,11 @@ def report(runs: list[dict[str, Any]], opts: argparse.Namespace, seconds: float)
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
 
-    def cell(values: list[float], scale: float, fmt: str) -> str:
-        scaled = [v / scale for v in values]
-        text = format(_median(scaled), fmt)
-        if len(scaled) > 1:
-            text += f" [{format(min(scaled), fmt)}..{format(max(scaled), fmt)}]"
-        return text
-
     for name in runs[0]:
         per = [run[name] for run in runs]
-        row = [cell([r["paced"][k] for r in per], 1e3, ",.1f") for k in ("p50", "p99", "p99_9", "max")]
-        row.append(cell([r["throughput"] for r in per], 1, ",.0f"))
-        row.append(cell([r["flood"]["p50"] for r in per], 1e3, ",.0f"))
+        row = [_cell([r["paced"][k] for r in per], 1e3, ",.1f") for k in ("p50", "p99", "p99_9", "max")]
+        row.append(_cell([r["throughput"] for r in per], 1, ",.0f"))
+        row.append(_cell([r["flood"]["p50"] for r in per], 1e3, ",.0f"))
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     lines.append("")
     for name in runs[0]:

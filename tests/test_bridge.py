@@ -30,10 +30,12 @@ from kimiha import (
 )
 from kimiha.bridge import Backoff, Delivery, NatsBridge, NatsServer, nats_server_executable
 from kimiha.bridge.wire import (
+    HDR_BATCH,
     HDR_META,
     HDR_MSG_ID,
     check_subject,
     clock_domain,
+    decode_batch,
     format_meta,
     parse_meta,
     stream_name_for,
@@ -266,14 +268,15 @@ def test_typed_round_trip_in_order(run, nats_server, delivery):
 
 
 def test_frames_leave_as_the_ring_holds_them_with_headers(run, nats_server):
-    """No re-encoding on export: the NATS payload is the ring's frame, and the headers say what it is."""
+    """No re-encoding on export: the NATS payload is the ring's frame, and the headers say what it is
+    (batching off: one frame per message, the format importers before batches read)."""
 
     async def main():
         subject = unique("raw")
         bus = make_bus()
         scheduler = Scheduler(bus)
         bridge = NatsBridge(bus, nats_server.url, name="frames")
-        exporter = bridge.export_channel(Ev.MD, subject, schema=3)
+        exporter = bridge.export_channel(Ev.MD, subject, schema=3, max_batch_bytes=0)
         bridge.register(scheduler)
         ring = bus.subscribe(Ev.MD, frames=True)
         nc = await nats.connect(nats_server.url)
@@ -302,6 +305,59 @@ def test_frames_leave_as_the_ring_holds_them_with_headers(run, nats_server):
             assert (seq, ts, sender, schema, lost, event_type) == (ring_seq + 1, publish_ns, exporter.sender, "3",
                                                                   0, "MD")
             assert HDR_MSG_ID not in msg.headers  # core NATS: no JetStream dedup id
+
+    run(main())
+
+
+@pytest.mark.parametrize("delivery", [Delivery.CORE, Delivery.JETSTREAM])
+def test_ready_frames_leave_as_one_batch_message(run, nats_server, delivery):
+    """Frames ready together go as one message: a Kimiha-Batch header (first;count;sender;...), a msgpack
+    array of [ts, frame] with each frame byte for byte as the ring holds it; a lone frame goes alone."""
+
+    async def main():
+        subject = unique("batch")
+        bus = make_bus()
+        scheduler = Scheduler(bus)
+        bridge = NatsBridge(bus, nats_server.url, name="batches")
+        exporter = bridge.export_channel(Ev.MD, subject, schema=3, delivery=delivery)
+        bridge.register(scheduler)
+        ring = bus.subscribe(Ev.MD, frames=True)
+        nc = await nats.connect(nats_server.url)
+        got = []
+
+        async def on_msg(msg):
+            got.append(msg)
+
+        sub = await nc.subscribe(subject, cb=on_msg)
+        await nc.flush()
+        await scheduler.start()
+        try:
+            for i in range(1, 6):  # published in one go: ready together when the exporter wakes up
+                bus.publish(Ev.MD, md(i))
+            assert await bridge.flush(WAIT)
+            await until(lambda: len(got) == 1, what="one batch message")
+            bus.publish(Ev.MD, md(6))  # the ring is idle again: alone, at once
+            assert await bridge.flush(WAIT)
+            await until(lambda: len(got) == 2, what="the lone frame")
+            frames = ring.drain()
+        finally:
+            await sub.unsubscribe()
+            await nc.close()
+            await scheduler.shutdown()
+        batch, single = got
+        first, count, sender, schema, lost, event_type = batch.headers[HDR_BATCH].split(";", 5)
+        assert (int(first), int(count), sender, schema, int(lost), event_type) == (1, 5, exporter.sender, "3", 0,
+                                                                                   "MD")
+        assert HDR_META not in batch.headers
+        assert decode_batch(batch.data) == [(ts, frame) for _, ts, frame in frames[:5]]
+        assert msgspec.msgpack.decode(single.data, type=MarketData) == md(6)
+        assert parse_meta(single.headers[HDR_META])[:2] == (6, frames[5][1])
+        if delivery is Delivery.JETSTREAM:
+            assert batch.headers[HDR_MSG_ID] == f"{exporter.sender}:1"  # the batch is the unit of dedup
+        s = exporter.stats()
+        assert (s["sent"], s["messages"], s["batches"]) == (6, 2, 1)
+        if delivery is Delivery.JETSTREAM:
+            assert (s["acked"], s["in_flight"]) == (6, 0)
 
     run(main())
 
@@ -426,7 +482,8 @@ def test_jetstream_replay_from_a_sequence_and_from_a_time(run, nats_server):
         bus = make_bus()
         scheduler = Scheduler(bus)
         bridge = NatsBridge(bus, nats_server.url, name="writer")
-        bridge.export_channel(Ev.MD, subject, delivery=Delivery.JETSTREAM)
+        # one event per message, so that stream sequence n is event n (a batch is one stream message)
+        bridge.export_channel(Ev.MD, subject, delivery=Delivery.JETSTREAM, max_batch_bytes=0)
         bridge.register(scheduler)
         await scheduler.start()
         try:

@@ -184,11 +184,15 @@ def single_process_demo(tmp_path_factory) -> dict:
     return run_cli(["demo", "--json", "--no-progress"], tmp_path_factory.mktemp("single"))
 
 
-@pytest.mark.parametrize("delivery", ["jetstream", "core"])
+@pytest.mark.parametrize("delivery", ["jetstream", "core", "shm"])
 def test_distributed_demo_matches_the_single_process_demo(tmp_path, single_process_demo, delivery):
     single = single_process_demo
-    split = run_cli(["demo", "--distributed", "--json", "--no-progress"], tmp_path,
-                    env={**os.environ, "KIMIHA_DEMO_DELIVERY": delivery})
+    transport = ["--transport", "shm"] if delivery == "shm" else []
+    split = run_cli(["demo", "--distributed", "--json", "--no-progress", *transport], tmp_path,
+                    env={**os.environ, "KIMIHA_DEMO_DELIVERY": delivery} if delivery != "shm" else None)
+    # the one-process summary's keys on every transport (each process's stop report is under "distributed"),
+    # and the same results
+    assert set(single) - {"shutdown"} <= set(split), set(single) - set(split)
     for key in ("book_check", "lines_read", "messages_by_stream", "trades", "signals", "orders", "fills",
                 "rejected", "position", "pnl", "all_lines_accounted", "digest"):
         assert split[key] == single[key], key
@@ -200,8 +204,14 @@ def test_distributed_demo_matches_the_single_process_demo(tmp_path, single_proce
     assert all(r["events"] > 0 and r["missing"] == 0 for r in d["cross_process_latency"])
     assert split["channels"]["executor/Orders"]["published"] == single["orders"]
     # every process is gone once the demo returned: the three roles and the server
-    assert d["nats_server_pid"]
-    for pid in [*d["processes"].values(), d["nats_server_pid"]]:
+    if delivery == "shm":
+        assert d["transport"] == "shm" and d["nats_server_pid"] is None
+        assert not pathlib.Path(d["shm_directory"]).exists()  # the run's rings removed
+        pids = list(d["processes"].values())
+    else:
+        assert d["transport"] == "nats" and d["nats_server_pid"]
+        pids = [*d["processes"].values(), d["nats_server_pid"]]
+    for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
@@ -210,12 +220,14 @@ def test_distributed_demo_matches_the_single_process_demo(tmp_path, single_proce
 STOP_GUARD = distributed.STOP_GRACE + distributed.TERM_GRACE + distributed.KILL_WAIT + WAIT
 
 
-@pytest.mark.parametrize("speed", [None, "0.2"], ids=["fast-replay", "speed-0.2"])
-def test_distributed_demo_stops_everything_on_ctrl_c(tmp_path, speed):
+@pytest.mark.parametrize("speed, transport", [(None, "nats"), ("0.2", "nats"), (None, "shm")],
+                         ids=["fast-replay", "speed-0.2", "shm-fast-replay"])
+def test_distributed_demo_stops_everything_on_ctrl_c(tmp_path, speed, transport):
     # Fast replay (no --speed) is the case that used to stall: the feed's aggregator publishing MarketData
     # (BLOCK) at full speed when the stop began. SIGINT goes out once the replay is under way: for the fast
     # replay at its first progress line past 0 %, for the paced one as soon as every process is ready.
     args = ["--speed", speed, "--no-progress"] if speed else []
+    args += ["--transport", transport]
     proc = subprocess.Popen([sys.executable, "-m", "kimiha", "demo", "--distributed", *args], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
     lines: queue.Queue[str] = queue.Queue()
@@ -239,7 +251,10 @@ def test_distributed_demo_stops_everything_on_ctrl_c(tmp_path, speed):
                 pass
         descendants = psutil.Process(proc.pid).children(recursive=True)
         names = sorted(p.name() for p in descendants)
-        assert len(descendants) == 4 and any("nats-server" in n for n in names), names
+        if transport == "nats":
+            assert len(descendants) == 4 and any("nats-server" in n for n in names), names
+        else:  # no broker
+            assert len(descendants) == 3 and not any("nats-server" in n for n in names), names
         proc.send_signal(signal.SIGINT)
         code = proc.wait(STOP_GUARD)
         out = proc.stdout.read()
@@ -257,3 +272,15 @@ def test_distributed_demo_stops_everything_on_ctrl_c(tmp_path, speed):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--transport", "shm"], "--transport applies to the distributed demo only"),
+    (["--distributed", "--transport", "shm", "--delivery", "core"], "--delivery applies to --transport nats only"),
+    (["--distributed", "--transport", "carrier"], "invalid choice: 'carrier'"),
+])
+def test_transport_option_misuse_is_a_usage_error(tmp_path, args, expected):
+    proc = subprocess.run([sys.executable, "-m", "kimiha", "demo", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 2 and expected in proc.stderr, (proc.returncode, proc.stderr[-500:])
+

@@ -306,3 +306,72 @@ def test_cli_demo_json_and_bad_arguments(tmp_path):
     assert missing.returncode == 2 and "no such recording file" in missing.stderr
     bad_speed = run_python("-m", "kimiha", "demo", "--speed", "0")
     assert bad_speed.returncode == 2 and "--speed" in bad_speed.stderr
+
+
+# --- partial pipelines -----------------------------------------------------------------------------------------
+
+
+def test_partial_pipeline_wiring_is_checked(tmp_path):
+    from kimiha.bridge import ShmBridge
+
+    log: list[str] = []
+    bus = make_bus()
+    # nothing held, no bridge
+    with pytest.raises(BuildError) as err:
+        TradingOrchestratorBuilder(bus, partial=True).build()
+    assert err.value.problems == ["a partial pipeline holds nothing: add at least one component"]
+    # a strategy alone, without a bridge: who feeds it?
+    with pytest.raises(BuildError) as err:
+        TradingOrchestratorBuilder(bus, partial=True).with_strategy(Strat(log, bus, Ev.MD, Ev.ORDERS, "s")).build()
+    assert any("needs a bridge" in p for p in err.value.problems), err.value.problems
+    # a bridge that imports only what nobody here reads, exports orders: both problems at once
+    bridge = ShmBridge(bus, tmp_path, name="strategy")
+    bridge.import_channel(Ev.RAW, "raw")
+    bridge.export_channel(Ev.ORDERS, "orders")
+    with pytest.raises(BuildError) as err:
+        (TradingOrchestratorBuilder(bus, partial=True).with_strategy(Strat(log, bus, Ev.MD, Ev.ORDERS, "s"))
+         .with_bridge(bridge).build())
+    assert err.value.problems == ["channel 'Raw' is imported, but no component here reads it (and it is not "
+                                  "exported again): subscribe a component to it, or do not import it"]
+    # without partial=True the missing roles are still reported, bridge or not
+    with pytest.raises(BuildError) as err:
+        TradingOrchestratorBuilder(bus).with_bridge(bridge).build()
+    assert {"no connector", "no aggregator", "no strategy", "no executor"} <= {
+        p.split(":")[0] for p in err.value.problems}
+    with pytest.raises(BuildError, match="takes a NatsBridge or ShmBridge"):
+        TradingOrchestratorBuilder(bus, partial=True).with_connector(Feed(log, bus)).with_bridge(object()).build()
+
+
+def test_a_pipeline_split_over_two_partial_processes_runs_in_order(run, tmp_path):
+    """Connector + aggregator in one 'process', strategy + executor in another, MD between them over shm."""
+    from kimiha.bridge import ShmBridge
+
+    async def main():
+        log: list[str] = []
+        up, down = make_bus(), make_bus()
+        upstream = ShmBridge(up, tmp_path, name="up")
+        upstream.export_channel(Ev.MD, "md")
+        downstream = ShmBridge(down, tmp_path, name="down")
+        downstream.import_channel(Ev.MD, "md")
+        feed = Feed(log, up, count=200)
+        agg = Agg(log, up, Ev.RAW, Ev.MD, "agg")
+        strat = Strat(log, down, Ev.MD, Ev.ORDERS, "strat")
+        exe = Exe(log, down, Ev.ORDERS, None, "exe")
+        b = (TradingOrchestratorBuilder(down, partial=True, name="down").with_strategy(strat).with_executor(exe)
+             .with_bridge(downstream).build())
+        a = (TradingOrchestratorBuilder(up, partial=True, name="up").with_connector(feed).with_aggregator(agg)
+             .with_bridge(upstream).build())
+        assert a.bridges == [upstream] and a.scheduler.name == "up"
+        await b.start()
+        await a.start()
+        try:
+            async with asyncio.timeout(20):
+                while len(exe.seen) < 200:
+                    await asyncio.sleep(0.005)
+        finally:
+            await a.shutdown()
+            await b.shutdown()
+        assert agg.seen == strat.seen == exe.seen == list(range(200))
+        assert downstream.importer(Ev.MD).stats()["missing"] == 0
+
+    run(main())

@@ -169,6 +169,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                       help="with --distributed: the NATS server to use (default: start a local nats-server)")
     demo.add_argument("--delivery", choices=("jetstream", "core"), default=None,
                       help="with --distributed: JetStream (default, no loss) or core NATS (lowest latency)")
+    demo.add_argument("--transport", choices=("nats", "shm"), default=None,
+                      help="with --distributed: NATS (default) or shm (shared-memory rings: this host only, no "
+                           "broker)")
     demo.add_argument("--connect-timeout", type=_seconds, default=None, metavar="SECONDS",
                       help=f"with --distributed: how long to wait for the NATS server to accept a connection "
                            f"before giving up (default {CONNECT_TIMEOUT:g})")
@@ -285,7 +288,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     if not args.distributed:
         for option, value in (("--nats", args.nats), ("--delivery", args.delivery),
-                              ("--connect-timeout", args.connect_timeout)):
+                              ("--connect-timeout", args.connect_timeout), ("--transport", args.transport)):
             if value is not None:
                 demo.error(f"{option} applies to the distributed demo only: add --distributed, or leave out "
                            f"{option} (the in-process demo uses no NATS)")

@@ -24,7 +24,11 @@ children's own deadlines (:data:`CHILD_SHUTDOWN_TIMEOUT`, :data:`CHILD_FLUSH_TIM
 them is never killed. A control line that cannot be read is counted, shown escaped, and skipped.
 
 Channels travel over JetStream by default (no loss whatever the replay speed), or core NATS with
-``--delivery core`` (or ``KIMIHA_DEMO_DELIVERY=core``). Fills are the same as in one process: the executor
+``--delivery core`` (or ``KIMIHA_DEMO_DELIVERY=core``), or through shared-memory rings with ``--transport shm``
+(no broker: the rings live in a folder of the run under :func:`kimiha.bridge.shm.default_directory`, removed at
+the end; BLOCK rings, so nothing is lost). Each process is a partial pipeline built by
+:class:`~kimiha.orchestrator.TradingOrchestratorBuilder` (``partial=True``, its bridge given to ``with_bridge``),
+and the summary has the same keys on every transport. Fills are the same as in one process: the executor
 fills each order against its book replica as of the order's reference update id, whatever the timing.
 """
 
@@ -58,8 +62,12 @@ __all__ = ["CONNECT_TIMEOUT", "ROLES", "format_distributed", "main"]
 
 logger = logging.getLogger("kimiha.apps.distributed")
 
-#: Environment variable choosing how channels travel: "jetstream" (default) or "core".
+#: Environment variable choosing how channels travel over NATS: "jetstream" (default) or "core".
 ENV_DELIVERY = "KIMIHA_DEMO_DELIVERY"
+#: How the processes reach each other: "nats" (default) or "shm" (shared-memory rings, this host only).
+TRANSPORTS = ("nats", "shm")
+#: The ``delivery`` of a run over shared memory (its summary says so).
+SHM = "shm"
 _CTL = "@kimiha "  # prefix of control lines on a child's stdout
 #: The coordinator gives up when no process reports anything for this long (a hang guard, not a deadline).
 SILENCE_TIMEOUT = 300.0
@@ -231,19 +239,20 @@ async def _upstream_complete(ctl: _Control, bridge: Any, channel: TradingEvent, 
 
 
 class _Process:
-    """One child's pipeline: its bus, scheduler, the demo's components of its role, and its bridge."""
+    """One child's pipeline: its bus, the demo's components of its role and its bridge, built as a partial
+    pipeline (:class:`~kimiha.orchestrator.TradingOrchestratorBuilder` with ``partial=True``)."""
 
     def __init__(self, opts: argparse.Namespace, go: asyncio.Event) -> None:
-        from kimiha.bridge import ENV_TOKEN, Delivery, NatsBridge
+        from kimiha.bridge import ENV_TOKEN, Delivery, NatsBridge, ShmBridge
+        from kimiha.orchestrator import TradingOrchestratorBuilder
 
         self.role = role = ROLES[opts.role]
         run = opts.run
-        delivery = Delivery(opts.delivery)
         self.bus = bus = EventBus(trading_channels(opts.capacity))
         # A SimClock, as in one process: each task's clock follows the market data it handles, so the
         # strategy's timers fire at the same point of its input whatever the transport's timing.
-        self.scheduler = scheduler = Scheduler(bus, name=f"kimiha-{role.name}",
-                                               shutdown_timeout=CHILD_SHUTDOWN_TIMEOUT, clock=SimClock())
+        builder = TradingOrchestratorBuilder(bus, partial=True, name=f"kimiha-{role.name}",
+                                             shutdown_timeout=CHILD_SHUTDOWN_TIMEOUT, clock=SimClock())
         self.parts: dict[str, Any] = {}
         self.expected: dict[str, int] = {}
         self.connector: BinanceConnector | None = None
@@ -255,37 +264,50 @@ class _Process:
             self.expected = expected = count_lines_by_stream(paths)
             self.connector = BinanceConnector(bus, _after_go(go, replay_lines(paths, opts.speed)))
             self.aggregator = BinanceAggregator(bus)
-            agg_id = scheduler.register_event_task(self.aggregator)
-            scheduler.register_background_task(self.connector)
-            scheduler.drain_stages = [[agg_id]]
+            builder.with_connector(self.connector).with_aggregator(self.aggregator)
             self.parts["data"] = [getattr(p, "name", str(p)) for p in paths]
             self.parts["lines_in_files"] = sum(expected.values())
             self.parts["messages_by_stream_in_files"] = {k: v for k, v in sorted(expected.items()) if k != BAD_LINE}
             self.parts["bad_lines_in_files"] = expected.get(BAD_LINE, 0)
         elif role.name == "strategy":
             self.strategy = ImbalanceStrategyTask(bus)
-            scheduler.register_event_task(self.strategy)
+            builder.with_strategy(self.strategy)
         else:
             self.executor = PaperExecutorTask(bus)
-            scheduler.register_event_task(self.executor)
+            builder.with_executor(self.executor)
 
         # The exporters subscribe to their channels in initialize(), so once started the scheduler knows them
         # as readers ("drain and stop" in its stop_plan(): stopped after the stages that publish to them, which
         # would otherwise wait on a BLOCK channel nobody reads any more); nothing to declare here.
-        self.bridge = bridge = NatsBridge(
-            bus, opts.nats, name=f"demo-{run}-{role.name}",
-            connect_timeout=max(CHILD_CONNECT_TIMEOUT, opts.connect_timeout), flush_timeout=CHILD_FLUSH_TIMEOUT,
-            token=os.environ.pop(ENV_TOKEN, None) or None)  # from the coordinator, see _spawn
-        for channel in role.exports:
-            bridge.export_channel(channel, _subject(run, channel), delivery=delivery,
-                                  stream=_stream(run, channel) if delivery is Delivery.JETSTREAM else None)
-        for channel in role.imports:
-            extra: dict[str, Any] = {}
-            if delivery is Delivery.JETSTREAM:
-                extra = {"stream": _stream(run, channel), "durable": f"demo-{run}-{role.name}-{channel.value}",
-                         "reset": True, "ack_wait": 10.0, "max_ack_pending": 8192}
-            bridge.import_channel(channel, _subject(run, channel), delivery=delivery, **extra)
-        bridge.register(scheduler)
+        self.bridge: Any
+        if opts.transport == "shm":
+            # rings in a folder of this run (the coordinator removes it); readers have durable places, so a
+            # ring never waits for a reader that is not there yet: each process attaches before "ready"
+            rings = ShmBridge(bus, opts.shm_dir, name=f"demo-{role.name}", flush_timeout=CHILD_FLUSH_TIMEOUT)
+            for channel in role.exports:
+                rings.export_channel(channel, _subject(run, channel))
+            for channel in role.imports:
+                rings.import_channel(channel, _subject(run, channel), durable=f"{role.name}-{channel.value}",
+                                     replay="all")
+            self.bridge = rings
+        else:
+            delivery = Delivery(opts.delivery)
+            nats = NatsBridge(
+                bus, opts.nats, name=f"demo-{run}-{role.name}",
+                connect_timeout=max(CHILD_CONNECT_TIMEOUT, opts.connect_timeout), flush_timeout=CHILD_FLUSH_TIMEOUT,
+                token=os.environ.pop(ENV_TOKEN, None) or None)  # from the coordinator, see _spawn
+            for channel in role.exports:
+                nats.export_channel(channel, _subject(run, channel), delivery=delivery,
+                                      stream=_stream(run, channel) if delivery is Delivery.JETSTREAM else None)
+            for channel in role.imports:
+                extra: dict[str, Any] = {}
+                if delivery is Delivery.JETSTREAM:
+                    extra = {"stream": _stream(run, channel), "durable": f"demo-{run}-{role.name}-{channel.value}",
+                             "reset": True, "ack_wait": 10.0, "max_ack_pending": 8192}
+                nats.import_channel(channel, _subject(run, channel), delivery=delivery, **extra)
+            self.bridge = nats
+        self.orchestrator = builder.with_bridge(self.bridge).build()
+        self.scheduler = self.orchestrator.scheduler
 
     def results(self) -> dict[str, Any]:
         """Return the role's part of the summary (after the stop)."""
@@ -307,7 +329,7 @@ class _Process:
         if self.strategy is not None:
             strategy = self.strategy
             parts.update({"signals": strategy.logic.signals, "orders": strategy.logic.orders,
-                          "fills_seen_by_strategy": strategy.fills})
+                          "fills_seen_by_strategy": strategy.fills, "cooldowns_ended": strategy.cooldowns_ended})
         if self.executor is not None:
             executor = self.executor
             paper = executor.paper
@@ -428,7 +450,9 @@ def _child_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kimiha.apps.distributed",
                                      description="one process of `kimiha demo --distributed` (started by it)")
     parser.add_argument("--role", choices=sorted(ROLES), required=True)
-    parser.add_argument("--nats", required=True)
+    parser.add_argument("--transport", choices=TRANSPORTS, default="nats")
+    parser.add_argument("--nats", default=None)
+    parser.add_argument("--shm-dir", default=None)
     parser.add_argument("--run", required=True)
     parser.add_argument("--delivery", choices=("jetstream", "core"), default="jetstream")
     parser.add_argument("--loop", default="uvloop")
@@ -479,8 +503,10 @@ _LINE_LIMIT = 16 * 1024 * 1024
 async def _spawn(role: str, url: str, run: str, delivery: str, args: Any, token: str | None = None) -> _Child:
     # -P: the caller's working directory is not on the children's path (a msgspec.py there would run in all
     # three); PYTHONPATH below still points them at this process's kimiha
-    cmd = [sys.executable, "-P", "-m", "kimiha.apps.distributed", "--role", role, "--nats", url, "--run", run,
-           "--delivery", delivery, "--loop", args.loop,
+    # (``delivery`` "shm": ``url`` is the folder of the run's rings)
+    where = ["--transport", "shm", "--shm-dir", url] if delivery == SHM else ["--nats", url, "--delivery", delivery]
+    cmd = [sys.executable, "-P", "-m", "kimiha.apps.distributed", "--role", role, *where, "--run", run,
+           "--loop", args.loop,
            "--connect-timeout", repr(getattr(args, "connect_timeout", None) or CONNECT_TIMEOUT)]
     if args.speed is not None:
         cmd += ["--speed", repr(args.speed)]
@@ -800,6 +826,8 @@ def _assemble(children: list[_Child], elapsed: float, url: str, delivery: str, r
         "position": executor.get("position", 0.0),
         "pnl": executor.get("pnl", {"realized": 0.0, "unrealized": 0.0, "fees": 0.0, "total": 0.0}),
         "digest": executor.get("digest", ""),
+        "latency_ms": 0.0,  # --latency is in-process only (the CLI refuses it with --distributed)
+        "cooldowns_ended": strategy.get("cooldowns_ended", 0),
         "wall_time_s": round(elapsed, 3),
         "messages_per_s": round(lines_read / elapsed, 1) if elapsed else 0.0,
         "channels": {f"{role}/{name}": ch for role, s in by_role.items()
@@ -826,7 +854,9 @@ def _assemble(children: list[_Child], elapsed: float, url: str, delivery: str, r
             how = f"exit code {code}" if code is not None else "did not stop in time"
             failed[c.role] = f"no summary ({how}{', after ' + c.escalated if c.escalated else ''})"
     summary["distributed"] = {
-        "nats": url,
+        "transport": "shm" if delivery == SHM else "nats",
+        "nats": url if delivery != SHM else None,
+        "shm_directory": url if delivery == SHM else None,
         "delivery": delivery,
         "run": run,
         "processes": {c.role: c.proc.pid for c in children},
@@ -854,7 +884,9 @@ def format_distributed(summary: dict[str, Any]) -> str:
     d = summary["distributed"]
     out = base
     out[0] = out[0].replace("kimiha demo:", "kimiha demo --distributed:", 1)
-    out.append(f"  3 processes over NATS {d['nats']} ({d['delivery']}): "
+    over = (f"shared memory ({d['shm_directory']})" if d.get("transport") == "shm"
+            else f"NATS {d['nats']} ({d['delivery']})")
+    out.append(f"  3 processes over {over}: "
                + ", ".join(f"{role} pid {pid}" for role, pid in d["processes"].items()))
     out.append(f"  {'process/channel':<22} {'published':>10} {'delivered':>10} {'lagged':>7} {'blocked':>8} "
                f"{'p50 us':>8} {'p99 us':>9} {'max us':>10}")
@@ -868,7 +900,7 @@ def format_distributed(summary: dict[str, Any]) -> str:
     for r in d["cross_process_latency"]:
         out.append(f"  {r['route']:<22} {r['channel']:<11} {r['events']:>8,} {r['duplicates']:>6} {r['missing']:>7} "
                    f"{r['p50_us']:>9.1f} {r['p99_us']:>9.1f} {r['p99_9_us']:>9.1f} {r['max_us']:>9.1f}")
-    reconnects = sum(b["link"]["reconnects"] for b in d["bridge"].values())
+    reconnects = sum(b.get("link", {}).get("reconnects", 0) for b in d["bridge"].values())
     out.append(f"  bridge: events lost {d['events_lost']}, reconnects {reconnects}"
                + (f"; FAILED: {d['failed']}" if d["failed"] else ""))
     if d.get("escalated"):
@@ -946,18 +978,26 @@ def main(args: Any) -> int:
     from kimiha.apps.cli import signal_exit_code
 
     prog = "kimiha demo --distributed"
+    if args.data:  # before any process starts: a bad recording is a usage error
+        try:
+            survey_recordings(args.data)
+        except RecordingError as exc:
+            print(f"kimiha demo: {exc}", file=sys.stderr)
+            return 2
+    transport = getattr(args, "transport", None) or "nats"
+    if transport == "shm":
+        for option in ("nats", "delivery"):
+            if getattr(args, option, None):
+                print(f"{prog}: --{option} applies to --transport nats only (shared memory has no broker)",
+                      file=sys.stderr)
+                return 2
+        return _main_shm(args, prog)
     # the --delivery option wins over the environment variable
     delivery = (getattr(args, "delivery", None) or os.environ.get(ENV_DELIVERY) or "jetstream").strip().lower()
     if delivery not in ("jetstream", "core"):
         print(f"{prog}: delivery ({ENV_DELIVERY}) must be 'jetstream' or 'core', got {delivery!r}", file=sys.stderr)
         return 2
     timeout = getattr(args, "connect_timeout", None) or CONNECT_TIMEOUT
-    if args.data:
-        try:
-            survey_recordings(args.data)
-        except RecordingError as exc:
-            print(f"kimiha demo: {exc}", file=sys.stderr)
-            return 2
     run = secrets.token_hex(4)
     server = None
     try:
@@ -994,6 +1034,14 @@ def main(args: Any) -> int:
         if server is not None:
             server.close()
     summary["distributed"]["nats_server_pid"] = server.process.pid if server is not None and server.process else None
+    return _finish(summary, args, lossless=delivery != "core")
+
+
+
+def _finish(summary: dict[str, Any], args: Any, lossless: bool) -> int:
+    """Print the summary; return the exit code (a lossless transport must have lost nothing)."""
+    from kimiha.apps.cli import signal_exit_code
+
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -1001,7 +1049,35 @@ def main(args: Any) -> int:
     if summary.get("interrupted"):
         return signal_exit_code(summary["interrupted"])
     ok = summary["all_lines_accounted"] and not summary["distributed"]["failed"]
-    return 0 if ok and (delivery == "core" or summary["distributed"]["events_lost"] == 0) else 1
+    return 0 if ok and (not lossless or summary["distributed"]["events_lost"] == 0) else 1
+
+
+def _main_shm(args: Any, prog: str) -> int:
+    """The distributed demo over shared-memory rings: no broker; the rings live in a folder of this run,
+    removed at the end whatever happened to the processes."""
+    import shutil
+
+    from kimiha.apps.cli import signal_exit_code
+    from kimiha.bridge.shm import default_directory
+
+    run = secrets.token_hex(4)
+    directory = default_directory() / f"demo-{run}"
+    try:
+        directory.mkdir(mode=0o700, parents=True)
+        if not args.json:
+            print(f"{prog}: shared-memory rings in {directory}", file=sys.stderr)
+        summary = kimiha.run(_coordinate(args, str(directory), run, SHM), loop=args.loop)
+    except KeyboardInterrupt as exc:
+        print(f"{prog}: interrupted by {getattr(exc, 'signame', 'SIGINT')} before the run; every process was "
+              f"stopped", file=sys.stderr)
+        return signal_exit_code(getattr(exc, "signame", "SIGINT"))
+    except (RuntimeError, FileNotFoundError, OSError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    summary["distributed"]["nats_server_pid"] = None
+    return _finish(summary, args, lossless=True)
 
 
 if __name__ == "__main__":

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import secrets
-from typing import Any
+from typing import Any, cast
 
+from kimiha.bridge.endpoint import BridgeTasks
 from kimiha.bridge.exporter import ChannelExporter
 from kimiha.bridge.importer import ChannelImporter
 from kimiha.bridge.link import Backoff, NatsLink
 from kimiha.bridge.wire import BufferPolicy, Delivery, check_subject, stream_name_for
 from kimiha.error import InvalidConfigurationError, InvalidStateError
 from kimiha.event_bus import EventBus
-from kimiha.scheduler import Scheduler
 
 __all__ = ["NatsBridge"]
 
@@ -35,6 +34,12 @@ def _seconds(name: str, value: Any) -> float:
     return float(value)
 
 
+def _linger(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 0.01:
+        raise InvalidConfigurationError(f"{name}: expected seconds in [0, 0.01] (a few hundred us), got {value!r}")
+    return float(value)
+
+
 def _enum(name: str, value: Any, cls: Any) -> Any:
     if isinstance(value, cls):
         return value
@@ -45,7 +50,7 @@ def _enum(name: str, value: Any, cls: Any) -> Any:
         raise InvalidConfigurationError(f"{name}: expected one of {options}, got {value!r}") from None
 
 
-class NatsBridge:
+class NatsBridge(BridgeTasks):
     """Export local channels to NATS subjects and import subjects into local channels.
 
     Parameters
@@ -129,7 +134,8 @@ class NatsBridge:
                        delivery: Delivery | str = Delivery.CORE, buffer: int = 10_000,
                        when_full: BufferPolicy | str = BufferPolicy.BLOCK, stream: str | None = None,
                        schema: int = 1, max_in_flight: int = 1024, ack_timeout: float = 5.0,
-                       batch: int = 256) -> ChannelExporter:
+                       batch: int = 256, max_batch_bytes: int = 65536, linger: float = 0.0002
+                       ) -> ChannelExporter:
         """Send every event published on ``event_type``'s channel to ``subject`` (default ``kimiha.<name>``).
 
         Parameters
@@ -150,7 +156,15 @@ class NatsBridge:
         ack_timeout : float
             JetStream: seconds without an acknowledgement before everything in flight is sent again.
         batch : int
-            Events taken from the ring per round.
+            Events taken from the ring per round (and at most per NATS message).
+        max_batch_bytes : int
+            Frames ready together travel as one NATS message of at most this many bytes (a batch, see
+            :mod:`kimiha.bridge.wire`); 0 sends one frame per message (what importers before 0.3 read).
+            JetStream stores a batch as one stream message: an importer's ``replay`` from a stream sequence,
+            or ``"last"``, then starts at a batch boundary.
+        linger : float
+            Seconds (at most 0.01) a busy exporter waits for more frames to join a batch; it never waits when
+            the ring is idle, so a lone event leaves at once. 0 never waits.
         """
         self._check_open("export_channel")
         channel = self.bus.channel(event_type)  # unknown channel: InvalidChannelError naming the known ones
@@ -172,6 +186,8 @@ class NatsBridge:
             max_in_flight=_positive_int("export_channel.max_in_flight", max_in_flight),
             ack_timeout=_seconds("export_channel.ack_timeout", ack_timeout),
             batch=_positive_int("export_channel.batch", batch), flush_timeout=self.flush_timeout,
+            max_batch_bytes=_positive_int("export_channel.max_batch_bytes", max_batch_bytes, low=0),
+            linger=_linger("export_channel.linger", linger),
             name=f"nats-export:{channel.name}",
         )
         self.exporters.append(exporter)
@@ -277,39 +293,15 @@ class NatsBridge:
         Call it before the scheduler starts. The link is registered first, so it connects before the others
         initialize and closes after every exporter flushed (hooks run in reverse order). Return the task ids.
         """
-        scheduler = getattr(target, "scheduler", target)
-        if not isinstance(scheduler, Scheduler):
-            raise InvalidConfigurationError(
-                f"NatsBridge.register: expected a Scheduler or a TradingOrchestrator, got {type(target).__name__}"
-            )
-        if self._registered:
-            raise InvalidStateError(f"NatsBridge {self.name!r} is already registered")
-        self._registered = True
-        return [scheduler.register_background_task(task) for task in self.tasks]
-
-    async def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every exporter has sent what its channel published so far (JetStream: stored).
-
-        Return False if ``timeout`` seconds passed first.
-        """
-        if not self.exporters:
-            return True
-        results = await asyncio.gather(*(e.flush(timeout) for e in self.exporters))
-        return all(results)
+        return super().register(target)
 
     def exporter(self, event_type: Any) -> ChannelExporter:
         """Return the exporter of ``event_type``'s channel."""
-        for exporter in self.exporters:
-            if exporter.event_type == event_type:
-                return exporter
-        raise InvalidConfigurationError(f"channel {event_type!r} is not exported by bridge {self.name!r}")
+        return cast(ChannelExporter, super().exporter(event_type))
 
     def importer(self, event_type: Any) -> ChannelImporter:
         """Return the (first) importer into ``event_type``'s channel."""
-        for importer in self.importers:
-            if importer.event_type == event_type:
-                return importer
-        raise InvalidConfigurationError(f"channel {event_type!r} is not imported by bridge {self.name!r}")
+        return cast(ChannelImporter, super().importer(event_type))
 
     def stats(self) -> dict[str, Any]:
         """Return ``{"link": ..., "exports": {channel: ...}, "imports": {channel: ...}}`` (counters only)."""

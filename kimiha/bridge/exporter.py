@@ -8,6 +8,12 @@ the oldest (``BufferPolicy.DROP_OLDEST``, counted). With JetStream each sent eve
 the stream acknowledges it; after a reconnect, a refused publish or an ack timeout, everything in flight is
 sent again in order (same ``Nats-Msg-Id``, so the stream drops what it already stored).
 
+Frames ready together leave together: each send packs what the outbox holds into one NATS message (a batch,
+see :mod:`kimiha.bridge.wire`) of at most ``max_batch_bytes``. When the ring is busy (the last round found
+frames waiting) the exporter lingers up to ``linger`` seconds, yielding to the loop, for more to join; when it
+is idle (the frames woke it up) it sends at once, so a lone event is never delayed. A batch takes one
+sequence per frame, is acknowledged by JetStream as one message and resent as the same message.
+
 Frames taken from the ring always land in the outbox or in flight before any await, so a cancelled loop loses
 nothing: the shutdown hook sends what is left, within ``flush_timeout``.
 """
@@ -23,7 +29,16 @@ from typing import Any, cast
 from kimiha._core import monotonic_ns
 from kimiha.bridge.endpoint import ChannelEndpoint
 from kimiha.bridge.link import LinkState, NatsLink, _Waiters, wait_until
-from kimiha.bridge.wire import HDR_META, HDR_MSG_ID, BufferPolicy, Delivery, new_sender_id
+from kimiha.bridge.wire import (
+    HDR_BATCH,
+    HDR_META,
+    HDR_MSG_ID,
+    MAX_BATCH_FRAMES,
+    BufferPolicy,
+    Delivery,
+    encode_batch,
+    new_sender_id,
+)
 from kimiha.error import ChannelClosed
 from kimiha.event_bus import EventBus
 from kimiha.logs import fields
@@ -50,7 +65,8 @@ class ChannelExporter(ChannelEndpoint):
 
     def __init__(self, link: NatsLink, bus: EventBus, event_type: Any, subject: str, *, delivery: Delivery,
                  buffer: int, when_full: BufferPolicy, stream: str | None, schema: int, max_in_flight: int,
-                 ack_timeout: float, batch: int, flush_timeout: float, name: str) -> None:
+                 ack_timeout: float, batch: int, flush_timeout: float, name: str, max_batch_bytes: int = 65536,
+                 linger: float = 0.0002) -> None:
         super().__init__(link, bus, event_type, subject, delivery=delivery, stream=stream, schema=schema,
                          name=name)
         self.buffer = buffer
@@ -59,13 +75,22 @@ class ChannelExporter(ChannelEndpoint):
         self.ack_timeout = ack_timeout
         self.batch = batch
         self.flush_timeout = flush_timeout
+        #: Bytes of frames one NATS message may carry (0: one frame per message, the format before batches).
+        self.max_batch_bytes = max_batch_bytes
+        #: Seconds a busy exporter waits for more frames to join a batch (0: never waits).
+        self.linger = linger
+        self._linger_ns = int(linger * 1e9)
+        self._max_bytes = max_batch_bytes
+        self._busy = False
+        self._inflight_events = 0
         self.sender = new_sender_id()
         self._js = delivery is Delivery.JETSTREAM
         self._drop = when_full is BufferPolicy.DROP_OLDEST
         self._tail_lost = 0
         self._tail = f";{self.sender};{schema};0;{self.type_name}"
         self._outbox: collections.deque[_Frame] = collections.deque()
-        self._inflight: dict[int, list[Any]] = {}  # seq -> [frame, headers, last sent (monotonic s)]
+        # first seq -> [payload, headers, last sent (monotonic s), frames]: one entry per NATS message
+        self._inflight: dict[int, list[Any]] = {}
         self._sub: Any = None
         self._ack_sub: Any = None
         self._ack_prefix = ""
@@ -87,6 +112,8 @@ class ChannelExporter(ChannelEndpoint):
         self.errors = 0
         self.unflushed = 0
         self.high_water = 0
+        self.messages = 0
+        self.batches = 0
         self._log_budget = 20
 
     # -- what other parts read --------------------------------------------------------------------------------
@@ -104,7 +131,7 @@ class ChannelExporter(ChannelEndpoint):
     @property
     def pending(self) -> int:
         """Events not yet handed to NATS (buffered), plus JetStream events not yet acknowledged."""
-        return len(self._outbox) + len(self._inflight)
+        return len(self._outbox) + self._inflight_events
 
     def stats(self) -> dict[str, Any]:
         """Return the exporter's counters (``sent`` is the last sequence number sent)."""
@@ -113,7 +140,7 @@ class ChannelExporter(ChannelEndpoint):
             "sender": self.sender,
             "sent": self._seq,
             "acked": self.acked if self._js else None,
-            "in_flight": len(self._inflight),
+            "in_flight": self._inflight_events,
             "buffered": len(self._outbox),
             "buffer": self.buffer,
             "when_full": self.when_full.value,
@@ -125,6 +152,10 @@ class ChannelExporter(ChannelEndpoint):
             "stream_duplicates": self.stream_duplicates,
             "errors": self.errors,
             "unflushed": self.unflushed,
+            "messages": self.messages,
+            "batches": self.batches,
+            "max_batch_bytes": self.max_batch_bytes,
+            "linger_us": round(self.linger * 1e6, 1),
         }
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -142,6 +173,9 @@ class ChannelExporter(ChannelEndpoint):
             self._ack_prefix = nc.new_inbox() + "."
             self._ack_sub = await nc.subscribe(self._ack_prefix + "*", cb=self._on_ack)
         self._epoch = self._link.epoch
+        # a batch must fit the server's max payload (1 MB by default), with room for the pairs' framing
+        max_payload = getattr(self._link.nc, "max_payload", 0) or 1 << 20
+        self._max_bytes = min(self.max_batch_bytes, max(0, max_payload - 4096))
 
     async def execute(self) -> None:
         link = self._link
@@ -164,10 +198,19 @@ class ChannelExporter(ChannelEndpoint):
                 else:
                     await self._resend()
                 return
-            if len(self._inflight) >= self.max_in_flight:
+            if self._inflight_events >= self.max_in_flight:
                 await self._wait_change(self._ack_deadline())
                 return
-        if not self._outbox and not self._take_ready(self.batch):
+        outbox = self._outbox
+        if len(outbox) < self.batch:
+            self._take_ready(self.batch - len(outbox))
+        if outbox:
+            busy = self._busy
+            self._busy = True
+            if busy and self._linger_ns and self._max_bytes:
+                await self._linger()
+        else:
+            self._busy = False
             if self._inflight:  # wait for the ring, but also for acks, a link change or the ack deadline
                 await self._wait_ring(self._ack_deadline())
             else:
@@ -200,7 +243,7 @@ class ChannelExporter(ChannelEndpoint):
                     self._epoch = link.epoch
                     self._resync = False
                     await self._resend(force=True)
-                if self._outbox and (not self._js or len(self._inflight) < self.max_in_flight):
+                if self._outbox and (not self._js or self._inflight_events < self.max_in_flight):
                     await self._send_outbox()
                 elif self._inflight and not await self._progress.wait(min(remaining, self.ack_timeout)):
                     self._resync = True
@@ -210,7 +253,7 @@ class ChannelExporter(ChannelEndpoint):
                 except Exception as exc:
                     logger.warning("%s: final flush: %r", self.name, exc)
         finally:
-            self.unflushed = len(self._outbox) + len(self._inflight)
+            self.unflushed = len(self._outbox) + self._inflight_events
             if self.unflushed:
                 logger.error("%s: %d event(s) of channel %r not delivered to NATS at shutdown (%s)", self.name,
                              self.unflushed, self.type_name,
@@ -282,6 +325,15 @@ class ChannelExporter(ChannelEndpoint):
         self._take(batch, bounded=bounded)
         return cast("list[_Frame]", batch)
 
+    async def _linger(self) -> None:
+        """Let the loop run (publishers among it) for up to ``linger`` while the batch is not full."""
+        outbox = self._outbox
+        deadline = monotonic_ns() + self._linger_ns
+        while len(outbox) < self.batch and monotonic_ns() < deadline and self._link.up:
+            await asyncio.sleep(0)
+            if not self._take_ready(self.batch - len(outbox)):
+                break  # nothing more came during one pass of the loop: the ring went idle
+
     async def _wait_ring(self, timeout: float | None, limit: int | None = None) -> None:
         """Wait for frames in the ring, a link change or progress (acks), whichever comes first."""
         link = self._link
@@ -325,15 +377,20 @@ class ChannelExporter(ChannelEndpoint):
 
     # -- sending ----------------------------------------------------------------------------------------------
 
-    def _headers(self, seq: int, ts: int) -> dict[str, str]:
-        # format_meta(seq, ts, sender, schema, lost, type), with the parts that rarely change cached
+    def _headers(self, seq: int, ts: int, count: int = 0) -> dict[str, str]:
+        # format_meta(seq, ts, sender, schema, lost, type), with the parts that rarely change cached; a batch
+        # of ``count`` frames: first seq;count;sender;schema;lost;type
         lost = self.lagged + self.dropped
         if lost != self._tail_lost:
             self._tail_lost = lost
             self._tail = f";{self.sender};{self.schema};{lost};{self.type_name}"
+        if count:
+            meta = {HDR_BATCH: f"{seq};{count}{self._tail}"}
+        else:
+            meta = {HDR_META: f"{seq};{ts}{self._tail}"}
         if self._js:
-            return {HDR_META: f"{seq};{ts}{self._tail}", HDR_MSG_ID: f"{self.sender}:{seq}"}
-        return {HDR_META: f"{seq};{ts}{self._tail}"}
+            meta[HDR_MSG_ID] = f"{self.sender}:{seq}"
+        return meta
 
     async def _send_outbox(self) -> None:
         link = self._link
@@ -344,43 +401,69 @@ class ChannelExporter(ChannelEndpoint):
         publish = nc.publish
         js = self._js
         window = self.max_in_flight
+        max_bytes = self._max_bytes
         sent = 0
         now = time.monotonic()
         while outbox and sent < self.batch and link.up:
-            if js and len(inflight) >= window:
+            room = window - self._inflight_events if js else self.batch
+            if room <= 0:
                 break
-            item = outbox.popleft()
-            seq = self._seq + 1
-            headers = self._headers(seq, item[1])
+            chunk = [outbox.popleft()]
+            if max_bytes:
+                limit = min(self.batch - sent, room, MAX_BATCH_FRAMES)
+                size = len(chunk[0][2])
+                while outbox and len(chunk) < limit:
+                    size += len(outbox[0][2]) + 12  # + the pair's framing, at most
+                    if size > max_bytes:
+                        break
+                    chunk.append(outbox.popleft())
+            n = len(chunk)
+            first = self._seq + 1
+            if n == 1:
+                payload = chunk[0][2]
+                headers = self._headers(first, chunk[0][1])
+            else:
+                payload = encode_batch([(item[1], item[2]) for item in chunk])
+                headers = self._headers(first, 0, n)
             # Sequence and bookkeeping first: nats-py queues the message before its first await, so once the
             # call is made the message is out (a cancellation can only land after that point).
-            self._seq = seq
+            self._seq = first + n - 1
             try:
                 if js:
-                    inflight[seq] = [item[2], headers, now]
-                    await publish(subject, item[2], reply=self._ack_prefix + str(seq), headers=headers)
+                    inflight[first] = [payload, headers, now, n]
+                    self._inflight_events += n
+                    await publish(subject, payload, reply=self._ack_prefix + str(first), headers=headers)
                 else:
-                    await publish(subject, item[2], headers=headers)
+                    await publish(subject, payload, headers=headers)
             except _TOO_LARGE:
-                inflight.pop(seq, None)
-                self._seq = seq - 1
+                if inflight.pop(first, None) is not None:
+                    self._inflight_events -= n
+                self._seq = first - 1
+                if n > 1:  # the server's limit is lower than we knew: smaller batches from now on
+                    outbox.extendleft(reversed(chunk))
+                    self._max_bytes = max_bytes = max_bytes // 2
+                    continue
                 self.dropped += 1
                 self.errors += 1
                 logger.error("%s: an event of %d bytes exceeds the server's max payload; dropped", self.name,
-                             len(item[2]))
+                             len(payload))
                 continue
             except Exception as exc:
                 # not connected after all (the callback telling us has not run yet): back into the buffer
-                inflight.pop(seq, None)
-                self._seq = seq - 1
-                outbox.appendleft(item)
+                if inflight.pop(first, None) is not None:
+                    self._inflight_events -= n
+                self._seq = first - 1
+                outbox.extendleft(reversed(chunk))
                 self.errors += 1
                 if self._log_budget > 0:
                     self._log_budget -= 1
                     logger.warning("%s: publish failed, will retry: %r", self.name, exc)
                 await self._link.changed.wait(0.05)
                 break
-            sent += 1
+            sent += n
+            self.messages += 1
+            if n > 1:
+                self.batches += 1
         if sent:
             self._progress.notify()
 
@@ -408,7 +491,7 @@ class ChannelExporter(ChannelEndpoint):
                 logger.warning("%s: resend failed, will retry: %r", self.name, exc)
                 await self._link.changed.wait(0.05)
                 break
-            n += 1
+            n += entry[3]
         self.resent += n
         if n and self._log_budget > 0:
             self._log_budget -= 1
@@ -448,8 +531,10 @@ class ChannelExporter(ChannelEndpoint):
                                self.type_name, why)
             self._progress.notify()
             return
-        if self._inflight.pop(seq, None) is not None:
-            self.acked += 1
+        entry = self._inflight.pop(seq, None)
+        if entry is not None:
+            self._inflight_events -= entry[3]
+            self.acked += entry[3]
             self._nack_streak = 0
             if b'"duplicate"' in data:
                 self.stream_duplicates += 1

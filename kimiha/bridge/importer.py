@@ -24,6 +24,14 @@ Sequencing is per sender (sender id and sequence from the ``Kimiha`` header, see
 
 Messages without kimiha headers (a foreign publisher) are validated and published the same way, unsequenced.
 
+A batch (``Kimiha-Batch`` header: frames ``first .. first + count - 1`` in one message) that starts at the
+expected sequence of its sender, with nothing held or suspect, is published frame by frame at once (each
+frame validated by ``publish_raw`` as above, a bad one counted and skipped in its place) and, with JetStream,
+acknowledged once all of it is published. Any other batch (a duplicate, one after a hole, an undecodable one)
+is split into its frames, which go through the rules above one by one; the batch is acknowledged when the
+last of them is (published, found duplicate or bad), so a held frame keeps its whole batch unacknowledged and
+redelivered, and a redelivered batch's frames already published here are dropped as duplicates.
+
 JetStream: the importer manages its push consumer itself. It is acknowledged once published locally (or
 found bad or duplicate), never before. A durable that resumes with events its previous importer left
 unacknowledged (refused at shutdown, held) first collects their redeliveries, so each sender starts at its
@@ -47,7 +55,7 @@ import msgspec
 from kimiha._core import LatencyHistogram, monotonic_ns
 from kimiha.bridge.endpoint import ChannelEndpoint
 from kimiha.bridge.link import NatsLink, _Waiters, wait_until
-from kimiha.bridge.wire import HDR_META, Delivery, clock_domain
+from kimiha.bridge.wire import HDR_BATCH, HDR_META, MAX_BATCH_FRAMES, Delivery, clock_domain, decode_batch
 from kimiha.error import (
     ChannelClosed,
     ChannelFull,
@@ -202,10 +210,36 @@ def _stream_seq(reply: str | None) -> int | None:
     return None
 
 
+class _Batch:
+    """A batch message split into frames: acknowledged once every one of its ``left`` frames is."""
+
+    __slots__ = ("left", "msg")
+
+    def __init__(self, msg: Any, count: int) -> None:
+        self.msg = msg
+        self.left = count
+
+
+class _Part:
+    """One frame of a split batch, shaped like a single-frame message (its own ``Kimiha`` header)."""
+
+    __slots__ = ("acked", "batch", "data", "headers", "reply", "subject")
+
+    def __init__(self, batch: _Batch, data: bytes, meta: str) -> None:
+        self.batch = batch
+        self.data = data
+        self.headers = {HDR_META: meta}
+        self.reply = batch.msg.reply
+        self.subject = batch.msg.subject
+        self.acked = False
+
+
 def _peek(msg: Any) -> tuple[str, int] | None:
-    """(sender, seq) of a well-formed ``Kimiha`` header, else None."""
+    """(sender, seq) of a well-formed ``Kimiha`` header (a batch: its first sequence), else None."""
     headers = msg.headers
     meta = headers.get(HDR_META) if headers else None
+    if meta is None and headers:
+        meta = headers.get(HDR_BATCH)
     if not isinstance(meta, str):
         return None
     parts = meta.split(";", 5)
@@ -271,6 +305,8 @@ class ChannelImporter(ChannelEndpoint):
         self.latency = LatencyHistogram()
         # counters
         self.received = 0
+        self.frames = 0
+        self.batches = 0
         self.delivered = 0
         self.duplicates = 0
         self.missing = 0
@@ -316,6 +352,8 @@ class ChannelImporter(ChannelEndpoint):
             **self._identity(),
             "durable": self.durable,
             "received": self.received,
+            "frames": self.frames,
+            "batches": self.batches,
             "delivered": self.delivered,
             "duplicates": self.duplicates,
             "missing": self.missing,
@@ -649,6 +687,11 @@ class ChannelImporter(ChannelEndpoint):
         headers = msg.headers
         meta = headers.get(HDR_META) if headers else None
         if meta is None:
+            batch = headers.get(HDR_BATCH) if headers else None
+            if batch is not None:
+                await self._sequence_batch(msg, batch)
+                return
+            self.frames += 1
             self.foreign += 1
             await self._deliver(msg, None, 0, 0)
             return
@@ -658,10 +701,12 @@ class ChannelImporter(ChannelEndpoint):
             ts = int(ts_text)
             lost = int(lost_text)
         except ValueError:
+            self.frames += 1
             self._bad(f"malformed {HDR_META} header {meta!r:.200} on {msg.subject!r}: expected "
                       f"seq;ts;sender;schema;lost;type")
             await self._ack(msg)
             return
+        self.frames += 1
         if not 0 < seq < _INT64 or not sender:
             self._bad(f"{HDR_META} header out of range {meta!r:.200} on {msg.subject!r}: expected a sequence "
                       f"in [1, 2**63) and a sender id")
@@ -697,6 +742,118 @@ class ChannelImporter(ChannelEndpoint):
             await self._accept(msg, st, seq, ts, lost)
         else:
             await self._suspect(msg, st, seq, ts, lost)
+
+    async def _sequence_batch(self, msg: Any, meta: str) -> None:
+        """Import a batch: at once when it starts at its sender's expected sequence, else frame by frame."""
+        self.batches += 1
+        try:
+            first_text, count_text, sender, schema, lost_text, type_name = meta.split(";", 5)
+            first = int(first_text)
+            count = int(count_text)
+            lost = int(lost_text)
+        except ValueError:
+            self.frames += 1
+            self._bad(f"malformed {HDR_BATCH} header {meta!r:.200} on {msg.subject!r}: expected "
+                      f"first;count;sender;schema;lost;type")
+            await self._ack(msg)
+            return
+        if not (0 < first and 1 <= count <= MAX_BATCH_FRAMES and first + count <= _INT64 and sender
+                and 0 <= lost < _INT64):
+            self.frames += 1
+            self._bad(f"{HDR_BATCH} header out of range {meta!r:.200} on {msg.subject!r}: expected a first "
+                      f"sequence in [1, 2**63), a count in [1, {MAX_BATCH_FRAMES}] and a sender id")
+            await self._ack(msg)
+            return
+        try:
+            items: list[tuple[int, bytes]] | None = decode_batch(msg.data)
+        except ValueError:
+            items = None
+        if items is not None and len(items) != count:
+            items = None
+        st = self._senders.get(sender)
+        if items is not None and schema == self._schema_text and (st is None or (
+                first == st.expected and st.probe is None and not st.held)):
+            if st is None:
+                st = self._senders[sender] = SenderState(sender, 1 if self._strict_start else first)
+            if first == st.expected:
+                await self._deliver_batch(msg, st, first, items, lost)
+                return
+        # the general case, one frame at a time; an undecodable batch is `count` bad frames in their places
+        undecodable = items is None
+        if items is None:
+            items = [(_BAD, b"")] * count
+        group = _Batch(msg, count)
+        tail = f";{sender};{schema};{lost};{type_name}"
+        for i, (ts, data) in enumerate(items):
+            await self._sequence(_Part(group, data, f"{first + i};{ts}{tail}"))
+        if undecodable:
+            why = (f"undecodable {HDR_BATCH} payload of {len(msg.data or b'')} bytes on {msg.subject!r} (header "
+                   f"{meta!r:.200}): expected a msgpack array of {count} [timestamp, frame] pairs; its {count} "
+                   f"frame(s) counted as bad in their places")
+            self.last_bad = why[:300]
+            if self._log_budget > 0:
+                self._log_budget -= 1
+                logger.warning("%s: %s", self.name, why[:300])
+
+    async def _deliver_batch(self, msg: Any, st: SenderState, first: int, items: list[tuple[int, bytes]],
+                             lost: int) -> None:
+        """Publish a batch that starts at ``st.expected`` (the common case: the frames' loop, inlined)."""
+        n = len(items)
+        self.frames += n
+        if lost > st.lost_at_sender:
+            st.lost_at_sender = lost
+        last = first + n - 1
+        if last > st.top:
+            st.top = last
+        same = st.same_clock
+        record = self.latency.record
+        stamped = self._stamped
+        publish_raw = self._channel.publish_raw
+        limit = _INT64
+        seq = first
+        delivered = 0
+        try:
+            for ts, data in items:
+                if not 0 <= ts < limit:
+                    self._bad(f"timestamp {ts} of frame {seq} in a {HDR_BATCH} batch from {st.sender} on "
+                              f"{msg.subject!r} out of range, expected an integer in [0, 2**63)")
+                    seq += 1
+                    continue
+                if not same:
+                    ts = 0  # another machine's monotonic clock: not comparable with ours
+                try:
+                    try:
+                        if stamped:
+                            publish_raw(data, ts)
+                        else:
+                            self._publish(data, ts)
+                            stamped = self._stamped
+                    except ChannelFull:
+                        st.expected = seq  # (what waiting callers see meanwhile)
+                        await self._publish_waiting(data, ts)
+                except ChannelClosed:
+                    # the bus closed under us: the rest of the batch is not published; it stays unacknowledged
+                    # (JetStream redelivers all of it to the next importer)
+                    self._stopping = True
+                    logger.warning("%s: the channel closed in the middle of a batch from %s (%d of %d frames "
+                                   "published)", self.name, st.sender, seq - first, n)
+                    return
+                except Exception as exc:
+                    why = str(exc) if isinstance(exc, OrchestratorError) else (
+                        f"channel {self.type_name!r} refused a frame of {len(data)} bytes: "
+                        f"{type(exc).__name__}: {exc}")
+                    self._bad(f"{why} [from {st.sender} (sequence {seq}, in a batch) on {msg.subject!r}]")
+                else:
+                    delivered += 1
+                    if ts:
+                        record(monotonic_ns() - ts)
+                seq += 1
+        finally:
+            st.expected = seq
+            self.delivered += delivered
+            st.delivered += delivered
+        if self._js:
+            await self._ack(msg)
 
     async def _accept(self, msg: Any, st: SenderState, seq: int, ts: int, lost: int) -> None:
         """Take a plausible sequence at or ahead of the expected one."""
@@ -898,7 +1055,18 @@ class ChannelImporter(ChannelEndpoint):
                            extra=fields(self.name, self.type_name))
 
     async def _ack(self, msg: Any) -> None:
-        if self._js and msg.reply:
+        if not self._js:
+            return
+        if type(msg) is _Part:  # a frame of a split batch: the batch goes once all of its frames went
+            if msg.acked:
+                return
+            msg.acked = True
+            group = msg.batch
+            group.left -= 1
+            if group.left:
+                return
+            msg = group.msg
+        if msg.reply:
             try:
                 await self._link.nc.publish(msg.reply)
             except Exception:  # not connected: JetStream redelivers, and the duplicate is dropped here

@@ -1,0 +1,238 @@
+#!/usr/bin/env python
+"""Publish -> handler latency and throughput through the shared-memory transport, against one process.
+
+The event is ``bench_nats.py``'s: a frozen ``Tick(seq, t_ns, phase)``, ``t_ns = kimiha.monotonic_ns()`` at
+publish; the handler records ``monotonic_ns() - t_ns`` into a :class:`kimiha.LatencyHistogram`
+(``CLOCK_MONOTONIC`` is one clock for every process of a machine).
+
+* **in-process**: publish on a ``BLOCK`` channel, a handler (scheduler event task) on the same bus;
+* **shm**: this process exports the channel into a ring (``ShmBridge.export_channel``), ``--readers`` reader
+  processes import it into their own bus (``import_channel``) where the same handler runs.
+
+Two phases per path: **rate** (``--rate`` events/s, 100k by default: the latency of a stream that is busy but
+not saturated; the publisher spins between events, yielding to the loop once per event) and **flood**
+(``publish_async`` as fast as the path takes them: throughput = events / (last handler time in any reader -
+first publish time); each reader receives every event). Readers busy-poll by default (``--wake`` makes them
+sleep on the ring's FIFO wake-up instead).
+
+    python benchmarks/bench_shm.py                   # 20000 rate + 200000 flood events, 2 readers, x3, ~40 s
+    python benchmarks/bench_shm.py --quick           # 5000 + 50000, once, ~8 s
+    python benchmarks/bench_shm.py --quick --wake    # readers sleep between frames (no busy core)
+    python benchmarks/bench_shm.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+try:
+    import kimiha
+except ImportError:  # not installed: use the source tree this script lives in (built in place)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import kimiha
+
+from kimiha import EventBus, Scheduler, monotonic_ns
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_nats import Ev, Probe, Tick, _cell, _median, flood, make_bus  # noqa: E402  (the same event)
+
+
+def _timed(probe: Probe) -> dict[str, Any]:
+    """The probe's results, with the flood's first publish and last handler time (to merge readers)."""
+    return {**probe.results(), "first_publish": probe.first_publish, "last_handled": probe.last_handled}
+
+
+# -- a reader process ----------------------------------------------------------------------------------------------
+
+
+async def reader(opts: argparse.Namespace) -> None:
+    from kimiha.bridge import ShmBridge
+
+    bus = make_bus()
+    scheduler = Scheduler(bus)
+    probe = Probe(opts.rate_events, opts.flood, lambda phase: print(f"phase-done {phase}", flush=True))
+    scheduler.register_event_task(probe)
+    bridge = ShmBridge(bus, opts.dir, name="bench-reader")
+    importer = bridge.import_channel(Ev.TICKS, opts.subject, busy_poll=not opts.wake)
+    bridge.register(scheduler)
+    await scheduler.start()
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the writer closes it
+    results = _timed(probe)
+    results["importer"] = importer.stats()
+    await scheduler.shutdown()
+    print("results " + json.dumps(results), flush=True)
+
+
+# -- the writing side ----------------------------------------------------------------------------------------------
+
+
+async def at_rate(bus: EventBus, n: int, rate: float) -> None:
+    channel = bus.channel(Ev.TICKS)
+    step = int(1e9 / rate)
+    due = monotonic_ns()
+    for i in range(n):
+        while monotonic_ns() < due:  # spin to the event's time, letting the exporter run meanwhile
+            await asyncio.sleep(0)
+        channel.publish(Tick(i, monotonic_ns(), 0))
+        due += step
+        await asyncio.sleep(0)
+
+
+async def in_process(opts: argparse.Namespace) -> dict[str, Any]:
+    bus = make_bus()
+    done = [asyncio.Event(), asyncio.Event()]
+    probe = Probe(opts.rate_events, opts.flood, lambda phase: done[phase].set())
+    scheduler = Scheduler(bus)
+    scheduler.register_event_task(probe)
+    await scheduler.start()
+    try:
+        await at_rate(bus, opts.rate_events, opts.rate)
+        await asyncio.wait_for(done[0].wait(), 60)
+        await flood(bus, opts.flood)
+        await asyncio.wait_for(done[1].wait(), 120)
+    finally:
+        await scheduler.shutdown()
+    return _timed(probe)
+
+
+async def shm(opts: argparse.Namespace, directory: str) -> dict[str, Any]:
+    from kimiha.bridge import ShmBridge
+
+    subject = f"bench.{time.monotonic_ns()}"
+    args = [sys.executable, __file__, "--role", "reader", "--dir", directory, "--subject", subject,
+            "--rate-events", str(opts.rate_events), "--flood", str(opts.flood), "--loop", opts.loop]
+    if opts.wake:
+        args.append("--wake")
+    procs = [await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.PIPE,
+                                                  stdout=asyncio.subprocess.PIPE) for _ in range(opts.readers)]
+
+    async def expect(proc: Any, prefix: str, timeout: float) -> str:
+        async with asyncio.timeout(timeout):
+            while True:
+                line = (await proc.stdout.readline()).decode()
+                if not line:
+                    raise RuntimeError(f"a reader exited (code {await proc.wait()}) before {prefix!r}")
+                if line.startswith(prefix):
+                    return line
+
+    async def expect_all(prefix: str, timeout: float) -> list[str]:
+        return list(await asyncio.gather(*(expect(p, prefix, timeout) for p in procs)))
+
+    bus = make_bus()
+    scheduler = Scheduler(bus)
+    bridge = ShmBridge(bus, directory, name="bench-writer")
+    exporter = bridge.export_channel(Ev.TICKS, subject)
+    bridge.register(scheduler)
+    try:
+        await expect_all("ready", 60)
+        await scheduler.start()
+        await at_rate(bus, opts.rate_events, opts.rate)
+        await expect_all("phase-done 0", 120)
+        await flood(bus, opts.flood)
+        await expect_all("phase-done 1", 300)
+        for p in procs:
+            p.stdin.close()
+        readers = [json.loads(line[len("results "):]) for line in await expect_all("results ", 60)]
+    finally:
+        await scheduler.shutdown()
+        for p in procs:
+            if p.returncode is None:
+                if not p.stdin.is_closing():
+                    p.stdin.close()
+                try:
+                    async with asyncio.timeout(10):
+                        await p.wait()
+                except TimeoutError:
+                    p.kill()
+    first = min(r["first_publish"] for r in readers)
+    last = max(r["last_handled"] for r in readers)
+    merged = {}
+    for phase in ("paced", "flood"):  # the worst reader's figures (each reader gets every event)
+        merged[phase] = {k: max(r[phase][k] for r in readers) for k in readers[0][phase]}
+    return {**merged, "throughput": opts.flood / ((last - first) / 1e9), "readers": readers,
+            "exporter": exporter.stats()}
+
+
+async def run_all(opts: argparse.Namespace) -> list[dict[str, Any]]:
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="kimiha-bench-shm-") as directory:
+        for _ in range(opts.repeat):
+            runs.append({"in-process": await in_process(opts),
+                         f"shm, 1 writer -> {opts.readers} reader processes": await shm(opts, directory)})
+    return runs
+
+
+def report(runs: list[dict[str, Any]], opts: argparse.Namespace, seconds: float) -> str:
+    import msgspec
+
+    mode = "wake-up (FIFO)" if opts.wake else "busy-poll"
+    lines = [
+        f"kimiha {kimiha.__version__} | Python {platform.python_version()} | {opts.loop} | msgspec "
+        f"{msgspec.__version__} | readers: {mode}",
+        f"{opts.rate_events} events at {opts.rate:,.0f}/s + {opts.flood} flood events per path, {len(runs)} "
+        f"repetition(s), medians [min..max]; total {seconds:.1f} s",
+        "",
+        f"| path | at {opts.rate / 1e3:,.0f}k/s p50 us | p99 us | p99.9 us | max us | flood throughput (events/s) "
+        f"| flood p50 us |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    for name in runs[0]:
+        per = [run[name] for run in runs]
+        row = [_cell([r["paced"][k] for r in per], 1e3, ",.1f") for k in ("p50", "p99", "p99_9", "max")]
+        row.append(_cell([r["throughput"] for r in per], 1, ",.0f"))
+        row.append(_cell([r["flood"]["p50"] for r in per], 1e3, ",.0f"))
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    lines.append("")
+    for run in runs:
+        for name, r in run.items():
+            if "readers" in r:
+                counts = [rd["counts"] for rd in r["readers"]]
+                missing = [rd["importer"]["missing"] for rd in r["readers"]]
+                lines.append(f"{name}: sent {r['exporter']['sent']:,}, handled per reader {counts}, missing "
+                             f"{missing}, writer waits {r['exporter']['blocked_waits']}")
+    ratio = [run[list(run)[1]]["throughput"] / run["in-process"]["throughput"] for run in runs]
+    lines.append(f"shm flood throughput / in-process (same run): {_median(ratio):.2f}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--role", choices=["bench", "reader"], default="bench")
+    parser.add_argument("--dir", default=None)
+    parser.add_argument("--subject", default="bench")
+    parser.add_argument("--rate", type=float, default=100_000.0, help="events/s of the rate phase")
+    parser.add_argument("--rate-events", type=int, default=20_000)
+    parser.add_argument("--flood", type=int, default=200_000)
+    parser.add_argument("--readers", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--wake", action="store_true", help="readers sleep on the wake-up instead of polling")
+    parser.add_argument("--quick", action="store_true", help="5000 + 50000 events, once")
+    parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument("--json", default=None, help="also write every run's figures here")
+    opts = parser.parse_args()
+    if opts.quick:
+        opts.rate_events, opts.flood, opts.repeat = 5000, 50_000, 1
+    if opts.role == "reader":
+        kimiha.run(reader(opts), loop=opts.loop)
+        return 0
+    started = time.perf_counter()
+    runs = kimiha.run(run_all(opts), loop=opts.loop)
+    print(report(runs, opts, time.perf_counter() - started))
+    if opts.json:
+        Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.json).write_text(json.dumps(runs, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,463 @@
+# cython: language_level=3, embedsignature=True, boundscheck=False, wraparound=False, cdivision=True
+"""A broadcast ring of frames in shared memory: one writer process, many reader processes.
+
+The hot half of :mod:`kimiha.bridge.shm` (which owns the files, locks, wake-ups and tasks). This module only
+reads and writes a mapped segment laid out as::
+
+    header    4096 bytes   geometry, writer identity, head (frames written), data head (bytes reserved), flags
+    readers   max_readers x 128 bytes: state, pid, cursor (next frame to read), waiting flag, name
+    slots     capacity x 32 bytes: seq + 1 of the frame it holds (0: empty, ~0: being written), ts, offset, length
+    data      data_size bytes: the frames' bytes, each contiguous (a frame that would wrap starts over at 0)
+
+Ordering is C11 acquire/release (GCC/Clang ``__atomic`` builtins). A reader copies a frame between two reads
+of its slot's sequence and a read of the data head (a seqlock): if the writer overwrote the slot or reserved
+past the frame's bytes meanwhile, the copy is thrown away and the frame counted as lagged -- so a LAG ring's
+lag is exact, and a torn frame is never delivered. A BLOCK writer never overwrites what the slowest attached
+reader has not passed (``min_cursor``). The waiting flags are read and written sequentially consistent (the
+writer's head store and a reader's "I am going to sleep" store cannot both miss each other).
+"""
+
+from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memcpy, memset
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    static inline uint64_t kh_load_acq(uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline uint64_t kh_load_rlx(uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    static inline uint64_t kh_load_sc(uint64_t *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+    static inline void kh_store_rel(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline void kh_store_rlx(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+    static inline void kh_store_sc(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+    static inline uint64_t kh_xchg(uint64_t *p, uint64_t v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+    static inline void kh_fence_acq(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
+    static inline void kh_fence_rel(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+    static inline void kh_fence_sc(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+    """
+    uint64_t kh_load_acq(uint64_t *p) nogil
+    uint64_t kh_load_rlx(uint64_t *p) nogil
+    uint64_t kh_load_sc(uint64_t *p) nogil
+    void kh_store_rel(uint64_t *p, uint64_t v) nogil
+    void kh_store_rlx(uint64_t *p, uint64_t v) nogil
+    void kh_store_sc(uint64_t *p, uint64_t v) nogil
+    uint64_t kh_xchg(uint64_t *p, uint64_t v) nogil
+    void kh_fence_acq() nogil
+    void kh_fence_rel() nogil
+    void kh_fence_sc() nogil
+
+#: "KIMIHASH" little-endian, then the layout version.
+cdef uint64_t C_MAGIC = 0x485341484D494B4B
+cdef enum:
+    C_VERSION = 1
+    C_HEADER_SIZE = 4096
+    C_READER_SIZE = 128
+    C_SLOT_SIZE = 32
+    C_NAME_SIZE = 64
+    C_SENDER_SIZE = 128
+
+MAGIC = C_MAGIC
+VERSION = C_VERSION
+HEADER_SIZE = C_HEADER_SIZE
+READER_SIZE = C_READER_SIZE
+SLOT_SIZE = C_SLOT_SIZE
+
+# header offsets (bytes)
+cdef enum:
+    H_MAGIC = 0
+    H_VERSION = 8
+    H_CAPACITY = 16
+    H_DATA_SIZE = 24
+    H_MAX_READERS = 32
+    H_BLOCK = 40
+    H_GENERATION = 48
+    H_WRITER_PID = 56
+    H_CLOSED = 64
+    H_LOST = 72
+    H_SENDER = 128
+    H_HEAD = 512
+    H_DATA_HEAD = 576
+    H_WRITER_WAITING = 640
+    H_WRITES = 704
+    # reader slot offsets
+    R_STATE = 0
+    R_PID = 8
+    R_CURSOR = 16
+    R_WAITING = 24
+    R_LAGGED = 32
+    R_NAME = 64
+
+cdef uint64_t BUSY = <uint64_t>0xFFFFFFFFFFFFFFFF
+
+ctypedef struct Slot:
+    uint64_t seq
+    int64_t ts
+    uint64_t off
+    uint64_t length
+
+
+def segment_size(uint64_t capacity, uint64_t data_size, uint64_t max_readers):
+    """Return the bytes a segment of this geometry takes."""
+    return C_HEADER_SIZE + max_readers * C_READER_SIZE + capacity * C_SLOT_SIZE + data_size
+
+
+cdef inline bint _pow2(uint64_t v):
+    return v != 0 and (v & (v - 1)) == 0
+
+
+def init_segment(buffer, uint64_t capacity, uint64_t data_size, uint64_t max_readers, bint block):
+    """Lay out an empty segment in ``buffer`` (zeroed, then the geometry; the magic last)."""
+    cdef unsigned char[::1] view = buffer
+    if not _pow2(capacity) or not _pow2(data_size) or max_readers < 1:
+        raise ValueError(f"shm ring: capacity and data_size must be powers of two and max_readers >= 1, got "
+                         f"{capacity}, {data_size}, {max_readers}")
+    if <uint64_t>view.shape[0] < segment_size(capacity, data_size, max_readers):
+        raise ValueError(f"shm ring: a buffer of {view.shape[0]} bytes is too small for this geometry")
+    cdef unsigned char *base = &view[0]
+    memset(base, 0, C_HEADER_SIZE + max_readers * C_READER_SIZE + capacity * C_SLOT_SIZE)
+    (<uint64_t *>(base + H_VERSION))[0] = C_VERSION
+    (<uint64_t *>(base + H_CAPACITY))[0] = capacity
+    (<uint64_t *>(base + H_DATA_SIZE))[0] = data_size
+    (<uint64_t *>(base + H_MAX_READERS))[0] = max_readers
+    (<uint64_t *>(base + H_BLOCK))[0] = 1 if block else 0
+    kh_store_rel(<uint64_t *>(base + H_MAGIC), C_MAGIC)
+
+
+cdef class Ring:
+    """A view of a mapped segment: the writer's and the readers' operations (see the module doc)."""
+
+    cdef object _buffer
+    cdef unsigned char[::1] _view
+    cdef unsigned char *base
+    cdef unsigned char *readers
+    cdef Slot *slots
+    cdef unsigned char *data
+    cdef readonly uint64_t capacity
+    cdef readonly uint64_t data_size
+    cdef readonly uint64_t max_readers
+    cdef readonly bint block
+    #: The largest frame the ring takes (a quarter of its data area).
+    cdef readonly uint64_t max_frame
+    cdef uint64_t mask
+    cdef uint64_t dmask
+
+    def __cinit__(self, buffer):
+        self._view = buffer
+        self._buffer = buffer
+        cdef unsigned char *base = &self._view[0]
+        self.base = base
+        if self._view.shape[0] < C_HEADER_SIZE or kh_load_acq(<uint64_t *>(base + H_MAGIC)) != C_MAGIC:
+            raise ValueError("shm ring: not a kimiha segment (bad magic)")
+        version = (<uint64_t *>(base + H_VERSION))[0]
+        if version != C_VERSION:
+            raise ValueError(f"shm ring: layout version {version}, expected {C_VERSION}")
+        self.capacity = (<uint64_t *>(base + H_CAPACITY))[0]
+        self.data_size = (<uint64_t *>(base + H_DATA_SIZE))[0]
+        self.max_readers = (<uint64_t *>(base + H_MAX_READERS))[0]
+        self.block = (<uint64_t *>(base + H_BLOCK))[0] != 0
+        if not _pow2(self.capacity) or not _pow2(self.data_size) or not 1 <= self.max_readers <= 4096 or \
+                <uint64_t>self._view.shape[0] < segment_size(self.capacity, self.data_size, self.max_readers):
+            raise ValueError("shm ring: corrupt geometry in the header")
+        self.mask = self.capacity - 1
+        self.dmask = self.data_size - 1
+        self.max_frame = self.data_size // 4
+        self.readers = base + C_HEADER_SIZE
+        self.slots = <Slot *>(self.readers + self.max_readers * C_READER_SIZE)
+        self.data = <unsigned char *>self.slots + self.capacity * C_SLOT_SIZE
+
+    def release(self):
+        """Drop the buffer (so that its mmap can be closed); the ring is unusable afterwards."""
+        self._view = None
+        self._buffer = None
+        self.base = NULL
+
+    cdef inline uint64_t *_h(self, int off) except NULL:
+        if self.base == NULL:
+            raise ValueError("shm ring: released")
+        return <uint64_t *>(self.base + off)
+
+    cdef inline uint64_t *_r(self, Py_ssize_t idx, int off):
+        return <uint64_t *>(self.readers + idx * C_READER_SIZE + off)
+
+    cdef int _check_reader(self, Py_ssize_t idx) except -1:
+        if self.base == NULL:
+            raise ValueError("shm ring: released")
+        if idx < 0 or <uint64_t>idx >= self.max_readers:
+            raise IndexError(f"shm ring: reader slot {idx} out of range [0, {self.max_readers})")
+        return 0
+
+    # -- header ---------------------------------------------------------------------------------------------
+
+    @property
+    def head(self):
+        """Frames written so far (the next frame's sequence, 0-based)."""
+        return kh_load_acq(self._h(H_HEAD))
+
+    @property
+    def generation(self):
+        return kh_load_acq(self._h(H_GENERATION))
+
+    @property
+    def writer_pid(self):
+        return kh_load_acq(self._h(H_WRITER_PID))
+
+    @property
+    def closed(self):
+        """Whether the writer ended the stream (its last frames stay readable)."""
+        return kh_load_acq(self._h(H_CLOSED)) != 0
+
+    @property
+    def lost(self):
+        """Frames the writer lost before writing them (its own ring lagged), cumulative."""
+        return kh_load_acq(self._h(H_LOST))
+
+    @property
+    def sender(self):
+        self._h(0)
+        cdef bytes raw = PyBytes_FromStringAndSize(<char *>(self.base + H_SENDER), C_SENDER_SIZE)
+        return raw.rstrip(b"\0").decode("utf-8", "replace")
+
+    def set_writer(self, uint64_t pid, uint64_t generation, str sender):
+        """Record a new writer incarnation (its pid, a generation nonce and its sender id); reopen the stream."""
+        self._h(0)
+        cdef bytes raw = sender.encode()[:C_SENDER_SIZE - 1]
+        memset(self.base + H_SENDER, 0, C_SENDER_SIZE)
+        memcpy(self.base + H_SENDER, PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
+        kh_store_rel(self._h(H_WRITER_PID), pid)
+        kh_store_rel(self._h(H_CLOSED), 0)
+        kh_store_sc(self._h(H_GENERATION), generation)
+
+    def set_closed(self, bint closed=True):
+        kh_store_sc(self._h(H_CLOSED), 1 if closed else 0)
+
+    def set_lost(self, uint64_t lost):
+        kh_store_rel(self._h(H_LOST), lost)
+
+    # -- writer ---------------------------------------------------------------------------------------------
+
+    def min_cursor(self):
+        """The cursor of the slowest attached reader (``head`` when none is attached)."""
+        return self._min_cursor(kh_load_rlx(self._h(H_HEAD)))
+
+    cdef uint64_t _min_cursor(self, uint64_t h):
+        cdef uint64_t m = h, c
+        cdef Py_ssize_t i
+        for i in range(<Py_ssize_t>self.max_readers):
+            if kh_load_acq(self._r(i, R_STATE)) == 1:
+                c = kh_load_acq(self._r(i, R_CURSOR))
+                if c < m:
+                    m = c
+        return m
+
+    def write(self, list items, Py_ssize_t start=0):
+        """Write ``items[start:]`` (``(ring seq, publish_ns, frame bytes)`` tuples) in order, as many as fit.
+
+        Return how many were written. A BLOCK ring stops where it would overwrite what an attached reader has
+        not read; a frame over ``max_frame`` bytes stops it too (the caller drops it).
+        """
+        if self.base == NULL:
+            raise ValueError("shm ring: released")
+        cdef uint64_t h = kh_load_rlx(self._h(H_HEAD))
+        cdef uint64_t dh = kh_load_rlx(self._h(H_DATA_HEAD))
+        cdef uint64_t cap = self.capacity, dsize = self.data_size
+        cdef uint64_t minc = h, tail, p, ln
+        cdef bint block = self.block
+        cdef Py_ssize_t i, n = len(items), written = 0
+        cdef tuple item
+        cdef bytes frame
+        cdef int64_t ts
+        cdef Slot *slot
+        if block:
+            minc = self._min_cursor(h)
+        try:
+            for i in range(start, n):
+                item = <tuple?>items[i]
+                frame = <bytes?>item[2]  # checked: anything else raises before the ring is touched
+                ts = <int64_t>item[1]
+                ln = <uint64_t>PyBytes_GET_SIZE(frame)
+                if ln > self.max_frame:
+                    break
+                p = dh
+                if (p & self.dmask) + ln > dsize:
+                    p += dsize - (p & self.dmask)
+                if block:
+                    if h - minc >= cap:
+                        minc = self._min_cursor(h)  # readers may have moved on since
+                        if h - minc >= cap:
+                            break
+                    tail = self.slots[minc & self.mask].off if minc < h else dh
+                    if p + ln - tail > dsize:
+                        minc = self._min_cursor(h)
+                        tail = self.slots[minc & self.mask].off if minc < h else dh
+                        if p + ln - tail > dsize:
+                            break
+                slot = &self.slots[h & self.mask]
+                kh_store_rlx(&slot.seq, BUSY)
+                kh_store_rlx(self._h(H_DATA_HEAD), p + ln)  # reserved before the bytes change (the readers' check)
+                kh_fence_rel()
+                memcpy(self.data + (p & self.dmask), PyBytes_AS_STRING(frame), ln)
+                slot.ts = ts
+                slot.off = p
+                slot.length = ln
+                kh_store_rel(&slot.seq, h + 1)
+                h += 1
+                dh = p + ln
+                written += 1
+        finally:  # a bad item (TypeError, OverflowError) ends the batch: what was written is published
+            if written:
+                kh_store_sc(self._h(H_HEAD), h)  # also orders the head before reading the waiting flags
+                kh_store_rlx(self._h(H_WRITES), kh_load_rlx(self._h(H_WRITES)) + 1)
+        return written
+
+    def take_waiting(self):
+        """Return the reader slots that said they sleep (clearing their flags): they need a wake-up."""
+        cdef list out = []
+        cdef Py_ssize_t i
+        self._h(0)
+        kh_fence_sc()
+        for i in range(<Py_ssize_t>self.max_readers):
+            if kh_load_rlx(self._r(i, R_WAITING)) and kh_xchg(self._r(i, R_WAITING), 0):
+                out.append(i)
+        return out
+
+    def set_writer_waiting(self):
+        """Say the writer sleeps until a reader moves (readers then wake it); see :meth:`commit`."""
+        kh_store_sc(self._h(H_WRITER_WAITING), 1)
+
+    def clear_writer_waiting(self):
+        kh_store_sc(self._h(H_WRITER_WAITING), 0)
+
+    # -- readers --------------------------------------------------------------------------------------------
+
+    def reader(self, Py_ssize_t idx):
+        """Return ``(state, pid, cursor, lagged, name)`` of reader slot ``idx``."""
+        self._check_reader(idx)
+        cdef bytes raw = PyBytes_FromStringAndSize(<char *>self._r(idx, R_NAME), C_NAME_SIZE)
+        return (kh_load_acq(self._r(idx, R_STATE)), kh_load_acq(self._r(idx, R_PID)),
+                kh_load_acq(self._r(idx, R_CURSOR)), kh_load_acq(self._r(idx, R_LAGGED)),
+                raw.rstrip(b"\0").decode("utf-8", "replace"))
+
+    def attach(self, Py_ssize_t idx, uint64_t pid, uint64_t cursor, str name):
+        """Make slot ``idx`` an attached reader at ``cursor`` (the caller holds the slot's lock)."""
+        self._check_reader(idx)
+        cdef bytes raw = name.encode()[:C_NAME_SIZE - 1]
+        memset(self._r(idx, R_NAME), 0, C_NAME_SIZE)
+        memcpy(self._r(idx, R_NAME), PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
+        kh_store_rel(self._r(idx, R_PID), pid)
+        kh_store_rel(self._r(idx, R_CURSOR), cursor)
+        kh_store_rel(self._r(idx, R_WAITING), 0)
+        kh_store_sc(self._r(idx, R_STATE), 1)
+
+    def detach(self, Py_ssize_t idx):
+        """Take slot ``idx`` out of the writer's accounting (its cursor and name stay, for a resume)."""
+        self._check_reader(idx)
+        kh_store_sc(self._r(idx, R_STATE), 0)
+        kh_store_rel(self._r(idx, R_WAITING), 0)
+
+    cdef object _copy(self, uint64_t c, int64_t *ts):
+        """The frame at ring position ``c`` copied out (its timestamp in ``ts``), or None if the writer
+        overwrote it, or was overwriting it, while it was copied (the seqlock check of the module doc)."""
+        cdef Slot *slot = &self.slots[c & self.mask]
+        cdef uint64_t s1 = kh_load_acq(&slot.seq), off, ln
+        if s1 != c + 1:  # overwritten (or being overwritten) by a writer that lapped us
+            return None
+        ts[0] = slot.ts
+        off = slot.off
+        ln = slot.length
+        if ln > self.max_frame:  # torn
+            return None
+        frame = PyBytes_FromStringAndSize(<char *>(self.data + (off & self.dmask)), ln)
+        kh_fence_acq()
+        if kh_load_rlx(&slot.seq) != s1 or kh_load_rlx(self._h(H_DATA_HEAD)) - off > self.data_size:
+            return None
+        return frame
+
+    def read(self, Py_ssize_t idx, uint64_t cursor, Py_ssize_t max_frames):
+        """Read from ``cursor``: return ``(frames, next cursor, lagged)``, frames a list of ``(publish_ns,
+        bytes)``. ``lagged`` counts frames overwritten before they could be read (a LAG ring), skipped; they
+        come before the frames returned, which are consecutive (the last is at ``next cursor - 1``).
+
+        The cursor in shared memory does not move: :meth:`commit` it once the frames are delivered.
+        """
+        self._check_reader(idx)
+        cdef uint64_t h = kh_load_acq(self._h(H_HEAD))
+        cdef uint64_t c = cursor, lagged = 0
+        cdef int64_t ts = 0
+        cdef list out = []
+        cdef object frame
+        cdef Py_ssize_t n = 0
+        if h > c + self.capacity:
+            lagged = h - self.capacity - c
+            c = h - self.capacity
+        while c < h and n < max_frames:
+            frame = self._copy(c, &ts)
+            if frame is None:
+                if n:
+                    break  # the frames returned stay contiguous: the next read counts this one
+                lagged += 1
+                c += 1
+                continue
+            out.append((ts, frame))
+            c += 1
+            n += 1
+        return out, c, lagged
+
+    def deliver(self, Py_ssize_t idx, uint64_t cursor, Py_ssize_t max_frames, publish, record=None):
+        """Read from ``cursor`` like :meth:`read`, handing each frame to ``publish(frame, publish_ns)`` as it is
+        copied (and, if given, ``record(now - publish_ns)`` after each publish of a stamped frame).
+
+        Return ``(next cursor, lagged, delivered, failed)``. The first ``publish`` that raises stops the
+        round: ``failed`` is then ``(exception, publish_ns, frame)`` of that frame, whose place is ``next
+        cursor`` (not passed: the caller decides -- wait for room, or count it as bad and go on); else None.
+        """
+        self._check_reader(idx)
+        cdef uint64_t h = kh_load_acq(self._h(H_HEAD))
+        cdef uint64_t c = cursor, lagged = 0
+        cdef int64_t ts = 0
+        cdef object frame
+        cdef Py_ssize_t n = 0
+        cdef timespec now
+        if h > c + self.capacity:
+            lagged = h - self.capacity - c
+            c = h - self.capacity
+        while c < h and n < max_frames:
+            frame = self._copy(c, &ts)
+            if frame is None:
+                if n:
+                    break
+                lagged += 1
+                c += 1
+                continue
+            try:
+                publish(frame, ts)
+            except Exception as exc:
+                return c, lagged, n, (exc, ts, frame)
+            n += 1
+            c += 1
+            if ts > 0 and record is not None:
+                clock_gettime(CLOCK_MONOTONIC, &now)
+                record(<int64_t>now.tv_sec * 1000000000 + now.tv_nsec - ts)
+        return c, lagged, n, None
+
+    def commit(self, Py_ssize_t idx, uint64_t cursor, uint64_t lagged=0):
+        """Publish reader ``idx``'s progress; return True if the writer sleeps waiting for room (wake it)."""
+        self._check_reader(idx)
+        if lagged:
+            kh_store_rel(self._r(idx, R_LAGGED), kh_load_rlx(self._r(idx, R_LAGGED)) + lagged)
+        kh_store_sc(self._r(idx, R_CURSOR), cursor)
+        return kh_load_sc(self._h(H_WRITER_WAITING)) != 0 and kh_xchg(self._h(H_WRITER_WAITING), 0) != 0
+
+    def sleep_if_idle(self, Py_ssize_t idx, uint64_t cursor):
+        """Set reader ``idx``'s waiting flag unless frames after ``cursor`` are there; return whether it is set
+        (then wait for the wake-up). Checked after the flag is set, so a frame written meanwhile is seen."""
+        self._check_reader(idx)
+        kh_store_sc(self._r(idx, R_WAITING), 1)
+        if kh_load_sc(self._h(H_HEAD)) > cursor or kh_load_sc(self._h(H_CLOSED)):
+            kh_store_sc(self._r(idx, R_WAITING), 0)
+            return False
+        return True
+
+    def clear_waiting(self, Py_ssize_t idx):
+        self._check_reader(idx)
+        kh_store_sc(self._r(idx, R_WAITING), 0)

@@ -1,0 +1,953 @@
+"""The same-host transport: a channel's frames through a broadcast ring in shared memory (``transport="shm"``).
+
+:class:`ShmBridge` has the export/import API of :class:`~kimiha.bridge.NatsBridge`: ``export_channel`` makes
+one process the writer of a ring named after the subject, ``import_channel`` attaches a reader in another
+process (as many as ``max_readers``), ``register(scheduler)`` runs them as tasks. No broker, no socket: a
+frame is copied into the ring once by the writer and once out of it by each reader.
+
+Files, under ``directory`` (default ``/dev/shm/kimiha-<uid>``, mode 0700), one folder per subject::
+
+    ring           the segment (kimiha.bridge._shm: header, reader slots, frame slots, data)
+    w.lock         flock()ed by the writer while it lives;  r<i>.lock  by reader i while it lives
+    w.fifo         wakes a writer waiting for room (BLOCK);  r<i>.fifo  wakes reader i waiting for frames
+
+* **Overflow.** ``BLOCK`` (default): the writer never overwrites a frame an attached reader has not read;
+  when the ring is full it stops reading its local channel, whose publishers then wait (nothing lost).
+  ``LAG``: the writer never waits; a reader that falls more than the ring behind skips what was overwritten,
+  counts it exactly (``missing``) and goes on from the oldest frame still there.
+* **Wake-ups.** A reader with nothing to read sets its waiting flag and sleeps on its FIFO (in the event loop,
+  no thread, no spinning); the writer writes one byte to the FIFO of each reader that sleeps after a batch
+  (the flag and the head are sequentially consistent: a frame written while a reader goes to sleep is never
+  missed). ``busy_poll=True`` makes a reader poll the ring on every pass of its loop instead: lower latency,
+  one core busy.
+* **Crashes.** Liveness is the kernel's: a lock held with ``flock`` goes when its process dies, however it
+  dies. A BLOCK writer waiting for room checks its readers' locks (every ``liveness_interval`` s) and detaches
+  a dead one (``readers_lost``), so a killed reader never blocks it for more than that. A reader sees a dead
+  writer the same way (``writer_alive`` False in its stats, logged); frames written before the crash are still
+  read. A writer started again on the same subject takes the ring over where it stopped (the readers go on,
+  ``writer_restarts`` counted); a reader started again with the same ``durable`` name resumes at its saved
+  cursor (nothing lost or repeated while the ring still holds its frames; what was overwritten meanwhile is
+  counted as ``missing``).
+* **Cleanup.** The last one out (writer or reader, at shutdown, when no other process holds a lock) removes
+  the subject's folder; :func:`remove_stale` removes folders whose processes are all gone (after a crash).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, cast
+
+from kimiha._core import LatencyHistogram, monotonic_ns
+from kimiha.bridge.endpoint import BridgeTasks
+from kimiha.bridge.link import _Waiters, wait_until
+from kimiha.bridge.wire import new_sender_id
+from kimiha.channel_config import Overflow
+from kimiha.error import (
+    ChannelClosed,
+    ChannelFull,
+    InvalidConfigurationError,
+    InvalidStateError,
+    OrchestratorError,
+)
+from kimiha.event_bus import EventBus
+from kimiha.types import BackgroundTask
+
+__all__ = ["ShmBridge", "ShmExporter", "ShmImporter", "default_directory", "remove_stale"]
+
+logger = logging.getLogger("kimiha.bridge")
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _ring_module() -> Any:
+    try:
+        from kimiha.bridge import _shm
+    except ImportError as exc:  # pragma: no cover - a non-POSIX build
+        raise InvalidConfigurationError(f"the shared-memory transport needs the compiled kimiha.bridge._shm "
+                                        f"(POSIX builds only): {exc}") from None
+    return _shm
+
+
+def default_directory() -> Path:
+    """Return where segments live by default: ``/dev/shm/kimiha-<uid>`` (RAM), else the temporary directory."""
+    base = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
+    return base / f"kimiha-{os.getuid()}"
+
+
+def _check_name(what: str, value: Any) -> str:
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or len(value) > 200:
+        raise InvalidConfigurationError(f"{what}: expected letters, digits, '_', '.' or '-' (a file name, not "
+                                        f"starting with '.' or '-'), got {value!r}")
+    return value
+
+
+def _positive_int(name: str, value: Any, *, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InvalidConfigurationError(f"{name}: expected an int >= {low}, got {value!r}")
+    return value
+
+
+def _pow2(name: str, value: Any) -> int:
+    number = _positive_int(name, value, low=2)
+    if number & (number - 1):
+        raise InvalidConfigurationError(f"{name}: expected a power of two, got {value!r}")
+    return number
+
+
+def _lock(path: Path, flags: int, *, create: bool = True) -> int | None:
+    """Open ``path`` and ``flock`` it with ``flags | LOCK_NB``; return the fd, or None if someone holds it
+    (or, with ``create=False``, if it does not exist)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o600)
+    except FileNotFoundError:
+        if create:
+            raise
+        return None
+    try:
+        fcntl.flock(fd, flags | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _held(path: Path) -> bool:
+    """Whether a live process holds ``path``'s lock (a missing file: no)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _fifo(path: Path) -> int:
+    """Create (if needed) and open FIFO ``path`` for reading, without blocking and without EOF."""
+    try:
+        os.mkfifo(path, 0o600)
+    except FileExistsError:
+        pass
+    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def _drain_fd(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+    except OSError:
+        pass
+
+
+def _private_dir(path: Path) -> None:
+    """Make ``path`` (mode 0700) if missing; refuse one another user owns (its rings would not be ours)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    owner = path.stat().st_uid
+    if owner != os.getuid():
+        raise InvalidConfigurationError(f"shared-memory directory {str(path)!r} belongs to uid {owner}, not to "
+                                        f"this process (uid {os.getuid()}); give ShmBridge(directory=...) one of "
+                                        f"your own")
+
+
+class _Segment:
+    """One subject's folder and mapped ring (opened, or created with the given geometry if missing)."""
+
+    def __init__(self, path: Path, *, capacity: int, data_bytes: int, max_readers: int, block: bool) -> None:
+        shm = _ring_module()
+        self.path = path
+        _private_dir(path.parent)
+        path.mkdir(mode=0o700, exist_ok=True)
+        ring_path = path / "ring"
+        self.created = False
+        try:
+            fd = os.open(ring_path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            size = shm.segment_size(capacity, data_bytes, max_readers)
+            tmp = path / f"ring.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, size)
+                with mmap.mmap(fd, size) as mm:
+                    shm.init_segment(mm, capacity, data_bytes, max_readers, block)
+                try:
+                    os.link(tmp, ring_path)  # atomic: a concurrent creator's ring wins, ours is dropped
+                    self.created = True
+                except FileExistsError:
+                    pass
+            finally:
+                os.close(fd)
+                os.unlink(tmp)
+            fd = os.open(ring_path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self.mm = mmap.mmap(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        self.ring = shm.Ring(self.mm)
+
+    def close(self) -> None:
+        self.ring.release()
+        try:
+            self.mm.close()
+        except BufferError:  # pragma: no cover - a frame view still alive
+            pass
+
+    def busy(self) -> bool:
+        """Whether any live process still holds a lock in this folder."""
+        return any(_held(p) for p in self.path.glob("*.lock"))
+
+
+def remove_stale(directory: str | os.PathLike[str] | None = None) -> list[str]:
+    """Remove the subject folders under ``directory`` whose writer and readers are all gone; return them."""
+    base = Path(directory) if directory is not None else default_directory()
+    removed: list[str] = []
+    if not base.is_dir():
+        return removed
+    for path in base.iterdir():
+        if path.is_dir() and (path / "ring").exists() and not any(_held(p) for p in path.glob("*.lock")):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
+class _ShmEndpoint(BackgroundTask):
+    def __init__(self, bus: EventBus, event_type: Any, subject: str, *, directory: Path, capacity: int,
+                 data_bytes: int, max_readers: int, block: bool, batch: int, liveness_interval: float,
+                 name: str) -> None:
+        self.name = name
+        self._channel = bus.channel(event_type)
+        self.event_type = event_type
+        self.type_name = self._channel.name
+        self.subject = subject
+        self.path = directory / subject
+        self.capacity = capacity
+        self.data_bytes = data_bytes
+        self.max_readers = max_readers
+        self.block = block
+        self.batch = batch
+        self.liveness_interval = liveness_interval
+        self._seg: _Segment | None = None
+        self._ring: Any = None
+        self._final: dict[str, int] = {"head": 0, "lost": 0, "readers": 0}  # the ring's figures once closed
+        self._wake = _Waiters()
+        self._fifo_fd = -1
+        self._lock_fd = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._log_budget = 20
+
+    def _identity(self) -> dict[str, Any]:
+        return {"channel": self.type_name, "subject": self.subject, "delivery": "shm", "stream": None,
+                "path": str(self.path)}
+
+    def _open(self) -> None:
+        self._seg = _Segment(self.path, capacity=self.capacity, data_bytes=self.data_bytes,
+                             max_readers=self.max_readers, block=self.block)
+        self._ring = self._seg.ring
+
+    def _listen(self, fifo: Path) -> None:
+        self._fifo_fd = _fifo(fifo)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._fifo_fd, self._on_fifo)
+
+    def _on_fifo(self) -> None:
+        _drain_fd(self._fifo_fd)
+        self._wake.notify()
+
+    def _close(self) -> None:
+        if self._loop is not None and self._fifo_fd >= 0:
+            try:
+                self._loop.remove_reader(self._fifo_fd)
+            except Exception:  # pragma: no cover - loop already closed
+                pass
+        for fd in (self._fifo_fd, self._lock_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._fifo_fd = self._lock_fd = -1
+        seg, self._seg = self._seg, None
+        if seg is not None:
+            ring, self._ring = self._ring, None
+            self._final = {"head": int(ring.head), "lost": int(ring.lost), "readers": 0}
+            seg.close()
+            try:
+                if not seg.busy():  # the last one out removes the folder (another may just have done so)
+                    shutil.rmtree(seg.path, ignore_errors=True)
+            except OSError as exc:  # pragma: no cover - best effort
+                logger.debug("%s: cleanup of %s: %r", self.name, seg.path, exc)
+
+
+class ShmExporter(_ShmEndpoint):
+    """Write every event of a local channel into a shared-memory ring (role ``bridge-export``).
+
+    Made by :meth:`ShmBridge.export_channel`. Counters: :meth:`stats`.
+    """
+
+    role = "bridge-export"
+
+    def __init__(self, bus: EventBus, event_type: Any, subject: str, *, flush_timeout: float, **kw: Any) -> None:
+        super().__init__(bus, event_type, subject, **kw)
+        self.flush_timeout = flush_timeout
+        self.sender = new_sender_id()
+        self._sub: Any = None
+        self._pending: list[Any] = []
+        self._start = 0
+        self._reader_fds: dict[int, int] = {}
+        self._lock_fds: dict[int, int] = {}
+        self._next_check = 0.0
+        self._stopping = False
+        self._progress = _Waiters()
+        self.sent = 0
+        self.dropped = 0
+        self.lagged = 0
+        self.waits = 0
+        self.wakeups = 0
+        self.readers_lost = 0
+        self.writer_restart = False
+        self.unflushed = 0
+        self.errors = 0
+
+    @property
+    def last_seq(self) -> int:
+        """The ring's position after the last frame written (its readers' ``position`` reaches it)."""
+        return int(self._ring.head) if self._ring is not None else self._final["head"]
+
+    @property
+    def lost(self) -> int:
+        return self.lagged + self.dropped
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending) - self._start
+
+    def stats(self) -> dict[str, Any]:
+        """Return the exporter's counters."""
+        ring = self._ring
+        readers = 0
+        if ring is not None:
+            readers = sum(1 for i in range(ring.max_readers) if ring.reader(i)[0] == 1)
+        return {
+            **self._identity(),
+            "sender": self.sender,
+            "sent": self.sent,
+            "acked": None,
+            "in_flight": 0,
+            "buffered": self.pending,
+            "head": self.last_seq,
+            "overflow": "block" if self.block else "lag",
+            "capacity": self.capacity,
+            "readers": readers,
+            "readers_lost": self.readers_lost,
+            "took_over": self.writer_restart,
+            "dropped": self.dropped,
+            "lagged": self.lagged,
+            "resent": 0,
+            "blocked_waits": self.waits,
+            "wakeups_sent": self.wakeups,
+            "errors": self.errors,
+            "unflushed": self.unflushed,
+        }
+
+    async def initialize(self) -> None:
+        self._open()
+        fd = _lock(self.path / "w.lock", fcntl.LOCK_EX)
+        if fd is None:
+            pid = self._ring.writer_pid
+            self._close()
+            raise InvalidStateError(f"{self.name}: shared-memory ring {str(self.path)!r} already has a live writer "
+                                    f"(pid {pid}); one writer per subject")
+        self._lock_fd = fd
+        ring = self._ring
+        self.writer_restart = ring.generation != 0
+        if self.writer_restart:
+            logger.warning("%s: taking over ring %s from a previous writer (pid %d) at frame %d", self.name,
+                           self.path, ring.writer_pid, ring.head)
+        ring.set_writer(os.getpid(), int.from_bytes(secrets.token_bytes(8), "little") | 1, self.sender)
+        self._listen(self.path / "w.fifo")
+        self._sub = self._channel.subscribe(frames=True, on_lag=self._on_lag)
+
+    def _on_lag(self, skipped: int) -> None:
+        self.lagged += skipped
+        self._ring.set_lost(self.lagged + self.dropped)
+        if self._log_budget > 0:
+            self._log_budget -= 1
+            logger.warning("%s: fell behind channel %r: %d event(s) overwritten before export (lost)", self.name,
+                           self.type_name, skipped)
+
+    def _take(self, items: list[Any]) -> None:
+        if not self._channel.track_latency:  # the ring stamps slots only when it tracks latency
+            now = monotonic_ns()
+            items = [(seq, now, frame) for seq, _, frame in items]
+        if self._start < len(self._pending):
+            self._pending = self._pending[self._start:] + items
+        else:
+            self._pending = items
+        self._start = 0
+
+    async def execute(self) -> None:
+        if self._start >= len(self._pending):
+            try:
+                items = self._sub.drain(self.batch)
+                if not items:
+                    items = await self._sub.recv_batch(self.batch)
+            except ChannelClosed:
+                await self._wake.wait(self.liveness_interval)
+                return
+            self._take(items)
+        if not await self._write_some():
+            await self._wait_room(self.liveness_interval)
+
+    async def _write_some(self) -> bool:
+        """Write what is pending, as much as fits; return False if nothing could be written (full)."""
+        ring = self._ring
+        pending = self._pending
+        progressed = False
+        while self._start < len(pending):
+            n = ring.write(pending, self._start)
+            if n:
+                self._start += n
+                self.sent += n
+                progressed = True
+                self._poke_readers()
+                continue
+            frame = pending[self._start][2]
+            if len(frame) > ring.max_frame:
+                self._start += 1
+                self.dropped += 1
+                self.errors += 1
+                ring.set_lost(self.lagged + self.dropped)
+                logger.error("%s: an event of %d bytes exceeds the ring's largest frame (%d bytes, a quarter of "
+                             "data_bytes); dropped", self.name, len(frame), ring.max_frame)
+                progressed = True
+                continue
+            break
+        if progressed:
+            self._progress.notify()
+        return progressed or self._start >= len(pending)
+
+    def _poke_readers(self) -> None:
+        for idx in self._ring.take_waiting():
+            self._poke(idx)
+
+    def _poke(self, idx: int) -> None:
+        fd = self._reader_fds.get(idx)
+        try:
+            if fd is None:
+                fd = self._reader_fds[idx] = os.open(self.path / f"r{idx}.fifo",
+                                                     os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            os.write(fd, b"\0")
+            self.wakeups += 1
+        except BlockingIOError:  # its FIFO is full of wake-ups already
+            pass
+        except OSError as exc:  # gone (ENXIO, ENOENT, EPIPE): the liveness check detaches it
+            if fd is not None:
+                os.close(fd)
+                self._reader_fds.pop(idx, None)
+            if exc.errno not in (errno.ENXIO, errno.ENOENT, errno.EPIPE):
+                logger.debug("%s: wake-up of reader %d: %r", self.name, idx, exc)
+
+    async def _wait_room(self, timeout: float) -> None:
+        """The ring is full (BLOCK): sleep until a reader moves, checking for dead readers now and then."""
+        ring = self._ring
+        self.waits += 1
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + self.liveness_interval
+            if self.check_readers():
+                return
+        ring.set_writer_waiting()
+        fut = self._wake.arm()
+        try:
+            if await self._write_some():  # a reader moved between the failed write and the flag
+                return
+            await asyncio.wait((fut,), timeout=min(timeout, max(0.001, self._next_check - time.monotonic())))
+        finally:
+            self._wake.disarm(fut)
+            ring.clear_writer_waiting()
+
+    def check_readers(self) -> int:
+        """Detach every attached reader whose process is gone; return how many."""
+        ring = self._ring
+        gone = 0
+        for idx in range(ring.max_readers):
+            if ring.reader(idx)[0] != 1:
+                continue
+            try:
+                fd = _lock(self.path / f"r{idx}.lock", fcntl.LOCK_EX)
+            except FileNotFoundError:  # the folder is gone (removed by hand): nothing to wait for
+                fd = None
+                ring.detach(idx)
+            if fd is None:
+                continue  # alive
+            try:
+                if ring.reader(idx)[0] == 1:
+                    ring.detach(idx)
+                    gone += 1
+                    self.readers_lost += 1
+                    _, pid, cursor, _, name = ring.reader(idx)
+                    logger.warning("%s: reader %d (pid %d%s) of %s is gone at frame %d of %d: detached, the ring "
+                                   "no longer waits for it", self.name, idx, pid, f", durable {name!r}" if name else "",
+                                   self.path, cursor, ring.head)
+            finally:
+                os.close(fd)
+            old = self._reader_fds.pop(idx, None)
+            if old is not None:
+                os.close(old)
+        return gone
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every event published on the channel so far is in the ring; False on timeout."""
+        target = self._channel.published
+        sub = self._sub
+        if sub is None:
+            return target == 0
+        return await wait_until(lambda: sub.cursor >= target and self._start >= len(self._pending), self._progress,
+                                timeout)
+
+    async def shutdown(self) -> None:
+        """Write what the channel still holds (within ``flush_timeout``), end the stream, release the ring."""
+        self._stopping = True
+        if self._sub is None:
+            if self._seg is not None:
+                self._close()
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.flush_timeout
+        try:
+            while True:
+                try:
+                    items = self._sub.drain(-1)
+                except ChannelClosed:
+                    items = []
+                if items:
+                    self._take(items)
+                if self._start >= len(self._pending):
+                    break
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                if not await self._write_some():
+                    await self._wait_room(min(remaining, self.liveness_interval))
+        finally:
+            self.unflushed = self.pending
+            if self.unflushed:
+                logger.error("%s: %d event(s) of channel %r not written to the ring at shutdown (its readers did "
+                             "not make room within %.1f s)", self.name, self.unflushed, self.type_name,
+                             self.flush_timeout)
+            self._sub.close()
+            ring = self._ring
+            if ring is not None:
+                ring.set_closed()
+                for idx in range(ring.max_readers):
+                    if ring.reader(idx)[0] == 1:
+                        self._poke(idx)
+            for fd in self._reader_fds.values():
+                os.close(fd)
+            self._reader_fds.clear()
+            self._close()
+
+
+class ShmImporter(_ShmEndpoint):
+    """Publish the frames of a shared-memory ring into a local channel (role ``bridge-import``).
+
+    Made by :meth:`ShmBridge.import_channel`. Each frame is validated once by ``publish_raw``; a bad one is
+    counted and skipped. Frames a LAG ring overwrote before they were read are counted in ``missing``.
+    """
+
+    role = "bridge-import"
+
+    def __init__(self, bus: EventBus, event_type: Any, subject: str, *, durable: str | None, replay: str,
+                 busy_poll: bool, **kw: Any) -> None:
+        super().__init__(bus, event_type, subject, **kw)
+        self.durable = durable
+        self.replay = replay
+        self.busy_poll = busy_poll
+        self._idx = -1
+        self._cursor = 0
+        self._first = 0
+        self._generation = 0
+        self._writer_alive = True
+        self._next_check = 0.0
+        self._progress = _Waiters()
+        self.latency = LatencyHistogram()
+        self.delivered = 0
+        self.missing = 0
+        self.bad_frames = 0
+        self.waits = 0
+        self.sleeps = 0
+        self.writer_restarts = 0
+        self.writer_deaths = 0
+        self.resumed = False
+        self.last_bad: str | None = None
+        self.failed: str | None = None
+        self._same_clock = True
+
+    def position(self, sender: str | None = None) -> int:
+        """Return the ring position accounted for here: frames published locally, bad or counted missing.
+
+        ``sender`` is accepted for symmetry with :meth:`ChannelImporter.position`; a ring has one sequence
+        whatever writer incarnation wrote it.
+        """
+        return self._cursor
+
+    async def wait_position(self, sender: str | None, seq: int, timeout: float | None = None) -> bool:
+        """Wait until the ring's frames up to ``seq`` are accounted for; False if ``timeout`` ran out."""
+        return await wait_until(lambda: self._cursor >= seq, self._progress, timeout)
+
+    @property
+    def lost_at_senders(self) -> int:
+        return int(self._ring.lost) if self._ring is not None else self._final["lost"]
+
+    def stats(self) -> dict[str, Any]:
+        """Return the importer's counters and latency summary."""
+        return {
+            **self._identity(),
+            "durable": self.durable,
+            "slot": self._idx,
+            "position": self._cursor,
+            "first_position": self._first,
+            "resumed": self.resumed,
+            "received": self.delivered + self.bad_frames,
+            "delivered": self.delivered,
+            "duplicates": 0,
+            "missing": self.missing,
+            "late": 0,
+            "lost_at_senders": self.lost_at_senders,
+            "bad_frames": self.bad_frames,
+            "foreign": 0,
+            "held": 0,
+            "channel_full_waits": self.waits,
+            "sleeps": self.sleeps,
+            "busy_poll": self.busy_poll,
+            "writer_alive": self._writer_alive,
+            "writer_deaths": self.writer_deaths,
+            "writer_restarts": self.writer_restarts,
+            "failed": self.failed,
+            "last_bad_frame": self.last_bad,
+            "latency_ns": self.latency.summary(),
+        }
+
+    async def initialize(self) -> None:
+        self._open()
+        ring = self._ring
+        chosen = None
+        # this durable reader's own place first, then a free one; another durable reader's saved place (its
+        # process gone) only when nothing else is left
+        for want_name in ((self.durable,) if self.durable else ()) + ("", None):
+            for idx in range(ring.max_readers):
+                state, _, _, _, name = ring.reader(idx)
+                if want_name is not None and name != want_name:
+                    continue
+                fd = _lock(self.path / f"r{idx}.lock", fcntl.LOCK_EX)
+                if fd is None:
+                    continue
+                chosen = (idx, fd, name)
+                break
+            if chosen is not None:
+                break
+        if chosen is None:
+            self._close()
+            raise InvalidStateError(f"{self.name}: shared-memory ring {str(self.path)!r} has no free reader slot "
+                                    f"(max_readers {ring.max_readers}, all held by live processes)")
+        idx, self._lock_fd, name = chosen
+        if name and name != self.durable:
+            logger.warning("%s: every reader slot of %s is taken; reusing the saved place of durable reader %r "
+                           "(its cursor is lost)", self.name, self.path, name)
+        head = ring.head
+        _, _, saved, _, _ = ring.reader(idx)
+        if self.durable and name == self.durable:
+            self._cursor = min(saved, head)
+            self.resumed = True
+        elif self.replay == "all":
+            self._cursor = max(0, head - ring.capacity)
+        else:
+            self._cursor = head
+        self._first = self._cursor
+        self._idx = idx
+        self._generation = ring.generation
+        self._listen(self.path / f"r{idx}.fifo")
+        ring.attach(idx, os.getpid(), self._cursor, self.durable or "")
+        if self.resumed:
+            logger.info("%s: resumed durable reader %r of %s at frame %d (head %d)", self.name, self.durable,
+                        self.path, self._cursor, head)
+
+    async def execute(self) -> None:
+        ring = self._ring
+        start = self._cursor
+        channel: Any = self._channel
+        # the frames' loop runs in the compiled ring: copy out, publish_raw, record the latency
+        cursor, lagged, delivered, failed = ring.deliver(self._idx, start, self.batch, channel.publish_raw,
+                                                         self.latency.record)
+        self.delivered += delivered
+        if lagged:
+            self.missing += lagged
+            if self._log_budget > 0:
+                self._log_budget -= 1
+                logger.warning("%s: fell behind ring %s: %d frame(s) overwritten before they were read "
+                               "(missing); resuming at frame %d", self.name, self.path, lagged,
+                               cursor - delivered)
+        if failed is not None:
+            self._commit(cursor, lagged)  # what was published so far is accounted for, whatever comes next
+            lagged = 0
+            cursor = await self._failed(failed, cursor)
+        if cursor != start or lagged:
+            self._commit(cursor, lagged)
+        elif failed is None:
+            await self._idle()
+
+    async def _failed(self, failed: tuple[BaseException, int, bytes], cursor: int) -> int:
+        """Deal with the frame at ``cursor`` whose publish raised; return the cursor after it (or at it, if
+        the channel closed)."""
+        exc, ts, data = failed
+        channel: Any = self._channel
+        if isinstance(exc, ChannelFull):  # BLOCK and full: wait for room (the ring then waits for us)
+            self.waits += 1
+            try:
+                await channel.publish_raw_async(data, ts)
+            except ChannelClosed:
+                return cursor
+            except Exception as again:
+                self._bad(again, data, cursor)
+            else:
+                self.delivered += 1
+                if ts > 0:
+                    self.latency.record(monotonic_ns() - ts)
+            return cursor + 1
+        if isinstance(exc, ChannelClosed):
+            await self._wake.wait(self.liveness_interval)  # the bus is closing: nothing to publish into
+            return cursor
+        self._bad(exc, data, cursor)
+        return cursor + 1
+
+    def _bad(self, exc: BaseException, data: bytes, seq: int) -> None:
+        self.bad_frames += 1
+        why = str(exc) if isinstance(exc, OrchestratorError) else (
+            f"channel {self.type_name!r} refused a frame of {len(data)} bytes: {type(exc).__name__}: {exc}")
+        self.last_bad = f"{why} [frame {seq} of {self.path}]"[:300]
+        if self._log_budget > 0:
+            self._log_budget -= 1
+            logger.warning("%s: skipped a bad frame: %s", self.name, self.last_bad)
+
+    def _commit(self, cursor: int, lagged: int) -> None:
+        self._cursor = cursor
+        if self._ring.commit(self._idx, cursor, lagged):
+            self._poke_writer()
+        self._progress.notify()
+
+    def _poke_writer(self) -> None:
+        try:
+            fd = os.open(self.path / "w.fifo", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            os.write(fd, b"\0")
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    async def _idle(self) -> None:
+        ring = self._ring
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + self.liveness_interval
+            self._watch_writer()
+        if self.busy_poll:
+            await asyncio.sleep(0)
+            return
+        if not ring.sleep_if_idle(self._idx, self._cursor):
+            if ring.closed and ring.head <= self._cursor:
+                await self._wake.wait(self.liveness_interval)  # the stream ended: wait for a new writer
+            return
+        self.sleeps += 1
+        try:
+            await self._wake.wait(max(0.001, self._next_check - time.monotonic()))
+        finally:
+            ring.clear_waiting(self._idx)
+
+    def _watch_writer(self) -> None:
+        ring = self._ring
+        generation = ring.generation
+        if generation != self._generation:
+            if self._generation:
+                self.writer_restarts += 1
+                logger.warning("%s: ring %s has a new writer (pid %d), continuing at frame %d", self.name, self.path,
+                               ring.writer_pid, self._cursor)
+            self._generation = generation
+            self._writer_alive = True
+        alive = _held(self.path / "w.lock")
+        if self._writer_alive and not alive and generation and not ring.closed:
+            self.writer_deaths += 1
+            logger.warning("%s: the writer (pid %d) of ring %s is gone without closing it, at frame %d; waiting "
+                           "for a new one", self.name, ring.writer_pid, self.path, ring.head)
+        self._writer_alive = alive
+
+    async def shutdown(self) -> None:
+        """Stop reading: detach from the ring (a durable reader's place and cursor stay for its restart)."""
+        ring = self._ring
+        if ring is not None and self._idx >= 0:
+            ring.detach(self._idx)
+        self._close()
+
+
+class ShmBridge(BridgeTasks):
+    """Export local channels to shared-memory rings and import rings into local channels (one host).
+
+    The export/import API of :class:`~kimiha.bridge.NatsBridge` over :mod:`kimiha.bridge.shm`'s rings:
+    ``export_channel(event_type, subject)`` in the writing process, ``import_channel(event_type, subject)`` in
+    each reading one, then :meth:`register` before the scheduler starts.
+
+    Parameters
+    ----------
+    bus : EventBus
+        The local bus.
+    directory : str or Path, optional
+        Where the rings live (default :func:`default_directory`); every process of a link must use the same.
+    name : str
+        Prefixes the bridge's task names.
+    flush_timeout : float
+        How long each exporter's shutdown may take to write what its channel still holds.
+    liveness_interval : float
+        How often a waiting writer checks for dead readers, and an idle reader for a dead writer (seconds).
+    """
+
+    def __init__(self, bus: EventBus, directory: str | os.PathLike[str] | None = None, *, name: str = "kimiha",
+                 flush_timeout: float = 10.0, liveness_interval: float = 0.2) -> None:
+        if not isinstance(bus, EventBus):
+            raise InvalidConfigurationError(f"ShmBridge(bus): expected an EventBus, got {type(bus).__name__}")
+        _ring_module()
+        self.bus = bus
+        self.name = _check_name("ShmBridge(name)", name)
+        self.directory = Path(directory) if directory is not None else default_directory()
+        for what, value in (("flush_timeout", flush_timeout), ("liveness_interval", liveness_interval)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise InvalidConfigurationError(f"ShmBridge({what}): expected seconds > 0, got {value!r}")
+        self.flush_timeout = float(flush_timeout)
+        self.liveness_interval = float(liveness_interval)
+        self.exporters: list[ShmExporter] = []
+        self.importers: list[ShmImporter] = []
+        self._registered = False
+
+    def _check_open(self, what: str) -> None:
+        if self._registered:
+            raise InvalidStateError(f"ShmBridge {self.name!r}: {what} after register(); configure it first")
+
+    def _subject(self, event_type: Any, subject: str | None, what: str) -> str:
+        return _check_name(f"{what}(subject)", subject or f"kimiha.{self.bus.channel(event_type).name}")
+
+    def _geometry(self, what: str, overflow: Any, capacity: int, data_bytes: int | None, max_readers: int,
+                  batch: int) -> dict[str, Any]:
+        if overflow not in (Overflow.BLOCK, Overflow.LAG, "block", "lag"):
+            raise InvalidConfigurationError(f"{what}.overflow: expected Overflow.BLOCK or Overflow.LAG, got "
+                                            f"{overflow!r}")
+        capacity = _pow2(f"{what}.capacity", capacity)
+        data_bytes = _pow2(f"{what}.data_bytes", data_bytes if data_bytes is not None else capacity * 256)
+        return {"directory": self.directory, "capacity": capacity, "data_bytes": max(data_bytes, 4096),
+                "max_readers": _positive_int(f"{what}.max_readers", max_readers),
+                "block": overflow in (Overflow.BLOCK, "block"), "batch": _positive_int(f"{what}.batch", batch),
+                "liveness_interval": self.liveness_interval}
+
+    def export_channel(self, event_type: Any, subject: str | None = None, *, overflow: Any = Overflow.BLOCK,
+                       capacity: int = 8192, data_bytes: int | None = None, max_readers: int = 8,
+                       batch: int = 1024) -> ShmExporter:
+        """Write every event published on ``event_type``'s channel into the ring ``subject``.
+
+        Parameters
+        ----------
+        overflow : Overflow
+            ``BLOCK`` (never overwrite what an attached reader has not read) or ``LAG`` (never wait).
+        capacity, data_bytes, max_readers : int
+            The ring's geometry if this side creates it (frames, bytes of frames, reader slots; powers of two
+            for the first two, ``data_bytes`` defaults to 256 per frame). A frame may take at most a quarter
+            of ``data_bytes``. An existing ring keeps its own geometry.
+        batch : int
+            Frames taken from the channel per round.
+        """
+        self._check_open("export_channel")
+        channel = self.bus.channel(event_type)
+        subject = self._subject(event_type, subject, "export_channel")
+        if any(e.event_type == event_type for e in self.exporters):
+            raise InvalidConfigurationError(f"channel {channel.name!r} is already exported by this bridge")
+        exporter = ShmExporter(self.bus, event_type, subject, flush_timeout=self.flush_timeout,
+                               name=f"shm-export:{channel.name}",
+                               **self._geometry("export_channel", overflow, capacity, data_bytes, max_readers, batch))
+        self.exporters.append(exporter)
+        return exporter
+
+    def import_channel(self, event_type: Any, subject: str | None = None, *, durable: str | None = None,
+                       replay: str = "new", busy_poll: bool = False, overflow: Any = Overflow.BLOCK,
+                       capacity: int = 8192, data_bytes: int | None = None, max_readers: int = 8,
+                       batch: int = 1024) -> ShmImporter:
+        """Publish the frames of ring ``subject`` into ``event_type``'s channel.
+
+        Parameters
+        ----------
+        durable : str, optional
+            Name of this reader's place in the ring: a reader started again under the same name resumes at
+            the cursor its predecessor left (nothing lost or repeated while the ring still holds the frames).
+        replay : "new" or "all"
+            Where a reader without a saved place starts: at the next frame written, or at the oldest the ring
+            still holds.
+        busy_poll : bool
+            Poll the ring on every pass of the event loop instead of sleeping on a wake-up (lower latency, one
+            core busy).
+        overflow, capacity, data_bytes, max_readers :
+            The ring's geometry if this side creates it first (see :meth:`export_channel`).
+        batch : int
+            Frames read per round.
+        """
+        self._check_open("import_channel")
+        channel = self.bus.channel(event_type)
+        subject = self._subject(event_type, subject, "import_channel")
+        if durable is not None:
+            _check_name("import_channel.durable", durable)
+        if replay not in ("new", "all"):
+            raise InvalidConfigurationError(f"import_channel.replay: expected 'new' or 'all' (a ring keeps no "
+                                            f"history beyond what it holds), got {replay!r}")
+        if any(i.event_type == event_type and i.subject == subject for i in self.importers):
+            raise InvalidConfigurationError(
+                f"subject {subject!r} is already imported into channel {channel.name!r} by this bridge")
+        same = sum(1 for i in self.importers if i.event_type == event_type)
+        importer = ShmImporter(self.bus, event_type, subject, durable=durable, replay=replay,
+                               busy_poll=bool(busy_poll),
+                               name=f"shm-import:{channel.name}" + (f"#{same + 1}" if same else ""),
+                               **self._geometry("import_channel", overflow, capacity, data_bytes, max_readers, batch))
+        self.importers.append(importer)
+        return importer
+
+    def exporter(self, event_type: Any) -> ShmExporter:
+        """Return the exporter of ``event_type``'s channel."""
+        return cast(ShmExporter, super().exporter(event_type))
+
+    def importer(self, event_type: Any) -> ShmImporter:
+        """Return the (first) importer into ``event_type``'s channel."""
+        return cast(ShmImporter, super().importer(event_type))
+
+    def stats(self) -> dict[str, Any]:
+        """Return ``{"link": ..., "exports": {channel: ...}, "imports": {channel: ...}}``."""
+        return {
+            "link": {"transport": "shm", "directory": str(self.directory), "reconnects": 0},
+            "exports": {e.type_name: e.stats() for e in self.exporters},
+            "imports": {i.name.removeprefix("shm-import:"): i.stats() for i in self.importers},
+        }
+
+    def __repr__(self) -> str:
+        return (f"<ShmBridge {self.name!r} {self.directory} exports={[e.type_name for e in self.exporters]} "
+                f"imports={[i.type_name for i in self.importers]}>")

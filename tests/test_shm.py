@@ -1,0 +1,447 @@
+"""The shared-memory transport (kimiha.bridge.shm over the compiled kimiha.bridge._shm ring).
+
+In one process: round trips through BLOCK and LAG rings with several readers, exact lag accounting, bad
+frames, the wake-up after idling, cleanup. Across processes (tests/shm_child.py): a reader killed mid-stream
+(the BLOCK writer goes on), a writer killed mid-stream (what it wrote is read, a new writer takes the ring
+over), and a durable reader started again (resumes exactly where it stopped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import mmap
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+
+import msgspec
+import pytest
+
+from kimiha import ChannelConfig, Event, EventBus, EventTask, EventType, InvalidConfigurationError, Overflow, Scheduler
+from kimiha.bridge import ShmBridge, open_bridge, remove_stale
+from kimiha.bridge import _shm
+
+WAIT = 20.0  # bound of every condition wait (a hang guard, never a speed assertion)
+CHILD = pathlib.Path(__file__).with_name("shm_child.py")
+
+
+class Ev(EventType):
+    MD = "MD"
+
+
+class Tick(Event, frozen=True):
+    seq: int
+    price: float
+
+
+def md(i: int) -> Tick:
+    return Tick(i, 100.0 + i)
+
+
+def make_bus(overflow: Overflow = Overflow.BLOCK, capacity: int = 256) -> EventBus:
+    return EventBus([(Ev.MD, ChannelConfig(capacity, payload_type=Tick, overflow=overflow))])
+
+
+class Collect(EventTask):
+    def __init__(self) -> None:
+        self.seqs: list[int] = []
+
+    def subscribed_event(self) -> Ev:
+        return Ev.MD
+
+    def handle_event(self, event: Tick) -> None:
+        self.seqs.append(event.seq)
+
+
+async def until(predicate, timeout: float = WAIT, what: str = "condition") -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.002)
+
+
+class Node:
+    """One 'process' (bus, scheduler, shm bridge) inside the test's own."""
+
+    def __init__(self, directory, name: str, overflow: Overflow = Overflow.BLOCK) -> None:
+        self.bus = make_bus(overflow)
+        self.scheduler = Scheduler(self.bus, name=name)
+        self.bridge = ShmBridge(self.bus, directory, name=name, liveness_interval=0.05)
+        self.collect = Collect()
+
+    def reader(self, subject: str, **kw):
+        importer = self.bridge.import_channel(Ev.MD, subject, **kw)
+        self.scheduler.register_event_task(self.collect)
+        return importer
+
+    async def start(self):
+        self.bridge.register(self.scheduler)
+        await self.scheduler.start()
+        return self
+
+    async def stop(self) -> None:
+        await self.scheduler.shutdown()
+
+
+# -- the ring itself ----------------------------------------------------------------------------------------------
+
+
+def ring(capacity=16, data=4096, readers=2, block=False):
+    buf = mmap.mmap(-1, _shm.segment_size(capacity, data, readers))
+    _shm.init_segment(buf, capacity, data, readers, block)
+    return _shm.Ring(buf)
+
+
+def items(lo, hi, size=8):
+    return [(i, 1000 + i, i.to_bytes(4, "little") * (size // 4)) for i in range(lo, hi)]
+
+
+def test_lag_ring_counts_exactly_what_was_overwritten():
+    r = ring(capacity=16, data=4096)
+    r.attach(0, os.getpid(), 0, "")
+    assert r.write(items(0, 100)) == 100  # LAG: never waits
+    frames, cursor, lagged = r.read(0, 0, 1000)
+    assert (lagged, cursor, len(frames)) == (84, 100, 16)
+    assert frames == [(1000 + i, i.to_bytes(4, "little") * 2) for i in range(84, 100)]
+
+
+def test_lag_ring_data_overwrite_is_detected_not_delivered_torn():
+    # 64 slots but 4 KiB of data: frames of 1000 bytes overwrite each other's bytes long before their slots
+    r = ring(capacity=64, data=4096)
+    r.attach(0, os.getpid(), 0, "")
+    assert r.write(items(0, 40, size=1000)) == 40
+    frames, cursor, lagged = r.read(0, 0, 1000)
+    assert lagged + len(frames) == 40 and cursor == 40 and len(frames) <= 4
+    start = 40 - len(frames)
+    assert frames == [(1000 + i, i.to_bytes(4, "little") * 250) for i in range(start, 40)]
+
+
+def test_block_ring_never_overwrites_an_attached_reader():
+    r = ring(capacity=16, data=4096, block=True)
+    r.attach(0, os.getpid(), 0, "")
+    assert r.write(items(0, 100)) == 16
+    assert r.write(items(0, 100), 16) == 0  # full until the reader moves
+    frames, cursor, lagged = r.read(0, 0, 10)
+    assert (len(frames), cursor, lagged) == (10, 10, 0)
+    r.set_writer_waiting()
+    assert r.commit(0, cursor) is True  # the writer sleeps: the reader must wake it
+    assert r.write(items(0, 100), 16) == 10
+    r.detach(0)  # a detached (dead) reader no longer holds the writer back
+    assert r.write(items(0, 100), 26) == 74
+
+
+def test_sleeping_reader_is_found_by_the_writer():
+    r = ring()
+    r.attach(1, os.getpid(), 0, "")
+    assert r.sleep_if_idle(1, 0) is True
+    r.write(items(0, 1))
+    assert r.take_waiting() == [1] and r.take_waiting() == []
+    assert r.sleep_if_idle(1, 0) is False  # a frame is there: no sleep
+
+
+def test_not_a_segment_is_refused():
+    with pytest.raises(ValueError, match="magic"):
+        _shm.Ring(bytearray(8192))
+    with pytest.raises(ValueError, match="powers of two"):
+        _shm.init_segment(bytearray(1 << 16), 10, 4096, 1, True)
+
+
+# -- the bridge, in one process ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("busy_poll", [False, True])
+def test_block_round_trip_to_two_readers_in_order(run, tmp_path, busy_poll):
+    n = 5000
+
+    async def main():
+        subject = "md.block"
+        readers = [Node(tmp_path, f"r{i}") for i in range(2)]
+        importers = [node.reader(subject, busy_poll=busy_poll, capacity=64) for node in readers]
+        for node in readers:
+            await node.start()
+        writer = Node(tmp_path, "w")
+        exporter = writer.bridge.export_channel(Ev.MD, subject, capacity=64)
+        await writer.start()
+        try:
+            for i in range(1, n + 1):
+                await writer.bus.publish_async(Ev.MD, md(i))
+            assert await writer.bridge.flush(WAIT)
+            for node, importer in zip(readers, importers):
+                assert await importer.wait_position(exporter.sender, n, WAIT)
+                await until(lambda: len(node.collect.seqs) == n, what="every event handled")
+        finally:
+            await writer.stop()
+            for node in readers:
+                await node.stop()
+        for node, importer in zip(readers, importers):
+            assert node.collect.seqs == list(range(1, n + 1))
+            s = importer.stats()
+            assert (s["delivered"], s["missing"], s["bad_frames"], s["latency_ns"]["count"]) == (n, 0, 0, n)
+        e = exporter.stats()
+        assert (e["sent"], e["dropped"], e["lagged"], e["unflushed"]) == (n, 0, 0, 0)
+        assert e["blocked_waits"] > 0  # 5000 through 64 slots: the writer waited for its readers
+        assert not (tmp_path / subject).exists()  # the last one out removed the ring's folder
+
+    run(main())
+
+
+def test_lag_ring_reader_reports_exactly_what_it_missed(run, tmp_path):
+    async def main():
+        subject = "md.lag"
+        node = Node(tmp_path, "r", Overflow.LAG)
+        importer = node.reader(subject, overflow=Overflow.LAG, capacity=16)
+        await node.start()
+        seg = importer._seg  # write behind the reader's back, as a fast writer in another process would
+        try:
+            frames = [(i, 0, msgspec.msgpack.encode(md(i + 1))) for i in range(100)]
+            assert seg.ring.write(frames) == 100  # all at once, before the reader's loop runs again
+            await until(lambda: importer.position() == 100, what="100 frames accounted for")
+            await until(lambda: len(node.collect.seqs) == 16, what="the 16 the ring held handled")
+        finally:
+            await node.stop()
+        assert node.collect.seqs == list(range(85, 101))
+        s = importer.stats()
+        assert (s["delivered"], s["missing"]) == (16, 84)
+
+    run(main())
+
+
+def test_bad_frames_are_counted_and_skipped(run, tmp_path):
+    async def main():
+        subject = "md.bad"
+        node = Node(tmp_path, "r")
+        importer = node.reader(subject)
+        await node.start()
+        try:
+            good = msgspec.msgpack.encode(md(1))
+            frames = [(0, 0, good), (1, 0, b"\xc1garbage"), (2, 0, msgspec.msgpack.encode({"x": 1})),
+                      (3, 0, msgspec.msgpack.encode(md(4)))]
+            importer._seg.ring.write(frames)
+            await until(lambda: importer.position() == 4 and len(node.collect.seqs) == 2, what="4 frames")
+        finally:
+            await node.stop()
+        assert node.collect.seqs == [1, 4]
+        s = importer.stats()
+        assert (s["delivered"], s["bad_frames"], s["missing"]) == (2, 2, 0)
+        assert "MD" in s["last_bad_frame"]
+
+    run(main())
+
+
+def test_settings_are_checked(tmp_path):
+    bridge = ShmBridge(make_bus(), tmp_path)
+    with pytest.raises(InvalidConfigurationError, match="power of two"):
+        bridge.export_channel(Ev.MD, "x", capacity=1000)
+    with pytest.raises(InvalidConfigurationError, match="subject"):
+        bridge.export_channel(Ev.MD, "../escape")
+    with pytest.raises(InvalidConfigurationError, match="replay"):
+        bridge.import_channel(Ev.MD, "x", replay="last")
+    with pytest.raises(InvalidConfigurationError, match="transport"):
+        open_bridge(make_bus(), transport="carrier-pigeon")
+    assert isinstance(open_bridge(make_bus(), transport="shm", directory=tmp_path), ShmBridge)
+
+
+# -- across processes -------------------------------------------------------------------------------------------
+
+
+class Child:
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(CHILD), *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, cwd=str(CHILD.parent))
+        self.lines: list[str] = []
+        self.seqs: list[int] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                if line.startswith("seq "):
+                    self.seqs.append(int(line.split()[1]))
+                else:
+                    self.lines.append(line.strip())
+                self._cond.notify_all()
+
+    def wait_for(self, predicate, what: str) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: predicate(self) or self.proc.poll() is not None, timeout=WAIT):
+                raise AssertionError(f"timed out waiting for {what}; lines {self.lines[-5:]}")
+        assert predicate(self), f"child exited ({self.proc.returncode}) before {what}: {self.lines[-5:]}"
+
+    def line(self, prefix: str) -> str | None:
+        return next((ln for ln in self.lines if ln.startswith(prefix)), None)
+
+    def stop(self) -> dict:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("stop\n")
+            self.proc.stdin.flush()
+        self.proc.wait(WAIT)
+        self._thread.join(WAIT)
+        stats = self.line("stats ")
+        return json.loads(stats[6:]) if stats else {}
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(WAIT)
+        self._thread.join(WAIT)
+
+
+@pytest.fixture
+def shm_dir(tmp_path):
+    yield tmp_path
+    remove_stale(tmp_path)
+
+
+def test_a_reader_killed_mid_stream_does_not_block_the_writer(shm_dir):
+    n = 20_000
+    a = Child("reader", str(shm_dir), "k.reader")
+    b = Child("reader", str(shm_dir), "k.reader")
+    for c in (a, b):
+        c.wait_for(lambda c: c.line("ready"), "reader ready")
+    w = Child("writer", str(shm_dir), "k.reader", str(n), "500")
+    try:
+        w.wait_for(lambda c: c.line("ready"), "writer ready")
+        a.wait_for(lambda c: len(c.seqs) >= 2000, "reader a mid-stream")
+        a.kill()  # its slot still says "attached": only its lock, gone with it, tells the writer
+        w.wait_for(lambda c: c.line("done"), "the writer's end (not blocked by the dead reader)")
+        b.wait_for(lambda c: len(c.seqs) == n, "every event at reader b")
+    finally:
+        ws, bs = w.stop(), b.stop()
+    assert b.seqs == list(range(1, n + 1))
+    assert a.seqs == list(range(1, len(a.seqs) + 1))  # in order up to its death
+    exp = ws["exports"]["MD"]
+    assert exp["readers_lost"] == 1 and exp["sent"] == n and exp["unflushed"] == 0, exp
+    assert bs["imports"]["MD"]["missing"] == 0
+    assert not (shm_dir / "k.reader").exists()  # cleaned up by the last one out
+
+
+def test_a_writer_killed_mid_stream_then_a_new_writer_takes_over(shm_dir):
+    r = Child("reader", str(shm_dir), "k.writer")
+    r.wait_for(lambda c: c.line("ready"), "reader ready")
+    w = Child("writer", str(shm_dir), "k.writer", "100000", "200")
+    try:
+        w.wait_for(lambda c: c.line("sent 1000"), "the writer mid-stream")
+        w.kill()
+        sent = max(int(ln.split()[1]) for ln in w.lines if ln.startswith("sent "))
+        # everything it wrote before dying is read (at least what it had flushed into the ring)
+        r.wait_for(lambda c: len(c.seqs) >= sent, f"the {sent} flushed events")
+        w2 = Child("writer", str(shm_dir), "k.writer", "300")
+        w2.wait_for(lambda c: c.line("done"), "the new writer's end")
+        first = len(r.seqs)
+        r.wait_for(lambda c: len(c.seqs) >= first and c.seqs[-1:] == [300] and len(c.seqs) >= 300,
+                   "the new writer's 300 events")
+        w2.stop()
+    finally:
+        rs = r.stop()
+    imp = rs["imports"]["MD"]
+    cut = r.seqs.index(1, 1)  # where the second writer's 1..300 begin
+    assert r.seqs[:cut] == list(range(1, cut + 1)) and cut >= sent  # the dead writer's, in order, complete
+    assert r.seqs[cut:] == list(range(1, 301))
+    assert imp["writer_deaths"] == 1 and imp["writer_restarts"] == 1 and imp["missing"] == 0, imp
+
+
+def test_a_durable_reader_started_again_resumes_where_it_stopped(shm_dir):
+    n = 6000
+    a = Child("reader", str(shm_dir), "k.durable", "keep")
+    a.wait_for(lambda c: c.line("ready"), "reader ready")
+    w = Child("writer", str(shm_dir), "k.durable", str(n), "300")
+    try:
+        w.wait_for(lambda c: c.line("ready"), "writer ready")
+        a.wait_for(lambda c: len(c.seqs) >= 1500, "the reader mid-stream")
+        a.kill()
+        b = Child("reader", str(shm_dir), "k.durable", "keep")
+        b.wait_for(lambda c: c.line("ready"), "the second reader ready")
+        w.wait_for(lambda c: c.line("done"), "the writer's end")
+        b.wait_for(lambda c: c.seqs[-1:] == [n], "the last event at the second reader")
+    finally:
+        w.stop()
+        bs = b.stop()
+    start = b.seqs[0]
+    assert b.seqs == list(range(start, n + 1))  # in order, nothing missing after its start
+    assert a.seqs == list(range(1, len(a.seqs) + 1))
+    imp = bs["imports"]["MD"]
+    # it resumed at the first reader's committed cursor: never before what that one handled (events published
+    # into the dead process's bus but not yet handled died with it); what the writer overwrote while no reader
+    # held the place (the dead one detached) is counted, exactly
+    assert imp["resumed"] is True and imp["first_position"] >= len(a.seqs), imp
+    assert start == imp["first_position"] + imp["missing"] + 1, imp
+
+
+def test_a_live_reader_that_never_reads_bounds_the_writers_shutdown_by_its_flush_timeout(run, tmp_path):
+    """BLOCK never overwrites a live reader's frames, so a stuck one holds the writer back, but its shutdown
+    gives up after flush_timeout and counts what it could not write (nothing lost silently)."""
+    import fcntl
+
+    from kimiha.bridge.shm import _Segment
+
+    async def main():
+        subject = "md.stuck"
+        seg = _Segment(tmp_path / subject, capacity=16, data_bytes=4096, max_readers=2, block=True)
+        lock = os.open(tmp_path / subject / "r0.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # alive, as far as the writer can tell
+        seg.ring.attach(0, os.getpid(), 0, "stuck")
+        bus = make_bus()
+        scheduler = Scheduler(bus)
+        bridge = ShmBridge(bus, tmp_path, flush_timeout=0.3, liveness_interval=0.05)
+        exporter = bridge.export_channel(Ev.MD, subject)
+        bridge.register(scheduler)
+        await scheduler.start()
+        try:
+            for i in range(1, 101):
+                await bus.publish_async(Ev.MD, md(i))
+            await until(lambda: exporter.stats()["sent"] == 16, what="the ring full")
+            assert not await bridge.flush(0.2)  # it cannot finish: the reader holds it back
+        finally:
+            await scheduler.shutdown()
+            os.close(lock)
+            seg.close()
+        e = exporter.stats()
+        assert (e["sent"], e["unflushed"], e["readers_lost"]) == (16, 84, 0), e
+        assert e["blocked_waits"] > 0
+
+    run(main())
+
+
+def test_reader_slots_free_ones_first_and_a_clear_error_when_none_is_left(run, tmp_path, caplog):
+    from kimiha import OrchestratorError
+
+    async def main():
+        subject = "md.slots"
+        writer = Node(tmp_path, "w")  # holds the ring while readers come and go
+        writer.bridge.export_channel(Ev.MD, subject, max_readers=2)
+        await writer.start()
+        durable = Node(tmp_path, "d")
+        durable.reader(subject, durable="keep")
+        await durable.start()
+        await durable.stop()  # its place (slot 0, with its cursor) stays for its restart
+        nodes = []
+        try:
+            plain = Node(tmp_path, "p")
+            first = plain.reader(subject)
+            await plain.start()
+            nodes.append(plain)
+            assert first.stats()["slot"] == 1  # a free slot, not the durable reader's saved place
+            late = Node(tmp_path, "l")
+            second = late.reader(subject)
+            await late.start()  # nothing else left: the saved place, said in the log
+            nodes.append(late)
+            assert second.stats()["slot"] == 0
+            assert "reusing the saved place of durable reader 'keep'" in caplog.text
+            extra = Node(tmp_path, "x")
+            extra.reader(subject)
+            with pytest.raises(OrchestratorError, match="no free reader slot"):  # (failed to initialize)
+                await extra.start()
+        finally:
+            for node in nodes:
+                await node.stop()
+            await writer.stop()
+
+    run(main())

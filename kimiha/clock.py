@@ -5,7 +5,9 @@
 * :class:`LiveClock` -- real time (``time.time_ns()``, nanoseconds since the epoch) on the running loop. Each
   timer has an absolute deadline (a repeating timer's next deadline is its previous one plus the interval,
   never "now plus the interval", so it does not drift), and all the timers of a clock share one loop timer,
-  armed for the earliest deadline.
+  armed for the earliest deadline. A timer that fell behind (a callback slower than its interval, a stalled
+  loop) catches up one tick per pass of the loop: every tick still fires, in order, but other callbacks and
+  tasks run between two of them, so a slow timer cannot starve the loop (or a shutdown).
 * :class:`SimClock` -- simulated time, moved by the data (:meth:`SimClock.advance_to`). Timers due up to the
   new time fire in time order first; timers due at the same nanosecond fire in the order they were set (a
   repeating timer keeps its place). A timer set in the past fires at the next advance. The time never goes
@@ -308,14 +310,27 @@ class LiveClock(Clock):
         self._armed_for = None
         table = self._table
         now = time.time_ns()
-        while (popped := table.pop_due(now)) is not None:
+        # Each timer fires at most once per pass: one that fell behind (a callback slower than its interval,
+        # a stalled loop) catches up one tick per loop iteration, so other callbacks and tasks run between
+        # its ticks instead of the pass growing without bound. Its deadlines stay on its absolute grid.
+        fired: set[Any] = set()
+        held: list[tuple[int, int, _Timer]] = []
+        while (due := table.earliest()) is not None and due <= now:
+            if table.heap[0][2].key in fired:
+                held.append(heapq.heappop(table.heap))
+                continue
+            popped = table.pop_due(now)
+            assert popped is not None
             timer, due = popped
+            fired.add(timer.key)
             self.fired += 1
             result = _call(timer, due)
             if inspect.isawaitable(result):
                 task = asyncio.ensure_future(_await_callback(timer, result))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+        for entry in held:
+            heapq.heappush(table.heap, entry)
         self._rearm()
 
     def _for_task(self, owner: Any, on_error: ErrorHandler,

@@ -86,15 +86,35 @@ def _name_bytes(name: str) -> bytes:
     return msgspec.msgpack.encode(name)
 
 
+def _numbered_segments(base: Path) -> dict[int, Path]:
+    """The ``PATH.N`` files (N = 1, 2, ...) next to ``base``, by N."""
+    prefix = base.name + "."
+    try:
+        siblings = list(base.parent.iterdir())
+    except OSError:  # no such directory: no segments
+        return {}
+    return {int(tail): p for p in siblings
+            if p.name.startswith(prefix) and (tail := p.name[len(prefix):]).isdigit() and tail[0] != "0"}
+
+
 def journal_segments(path: str | os.PathLike[str]) -> list[Path]:
-    """Return the segment files of the journal at ``path``, in order (``PATH``, ``PATH.1``, ...)."""
+    """Return the segment files of the journal at ``path``, in order (``PATH``, ``PATH.1``, ...).
+
+    Raises
+    ------
+    JournalCorrupt
+        When a segment is missing between two that exist (``PATH.1`` and ``PATH.3`` but no ``PATH.2``):
+        reading past the gap would lose records silently, stopping before it would too.
+    """
     base = Path(path)
-    out = [base]
-    n = 1
-    while (nxt := base.with_name(f"{base.name}.{n}")).exists():
-        out.append(nxt)
-        n += 1
-    return out
+    numbered = _numbered_segments(base)
+    missing = [n for n in range(1, max(numbered, default=0) + 1) if n not in numbered]
+    if missing:
+        gap = base.with_name(f"{base.name}.{missing[0]}")
+        raise JournalCorrupt(f"journal {str(base)!r}: segment {str(gap)!r} is missing, though "
+                             f"{str(numbered[max(numbered)])!r} exists; the journal has a hole "
+                             f"(missing: {', '.join(str(n) for n in missing[:10])})", path=str(gap), offset=0)
+    return [base, *(numbered[n] for n in sorted(numbered))]
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -154,7 +174,7 @@ class JournalWriter(BackgroundTask):
         return ()  # reads through handlers, which the dispatch loop calls: nothing to drain at shutdown
 
     async def initialize(self) -> None:
-        for stale in journal_segments(self.path)[1:]:
+        for stale in _numbered_segments(self.path).values():  # an older journal's segments, holes and all
             stale.unlink()
         self._open(self.path)
         try:
@@ -246,6 +266,22 @@ class JournalWriter(BackgroundTask):
 
 # ------------------------------------------------------------------------------------------------ reading
 _decode_body = msgspec.msgpack.Decoder(tuple[str, int, int, bytes]).decode
+#: The smallest record body: the array header, a one-byte channel name, two uint64 and a bin32 header.
+_MIN_BODY = 1 + 1 + _NUMS.size
+
+
+def _next_record(data: bytes, start: int) -> int | None:
+    """Return the offset of the first whole record (plausible length, matching CRC) at or after ``start``, or
+    None: what tells a damaged record header (records follow it) from a torn last record (nothing does)."""
+    size = len(data)
+    pos = start + _HEAD.size
+    while (pos := data.find(b"\x94", pos)) != -1:
+        offset = pos - _HEAD.size
+        length, crc = _HEAD.unpack_from(data, offset)
+        if _MIN_BODY <= length <= _MAX_RECORD and pos + length <= size and zlib.crc32(data[pos:pos + length]) == crc:
+            return offset
+        pos += 1
+    return None
 
 
 def read_journal(path: str | os.PathLike[str], *, channels: Iterable[str] | None = None) -> Iterator[JournalRecord]:
@@ -274,10 +310,11 @@ def read_journal(path: str | os.PathLike[str], *, channels: Iterable[str] | None
             else:
                 length, crc = _HEAD.unpack_from(data, offset)
                 end = offset + _HEAD.size + length
-                if length > _MAX_RECORD:
+                if not _MIN_BODY <= length <= _MAX_RECORD:
                     if not last:
                         raise JournalCorrupt(f"journal {name!r}: record at offset {offset} claims {length:,} "
-                                             f"bytes (more than {_MAX_RECORD:,})", path=name, offset=offset)
+                                             f"bytes (a record body is {_MIN_BODY} to {_MAX_RECORD:,})",
+                                             path=name, offset=offset)
                     torn = f"a header claiming {length:,} bytes"
                 elif end > size:
                     torn = f"{size - offset - _HEAD.size} of its {length} body byte(s)"
@@ -287,6 +324,10 @@ def read_journal(path: str | os.PathLike[str], *, channels: Iterable[str] | None
                                              f"(corrupt; {size - end:,} byte(s) follow it)", path=name,
                                              offset=offset)
                     torn = "a body that fails its CRC check"
+            if torn is not None and last and (later := _next_record(data, offset + 1)) is not None:
+                # a whole record follows: this one was not cut short by a crash, its header is damaged
+                raise JournalCorrupt(f"journal {name!r}: record at offset {offset} is corrupt ({torn}, but a "
+                                     f"valid record follows at offset {later})", path=name, offset=offset)
             if torn is not None:
                 if not last:
                     raise JournalCorrupt(f"journal {name!r}: segment ends inside a record at offset {offset} "

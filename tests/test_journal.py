@@ -100,6 +100,45 @@ def test_a_corrupt_record_in_the_middle_is_an_error_naming_its_offset(run, tmp_p
         list(read_journal(path))
 
 
+def _offsets(data):
+    offsets = [8]
+    while offsets[-1] < len(data):
+        length, _ = struct.unpack_from("<II", data, offsets[-1])
+        offsets.append(offsets[-1] + 8 + length)
+    return offsets[:-1]
+
+
+def test_a_damaged_length_in_the_middle_of_the_last_segment_is_corruption_not_a_torn_tail(run, tmp_path):
+    # A length field that now claims more bytes than the file holds (or fewer than any record) looked like a
+    # crash mid-write: the reader warned "torn" and silently dropped every record after it. Records that
+    # follow, whole and with their CRC, prove it is damage, not a torn tail.
+    path = tmp_path / "j"
+    run(_journal_some(path))
+    data = path.read_bytes()
+    victim = _offsets(data)[10]
+    for byte in range(4):
+        for new in (0x00, 0xFF):
+            damaged = bytearray(data)
+            if damaged[victim + byte] == new:
+                continue
+            damaged[victim + byte] = new
+            path.write_bytes(bytes(damaged))
+            with pytest.raises(JournalCorrupt, match=f"offset {victim} (is corrupt|fails its CRC)") as info:
+                list(read_journal(path))
+            assert info.value.offset == victim
+
+
+def test_a_zero_filled_tail_is_a_torn_tail(run, tmp_path, caplog):
+    # what a crash can leave after the last write on some filesystems: the size grew, the bytes did not land
+    path = tmp_path / "j"
+    run(_journal_some(path))
+    data = path.read_bytes()
+    path.write_bytes(data + bytes(4096))
+    with caplog.at_level(logging.WARNING, logger="kimiha.journal"):
+        assert len(list(read_journal(path))) == 50
+    assert "torn" in caplog.text
+
+
 def test_rotation_by_size_and_fsync_policies(run, tmp_path):
     for policy in ("never", "batch", "always"):
         path = tmp_path / f"j-{policy}"
@@ -121,6 +160,22 @@ def test_a_torn_record_at_the_end_of_an_earlier_segment_is_corruption(run, tmp_p
     path.write_bytes(first[:-5])
     with pytest.raises(JournalCorrupt, match="later segments follow"):
         list(read_journal(path))
+
+
+def test_a_segment_missing_in_the_middle_is_an_error_naming_it(run, tmp_path):
+    # before: the segments were PATH, PATH.1, ... up to the first missing one, so the records of every
+    # segment after a hole were dropped without a word
+    path = tmp_path / "j"
+    run(_journal_some(path, n=400, rotate_bytes=4096))
+    segments = journal_segments(path)
+    assert len(segments) > 3
+    segments[2].unlink()
+    with pytest.raises(JournalCorrupt, match=f"segment '{segments[2]}' is missing") as info:
+        list(read_journal(path))
+    assert info.value.path == str(segments[2])
+    # a new journal at the same path removes the old one's segments, those past the hole too
+    run(_journal_some(path, n=10))
+    assert journal_segments(path) == [path] and len(list(read_journal(path))) == 10
 
 
 class Collect(EventTask):

@@ -37,18 +37,18 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from kimiha.clock import SimClock
-from kimiha.error import InvalidConfigurationError, InvalidStateError, SerializationError
+from kimiha.error import InvalidConfigurationError, InvalidStateError, OrchestratorError, SerializationError
 from kimiha.event_bus import EventBus
 from kimiha.types import BackgroundTask, Connector
 
-__all__ = ["FSYNC_POLICIES", "JournalCorrupt", "JournalRecord", "JournalReplayer", "JournalWriter",
+__all__ = ["FSYNC_POLICIES", "JournalCorrupt", "JournalRecord", "JournalReplayer", "JournalWriteError", "JournalWriter",
            "MAGIC", "journal_segments", "read_journal"]
 
 logger = logging.getLogger("kimiha.journal")
@@ -70,6 +70,16 @@ class JournalCorrupt(SerializationError):
         super().__init__(message)
         self.path = path
         self.offset = offset
+
+
+class JournalWriteError(OrchestratorError, OSError):
+    """The journal could not be written (a full disk, an I/O error): journaling stopped there. ``path`` names
+    the segment, ``records`` how many records the journal holds (every one before the failure, whole)."""
+
+    def __init__(self, message: str, *, path: str, records: int) -> None:
+        super().__init__(message)
+        self.path = path
+        self.records = records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +136,11 @@ class JournalWriter(BackgroundTask):
     buffered file, flushes every ``flush_interval`` seconds (``fsync="batch"`` forces it to disk then), and
     closes the file in its shutdown hook, after every stage drained.
 
+    A file that cannot be written (a full disk, an I/O error) stops the journal, never the dispatch loop: the
+    writer unsubscribes, keeps :attr:`failed` (a :class:`JournalWriteError`) and calls ``on_failure`` with it
+    once (default: log it as an error). The journal then ends with its last whole write, which
+    :func:`read_journal` reads up to a torn tail at most.
+
     Parameters
     ----------
     bus : EventBus
@@ -137,11 +152,14 @@ class JournalWriter(BackgroundTask):
         Start a new segment before a record would take the current one past this size.
     flush_interval : float, default 0.05
         Seconds between flushes of the buffer to the file.
+    on_failure : callable, optional
+        ``on_failure(JournalWriteError)``, called once when a write fails (e.g. to stop the run); default: the
+        error is logged.
     """
 
     def __init__(self, bus: EventBus, path: str | os.PathLike[str], channels: Iterable[Any], *,
                  fsync: str = "never", rotate_bytes: int | None = None, flush_interval: float = 0.05,
-                 name: str = "journal") -> None:
+                 name: str = "journal", on_failure: Callable[[JournalWriteError], Any] | None = None) -> None:
         if fsync not in FSYNC_POLICIES:
             raise InvalidConfigurationError(f"JournalWriter: fsync must be one of {FSYNC_POLICIES}, got {fsync!r}")
         if rotate_bytes is not None and (isinstance(rotate_bytes, bool) or not isinstance(rotate_bytes, int)
@@ -157,6 +175,9 @@ class JournalWriter(BackgroundTask):
         self.channels = [bus.channel(key) for key in channels]  # an unknown channel fails here, named
         if not self.channels:
             raise InvalidConfigurationError("JournalWriter: channels is empty; name at least one channel to journal")
+        if on_failure is not None and not callable(on_failure):
+            raise InvalidConfigurationError(f"JournalWriter: on_failure must be callable or None, got {on_failure!r}")
+        self.on_failure = on_failure
         self.fsync = fsync
         self.rotate_bytes = rotate_bytes
         self.flush_interval = float(flush_interval)
@@ -169,14 +190,21 @@ class JournalWriter(BackgroundTask):
         self._segment_bytes = 0
         self._subs: list[Any] = []
         self._clock_now: Any = None
+        #: Set when a write failed: journaling stopped there (see the class docstring).
+        self.failed: JournalWriteError | None = None
+        self._pending = 0  # records in _buf, not yet written
 
     def consumes(self) -> Any:
         return ()  # reads through handlers, which the dispatch loop calls: nothing to drain at shutdown
 
     async def initialize(self) -> None:
-        for stale in _numbered_segments(self.path).values():  # an older journal's segments, holes and all
-            stale.unlink()
-        self._open(self.path)
+        try:
+            for stale in _numbered_segments(self.path).values():  # an older journal's segments, holes and all
+                stale.unlink()
+            self._open(self.path)
+        except OSError as exc:
+            self._fail(exc)
+            return
         try:
             clock = self.clock
         except InvalidStateError:  # used without a scheduler: records carry no publish time (0)
@@ -190,9 +218,9 @@ class JournalWriter(BackgroundTask):
 
     def _open(self, path: Path) -> None:
         self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by _close_segment; _buf buffers
+        self.segments.append(path)
         self._file.write(MAGIC)
         self._segment_bytes = len(MAGIC)
-        self.segments.append(path)
 
     def _close_segment(self) -> None:
         file = self._file
@@ -201,6 +229,38 @@ class JournalWriter(BackgroundTask):
         self.flush()
         self._file = None
         file.close()
+
+    def _fail(self, exc: OSError) -> None:
+        """A write failed: stop journaling (unsubscribe, drop the unwritten buffer, close the file) and keep
+        the error, once."""
+        first = self.failed is None
+        if first:
+            where = self.segments[-1] if self.segments else self.path
+            self.records -= self._pending  # appended to the buffer, never written: not in the journal
+            self.failed = JournalWriteError(
+                f"journal {str(where)!r}: cannot write it ({exc.strerror or exc}); journaling stopped after "
+                f"{self.records:,} records" + (f" (the {self._pending:,} after them were not written)"
+                                               if self._pending else ""), path=str(where), records=self.records)
+            self._pending = 0
+            self.failed.__cause__ = exc
+        for sub in self._subs:
+            sub.close()
+        del self._buf[:]
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:
+                pass
+        if not first or self.failed is None:
+            return
+        if self.on_failure is None:
+            logger.error("%s: %s", self.name, self.failed)
+            return
+        try:
+            self.on_failure(self.failed)
+        except Exception as hook_exc:  # the hook's own failure must not hide the journal's
+            logger.error("%s: %s (and on_failure raised %r)", self.name, self.failed, hook_exc)
 
     def _writer_for(self, channel_name: str) -> Any:
         prefix = b"\x94" + _name_bytes(channel_name)
@@ -215,17 +275,22 @@ class JournalWriter(BackgroundTask):
         # Called from the dispatch loop with (sequence, stamp, frame) for each event: appends the record to
         # an in-memory buffer (one bytearray, no file call per event); flush() and rotation write it out.
         def write(item: tuple[int, int, bytes]) -> None:
+            if self._file is None:  # failed (or closed): the subscription is closing
+                return
             seq, _, frame = item
             clock_now = self._clock_now
             body_head = prefix + pack_nums(0xCF, seq, 0xCF, clock_now() if clock_now else 0, 0xC6, len(frame))
             size = 8 + fixed + len(frame)
             if rotate is not None and self._segment_bytes + size > rotate and self._segment_bytes > len(MAGIC):
                 self._rotate()
+                if self._file is None:
+                    return
             buf.extend(pack_head(size - 8, crc32(frame, crc32(body_head))))
             buf.extend(body_head)
             buf.extend(frame)
             self._segment_bytes += size
             self.records += 1
+            self._pending += 1
             self.bytes += size
             if always:
                 self.flush(sync=True)
@@ -235,8 +300,11 @@ class JournalWriter(BackgroundTask):
         return write
 
     def _rotate(self) -> None:
-        self._close_segment()
-        self._open(self.path.with_name(f"{self.path.name}.{len(self.segments)}"))
+        try:
+            self._close_segment()
+            self._open(self.path.with_name(f"{self.path.name}.{len(self.segments)}"))
+        except OSError as exc:
+            self._fail(exc)
 
     def _on_lag(self, skipped: int) -> None:
         self.lagged += skipped
@@ -245,23 +313,44 @@ class JournalWriter(BackgroundTask):
 
     async def execute(self) -> None:
         await asyncio.sleep(self.flush_interval)
-        self.flush(sync=self.fsync == "batch")
+        self.flush(sync=self.fsync == "batch")  # nothing to do once failed: the file is closed
 
     def flush(self, *, sync: bool | None = None) -> None:
         """Write the buffered records to the file, and to disk when ``sync`` (default: ``fsync != "never"``)."""
         file = self._file
         if file is None:
             return
-        if self._buf:
-            file.write(self._buf)
-            del self._buf[:]
-        if sync if sync is not None else self.fsync != "never":
-            os.fsync(file.fileno())
+        buf = self._buf
+        done = 0
+        try:
+            if buf:
+                done = file.write(buf)
+                while done < len(buf):  # a raw write may take part of it (a disk filling up): the rest, again
+                    done += file.write(buf[done:])
+                del buf[:]
+                self._pending = 0
+            if sync if sync is not None else self.fsync != "never":
+                os.fsync(file.fileno())
+        except OSError as exc:
+            self._pending -= _whole_records(buf, done)  # those reached the file: the reader gets them
+            self._fail(exc)
 
     async def shutdown(self) -> None:
         for sub in self._subs:
             sub.close()
         self._close_segment()
+
+
+def _whole_records(buf: bytearray, written: int) -> int:
+    """How many records of ``buf`` (back to back, as the writer buffers them) end within its first ``written``
+    bytes."""
+    count = offset = 0
+    while offset + _HEAD.size <= written:
+        offset += _HEAD.size + _HEAD.unpack_from(buf, offset)[0]
+        if offset > written:
+            break
+        count += 1
+    return count
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -298,6 +387,10 @@ def read_journal(path: str | os.PathLike[str], *, channels: Iterable[str] | None
         last = index == len(segments) - 1
         data = segment.read_bytes()
         name = str(segment)
+        if index and last and len(data) < len(MAGIC) and MAGIC.startswith(data):
+            logger.warning("journal %r: the last segment ends inside its magic (%d byte(s)), as a crash or a "
+                           "full disk right after a rotation leaves it; skipped", name, len(data))
+            return
         if data[:len(MAGIC)] != MAGIC:
             raise JournalCorrupt(f"journal {name!r}: expected the magic {MAGIC!r} at offset 0, got "
                                  f"{data[:len(MAGIC)]!r}: not a kimiha journal", path=name, offset=0)

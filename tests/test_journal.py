@@ -243,3 +243,63 @@ def test_demo_journal_then_replay_gives_the_same_digest(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kimiha", "replay", str(bad)], capture_output=True, text=True,
                           timeout=60, cwd=tmp_path)
     assert proc.returncode == 2 and "offset" in proc.stderr and "Traceback" not in proc.stderr
+
+
+class _DiskFills:
+    """A raw file that takes ``room`` more bytes (a short write), then fails as a full disk does (ENOSPC)."""
+
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        if not self.room:
+            raise OSError(28, "No space left on device")
+        taken = self.file.write(bytes(data[:self.room]))  # what fits: a short write, as write(2) gives
+        self.room -= taken
+        return taken
+
+    def fileno(self):
+        return self.file.fileno()
+
+    def close(self):
+        self.file.close()
+
+
+def test_a_full_disk_stops_the_journal_not_the_bus_and_keeps_every_whole_record(run, tmp_path):
+    # before: each failed write raised in the dispatch loop (one handler error per event, the unwritten
+    # buffer growing without bound), and the shutdown hook raised again
+    path = tmp_path / "j"
+    failures = []
+
+    async def main():
+        bus = bus_ab()
+        writer = JournalWriter(bus, path, [Ev.A], on_failure=failures.append)
+        collect = Collect()
+        async with Scheduler(bus, clock=SimClock(1_000)) as scheduler:
+            scheduler.register_background_task(writer)
+            scheduler.register_event_task(collect)
+            await scheduler.start()
+            writer._file = _DiskFills(writer._file, 700)
+            for i in range(200):
+                await bus.publish_async(Ev.A, Tick(i, 1_000 + i))
+                if i % 20 == 0:
+                    writer.flush()
+        return writer, collect, bus
+
+    writer, collect, bus = run(main())
+    assert len(collect.seen) == 200  # the bus and the other tasks carried on
+    assert len(failures) == 1 and failures[0] is writer.failed
+    assert "No space left on device" in str(writer.failed) and str(path) in str(writer.failed)
+    records = list(read_journal(path))  # what reached the disk: whole records, a torn tail at most
+    assert 0 < len(records) == writer.failed.records == writer.records < 200
+    assert [msgspec.msgpack.decode(r.frame, type=Tick).n for r in records] == list(range(len(records)))
+
+
+def test_demo_journal_on_a_full_disk_is_one_line_and_exit_1(tmp_path):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    proc = subprocess.run([sys.executable, "-m", "kimiha", "demo", "--no-progress", "--journal", "/dev/full"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert "/dev/full" in proc.stderr and "No space left on device" in proc.stderr and not proc.stdout

@@ -276,6 +276,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return distributed_main(args)
 
     from kimiha.apps.demo import RecordingError, format_summary, run_demo
+    from kimiha.journal import JournalWriteError
 
     try:
         summary = kimiha.run(
@@ -289,6 +290,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except RecordingError as exc:
         print(f"kimiha demo: {exc}", file=sys.stderr)
         return 2
+    except JournalWriteError as exc:  # the run started, and stopped when its journal could not be written
+        print(f"kimiha demo: --journal: {exc}; the run stopped there", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as exc:  # the signal came before the replay's own handlers were installed
         signame = getattr(exc, "signame", "SIGINT")
         print(f"kimiha demo: interrupted by {signame} before the replay started; nothing to summarize",

@@ -187,7 +187,9 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
     orchestrator = builder.build()
     writer = None
     if journal is not None:
-        writer = JournalWriter(bus, journal, JOURNALED, fsync=journal_fsync, rotate_bytes=journal_rotate_bytes)
+        # a journal that cannot be written (a full disk) stops the run: recording it is the point of --journal
+        writer = JournalWriter(bus, journal, JOURNALED, fsync=journal_fsync, rotate_bytes=journal_rotate_bytes,
+                               on_failure=lambda exc: stop.set())
         orchestrator.scheduler.register_background_task(writer)
     bar = Progress(total, progress)
     started = time.perf_counter()
@@ -222,6 +224,8 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
             loop.remove_signal_handler(signum)
     elapsed = time.perf_counter() - started
     bar.update(connector.lines, final=True)
+    if writer is not None and writer.failed is not None:
+        raise writer.failed
     summary = _summary(bus, orchestrator, connector, aggregator, strategy, executor, expected, elapsed, paths)
     summary["latency_ms"] = latency_ms
     if writer is not None:

@@ -21,6 +21,10 @@ channel's ring (0-based, consecutive per channel unless the journal lagged), ``p
 took the event (``Clock.now_ns()``: wall time under a :class:`~kimiha.clock.LiveClock`, the scheduler's
 simulated time under a :class:`~kimiha.clock.SimClock`), ``frame`` the event's msgpack frame as published.
 
+A writer given ``meta`` (a dict: the run's settings, e.g. the demo's order latency) writes it first, as a
+record of the reserved channel ``""`` whose frame is the dict's msgpack; :func:`read_journal` skips it,
+:func:`journal_meta` returns it (so a replay can run with the settings the recording ran with).
+
 Segments rotate by size: ``PATH``, then ``PATH.1``, ``PATH.2``, ... (``rotate_bytes``). ``fsync`` says when
 the file is forced to disk: ``"never"`` (the OS decides; closing a segment still flushes it), ``"batch"``
 (every ``flush_interval`` seconds, when buffered records are written) or ``"always"`` (after every record:
@@ -48,12 +52,14 @@ from kimiha.error import InvalidConfigurationError, InvalidStateError, Orchestra
 from kimiha.event_bus import EventBus
 from kimiha.types import BackgroundTask, Connector
 
-__all__ = ["FSYNC_POLICIES", "JournalCorrupt", "JournalRecord", "JournalReplayer", "JournalWriteError", "JournalWriter",
-           "MAGIC", "journal_segments", "read_journal"]
+__all__ = ["FSYNC_POLICIES", "META_CHANNEL", "JournalCorrupt", "JournalRecord", "JournalReplayer", "JournalWriteError", "JournalWriter",
+           "MAGIC", "journal_meta", "journal_segments", "read_journal"]
 
 logger = logging.getLogger("kimiha.journal")
 
 MAGIC = b"KIMIHAJ1"
+#: The channel name of the record that carries a writer's ``meta`` (no bus channel has an empty name).
+META_CHANNEL = ""
 FSYNC_POLICIES = ("never", "batch", "always")
 _HEAD = struct.Struct("<II")
 #: The msgpack prefix of a record body after the channel name: uint64 sequence, uint64 publish_ns, bin32.
@@ -155,11 +161,14 @@ class JournalWriter(BackgroundTask):
     on_failure : callable, optional
         ``on_failure(JournalWriteError)``, called once when a write fails (e.g. to stop the run); default: the
         error is logged.
+    meta : dict, optional
+        Written first (see the module's docstring); :func:`journal_meta` reads it back.
     """
 
     def __init__(self, bus: EventBus, path: str | os.PathLike[str], channels: Iterable[Any], *,
                  fsync: str = "never", rotate_bytes: int | None = None, flush_interval: float = 0.05,
-                 name: str = "journal", on_failure: Callable[[JournalWriteError], Any] | None = None) -> None:
+                 name: str = "journal", on_failure: Callable[[JournalWriteError], Any] | None = None,
+                 meta: dict[str, Any] | None = None) -> None:
         if fsync not in FSYNC_POLICIES:
             raise InvalidConfigurationError(f"JournalWriter: fsync must be one of {FSYNC_POLICIES}, got {fsync!r}")
         if rotate_bytes is not None and (isinstance(rotate_bytes, bool) or not isinstance(rotate_bytes, int)
@@ -178,6 +187,10 @@ class JournalWriter(BackgroundTask):
         if on_failure is not None and not callable(on_failure):
             raise InvalidConfigurationError(f"JournalWriter: on_failure must be callable or None, got {on_failure!r}")
         self.on_failure = on_failure
+        try:
+            self._meta = None if meta is None else msgspec.msgpack.encode(dict(meta))
+        except (TypeError, ValueError) as exc:
+            raise InvalidConfigurationError(f"JournalWriter: meta must be a dict msgpack can encode: {exc}") from None
         self.fsync = fsync
         self.rotate_bytes = rotate_bytes
         self.flush_interval = float(flush_interval)
@@ -212,6 +225,11 @@ class JournalWriter(BackgroundTask):
         else:
             # a background task's SimClock view does not move by itself: take the scheduler's time
             self._clock_now = (clock.root if isinstance(clock, SimClock) else clock).now_ns
+        if self._meta is not None:
+            self._writer_for(META_CHANNEL)((0, 0, self._meta))
+            self.records -= 1  # not an event
+            self._pending -= 1
+            self.flush()
         for channel in self.channels:
             self._subs.append(channel.subscribe(self._writer_for(channel.name), frames=True,
                                                 on_lag=self._on_lag))
@@ -376,10 +394,16 @@ def _next_record(data: bytes, start: int) -> int | None:
 def read_journal(path: str | os.PathLike[str], *, channels: Iterable[str] | None = None) -> Iterator[JournalRecord]:
     """Yield the records of the journal at ``path`` (every segment, in order), of ``channels`` only if given.
 
-    A torn last record is skipped with a warning; a record that fails its check elsewhere raises
+    The writer's ``meta`` record is not among them (:func:`journal_meta` reads it) unless ``channels`` names
+    :data:`META_CHANNEL`. A torn last record is skipped with a warning; a record that fails its check elsewhere raises
     :class:`JournalCorrupt` naming the file and the offset; a file that is not a journal raises it too.
     """
-    wanted = None if channels is None else set(channels)
+    records = _read(path, None if channels is None else set(channels))
+    return records if channels is not None else (r for r in records if r.channel != META_CHANNEL)
+
+
+def _read(path: str | os.PathLike[str], wanted: set[str] | None) -> Iterator[JournalRecord]:
+    """:func:`read_journal`, the meta record included (when ``wanted`` is None or names it)."""
     segments = journal_segments(path)
     if not segments[0].exists():
         raise InvalidConfigurationError(f"journal {str(path)!r}: no such file")
@@ -437,6 +461,19 @@ def read_journal(path: str | os.PathLike[str], *, channels: Iterable[str] | None
             offset = end
             if wanted is None or channel in wanted:
                 yield JournalRecord(channel, seq, ts, frame)
+
+
+def journal_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return the ``meta`` dict the journal at ``path`` was written with (``{}`` when it has none)."""
+    first = next(_read(path, None), None)  # the meta record comes first or not at all
+    if first is None or first.channel != META_CHANNEL:
+        return {}
+    try:
+        meta = msgspec.msgpack.decode(first.frame)
+    except msgspec.DecodeError as exc:
+        raise JournalCorrupt(f"journal {str(path)!r}: its meta record is not msgpack: {exc}", path=str(path),
+                             offset=len(MAGIC)) from None
+    return meta if isinstance(meta, dict) else {}
 
 
 # ------------------------------------------------------------------------------------------------ replay

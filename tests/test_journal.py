@@ -15,7 +15,8 @@ import pytest
 from kimiha import ChannelConfig, Event, EventBus, EventTask, EventType, Overflow, Scheduler
 from kimiha.clock import SimClock
 from kimiha.error import InvalidConfigurationError
-from kimiha.journal import MAGIC, JournalCorrupt, JournalReplayer, JournalWriter, journal_segments, read_journal
+from kimiha.journal import (MAGIC, JournalCorrupt, JournalReplayer, JournalWriter, journal_meta, journal_segments,
+                            read_journal)
 from kimiha.venues.binance import iter_lines, recorded_tape
 
 
@@ -62,6 +63,28 @@ def test_round_trip_keeps_channel_sequence_and_the_published_frames(run, tmp_pat
     ticks = {msgspec.msgpack.decode(r.frame, type=Tick).n: r.frame for r in records}
     assert all(ticks[i] == msgspec.msgpack.encode(Tick(i, 1_000 + i)) for i in range(50))
     assert [r.channel for r in read_journal(path, channels=["B"])] == ["B"] * len(b)
+
+
+def test_meta_comes_first_and_is_not_an_event(run, tmp_path):
+    path = tmp_path / "j"
+
+    async def main():
+        bus = bus_ab()
+        writer = JournalWriter(bus, path, [Ev.A], meta={"latency_ns": 5, "note": "x"})
+        async with Scheduler(bus, clock=SimClock(1_000)) as scheduler:
+            scheduler.register_background_task(writer)
+            await scheduler.start()
+            for i in range(5):
+                await bus.publish_async(Ev.A, Tick(i, 1_000 + i))
+        return writer
+
+    writer = run(main())
+    assert journal_meta(path) == {"latency_ns": 5, "note": "x"}
+    assert writer.records == 5 and [r.channel for r in read_journal(path)] == ["A"] * 5
+    run(_journal_some(path, n=3))  # a journal written without meta has none
+    assert journal_meta(path) == {}
+    with pytest.raises(InvalidConfigurationError, match="meta must be a dict msgpack can encode"):
+        JournalWriter(bus_ab(), path, [Ev.A], meta={"x": object()})
 
 
 def test_a_torn_last_record_is_skipped_with_a_warning_and_nothing_before_it_is_lost(run, tmp_path, caplog):
@@ -226,8 +249,12 @@ def test_demo_journal_then_replay_gives_the_same_digest(tmp_path):
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 
-    recorded = cli("demo", "--data", str(data), "--journal", str(journal), "--journal-rotate-mb", "1")
+    # with an order latency: the journal's meta carries it, so the replay fills the orders as the run did
+    # (before, the replay ran without it and its digest differed from the recording's)
+    recorded = cli("demo", "--data", str(data), "--journal", str(journal), "--journal-rotate-mb", "1",
+                   "--latency", "1")
     replayed = cli("replay", str(journal), "--loop", "asyncio")
+    assert journal_meta(journal) == {"latency_ns": 1_000_000} and replayed["latency_ms"] == 1.0
     assert recorded["orders"] > 10
     assert len(recorded["journal"]["segments"]) > 1
     assert replayed["digest"] == recorded["digest"] == replayed["recorded_digest"]
@@ -235,7 +262,7 @@ def test_demo_journal_then_replay_gives_the_same_digest(tmp_path):
     for key in ("lines_read", "messages_by_stream", "book_check", "signals", "orders", "fills", "pnl",
                 "all_lines_accounted"):
         assert replayed[key] == recorded[key], key
-    assert set(recorded) - {"journal", "latency_ms"} <= set(replayed)  # the same summary keys
+    assert set(recorded) - {"journal"} <= set(replayed)  # the same summary keys
 
     bad = tmp_path / "bad.kj"
     raw = journal.read_bytes()

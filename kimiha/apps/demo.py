@@ -189,7 +189,7 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
     if journal is not None:
         # a journal that cannot be written (a full disk) stops the run: recording it is the point of --journal
         writer = JournalWriter(bus, journal, JOURNALED, fsync=journal_fsync, rotate_bytes=journal_rotate_bytes,
-                               on_failure=lambda exc: stop.set())
+                               on_failure=lambda exc: stop.set(), meta={"latency_ns": ms_to_ns(latency_ms)})
         orchestrator.scheduler.register_background_task(writer)
     bar = Progress(total, progress)
     started = time.perf_counter()
@@ -291,14 +291,18 @@ async def run_replay(path: str | Path, *, progress: TextIO | None = sys.stderr,
     downstream (aggregator, strategy, executor) on a :class:`~kimiha.clock.SimClock`, as fast as possible;
     return the demo's summary, plus ``recorded_digest`` (the digest of the journal's own orders and fills)
     and ``digest_matches_recording``."""
-    from kimiha.journal import JournalReplayer
+    from kimiha.journal import JournalReplayer, journal_meta
 
     expected, recorded, by_channel = survey_journal(path)
+    # the settings the recording ran with (its order latency), or the orders and fills cannot be the same
+    latency_ns = journal_meta(path).get("latency_ns", 0)
+    if isinstance(latency_ns, bool) or not isinstance(latency_ns, int) or latency_ns < 0:
+        raise RecordingError(f"replay {path}: the journal's meta has latency_ns {latency_ns!r}; expected an int >= 0")
     bus = EventBus(trading_channels(capacity))
     replayer = JournalReplayer(bus, path, [TradingEvent.RAW_MARKET_DATA])
     aggregator = BinanceAggregator(bus)
     strategy = ImbalanceStrategyTask(bus)
-    executor = PaperExecutorTask(bus)
+    executor = PaperExecutorTask(bus, latency=latency_ns)
     orchestrator = (TradingOrchestratorBuilder(bus, clock=SimClock()).with_connector(replayer)
                     .with_aggregator(aggregator).with_strategy(strategy).with_executor(executor).build())
     bar = Progress(sum(expected.values()), progress)
@@ -317,6 +321,7 @@ async def run_replay(path: str | Path, *, progress: TextIO | None = sys.stderr,
     bar.update(replayer.lines, final=True)
     summary = _summary(bus, orchestrator, replayer, aggregator, strategy, executor, expected, elapsed, [Path(path)])
     summary["replay_of"] = str(path)
+    summary["latency_ms"] = latency_ns / 1e6
     summary["journal_records"] = by_channel
     summary["recorded_digest"] = recorded
     summary["digest_matches_recording"] = recorded == summary["digest"]

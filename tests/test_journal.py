@@ -330,3 +330,22 @@ def test_demo_journal_on_a_full_disk_is_one_line_and_exit_1(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
     assert "/dev/full" in proc.stderr and "No space left on device" in proc.stderr and not proc.stdout
+
+
+@pytest.mark.parametrize("journal_name", ["rec.txt", "rec"])
+def test_demo_refuses_a_journal_that_would_overwrite_its_recording(tmp_path, journal_name):
+    # before: `--data rec.txt --journal rec.txt` truncated the recording it was replaying and exited 0;
+    # `--journal rec` deleted `rec.1` as an old segment
+    lines = []
+    for line in iter_lines(recorded_tape()):
+        lines.append(line)
+        if len(lines) == 200:
+            break
+    data = tmp_path / ("rec.txt" if journal_name == "rec.txt" else "rec.1")
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    before = data.read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "kimiha", "demo", "--no-progress", "--data", str(data),
+                           "--journal", str(tmp_path / journal_name)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "would overwrite the recording" in proc.stderr, proc.stderr
+    assert data.read_bytes() == before

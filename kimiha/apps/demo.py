@@ -163,6 +163,7 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
     expected = survey_recordings(paths)
     total = sum(expected.values())
     if journal is not None:
+        _refuse_journal_over_data(Path(journal), paths)
         try:  # a journal that cannot be written is a bad option, said before anything runs
             with open(journal, "ab"):
                 pass
@@ -236,6 +237,17 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
     summary["interrupted"] = interrupted[0] if interrupted else None
     log_not_shown(aggregator)
     return summary
+
+
+def _refuse_journal_over_data(journal: Path, paths: Sequence[Any]) -> None:
+    """A journal replaces the file at its path and its ``PATH.N`` segments: never one of the run's inputs."""
+    target = journal.resolve()
+    for data in paths:
+        source = Path(data).resolve()
+        tail = source.name[len(target.name) + 1:] if source.name.startswith(target.name + ".") else ""
+        if source == target or (source.parent == target.parent and tail.isdigit()):
+            raise RecordingError(f"--journal {journal}: it would overwrite the recording {data} that this run "
+                                 f"replays; journal to another path")
 
 
 def survey_journal(path: str | Path) -> tuple[collections.Counter[str], str, dict[str, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -349,3 +350,27 @@ def test_demo_refuses_a_journal_that_would_overwrite_its_recording(tmp_path, jou
                           timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "would overwrite the recording" in proc.stderr, proc.stderr
     assert data.read_bytes() == before
+
+
+def test_replay_interrupted_by_sigint_stops_cleanly_and_says_so(run, tmp_path):
+    # before: replay installed no signal handler: Ctrl-C unwound it as a KeyboardInterrupt, no summary
+    import signal
+
+    from kimiha.apps.demo import run_demo, run_replay
+
+    lines = []
+    for line in iter_lines(recorded_tape()):
+        lines.append(line)
+        if len(lines) == 3_000:
+            break
+    data = tmp_path / "slice.txt"
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    journal = tmp_path / "run.kj"
+    run(run_demo([data], progress=None, journal=journal))
+
+    async def interrupted_replay():
+        asyncio.get_running_loop().call_soon(os.kill, os.getpid(), signal.SIGINT)  # once the replay waits
+        return await run_replay(journal, progress=None)
+
+    summary = run(interrupted_replay())
+    assert summary["interrupted"] == "SIGINT"  # and the staged shutdown ran: a summary came back

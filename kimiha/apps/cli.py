@@ -321,6 +321,8 @@ def _replay(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print(format_summary(summary))
+    if summary.get("interrupted"):
+        return signal_exit_code(summary["interrupted"])
     return 0 if summary["all_lines_accounted"] and summary["digest_matches_recording"] else 1
 
 

@@ -186,6 +186,7 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
     for shadow in shadows.values():
         builder.with_executor(shadow)
     orchestrator = builder.build()
+    stop = asyncio.Event()
     writer = None
     if journal is not None:
         # a journal that cannot be written (a full disk) stops the run: recording it is the point of --journal
@@ -194,8 +195,27 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
         orchestrator.scheduler.register_background_task(writer)
     bar = Progress(total, progress)
     started = time.perf_counter()
+    interrupted = await _run_until_done(orchestrator, connector, bar, stop)
+    elapsed = time.perf_counter() - started
+    bar.update(connector.lines, final=True)
+    if writer is not None and writer.failed is not None:
+        raise writer.failed
+    summary = _summary(bus, orchestrator, connector, aggregator, strategy, executor, expected, elapsed, paths)
+    summary["latency_ms"] = latency_ms
+    if writer is not None:
+        summary["journal"] = {"path": str(writer.path), "records": writer.records, "bytes": writer.bytes,
+                              "segments": [str(p) for p in writer.segments], "fsync": writer.fsync}
+    if shadows:
+        summary["pnl_by_latency"] = {label: pnl_of(shadow) for label, shadow in shadows.items()}
+    summary["interrupted"] = interrupted[0] if interrupted else None
+    log_not_shown(aggregator)
+    return summary
+
+
+async def _run_until_done(orchestrator: Any, connector: Any, bar: Any, stop: asyncio.Event) -> list[str]:
+    """Start ``orchestrator``, wait until ``connector.finished``, ``stop`` or a failure, then shut it down;
+    return the signals that stopped it. Ctrl-C and SIGTERM go through the same staged shutdown."""
     interrupted: list[str] = []
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     installed = []
 
@@ -204,7 +224,7 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
         stop.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
-        try:  # Ctrl-C and SIGTERM stop the replay and go through the same staged shutdown
+        try:
             loop.add_signal_handler(signum, on_signal, signum)
             installed.append(signum)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
@@ -223,20 +243,7 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
         await orchestrator.shutdown(timeout=60)
         for signum in installed:
             loop.remove_signal_handler(signum)
-    elapsed = time.perf_counter() - started
-    bar.update(connector.lines, final=True)
-    if writer is not None and writer.failed is not None:
-        raise writer.failed
-    summary = _summary(bus, orchestrator, connector, aggregator, strategy, executor, expected, elapsed, paths)
-    summary["latency_ms"] = latency_ms
-    if writer is not None:
-        summary["journal"] = {"path": str(writer.path), "records": writer.records, "bytes": writer.bytes,
-                              "segments": [str(p) for p in writer.segments], "fsync": writer.fsync}
-    if shadows:
-        summary["pnl_by_latency"] = {label: pnl_of(shadow) for label, shadow in shadows.items()}
-    summary["interrupted"] = interrupted[0] if interrupted else None
-    log_not_shown(aggregator)
-    return summary
+    return interrupted
 
 
 def _refuse_journal_over_data(journal: Path, paths: Sequence[Any]) -> None:
@@ -319,16 +326,7 @@ async def run_replay(path: str | Path, *, progress: TextIO | None = sys.stderr,
                     .with_aggregator(aggregator).with_strategy(strategy).with_executor(executor).build())
     bar = Progress(sum(expected.values()), progress)
     started = time.perf_counter()
-    await orchestrator.start()
-    try:
-        while not replayer.finished.is_set() and orchestrator.scheduler.failure is None:
-            try:
-                await asyncio.wait_for(replayer.finished.wait(), 0.2)
-            except TimeoutError:
-                pass
-            bar.update(replayer.lines)
-    finally:
-        await orchestrator.shutdown(timeout=60)
+    interrupted = await _run_until_done(orchestrator, replayer, bar, asyncio.Event())
     elapsed = time.perf_counter() - started
     bar.update(replayer.lines, final=True)
     summary = _summary(bus, orchestrator, replayer, aggregator, strategy, executor, expected, elapsed, [Path(path)])
@@ -337,7 +335,7 @@ async def run_replay(path: str | Path, *, progress: TextIO | None = sys.stderr,
     summary["journal_records"] = by_channel
     summary["recorded_digest"] = recorded
     summary["digest_matches_recording"] = recorded == summary["digest"]
-    summary["interrupted"] = None
+    summary["interrupted"] = interrupted[0] if interrupted else None
     log_not_shown(aggregator)
     return summary
 

@@ -161,6 +161,16 @@ async def _await_callback(timer: _Timer, result: Any) -> None:
         timer.on_error(timer.name, exc)
 
 
+def _spawn(timer: _Timer, result: Any, tasks: set[Any]) -> None:
+    """Run a callback's awaitable as a supervised task kept in ``tasks``. A task cancelled before it started
+    (the clock closed) closes the callback's coroutine: it never ran, and is not "never awaited"."""
+    task = asyncio.ensure_future(_await_callback(timer, result))
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    if inspect.iscoroutine(result):
+        task.add_done_callback(lambda done: result.close() if done.cancelled() else None)
+
+
 class Clock:
     """The clock a task reads and sets timers on; see the module's docstring for the two kinds.
 
@@ -326,9 +336,7 @@ class LiveClock(Clock):
             self.fired += 1
             result = _call(timer, due)
             if inspect.isawaitable(result):
-                task = asyncio.ensure_future(_await_callback(timer, result))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                _spawn(timer, result, self._tasks)
         for entry in held:
             heapq.heappush(table.heap, entry)
         self._rearm()
@@ -430,9 +438,7 @@ class SimClock(Clock):
         """:meth:`advance_to` for a caller that cannot await (a plain-function handler): coroutine callbacks
         are started as tasks instead of awaited, so they finish after the event, not before it."""
         for timer, pending in self._fire_due(ts_ns):
-            task = asyncio.ensure_future(_await_callback(timer, pending))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            _spawn(timer, pending, self._tasks)
 
     def _fire_due(self, ts_ns: int) -> Iterator[tuple[_Timer, Any]]:
         """Fire the timers due by ``ts_ns`` in order, yielding each awaitable a callback returned (the caller

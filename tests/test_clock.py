@@ -369,3 +369,29 @@ def test_live_timer_slower_than_its_interval_catches_up_without_starving_the_loo
     assert [ts for ts, _ in ticks] == [start + k * 1_000_000 for k in range(1, 9)]
     seen = [n for _, n in ticks]
     assert all(b > a for a, b in zip(seen, seen[1:])), seen
+
+
+def test_a_coroutine_callback_cancelled_before_it_ran_is_closed_not_left_unawaited(run):
+    # before: closing the clock cancelled the task before its first step, and the callback's coroutine was
+    # garbage-collected with "coroutine ... was never awaited"
+    import gc
+    import warnings
+
+    ran = []
+
+    async def callback(event):
+        ran.append(event)
+
+    async def main():
+        clock = SimClock(1_000)
+        clock.set_time_alert("a", 1_500, callback)
+        clock.advance_now(2_000)  # starts the callback as a task
+        clock._close()  # the scheduler stopped before the task's first step
+        await asyncio.sleep(0)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(main())
+        gc.collect()
+    assert ran == []
+    assert not [w for w in caught if "never awaited" in str(w.message)]

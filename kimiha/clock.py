@@ -5,7 +5,9 @@
 * :class:`LiveClock` -- real time (``time.time_ns()``, nanoseconds since the epoch) on the running loop. Each
   timer has an absolute deadline (a repeating timer's next deadline is its previous one plus the interval,
   never "now plus the interval", so it does not drift), and all the timers of a clock share one loop timer,
-  armed for the earliest deadline.
+  armed for the earliest deadline. A timer that fell behind (a callback slower than its interval, a stalled
+  loop) catches up one tick per pass of the loop: every tick still fires, in order, but other callbacks and
+  tasks run between two of them, so a slow timer cannot starve the loop (or a shutdown).
 * :class:`SimClock` -- simulated time, moved by the data (:meth:`SimClock.advance_to`). Timers due up to the
   new time fire in time order first; timers due at the same nanosecond fire in the order they were set (a
   repeating timer keeps its place). A timer set in the past fires at the next advance. The time never goes
@@ -159,6 +161,16 @@ async def _await_callback(timer: _Timer, result: Any) -> None:
         timer.on_error(timer.name, exc)
 
 
+def _spawn(timer: _Timer, result: Any, tasks: set[Any]) -> None:
+    """Run a callback's awaitable as a supervised task kept in ``tasks``. A task cancelled before it started
+    (the clock closed) closes the callback's coroutine: it never ran, and is not "never awaited"."""
+    task = asyncio.ensure_future(_await_callback(timer, result))
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    if inspect.iscoroutine(result):
+        task.add_done_callback(lambda done: result.close() if done.cancelled() else None)
+
+
 class Clock:
     """The clock a task reads and sets timers on; see the module's docstring for the two kinds.
 
@@ -308,14 +320,25 @@ class LiveClock(Clock):
         self._armed_for = None
         table = self._table
         now = time.time_ns()
-        while (popped := table.pop_due(now)) is not None:
+        # Each timer fires at most once per pass: one that fell behind (a callback slower than its interval,
+        # a stalled loop) catches up one tick per loop iteration, so other callbacks and tasks run between
+        # its ticks instead of the pass growing without bound. Its deadlines stay on its absolute grid.
+        fired: set[Any] = set()
+        held: list[tuple[int, int, _Timer]] = []
+        while (due := table.earliest()) is not None and due <= now:
+            if table.heap[0][2].key in fired:
+                held.append(heapq.heappop(table.heap))
+                continue
+            popped = table.pop_due(now)
+            assert popped is not None
             timer, due = popped
+            fired.add(timer.key)
             self.fired += 1
             result = _call(timer, due)
             if inspect.isawaitable(result):
-                task = asyncio.ensure_future(_await_callback(timer, result))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                _spawn(timer, result, self._tasks)
+        for entry in held:
+            heapq.heappush(table.heap, entry)
         self._rearm()
 
     def _for_task(self, owner: Any, on_error: ErrorHandler,
@@ -415,9 +438,7 @@ class SimClock(Clock):
         """:meth:`advance_to` for a caller that cannot await (a plain-function handler): coroutine callbacks
         are started as tasks instead of awaited, so they finish after the event, not before it."""
         for timer, pending in self._fire_due(ts_ns):
-            task = asyncio.ensure_future(_await_callback(timer, pending))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            _spawn(timer, pending, self._tasks)
 
     def _fire_due(self, ts_ns: int) -> Iterator[tuple[_Timer, Any]]:
         """Fire the timers due by ``ts_ns`` in order, yielding each awaitable a callback returned (the caller

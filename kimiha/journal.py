@@ -21,6 +21,10 @@ channel's ring (0-based, consecutive per channel unless the journal lagged), ``p
 took the event (``Clock.now_ns()``: wall time under a :class:`~kimiha.clock.LiveClock`, the scheduler's
 simulated time under a :class:`~kimiha.clock.SimClock`), ``frame`` the event's msgpack frame as published.
 
+A writer given ``meta`` (a dict: the run's settings, e.g. the demo's order latency) writes it first, as a
+record of the reserved channel ``""`` whose frame is the dict's msgpack; :func:`read_journal` skips it,
+:func:`journal_meta` returns it (so a replay can run with the settings the recording ran with).
+
 Segments rotate by size: ``PATH``, then ``PATH.1``, ``PATH.2``, ... (``rotate_bytes``). ``fsync`` says when
 the file is forced to disk: ``"never"`` (the OS decides; closing a segment still flushes it), ``"batch"``
 (every ``flush_interval`` seconds, when buffered records are written) or ``"always"`` (after every record:
@@ -37,23 +41,25 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from kimiha.clock import SimClock
-from kimiha.error import InvalidConfigurationError, InvalidStateError, SerializationError
+from kimiha.error import InvalidConfigurationError, InvalidStateError, OrchestratorError, SerializationError
 from kimiha.event_bus import EventBus
 from kimiha.types import BackgroundTask, Connector
 
-__all__ = ["FSYNC_POLICIES", "JournalCorrupt", "JournalRecord", "JournalReplayer", "JournalWriter",
-           "MAGIC", "journal_segments", "read_journal"]
+__all__ = ["FSYNC_POLICIES", "META_CHANNEL", "JournalCorrupt", "JournalRecord", "JournalReplayer", "JournalWriteError", "JournalWriter",
+           "MAGIC", "journal_meta", "journal_segments", "read_journal"]
 
 logger = logging.getLogger("kimiha.journal")
 
 MAGIC = b"KIMIHAJ1"
+#: The channel name of the record that carries a writer's ``meta`` (no bus channel has an empty name).
+META_CHANNEL = ""
 FSYNC_POLICIES = ("never", "batch", "always")
 _HEAD = struct.Struct("<II")
 #: The msgpack prefix of a record body after the channel name: uint64 sequence, uint64 publish_ns, bin32.
@@ -72,6 +78,16 @@ class JournalCorrupt(SerializationError):
         self.offset = offset
 
 
+class JournalWriteError(OrchestratorError, OSError):
+    """The journal could not be written (a full disk, an I/O error): journaling stopped there. ``path`` names
+    the segment, ``records`` how many records the journal holds (every one before the failure, whole)."""
+
+    def __init__(self, message: str, *, path: str, records: int) -> None:
+        super().__init__(message)
+        self.path = path
+        self.records = records
+
+
 @dataclasses.dataclass(frozen=True)
 class JournalRecord:
     """One journaled event: its channel's name, sequence, publish time and msgpack frame."""
@@ -86,15 +102,35 @@ def _name_bytes(name: str) -> bytes:
     return msgspec.msgpack.encode(name)
 
 
+def _numbered_segments(base: Path) -> dict[int, Path]:
+    """The ``PATH.N`` files (N = 1, 2, ...) next to ``base``, by N."""
+    prefix = base.name + "."
+    try:
+        siblings = list(base.parent.iterdir())
+    except OSError:  # no such directory: no segments
+        return {}
+    return {int(tail): p for p in siblings
+            if p.name.startswith(prefix) and (tail := p.name[len(prefix):]).isdigit() and tail[0] != "0"}
+
+
 def journal_segments(path: str | os.PathLike[str]) -> list[Path]:
-    """Return the segment files of the journal at ``path``, in order (``PATH``, ``PATH.1``, ...)."""
+    """Return the segment files of the journal at ``path``, in order (``PATH``, ``PATH.1``, ...).
+
+    Raises
+    ------
+    JournalCorrupt
+        When a segment is missing between two that exist (``PATH.1`` and ``PATH.3`` but no ``PATH.2``):
+        reading past the gap would lose records silently, stopping before it would too.
+    """
     base = Path(path)
-    out = [base]
-    n = 1
-    while (nxt := base.with_name(f"{base.name}.{n}")).exists():
-        out.append(nxt)
-        n += 1
-    return out
+    numbered = _numbered_segments(base)
+    missing = [n for n in range(1, max(numbered, default=0) + 1) if n not in numbered]
+    if missing:
+        gap = base.with_name(f"{base.name}.{missing[0]}")
+        raise JournalCorrupt(f"journal {str(base)!r}: segment {str(gap)!r} is missing, though "
+                             f"{str(numbered[max(numbered)])!r} exists; the journal has a hole "
+                             f"(missing: {', '.join(str(n) for n in missing[:10])})", path=str(gap), offset=0)
+    return [base, *(numbered[n] for n in sorted(numbered))]
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -105,6 +141,11 @@ class JournalWriter(BackgroundTask):
     subscribes in ``initialize`` (before any producer starts), writes each frame from the dispatch loop into a
     buffered file, flushes every ``flush_interval`` seconds (``fsync="batch"`` forces it to disk then), and
     closes the file in its shutdown hook, after every stage drained.
+
+    A file that cannot be written (a full disk, an I/O error) stops the journal, never the dispatch loop: the
+    writer unsubscribes, keeps :attr:`failed` (a :class:`JournalWriteError`) and calls ``on_failure`` with it
+    once (default: log it as an error). The journal then ends with its last whole write, which
+    :func:`read_journal` reads up to a torn tail at most.
 
     Parameters
     ----------
@@ -117,11 +158,17 @@ class JournalWriter(BackgroundTask):
         Start a new segment before a record would take the current one past this size.
     flush_interval : float, default 0.05
         Seconds between flushes of the buffer to the file.
+    on_failure : callable, optional
+        ``on_failure(JournalWriteError)``, called once when a write fails (e.g. to stop the run); default: the
+        error is logged.
+    meta : dict, optional
+        Written first (see the module's docstring); :func:`journal_meta` reads it back.
     """
 
     def __init__(self, bus: EventBus, path: str | os.PathLike[str], channels: Iterable[Any], *,
                  fsync: str = "never", rotate_bytes: int | None = None, flush_interval: float = 0.05,
-                 name: str = "journal") -> None:
+                 name: str = "journal", on_failure: Callable[[JournalWriteError], Any] | None = None,
+                 meta: dict[str, Any] | None = None) -> None:
         if fsync not in FSYNC_POLICIES:
             raise InvalidConfigurationError(f"JournalWriter: fsync must be one of {FSYNC_POLICIES}, got {fsync!r}")
         if rotate_bytes is not None and (isinstance(rotate_bytes, bool) or not isinstance(rotate_bytes, int)
@@ -137,6 +184,13 @@ class JournalWriter(BackgroundTask):
         self.channels = [bus.channel(key) for key in channels]  # an unknown channel fails here, named
         if not self.channels:
             raise InvalidConfigurationError("JournalWriter: channels is empty; name at least one channel to journal")
+        if on_failure is not None and not callable(on_failure):
+            raise InvalidConfigurationError(f"JournalWriter: on_failure must be callable or None, got {on_failure!r}")
+        self.on_failure = on_failure
+        try:
+            self._meta = None if meta is None else msgspec.msgpack.encode(dict(meta))
+        except (TypeError, ValueError) as exc:
+            raise InvalidConfigurationError(f"JournalWriter: meta must be a dict msgpack can encode: {exc}") from None
         self.fsync = fsync
         self.rotate_bytes = rotate_bytes
         self.flush_interval = float(flush_interval)
@@ -149,14 +203,21 @@ class JournalWriter(BackgroundTask):
         self._segment_bytes = 0
         self._subs: list[Any] = []
         self._clock_now: Any = None
+        #: Set when a write failed: journaling stopped there (see the class docstring).
+        self.failed: JournalWriteError | None = None
+        self._pending = 0  # records in _buf, not yet written
 
     def consumes(self) -> Any:
         return ()  # reads through handlers, which the dispatch loop calls: nothing to drain at shutdown
 
     async def initialize(self) -> None:
-        for stale in journal_segments(self.path)[1:]:
-            stale.unlink()
-        self._open(self.path)
+        try:
+            for stale in _numbered_segments(self.path).values():  # an older journal's segments, holes and all
+                stale.unlink()
+            self._open(self.path)
+        except OSError as exc:
+            self._fail(exc)
+            return
         try:
             clock = self.clock
         except InvalidStateError:  # used without a scheduler: records carry no publish time (0)
@@ -164,15 +225,20 @@ class JournalWriter(BackgroundTask):
         else:
             # a background task's SimClock view does not move by itself: take the scheduler's time
             self._clock_now = (clock.root if isinstance(clock, SimClock) else clock).now_ns
+        if self._meta is not None:
+            self._writer_for(META_CHANNEL)((0, 0, self._meta))
+            self.records -= 1  # not an event
+            self._pending -= 1
+            self.flush()
         for channel in self.channels:
             self._subs.append(channel.subscribe(self._writer_for(channel.name), frames=True,
                                                 on_lag=self._on_lag))
 
     def _open(self, path: Path) -> None:
         self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by _close_segment; _buf buffers
+        self.segments.append(path)
         self._file.write(MAGIC)
         self._segment_bytes = len(MAGIC)
-        self.segments.append(path)
 
     def _close_segment(self) -> None:
         file = self._file
@@ -181,6 +247,38 @@ class JournalWriter(BackgroundTask):
         self.flush()
         self._file = None
         file.close()
+
+    def _fail(self, exc: OSError) -> None:
+        """A write failed: stop journaling (unsubscribe, drop the unwritten buffer, close the file) and keep
+        the error, once."""
+        first = self.failed is None
+        if first:
+            where = self.segments[-1] if self.segments else self.path
+            self.records -= self._pending  # appended to the buffer, never written: not in the journal
+            self.failed = JournalWriteError(
+                f"journal {str(where)!r}: cannot write it ({exc.strerror or exc}); journaling stopped after "
+                f"{self.records:,} records" + (f" (the {self._pending:,} after them were not written)"
+                                               if self._pending else ""), path=str(where), records=self.records)
+            self._pending = 0
+            self.failed.__cause__ = exc
+        for sub in self._subs:
+            sub.close()
+        del self._buf[:]
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:
+                pass
+        if not first or self.failed is None:
+            return
+        if self.on_failure is None:
+            logger.error("%s: %s", self.name, self.failed)
+            return
+        try:
+            self.on_failure(self.failed)
+        except Exception as hook_exc:  # the hook's own failure must not hide the journal's
+            logger.error("%s: %s (and on_failure raised %r)", self.name, self.failed, hook_exc)
 
     def _writer_for(self, channel_name: str) -> Any:
         prefix = b"\x94" + _name_bytes(channel_name)
@@ -195,17 +293,22 @@ class JournalWriter(BackgroundTask):
         # Called from the dispatch loop with (sequence, stamp, frame) for each event: appends the record to
         # an in-memory buffer (one bytearray, no file call per event); flush() and rotation write it out.
         def write(item: tuple[int, int, bytes]) -> None:
+            if self._file is None:  # failed (or closed): the subscription is closing
+                return
             seq, _, frame = item
             clock_now = self._clock_now
             body_head = prefix + pack_nums(0xCF, seq, 0xCF, clock_now() if clock_now else 0, 0xC6, len(frame))
             size = 8 + fixed + len(frame)
             if rotate is not None and self._segment_bytes + size > rotate and self._segment_bytes > len(MAGIC):
                 self._rotate()
+                if self._file is None:
+                    return
             buf.extend(pack_head(size - 8, crc32(frame, crc32(body_head))))
             buf.extend(body_head)
             buf.extend(frame)
             self._segment_bytes += size
             self.records += 1
+            self._pending += 1
             self.bytes += size
             if always:
                 self.flush(sync=True)
@@ -215,8 +318,11 @@ class JournalWriter(BackgroundTask):
         return write
 
     def _rotate(self) -> None:
-        self._close_segment()
-        self._open(self.path.with_name(f"{self.path.name}.{len(self.segments)}"))
+        try:
+            self._close_segment()
+            self._open(self.path.with_name(f"{self.path.name}.{len(self.segments)}"))
+        except OSError as exc:
+            self._fail(exc)
 
     def _on_lag(self, skipped: int) -> None:
         self.lagged += skipped
@@ -225,18 +331,27 @@ class JournalWriter(BackgroundTask):
 
     async def execute(self) -> None:
         await asyncio.sleep(self.flush_interval)
-        self.flush(sync=self.fsync == "batch")
+        self.flush(sync=self.fsync == "batch")  # nothing to do once failed: the file is closed
 
     def flush(self, *, sync: bool | None = None) -> None:
         """Write the buffered records to the file, and to disk when ``sync`` (default: ``fsync != "never"``)."""
         file = self._file
         if file is None:
             return
-        if self._buf:
-            file.write(self._buf)
-            del self._buf[:]
-        if sync if sync is not None else self.fsync != "never":
-            os.fsync(file.fileno())
+        buf = self._buf
+        done = 0
+        try:
+            if buf:
+                done = file.write(buf)
+                while done < len(buf):  # a raw write may take part of it (a disk filling up): the rest, again
+                    done += file.write(buf[done:])
+                del buf[:]
+                self._pending = 0
+            if sync if sync is not None else self.fsync != "never":
+                os.fsync(file.fileno())
+        except OSError as exc:
+            self._pending -= _whole_records(buf, done)  # those reached the file: the reader gets them
+            self._fail(exc)
 
     async def shutdown(self) -> None:
         for sub in self._subs:
@@ -244,17 +359,51 @@ class JournalWriter(BackgroundTask):
         self._close_segment()
 
 
+def _whole_records(buf: bytearray, written: int) -> int:
+    """How many records of ``buf`` (back to back, as the writer buffers them) end within its first ``written``
+    bytes."""
+    count = offset = 0
+    while offset + _HEAD.size <= written:
+        offset += _HEAD.size + _HEAD.unpack_from(buf, offset)[0]
+        if offset > written:
+            break
+        count += 1
+    return count
+
+
 # ------------------------------------------------------------------------------------------------ reading
 _decode_body = msgspec.msgpack.Decoder(tuple[str, int, int, bytes]).decode
+#: The smallest record body: the array header, a one-byte channel name, two uint64 and a bin32 header.
+_MIN_BODY = 1 + 1 + _NUMS.size
+
+
+def _next_record(data: bytes, start: int) -> int | None:
+    """Return the offset of the first whole record (plausible length, matching CRC) at or after ``start``, or
+    None: what tells a damaged record header (records follow it) from a torn last record (nothing does)."""
+    size = len(data)
+    pos = start + _HEAD.size
+    while (pos := data.find(b"\x94", pos)) != -1:
+        offset = pos - _HEAD.size
+        length, crc = _HEAD.unpack_from(data, offset)
+        if _MIN_BODY <= length <= _MAX_RECORD and pos + length <= size and zlib.crc32(data[pos:pos + length]) == crc:
+            return offset
+        pos += 1
+    return None
 
 
 def read_journal(path: str | os.PathLike[str], *, channels: Iterable[str] | None = None) -> Iterator[JournalRecord]:
     """Yield the records of the journal at ``path`` (every segment, in order), of ``channels`` only if given.
 
-    A torn last record is skipped with a warning; a record that fails its check elsewhere raises
+    The writer's ``meta`` record is not among them (:func:`journal_meta` reads it) unless ``channels`` names
+    :data:`META_CHANNEL`. A torn last record is skipped with a warning; a record that fails its check elsewhere raises
     :class:`JournalCorrupt` naming the file and the offset; a file that is not a journal raises it too.
     """
-    wanted = None if channels is None else set(channels)
+    records = _read(path, None if channels is None else set(channels))
+    return records if channels is not None else (r for r in records if r.channel != META_CHANNEL)
+
+
+def _read(path: str | os.PathLike[str], wanted: set[str] | None) -> Iterator[JournalRecord]:
+    """:func:`read_journal`, the meta record included (when ``wanted`` is None or names it)."""
     segments = journal_segments(path)
     if not segments[0].exists():
         raise InvalidConfigurationError(f"journal {str(path)!r}: no such file")
@@ -262,6 +411,10 @@ def read_journal(path: str | os.PathLike[str], *, channels: Iterable[str] | None
         last = index == len(segments) - 1
         data = segment.read_bytes()
         name = str(segment)
+        if index and last and len(data) < len(MAGIC) and MAGIC.startswith(data):
+            logger.warning("journal %r: the last segment ends inside its magic (%d byte(s)), as a crash or a "
+                           "full disk right after a rotation leaves it; skipped", name, len(data))
+            return
         if data[:len(MAGIC)] != MAGIC:
             raise JournalCorrupt(f"journal {name!r}: expected the magic {MAGIC!r} at offset 0, got "
                                  f"{data[:len(MAGIC)]!r}: not a kimiha journal", path=name, offset=0)
@@ -274,10 +427,11 @@ def read_journal(path: str | os.PathLike[str], *, channels: Iterable[str] | None
             else:
                 length, crc = _HEAD.unpack_from(data, offset)
                 end = offset + _HEAD.size + length
-                if length > _MAX_RECORD:
+                if not _MIN_BODY <= length <= _MAX_RECORD:
                     if not last:
                         raise JournalCorrupt(f"journal {name!r}: record at offset {offset} claims {length:,} "
-                                             f"bytes (more than {_MAX_RECORD:,})", path=name, offset=offset)
+                                             f"bytes (a record body is {_MIN_BODY} to {_MAX_RECORD:,})",
+                                             path=name, offset=offset)
                     torn = f"a header claiming {length:,} bytes"
                 elif end > size:
                     torn = f"{size - offset - _HEAD.size} of its {length} body byte(s)"
@@ -287,6 +441,10 @@ def read_journal(path: str | os.PathLike[str], *, channels: Iterable[str] | None
                                              f"(corrupt; {size - end:,} byte(s) follow it)", path=name,
                                              offset=offset)
                     torn = "a body that fails its CRC check"
+            if torn is not None and last and (later := _next_record(data, offset + 1)) is not None:
+                # a whole record follows: this one was not cut short by a crash, its header is damaged
+                raise JournalCorrupt(f"journal {name!r}: record at offset {offset} is corrupt ({torn}, but a "
+                                     f"valid record follows at offset {later})", path=name, offset=offset)
             if torn is not None:
                 if not last:
                     raise JournalCorrupt(f"journal {name!r}: segment ends inside a record at offset {offset} "
@@ -303,6 +461,19 @@ def read_journal(path: str | os.PathLike[str], *, channels: Iterable[str] | None
             offset = end
             if wanted is None or channel in wanted:
                 yield JournalRecord(channel, seq, ts, frame)
+
+
+def journal_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return the ``meta`` dict the journal at ``path`` was written with (``{}`` when it has none)."""
+    first = next(_read(path, None), None)  # the meta record comes first or not at all
+    if first is None or first.channel != META_CHANNEL:
+        return {}
+    try:
+        meta = msgspec.msgpack.decode(first.frame)
+    except msgspec.DecodeError as exc:
+        raise JournalCorrupt(f"journal {str(path)!r}: its meta record is not msgpack: {exc}", path=str(path),
+                             offset=len(MAGIC)) from None
+    return meta if isinstance(meta, dict) else {}
 
 
 # ------------------------------------------------------------------------------------------------ replay

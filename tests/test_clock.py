@@ -329,3 +329,69 @@ def test_scheduler_rejects_a_clock_that_is_not_one():
     bus = EventBus([(Ev.TICKS, ChannelConfig(64, payload_type=Tick))])
     with pytest.raises(InvalidConfigurationError, match="Scheduler\\(clock=...\\)"):
         Scheduler(bus, clock=time.time)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_live_timer_slower_than_its_interval_catches_up_without_starving_the_loop(loop):
+    # A callback that takes longer than the interval: each pass of the loop fires the timer at most once, so a
+    # task that yields gets a turn between any two ticks (before: one pass fired every tick missed meanwhile,
+    # the passes grew without bound and the loop starved); the ticks stay on the absolute grid.
+    from kimiha.runtime import run as run_on
+
+    async def main():
+        clock = LiveClock()
+        turns = 0
+        ticks = []
+        done = asyncio.Event()
+
+        async def other():
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        def slow(event):
+            ticks.append((event.ts_ns, turns))
+            time.sleep(0.003)  # three intervals: the timer falls behind on purpose
+            if len(ticks) == 8:
+                clock.cancel_timer("slow")
+                done.set()
+
+        task = asyncio.ensure_future(other())
+        await asyncio.sleep(0)
+        start = clock.now_ns()
+        clock.set_timer("slow", 1_000_000, slow, start_ns=start)
+        await done.wait()
+        task.cancel()
+        return start, ticks
+
+    start, ticks = run_on(main(), loop=loop)
+    assert [ts for ts, _ in ticks] == [start + k * 1_000_000 for k in range(1, 9)]
+    seen = [n for _, n in ticks]
+    assert all(b > a for a, b in zip(seen, seen[1:])), seen
+
+
+def test_a_coroutine_callback_cancelled_before_it_ran_is_closed_not_left_unawaited(run):
+    # before: closing the clock cancelled the task before its first step, and the callback's coroutine was
+    # garbage-collected with "coroutine ... was never awaited"
+    import gc
+    import warnings
+
+    ran = []
+
+    async def callback(event):
+        ran.append(event)
+
+    async def main():
+        clock = SimClock(1_000)
+        clock.set_time_alert("a", 1_500, callback)
+        clock.advance_now(2_000)  # starts the callback as a task
+        clock._close()  # the scheduler stopped before the task's first step
+        await asyncio.sleep(0)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(main())
+        gc.collect()
+    assert ran == []
+    assert not [w for w in caught if "never awaited" in str(w.message)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -15,7 +16,8 @@ import pytest
 from kimiha import ChannelConfig, Event, EventBus, EventTask, EventType, Overflow, Scheduler
 from kimiha.clock import SimClock
 from kimiha.error import InvalidConfigurationError
-from kimiha.journal import MAGIC, JournalCorrupt, JournalReplayer, JournalWriter, journal_segments, read_journal
+from kimiha.journal import (MAGIC, JournalCorrupt, JournalReplayer, JournalWriter, journal_meta, journal_segments,
+                            read_journal)
 from kimiha.venues.binance import iter_lines, recorded_tape
 
 
@@ -64,6 +66,28 @@ def test_round_trip_keeps_channel_sequence_and_the_published_frames(run, tmp_pat
     assert [r.channel for r in read_journal(path, channels=["B"])] == ["B"] * len(b)
 
 
+def test_meta_comes_first_and_is_not_an_event(run, tmp_path):
+    path = tmp_path / "j"
+
+    async def main():
+        bus = bus_ab()
+        writer = JournalWriter(bus, path, [Ev.A], meta={"latency_ns": 5, "note": "x"})
+        async with Scheduler(bus, clock=SimClock(1_000)) as scheduler:
+            scheduler.register_background_task(writer)
+            await scheduler.start()
+            for i in range(5):
+                await bus.publish_async(Ev.A, Tick(i, 1_000 + i))
+        return writer
+
+    writer = run(main())
+    assert journal_meta(path) == {"latency_ns": 5, "note": "x"}
+    assert writer.records == 5 and [r.channel for r in read_journal(path)] == ["A"] * 5
+    run(_journal_some(path, n=3))  # a journal written without meta has none
+    assert journal_meta(path) == {}
+    with pytest.raises(InvalidConfigurationError, match="meta must be a dict msgpack can encode"):
+        JournalWriter(bus_ab(), path, [Ev.A], meta={"x": object()})
+
+
 def test_a_torn_last_record_is_skipped_with_a_warning_and_nothing_before_it_is_lost(run, tmp_path, caplog):
     path = tmp_path / "j"
     run(_journal_some(path))
@@ -100,6 +124,45 @@ def test_a_corrupt_record_in_the_middle_is_an_error_naming_its_offset(run, tmp_p
         list(read_journal(path))
 
 
+def _offsets(data):
+    offsets = [8]
+    while offsets[-1] < len(data):
+        length, _ = struct.unpack_from("<II", data, offsets[-1])
+        offsets.append(offsets[-1] + 8 + length)
+    return offsets[:-1]
+
+
+def test_a_damaged_length_in_the_middle_of_the_last_segment_is_corruption_not_a_torn_tail(run, tmp_path):
+    # A length field that now claims more bytes than the file holds (or fewer than any record) looked like a
+    # crash mid-write: the reader warned "torn" and silently dropped every record after it. Records that
+    # follow, whole and with their CRC, prove it is damage, not a torn tail.
+    path = tmp_path / "j"
+    run(_journal_some(path))
+    data = path.read_bytes()
+    victim = _offsets(data)[10]
+    for byte in range(4):
+        for new in (0x00, 0xFF):
+            damaged = bytearray(data)
+            if damaged[victim + byte] == new:
+                continue
+            damaged[victim + byte] = new
+            path.write_bytes(bytes(damaged))
+            with pytest.raises(JournalCorrupt, match=f"offset {victim} (is corrupt|fails its CRC)") as info:
+                list(read_journal(path))
+            assert info.value.offset == victim
+
+
+def test_a_zero_filled_tail_is_a_torn_tail(run, tmp_path, caplog):
+    # what a crash can leave after the last write on some filesystems: the size grew, the bytes did not land
+    path = tmp_path / "j"
+    run(_journal_some(path))
+    data = path.read_bytes()
+    path.write_bytes(data + bytes(4096))
+    with caplog.at_level(logging.WARNING, logger="kimiha.journal"):
+        assert len(list(read_journal(path))) == 50
+    assert "torn" in caplog.text
+
+
 def test_rotation_by_size_and_fsync_policies(run, tmp_path):
     for policy in ("never", "batch", "always"):
         path = tmp_path / f"j-{policy}"
@@ -121,6 +184,22 @@ def test_a_torn_record_at_the_end_of_an_earlier_segment_is_corruption(run, tmp_p
     path.write_bytes(first[:-5])
     with pytest.raises(JournalCorrupt, match="later segments follow"):
         list(read_journal(path))
+
+
+def test_a_segment_missing_in_the_middle_is_an_error_naming_it(run, tmp_path):
+    # before: the segments were PATH, PATH.1, ... up to the first missing one, so the records of every
+    # segment after a hole were dropped without a word
+    path = tmp_path / "j"
+    run(_journal_some(path, n=400, rotate_bytes=4096))
+    segments = journal_segments(path)
+    assert len(segments) > 3
+    segments[2].unlink()
+    with pytest.raises(JournalCorrupt, match=f"segment '{segments[2]}' is missing") as info:
+        list(read_journal(path))
+    assert info.value.path == str(segments[2])
+    # a new journal at the same path removes the old one's segments, those past the hole too
+    run(_journal_some(path, n=10))
+    assert journal_segments(path) == [path] and len(list(read_journal(path))) == 10
 
 
 class Collect(EventTask):
@@ -171,8 +250,12 @@ def test_demo_journal_then_replay_gives_the_same_digest(tmp_path):
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 
-    recorded = cli("demo", "--data", str(data), "--journal", str(journal), "--journal-rotate-mb", "1")
+    # with an order latency: the journal's meta carries it, so the replay fills the orders as the run did
+    # (before, the replay ran without it and its digest differed from the recording's)
+    recorded = cli("demo", "--data", str(data), "--journal", str(journal), "--journal-rotate-mb", "1",
+                   "--latency", "1")
     replayed = cli("replay", str(journal), "--loop", "asyncio")
+    assert journal_meta(journal) == {"latency_ns": 1_000_000} and replayed["latency_ms"] == 1.0
     assert recorded["orders"] > 10
     assert len(recorded["journal"]["segments"]) > 1
     assert replayed["digest"] == recorded["digest"] == replayed["recorded_digest"]
@@ -180,7 +263,7 @@ def test_demo_journal_then_replay_gives_the_same_digest(tmp_path):
     for key in ("lines_read", "messages_by_stream", "book_check", "signals", "orders", "fills", "pnl",
                 "all_lines_accounted"):
         assert replayed[key] == recorded[key], key
-    assert set(recorded) - {"journal", "latency_ms"} <= set(replayed)  # the same summary keys
+    assert set(recorded) - {"journal"} <= set(replayed)  # the same summary keys
 
     bad = tmp_path / "bad.kj"
     raw = journal.read_bytes()
@@ -188,3 +271,106 @@ def test_demo_journal_then_replay_gives_the_same_digest(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kimiha", "replay", str(bad)], capture_output=True, text=True,
                           timeout=60, cwd=tmp_path)
     assert proc.returncode == 2 and "offset" in proc.stderr and "Traceback" not in proc.stderr
+
+
+class _DiskFills:
+    """A raw file that takes ``room`` more bytes (a short write), then fails as a full disk does (ENOSPC)."""
+
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        if not self.room:
+            raise OSError(28, "No space left on device")
+        taken = self.file.write(bytes(data[:self.room]))  # what fits: a short write, as write(2) gives
+        self.room -= taken
+        return taken
+
+    def fileno(self):
+        return self.file.fileno()
+
+    def close(self):
+        self.file.close()
+
+
+def test_a_full_disk_stops_the_journal_not_the_bus_and_keeps_every_whole_record(run, tmp_path):
+    # before: each failed write raised in the dispatch loop (one handler error per event, the unwritten
+    # buffer growing without bound), and the shutdown hook raised again
+    path = tmp_path / "j"
+    failures = []
+
+    async def main():
+        bus = bus_ab()
+        writer = JournalWriter(bus, path, [Ev.A], on_failure=failures.append)
+        collect = Collect()
+        async with Scheduler(bus, clock=SimClock(1_000)) as scheduler:
+            scheduler.register_background_task(writer)
+            scheduler.register_event_task(collect)
+            await scheduler.start()
+            writer._file = _DiskFills(writer._file, 700)
+            for i in range(200):
+                await bus.publish_async(Ev.A, Tick(i, 1_000 + i))
+                if i % 20 == 0:
+                    writer.flush()
+        return writer, collect, bus
+
+    writer, collect, bus = run(main())
+    assert len(collect.seen) == 200  # the bus and the other tasks carried on
+    assert len(failures) == 1 and failures[0] is writer.failed
+    assert "No space left on device" in str(writer.failed) and str(path) in str(writer.failed)
+    records = list(read_journal(path))  # what reached the disk: whole records, a torn tail at most
+    assert 0 < len(records) == writer.failed.records == writer.records < 200
+    assert [msgspec.msgpack.decode(r.frame, type=Tick).n for r in records] == list(range(len(records)))
+
+
+def test_demo_journal_on_a_full_disk_is_one_line_and_exit_1(tmp_path):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    proc = subprocess.run([sys.executable, "-m", "kimiha", "demo", "--no-progress", "--journal", "/dev/full"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert "/dev/full" in proc.stderr and "No space left on device" in proc.stderr and not proc.stdout
+
+
+@pytest.mark.parametrize("journal_name", ["rec.txt", "rec"])
+def test_demo_refuses_a_journal_that_would_overwrite_its_recording(tmp_path, journal_name):
+    # before: `--data rec.txt --journal rec.txt` truncated the recording it was replaying and exited 0;
+    # `--journal rec` deleted `rec.1` as an old segment
+    lines = []
+    for line in iter_lines(recorded_tape()):
+        lines.append(line)
+        if len(lines) == 200:
+            break
+    data = tmp_path / ("rec.txt" if journal_name == "rec.txt" else "rec.1")
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    before = data.read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "kimiha", "demo", "--no-progress", "--data", str(data),
+                           "--journal", str(tmp_path / journal_name)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "would overwrite the recording" in proc.stderr, proc.stderr
+    assert data.read_bytes() == before
+
+
+def test_replay_interrupted_by_sigint_stops_cleanly_and_says_so(run, tmp_path):
+    # before: replay installed no signal handler: Ctrl-C unwound it as a KeyboardInterrupt, no summary
+    import signal
+
+    from kimiha.apps.demo import run_demo, run_replay
+
+    lines = []
+    for line in iter_lines(recorded_tape()):
+        lines.append(line)
+        if len(lines) == 3_000:
+            break
+    data = tmp_path / "slice.txt"
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    journal = tmp_path / "run.kj"
+    run(run_demo([data], progress=None, journal=journal))
+
+    async def interrupted_replay():
+        asyncio.get_running_loop().call_soon(os.kill, os.getpid(), signal.SIGINT)  # once the replay waits
+        return await run_replay(journal, progress=None)
+
+    summary = run(interrupted_replay())
+    assert summary["interrupted"] == "SIGINT"  # and the staged shutdown ran: a summary came back

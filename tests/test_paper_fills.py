@@ -167,6 +167,48 @@ def test_the_crossing_part_takes_at_once_and_the_rest_rests():
     assert paper.resting[1].remaining == pytest.approx(0.5) and paper.resting[1].ahead == 0.0
 
 
+def test_the_rest_of_a_crossing_order_does_not_fill_again_from_what_it_took():
+    # The book is read-only: after a GTC buy took the 1.0 offered at 100, the book still shows it. Before, the
+    # next book change (anywhere) saw "best ask <= our price" and filled the 0.5 left as a maker at 100.5:
+    # 1.5 filled against 1.0 offered. Only new quantity at or under the price may fill it.
+    book, paper = venue()
+    paper.place(gtc(1, Side.BUY, 1.5, 100.5, ts=3))
+    book.apply_diff(diff(11, bids=[(98.0, 4.0)]))  # a change elsewhere
+    assert paper.on_book(4) == [] and paper.resting[1].remaining == pytest.approx(0.5)
+    assert paper.position == pytest.approx(1.0)
+    book.apply_diff(diff(12, asks=[(100.0, 1.2)]))  # 0.2 more offered at 100 than it took: 0.2 fills
+    [fill] = paper.on_book(5)
+    assert (fill.qty, fill.leaves_qty) == (pytest.approx(0.2), pytest.approx(0.3))
+    book.apply_diff(diff(13, asks=[(100.0, 0.0)]))  # the level went (traded or cancelled)...
+    assert paper.on_book(6) == []
+    book.apply_diff(diff(14, asks=[(100.0, 0.4)]))  # ...and came back: all of it is new
+    [last] = paper.on_book(7)
+    assert (last.qty, last.leaves_qty) == (pytest.approx(0.3), 0.0)
+    assert paper.position == pytest.approx(1.5) and paper.resting == {}
+
+
+@pytest.mark.parametrize("qty, price", [(float("nan"), 99.0), (-3.0, 99.0), (0.0, 99.0), (1.0, float("nan"))])
+def test_a_bad_trade_moves_no_queue(qty, price):
+    # before: a NaN size made the quantity ahead NaN (the order could never fill by trades again), a negative
+    # one pushed the order back in its queue
+    book, paper = venue()
+    paper.place(gtc(1, Side.BUY, 1.0, 99.0))
+    assert paper.on_trade(trade(price, qty, Side.SELL, 5)) == []
+    assert paper.resting[1].ahead == 1.5 and paper.bad_trades == 1
+    [fill] = paper.on_trade(trade(99.0, 2.0, Side.SELL, 6))
+    assert fill.qty == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [({"sigma": 50.0}, "sigma must be a number from 0 to 10"),
+                                              ({"sigma": 1000.0}, "sigma must be"),
+                                              ({"seed": None}, "seed must be an int"),
+                                              ({"seed": "x"}, "seed must be an int")])
+def test_lognormal_latency_refuses_a_shape_that_overflows_and_a_seed_that_is_not_one(kwargs, fragment):
+    # before: sigma=1000 raised OverflowError at an order's draw; seed=None drew different latencies per run
+    with pytest.raises(InvalidConfigurationError, match=fragment):
+        LogNormalLatency(1_000_000, **kwargs)
+
+
 def test_cancel_and_cancel_after():
     book, paper = venue()
     paper.place(gtc(1, Side.BUY, 1.0, 99.0, ts=10))

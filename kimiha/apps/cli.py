@@ -321,6 +321,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def _demo(args: argparse.Namespace, metrics: MetricsServer | None) -> int:
     from kimiha.apps.demo import RecordingError, format_summary, run_demo
+    from kimiha.journal import JournalWriteError
 
     try:
         summary = kimiha.run(
@@ -334,6 +335,9 @@ def _demo(args: argparse.Namespace, metrics: MetricsServer | None) -> int:
     except RecordingError as exc:
         print(f"kimiha demo: {exc}", file=sys.stderr)
         return 2
+    except JournalWriteError as exc:  # the run started, and stopped when its journal could not be written
+        print(f"kimiha demo: --journal: {exc}; the run stopped there", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as exc:  # the signal came before the replay's own handlers were installed
         signame = getattr(exc, "signame", "SIGINT")
         print(f"kimiha demo: interrupted by {signame} before the replay started; nothing to summarize",
@@ -362,6 +366,8 @@ def _replay(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print(format_summary(summary))
+    if summary.get("interrupted"):
+        return signal_exit_code(summary["interrupted"])
     return 0 if summary["all_lines_accounted"] and summary["digest_matches_recording"] else 1
 
 

@@ -168,6 +168,7 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
     expected = survey_recordings(paths)
     total = sum(expected.values())
     if journal is not None:
+        _refuse_journal_over_data(Path(journal), paths)
         try:  # a journal that cannot be written is a bad option, said before anything runs
             with open(journal, "ab"):
                 pass
@@ -190,16 +191,38 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
     for shadow in shadows.values():
         builder.with_executor(shadow)
     orchestrator = builder.build()
+    stop = asyncio.Event()
     writer = None
     if journal is not None:
-        writer = JournalWriter(bus, journal, JOURNALED, fsync=journal_fsync, rotate_bytes=journal_rotate_bytes)
+        # a journal that cannot be written (a full disk) stops the run: recording it is the point of --journal
+        writer = JournalWriter(bus, journal, JOURNALED, fsync=journal_fsync, rotate_bytes=journal_rotate_bytes,
+                               on_failure=lambda exc: stop.set(), meta={"latency_ns": ms_to_ns(latency_ms)})
         orchestrator.scheduler.register_background_task(writer)
     if metrics is not None:
         metrics.watch(bus, orchestrator.scheduler)
     bar = Progress(total, progress)
     started = time.perf_counter()
+    interrupted = await _run_until_done(orchestrator, connector, bar, stop)
+    elapsed = time.perf_counter() - started
+    bar.update(connector.lines, final=True)
+    if writer is not None and writer.failed is not None:
+        raise writer.failed
+    summary = _summary(bus, orchestrator, connector, aggregator, strategy, executor, expected, elapsed, paths)
+    summary["latency_ms"] = latency_ms
+    if writer is not None:
+        summary["journal"] = {"path": str(writer.path), "records": writer.records, "bytes": writer.bytes,
+                              "segments": [str(p) for p in writer.segments], "fsync": writer.fsync}
+    if shadows:
+        summary["pnl_by_latency"] = {label: pnl_of(shadow) for label, shadow in shadows.items()}
+    summary["interrupted"] = interrupted[0] if interrupted else None
+    log_not_shown(aggregator)
+    return summary
+
+
+async def _run_until_done(orchestrator: Any, connector: Any, bar: Any, stop: asyncio.Event) -> list[str]:
+    """Start ``orchestrator``, wait until ``connector.finished``, ``stop`` or a failure, then shut it down;
+    return the signals that stopped it. Ctrl-C and SIGTERM go through the same staged shutdown."""
     interrupted: list[str] = []
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     installed = []
 
@@ -208,7 +231,7 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
         stop.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
-        try:  # Ctrl-C and SIGTERM stop the replay and go through the same staged shutdown
+        try:
             loop.add_signal_handler(signum, on_signal, signum)
             installed.append(signum)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
@@ -227,18 +250,18 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
         await orchestrator.shutdown(timeout=60)
         for signum in installed:
             loop.remove_signal_handler(signum)
-    elapsed = time.perf_counter() - started
-    bar.update(connector.lines, final=True)
-    summary = _summary(bus, orchestrator, connector, aggregator, strategy, executor, expected, elapsed, paths)
-    summary["latency_ms"] = latency_ms
-    if writer is not None:
-        summary["journal"] = {"path": str(writer.path), "records": writer.records, "bytes": writer.bytes,
-                              "segments": [str(p) for p in writer.segments], "fsync": writer.fsync}
-    if shadows:
-        summary["pnl_by_latency"] = {label: pnl_of(shadow) for label, shadow in shadows.items()}
-    summary["interrupted"] = interrupted[0] if interrupted else None
-    log_not_shown(aggregator)
-    return summary
+    return interrupted
+
+
+def _refuse_journal_over_data(journal: Path, paths: Sequence[Any]) -> None:
+    """A journal replaces the file at its path and its ``PATH.N`` segments: never one of the run's inputs."""
+    target = journal.resolve()
+    for data in paths:
+        source = Path(data).resolve()
+        tail = source.name[len(target.name) + 1:] if source.name.startswith(target.name + ".") else ""
+        if source == target or (source.parent == target.parent and tail.isdigit()):
+            raise RecordingError(f"--journal {journal}: it would overwrite the recording {data} that this run "
+                                 f"replays; journal to another path")
 
 
 def survey_journal(path: str | Path) -> tuple[collections.Counter[str], str, dict[str, int]]:
@@ -294,36 +317,32 @@ async def run_replay(path: str | Path, *, progress: TextIO | None = sys.stderr,
     downstream (aggregator, strategy, executor) on a :class:`~kimiha.clock.SimClock`, as fast as possible;
     return the demo's summary, plus ``recorded_digest`` (the digest of the journal's own orders and fills)
     and ``digest_matches_recording``."""
-    from kimiha.journal import JournalReplayer
+    from kimiha.journal import JournalReplayer, journal_meta
 
     expected, recorded, by_channel = survey_journal(path)
+    # the settings the recording ran with (its order latency), or the orders and fills cannot be the same
+    latency_ns = journal_meta(path).get("latency_ns", 0)
+    if isinstance(latency_ns, bool) or not isinstance(latency_ns, int) or latency_ns < 0:
+        raise RecordingError(f"replay {path}: the journal's meta has latency_ns {latency_ns!r}; expected an int >= 0")
     bus = EventBus(trading_channels(capacity))
     replayer = JournalReplayer(bus, path, [TradingEvent.RAW_MARKET_DATA])
     aggregator = BinanceAggregator(bus)
     strategy = ImbalanceStrategyTask(bus)
-    executor = PaperExecutorTask(bus)
+    executor = PaperExecutorTask(bus, latency=latency_ns)
     orchestrator = (TradingOrchestratorBuilder(bus, clock=SimClock()).with_connector(replayer)
                     .with_aggregator(aggregator).with_strategy(strategy).with_executor(executor).build())
     bar = Progress(sum(expected.values()), progress)
     started = time.perf_counter()
-    await orchestrator.start()
-    try:
-        while not replayer.finished.is_set() and orchestrator.scheduler.failure is None:
-            try:
-                await asyncio.wait_for(replayer.finished.wait(), 0.2)
-            except TimeoutError:
-                pass
-            bar.update(replayer.lines)
-    finally:
-        await orchestrator.shutdown(timeout=60)
+    interrupted = await _run_until_done(orchestrator, replayer, bar, asyncio.Event())
     elapsed = time.perf_counter() - started
     bar.update(replayer.lines, final=True)
     summary = _summary(bus, orchestrator, replayer, aggregator, strategy, executor, expected, elapsed, [Path(path)])
     summary["replay_of"] = str(path)
+    summary["latency_ms"] = latency_ns / 1e6
     summary["journal_records"] = by_channel
     summary["recorded_digest"] = recorded
     summary["digest_matches_recording"] = recorded == summary["digest"]
-    summary["interrupted"] = None
+    summary["interrupted"] = interrupted[0] if interrupted else None
     log_not_shown(aggregator)
     return summary
 

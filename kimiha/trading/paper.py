@@ -22,7 +22,10 @@ arrival fills at once as a taker; the rest rests at its price with a queue posit
 * when the level shrinks in the book (cancels, or trades not seen), the order only moves up if the level
   becomes smaller than the quantity ahead (``ahead = min(ahead, level)``): a cancel is assumed to come from
   behind the order unless it cannot (:meth:`PaperExecutor.on_book`). Growth of the level queues behind it;
-* when the other side of the book reaches the price (best ask at or below a resting buy), the order fills;
+* when the other side of the book reaches the price (best ask at or below a resting buy), the order fills
+  against what that side shows at or better than its price, less what the order itself took there (the book
+  is read-only: the liquidity a GTC order took as a taker at placement is still shown until the market data
+  removes it, and cannot fill it a second time; a level that shrank below what it took frees the difference);
 * our own resting orders are not queued behind one another (each has its own queue).
 
 A resting order ends filled, cancelled (:meth:`PaperExecutor.cancel`) or expired (``cancel_after_ns``,
@@ -61,23 +64,34 @@ def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
-def _walk(levels: Any, side: Side, qty: float, limit: float | None) -> tuple[float, float, int]:
-    """Take ``qty`` from ``levels`` (best first) up to ``limit``; return (filled, cost, levels used)."""
+def _walk(levels: Any, side: Side, qty: float, limit: float | None,
+          taken: dict[float, float] | None = None) -> tuple[float, float, int]:
+    """Take ``qty`` from ``levels`` (best first) up to ``limit``; return (filled, cost, levels used).
+
+    ``taken``: what this order already took at each price (read-only book: those quantities are still shown);
+    only the rest of a level is available, and what is taken now is added to it."""
     remaining = qty
     filled = 0.0
     cost = 0.0
     used = 0
-    for px, available in levels:
+    for px, shown in levels:
         if limit is not None and (px > limit if side is Side.BUY else px < limit):
             break
+        available = shown if taken is None else shown - taken.get(px, 0.0)
+        if available <= _QTY_EPS:
+            continue
         used += 1
         if available >= remaining:
             cost += remaining * px
+            if taken is not None:
+                taken[px] = taken.get(px, 0.0) + remaining
             filled = qty  # exact: no float residue left over from repeated subtraction
             break
         cost += available * px
         filled += available
         remaining -= available
+        if taken is not None:
+            taken[px] = taken.get(px, 0.0) + available
     return filled, cost, used
 
 
@@ -103,6 +117,10 @@ class FixedLatency(LatencyModel):
         return f"FixedLatency({self.ns})"
 
 
+#: The widest log-normal shape :class:`LogNormalLatency` takes (already a factor of e**10 per standard deviation).
+_MAX_SIGMA = 10.0
+
+
 class LogNormalLatency(LatencyModel):
     """A latency drawn per order from a log-normal distribution: median ``median_ns``, shape ``sigma``, at least
     ``floor_ns``; seeded, so the same orders in the same order draw the same latencies."""
@@ -111,8 +129,13 @@ class LogNormalLatency(LatencyModel):
         if isinstance(median_ns, bool) or not isinstance(median_ns, int) or median_ns <= 0:
             raise InvalidConfigurationError(
                 f"LogNormalLatency: median_ns must be an int > 0 (nanoseconds), got {median_ns!r}")
-        if not _is_number(sigma) or not math.isfinite(sigma) or sigma < 0:
-            raise InvalidConfigurationError(f"LogNormalLatency: sigma must be a finite number >= 0, got {sigma!r}")
+        if not _is_number(sigma) or not math.isfinite(sigma) or not 0 <= sigma <= _MAX_SIGMA:
+            raise InvalidConfigurationError(
+                f"LogNormalLatency: sigma must be a number from 0 to {_MAX_SIGMA} (a wider shape draws latencies of "
+                f"years and overflows), got {sigma!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise InvalidConfigurationError(
+                f"LogNormalLatency: seed must be an int (the same seed draws the same latencies), got {seed!r}")
         if isinstance(floor_ns, bool) or not isinstance(floor_ns, int) or floor_ns < 0:
             raise InvalidConfigurationError(f"LogNormalLatency: floor_ns must be an int >= 0, got {floor_ns!r}")
         self.median_ns = median_ns
@@ -143,10 +166,10 @@ def as_latency_model(latency: int | LatencyModel | None) -> LatencyModel | None:
 class RestingOrder:
     """A GTC limit order resting at the paper venue: what is left of it and its place in its level's queue."""
 
-    __slots__ = ("order", "side", "price", "remaining", "ahead", "expire_ns", "symbol")
+    __slots__ = ("order", "side", "price", "remaining", "ahead", "expire_ns", "symbol", "taken")
 
     def __init__(self, order: Order, side: Side, remaining: float, ahead: float, expire_ns: int | None,
-                 symbol: str) -> None:
+                 symbol: str, taken: dict[float, float] | None = None) -> None:
         self.order = order
         self.side = side
         self.price = float(order.price)  # type: ignore[arg-type]  # validated: a limit order has a price
@@ -154,6 +177,8 @@ class RestingOrder:
         self.ahead = ahead
         self.expire_ns = expire_ns
         self.symbol = symbol
+        #: The other side's quantity this order took, by price, still shown by the (read-only) book.
+        self.taken: dict[float, float] = {} if taken is None else taken
 
     def __repr__(self) -> str:
         return (f"RestingOrder(id={self.order.order_id}, {self.side.value} {self.remaining} @ {self.price}, "
@@ -219,6 +244,8 @@ class PaperExecutor:
         self.resting: dict[int, RestingOrder] = {}
         self.maker_fills = 0
         self.cancelled = 0
+        #: Trades :meth:`on_trade` ignored: a quantity or price that is not a finite number > 0.
+        self.bad_trades = 0
         self.initial_cash = float(initial_cash)
         self.symbol = symbol
         self.position = 0.0
@@ -368,9 +395,10 @@ class PaperExecutor:
         at = order.ts_ns if ts_ns is None else ts_ns
         qty = float(order.qty)
         limit = float(order.price)  # type: ignore[arg-type]  # validated
+        taken: dict[float, float] = {}
         try:
             levels = self.book.iter_asks() if side is Side.BUY else self.book.iter_bids()
-            filled, cost, used = _walk(levels, side, qty, limit)
+            filled, cost, used = _walk(levels, side, qty, limit, taken)
             ahead = self.book.qty_at(side.value, limit)
         except BookNotReady as exc:
             raise OrderRejected(f"Order {order.order_id!r}: cannot execute against the book: {exc}",
@@ -389,7 +417,7 @@ class PaperExecutor:
                                 remaining))
         if remaining > _QTY_EPS:
             expire = at + order.cancel_after_ns if order.cancel_after_ns else None
-            self.resting[order.order_id] = RestingOrder(order, side, remaining, ahead, expire, symbol)
+            self.resting[order.order_id] = RestingOrder(order, side, remaining, ahead, expire, symbol, taken)
         return reports
 
     def _maker_fill(self, resting: RestingOrder, qty: float, ts_ns: int) -> Fill:
@@ -411,6 +439,10 @@ class PaperExecutor:
     def on_trade(self, trade: Trade) -> list[Fill]:
         """Advance the resting orders' queues by a public trade; return the maker fills it causes."""
         if not self.resting:
+            return []
+        if not (_is_number(trade.qty) and _is_number(trade.price) and math.isfinite(trade.qty)
+                and math.isfinite(trade.price) and trade.qty > 0 and trade.price > 0):
+            self.bad_trades += 1  # NaN, negative: no queue may move by it (a NaN would stall it for good)
             return []
         fills = []
         ts = trade.recv_ts_ns or trade.ts_ns
@@ -439,12 +471,17 @@ class PaperExecutor:
         try:
             best_bid, best_ask = book.best_bid(), book.best_ask()
             for resting in list(self.resting.values()):
+                if resting.taken:  # what it took is at most what is still shown (the rest traded or went)
+                    other = Side.SELL.value if resting.side is Side.BUY else Side.BUY.value
+                    resting.taken = {px: left for px, qty in resting.taken.items()
+                                     if (left := min(qty, book.qty_at(other, px))) > _QTY_EPS}
                 if resting.side is Side.BUY:
                     crossed = best_ask is not None and best_ask[0] <= resting.price
                 else:
                     crossed = best_bid is not None and best_bid[0] >= resting.price
                 if crossed:
-                    fills.append(self._maker_fill(resting, resting.remaining, ts_ns))
+                    if (fill := self._crossed_fill(resting, ts_ns)) is not None:
+                        fills.append(fill)
                     continue
                 level = book.qty_at(resting.side.value, resting.price)
                 if level < resting.ahead:
@@ -452,6 +489,16 @@ class PaperExecutor:
         except BookNotReady:  # a gap: the queues wait for the book to come back
             return fills
         return fills
+
+    def _crossed_fill(self, resting: RestingOrder, ts_ns: int) -> Fill | None:
+        """The other side reached a resting order's price: fill it from what that side shows at or better than
+        the price, less what the order took there before."""
+        book = self.book
+        levels = book.iter_asks() if resting.side is Side.BUY else book.iter_bids()
+        filled, _, _ = _walk(levels, resting.side, resting.remaining, resting.price, resting.taken)
+        if filled <= _QTY_EPS:
+            return None
+        return self._maker_fill(resting, filled, ts_ns)
 
     def cancel(self, order_id: int, ts_ns: int) -> Fill | None:
         """Cancel a resting order at ``ts_ns``; return its final report, or None when it is not resting (it

@@ -102,7 +102,7 @@ cdef class Channel:
 
     cdef int check_payload(self, object payload) except -1
     cdef bint has_room(self)
-    cdef inline void note_backlog(self, uint64_t backlog)
+    cdef inline void note_backlog(self, uint64_t backlog) noexcept
     cdef uint64_t slowest_cursor(self)
     cdef Py_ssize_t n_subscribers(self)
     cdef Py_ssize_t write(self, object payload, object frame) except -1
@@ -123,7 +123,7 @@ cdef class Channel:
     cdef int unqueue(self, object payload) except -1
     cdef int detach(self, Subscription sub) except -1
     cdef int forget(self, object ref, bint frames) except -1
-    cdef inline Py_ssize_t slot(self, uint64_t seq)
+    cdef inline Py_ssize_t slot(self, uint64_t seq) noexcept
     cdef object frame_at(self, Py_ssize_t idx)
 
 
@@ -150,7 +150,7 @@ cdef class Subscription:
     cdef Py_ssize_t streak
     cdef object __weakref__
 
-    cdef inline uint64_t backlog_c(self)
+    cdef inline uint64_t backlog_c(self) noexcept
     cdef object next_c(self)
     cdef object try_recv_c(self)
     cdef int report_lag(self) except -1

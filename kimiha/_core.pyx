@@ -107,7 +107,9 @@ DEFAULT_BUDGET = 1024
 #: How deep INLINE deliveries may nest (a handler publishing to another inline channel, whose handler publishes
 #: on, ...). A publish past it writes the event and leaves its delivery to the loop, in order; never a recursion
 #: without bound.
-INLINE_DEPTH = 16
+cdef enum:
+    INLINE_DEPTH_C = 16
+INLINE_DEPTH = INLINE_DEPTH_C
 cdef int _inline_depth = 0
 
 
@@ -463,13 +465,13 @@ cdef class Channel:
         self.min_cursor = self.slowest_cursor()
         return self.tail - self.min_cursor + self.n_granted < <uint64_t>self.capacity
 
-    cdef inline void note_backlog(self, uint64_t backlog):
+    cdef inline void note_backlog(self, uint64_t backlog) noexcept:
         # ``backlog`` is a subscriber's backlog_c(): never above the capacity (a lagged cursor can be
         # further behind, but only ``capacity`` of those events still exist).
         if backlog > self.high_water_mark:
             self.high_water_mark = backlog
 
-    cdef inline Py_ssize_t slot(self, uint64_t seq):
+    cdef inline Py_ssize_t slot(self, uint64_t seq) noexcept:
         if self.mask:
             return <Py_ssize_t>(seq & self.mask)  # power-of-two ring: no division on the hot path
         return <Py_ssize_t>(seq % <uint64_t>self.capacity)
@@ -518,10 +520,13 @@ cdef class Channel:
         cdef Subscription sub
         cdef bint more = False
         cdef bint again
+        cdef bint done = False
         cdef Py_ssize_t rounds = 0
+        cdef Py_ssize_t i
+        cdef list subs
         if self.delivering:
             return 0
-        if _inline_depth >= INLINE_DEPTH:
+        if _inline_depth >= INLINE_DEPTH_C:
             return self.defer_inline()
         self.delivering = True
         _inline_depth += 1
@@ -531,9 +536,13 @@ cdef class Channel:
                 more = (<Subscription>subs[0]).deliver_push(self.budget)
             else:
                 while True:
-                    for obj in list(subs):
-                        if (<Subscription>obj).deliver_push(self.budget):
+                    # By index, not over a copy (no allocation per event): a subscription closed by a handler
+                    # shifts the list, and whoever it skipped still has a backlog, which the check below sees.
+                    i = 0
+                    while i < len(subs):
+                        if (<Subscription>subs[i]).deliver_push(self.budget):
                             more = True
+                        i += 1
                     if more:
                         break
                     # A handler published to this channel while the round ran: the subscribers before it
@@ -550,14 +559,17 @@ cdef class Channel:
                     if rounds >= self.budget:
                         more = True
                         break
-        except BaseException:
-            # KeyboardInterrupt / SystemExit from a handler: the events are written, the loop delivers the rest.
+            done = True
+        finally:
             self.delivering = False
             _inline_depth -= 1
-            self.defer_inline()
-            raise
-        self.delivering = False
-        _inline_depth -= 1
+            if not done:
+                # KeyboardInterrupt / SystemExit from a handler: the events are written, the loop delivers
+                # the rest, and the exception goes on to the publisher.
+                try:
+                    self.defer_inline()
+                except Exception:
+                    pass
         if more:
             self.defer_inline()
         if self.block and (self.pub_waiters or self.pending):
@@ -1242,7 +1254,7 @@ cdef class Subscription:
 
     # -- the hot path -------------------------------------------------------------------------------------------
 
-    cdef inline uint64_t backlog_c(self):
+    cdef inline uint64_t backlog_c(self) noexcept:
         """Events published and still in the ring that this cursor has not received (<= capacity)."""
         cdef uint64_t b = self.channel.tail - self.cursor
         cdef uint64_t cap = <uint64_t>self.channel.capacity

@@ -148,6 +148,7 @@ cdef class Subscription:
     cdef public Py_ssize_t in_hand        # events a pump received and has not finished yet
     cdef public int64_t drain_target      # a pump returns once its cursor reaches this (-1: never)
     cdef Py_ssize_t streak
+    cdef object ready                  # the _Ready that __anext__ hands out again once it was taken
     cdef object __weakref__
 
     cdef inline uint64_t backlog_c(self) noexcept

@@ -1184,6 +1184,7 @@ cdef class Channel:
 
 @cython.final
 @cython.freelist(16)
+@cython.no_gc      # holds one event for an instant, never a cycle: not worth the collector's passes
 cdef class _Ready:
     cdef object value
 
@@ -1450,14 +1451,24 @@ cdef class Subscription:
 
     def __anext__(self):
         cdef object event
-        if self.streak + 1 < self.channel.budget and self.handler is None:
-            try:
-                event = self.next_c()
-            except ChannelClosed:
-                raise StopAsyncIteration from None
+        cdef Channel ch = self.channel
+        cdef _Ready ready
+        if self.streak + 1 < ch.budget and self.handler is None:
+            if self.closed or (ch.closed and ch.tail == self.cursor):
+                raise StopAsyncIteration       # what next_c's ChannelClosed means here, without a try per event
+            event = self.next_c()
             if event is not _EMPTY:
                 self.streak += 1
-                return _ready(event)
+                # `async for` awaits each awaitable before it asks for the next: reuse the last one once it
+                # was taken (its value is cleared then); otherwise (a caller holding several) make another.
+                if self.ready is not None:
+                    ready = <_Ready>self.ready
+                    if ready.value is None:
+                        ready.value = event
+                        return ready
+                ready = _ready(event)
+                self.ready = ready
+                return ready
         return self._recv(True)
 
     async def _recv(self, bint iterating):

@@ -312,7 +312,7 @@ def run_on_loop(loop: str, coro: Coroutine[Any, Any, Any]) -> Any:
 def run_case(case: Case, setup: Setup) -> float:
     """Run ``case`` once on fresh handlers and a fresh bus/loop; verify it; return ns per published event."""
     sinks = [SinkTask() for _ in range(case.subs)]
-    handlers = [s.handle_event for s in sinks]
+    handlers: list[Callable[[Tick], None]] = [s.handle_event for s in sinks]
     n = setup.n
     gc.collect()
     stats: dict[str, Any] | None

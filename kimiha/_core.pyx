@@ -1651,16 +1651,21 @@ cdef class _Batches:
     def __aiter__(self):
         return self
 
-    def __anext__(self):
-        cdef Subscription sub = self.sub
+    cdef list take(self):
+        """Every ready event (an empty list: none); ``StopAsyncIteration`` once the channel is done."""
         cdef list batch
-        if sub.streak < sub.channel.budget:
-            try:
-                batch = sub.drain(self.max_events)
-            except ChannelClosed:
-                raise StopAsyncIteration from None
+        try:
+            batch = self.sub.drain(self.max_events)
+        except ChannelClosed:
+            raise StopAsyncIteration from None
+        self.sub.streak += len(batch)
+        return batch
+
+    def __anext__(self):
+        cdef list batch
+        if self.sub.streak < self.sub.channel.budget:
+            batch = self.take()
             if batch:
-                sub.streak += len(batch)
                 return _ready(batch)
         return self._wait()
 
@@ -1671,12 +1676,8 @@ cdef class _Batches:
             sub.streak = 0
             await _sleep(0)          # a long ready stream still lets timers and I/O run
         while True:
-            try:
-                batch = sub.drain(self.max_events)
-            except ChannelClosed:
-                raise StopAsyncIteration from None
+            batch = self.take()
             if batch:
-                sub.streak += len(batch)
                 return batch
             sub.streak = 0
             fut = sub.park()

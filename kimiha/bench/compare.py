@@ -7,9 +7,9 @@ in one process so that drift of a noisy machine hits every case alike; the table
 of the per-repetition ns per published event, and ratios of medians with the range of the per-repetition
 (paired) ratios.
 
-Every kimiha case publishes as the README teaches, ``bus.publish(Ev.MD, e)``, into ``EventTask``\ s run by a
+Every kimiha case publishes as the README teaches, ``bus.publish(Ev.MD, e)``, into ``EventTask`` objects run by a
 ``Scheduler`` (or, for the pull cases, into ``async for`` consumers); the same handler method
-(:class:`~kimiha.bench.cases.SinkTask`\ ``.handle_event``) is called by every case, the floor and the other
+(``SinkTask.handle_event``, see :mod:`kimiha.bench.cases`) is called by every case, the floor and the other
 libraries included. Cases, each with 1 and 4 subscribers:
 
 * ``floor``          -- the producer calls the handler(s) itself: ``for e in events: h(e)``.

@@ -4,7 +4,7 @@ One pipeline, the demo's stages, built from the same domain objects in three way
 
 * ``floor``  -- a hand-written loop: for each line, ``parse -> book -> strategy -> order -> fill`` as direct
                 calls of the functions of :class:`Stages`; no bus, no tasks, no event loop hop.
-* ``loop``   -- the same functions as sync ``EventTask``\\ s under a ``Scheduler`` on ``Dispatch.LOOP``
+* ``loop``   -- the same functions as sync ``EventTask`` objects under a ``Scheduler`` on ``Dispatch.LOOP``
                 channels (the default), every hand-over the README idiom ``bus.publish(TradingEvent.X, e)``.
 * ``inline`` -- the same on ``Dispatch.INLINE`` channels: the connector's publish runs the whole chain.
 

@@ -68,7 +68,7 @@ _hand_over_to_an_installed_build()
 
 from kimiha import _moved
 from kimiha._core import LatencyHistogram, monotonic_ns
-from kimiha.channel_config import ChannelConfig, Overflow
+from kimiha.channel_config import ChannelConfig, Dispatch, Overflow
 from kimiha.error import (
     ChannelClosed,
     ChannelFull,
@@ -119,6 +119,7 @@ __all__ = [
     "ChannelConfig",
     "ChannelFull",
     "Connector",
+    "Dispatch",
     "Event",
     "EventBus",
     "EventReceiveError",

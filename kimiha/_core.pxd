@@ -1,8 +1,34 @@
 # cython: language_level=3
 # C-level declarations of kimiha's compiled core. Bodies live in _core.pyx.
+#
+# Public C API (for user Cython: ``from kimiha._core cimport Channel, Subscription, Handler, Empty``). These
+# names and signatures are a promise kept across minor versions; every other declaration in this file is an
+# internal detail the wheel ships only because Cython needs it to lay the classes out, and may change.
+#
+#   Channel.publish_c(payload) -> Py_ssize_t      publish one payload (the same checks as Channel.publish),
+#                                                 return the subscribers reached; raises like publish.
+#   Subscription.try_recv_c() -> object           the next event of a pull subscription, or the EMPTY marker
+#                                                 when none is ready; raises Lagged / ChannelClosed.
+#   Empty                                         the marker's type: ``isinstance(ev, Empty)`` is a C type
+#                                                 check (``ev is kimiha._core.EMPTY`` from Python).
+#   Handler.on_event(event) -> int except -1      subclass Handler in Cython and override on_event; subscribe
+#                                                 an instance (bus.subscribe(key, handler)) and the dispatch
+#                                                 loop (and an INLINE publish) calls on_event through the C
+#                                                 vtable, with no Python call. Exceptions it raises are
+#                                                 isolated and counted like any handler's.
+# See examples/cython_strategy/ for a strategy built on them.
 
 cimport cython
 from libc.stdint cimport int64_t, uint64_t
+
+
+cdef class Handler:
+    cdef int on_event(self, object event) except -1
+
+
+@cython.final
+cdef class Empty:
+    pass
 
 
 @cython.final
@@ -28,6 +54,12 @@ cdef class Channel:
     cdef uint64_t mask                 # capacity - 1 when capacity is a power of two, else 0
     cdef readonly bint block
     cdef readonly bint track_latency
+    cdef readonly bint inline          # Dispatch.INLINE: publish calls the handlers before it returns
+    cdef bint delivering               # an inline delivery of this channel runs (re-entrant publish queues)
+    cdef readonly uint64_t latency_sample   # stamp and record every Nth event (1: every event)
+    cdef uint64_t sample_mask          # latency_sample - 1 when it is a power of two
+    cdef bint sample_pow2
+    cdef readonly uint64_t inline_deferred  # inline deliveries handed to the loop (depth or budget reached)
     cdef readonly bint closed
     cdef readonly object payload_type
     cdef object payload_classes        # tuple of classes, or None for any payload
@@ -70,7 +102,7 @@ cdef class Channel:
 
     cdef int check_payload(self, object payload) except -1
     cdef bint has_room(self)
-    cdef inline void note_backlog(self, uint64_t backlog)
+    cdef inline void note_backlog(self, uint64_t backlog) noexcept
     cdef uint64_t slowest_cursor(self)
     cdef Py_ssize_t n_subscribers(self)
     cdef Py_ssize_t write(self, object payload, object frame) except -1
@@ -80,6 +112,9 @@ cdef class Channel:
     cdef bint release(self, object fut)
     cdef void restamp(self, int64_t publish_ns)
     cdef Py_ssize_t publish_c(self, object payload) except -1
+    cdef inline bint sampled(self, uint64_t seq) noexcept
+    cdef int deliver_inline(self) except -1
+    cdef int defer_inline(self) except -1
     cdef int schedule_dispatch(self) except -1
     cdef int follow_running_loop(self) except -1
     cdef void wake_readers(self)
@@ -88,7 +123,7 @@ cdef class Channel:
     cdef int unqueue(self, object payload) except -1
     cdef int detach(self, Subscription sub) except -1
     cdef int forget(self, object ref, bint frames) except -1
-    cdef inline Py_ssize_t slot(self, uint64_t seq)
+    cdef inline Py_ssize_t slot(self, uint64_t seq) noexcept
     cdef object frame_at(self, Py_ssize_t idx)
 
 
@@ -102,6 +137,7 @@ cdef class Subscription:
     cdef readonly uint64_t subscribed_at
     cdef readonly bint frames
     cdef readonly object handler
+    cdef Handler c_handler             # handler when it is a Handler: on_event is called through the vtable
     cdef object on_lag
     cdef object on_error
     cdef object waiter
@@ -112,10 +148,12 @@ cdef class Subscription:
     cdef public Py_ssize_t in_hand        # events a pump received and has not finished yet
     cdef public int64_t drain_target      # a pump returns once its cursor reaches this (-1: never)
     cdef Py_ssize_t streak
+    cdef object ready                  # the _Ready that __anext__ hands out again once it was taken
     cdef object __weakref__
 
-    cdef inline uint64_t backlog_c(self)
+    cdef inline uint64_t backlog_c(self) noexcept
     cdef object next_c(self)
+    cdef object try_recv_c(self)
     cdef int report_lag(self) except -1
     cdef bint deliver_push(self, Py_ssize_t budget)
     cdef int handler_failed(self, object exc, object event) except -1

@@ -29,8 +29,10 @@ import weakref
 
 import msgspec
 
+from kimiha.channel_config import ChannelConfig
 from kimiha.error import (
     ChannelClosed,
+    InvalidConfigurationError,
     ChannelFull,
     InvalidChannelError,
     InvalidStateError,
@@ -72,7 +74,23 @@ cdef extern from *:
 
 logger = logging.getLogger("kimiha.bus")
 
-cdef object _EMPTY = object()          # "nothing ready" marker; payloads are never None
+@cython.final
+cdef class Empty:
+    """Type of :data:`EMPTY`, the marker ``Subscription.try_recv_c()`` returns when no event is ready."""
+
+    def __init__(self):
+        raise TypeError("Empty has one instance: kimiha._core.EMPTY")
+
+    def __repr__(self):
+        return "kimiha._core.EMPTY"
+
+    def __reduce__(self):
+        return "EMPTY"
+
+
+#: The "nothing ready" marker of the C API (payloads are never None, but None is the Python API's answer).
+EMPTY = Empty.__new__(Empty)
+cdef object _EMPTY = EMPTY
 cdef object _get_running_loop = asyncio.get_running_loop
 cdef object _running_loop_or_none = asyncio._get_running_loop  # C-level; None when no loop runs here
 cdef object _sleep = asyncio.sleep
@@ -85,6 +103,14 @@ cdef object _partial = functools.partial
 cdef object _iscoroutinefunction = inspect.iscoroutinefunction
 
 DEFAULT_BUDGET = 1024
+
+#: How deep INLINE deliveries may nest (a handler publishing to another inline channel, whose handler publishes
+#: on, ...). A publish past it writes the event and leaves its delivery to the loop, in order; never a recursion
+#: without bound.
+cdef enum:
+    INLINE_DEPTH_C = 16
+INLINE_DEPTH = INLINE_DEPTH_C
+cdef int _inline_depth = 0
 
 
 cdef inline int64_t now_ns() noexcept nogil:
@@ -241,6 +267,25 @@ cdef class LatencyHistogram:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Handler: the base class of handlers written in Cython (the C API).
+
+cdef class Handler:
+    """Base class of event handlers written in Cython, called through the C vtable.
+
+    Subclass it in a ``.pyx`` (``from kimiha._core cimport Handler``), override ``cdef int on_event(self,
+    object event) except -1`` and subscribe an instance: ``bus.subscribe(Ev.X, MyHandler())``. The dispatch
+    loop and INLINE publishes call ``on_event`` with no Python call; an exception it raises is counted and
+    reported like any handler's. Calling the instance from Python (``handler(event)``) runs ``on_event`` too.
+    """
+
+    cdef int on_event(self, object event) except -1:
+        raise NotImplementedError(f"{type(self).__name__} must override cdef int on_event(self, object event)")
+
+    def __call__(self, event):
+        self.on_event(event)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Channel: the ring and everything that moves events through it.
 
 cdef str _type_name(object classes):
@@ -283,6 +328,12 @@ cdef class Channel:
         self.mask = <uint64_t>(cap - 1) if cap > 1 and (cap & (cap - 1)) == 0 else 0
         self.block = config.overflow.value == "block"
         self.track_latency = config.track_latency
+        dispatch = getattr(config, "dispatch", None)
+        self.inline = dispatch is not None and dispatch.value == "inline"
+        sample = getattr(config, "latency_sample", 1)
+        self.latency_sample = sample
+        self.sample_pow2 = (sample & (sample - 1)) == 0
+        self.sample_mask = <uint64_t>(sample - 1)
         self.payload_type = config.payload_type
         classes = config.payload_classes
         if not classes:
@@ -317,8 +368,8 @@ cdef class Channel:
 
     def __repr__(self):
         return (f"<Channel {self.name!r} capacity={self.capacity} "
-                f"overflow={'BLOCK' if self.block else 'LAG'} published={self.tail} "
-                f"subscribers={self.n_subscribers()}>")
+                f"overflow={'BLOCK' if self.block else 'LAG'} dispatch={'INLINE' if self.inline else 'LOOP'} "
+                f"published={self.tail} subscribers={self.n_subscribers()}>")
 
     # -- binding ------------------------------------------------------------------------------------------------
 
@@ -414,13 +465,13 @@ cdef class Channel:
         self.min_cursor = self.slowest_cursor()
         return self.tail - self.min_cursor + self.n_granted < <uint64_t>self.capacity
 
-    cdef inline void note_backlog(self, uint64_t backlog):
+    cdef inline void note_backlog(self, uint64_t backlog) noexcept:
         # ``backlog`` is a subscriber's backlog_c(): never above the capacity (a lagged cursor can be
         # further behind, but only ``capacity`` of those events still exist).
         if backlog > self.high_water_mark:
             self.high_water_mark = backlog
 
-    cdef inline Py_ssize_t slot(self, uint64_t seq):
+    cdef inline Py_ssize_t slot(self, uint64_t seq) noexcept:
         if self.mask:
             return <Py_ssize_t>(seq & self.mask)  # power-of-two ring: no division on the hot path
         return <Py_ssize_t>(seq % <uint64_t>self.capacity)
@@ -434,18 +485,105 @@ cdef class Channel:
             # payload that cannot be encoded is refused before anything is written instead of failing a
             # reader later. The frame is made once either way; channels without frames readers skip this.
             return self.write(payload, self.encode_c(payload))
-        if self.push_subs and not self.dispatch_scheduled:
+        if self.push_subs and not self.dispatch_scheduled and not self.inline:
             self.schedule_dispatch()  # before the write: when the loop is gone this raises with nothing written
         idx = self.slot(self.tail)
         self.objs[idx] = payload
         if frame is not None or self.frames[idx] is not None:
             self.frames[idx] = frame
-        if self.track_latency:
+        # Frames readers (bridge, journal) carry every event's publish time on, so they get every stamp.
+        if self.track_latency and (self.n_frame_subs or self.sampled(self.tail)):
             self.stamps[idx] = now_ns()
         self.tail += 1
         if self.n_waiting:
             self.wake_readers()
-        return len(self.push_subs) + len(self.pull_refs)
+        n = len(self.push_subs) + len(self.pull_refs)
+        if self.inline and self.push_subs:
+            self.deliver_inline()
+        return n
+
+    cdef inline bint sampled(self, uint64_t seq) noexcept:
+        """Whether the event of sequence ``seq`` is one the latency histogram records (every Nth)."""
+        if self.sample_pow2:
+            return (seq & self.sample_mask) == 0
+        return seq % self.latency_sample == 0
+
+    cdef int deliver_inline(self) except -1:
+        """Dispatch.INLINE: call the handlers now, on the publisher's stack, for every event they have not had.
+
+        Re-entrant publishes to this channel (a handler publishing to its own channel) only write: the delivery
+        running below them picks the event up, behind the current one. Publishing to another inline channel
+        delivers depth-first, up to ``INLINE_DEPTH`` nested channels; deeper, and past one dispatch budget of
+        events, delivery goes to the loop (``inline_deferred``) -- in order either way.
+        """
+        global _inline_depth
+        cdef Subscription sub
+        cdef bint more = False
+        cdef bint again
+        cdef bint done = False
+        cdef Py_ssize_t rounds = 0
+        cdef Py_ssize_t i
+        cdef list subs
+        if self.delivering:
+            return 0
+        if _inline_depth >= INLINE_DEPTH_C:
+            return self.defer_inline()
+        self.delivering = True
+        _inline_depth += 1
+        subs = self.push_subs
+        try:
+            if len(subs) == 1:
+                more = (<Subscription>subs[0]).deliver_push(self.budget)
+            else:
+                while True:
+                    # By index, not over a copy (no allocation per event): a subscription closed by a handler
+                    # shifts the list, and whoever it skipped still has a backlog, which the check below sees.
+                    i = 0
+                    while i < len(subs):
+                        if (<Subscription>subs[i]).deliver_push(self.budget):
+                            more = True
+                        i += 1
+                    if more:
+                        break
+                    # A handler published to this channel while the round ran: the subscribers before it
+                    # have not had that event yet.
+                    again = False
+                    for obj in subs:
+                        sub = <Subscription>obj
+                        if sub.cursor != self.tail and not sub.paused and not sub.closed:
+                            again = True
+                            break
+                    if not again:
+                        break
+                    rounds += 1
+                    if rounds >= self.budget:
+                        more = True
+                        break
+            done = True
+        finally:
+            self.delivering = False
+            _inline_depth -= 1
+            if not done:
+                # KeyboardInterrupt / SystemExit from a handler: the events are written, the loop delivers
+                # the rest, and the exception goes on to the publisher.
+                try:
+                    self.defer_inline()
+                except Exception:
+                    pass
+        if more:
+            self.defer_inline()
+        if self.block and (self.pub_waiters or self.pending):
+            self.reader_advanced()
+        return 0
+
+    cdef int defer_inline(self) except -1:
+        """Leave the rest of an inline delivery to the loop (or, with no loop, to the next publish)."""
+        self.inline_deferred += 1
+        if self.loop is not None and not self.loop.is_closed():
+            self.schedule_dispatch()
+        elif _running_loop_or_none() is not None:
+            self.follow_running_loop()    # rebinding schedules the delivery of what waits
+        return 0
 
     cdef object encode_c(self, object payload):
         try:
@@ -800,8 +938,11 @@ cdef class Channel:
         """Loop callback: deliver every ready event to every handler, at most ``budget`` each per call."""
         cdef bint more = False
         cdef Subscription sub
+        cdef bint mark = self.inline and not self.delivering
         self.dispatch_scheduled = False
         subs = self.push_subs
+        if mark:
+            self.delivering = True    # an inline publish from a handler now queues behind this delivery
         try:
             if len(subs) == 1:
                 more = (<Subscription>subs[0]).deliver_push(self.budget)
@@ -810,8 +951,16 @@ cdef class Channel:
                     if (<Subscription>obj).deliver_push(self.budget):
                         more = True
         except BaseException:
+            if mark:
+                self.delivering = False
             self.schedule_dispatch()  # KeyboardInterrupt / SystemExit pass through; the rest is still delivered
             raise
+        if mark:
+            self.delivering = False
+            for obj in subs:          # published by a handler during this delivery, after its subscriber ran
+                sub = <Subscription>obj
+                if sub.cursor != self.tail and not sub.paused and not sub.closed:
+                    more = True
         if more:
             self.schedule_dispatch()
         if self.block and (self.pub_waiters or self.pending):
@@ -856,6 +1005,12 @@ cdef class Channel:
             if not callable(fn):
                 raise TypeError(f"channel {self.name!r}: subscribe {what} must be callable, got {fn!r}")
             if _is_async_callable(fn):
+                if self.inline and what == "handler":
+                    raise TypeError(
+                        f"channel {self.name!r} is a Dispatch.INLINE channel: publish calls its handlers before "
+                        f"it returns, so they must be plain (synchronous) functions; got the coroutine function "
+                        f"{fn!r:.200}. Pull from the channel instead (an async EventTask run by the Scheduler, "
+                        f"or async for event in bus.subscribe(key)), or make the channel Dispatch.LOOP")
                 raise TypeError(
                     f"channel {self.name!r}: subscribe expected a plain (synchronous) {what}, got the coroutine "
                     f"function {fn!r:.200}: {_not_awaited_advice()}")
@@ -869,6 +1024,8 @@ cdef class Channel:
         sub.cursor = self.tail
         sub.subscribed_at = self.tail
         sub.handler = handler
+        if isinstance(handler, Handler):
+            sub.c_handler = <Handler>handler
         sub.on_lag = on_lag
         sub.on_error = on_error
         sub.frames = frames
@@ -1027,6 +1184,7 @@ cdef class Channel:
 
 @cython.final
 @cython.freelist(16)
+@cython.no_gc      # holds one event for an instant, never a cycle: not worth the collector's passes
 cdef class _Ready:
     cdef object value
 
@@ -1097,7 +1255,7 @@ cdef class Subscription:
 
     # -- the hot path -------------------------------------------------------------------------------------------
 
-    cdef inline uint64_t backlog_c(self):
+    cdef inline uint64_t backlog_c(self) noexcept:
         """Events published and still in the ring that this cursor has not received (<= capacity)."""
         cdef uint64_t b = self.channel.tail - self.cursor
         cdef uint64_t cap = <uint64_t>self.channel.capacity
@@ -1138,11 +1296,11 @@ cdef class Subscription:
             backlog = ch.capacity
         ch.note_backlog(backlog)
         idx = ch.slot(self.cursor)
+        if ch.track_latency and ch.sampled(self.cursor):
+            ch.latency.record_c(now_ns() - ch.stamps[idx])
         self.cursor += 1
         self.delivered += 1
         ch.delivered += 1
-        if ch.track_latency:
-            ch.latency.record_c(now_ns() - ch.stamps[idx])
         if self.frames:
             event = (self.cursor - 1, ch.stamps[idx], ch.frame_at(idx))
         else:
@@ -1152,58 +1310,68 @@ cdef class Subscription:
             ch.reader_advanced()
         return event
 
+    cdef object try_recv_c(self):
+        """C API: the next event of a pull subscription, or ``EMPTY``; raise ``Lagged`` / ``ChannelClosed``."""
+        if self.handler is not None:
+            self.check_pull()
+        return self.next_c()
+
     cdef bint deliver_push(self, Py_ssize_t budget):
-        """Call the handler for up to ``budget`` ready events; return whether more are ready."""
+        """Call the handler for up to ``budget`` ready events; return whether more are ready.
+
+        Latency and handler time are taken on the channel's sample of events (every ``latency_sample``-th
+        sequence number): two clock reads for a sampled event, none for the others.
+        """
         cdef Channel ch = self.channel
         cdef Py_ssize_t idx
         cdef Py_ssize_t n = 0
+        cdef uint64_t seq
         cdef object handler = self.handler
+        cdef Handler c_handler = self.c_handler
         cdef object event
         cdef object result
         cdef LatencyHistogram timing = self.handler_time
         cdef int64_t t0 = 0
-        cdef int64_t t_prev = 0
+        cdef bint sample
         cdef bint clocked = ch.track_latency or timing is not None
         if self.paused:
             return False                  # resume() schedules the dispatch again
         ch.note_backlog(self.backlog_c())
-        try:
-            while self.cursor < ch.tail:
-                if n >= budget or self.closed:
-                    return not self.closed
-                if ch.tail - self.cursor > <uint64_t>ch.capacity:
-                    self.report_lag()
-                idx = ch.slot(self.cursor)
-                self.cursor += 1
-                self.delivered += 1
-                ch.delivered += 1
-                if clocked:
-                    # One clock read per event: it ends the previous handler call and stamps this delivery.
-                    t0 = now_ns()
-                    if ch.track_latency:
-                        ch.latency.record_c(t0 - ch.stamps[idx])
-                    if timing is not None and n:
-                        timing.record_c(t0 - t_prev)
-                    t_prev = t0
-                n += 1
-                try:
-                    if self.frames:
-                        event = (self.cursor - 1, ch.stamps[idx], ch.frame_at(idx))
-                    else:
-                        event = ch.objs[idx]
-                    result = handler(event)
-                except (Exception, _CancelledError) as exc:  # no task cancels a plain call: its own failure
-                    self.handler_failed(exc, ch.objs[idx])
+        while self.cursor < ch.tail:
+            if n >= budget or self.closed:
+                return not self.closed
+            if ch.tail - self.cursor > <uint64_t>ch.capacity:
+                self.report_lag()
+            seq = self.cursor
+            idx = ch.slot(seq)
+            self.cursor = seq + 1
+            self.delivered += 1
+            ch.delivered += 1
+            n += 1
+            sample = clocked and ch.sampled(seq)
+            if sample:
+                t0 = now_ns()
+                if ch.track_latency:
+                    ch.latency.record_c(t0 - ch.stamps[idx])
+            try:
+                if self.frames:
+                    event = (seq, ch.stamps[idx], ch.frame_at(idx))
                 else:
+                    event = ch.objs[idx]
+                if c_handler is not None:
+                    c_handler.on_event(event)
+                else:
+                    result = handler(event)
                     # A sync handler returns None; a coroutine means an async one slipped past subscribe().
                     if result is not None and isinstance(result, _Coroutine):
                         self.handler_returned_coroutine(result, ch.objs[idx])
-                if self.paused:
-                    return False
-            return False
-        finally:
-            if timing is not None and n:
-                timing.record_c(now_ns() - t_prev)
+            except (Exception, _CancelledError) as exc:  # no task cancels a plain call: its own failure
+                self.handler_failed(exc, ch.objs[idx])
+            if sample and timing is not None:
+                timing.record_c(now_ns() - t0)
+            if self.paused:
+                return False
+        return False
 
     cdef int handler_failed(self, object exc, object event) except -1:
         self.errors += 1
@@ -1283,14 +1451,24 @@ cdef class Subscription:
 
     def __anext__(self):
         cdef object event
-        if self.streak + 1 < self.channel.budget and self.handler is None:
-            try:
-                event = self.next_c()
-            except ChannelClosed:
-                raise StopAsyncIteration from None
+        cdef Channel ch = self.channel
+        cdef _Ready ready
+        if self.streak + 1 < ch.budget and self.handler is None:
+            if self.closed or (ch.closed and ch.tail == self.cursor):
+                raise StopAsyncIteration       # what next_c's ChannelClosed means here, without a try per event
+            event = self.next_c()
             if event is not _EMPTY:
                 self.streak += 1
-                return _ready(event)
+                # `async for` awaits each awaitable before it asks for the next: reuse the last one once it
+                # was taken (its value is cleared then); otherwise (a caller holding several) make another.
+                if self.ready is not None:
+                    ready = <_Ready>self.ready
+                    if ready.value is None:
+                        ready.value = event
+                        return ready
+                ready = _ready(event)
+                self.ready = ready
+                return ready
         return self._recv(True)
 
     async def _recv(self, bint iterating):
@@ -1331,6 +1509,19 @@ cdef class Subscription:
         while self.cursor < ch.tail and (max_events <= 0 or len(out) < max_events):
             out.append(self.next_c())
         return out
+
+    def batches(self, Py_ssize_t max_events=-1):
+        """Return an async iterator of batches: ``async for batch in sub.batches(): ...``.
+
+        Each batch is a non-empty list of every event ready at that moment (at most ``max_events`` if > 0),
+        handed over without a coroutine when events are ready; iteration ends when the channel is closed and
+        everything was received. ``Lagged`` is raised (once) as from :meth:`drain`.
+        """
+        self.check_pull()
+        cdef _Batches it = _Batches.__new__(_Batches)
+        it.sub = self
+        it.max_events = max_events
+        return it
 
     async def recv_batch(self, Py_ssize_t max_events=-1):
         """Wait until at least one event is ready, then return every ready event (at most ``max_events``)."""
@@ -1450,37 +1641,169 @@ cdef class Subscription:
         }
 
 
+@cython.final
+cdef class _Batches:
+    """The async iterator of :meth:`Subscription.batches`."""
+
+    cdef Subscription sub
+    cdef Py_ssize_t max_events
+
+    def __aiter__(self):
+        return self
+
+    cdef list take(self):
+        """Every ready event (an empty list: none); ``StopAsyncIteration`` once the channel is done."""
+        cdef list batch
+        try:
+            batch = self.sub.drain(self.max_events)
+        except ChannelClosed:
+            raise StopAsyncIteration from None
+        self.sub.streak += len(batch)
+        return batch
+
+    def __anext__(self):
+        cdef list batch
+        if self.sub.streak < self.sub.channel.budget:
+            batch = self.take()
+            if batch:
+                return _ready(batch)
+        return self._wait()
+
+    async def _wait(self):
+        cdef Subscription sub = self.sub
+        cdef list batch
+        if sub.streak >= sub.channel.budget:
+            sub.streak = 0
+            await _sleep(0)          # a long ready stream still lets timers and I/O run
+        while True:
+            batch = self.take()
+            if batch:
+                return batch
+            sub.streak = 0
+            fut = sub.park()
+            try:
+                await fut
+            except BaseException:
+                sub.unpark(fut)
+                raise
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The bus: a dict of channels and the lookup-then-delegate entry points.
 
-cdef class EventBusCore:
-    """Compiled base of :class:`kimiha.EventBus`: channel lookup and the publish/subscribe entry points."""
+cdef str _channel_name(object key):
+    value = getattr(key, "value", None)
+    return value if isinstance(value, str) else str(key)
+
+
+cdef enum:
+    KEY_CACHE = 16      # direct-mapped cache of recent key -> channel lookups (a power of two)
+
+
+cdef class EventBus:
+    """Broadcast channels keyed by :class:`~kimiha.EventType` members.
+
+    Parameters
+    ----------
+    channels : iterable of (event_type, ChannelConfig)
+        The channels to create; a duplicate key is an error.
+    dispatch_budget : int
+        Most events one handler receives per loop callback before the loop runs timers and I/O again.
+
+    Examples
+    --------
+    >>> bus = EventBus([(Ev.MARKET_DATA, ChannelConfig(1024))])
+    >>> bus.publish(Ev.MARKET_DATA, Tick(price=1.0))
+    0
+
+    The class is compiled (not a Python subclass of a compiled base) because CPython specializes a method call
+    only when the instance's type is the very type that defines the method: ``bus.publish(Ev.X, e)`` from
+    Python then costs one specialized call, and a small identity cache in front of the channel dict makes the
+    lookup a pointer compare.
+    """
 
     cdef dict _channels
     cdef object _loop
     cdef object _loop_thread
     cdef Py_ssize_t _budget
     cdef readonly bint closed
+    # Borrowed pointers: the dict holds every key and channel for the bus's lifetime (channels are never
+    # removed), so an entry is valid while the bus lives.
+    cdef PyObject* _cache_keys[KEY_CACHE]
+    cdef PyObject* _cache_channels[KEY_CACHE]
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
         self._channels = {}
         self._budget = DEFAULT_BUDGET
 
+    def __init__(self, channels=(), *, dispatch_budget=DEFAULT_BUDGET):
+        if isinstance(dispatch_budget, bool) or not isinstance(dispatch_budget, int) or dispatch_budget < 1:
+            raise InvalidConfigurationError(
+                f"EventBus.dispatch_budget: expected an int >= 1, got {dispatch_budget!r}")
+        self._budget = dispatch_budget
+        if isinstance(channels, dict):
+            channels = channels.items()
+        for item in channels:
+            if not (isinstance(item, tuple) and len(item) == 2):
+                raise InvalidConfigurationError(
+                    f"EventBus channels: expected (event_type, ChannelConfig) pairs, got {item!r}")
+            self.add_channel(*item)
+
     cdef Channel lookup(self, object key):
-        cdef PyObject* found
+        cdef size_t h = (<size_t><PyObject*>key >> 4) & (KEY_CACHE - 1)
+        if self._cache_keys[h] == <PyObject*>key:
+            return <Channel>self._cache_channels[h]
+        return self.lookup_slow(key, h)
+
+    cdef Channel lookup_slow(self, object key, size_t h):
+        cdef Channel ch
         try:
-            return <Channel>self._channels[key]
+            ch = <Channel>self._channels[key]
         except KeyError:
             pass
         except TypeError:
             raise InvalidChannelError(
                 f"channel key must be hashable (an EventType member), got {type(key).__name__} {key!r}") from None
+        else:
+            if ch.key is key:          # only the dict's own key object: it lives as long as the bus
+                self._cache_keys[h] = <PyObject*>key
+                self._cache_channels[h] = <PyObject*>ch
+            return ch
         known = ", ".join([str(k) for k in self._channels]) or "none"
         raise InvalidChannelError(f"unknown channel {key!r}; known channels: {known}")
 
     def _set_budget(self, Py_ssize_t budget):
         self._budget = budget
+
+    def add_channel(self, event_type, config):
+        """Create the channel of ``event_type``.
+
+        Raise ``InvalidChannelError`` if the key already has a channel, or if another key's channel has the
+        same name (the member's value: two ``EventType`` classes with a ``"MarketData"`` member collide).
+        """
+        if not isinstance(config, ChannelConfig):
+            raise InvalidConfigurationError(
+                f"add_channel({event_type!r}): expected a ChannelConfig, got {type(config).__name__} {config!r}")
+        try:
+            hash(event_type)
+        except TypeError:
+            raise InvalidChannelError(
+                f"channel key must be hashable (an EventType member), got {type(event_type).__name__}") from None
+        if event_type is None:
+            raise InvalidChannelError("channel key must not be None")
+        if self.has_channel(event_type):
+            raise InvalidChannelError(
+                f"channel {event_type!r} already exists ({self.channel(event_type).capacity} slots); "
+                f"a channel is never replaced")
+        name = _channel_name(event_type)
+        for ch in self._channels.values():
+            if (<Channel>ch).name == name:
+                raise InvalidChannelError(
+                    f"channel {event_type!r} cannot be added: its name {name!r} is already the name of channel "
+                    f"{(<Channel>ch).key!r}; channel names must be unique (stats, bridges and journals key "
+                    f"channels by name), so give one of the two keys another value")
+        return self._add_channel_c(event_type, name, config)
 
     def _add_channel_c(self, key, str name, config):
         cdef Channel ch
@@ -1492,6 +1815,53 @@ cdef class EventBusCore:
             ch._bind(self._loop, self._loop_thread)
         self._channels[key] = ch
         return ch
+
+    def has_channel(self, event_type):
+        """Whether ``event_type`` has a channel on this bus."""
+        try:
+            self.lookup(event_type)
+        except InvalidChannelError:
+            return False
+        return True
+
+    @property
+    def channels(self):
+        """The channel keys, in creation order."""
+        return [(<Channel>ch).key for ch in self._channels.values()]
+
+    def _all_channels(self):
+        return list(self._channels.values())
+
+    def stats(self, event_type=None):
+        """Return one channel's stats dict, or ``{channel name: stats}`` for every channel."""
+        if event_type is not None:
+            return self.lookup(event_type).stats()
+        return {(<Channel>ch).name: (<Channel>ch).stats() for ch in self._channels.values()}
+
+    def format_stats(self):
+        """Return the channels' counters and latency as a readable table."""
+        header = (
+            f"{'channel':<20} {'subs':>4} {'published':>11} {'delivered':>11} {'lagged':>8} "
+            f"{'blocked':>7} {'hwm':>6} {'p50 us':>8} {'p99 us':>8} {'max us':>9}")
+        lines = [header, "-" * len(header)]
+        for ch in self._channels.values():
+            st = (<Channel>ch).stats()
+            lat = st["latency_ns"]
+            lines.append(
+                f"{st['channel'][:20]:<20} {st['subscribers']:>4} {st['published']:>11} {st['delivered']:>11} "
+                f"{st['lagged']:>8} {st['blocked']:>7} {st['high_water_mark']:>6} {lat['p50'] / 1e3:>8.2f} "
+                f"{lat['p99'] / 1e3:>8.2f} {lat['max'] / 1e3:>9.2f}")
+        return "\n".join(lines)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __repr__(self):
+        names = ", ".join([(<Channel>ch).name for ch in self._channels.values()])
+        return f"<{type(self).__name__} channels=[{names}]{' closed' if self.closed else ''}>"
 
     def bind_loop(self, loop=None):
         """Attach the bus to ``loop`` (default: the running loop).
@@ -1596,3 +1966,7 @@ cdef class EventBusCore:
         self.closed = True
         for ch in self._channels.values():
             (<Channel>ch).close()
+
+
+#: The compiled base of earlier versions, kept as a name for code that imported it.
+EventBusCore = EventBus

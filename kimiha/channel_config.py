@@ -11,11 +11,15 @@ import msgspec
 
 from kimiha.error import InvalidConfigurationError
 
-__all__ = ["ChannelConfig", "Overflow", "MAX_CAPACITY"]
+__all__ = ["ChannelConfig", "Dispatch", "Overflow", "MAX_CAPACITY", "DEFAULT_LATENCY_SAMPLE"]
 
 #: Largest ring a channel may ask for. Each slot costs three pointers and a timestamp (32 bytes), so this
 #: is half a GiB of slots -- far beyond any sensible ring, small enough to catch a typo such as ``10**12``.
 MAX_CAPACITY = 1 << 24
+
+#: Default of ``ChannelConfig.latency_sample``: the histogram records every 32nd event. Two clock reads on one
+#: event in 32 keep latency tracking within a few percent of the cost of dispatch (benchmarks/README.md).
+DEFAULT_LATENCY_SAMPLE = 32
 
 
 class Overflow(enum.Enum):
@@ -25,6 +29,19 @@ class Overflow(enum.Enum):
     LAG = "lag"
     #: Never lose an event: ``publish`` raises ``ChannelFull``, ``publish_async`` waits for room (Disruptor).
     BLOCK = "block"
+
+
+class Dispatch(enum.Enum):
+    """Who calls a channel's handlers.
+
+    ``LOOP`` (the default): ``publish`` writes the event and returns; the event loop calls the handlers soon
+    after, in batches. The publisher never waits for its consumers. ``INLINE``: ``publish`` writes the event
+    (pull, frames and bridge subscribers see it as usual) and then calls the channel's handlers itself, before
+    it returns -- the lowest publish-to-handler latency, paid for by the publisher.
+    """
+
+    LOOP = "loop"
+    INLINE = "inline"
 
 
 def _payload_classes(payload_type: Any) -> tuple[type, ...]:
@@ -62,10 +79,18 @@ class ChannelConfig:
         decoded and validated against it. ``None`` accepts any object except ``None``. While the channel has
         frames subscribers (exporters, journals), a payload msgspec cannot encode is refused at publish.
     track_latency : bool
-        Record publish-to-delivery latency into the channel's histogram (two clock reads per event).
+        Record publish-to-delivery latency into the channel's histogram.
+    dispatch : Dispatch
+        ``Dispatch.LOOP`` (default: the event loop calls the handlers) or ``Dispatch.INLINE`` (``publish``
+        calls them before it returns; only plain functions may subscribe as handlers).
+    latency_sample : int
+        Stamp and record the latency of every Nth event (by sequence number; 1 = every event). The counters
+        stay exact; the histogram is a systematic 1-in-N sample of the deliveries, as is the handler time
+        the Scheduler reports. Default ``DEFAULT_LATENCY_SAMPLE``.
     """
 
-    __slots__ = ("capacity", "description", "overflow", "payload_type", "payload_classes", "track_latency")
+    __slots__ = ("capacity", "description", "overflow", "payload_type", "payload_classes", "track_latency",
+                 "dispatch", "latency_sample")
 
     def __init__(
         self,
@@ -75,6 +100,8 @@ class ChannelConfig:
         overflow: Overflow = Overflow.LAG,
         payload_type: Any = None,
         track_latency: bool = True,
+        dispatch: Dispatch = Dispatch.LOOP,
+        latency_sample: int = DEFAULT_LATENCY_SAMPLE,
     ) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int):
             raise InvalidConfigurationError(
@@ -93,6 +120,17 @@ class ChannelConfig:
             raise InvalidConfigurationError(
                 f"ChannelConfig.overflow: expected Overflow.LAG or Overflow.BLOCK, got {overflow!r}"
             )
+        if not isinstance(dispatch, Dispatch):
+            raise InvalidConfigurationError(
+                f"ChannelConfig.dispatch: expected Dispatch.LOOP or Dispatch.INLINE, got {dispatch!r}"
+            )
+        if isinstance(latency_sample, bool) or not isinstance(latency_sample, int) or not (
+            1 <= latency_sample <= MAX_CAPACITY
+        ):
+            raise InvalidConfigurationError(
+                f"ChannelConfig.latency_sample: expected an int between 1 (every event) and {MAX_CAPACITY}, "
+                f"got {type(latency_sample).__name__} {latency_sample!r}"
+            )
         classes: tuple[type, ...] = ()
         if payload_type is not None:
             classes = _payload_classes(payload_type)
@@ -108,6 +146,8 @@ class ChannelConfig:
         self.payload_type = payload_type
         self.payload_classes = classes
         self.track_latency = bool(track_latency)
+        self.dispatch = dispatch
+        self.latency_sample = latency_sample
 
     def __repr__(self) -> str:
         parts = [repr(self.capacity)]
@@ -119,4 +159,8 @@ class ChannelConfig:
             parts.append(f"payload_type={name}")
         if not self.track_latency:
             parts.append("track_latency=False")
+        if self.dispatch is not Dispatch.LOOP:
+            parts.append(f"dispatch={self.dispatch}")
+        if self.latency_sample != DEFAULT_LATENCY_SAMPLE:
+            parts.append(f"latency_sample={self.latency_sample}")
         return f"ChannelConfig({', '.join(parts)})"

@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any, ClassVar
+import types
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import msgspec
 
@@ -37,16 +38,172 @@ __all__ = [
 ]
 
 
-class EventType(enum.Enum):
-    """Base class of channel keys. Subclass it with members, e.g. ``MARKET_DATA = "MarketData"``.
+class _EventTypeMeta(type):
+    """Metaclass of :class:`EventType`: turns the class body's public attributes into singleton members.
 
-    Members hash by identity (they are singletons), which keeps the bus's channel lookup in C.
+    Members are stored as plain class attributes, so ``Ev.X`` is an ordinary class attribute read -- no
+    ``__getattr__`` hook (``enum.EnumType`` has one on CPython 3.11, which makes every ``Ev.X`` run Python
+    code) and no descriptor call. The metaclass only adds what the enum protocol needs beside that:
+    iteration, ``len``, ``in``, ``Ev["NAME"]``, ``Ev(value)`` and ``__members__``.
     """
 
-    __hash__ = object.__hash__
+    _member_map_: dict[str, Any]
+    _value2member_map_: dict[Any, Any]
+    _member_names_: list[str]
 
-    def __str__(self) -> str:
-        return f"{type(self).__name__}.{self.name}"
+    def __new__(mcs, cls_name: str, bases: tuple[type, ...], namespace: dict[str, Any], **kwargs: Any) -> Any:
+        for base in bases:
+            if isinstance(base, _EventTypeMeta) and base._member_names_:
+                raise TypeError(
+                    f"class {cls_name}: cannot extend {base.__name__}, which has members "
+                    f"({', '.join(base._member_names_)}); an EventType with members is final"
+                )
+        members: list[tuple[str, Any]] = []
+        for key, value in list(namespace.items()):
+            if key.startswith("_") or _is_descriptor(value):
+                continue
+            members.append((key, value))
+            del namespace[key]
+        namespace.setdefault("__slots__", ())  # members carry only name and value: no __dict__ each
+        cls = super().__new__(mcs, cls_name, bases, namespace, **kwargs)
+        member_map: dict[str, Any] = {}
+        by_value: dict[Any, Any] = {}
+        names: list[str] = []
+        for key, value in members:
+            try:
+                existing = by_value.get(value)
+            except TypeError:
+                raise TypeError(
+                    f"class {cls_name}: member {key} = {value!r}: expected a hashable value (a str, as in "
+                    f"{key} = {key!r}), got {type(value).__name__}"
+                ) from None
+            if existing is not None:
+                member = existing  # an alias, as in enum.Enum: a second name for the same member
+            else:
+                member = object.__new__(cast(type, cls))
+                object.__setattr__(member, "name", key)
+                object.__setattr__(member, "value", value)
+                by_value[value] = member
+                names.append(key)
+            member_map[key] = member
+            type.__setattr__(cls, key, member)
+        type.__setattr__(cls, "_member_map_", member_map)
+        type.__setattr__(cls, "_value2member_map_", by_value)
+        type.__setattr__(cls, "_member_names_", names)
+        return cls
+
+    def __call__(cls, value: Any) -> Any:
+        """Return the member whose value is ``value`` (``Ev("MarketData") is Ev.MARKET_DATA``)."""
+        try:
+            return cls._value2member_map_[value]
+        except (KeyError, TypeError):
+            pass
+        if isinstance(value, cls):
+            return value
+        known = ", ".join(repr(m.value) for m in cls) or "none"
+        raise ValueError(f"{value!r} is not a valid {cls.__qualname__}; expected one of: {known}")
+
+    def __getitem__(cls, name: str) -> Any:
+        """Return the member called ``name`` (``Ev["MARKET_DATA"]``)."""
+        try:
+            return cls._member_map_[name]
+        except KeyError:
+            known = ", ".join(cls._member_names_) or "none"
+            raise KeyError(f"{cls.__qualname__} has no member {name!r}; its members: {known}") from None
+
+    def __iter__(cls) -> Any:
+        return (cls._member_map_[name] for name in cls._member_names_)
+
+    def __reversed__(cls) -> Any:
+        return (cls._member_map_[name] for name in reversed(cls._member_names_))
+
+    def __len__(cls) -> int:
+        return len(cls._member_names_)
+
+    def __contains__(cls, member: Any) -> bool:
+        return isinstance(member, cls) and cls._member_map_.get(member.name) is member
+
+    def __bool__(cls) -> bool:
+        return True
+
+    @property
+    def __members__(cls) -> Any:
+        """Name -> member, aliases included, in definition order (read-only)."""
+        return types.MappingProxyType(cls._member_map_)
+
+    def __setattr__(cls, key: str, value: Any) -> None:
+        if key in cls.__dict__.get("_member_map_", ()):
+            raise AttributeError(f"cannot reassign member {cls.__name__}.{key}")
+        super().__setattr__(key, value)
+
+    def __delattr__(cls, key: str) -> None:
+        if key in cls.__dict__.get("_member_map_", ()):
+            raise AttributeError(f"cannot delete member {cls.__name__}.{key}")
+        super().__delattr__(key)
+
+    def __repr__(cls) -> str:
+        return f"<EventType {cls.__qualname__!r}>"
+
+
+def _is_descriptor(value: Any) -> bool:
+    kind = type(value)
+    return hasattr(kind, "__get__") or hasattr(kind, "__set__") or hasattr(kind, "__delete__")
+
+
+if TYPE_CHECKING:
+    # Type checkers see an Enum: members are typed ``Literal[Ev.X]`` and ``.name`` / ``.value`` as usual.
+    class EventType(enum.Enum):
+        """Base class of channel keys. Subclass it with members, e.g. ``MARKET_DATA = "MarketData"``."""
+
+else:
+
+    class EventType(metaclass=_EventTypeMeta):
+        """Base class of channel keys. Subclass it with members, e.g. ``MARKET_DATA = "MarketData"``.
+
+        It behaves like an ``enum.Enum`` (members are singletons with ``name`` and ``value``; the class
+        iterates over them, ``Ev("MarketData")`` and ``Ev["MARKET_DATA"]`` look them up, members pickle by
+        value and compare by identity) but is built for the hot path: ``Ev.X`` is a plain class attribute
+        and members hash by identity in C, so ``bus.publish(Ev.X, payload)`` costs little more than a
+        publish on a hoisted channel handle. It is not an ``enum.Enum`` subclass at run time (type checkers
+        are told it is one, for ``Literal`` member types); ``isinstance(Ev.X, EventType)`` holds.
+        """
+
+        __slots__ = ("name", "value")
+        __hash__ = object.__hash__
+        name: str
+        value: Any
+
+        def __setattr__(self, key: str, value: Any) -> None:
+            raise AttributeError(f"{self}: EventType members are read-only")
+
+        def __delattr__(self, key: str) -> None:
+            raise AttributeError(f"{self}: EventType members are read-only")
+
+        def __reduce_ex__(self, protocol: Any) -> Any:
+            return type(self), (self.value,)
+
+        def __copy__(self) -> Any:
+            return self
+
+        def __deepcopy__(self, memo: Any) -> Any:
+            return self
+
+        @property
+        def _name_(self) -> str:
+            return self.name
+
+        @property
+        def _value_(self) -> Any:
+            return self.value
+
+        def __repr__(self) -> str:
+            return f"<{type(self).__name__}.{self.name}: {self.value!r}>"
+
+        def __str__(self) -> str:
+            return f"{type(self).__name__}.{self.name}"
+
+        def __dir__(self) -> list[str]:
+            return ["__class__", "name", "value"]
 
 
 # msgspec passes ``frozen=True`` on to subclasses, but its stub declares ``Struct`` a dataclass transform with

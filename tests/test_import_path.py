@@ -30,7 +30,7 @@ def test_python_c_in_the_clone_root_imports_the_build_the_tests_use():
     package, core, bus = proc.stdout.splitlines()
     assert package == kimiha.__file__
     assert core == kimiha._core.__file__
-    assert bus == "<class 'kimiha.event_bus.EventBus'>"
+    assert bus == repr(kimiha.EventBus) == "<class 'kimiha._core.EventBus'>"  # compiled since 0.3 (issue 13)
 
 
 def test_python_m_kimiha_in_the_clone_root_runs():

@@ -133,7 +133,8 @@ def test_core_stub_signatures_match_the_compiled_signatures():
                     problems.append(f"{where}: the compiled ({text}) defaults {name}, the stub requires it")
     assert not problems, "\n".join(problems)
     # Slot methods carry no embedded signature; anything else unreadable means the check went blind.
-    assert sorted(set(unreadable)) == ["Subscription.__aiter__", "Subscription.__anext__"], unreadable
+    assert len(compared) > 40, compared
+    assert [w for w in unreadable if not w.rsplit(".", 1)[-1].startswith("__")] == [], unreadable
     assert len(compared) >= 40, f"expected to compare every stubbed method, compared only {compared}"
 
 

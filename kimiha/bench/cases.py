@@ -7,10 +7,12 @@ checks the handlers afterwards.
 
 * The events: ``make_events`` builds ``Tick``s with sequence numbers ``0..n-1`` and seeded random prices,
   ``chunked`` cuts them into the chunks a producer publishes between two yields to the loop.
-* The handler: a :class:`Sink` counts the events it is handed and keeps the last ``seq``.
+* The handler: a :class:`Sink` counts the events it is handed and keeps the last ``seq``; a
+  :class:`SinkTask` is the same as an ``EventTask`` (what the README teaches), run by a ``Scheduler``.
 * The bus: ``new_bus`` holds one channel, ``Ev.MD``, typed ``Tick`` (LAG unless told otherwise).
-* The floods: ``call_direct`` (no bus: the floor), ``push_flood`` (handler subscriptions, called by the
-  compiled dispatch loop), ``pull_flood`` (one consumer task per pull subscription, see ``consume_iter`` and
+* The floods: ``call_direct`` (no bus: the floor), ``idiom_flood`` (``bus.publish(Ev.MD, e)`` as the README
+  writes it, into whatever subscribed), ``push_flood`` (a hoisted ``channel.publish`` into handler
+  subscriptions, called by the compiled dispatch loop), ``pull_flood`` (one consumer task per pull subscription, see ``consume_iter`` and
   ``consume_batch``), ``queue_flood`` (one ``asyncio.Queue`` per subscriber, see ``consume_queue``).
 """
 
@@ -22,17 +24,21 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 import kimiha
-from kimiha import ChannelClosed, ChannelConfig, Event, EventBus, EventType, Overflow
+from kimiha import ChannelClosed, ChannelConfig, Dispatch, Event, EventBus, EventTask, EventType, Overflow
 
 __all__ = [
     "SEED",
     "Ev",
     "Sink",
+    "SinkTask",
     "Tick",
     "call_direct",
     "chunked",
     "close_and_join",
     "consume_batch",
+    "consume_batches",
+    "idiom_flood",
+    "publish_idiom",
     "consume_iter",
     "consume_queue",
     "make_events",
@@ -109,16 +115,44 @@ class Sink:
         assert problem is None, f"handler {problem}"
 
 
+class SinkTask(EventTask):
+    """The same trivial handler as an ``EventTask`` of ``Ev.MD``: ``handle_event`` counts the event and keeps
+    its ``seq``. Every case of ``kimiha bench compare`` calls this method, the floor and the other libraries
+    included, so that the handler costs the same everywhere."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last = -1
+
+    def subscribed_event(self) -> Ev:
+        return Ev.MD
+
+    def handle_event(self, event: Tick) -> None:
+        self.count += 1
+        self.last = event.seq
+
+    def problem(self, n: int) -> str | None:
+        """Say what is wrong unless the task saw exactly ``n`` events, the last one last; else ``None``."""
+        if self.count == n and self.last == n - 1:
+            return None
+        return f"saw {self.count} events (last seq {self.last}), expected {n} (last {n - 1})"
+
+
 def new_bus(
     capacity: int,
     track_latency: bool = True,
     overflow: Overflow | str = Overflow.LAG,
     *,
     payload_type: type[Event] = Tick,
+    dispatch: Dispatch = Dispatch.LOOP,
 ) -> EventBus:
     """Return a bus with one channel, ``Ev.MD``, of ``capacity`` slots typed ``payload_type``."""
     config = ChannelConfig(
-        capacity, payload_type=payload_type, track_latency=track_latency, overflow=Overflow(overflow)
+        capacity,
+        payload_type=payload_type,
+        track_latency=track_latency,
+        overflow=Overflow(overflow),
+        dispatch=dispatch,
     )
     return EventBus([(Ev.MD, config)])
 
@@ -155,6 +189,24 @@ async def publish_chunks(publish: Callable[[Any], Any], chunks: Iterable[Iterabl
         await sleep(0)
 
 
+async def publish_idiom(bus: EventBus, chunks: Iterable[Iterable[Any]]) -> None:
+    """Publish every event as the README writes it, ``bus.publish(Ev.MD, e)``, yielding after each chunk."""
+    sleep = asyncio.sleep
+    for chunk in chunks:
+        for e in chunk:
+            bus.publish(Ev.MD, e)
+        await sleep(0)
+
+
+async def idiom_flood(
+    bus: EventBus, subscriptions: Iterable[kimiha.Subscription], chunks: Iterable[Iterable[Any]]
+) -> None:
+    """``publish_idiom`` into handler subscriptions (EventTasks); wait until every handler was handed all."""
+    await publish_idiom(bus, chunks)
+    while any(s.backlog for s in subscriptions):
+        await asyncio.sleep(0)
+
+
 async def push_flood(
     publish: Callable[[Any], Any],
     subscriptions: Iterable[kimiha.Subscription],
@@ -181,6 +233,12 @@ async def consume_batch(sub: kimiha.Subscription, h: Handler) -> None:
                 h(ev)
     except ChannelClosed:
         pass
+
+
+async def consume_batches(sub: kimiha.Subscription, h: Handler) -> None:
+    async for batch in sub.batches():
+        for ev in batch:
+            h(ev)
 
 
 def start_consumers(

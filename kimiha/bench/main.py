@@ -9,6 +9,8 @@ source tree only wraps them):
 * ``latency``: a publisher paced at a fixed rate stamps each event; the handler records publish-to-handler
   latency into an HDR-style histogram; percentiles for kimiha and ``asyncio.Queue``, a table, JSON and a PNG
   plot (see ``kimiha.bench.latency``).
+* ``tick``: tick-to-trade on the shipped tape through LOOP and INLINE channels beside a hand-written floor
+  (see ``kimiha.bench.tick``).
 * ``memory``: RSS growth while millions of events go through a channel with 4 subscribers (see
   ``kimiha.bench.memory``).
 
@@ -41,6 +43,7 @@ MODES = {
         "paced publisher, publish-to-handler latency percentiles and plot",
     ),
     "memory": ("kimiha.bench.memory", "RSS growth over millions of events through 4 subscribers"),
+    "tick": ("kimiha.bench.tick", "tick-to-trade on the shipped tape: LOOP, INLINE and a hand-written floor"),
 }
 
 #: Medians need at least this many repetitions.
@@ -57,9 +60,10 @@ modes:
 examples:
   kimiha bench compare --quick                           compare, smoke run (well under a minute)
   kimiha bench compare --json bench/compare.json         compare, full run, every sample as JSON
-  kimiha bench compare --quick --loops uvloop --gate 2   CI: fail unless kimiha >= 2x asyncio.Queue
+  kimiha bench compare --quick --loops uvloop --gate 1.3 CI: fail unless tuned Nautilus / README idiom >= 1.3x
   kimiha bench latency --plot latency.png               100k events/s for 200k events per case
   kimiha bench memory --events 10000000                  RSS growth over 10M events, 4 subscribers
+  kimiha bench tick --quick                              tick-to-trade, LOOP vs INLINE vs no bus
 """
 
 

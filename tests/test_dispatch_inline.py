@@ -1,0 +1,286 @@
+"""Dispatch.INLINE: publish calls the channel's handlers before it returns (and the loop path stays intact)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from kimiha import (
+    ChannelConfig,
+    Dispatch,
+    Event,
+    EventBus,
+    EventTask,
+    EventType,
+    InvalidConfigurationError,
+    Scheduler,
+)
+from kimiha._core import INLINE_DEPTH
+
+
+class Ev(EventType):
+    A = "A"
+    B = "B"
+    C = "C"
+
+
+class Tick(Event):
+    seq: int
+
+
+def inline(capacity: int = 64, **kw: object) -> ChannelConfig:
+    return ChannelConfig(capacity, payload_type=Tick, dispatch=Dispatch.INLINE, **kw)  # type: ignore[arg-type]
+
+
+def test_publish_calls_handlers_before_it_returns_and_other_readers_see_every_event(run):
+    async def main():
+        bus = EventBus([(Ev.A, inline())])
+        seen: list[tuple[str, int]] = []
+        bus.subscribe(Ev.A, lambda e: seen.append(("h1", e.seq)))
+        bus.subscribe(Ev.A, lambda e: seen.append(("h2", e.seq)))
+        pull = bus.subscribe(Ev.A)
+        frames = bus.subscribe(Ev.A, frames=True)
+        for i in range(3):
+            assert bus.publish(Ev.A, Tick(i)) == 4
+            assert seen[-2:] == [("h1", i), ("h2", i)]  # before publish returned, in subscription order
+        assert [e.seq for e in pull.drain()] == [0, 1, 2]
+        assert [seq for seq, _, _ in frames.drain()] == [0, 1, 2]
+        s = bus.stats(Ev.A)
+        assert s["published"] == 3 and s["delivered"] == 12 and s["handler_errors"] == 0
+        assert bus.channel(Ev.A).inline and not bus.channel(Ev.A).inline_deferred
+        bus.close()
+
+    run(main())
+
+
+def test_a_failing_handler_is_isolated_counted_and_reported(run):
+    async def main():
+        bus = EventBus([(Ev.A, inline())])
+        errors: list[tuple[str, int]] = []
+        good: list[int] = []
+
+        def bad(e: Tick) -> None:
+            raise ValueError(f"boom {e.seq}")
+
+        bus.subscribe(Ev.A, bad, on_error=lambda exc, ev: errors.append((str(exc), ev.seq)))
+        bus.subscribe(Ev.A, lambda e: good.append(e.seq))
+        for i in range(3):
+            bus.publish(Ev.A, Tick(i))
+        assert good == [0, 1, 2] and errors == [("boom 0", 0), ("boom 1", 1), ("boom 2", 2)]
+        assert bus.stats(Ev.A)["handler_errors"] == 3
+        bus.close()
+
+    run(main())
+
+
+def test_publishing_to_another_inline_channel_runs_depth_first(run):
+    async def main():
+        bus = EventBus([(Ev.A, inline()), (Ev.B, inline())])
+        log: list[str] = []
+
+        def on_a(e: Tick) -> None:
+            log.append(f"a{e.seq} start")
+            bus.publish(Ev.B, Tick(e.seq * 10))
+            log.append(f"a{e.seq} end")
+
+        bus.subscribe(Ev.A, on_a)
+        bus.subscribe(Ev.B, lambda e: log.append(f"b{e.seq}"))
+        bus.publish(Ev.A, Tick(1))
+        assert log == ["a1 start", "b10", "a1 end"]
+        bus.close()
+
+    run(main())
+
+
+def test_publishing_to_its_own_channel_queues_behind_the_current_delivery(run):
+    async def main():
+        bus = EventBus([(Ev.A, inline())])
+        log: list[str] = []
+        depth = 0
+
+        def first(e: Tick) -> None:
+            nonlocal depth
+            depth += 1
+            assert depth == 1, "the handler was re-entered"
+            log.append(f"first {e.seq}")
+            if e.seq < 3:
+                bus.publish(Ev.A, Tick(e.seq + 1))
+            depth -= 1
+
+        bus.subscribe(Ev.A, first)
+        bus.subscribe(Ev.A, lambda e: log.append(f"second {e.seq}"))
+        bus.publish(Ev.A, Tick(0))
+        # Each subscriber sees 0..3 in order and nobody is called inside its own call.
+        assert [x for x in log if x.startswith("first")] == [f"first {i}" for i in range(4)]
+        assert [x for x in log if x.startswith("second")] == [f"second {i}" for i in range(4)]
+        bus.close()
+
+    run(main())
+
+
+def test_a_handler_that_publishes_to_itself_forever_never_recurses_and_the_loop_keeps_going(run):
+    async def main():
+        bus = EventBus([(Ev.A, inline(capacity=4096))], dispatch_budget=100)
+        count = 0
+
+        def again(e: Tick) -> None:
+            nonlocal count
+            count += 1
+            if count < 1000:
+                bus.publish(Ev.A, Tick(e.seq + 1))
+
+        bus.subscribe(Ev.A, again)
+        bus.publish(Ev.A, Tick(0))
+        assert count == 100  # one budget inline, the rest handed to the loop, never recursion
+        assert bus.channel(Ev.A).inline_deferred >= 1
+        while count < 1000:
+            await asyncio.sleep(0)
+        assert bus.stats(Ev.A)["delivered"] == 1000
+        bus.close()
+
+    run(main())
+
+
+def test_a_cycle_of_inline_channels_does_not_recurse(run):
+    async def main():
+        bus = EventBus([(Ev.A, inline()), (Ev.B, inline())])
+        log: list[str] = []
+
+        def on_a(e: Tick) -> None:
+            log.append(f"a{e.seq}")
+            if e.seq < 4:
+                bus.publish(Ev.B, Tick(e.seq + 1))
+
+        def on_b(e: Tick) -> None:
+            log.append(f"b{e.seq}")
+            bus.publish(Ev.A, Tick(e.seq + 1))
+
+        bus.subscribe(Ev.A, on_a)
+        bus.subscribe(Ev.B, on_b)
+        bus.publish(Ev.A, Tick(0))
+        assert log == ["a0", "b1", "a2", "b3", "a4"]
+        bus.close()
+
+    run(main())
+
+
+def test_nesting_deeper_than_the_bound_is_handed_to_the_loop_in_order(run):
+    async def main():
+        keys = [EventType.__class__(f"Deep{i}", (EventType,), {"K": f"deep{i}"}).K  # type: ignore[call-overload]
+                for i in range(INLINE_DEPTH + 3)]
+        bus = EventBus([(k, inline()) for k in keys])
+        reached: list[int] = []
+
+        def forward(i: int):
+            def handler(e: Tick) -> None:
+                reached.append(i)
+                if i + 1 < len(keys):
+                    bus.publish(keys[i + 1], Tick(i + 1))
+            return handler
+
+        for i, k in enumerate(keys):
+            bus.subscribe(k, forward(i))
+        bus.publish(keys[0], Tick(0))
+        assert reached == list(range(INLINE_DEPTH))  # the publish past the bound wrote and returned
+        assert bus.channel(keys[INLINE_DEPTH]).inline_deferred == 1
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert reached == list(range(len(keys)))
+        bus.close()
+
+    run(main())
+
+
+def test_an_async_handler_is_refused_with_a_message_naming_the_channel_and_the_choices(run):
+    async def main():
+        bus = EventBus([(Ev.A, inline())])
+
+        async def handler(e: Tick) -> None: ...
+
+        with pytest.raises(TypeError, match=r"channel 'A' is a Dispatch.INLINE channel.*coroutine function"):
+            bus.subscribe(Ev.A, handler)
+        bus.close()
+
+    run(main())
+
+
+def test_counters_and_histogram_as_on_loop_channels(run):
+    async def main():
+        bus = EventBus([(Ev.A, inline(latency_sample=1)),
+                        (Ev.B, ChannelConfig(64, payload_type=Tick, latency_sample=1))])
+        for key in (Ev.A, Ev.B):
+            bus.subscribe(key, lambda e: None, measure=True)
+            for i in range(10):
+                bus.publish(key, Tick(i))
+        await asyncio.sleep(0)
+        for key in (Ev.A, Ev.B):
+            s = bus.stats(key)
+            assert (s["published"], s["delivered"], s["latency_ns"]["count"]) == (10, 10, 10), key
+            (sub,) = bus.channel(key).subscriptions()
+            assert sub.handler_time is not None and sub.handler_time.count == 10
+        bus.close()
+
+    run(main())
+
+
+def test_a_paused_subscription_keeps_its_events_until_resumed(run):
+    async def main():
+        bus = EventBus([(Ev.A, inline())])
+        seen: list[int] = []
+        sub = bus.subscribe(Ev.A, lambda e: seen.append(e.seq), paused=True)
+        bus.publish(Ev.A, Tick(0))
+        bus.publish(Ev.A, Tick(1))
+        assert seen == []
+        sub.resume()
+        await asyncio.sleep(0)
+        assert seen == [0, 1]
+        bus.publish(Ev.A, Tick(2))
+        assert seen == [0, 1, 2]
+        bus.close()
+
+    run(main())
+
+
+class Counter(EventTask):
+    def __init__(self, key: Ev, fail_on: int = -1) -> None:
+        self.key = key
+        self.fail_on = fail_on
+        self.seen: list[int] = []
+
+    def subscribed_event(self) -> Ev:
+        return self.key
+
+    def handle_event(self, event: Tick) -> None:
+        if event.seq == self.fail_on:
+            raise RuntimeError("planned failure")
+        self.seen.append(event.seq)
+
+
+def test_event_tasks_under_a_scheduler_run_inline_with_supervision(run, caplog):
+    async def main():
+        bus = EventBus([(Ev.A, inline())])
+        ok, flaky = Counter(Ev.A), Counter(Ev.A, fail_on=1)
+        sched = Scheduler(bus)
+        sched.register_event_task(ok)
+        flaky_id = sched.register_event_task(flaky)
+        async with sched:
+            await sched.start()
+            for i in range(3):
+                bus.publish(Ev.A, Tick(i))
+                assert ok.seen[-1] == i  # handled before publish returned
+            assert flaky.seen == [0, 2]
+            info = sched.registry.get(flaky_id)
+            assert info.errors == 1 and "planned failure" in (info.last_error or "")
+
+    with caplog.at_level(logging.ERROR):
+        run(main())
+
+
+def test_config_checks_name_the_parameter():
+    with pytest.raises(InvalidConfigurationError, match="ChannelConfig.dispatch: expected Dispatch.LOOP or"):
+        ChannelConfig(8, dispatch="inline")  # type: ignore[arg-type]
+    with pytest.raises(InvalidConfigurationError, match=r"ChannelConfig.latency_sample: expected an int .* got int 0"):
+        ChannelConfig(8, latency_sample=0)
+    assert "dispatch=Dispatch.INLINE" in repr(ChannelConfig(8, dispatch=Dispatch.INLINE))

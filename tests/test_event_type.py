@@ -1,0 +1,92 @@
+"""EventType: the enum protocol users rely on, with members stored as plain class attributes."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+
+from kimiha import ChannelConfig, EventBus, EventType
+
+
+class Ev(EventType):
+    MARKET_DATA = "MarketData"
+    ORDERS = "Orders"
+    ALIAS = "MarketData"
+
+    def describe(self) -> str:
+        return f"channel {self.value}"
+
+
+def test_members_have_name_value_and_are_instances():
+    assert Ev.MARKET_DATA.name == "MARKET_DATA" and Ev.MARKET_DATA.value == "MarketData"
+    assert isinstance(Ev.MARKET_DATA, Ev) and isinstance(Ev.ORDERS, EventType)
+    assert Ev.MARKET_DATA._name_ == "MARKET_DATA" and Ev.MARKET_DATA._value_ == "MarketData"
+    assert Ev.ORDERS.describe() == "channel Orders"  # methods in the class body are not members
+
+
+def test_iteration_len_contains_lookup_and_aliases():
+    assert list(Ev) == [Ev.MARKET_DATA, Ev.ORDERS]
+    assert list(reversed(Ev)) == [Ev.ORDERS, Ev.MARKET_DATA]
+    assert len(Ev) == 2 and Ev.MARKET_DATA in Ev and "MarketData" not in Ev
+    assert Ev.ALIAS is Ev.MARKET_DATA  # a repeated value is an alias, as in enum.Enum
+    assert list(Ev.__members__) == ["MARKET_DATA", "ORDERS", "ALIAS"]
+    assert Ev("Orders") is Ev.ORDERS and Ev(Ev.ORDERS) is Ev.ORDERS and Ev["ORDERS"] is Ev.ORDERS
+    with pytest.raises(ValueError, match=r"'Nope' is not a valid Ev; expected one of: 'MarketData', 'Orders'"):
+        Ev("Nope")
+    with pytest.raises(KeyError, match="Ev has no member 'NOPE'; its members: MARKET_DATA, ORDERS"):
+        Ev["NOPE"]
+
+
+def test_repr_str_pickle_copy_and_identity_hash():
+    assert repr(Ev.ORDERS) == "<Ev.ORDERS: 'Orders'>" and str(Ev.ORDERS) == "Ev.ORDERS"
+    assert f"{Ev.ORDERS}" == "Ev.ORDERS"
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        assert pickle.loads(pickle.dumps(Ev.ORDERS, protocol)) is Ev.ORDERS
+    assert copy.copy(Ev.ORDERS) is Ev.ORDERS and copy.deepcopy([Ev.ORDERS])[0] is Ev.ORDERS
+    assert hash(Ev.ORDERS) == object.__hash__(Ev.ORDERS)
+    assert Ev.ORDERS != "Orders" and Ev.ORDERS == Ev.ORDERS
+    assert {Ev.ORDERS: 1}[Ev("Orders")] == 1
+
+
+def test_members_are_plain_class_attributes_and_the_metaclass_has_no_lookup_hook():
+    # What makes `Ev.X` cheap: the member sits in the class dict and no __getattr__ runs Python code on access.
+    assert vars(Ev)["ORDERS"] is Ev.ORDERS
+    meta = type(Ev)
+    assert "__getattr__" not in vars(meta) and meta.__getattribute__ is type.__getattribute__
+    assert not hasattr(Ev.ORDERS, "__dict__")  # two slots per member
+
+
+def test_members_are_read_only_and_a_class_with_members_is_final():
+    with pytest.raises(AttributeError, match="cannot reassign member Ev.ORDERS"):
+        Ev.ORDERS = "x"  # type: ignore[misc]
+    with pytest.raises(AttributeError, match="cannot delete member Ev.ORDERS"):
+        del Ev.ORDERS
+    with pytest.raises(AttributeError, match="read-only"):
+        Ev.ORDERS.name = "x"  # type: ignore[misc]
+    with pytest.raises(TypeError, match="cannot extend Ev, which has members"):
+        class More(Ev):  # type: ignore[misc]
+            EXTRA = "Extra"
+    with pytest.raises(TypeError, match="expected a hashable value"):
+        class Bad(EventType):
+            X = ["unhashable"]
+
+
+def test_an_abstract_base_without_members_can_be_extended():
+    class Base(EventType):
+        def shout(self) -> str:
+            return self.name.upper()
+
+    class Venue(Base):
+        binance = "Binance"
+
+    assert list(Base) == [] and Venue.binance.shout() == "BINANCE" and isinstance(Venue.binance, Base)
+
+
+def test_members_key_bus_channels_and_name_them_by_value():
+    bus = EventBus([(Ev.MARKET_DATA, ChannelConfig(8)), (Ev.ORDERS, ChannelConfig(8))])
+    assert bus.channel(Ev.ORDERS).name == "Orders" and bus.channels == [Ev.MARKET_DATA, Ev.ORDERS]
+    sub = bus.subscribe(Ev.ALIAS)
+    assert bus.publish(Ev.MARKET_DATA, 1) == 1 and sub.try_recv() == 1
+    bus.close()

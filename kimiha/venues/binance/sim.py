@@ -162,7 +162,7 @@ class LocalExchange:
     ----------
     finished : asyncio.Event
         Set when the recording has been played to its end.
-    played, diffs_sent, diffs_dropped, closes, pongs, depth_requests, depth_429_sent : int
+    played, messages_sent, diffs_sent, diffs_dropped, closes, pongs, depth_requests, depth_429_sent : int
         Counters of what the server did.
     depth_request_times : list of float
         ``time.monotonic()`` of each depth request (what tests of ``Retry-After`` compare).
@@ -207,6 +207,7 @@ class LocalExchange:
         self.played = 0
         self.diffs_played = 0
         self.diffs_sent = 0
+        self.messages_sent = 0
         self.diffs_dropped = 0
         self.closes = 0
         self.pings_sent = 0
@@ -366,6 +367,7 @@ class LocalExchange:
                 await client.ws.send_str(text)
             except (ConnectionError, RuntimeError):
                 continue
+            self.messages_sent += 1
             if isinstance(event, DepthDiff):
                 self.diffs_sent += 1
 
@@ -393,7 +395,7 @@ class LocalExchange:
         if not streams:
             return _error(-1100, "Illegal characters found in parameter 'streams'; expected "
                                  "<symbol>@<stream>/<symbol>@<stream>...")
-        ws = web.WebSocketResponse(autoping=True, heartbeat=None)
+        ws = web.WebSocketResponse(autoping=False, heartbeat=None)  # pongs are counted here, pings answered
         await ws.prepare(request)
         client = _Client(ws, streams)
         self._clients.append(client)
@@ -403,6 +405,10 @@ class LocalExchange:
             async for msg in ws:
                 if msg.type is WSMsgType.PONG:
                     self.pongs += 1
+                elif msg.type is WSMsgType.PING:
+                    await ws.pong(msg.data)
+                elif msg.type is WSMsgType.CLOSE:
+                    await ws.close()
         finally:
             if client in self._clients:
                 self._clients.remove(client)

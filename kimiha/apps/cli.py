@@ -199,6 +199,7 @@ def _live_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> ar
     live.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     live.add_argument("--no-status", action="store_true", help="do not show the status line on stderr")
     live.add_argument("--loop", choices=LOOPS, default="uvloop", help="event loop (default: uvloop)")
+    live.set_defaults(live_parser=live)  # for its own usage errors
     return live
 
 
@@ -319,8 +320,7 @@ def _main(argv: Sequence[str] | None) -> int:
     parser, demo = _parser()
     args = parser.parse_args(args_list)
     if args.command == "live":
-        live = parser._subparsers._group_actions[0].choices["live"]  # type: ignore[union-attr]
-        return _run_live(args, live)
+        return _run_live(args, args.live_parser)
     if args.command != "demo":  # pragma: no cover - argparse rejects unknown commands
         return 2
     if not args.distributed:

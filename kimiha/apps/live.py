@@ -97,7 +97,7 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
     """
     from kimiha.venues.binance.orders import BinanceExecutorTask, check_order_url
     from kimiha.venues.binance.rest import BinanceRest
-    from kimiha.venues.binance.signing import HmacSigner, signer_from_env
+    from kimiha.venues.binance.signing import HmacSigner, Signer, signer_from_env
 
     exchange = None
     if sim:
@@ -124,6 +124,7 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
         execution: PaperExecutorTask | BinanceExecutorTask
         order_rest = None
         if executor == "binance":
+            signer: Signer
             if exchange is not None:
                 signer = HmacSigner(exchange.api_key, exchange.api_secret)
             else:

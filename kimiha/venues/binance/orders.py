@@ -163,6 +163,21 @@ class BinanceOrderClient:
         return params
 
 
+class _UserListener:
+    """picows listener of the user data stream (mixed with ``picows.WSListener`` when picows is imported)."""
+
+    def __init__(self, stream: UserDataStream) -> None:
+        self.stream = stream
+
+    def on_ws_frame(self, transport: Any, frame: Any) -> None:
+        picows = self.stream._picows
+        if frame.msg_type is picows.WSMsgType.TEXT:
+            self.stream._on_text(frame.get_payload_as_bytes())
+        elif frame.msg_type is picows.WSMsgType.CLOSE:
+            transport.send_close(frame.get_close_code(), frame.get_close_message())
+            transport.disconnect()
+
+
 class UserDataStream:
     """Binance's user data stream: a listen key and its websocket, calling ``on_report`` for each
     ``executionReport`` (other events are counted and ignored)."""
@@ -195,19 +210,12 @@ class UserDataStream:
 
     async def _connect(self) -> Any:
         picows = self._picows
+        listener = type("_UserListener", (_UserListener, picows.WSListener), {})
         stream = self
-
-        class Listener(picows.WSListener):  # type: ignore[misc]
-            def on_ws_frame(self, transport: Any, frame: Any) -> None:
-                if frame.msg_type is picows.WSMsgType.TEXT:
-                    stream._on_text(frame.get_payload_as_bytes())
-                elif frame.msg_type is picows.WSMsgType.CLOSE:
-                    transport.send_close(frame.get_close_code(), frame.get_close_message())
-                    transport.disconnect()
 
         url = f"{self.ws_url}/ws/{self.listen_key}"
         try:
-            transport, _ = await asyncio.wait_for(picows.ws_connect(Listener, url, enable_auto_pong=True),
+            transport, _ = await asyncio.wait_for(picows.ws_connect(lambda: listener(stream), url, enable_auto_pong=True),
                                                   self.connect_timeout)
         except (OSError, asyncio.TimeoutError, picows.WSError) as exc:
             raise BinanceUnavailable(f"Binance user data stream {self.ws_url}: cannot connect: "

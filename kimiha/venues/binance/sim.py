@@ -251,9 +251,7 @@ class LocalExchange:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.requested_port)
         await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = int(self._runner.addresses[0][1])
         if not self.start_on_connect:
             self._start_playing()
         if self.faults.ping_interval:

@@ -421,3 +421,52 @@ def test_cli_live_sim_with_binance_executor(excerpt: Path, capsys: pytest.Captur
     assert out["executor"] == "binance" and out["fills"] == out["orders"]
     if out["fills"]:
         assert out["pnl"]["total"] == pytest.approx(out["sim"]["account"]["pnl"], abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- several symbols
+@pytest.fixture(scope="module")
+def two_symbols(excerpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The excerpt as two symbols: each line's ETHUSDT copy just before it, each snapshot right after a depth
+    line of its symbol (a bare REST snapshot is named after the latest depth line)."""
+    path = tmp_path_factory.mktemp("two") / "two.gz"
+    out: list[bytes] = []
+    waiting_eth: bytes | None = None
+    for line in iter_lines(excerpt):
+        if b'"lastUpdateId"' in line[:40]:
+            out.append(line)  # follows a BTCUSDT depth line (the excerpt's snapshot does)
+            waiting_eth = line
+            continue
+        eth = line.replace(b"btcusdt", b"ethusdt").replace(b"BTCUSDT", b"ETHUSDT")
+        out.append(eth)
+        if waiting_eth is not None and b"@depth" in eth[:60]:
+            out.append(waiting_eth)
+            waiting_eth = None
+        out.append(line)
+    with gzip.open(path, "wb") as f:
+        f.write(b"\n".join(out) + b"\n")
+    return path
+
+
+def test_several_symbols_one_stream_each_book_exact(two_symbols: Path, tmp_path: Path) -> None:
+    from kimiha.apps.live import run_live
+
+    rec = tmp_path / "two.gz"
+    s = run(run_live(["BTCUSDT", "ETHUSDT"], sim=True, speed=40.0, record=str(rec), status=None,
+                     sim_recording=two_symbols, duration=30.0, executor="binance"))
+    assert s["ended"] == "recording played out" and s["lines_read_accounted"]
+    assert s["feed"]["snapshots"] == 2 and s["resyncs"] == 0
+    for symbol in ("BTCUSDT", "ETHUSDT"):
+        check = s["per_symbol"][symbol]["book_check"]
+        assert check["compared"] > 50 and check["matched"] == check["compared"] and check["book_state"] == "live"
+    assert s["book_check"]["compared"] == sum(p["book_check"]["compared"] for p in s["per_symbol"].values())
+    assert s["fills"] == s["orders"] > 0 and s["rejected"] == 0
+    assert s["pnl"]["total"] == pytest.approx(s["sim"]["account"]["pnl"], abs=1e-5)
+    # one recording of both, each snapshot after a depth line of its own symbol
+    lines = list(iter_lines(rec))
+    snaps = [i for i, line in enumerate(lines) if b'"lastUpdateId"' in line[:40]]
+    assert len(snaps) == 2
+    named = set()
+    for i in snaps:
+        before = next(line for line in reversed(lines[:i]) if b"@depth" in line[:60])
+        named.add(b"btcusdt" if b"btcusdt" in before[:60] else b"ethusdt")
+    assert named == {b"btcusdt", b"ethusdt"}

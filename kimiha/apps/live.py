@@ -10,6 +10,7 @@ SIGTERM) the demo's summary plus the live counters and tick-to-trade latency.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import signal
 import sys
@@ -95,7 +96,7 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
     InvalidConfigurationError
         For a production URL with the Binance executor and no ``mainnet``, or missing keys.
     """
-    from kimiha.venues.binance.orders import BinanceExecutorTask, check_order_url
+    from kimiha.venues.binance.orders import check_order_url
     from kimiha.venues.binance.rest import BinanceRest
     from kimiha.venues.binance.signing import HmacSigner, Signer, signer_from_env
 
@@ -114,37 +115,25 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
         if executor == "binance":
             check_order_url(rest_url, mainnet=mainnet, what="--rest-url")
             check_order_url(ws_url, mainnet=mainnet, what="--ws-url")
+        signer: Signer | None = None
+        if executor == "binance":
+            signer = (HmacSigner(exchange.api_key, exchange.api_secret) if exchange is not None
+                      else signer_from_env())
         recorder = TapeRecorder(record) if record else None
         feed = BinanceLiveFeed(symbols, ws_url=ws_url, rest_url=rest_url, recorder=recorder)
-        bus = EventBus(trading_channels(capacity))
-        connector = BinanceConnector(bus, feed)
-        aggregator = BinanceAggregator(bus)
-        strategy = ImbalanceStrategyTask(bus, symbol=feed.symbols[0])
-        probe = OrderLatencyProbe()
-        execution: PaperExecutorTask | BinanceExecutorTask
-        order_rest = None
-        if executor == "binance":
-            signer: Signer
-            if exchange is not None:
-                signer = HmacSigner(exchange.api_key, exchange.api_secret)
-            else:
-                signer = signer_from_env()
-            order_rest = BinanceRest(rest_url, signer=signer)
-            execution = BinanceExecutorTask(bus, order_rest, ws_url, symbol=feed.symbols[0], mainnet=mainnet)
-        else:
-            execution = PaperExecutorTask(bus)
-        builder = (TradingOrchestratorBuilder(bus).with_connector(connector).with_aggregator(aggregator)
-                   .with_strategy(strategy).with_executor(execution))
-        if executor != "binance":
-            builder = builder.with_executor(probe)
-        orchestrator = builder.build()
+        split = _SymbolSplit(feed) if len(feed.symbols) > 1 else None
+        pipelines = []
+        for symbol in feed.symbols:
+            source = split.lines[symbol] if split is not None else feed
+            order_rest = BinanceRest(rest_url, signer=signer) if signer is not None else None
+            pipelines.append(_Pipeline(symbol, source, order_rest, ws_url, mainnet, capacity))
 
         try:
             await feed.start()
         except BaseException:
             await feed.aclose()
-            if order_rest is not None:
-                await order_rest.close()
+            for pipe in pipelines:
+                await pipe.close_rest()
             raise
         bar = _Status(status)
         started = time.perf_counter()
@@ -163,37 +152,46 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
             except (NotImplementedError, RuntimeError, ValueError):
                 pass
         ended = "duration"
+        stopped = asyncio.ensure_future(stop.wait())
+        splitter = asyncio.ensure_future(split.run()) if split is not None else None
         try:
-            await orchestrator.start()
+            for pipe in pipelines:
+                await pipe.orchestrator.start()
             deadline = None if duration is None else time.monotonic() + duration
             while not stop.is_set():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
-                await asyncio.wait([asyncio.ensure_future(stop.wait())],
-                                   timeout=0.5 if remaining is None else min(0.5, remaining))
-                bar.update(_status_text(time.perf_counter() - started, feed, aggregator, strategy, execution))
-                if orchestrator.scheduler.failure is not None:
+                await asyncio.wait([stopped], timeout=0.5 if remaining is None else min(0.5, remaining))
+                bar.update(_status_text(time.perf_counter() - started, feed, pipelines))
+                if any(pipe.orchestrator.scheduler.failure is not None for pipe in pipelines):
                     ended = "failure"
                     break
-                if exchange is not None and exchange.finished.is_set() and not feed._queue:
+                if exchange is not None and exchange.finished.is_set() and not feed._queue and (
+                        split is None or split.empty()):
                     ended = "recording played out"
                     break
             if stop.is_set():
                 ended = "signal"
         finally:
+            stopped.cancel()
             try:
-                await orchestrator.shutdown(timeout=30)
+                if splitter is not None:
+                    splitter.cancel()
+                    await asyncio.gather(splitter, return_exceptions=True)
+                    assert split is not None
+                    split.close()
+                for pipe in pipelines:
+                    await pipe.orchestrator.shutdown(timeout=30)
             finally:
                 for signum in installed:
                     loop.remove_signal_handler(signum)
                 await feed.aclose()
-                if order_rest is not None:
-                    await order_rest.close()
+                for pipe in pipelines:
+                    await pipe.close_rest()
         elapsed = time.perf_counter() - started
-        bar.update(_status_text(elapsed, feed, aggregator, strategy, execution), final=True)
-        summary = _summary(bus, orchestrator, connector, feed, aggregator, strategy, execution, probe, elapsed,
-                           recorder, ws_url, rest_url, sim, ended)
+        bar.update(_status_text(elapsed, feed, pipelines), final=True)
+        summary = _summary(pipelines, feed, split, elapsed, recorder, ws_url, rest_url, sim, ended)
         if exchange is not None:
             summary["sim"] = {"speed": speed, "played": exchange.played, "diffs_played": exchange.diffs_played,
                               "depth_requests": exchange.depth_requests}
@@ -210,13 +208,122 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
             await exchange.stop()
 
 
-def _status_text(elapsed: float, feed: BinanceLiveFeed, aggregator: BinanceAggregator,
-                 strategy: ImbalanceStrategyTask, execution: Any) -> str:
-    check = aggregator.check
-    fills = execution.paper.fills if isinstance(execution, PaperExecutorTask) else execution.account.fills
-    return (f"live {elapsed:6.1f} s  lines {feed.lines_out:,}  book {aggregator.book.state.value}  check "
-            f"{check.matched}/{check.compared}  resyncs {feed.resyncs}  reconnects {feed.reconnects}  orders "
-            f"{strategy.logic.orders}  fills {fills}")
+class _Pipeline:
+    """One symbol's pipeline: connector -> aggregator -> strategy -> executor (+ the latency probe)."""
+
+    def __init__(self, symbol: str, source: Any, order_rest: Any, ws_url: str, mainnet: bool,
+                 capacity: int) -> None:
+        from kimiha.venues.binance.orders import BinanceExecutorTask
+
+        self.symbol = symbol
+        self.bus = EventBus(trading_channels(capacity))
+        bus = self.bus
+        self.connector = BinanceConnector(bus, source)
+        self.aggregator = BinanceAggregator(bus)
+        self.strategy = ImbalanceStrategyTask(bus, symbol=symbol)
+        self.probe = OrderLatencyProbe()
+        self.order_rest = order_rest
+        self.execution: Any
+        if order_rest is not None:
+            self.execution = BinanceExecutorTask(bus, order_rest, ws_url, symbol=symbol, mainnet=mainnet)
+            self.account = self.execution.account
+            self.tick_to_trade = self.execution.tick_to_trade
+        else:
+            self.execution = PaperExecutorTask(bus)
+            self.account = self.execution.paper
+            self.tick_to_trade = self.probe.histogram
+        builder = (TradingOrchestratorBuilder(bus).with_connector(self.connector).with_aggregator(self.aggregator)
+                   .with_strategy(self.strategy).with_executor(self.execution))
+        if order_rest is None:
+            builder = builder.with_executor(self.probe)
+        self.orchestrator = builder.build()
+
+    async def close_rest(self) -> None:
+        if self.order_rest is not None:
+            await self.order_rest.close()
+
+    def mark(self) -> float | None:
+        mark = self.execution.last_mid if isinstance(self.execution, PaperExecutorTask) else None
+        if mark is None and self.aggregator.book.is_live:
+            mark = self.aggregator.book.mid()
+        return mark
+
+
+class _Lines:
+    """An async iterator over lines pushed to it (one symbol's share of the feed)."""
+
+    def __init__(self) -> None:
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.closed = False
+
+    def push(self, line: bytes) -> None:
+        self.queue.append(line)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def __aiter__(self) -> _Lines:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self.queue:
+            if self.closed:
+                raise StopAsyncIteration
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.queue.popleft()
+
+
+class _SymbolSplit:
+    """Split the feed's lines by symbol, one pipeline each. A REST snapshot (it names no symbol) goes with the
+    latest depth line, as the parser names it, and the feed inserts it after a depth line of its symbol."""
+
+    def __init__(self, feed: BinanceLiveFeed) -> None:
+        self.feed = feed
+        self.lines = {symbol: _Lines() for symbol in feed.symbols}
+        self._by_prefix = {symbol.lower().encode(): self.lines[symbol] for symbol in feed.symbols}
+        self.unrouted = 0
+
+    async def run(self) -> None:
+        last_depth: _Lines | None = None
+        by_prefix = self._by_prefix
+        async for line in self.feed:
+            _, _, body = line.partition(b" ")
+            if body.startswith(b'{"stream":"'):
+                name = body[11:body.find(b'"', 11)]
+                target = by_prefix.get(name.partition(b"@")[0])
+                if target is not None and b"@depth" in name:
+                    last_depth = target
+            else:
+                target = last_depth
+            if target is None:
+                self.unrouted += 1
+                continue
+            target.push(line)
+
+    def empty(self) -> bool:
+        return all(not lines.queue for lines in self.lines.values())
+
+    def close(self) -> None:
+        for lines in self.lines.values():
+            lines.close()
+
+
+def _status_text(elapsed: float, feed: BinanceLiveFeed, pipelines: list[_Pipeline]) -> str:
+    matched = sum(p.aggregator.check.matched for p in pipelines)
+    compared = sum(p.aggregator.check.compared for p in pipelines)
+    states = "/".join(p.aggregator.book.state.value for p in pipelines)
+    return (f"live {elapsed:6.1f} s  lines {feed.lines_out:,}  book {states}  check {matched}/{compared}  resyncs "
+            f"{feed.resyncs}  reconnects {feed.reconnects}  orders {sum(p.strategy.logic.orders for p in pipelines)}"
+            f"  fills {sum(p.account.fills for p in pipelines)}")
 
 
 def _latency(h: LatencyHistogram) -> dict[str, Any]:
@@ -226,60 +333,98 @@ def _latency(h: LatencyHistogram) -> dict[str, Any]:
             "max": round(h.max / 1e3, 1)}
 
 
-def _summary(bus: EventBus, orchestrator: Any, connector: BinanceConnector, feed: BinanceLiveFeed,
-             aggregator: BinanceAggregator, strategy: ImbalanceStrategyTask, execution: Any,
-             probe: OrderLatencyProbe, elapsed: float, recorder: TapeRecorder | None, ws_url: str, rest_url: str,
-             sim: bool, ended: str) -> dict[str, Any]:
+def _pipeline_summary(p: _Pipeline) -> dict[str, Any]:
     from kimiha.apps.demo import channel_summary
 
-    parser = aggregator.parser
+    parser = p.aggregator.parser
     by_stream = dict(sorted(parser.counts.items()))
-    read_ok = (connector.lines == parser.lines == sum(by_stream.values()) + parser.bad_lines
-               and connector.lines == feed.lines_out)
-    paper = execution.paper if isinstance(execution, PaperExecutorTask) else execution.account
-    mark = execution.last_mid if isinstance(execution, PaperExecutorTask) else None
-    if mark is None and aggregator.book.is_live:
-        mark = aggregator.book.mid()
-    tick = probe.histogram if isinstance(execution, PaperExecutorTask) else execution.tick_to_trade
-    trades = sum(v for k, v in by_stream.items() if k.endswith("@trade"))
+    account = p.account
+    mark = p.mark()
+    return {
+        "lines_read": p.connector.lines,
+        "messages_by_stream": by_stream,
+        "bad_lines": parser.bad_lines,
+        "lines_read_accounted": p.connector.lines == parser.lines == sum(by_stream.values()) + parser.bad_lines,
+        "hooks_run": all(t["state"] == "stopped" for t in p.orchestrator.registry.snapshot()),
+        "book_check": {
+            "matched": p.aggregator.check.matched,
+            "compared": p.aggregator.check.compared,
+            "gaps": p.aggregator.gaps,
+            "book_state": p.aggregator.book.state.value,
+        },
+        "trades": sum(v for k, v in by_stream.items() if k.endswith("@trade")),
+        "signals": p.strategy.logic.signals,
+        "orders": p.strategy.logic.orders,
+        "fills": account.fills,
+        "rejected": p.execution.rejected,
+        "position": round(account.position, 8),
+        "pnl": {
+            "realized": round(account.realized_pnl, 6),
+            "unrealized": round(account.unrealized_pnl(mark) if mark else 0.0, 6),
+            "fees": round(account.fees_paid, 6),
+            "total": round(account.total_pnl(mark) if mark else account.realized_pnl - account.fees_paid, 6),
+        },
+        "tick_to_trade_us": _latency(p.tick_to_trade),
+        "channels": channel_summary(p.bus),
+        "tasks": p.orchestrator.registry.snapshot(),
+        "shutdown": p.orchestrator.scheduler.last_shutdown,
+    }
+
+
+def _summary(pipelines: list[_Pipeline], feed: BinanceLiveFeed, split: _SymbolSplit | None, elapsed: float,
+             recorder: TapeRecorder | None, ws_url: str, rest_url: str, sim: bool, ended: str) -> dict[str, Any]:
+    per = {p.symbol: _pipeline_summary(p) for p in pipelines}
+    first = per[pipelines[0].symbol]
+    if len(pipelines) == 1:
+        out = dict(first)
+    else:
+        tick = LatencyHistogram()
+        for p in pipelines:
+            tick.merge(p.tick_to_trade)
+        messages: dict[str, int] = {}
+        for s in per.values():
+            messages.update(s["messages_by_stream"])
+        messages["snapshot"] = sum(s["messages_by_stream"].get("snapshot", 0) for s in per.values())
+        out = {
+            "lines_read": sum(s["lines_read"] for s in per.values()),
+            "messages_by_stream": dict(sorted(messages.items())),
+            "bad_lines": sum(s["bad_lines"] for s in per.values()),
+            "lines_read_accounted": all(s["lines_read_accounted"] for s in per.values()),
+            "hooks_run": all(s["hooks_run"] for s in per.values()),
+            "book_check": {
+                "matched": sum(s["book_check"]["matched"] for s in per.values()),
+                "compared": sum(s["book_check"]["compared"] for s in per.values()),
+                "gaps": sum(s["book_check"]["gaps"] for s in per.values()),
+                "book_state": "/".join(s["book_check"]["book_state"] for s in per.values()),
+            },
+            **{k: sum(s[k] for s in per.values()) for k in ("trades", "signals", "orders", "fills", "rejected")},
+            "position": first["position"],
+            "pnl": {k: round(sum(s["pnl"][k] for s in per.values()), 6) for k in first["pnl"]},
+            "tick_to_trade_us": _latency(tick),
+            "channels": first["channels"],
+            "tasks": [t for s in per.values() for t in s["tasks"]],
+            "shutdown": first["shutdown"],
+            "per_symbol": per,
+        }
+    # every line the feed handed out reached a pipeline, or was left in a symbol's queue at the stop (the
+    # feed records the lines it hands out: with one symbol there is no such queue, the recording is exact)
+    pending = sum(len(q.queue) for q in split.lines.values()) if split is not None else 0
+    lines_in = sum(p.connector.lines for p in pipelines) + pending + (split.unrouted if split is not None else 0)
+    out["lines_read_accounted"] = out["lines_read_accounted"] and lines_in == feed.lines_out
+    if split is not None:
+        out["unprocessed_at_stop"] = pending
     return {
         "source": {"ws_url": ws_url, "rest_url": rest_url, "sim": sim, "symbols": feed.symbols},
         "ended": ended,
-        "lines_read": connector.lines,
-        "messages_by_stream": by_stream,
-        "bad_lines": parser.bad_lines,
-        "lines_read_accounted": read_ok,
-        "hooks_run": all(t["state"] == "stopped" for t in orchestrator.registry.snapshot()),
-        "book_check": {
-            "matched": aggregator.check.matched,
-            "compared": aggregator.check.compared,
-            "gaps": aggregator.gaps,
-            "book_state": aggregator.book.state.value,
-        },
+        **out,
         "resyncs": feed.resyncs,
         "reconnects": feed.reconnects,
         "feed": feed.stats(),
-        "trades": trades,
-        "signals": strategy.logic.signals,
-        "orders": strategy.logic.orders,
-        "fills": paper.fills,
-        "rejected": execution.rejected,
-        "executor": "paper" if isinstance(execution, PaperExecutorTask) else "binance",
-        "position": round(paper.position, 8),
-        "pnl": {
-            "realized": round(paper.realized_pnl, 6),
-            "unrealized": round(paper.unrealized_pnl(mark) if mark else 0.0, 6),
-            "fees": round(paper.fees_paid, 6),
-            "total": round(paper.total_pnl(mark) if mark else paper.realized_pnl - paper.fees_paid, 6),
-        },
-        "tick_to_trade_us": _latency(tick),
+        "executor": "paper" if isinstance(pipelines[0].execution, PaperExecutorTask) else "binance",
         "record": None if recorder is None else {"paths": [str(p) for p in recorder.paths],
                                                  "lines": recorder.lines},
         "wall_time_s": round(elapsed, 3),
-        "messages_per_s": round(connector.lines / elapsed, 1) if elapsed else 0.0,
-        "channels": channel_summary(bus),
-        "tasks": orchestrator.registry.snapshot(),
-        "shutdown": orchestrator.scheduler.last_shutdown,
+        "messages_per_s": round(feed.lines_out / elapsed, 1) if elapsed else 0.0,
     }
 
 
@@ -298,6 +443,11 @@ def format_live_summary(s: dict[str, Any]) -> str:
     pct = f"{100.0 * bc['matched'] / bc['compared']:.1f} %" if bc["compared"] else "n/a"
     out.append(f"  book check: {bc['matched']:,} matched / {bc['compared']:,} compared ({pct}; gaps {bc['gaps']}, "
                f"book {bc['book_state']})")
+    for symbol, per in s.get("per_symbol", {}).items():
+        b = per["book_check"]
+        out.append(f"    {symbol}: book check {b['matched']:,} / {b['compared']:,} (gaps {b['gaps']}, book "
+                   f"{b['book_state']})  orders {per['orders']:,}  fills {per['fills']:,}  PnL total "
+                   f"{per['pnl']['total']:+.4f}")
     f = s["feed"]
     out.append(f"  resyncs {s['resyncs']}  reconnects {s['reconnects']} (silent {f['silent_reconnects']}, closed by "
                f"server {f['closed_by_server']})  snapshots {f['snapshots']}  dropped {f['dropped']}")

@@ -1,7 +1,8 @@
 """Measure the websocket clients kimiha could use for Binance's combined stream: CPU per message.
 
-A server in a child process (aiohttp) sends the JSON of the shipped tape's first N lines as text frames, as
-fast as it can, then closes. Each client, in this process, receives every frame and does what the live feed
+A server in a child process writes the JSON of the shipped tape's first N lines as websocket text frames in
+one go (a bare asyncio server: the handshake, then every frame, then a close), so the client reads as fast as
+it can and the server never paces it. Each client, in this process, receives every frame and does what the live feed
 does with it: stamps the receive time (``time.time_ns()``) and builds the tape line ``b"<ns> <json>"``. The
 figure is this process's CPU time (``time.process_time``) per message, which the server's own speed does not
 enter; rounds interleave the clients and the medians are printed, with each client's ratio to picows.
@@ -13,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
 import itertools
 import multiprocessing
 import socket
 import statistics
 import sys
 import time
+from typing import Any
 
 
 def _payloads(n: int) -> list[bytes]:
@@ -34,29 +38,49 @@ def _payloads(n: int) -> list[bytes]:
     return out
 
 
-def _serve(port: int, n: int, ready: multiprocessing.synchronize.Event) -> None:  # child process
-    from aiohttp import WSMsgType, web
+def _frames(payloads: list[bytes]) -> bytes:
+    """Server-to-client text frames (unmasked, RFC 6455 5.2), then a close frame (1000)."""
+    out = bytearray()
+    for p in payloads:
+        n = len(p)
+        if n < 126:
+            out += bytes((0x81, n))
+        elif n < 65536:
+            out += bytes((0x81, 126)) + n.to_bytes(2, "big")
+        else:
+            out += bytes((0x81, 127)) + n.to_bytes(8, "big")
+        out += p
+    out += b"\x88\x02\x03\xe8"
+    return bytes(out)
 
-    payloads = [p.decode() for p in _payloads(n)]
 
-    async def handler(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        for i, p in enumerate(payloads):
-            await ws.send_str(p)
-        await ws.close()
-        return ws
+def _serve(port: int, n: int, ready: Any) -> None:  # child process
+    # A bare asyncio server: the handshake, then every frame in one write. The kernel hands the bytes to the
+    # client as fast as the client reads, so the client's own cost is what is measured, never the server's.
+    payloads = _payloads(n)
+    blob = _frames(payloads)
+    guid = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = b""
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"sec-websocket-key":
+                key = value.strip()
+        accept = base64.b64encode(hashlib.sha1(key + guid).digest())
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        writer.write(blob)
+        await writer.drain()
+        writer.close()  # after the close frame: a client waiting for the server to end the TCP connection need not
 
     async def main() -> None:
-        app = web.Application()
-        app.router.add_get("/stream", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
         ready.set()
-        await asyncio.Event().wait()
+        async with server:
+            await server.serve_forever()
 
-    del WSMsgType
     asyncio.run(main())
 
 
@@ -96,7 +120,7 @@ async def _aiohttp(url: str) -> int:
 
     lines: list[bytes] = []
     async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(url, autoping=True, max_msg_size=0) as ws:
+        async with session.ws_connect(url, autoping=True, max_msg_size=0, compress=0) as ws:
             async for msg in ws:
                 if msg.type is aiohttp.WSMsgType.TEXT:
                     lines.append(b"%d %b" % (time.time_ns(), msg.data.encode()))

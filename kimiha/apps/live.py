@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from kimiha._core import LatencyHistogram
+from kimiha.error import InvalidConfigurationError
 from kimiha.event_bus import EventBus
 from kimiha.orchestrator import TradingOrchestratorBuilder
 from kimiha.trading.model import Order
@@ -85,9 +88,12 @@ class _Status:
 async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_url: str | None = None,
                    sim: bool = False, speed: float = 1.0, duration: float | None = None,
                    record: str | None = None, executor: str = "paper", mainnet: bool = False,
-                   status: TextIO | None = sys.stderr, sim_recording: Any = None,
+                   status: TextIO | None = sys.stderr, sim_recording: Any = None, sim_process: bool = True,
                    capacity: int = 4096) -> dict[str, Any]:
     """Run the live pipeline and return its summary (a dict with the demo's keys and the live ones).
+
+    With ``sim``, the local exchange runs in a child process (``sim_process``, the default: its work does not
+    share this event loop, so the latencies measured are the pipeline's) or in this one (``sim_process=False``).
 
     Raises
     ------
@@ -100,11 +106,9 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
     from kimiha.venues.binance.rest import BinanceRest
     from kimiha.venues.binance.signing import HmacSigner, Signer, signer_from_env
 
-    exchange = None
+    exchange: _Sim | None = None
     if sim:
-        from kimiha.venues.binance.sim import LocalExchange
-
-        exchange = LocalExchange(sim_recording, speed=speed)
+        exchange = _SimProcess(speed, sim_recording) if sim_process else _SimInProcess(speed, sim_recording)
         await exchange.start()
         ws_url, rest_url = exchange.ws_url, exchange.rest_url
     default_ws, default_rest = default_urls(executor, mainnet)
@@ -152,6 +156,7 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
             except (NotImplementedError, RuntimeError, ValueError):
                 pass
         ended = "duration"
+        next_sim_check = 0.0
         stopped = asyncio.ensure_future(stop.wait())
         splitter = asyncio.ensure_future(split.run()) if split is not None else None
         try:
@@ -167,10 +172,11 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
                 if any(pipe.orchestrator.scheduler.failure is not None for pipe in pipelines):
                     ended = "failure"
                     break
-                if exchange is not None and exchange.finished.is_set() and not feed._queue and (
-                        split is None or split.empty()):
-                    ended = "recording played out"
-                    break
+                if exchange is not None and time.monotonic() >= next_sim_check:
+                    next_sim_check = time.monotonic() + 1.0
+                    if await exchange.finished() and not feed._queue and (split is None or split.empty()):
+                        ended = "recording played out"
+                        break
             if stop.is_set():
                 ended = "signal"
         finally:
@@ -193,19 +199,126 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
         bar.update(_status_text(elapsed, feed, pipelines), final=True)
         summary = _summary(pipelines, feed, split, elapsed, recorder, ws_url, rest_url, sim, ended)
         if exchange is not None:
-            summary["sim"] = {"speed": speed, "played": exchange.played, "diffs_played": exchange.diffs_played,
-                              "depth_requests": exchange.depth_requests}
+            state = await exchange.state()
+            accounts = state.pop("accounts", {})
+            account = accounts.get(exchange.api_key)
+            summary["sim"] = {**state, "process": "child" if sim_process else "this one"}
             if executor == "binance":
-                account = exchange.accounts.get(exchange.api_key)
-                marks = exchange.marks()
                 summary["sim"]["account"] = None if account is None else {
-                    "cash": round(account.cash, 6), "positions": account.positions, "fees": round(account.fees, 6),
-                    "trades": account.trades, "pnl": round(account.equity_change(marks), 6)}
+                    "cash": round(account["cash"], 6), "positions": account["positions"],
+                    "fees": round(account["fees"], 6), "trades": account["trades"],
+                    "pnl": round(account["pnl"], 6)}
         summary["interrupted"] = interrupted[0] if interrupted else None
         return summary
     finally:
         if exchange is not None:
             await exchange.stop()
+
+
+class _Sim:
+    """The local exchange as :func:`run_live` uses it, in this process or in a child."""
+
+    ws_url = rest_url = api_key = api_secret = ""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def finished(self) -> bool:
+        raise NotImplementedError
+
+    async def state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+
+class _SimInProcess(_Sim):
+    def __init__(self, speed: float, recording: Any) -> None:
+        from kimiha.venues.binance.sim import LocalExchange
+
+        self.exchange = LocalExchange(recording, speed=speed)
+
+    async def start(self) -> None:
+        ex = self.exchange
+        await ex.start()
+        self.ws_url, self.rest_url, self.api_key, self.api_secret = ex.ws_url, ex.rest_url, ex.api_key, ex.api_secret
+
+    async def finished(self) -> bool:
+        return self.exchange.finished.is_set()
+
+    async def state(self) -> dict[str, Any]:
+        return self.exchange.state()
+
+    async def stop(self) -> None:
+        await self.exchange.stop()
+
+
+class _SimProcess(_Sim):
+    """``python -m kimiha.venues.binance.sim`` as a child process (its own session: a Ctrl-C reaches only us)."""
+
+    def __init__(self, speed: float, recording: Any) -> None:
+        self.speed = speed
+        self.recording = [] if recording is None else (
+            [recording] if isinstance(recording, (str, os.PathLike)) else list(recording))
+        self.proc: asyncio.subprocess.Process | None = None
+        self._session: Any = None
+
+    async def start(self) -> None:
+        import secrets
+
+        self.api_key, self.api_secret = secrets.token_hex(16), secrets.token_hex(32)
+        env = dict(os.environ, KIMIHA_SIM_API_KEY=self.api_key, KIMIHA_SIM_API_SECRET=self.api_secret)
+        args = [sys.executable, "-m", "kimiha.venues.binance.sim", "--speed", repr(self.speed)]
+        for path in self.recording:
+            args += ["--recording", os.fspath(path)]
+        self.proc = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.PIPE,
+                                                         stdout=asyncio.subprocess.PIPE, env=env,
+                                                         start_new_session=True)
+        assert self.proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), 60.0)
+            port = int(json.loads(line)["port"])
+        except (asyncio.TimeoutError, ValueError, KeyError, TypeError):
+            await self.stop()
+            raise InvalidConfigurationError("--sim: the local exchange process did not start (it said nothing "
+                                            "usable on stdout within 60 s)") from None
+        self.ws_url, self.rest_url = f"ws://127.0.0.1:{port}", f"http://127.0.0.1:{port}"
+
+    async def _get_state(self) -> dict[str, Any]:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        async with self._session.get(f"{self.rest_url}/sim/state") as resp:
+            answer: dict[str, Any] = await resp.json()
+            return answer
+
+    async def finished(self) -> bool:
+        try:
+            return bool((await self._get_state())["finished"])
+        except Exception:  # noqa: BLE001 - a child that went away has nothing more to play
+            return self.proc is None or self.proc.returncode is not None
+
+    async def state(self) -> dict[str, Any]:
+        try:
+            return await self._get_state()
+        except Exception as exc:  # noqa: BLE001 - the summary says so instead
+            return {"error": f"the local exchange process gave no state: {exc}"}
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()  # the child stops when its stdin closes
+        try:
+            await asyncio.wait_for(proc.wait(), 10.0)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
 
 
 class _Pipeline:

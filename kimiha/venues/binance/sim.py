@@ -247,6 +247,7 @@ class LocalExchange:
         r.add_post("/api/v3/userDataStream", self._new_listen_key)
         r.add_put("/api/v3/userDataStream", self._keepalive_listen_key)
         r.add_delete("/api/v3/userDataStream", self._keepalive_listen_key)
+        r.add_get("/sim/state", self._state)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.requested_port)
@@ -713,6 +714,21 @@ class LocalExchange:
             task.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------------ views
+    def state(self) -> dict[str, Any]:
+        """Return what the exchange did and its accounts (``GET /sim/state`` serves this as JSON)."""
+        marks = self.marks()
+        return {"finished": self.finished.is_set(), "speed": self.speed, "played": self.played,
+                "messages_sent": self.messages_sent, "diffs_played": self.diffs_played,
+                "depth_requests": self.depth_requests, "orders": len(self.orders),
+                "accounts": {key: {"cash": a.cash, "positions": a.positions, "fees": a.fees, "trades": a.trades,
+                                   "pnl": a.equity_change(marks)}
+                             for key, a in self.accounts.items() if key == self.api_key}}
+
+    async def _state(self, request: Any) -> Any:
+        from aiohttp import web
+
+        return web.Response(body=msgspec.json.encode(self.state()), content_type="application/json")
+
     def marks(self) -> dict[str, float]:
         """Return each symbol's mid (the last trade price when a side is empty)."""
         out = {}
@@ -725,3 +741,48 @@ class LocalExchange:
         return f"LocalExchange(port={self.port}, played={self.played}, orders={len(self.orders)})"
 
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a local exchange until SIGTERM / SIGINT or until stdin closes (the parent went away).
+
+    ``python -m kimiha.venues.binance.sim [--recording PATH ...] [--speed X] [--port N]``; the API key and
+    secret come from ``KIMIHA_SIM_API_KEY`` / ``KIMIHA_SIM_API_SECRET`` (random otherwise). When it listens it
+    prints one JSON line ``{"port": N}`` on stdout.
+    """
+    import argparse
+    import os
+    import signal
+    import sys
+
+    import kimiha
+
+    ap = argparse.ArgumentParser(prog="python -m kimiha.venues.binance.sim", description=main.__doc__)
+    ap.add_argument("--recording", action="append", help="recording to play (default: the shipped tape)")
+    ap.add_argument("--speed", type=float, default=1.0, help="playback speed (default 1; 0: as fast as possible)")
+    ap.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    args = ap.parse_args(argv)
+
+    async def serve() -> None:
+        exchange = LocalExchange(args.recording, speed=args.speed or None, port=args.port,
+                                 api_key=os.environ.get("KIMIHA_SIM_API_KEY"),
+                                 api_secret=os.environ.get("KIMIHA_SIM_API_SECRET"))
+        await exchange.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        loop.add_reader(sys.stdin.fileno(), lambda: stop.set() if not os.read(sys.stdin.fileno(), 4096) else None)
+        sys.stdout.write(msgspec.json.encode({"port": exchange.port}).decode() + "\n")
+        sys.stdout.flush()
+        try:
+            await stop.wait()
+        finally:
+            await exchange.stop()
+
+    kimiha.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

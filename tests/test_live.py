@@ -485,3 +485,32 @@ def test_several_symbols_one_stream_each_book_exact(two_symbols: Path, tmp_path:
         before = next(line for line in reversed(lines[:i]) if b"@depth" in line[:60])
         named.add(b"btcusdt" if b"btcusdt" in before[:60] else b"ethusdt")
     assert named == {b"btcusdt", b"ethusdt"}
+
+
+def test_sigterm_stops_a_live_run_cleanly_with_its_summary(tmp_path: Path) -> None:
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "kimiha", "live", "--sim", "--speed", "5", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the status line: the pipeline runs
+            if line.startswith("live ") and "book live" in line:
+                break
+        else:
+            raise AssertionError("no status line")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    summary = json.loads(out)
+    assert summary["interrupted"] == "SIGTERM" and summary["ended"] == "signal" and summary["hooks_run"]
+    assert summary["lines_read_accounted"] and summary["book_check"]["matched"] == summary["book_check"]["compared"]

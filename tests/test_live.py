@@ -214,6 +214,61 @@ def test_429_retry_after_is_honoured(excerpt: Path) -> None:
     assert p.aggregator.check.matched == p.aggregator.check.compared > 0
 
 
+def test_418_ban_is_waited_out_and_never_hammered(excerpt: Path) -> None:
+    async def main() -> tuple[Pipeline, list[float]]:
+        async with LocalExchange(excerpt, speed=8.0, faults=SimFaults(depth_418=1, retry_after=1)) as ex:
+            p = Pipeline(ex)
+            await p.run_to_end()
+            assert ex.depth_418_sent == 1
+            return p, ex.depth_request_times
+
+    p, times = run(main())
+    assert len(times) == 2 and times[1] - times[0] >= 1.0  # one request during the ban, none until it ended
+    assert p.feed.rest.retried_429 == 0
+    assert p.aggregator.check.matched == p.aggregator.check.compared > 0
+
+
+def test_clock_offset_outside_recv_window_is_resynced(excerpt: Path) -> None:
+    async def main() -> tuple[dict, int]:
+        async with LocalExchange(excerpt, speed=None, start_on_connect=False) as ex:
+            await until(lambda: ex.finished.is_set(), "the book")
+            rest = BinanceRest(ex.rest_url, signer=HmacSigner(ex.api_key, ex.api_secret))
+            rest.time_offset_ms = -60_000  # as if the local clock ran a minute ahead of the server's
+            try:
+                answer = await BinanceOrderClient(rest).new_order("BTCUSDT", "BUY", "MARKET", 0.001)
+            finally:
+                await rest.close()
+            return answer, rest.time_offset_ms
+
+    answer, offset = run(main())
+    assert answer["status"] == "FILLED"  # refused with -1021 once, then sent again after GET /api/v3/time
+    assert abs(offset) < 5_000
+
+
+def test_cli_against_any_binance_protocol_server(excerpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from kimiha.apps.cli import main
+
+    server = subprocess.Popen([sys.executable, "-m", "kimiha.venues.binance.sim", "--speed", "10",
+                               "--recording", str(excerpt)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert server.stdout is not None
+        port = json.loads(server.stdout.readline())["port"]
+        code = main(["live", "--ws-url", f"ws://127.0.0.1:{port}", "--rest-url", f"http://127.0.0.1:{port}",
+                     "--duration", "1.5", "--json", "--no-status"])
+    finally:
+        assert server.stdin is not None
+        server.stdin.close()
+        server.wait(timeout=30)
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["source"]["sim"] is False
+    assert out["book_check"]["compared"] > 0 and out["book_check"]["matched"] == out["book_check"]["compared"]
+
+
 def test_unreachable_server_is_one_clear_error() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -68,6 +68,8 @@ class SimFaults(msgspec.Struct, kw_only=True):
         Send a ping to every market-data socket this often (seconds); pongs are counted.
     depth_429 : int
         Answer the first this-many depth requests with ``429`` and ``Retry-After: retry_after``.
+    depth_418 : int
+        Then answer this many with ``418`` (the IP is banned) and the same ``Retry-After``.
     retry_after : int
         Seconds in those ``Retry-After`` headers.
     """
@@ -77,6 +79,7 @@ class SimFaults(msgspec.Struct, kw_only=True):
     silent_after: int | None = None
     ping_interval: float | None = None
     depth_429: int = 0
+    depth_418: int = 0
     retry_after: int = 1
 
 
@@ -214,6 +217,7 @@ class LocalExchange:
         self.pongs = 0
         self.depth_requests = 0
         self.depth_429_sent = 0
+        self.depth_418_sent = 0
         self.depth_request_times: list[float] = []
         self.bad_signatures = 0
         self.weight_used = 0
@@ -440,6 +444,11 @@ class LocalExchange:
         if self.depth_429_sent < self.faults.depth_429:
             self.depth_429_sent += 1
             resp = _error(-1003, "Too many requests; current limit of IP is 6000 requests per minute.", 429)
+            resp.headers["Retry-After"] = str(self.faults.retry_after)
+            return resp
+        if self.depth_418_sent < self.faults.depth_418:
+            self.depth_418_sent += 1
+            resp = _error(-1003, "Way too many requests; IP banned until later.", 418)
             resp.headers["Retry-After"] = str(self.faults.retry_after)
             return resp
         symbol = request.query.get("symbol", "").upper()

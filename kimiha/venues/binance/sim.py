@@ -52,7 +52,10 @@ _QTY_EPS = 1e-12
 
 
 class SimFaults(msgspec.Struct, kw_only=True):
-    """Faults the local exchange injects (counts are over market messages played, from 1).
+    """Faults the local exchange injects.
+
+    The counts start (from 1) once the first depth snapshot has been served, so that a fault always hits a
+    client whose book is live, however long that first snapshot took on a loaded machine.
 
     Attributes
     ----------
@@ -218,6 +221,7 @@ class LocalExchange:
         self.depth_requests = 0
         self.depth_429_sent = 0
         self.depth_418_sent = 0
+        self._snapshot_served = False
         self.depth_request_times: list[float] = []
         self.bad_signatures = 0
         self.weight_used = 0
@@ -294,6 +298,7 @@ class LocalExchange:
         faults = self.faults
         drop = set(faults.drop_diffs)
         close_after = sorted(faults.close_after)
+        played_since = diffs_since = 0  # messages and diffs played since the first snapshot was served
         try:
             async for line in replay_lines(self.recording, self.speed):
                 body = line.partition(b" ")[2]
@@ -305,11 +310,14 @@ class LocalExchange:
                     self._apply_snapshot(event)
                     continue  # snapshots are served over REST, never streamed
                 self.played += 1
+                synced = self._snapshot_served
+                played_since += synced
                 send = True
                 if isinstance(event, DepthDiff):
                     self.diffs_played += 1
+                    diffs_since += synced
                     self._apply_diff(event)
-                    if self.diffs_played in drop:
+                    if synced and diffs_since in drop:
                         self.diffs_dropped += 1
                         send = False
                 elif isinstance(event, Trade):
@@ -319,10 +327,10 @@ class LocalExchange:
                     pass
                 if send:
                     await self._broadcast(body, event)
-                while close_after and self.played >= close_after[0]:
+                while synced and close_after and played_since >= close_after[0]:
                     close_after.pop(0)
                     await self._close_market_sockets()
-                if faults.silent_after is not None and self.played == faults.silent_after:
+                if synced and faults.silent_after is not None and played_since == faults.silent_after:
                     for client in self._clients:
                         client.silenced = True
         except asyncio.CancelledError:
@@ -472,6 +480,7 @@ class LocalExchange:
             return _error(-1000, "An unknown error occurred while processing the request.", 503)
         bids, asks = book.depth(limit)
         weight = 5 if limit <= 100 else 25 if limit <= 500 else 50 if limit <= 1000 else 250
+        self._snapshot_served = True
         body = msgspec.json.encode({"lastUpdateId": book.last_update_id,
                                     "bids": [[_fmt(p), _fmt(q)] for p, q in bids],
                                     "asks": [[_fmt(p), _fmt(q)] for p, q in asks]})

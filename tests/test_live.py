@@ -542,13 +542,15 @@ def test_several_symbols_one_stream_each_book_exact(two_symbols: Path, tmp_path:
     assert named == {b"btcusdt", b"ethusdt"}
 
 
-def test_sigterm_stops_a_live_run_cleanly_with_its_summary(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_stops_a_live_run_cleanly_with_its_summary(signame: str, tmp_path: Path) -> None:
     import json
     import os
     import signal
     import subprocess
     import sys
 
+    signum = signal.Signals[signame]
     proc = subprocess.Popen([sys.executable, "-m", "kimiha", "live", "--sim", "--speed", "5", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -559,13 +561,13 @@ def test_sigterm_stops_a_live_run_cleanly_with_its_summary(tmp_path: Path) -> No
                 break
         else:
             raise AssertionError("no status line")
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert proc.returncode == 128 + signum, err
     summary = json.loads(out)
-    assert summary["interrupted"] == "SIGTERM" and summary["ended"] == "signal" and summary["hooks_run"]
+    assert summary["interrupted"] == signame and summary["ended"] == "signal" and summary["hooks_run"]
     assert summary["lines_read_accounted"] and summary["book_check"]["matched"] == summary["book_check"]["compared"]

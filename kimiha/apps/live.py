@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from kimiha._core import LatencyHistogram
 from kimiha.error import InvalidConfigurationError
 from kimiha.event_bus import EventBus
 from kimiha.orchestrator import TradingOrchestratorBuilder
+from kimiha.scheduling.signals import take_signal
 from kimiha.trading.model import Order
 from kimiha.trading.tasks import ImbalanceStrategyTask, PaperExecutorTask, TradingEvent, trading_channels
 from kimiha.types import Executor
@@ -143,17 +145,16 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
         started = time.perf_counter()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        installed = []
+        give_back = []
 
         def on_signal(signum: int) -> None:
             interrupted.append(signal.Signals(signum).name)
             stop.set()
 
         for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(signum, on_signal, signum)
-                installed.append(signum)
-            except (NotImplementedError, RuntimeError, ValueError):
+            try:  # Ctrl-C and SIGTERM stop the run through the same staged shutdown
+                give_back.append(take_signal(loop, signum, functools.partial(on_signal, signum)))
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
                 pass
         ended = "duration"
         next_sim_check = 0.0
@@ -190,8 +191,8 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
                 for pipe in pipelines:
                     await pipe.orchestrator.shutdown(timeout=30)
             finally:
-                for signum in installed:
-                    loop.remove_signal_handler(signum)
+                for restore in give_back:
+                    restore()
                 await feed.aclose()
                 for pipe in pipelines:
                     await pipe.close_rest()

@@ -269,6 +269,33 @@ def test_cli_against_any_binance_protocol_server(excerpt: Path, capsys: pytest.C
     assert out["book_check"]["compared"] > 0 and out["book_check"]["matched"] == out["book_check"]["compared"]
 
 
+def test_cli_refused_api_key_is_one_line(excerpt: Path, capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from kimiha.apps.cli import main
+
+    monkeypatch.setenv("BINANCE_API_KEY", "not-a-key-of-this-server")
+    monkeypatch.setenv("BINANCE_API_SECRET", "its-secret")
+    server = subprocess.Popen([sys.executable, "-m", "kimiha.venues.binance.sim", "--recording", str(excerpt)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        port = json.loads(server.stdout.readline())["port"]
+        code = main(["live", "--ws-url", f"ws://127.0.0.1:{port}", "--rest-url", f"http://127.0.0.1:{port}",
+                     "--executor", "binance", "--duration", "5", "--no-status"])
+    finally:
+        assert server.stdin is not None
+        server.stdin.close()
+        server.wait(timeout=30)
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if line.startswith("kimiha live")]
+    assert code == 1 and len(err) == 1 and "-2015" in err[0] and "BINANCE_API_KEY" in err[0]
+    assert "its-secret" not in captured.err + captured.out and "Traceback" not in captured.err
+
+
 def test_unreachable_server_is_one_clear_error() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

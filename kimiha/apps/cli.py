@@ -216,7 +216,7 @@ def _run_live(args: argparse.Namespace, live: argparse.ArgumentParser) -> int:
     except ImportError as exc:
         print(f"kimiha live: needs the live extra (pip install 'kimiha[live]'): {exc}", file=sys.stderr)
         return 2
-    from kimiha.error import InvalidConfigurationError
+    from kimiha.error import InvalidConfigurationError, OrchestratorError
 
     try:
         summary = kimiha.run(
@@ -230,6 +230,9 @@ def _run_live(args: argparse.Namespace, live: argparse.ArgumentParser) -> int:
         print(f"kimiha live: {exc}", file=sys.stderr)
         return 2
     except BinanceError as exc:
+        print(f"kimiha live: {exc}", file=sys.stderr)
+        return 1
+    except OrchestratorError as exc:  # e.g. the executor's user data stream refused at its initialize()
         print(f"kimiha live: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # --record into a directory that does not exist, ...

@@ -771,6 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import os
     import signal
+    import stat
     import sys
 
     import kimiha
@@ -790,7 +791,12 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        loop.add_reader(sys.stdin.fileno(), lambda: stop.set() if not os.read(sys.stdin.fileno(), 4096) else None)
+        try:  # a parent holding our stdin pipe: its end closing stops us (not for /dev/null or a file)
+            if stat.S_ISFIFO(os.fstat(sys.stdin.fileno()).st_mode):
+                fd = sys.stdin.fileno()
+                loop.add_reader(fd, lambda: stop.set() if not os.read(fd, 4096) else None)
+        except (OSError, ValueError):
+            pass
         sys.stdout.write(msgspec.json.encode({"port": exchange.port}).decode() + "\n")
         sys.stdout.flush()
         try:

@@ -489,6 +489,22 @@ def test_recorder_rotates_by_size(tmp_path: Path) -> None:
     assert list(iter_lines(rec.paths)) == lines
 
 
+def test_recorder_flushes_a_quiet_stream_by_time_and_rotates_by_time(tmp_path: Path) -> None:
+    now = [0.0]
+    rec = TapeRecorder(tmp_path / "rec.gz", rotate_seconds=60.0, flush_lines=1000, flush_seconds=1.0,
+                       clock=lambda: now[0])
+    rec.write(b"1 {}")
+    assert rec.lines == 0  # buffered
+    now[0] = 1.5
+    rec.write(b"2 {}")
+    assert rec.lines == 2  # the oldest had waited 1.5 s: written
+    now[0] = 61.0
+    rec.write(b"3 {}")  # written after the rotation
+    rec.close()
+    assert rec.paths == [tmp_path / "rec.gz", tmp_path / "rec.1.gz"]
+    assert list(iter_lines(rec.paths[0])) == [b"1 {}", b"2 {}"] and list(iter_lines(rec.paths[1])) == [b"3 {}"]
+
+
 def test_live_recording_replays_with_the_same_book_check(excerpt: Path, tmp_path: Path) -> None:
     from kimiha.apps.demo import run_demo
     from kimiha.apps.live import run_live

@@ -54,6 +54,9 @@ class TapeRecorder:
         Start a new file after this long; None: never by time.
     flush_lines : int, default 512
         Lines buffered before they are compressed and written.
+    flush_seconds : float, default 1.0
+        Also write the buffered lines once the oldest has waited this long (a quiet stream still reaches the
+        file; the check is made when a line arrives).
     compresslevel : int, default 6
         gzip level (6: about 6 times smaller than the text at a third of level 9's cost).
     clock : callable, default time.monotonic
@@ -68,7 +71,8 @@ class TapeRecorder:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, rotate_bytes: int | None = 256 << 20,
-                 rotate_seconds: float | None = 3600.0, flush_lines: int = 512, compresslevel: int = 6,
+                 rotate_seconds: float | None = 3600.0, flush_lines: int = 512, flush_seconds: float = 1.0,
+                 compresslevel: int = 6,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if rotate_bytes is not None and (isinstance(rotate_bytes, bool) or not isinstance(rotate_bytes, int)
                                          or rotate_bytes < 1):
@@ -81,10 +85,14 @@ class TapeRecorder:
                                             f"{rotate_seconds!r}")
         if isinstance(flush_lines, bool) or not isinstance(flush_lines, int) or flush_lines < 1:
             raise InvalidConfigurationError(f"TapeRecorder: flush_lines must be an int >= 1, got {flush_lines!r}")
+        if isinstance(flush_seconds, bool) or not isinstance(flush_seconds, (int, float)) or not flush_seconds > 0:
+            raise InvalidConfigurationError(f"TapeRecorder: flush_seconds must be a number > 0, got {flush_seconds!r}")
         self.path = Path(path)
         self.rotate_bytes = rotate_bytes
         self.rotate_seconds = rotate_seconds
         self.flush_lines = flush_lines
+        self.flush_seconds = flush_seconds
+        self._first_pending = 0.0
         self.compresslevel = compresslevel
         self._clock = clock
         self.lines = 0
@@ -108,8 +116,11 @@ class TapeRecorder:
         """Record one line (without its newline)."""
         if self._closed:
             raise InvalidConfigurationError(f"TapeRecorder {str(self.path)!r}: write after close")
-        self._pending.append(line)
-        if len(self._pending) >= self.flush_lines:
+        pending = self._pending
+        if not pending:
+            self._first_pending = self._clock()
+        pending.append(line)
+        if len(pending) >= self.flush_lines or self._clock() - self._first_pending >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -248,8 +249,12 @@ class BinanceRest:
             self.used_weight = 0
 
     async def request(self, method: str, path: str, params: dict[str, Any] | None = None, *,
-                      signed: bool = False, api_key: bool = False) -> tuple[bytes, int]:
+                      signed: bool = False, api_key: bool = False,
+                      on_send: Callable[[], None] | None = None) -> tuple[bytes, int]:
         """Send one request; return ``(body, recv_ts_ns)`` of a 2xx answer (receive time: ``time.time_ns()``).
+
+        ``on_send`` is called right before each attempt goes to the HTTP client (signed, URL built): what
+        tick-to-trade measures up to.
 
         Raises
         ------
@@ -281,6 +286,8 @@ class BinanceRest:
                 url = f"{self.base_url}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
             session = self._get_session()
             self.requests += 1
+            if on_send is not None:
+                on_send()
             try:
                 async with session.request(method, url, headers=headers) as resp:
                     body = await resp.read()
@@ -322,9 +329,9 @@ class BinanceRest:
             raise error
 
     async def json(self, method: str, path: str, params: dict[str, Any] | None = None, *,
-                   signed: bool = False, api_key: bool = False) -> Any:
+                   signed: bool = False, api_key: bool = False, on_send: Callable[[], None] | None = None) -> Any:
         """Like :meth:`request`, decoding the JSON body."""
-        body, _ = await self.request(method, path, params, signed=signed, api_key=api_key)
+        body, _ = await self.request(method, path, params, signed=signed, api_key=api_key, on_send=on_send)
         try:
             return msgspec.json.decode(body)
         except msgspec.DecodeError:
@@ -353,9 +360,10 @@ class BinanceRest:
         self.time_offset_ms = server_ms - (t0 + t1) // 2_000_000
         return self.time_offset_ms
 
-    async def signed(self, method: str, path: str, params: dict[str, Any] | None = None) -> Any:
+    async def signed(self, method: str, path: str, params: dict[str, Any] | None = None, *,
+                     on_send: Callable[[], None] | None = None) -> Any:
         """Send a signed request (``timestamp``, ``recvWindow``, ``signature``); return the decoded JSON."""
-        return await self.json(method, path, params, signed=True)
+        return await self.json(method, path, params, signed=True, on_send=on_send)
 
     def __repr__(self) -> str:  # never the key or the secret
         return f"BinanceRest({self.base_url!r}, signed={self.signer is not None}, used_weight={self.used_weight})"

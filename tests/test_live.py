@@ -511,7 +511,7 @@ def test_live_recording_replays_with_the_same_book_check(excerpt: Path, tmp_path
 
     rec = tmp_path / "rec.gz"
     live = run(run_live(["BTCUSDT"], sim=True, speed=40.0, record=str(rec), status=None, sim_recording=excerpt,
-                        duration=30.0))
+                        duration=30.0, sim_process=False))
     assert live["ended"] == "recording played out" and live["lines_read_accounted"]
     replay = run(run_demo([rec], progress=None))
     assert live["book_check"]["compared"] > 50
@@ -565,7 +565,7 @@ def test_several_symbols_one_stream_each_book_exact(two_symbols: Path, tmp_path:
 
     rec = tmp_path / "two.gz"
     s = run(run_live(["BTCUSDT", "ETHUSDT"], sim=True, speed=40.0, record=str(rec), status=None,
-                     sim_recording=two_symbols, duration=30.0, executor="binance"))
+                     sim_recording=two_symbols, duration=30.0, executor="binance", sim_process=False))
     assert s["ended"] == "recording played out" and s["lines_read_accounted"]
     assert s["feed"]["snapshots"] == 2 and s["resyncs"] == 0
     for symbol in ("BTCUSDT", "ETHUSDT"):
@@ -614,3 +614,18 @@ def test_ctrl_c_or_sigterm_stops_a_live_run_cleanly_with_its_summary(signame: st
     summary = json.loads(out)
     assert summary["interrupted"] == signame and summary["ended"] == "signal" and summary["hooks_run"]
     assert summary["lines_read_accounted"] and summary["book_check"]["matched"] == summary["book_check"]["compared"]
+
+
+def test_sim_child_process_stops_by_itself_when_its_parent_lets_go(excerpt: Path) -> None:
+    from kimiha.apps.live import _SimProcess
+
+    async def main() -> int | None:
+        sim = _SimProcess(5.0, excerpt)
+        await sim.start()
+        state = await sim.state()
+        assert state["finished"] is False and "accounts" in state
+        await sim.stop()  # closes the child's stdin: it must stop itself (a kill would give -9)
+        assert sim.proc is not None
+        return sim.proc.returncode
+
+    assert run(main()) == 0

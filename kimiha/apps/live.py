@@ -73,15 +73,20 @@ class _Status:
         self.stream = stream
         self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
         self.last = 0.0
+        self.key = ""
 
-    def update(self, text: str, final: bool = False) -> None:
+    def update(self, text: str, final: bool = False, key: str = "") -> None:
+        """Redraw (terminal), or print a line every 5 s, at the end, and whenever ``key`` (the books' states)
+        changes."""
         if self.stream is None:
             return
         now = time.monotonic()
+        changed = key != self.key
+        self.key = key
         if self.tty:
             self.stream.write("\r" + text + ("\n" if final else ""))
             self.stream.flush()
-        elif final or now - self.last >= 5.0:
+        elif final or changed or now - self.last >= 5.0:
             self.last = now
             self.stream.write(text + "\n")
             self.stream.flush()
@@ -169,7 +174,8 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
                 if remaining is not None and remaining <= 0:
                     break
                 await asyncio.wait([stopped], timeout=0.5 if remaining is None else min(0.5, remaining))
-                bar.update(_status_text(time.perf_counter() - started, feed, pipelines))
+                bar.update(_status_text(time.perf_counter() - started, feed, pipelines),
+                           key="/".join(p.aggregator.book.state.value for p in pipelines))
                 if any(pipe.orchestrator.scheduler.failure is not None for pipe in pipelines):
                     ended = "failure"
                     break

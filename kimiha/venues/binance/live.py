@@ -338,6 +338,8 @@ class BinanceLiveFeed:
             if not self._stopping and self._last_close:
                 logger.warning("Binance combined stream: the server closed the connection (%s)", self._last_close)
                 self._last_close = ""
+            elif not self._stopping and done.done():
+                logger.warning("Binance combined stream: the connection was lost (no close frame)")
         finally:
             if not done.done():
                 try:

@@ -792,7 +792,8 @@ def main(argv: list[str] | None = None) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         try:  # a parent holding our stdin pipe: its end closing stops us (not for /dev/null or a file)
-            if stat.S_ISFIFO(os.fstat(sys.stdin.fileno()).st_mode):
+            mode = os.fstat(sys.stdin.fileno()).st_mode
+            if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):  # a pipe, or the socket pair uvloop gives a child
                 fd = sys.stdin.fileno()
                 loop.add_reader(fd, lambda: stop.set() if not os.read(fd, 4096) else None)
         except (OSError, ValueError):

@@ -1,5 +1,6 @@
-"""Command line: ``kimiha demo`` (the main job), ``kimiha top`` (a live view of a running engine's metrics)
-and ``kimiha bench`` (side-by-side benchmarks).
+"""Command line: ``kimiha demo`` (the main job), ``kimiha replay`` (a journal), ``kimiha live`` (live Binance
+data, or the local exchange), ``kimiha top`` (a live view of a running engine's metrics) and ``kimiha bench``
+(side-by-side benchmarks).
 
 One set of conventions for every mode (see :data:`EXIT_STATUS`): an interrupted run stops cleanly, prints its
 summary and exits 128 + the signal's number; a closed stdout (``| head``) ends the run quietly with 141; a
@@ -204,9 +205,119 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     from kimiha.apps.top import add_top_parser
 
     add_top_parser(sub)
+    _live_parser(sub)
     sub.add_parser("bench", help="side-by-side benchmarks (kimiha vs asyncio.Queue, pyee, NautilusTrader); "
                                  "`kimiha bench help` lists the modes")
     return parser, demo
+
+
+def _symbol(text: str) -> str:
+    value = text.strip().upper()
+    if not value.isalnum() or not 2 <= len(value) <= 20:
+        raise argparse.ArgumentTypeError(f"expected a Binance symbol such as BTCUSDT, got {text!r}")
+    return value
+
+
+def _ws_url(text: str) -> str:
+    parts = urllib.parse.urlsplit(text.strip())
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"expected a websocket base URL like wss://HOST[:PORT], got {text!r}")
+    return text.strip()
+
+
+def _http_url(text: str) -> str:
+    parts = urllib.parse.urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"expected a REST base URL like https://HOST[:PORT], got {text!r}")
+    return text.strip()
+
+
+def _live_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    live = sub.add_parser(
+        "live",
+        help="the trading pipeline on live Binance market data (or the local exchange with --sim)",
+        description="Run connector -> aggregator -> strategy -> executor on Binance spot market data: the "
+        "combined stream (<ws-url>/stream?streams=...) and the REST depth snapshot (<rest-url>/api/v3/depth), "
+        "with Binance's local-book procedure, resyncs and reconnects. --sim runs a local exchange speaking "
+        "Binance's protocol on 127.0.0.1 instead, playing the shipped recording. Needs the live extra.",
+        epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    live.add_argument("--symbol", action="append", type=_symbol, metavar="S",
+                      help="symbol to trade (default BTCUSDT)")
+    live.add_argument("--ws-url", type=_ws_url, metavar="URL",
+                      help="websocket base URL (default: Binance's public stream; the spot testnet with "
+                           "--executor binance)")
+    live.add_argument("--rest-url", type=_http_url, metavar="URL",
+                      help="REST base URL (default: Binance's public API; the spot testnet with --executor binance)")
+    live.add_argument("--sim", action="store_true",
+                      help="run against a local exchange on 127.0.0.1 playing the shipped recording")
+    live.add_argument("--speed", type=_speed, default=None,
+                      help="with --sim: play the recording at its pace times this factor (default 1)")
+    live.add_argument("--duration", type=_seconds, default=None, metavar="S",
+                      help="stop after S seconds (default: until Ctrl-C, or the end of the --sim recording)")
+    live.add_argument("--record", metavar="PATH",
+                      help="record what arrived in the tape format (gzip) for `kimiha demo --data PATH`")
+    live.add_argument("--executor", choices=("paper", "binance"), default="paper",
+                      help="paper (default) fills against the rebuilt book; binance sends signed orders "
+                           "(keys from BINANCE_API_KEY + BINANCE_API_SECRET or BINANCE_PRIVATE_KEY_FILE)")
+    live.add_argument("--mainnet", action="store_true",
+                      help="with --executor binance: allow Binance's production exchange (real money)")
+    live.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    live.add_argument("--no-status", action="store_true", help="do not show the status line on stderr")
+    live.add_argument("--loop", choices=LOOPS, default="uvloop", help="event loop (default: uvloop)")
+    live.set_defaults(live_parser=live)  # for its own usage errors
+    return live
+
+
+def _run_live(args: argparse.Namespace, live: argparse.ArgumentParser) -> int:
+    if args.sim and (args.ws_url or args.rest_url):
+        live.error("--sim runs its own local exchange: leave out --ws-url / --rest-url, or leave out --sim")
+    if args.speed is not None and not args.sim:
+        live.error("--speed applies to --sim only (a live stream comes at its own pace)")
+    if args.mainnet and args.executor != "binance":
+        live.error("--mainnet applies to --executor binance only (market data needs no permission)")
+    try:
+        from kimiha.apps.live import format_live_summary, run_live
+        from kimiha.venues.binance.rest import BinanceError
+    except ImportError as exc:
+        print(f"kimiha live: needs the live extra (pip install 'kimiha[live]'): {exc}", file=sys.stderr)
+        return 2
+    from kimiha.error import InvalidConfigurationError, OrchestratorError
+
+    try:
+        summary = kimiha.run(
+            run_live(args.symbol or ["BTCUSDT"], ws_url=args.ws_url, rest_url=args.rest_url, sim=args.sim,
+                     speed=args.speed or 1.0, duration=args.duration, record=args.record,
+                     executor=args.executor, mainnet=args.mainnet,
+                     status=None if args.no_status else sys.stderr),
+            loop=args.loop,
+        )
+    except InvalidConfigurationError as exc:
+        print(f"kimiha live: {exc}", file=sys.stderr)
+        return 2
+    except BinanceError as exc:
+        print(f"kimiha live: {exc}", file=sys.stderr)
+        return 1
+    except OrchestratorError as exc:  # e.g. the executor's user data stream refused at its initialize()
+        print(f"kimiha live: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # --record into a directory that does not exist, ...
+        if exc.filename is None:
+            raise
+        print(f"kimiha live: cannot write {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        signame = getattr(exc, "signame", "SIGINT")
+        print(f"kimiha live: interrupted by {signame} before the run started; nothing to summarize",
+              file=sys.stderr)
+        return signal_exit_code(signame)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(format_live_summary(summary))
+    if summary.get("interrupted"):
+        return signal_exit_code(summary["interrupted"])
+    return 0 if summary["lines_read_accounted"] and summary["ended"] != "failure" else 1
 
 
 def _quiet_stdout() -> None:
@@ -284,6 +395,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return top_main(args)
     if args.command == "replay":
         return _replay(args)
+    if args.command == "live":
+        return _run_live(args, args.live_parser)
     if args.command != "demo":  # pragma: no cover - argparse rejects unknown commands
         return 2
     if not args.distributed:

@@ -1,0 +1,453 @@
+"""Live Binance spot orders: REST new / cancel / query, the user data stream, and the executor task.
+
+* :class:`BinanceOrderClient` -- ``POST /api/v3/order`` (MARKET; LIMIT with GTC, IOC or FOK), ``DELETE`` (cancel)
+  and ``GET`` (query), signed (see :mod:`kimiha.venues.binance.signing`), over a
+  :class:`~kimiha.venues.binance.rest.BinanceRest` that maps Binance's error codes to kimiha errors;
+* :class:`UserDataStream` -- a listen key (``POST /api/v3/userDataStream``, kept alive every 30 minutes) and the
+  websocket ``<ws_url>/ws/<listenKey>`` whose ``executionReport`` events carry acknowledgements and fills
+  (reconnected with backoff when it drops);
+* :class:`BinanceExecutorTask` -- the executor beside the paper one: each :class:`~kimiha.trading.model.Order`
+  of the ``Orders`` channel becomes a REST order, its execution reports are gathered per order, and when the
+  order is done (filled, expired, cancelled, rejected) one :class:`~kimiha.trading.model.Fill` goes to the
+  ``Fills`` channel, as the paper executor does. It keeps the account from the reports and measures
+  tick-to-trade: from the receive time of the market data the order was decided on to the moment its request
+  is written.
+
+:func:`check_order_url` refuses Binance's production hosts unless ``mainnet=True`` (``--mainnet``): the
+executor's defaults are the spot testnet's URLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import secrets
+import time
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from kimiha._core import LatencyHistogram
+from kimiha.error import InvalidConfigurationError
+from kimiha.event_bus import EventBus
+from kimiha.trading.book import OrderBook
+from kimiha.trading.model import Fill, Liquidity, Order, OrderType, Side
+from kimiha.trading.paper import PaperExecutor
+from kimiha.trading.tasks import TradingEvent
+from kimiha.types import Executor
+from kimiha.venues.binance.rest import BinanceError, BinanceRest, BinanceUnavailable
+
+__all__ = [
+    "MAINNET_HOSTS",
+    "BinanceExecutorTask",
+    "BinanceOrderClient",
+    "ExecutionReport",
+    "UserDataStream",
+    "check_order_url",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Hosts of Binance's production spot API and streams: orders there are real money.
+MAINNET_HOSTS = frozenset({
+    "api.binance.com", "api1.binance.com", "api2.binance.com", "api3.binance.com", "api4.binance.com",
+    "api-gcp.binance.com", "stream.binance.com", "ws-api.binance.com", "data-stream.binance.vision",
+    "data-api.binance.vision", "binance.com", "www.binance.com",
+})
+
+_FINAL = frozenset({"FILLED", "CANCELED", "EXPIRED", "REJECTED", "EXPIRED_IN_MATCH"})
+
+
+def check_order_url(url: str, *, mainnet: bool, what: str = "--rest-url") -> None:
+    """Refuse an order URL on Binance's production hosts unless ``mainnet`` is True.
+
+    Raises
+    ------
+    InvalidConfigurationError
+        Naming the option and the host.
+    """
+    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    if host in MAINNET_HOSTS and not mainnet:
+        raise InvalidConfigurationError(
+            f"{what} {url}: {host} is Binance's production exchange, where orders trade real money; the "
+            f"Binance executor refuses it unless --mainnet is given (its default is the spot testnet)")
+
+
+class ExecutionReport(msgspec.Struct):
+    """The fields of Binance's ``executionReport`` the executor reads (see Binance's user data stream docs)."""
+
+    e: str
+    E: int
+    s: str
+    c: str  # client order id
+    S: str  # side
+    o: str  # order type
+    x: str  # execution type: NEW, TRADE, CANCELED, EXPIRED, REJECTED ...
+    X: str  # order status
+    i: int  # order id
+    q: float  # order quantity
+    l: float  # noqa: E741 - Binance's name: last executed quantity
+    z: float  # cumulative filled quantity
+    L: float  # last executed price
+    n: float = 0.0  # commission of this trade
+    N: str | None = None  # commission asset
+    T: int = 0  # transaction time (ms)
+    m: bool = False  # maker
+    Z: float = 0.0  # cumulative quote quantity
+    r: str = "NONE"  # reject reason
+
+
+_REPORT = msgspec.json.Decoder(ExecutionReport, strict=False)
+
+
+def _fee_in_quote(r: ExecutionReport) -> float:
+    """Return a trade's commission in the quote asset: Binance charges the quote asset (as is), the base asset
+    (a buyer's fee: times the price), or another asset such as BNB (counted as is: no price for it here)."""
+    asset = r.N or ""
+    if asset and r.s.startswith(asset) and not r.s.endswith(asset):
+        return r.n * r.L
+    return r.n
+
+
+def _decimal(x: float) -> str:
+    """Format a quantity or price for Binance (plain decimal, no exponent, at most 8 decimals)."""
+    text = f"{x:.8f}".rstrip("0").rstrip(".")
+    return text or "0"
+
+
+class BinanceOrderClient:
+    """Signed order requests (new, cancel, query) over a :class:`BinanceRest` that has a signer."""
+
+    def __init__(self, rest: BinanceRest) -> None:
+        if rest.signer is None:
+            raise InvalidConfigurationError("BinanceOrderClient: the REST client needs a signer (an API key)")
+        self.rest = rest
+
+    async def new_order(self, symbol: str, side: str, order_type: str, quantity: float, *,
+                        price: float | None = None, time_in_force: str | None = None,
+                        client_order_id: str | None = None, resp_type: str = "RESULT",
+                        on_send: Callable[[], None] | None = None) -> Any:
+        """``POST /api/v3/order``; return Binance's answer (a dict). ``on_send``: see
+        :meth:`BinanceRest.request`."""
+        params: dict[str, Any] = {"symbol": symbol.upper(), "side": side.upper(), "type": order_type.upper(),
+                                  "quantity": _decimal(quantity), "newOrderRespType": resp_type}
+        if order_type.upper() == "LIMIT":
+            if price is None:
+                raise InvalidConfigurationError("new_order: a LIMIT order needs a price")
+            params["price"] = _decimal(price)
+            params["timeInForce"] = (time_in_force or "GTC").upper()
+        if client_order_id:
+            params["newClientOrderId"] = client_order_id
+        return await self.rest.signed("POST", "/api/v3/order", params, on_send=on_send)
+
+    async def cancel_order(self, symbol: str, *, order_id: int | None = None,
+                           client_order_id: str | None = None) -> Any:
+        """``DELETE /api/v3/order`` by exchange id or client id; return Binance's answer."""
+        return await self.rest.signed("DELETE", "/api/v3/order", self._which(symbol, order_id, client_order_id))
+
+    async def query_order(self, symbol: str, *, order_id: int | None = None,
+                          client_order_id: str | None = None) -> Any:
+        """``GET /api/v3/order``; return Binance's answer."""
+        return await self.rest.signed("GET", "/api/v3/order", self._which(symbol, order_id, client_order_id))
+
+    @staticmethod
+    def _which(symbol: str, order_id: int | None, client_order_id: str | None) -> dict[str, Any]:
+        params: dict[str, Any] = {"symbol": symbol.upper()}
+        if order_id is not None:
+            params["orderId"] = order_id
+        elif client_order_id:
+            params["origClientOrderId"] = client_order_id
+        else:
+            raise InvalidConfigurationError("cancel/query: give order_id or client_order_id")
+        return params
+
+
+class _UserListener:
+    """picows listener of the user data stream (mixed with ``picows.WSListener`` when picows is imported)."""
+
+    def __init__(self, stream: UserDataStream) -> None:
+        self.stream = stream
+
+    def on_ws_frame(self, transport: Any, frame: Any) -> None:
+        picows = self.stream._picows
+        if frame.msg_type is picows.WSMsgType.TEXT:
+            self.stream._on_text(frame.get_payload_as_bytes())
+        elif frame.msg_type is picows.WSMsgType.CLOSE:
+            transport.send_close(frame.get_close_code(), frame.get_close_message())
+            transport.disconnect()
+
+
+class UserDataStream:
+    """Binance's user data stream: a listen key and its websocket, calling ``on_report`` for each
+    ``executionReport`` (other events are counted and ignored)."""
+
+    def __init__(self, rest: BinanceRest, ws_url: str, on_report: Any, *, keepalive_s: float = 1800.0,
+                 connect_timeout: float = 10.0) -> None:
+        import picows
+
+        self._picows = picows
+        self.rest = rest
+        self.ws_url = ws_url.rstrip("/")
+        self.on_report = on_report
+        self.keepalive_s = keepalive_s
+        self.connect_timeout = connect_timeout
+        self.listen_key = ""
+        self.reports = 0
+        self.other_events = 0
+        self.bad_events = 0
+        self.reconnects = 0
+        self._transport: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        """Get a listen key and connect (raises :class:`BinanceError` when either fails)."""
+        answer = await self.rest.json("POST", "/api/v3/userDataStream", api_key=True)
+        self.listen_key = str(answer["listenKey"])
+        transport = await self._connect()
+        self._task = asyncio.ensure_future(self._run(transport))
+
+    async def _connect(self) -> Any:
+        picows = self._picows
+        listener = type("_UserListener", (_UserListener, picows.WSListener), {})
+        stream = self
+
+        url = f"{self.ws_url}/ws/{self.listen_key}"
+        try:
+            transport, _ = await asyncio.wait_for(picows.ws_connect(lambda: listener(stream), url, enable_auto_pong=True),
+                                                  self.connect_timeout)
+        except (OSError, asyncio.TimeoutError, picows.WSError) as exc:
+            raise BinanceUnavailable(f"Binance user data stream {self.ws_url}: cannot connect: "
+                                     f"{exc or type(exc).__name__}") from None
+        self._transport = transport
+        return transport
+
+    def _on_text(self, payload: bytes) -> None:
+        if b'"executionReport"' not in payload:
+            self.other_events += 1
+            return
+        try:
+            report = _REPORT.decode(payload)
+        except msgspec.DecodeError as exc:
+            self.bad_events += 1
+            if self.bad_events <= 5:
+                logger.warning("Binance user data stream: skipped an executionReport that does not decode: %s", exc)
+            return
+        self.reports += 1
+        self.on_report(report)
+
+    async def _run(self, transport: Any) -> None:
+        attempt = 0
+        last_keepalive = time.monotonic()
+        while not self._stopping:
+            done = asyncio.ensure_future(transport.wait_disconnected())
+            while not done.done():
+                await asyncio.wait([done], timeout=min(self.keepalive_s, 60.0))
+                if time.monotonic() - last_keepalive >= self.keepalive_s:
+                    last_keepalive = time.monotonic()
+                    try:
+                        await self.rest.request("PUT", "/api/v3/userDataStream", {"listenKey": self.listen_key},
+                                                api_key=True)
+                    except BinanceError as exc:
+                        logger.warning("Binance user data stream: keepalive failed: %s", exc)
+            if self._stopping:
+                return
+            while not self._stopping:
+                attempt += 1
+                await asyncio.sleep(min(30.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0))
+                try:
+                    transport = await self._connect()
+                except BinanceError as exc:
+                    logger.warning("Binance user data stream: %s; retrying", exc)
+                    continue
+                self.reconnects += 1
+                attempt = 0
+                break
+
+    async def close(self) -> None:
+        """Disconnect and stop reconnecting."""
+        self._stopping = True
+        if self._transport is not None:
+            self._transport.disconnect()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+class _Working:
+    __slots__ = ("fee", "levels", "maker", "order", "quote_qty", "reports", "filled")
+
+    def __init__(self, order: Order) -> None:
+        self.order = order
+        self.filled = 0.0
+        self.quote_qty = 0.0
+        self.fee = 0.0
+        self.levels = 0
+        self.maker = True
+        self.reports: list[str] = []
+
+
+class BinanceExecutorTask(Executor):
+    """Send the pipeline's orders to Binance (or a server speaking its protocol) and report their fills.
+
+    Parameters
+    ----------
+    bus : EventBus
+        The trading bus (``Orders`` in, ``Fills`` out).
+    rest : BinanceRest
+        REST client with a signer (see :func:`~kimiha.venues.binance.signing.signer_from_env`).
+    ws_url : str
+        Websocket base URL of the user data stream.
+    symbol : str
+        Symbol for orders that name none.
+    time_in_force : str, default "IOC"
+        For LIMIT orders (``GTC``, ``IOC``, ``FOK``); IOC behaves as the paper executor does.
+    mainnet : bool, default False
+        Allow Binance's production hosts (see :func:`check_order_url`).
+
+    Attributes
+    ----------
+    account : PaperExecutor
+        The account kept from the execution reports (position, cash, realized PnL, fees; its book is unused).
+    tick_to_trade : LatencyHistogram
+        Receive time of the deciding market data -> the order's signed request handed to the HTTP client, ns.
+    sent, acked, rejected, reports : int
+        Orders sent, answered 2xx, refused (by the server or before sending), execution reports received.
+    errors : list of str
+        The first refusals' messages.
+    """
+
+    def __init__(self, bus: EventBus, rest: BinanceRest, ws_url: str, *, symbol: str = "",
+                 time_in_force: str = "IOC", mainnet: bool = False, name: str = "binance-executor") -> None:
+        check_order_url(rest.base_url, mainnet=mainnet, what="--rest-url")
+        check_order_url(ws_url, mainnet=mainnet, what="--ws-url")
+        if time_in_force not in ("GTC", "IOC", "FOK"):
+            raise InvalidConfigurationError(f"BinanceExecutorTask: time_in_force must be GTC, IOC or FOK, got "
+                                            f"{time_in_force!r}")
+        self.name = name
+        self.rest = rest
+        self.client = BinanceOrderClient(rest)
+        self.symbol = symbol.upper()
+        self.time_in_force = time_in_force
+        self.stream = UserDataStream(rest, ws_url, self._on_report)
+        self.account = PaperExecutor(OrderBook(), fee_bps=0.0)
+        self.tick_to_trade = LatencyHistogram()
+        self.sent = 0
+        self.acked = 0
+        self.rejected = 0
+        self.reports = 0
+        self.foreign_reports = 0
+        self.errors: list[str] = []
+        self.history: list[tuple[str, str, str]] = []  # (client order id, execution type, status), in order
+        self._prefix = f"k{secrets.token_hex(3)}-"
+        self._working: dict[str, _Working] = {}
+        self._fills = bus.channel(TradingEvent.FILLS)
+        self._out: asyncio.Queue[Fill] = asyncio.Queue()
+        self._pump: asyncio.Task[None] | None = None
+
+    def subscribed_event(self) -> TradingEvent:
+        return TradingEvent.ORDERS
+
+    async def initialize(self) -> None:
+        await self.rest.sync_time()
+        await self.stream.start()
+        self._pump = asyncio.ensure_future(self._publish_fills())
+
+    async def _publish_fills(self) -> None:
+        while True:
+            fill = await self._out.get()
+            await self._fills.publish_async(fill)
+
+    def client_order_id(self, order_id: int) -> str:
+        """Return the ``newClientOrderId`` the executor sends for the pipeline's order ``order_id``."""
+        return f"{self._prefix}{order_id}"
+
+    async def handle_event(self, order: Order) -> None:
+        cid = self.client_order_id(order.order_id)
+        symbol = order.symbol or self.symbol
+        work = _Working(order)
+        self._working[cid] = work
+        limit = OrderType(order.order_type) is OrderType.LIMIT
+        measured: list[int] = []
+
+        def sending() -> None:  # the first attempt only: a retry after a 429 or -1021 is not the tick's
+            if not measured and order.ts_ns > 0:
+                measured.append(1)
+                self.tick_to_trade.record(max(time.time_ns() - order.ts_ns, 0))
+
+        self.sent += 1
+        try:
+            await self.client.new_order(symbol, "BUY" if order.side == Side.BUY else "SELL",
+                                        "LIMIT" if limit else "MARKET", order.qty, price=order.price,
+                                        time_in_force=self.time_in_force if limit else None, client_order_id=cid,
+                                        on_send=sending)
+        except BinanceError as exc:
+            self._refused(cid, order, str(exc))
+            return
+        self.acked += 1
+
+    def _refused(self, cid: str, order: Order, message: str) -> None:
+        self.rejected += 1
+        if len(self.errors) < 20:
+            self.errors.append(message)
+        if self.rejected <= 5:
+            logger.warning("%s: order %s refused: %s", self.name, order.order_id, message)
+        if self._working.pop(cid, None) is not None:
+            # Always answer, as the paper executor does: the strategy releases the order's in-flight quantity.
+            self._out.put_nowait(Fill(order.order_id, order.side, 0.0, math.nan, 0.0, order.ts_ns,
+                                      requested_qty=order.qty, symbol=order.symbol or self.symbol))
+
+    def _on_report(self, r: ExecutionReport) -> None:
+        self.reports += 1
+        work = self._working.get(r.c)
+        if work is None:
+            self.foreign_reports += 1
+            return
+        self.history.append((r.c, r.x, r.X))
+        work.reports.append(r.x)
+        if r.x == "TRADE" and r.l > 0:
+            fee = _fee_in_quote(r)
+            work.filled += r.l
+            work.quote_qty += r.l * r.L
+            work.fee += fee
+            work.levels += 1
+            work.maker = work.maker and r.m
+            side = Side.BUY if r.S == "BUY" else Side.SELL
+            self.account._book_fill(side, r.l, r.L, r.l * r.L, fee)
+        if r.X in _FINAL:
+            del self._working[r.c]
+            order = work.order
+            filled = work.filled
+            if filled > 0:
+                self.account.fills += 1
+                if filled < order.qty:
+                    self.account.partial_fills += 1
+            else:
+                self.account.unfilled += 1
+            self.account.orders += 1
+            self._out.put_nowait(Fill(order.order_id, order.side, filled,
+                                      work.quote_qty / filled if filled else math.nan, work.fee, r.T * 1_000_000,
+                                      Liquidity.MAKER if filled and work.maker else Liquidity.TAKER, order.qty,
+                                      work.levels, r.s))
+
+    @property
+    def working(self) -> int:
+        """Return the number of orders sent whose final report has not arrived."""
+        return len(self._working)
+
+    async def shutdown(self) -> None:
+        deadline = time.monotonic() + 2.0
+        while self._working and time.monotonic() < deadline:  # reports of the last orders still on their way
+            await asyncio.sleep(0.02)
+        while not self._out.empty():
+            await self._fills.publish_async(self._out.get_nowait())
+        if self._pump is not None:
+            self._pump.cancel()
+            await asyncio.gather(self._pump, return_exceptions=True)
+        await self.stream.close()
+        if self._working:
+            logger.warning("%s: %d order(s) had no final execution report at shutdown", self.name, len(self._working))

@@ -1,0 +1,631 @@
+"""The live Binance path against the local exchange (127.0.0.1 only): the local-book procedure, resyncs,
+reconnects, pings, silence, rate limits, signed orders and their execution reports, recording and replay."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import itertools
+import math
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("aiohttp")
+pytest.importorskip("picows")
+
+import kimiha  # noqa: E402
+from kimiha import EventBus, TradingOrchestratorBuilder  # noqa: E402
+from kimiha.trading.model import Fill, Order, OrderType, Side  # noqa: E402
+from kimiha.trading.tasks import ImbalanceStrategyTask, PaperExecutorTask, TradingEvent, trading_channels  # noqa: E402
+from kimiha.venues.binance import BinanceAggregator, BinanceConnector, iter_lines, recorded_tape  # noqa: E402
+from kimiha.venues.binance.live import BinanceLiveFeed, stream_names  # noqa: E402
+from kimiha.venues.binance.orders import BinanceExecutorTask, BinanceOrderClient, check_order_url  # noqa: E402
+from kimiha.venues.binance.recorder import TapeRecorder, rotated_path  # noqa: E402
+from kimiha.venues.binance.rest import (  # noqa: E402
+    BinanceAuthError,
+    BinanceBadRequest,
+    BinanceOrderRejected,
+    BinanceRest,
+    BinanceTimestampError,
+    BinanceUnavailable,
+    BinanceUnknownOrder,
+    error_from_answer,
+)
+from kimiha.venues.binance.signing import Ed25519Signer, HmacSigner, signer_from_env  # noqa: E402
+from kimiha.venues.binance.sim import LocalExchange, SimFaults  # noqa: E402
+
+HANG = 60.0
+
+
+@pytest.fixture(scope="module")
+def excerpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped tape's first 4,000 lines (about 25 s of BTCUSDT; the snapshot is line 8)."""
+    path = tmp_path_factory.mktemp("tape") / "excerpt.gz"
+    with gzip.open(path, "wb") as f:
+        for line in itertools.islice(iter_lines(recorded_tape()), 4000):
+            f.write(line + b"\n")
+    return path
+
+
+def run(coro):  # noqa: ANN001, ANN201
+    async def guarded():  # noqa: ANN202
+        async with asyncio.timeout(HANG):
+            return await coro
+
+    return kimiha.run(guarded())
+
+
+async def until(condition, what: str, timeout: float = 20.0) -> None:  # noqa: ANN001
+    """Wait until ``condition()`` holds (a bounded wait on a condition, not a sleep that hides a race)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class Pipeline:
+    """Feed -> connector -> aggregator -> strategy -> paper executor on one bus."""
+
+    def __init__(self, exchange: LocalExchange, **feed_kw) -> None:  # noqa: ANN003
+        self.exchange = exchange
+        self.lines: list[bytes] = []
+        self.feed = BinanceLiveFeed(["BTCUSDT"], ws_url=exchange.ws_url, rest_url=exchange.rest_url, **feed_kw)
+        self.bus = EventBus(trading_channels())
+        self.connector = BinanceConnector(self.bus, self._tap())
+        self.aggregator = BinanceAggregator(self.bus)
+        self.executor = PaperExecutorTask(self.bus)
+        self.engine = (TradingOrchestratorBuilder(self.bus).with_connector(self.connector)
+                       .with_aggregator(self.aggregator).with_strategy(ImbalanceStrategyTask(self.bus))
+                       .with_executor(self.executor).build())
+
+    async def _tap(self):  # noqa: ANN202 - the feed's lines, kept for the test
+        async for line in self.feed:
+            self.lines.append(line)
+            yield line
+
+    async def run_to_end(self, *, all_arrive: bool = True) -> None:
+        await self.feed.start()
+        await self.engine.start()
+        try:
+            ex, feed = self.exchange, self.feed
+            await until(lambda: ex.finished.is_set(), "the recording to be played")
+            if all_arrive:  # (a connection the client drops loses what was in flight)
+                await until(lambda: feed.messages >= ex.messages_sent, "every message sent to arrive")
+            await until(lambda: not feed._fetches and not feed._queue and self.connector.lines == feed.lines_out,
+                        "the feed to hand out every line")
+        finally:
+            await self.engine.shutdown(timeout=20)
+            await self.feed.aclose()
+
+
+def test_stream_names_and_url() -> None:
+    assert stream_names(["BTCUSDT", "ethusdt"]) == [
+        "btcusdt@trade", "btcusdt@bookTicker", "btcusdt@depth@100ms",
+        "ethusdt@trade", "ethusdt@bookTicker", "ethusdt@depth@100ms"]
+    feed = BinanceLiveFeed(["btcusdt", "ETHUSDT"], ws_url="ws://127.0.0.1:1/", rest_url="http://127.0.0.1:1")
+    assert feed.url == ("ws://127.0.0.1:1/stream?streams=btcusdt@trade/btcusdt@bookTicker/btcusdt@depth@100ms/"
+                        "ethusdt@trade/ethusdt@bookTicker/ethusdt@depth@100ms")
+
+
+def test_snapshot_after_first_diffs_and_full_book_check(excerpt: Path) -> None:
+    async def main() -> Pipeline:
+        async with LocalExchange(excerpt, speed=40.0) as ex:
+            p = Pipeline(ex)
+            await p.run_to_end()
+            return p
+
+    p = run(main())
+    kinds = [b"snapshot" if b'"lastUpdateId"' in line[:40] else b"depth" if b"@depth" in line[:60] else b"x"
+             for line in p.lines]
+    assert kinds.count(b"snapshot") == 1
+    assert kinds.index(b"depth") < kinds.index(b"snapshot")  # the diffs came first, as on Binance
+    check = p.aggregator.check
+    assert check.compared > 50 and check.matched == check.compared
+    assert p.feed.resyncs == 0 and p.aggregator.gaps == 0 and p.aggregator.book.is_live
+    assert p.feed.lines_out == len(p.lines) == p.connector.lines == p.aggregator.parser.lines
+    assert p.feed.rest.used_weight > 0  # read from X-MBX-USED-WEIGHT-1M
+
+
+def test_dropped_diff_resyncs_and_book_check_stays_exact(excerpt: Path) -> None:
+    async def main() -> Pipeline:
+        async with LocalExchange(excerpt, speed=40.0, faults=SimFaults(drop_diffs=[20])) as ex:
+            p = Pipeline(ex)
+            await p.run_to_end()
+            assert ex.diffs_dropped == 1
+            return p
+
+    p = run(main())
+    assert p.feed.gaps == 1 and p.feed.resyncs == 1 and p.feed.snapshots == 2
+    book = p.aggregator.book
+    assert p.aggregator.gaps == 1 and book.resyncs == 1 and book.is_live
+    check = p.aggregator.check
+    assert check.compared > 50 and check.matched == check.compared
+    # diffs were applied after the resync: the excerpt has about 280 diffs, the gap 20 after the snapshot
+    assert book.applied > 150
+
+
+def test_server_closing_mid_stream_reconnects_and_resyncs(excerpt: Path) -> None:
+    async def main() -> Pipeline:
+        async with LocalExchange(excerpt, speed=20.0, faults=SimFaults(close_after=[1000])) as ex:
+            p = Pipeline(ex, backoff_initial=0.2)
+            await p.run_to_end()
+            assert ex.closes == 1
+            return p
+
+    p = run(main())
+    assert p.feed.closed_by_server == 1 and p.feed.reconnects == 1
+    assert p.feed.resyncs == 1 and p.aggregator.book.resyncs == 1  # what was sent meanwhile was lost
+    check = p.aggregator.check
+    assert check.compared > 50 and check.matched == check.compared
+
+
+def test_server_pings_are_answered(excerpt: Path) -> None:
+    async def main() -> tuple[int, int]:
+        async with LocalExchange(excerpt, speed=20.0, faults=SimFaults(ping_interval=0.05)) as ex:
+            p = Pipeline(ex)
+            await p.run_to_end()
+            return ex.pings_sent, ex.pongs
+
+    sent, pongs = run(main())
+    assert sent >= 3 and pongs >= 3
+
+
+def test_silent_stream_is_reconnected(excerpt: Path) -> None:
+    async def main() -> Pipeline:
+        async with LocalExchange(excerpt, speed=40.0, faults=SimFaults(silent_after=800)) as ex:
+            p = Pipeline(ex, silence_timeout=0.3, backoff_initial=0.05)
+            await p.run_to_end()
+            return p
+
+    p = run(main())
+    assert p.feed.silent_reconnects == 1 and p.feed.reconnects == 1
+    assert p.feed.resyncs == 1
+    check = p.aggregator.check
+    assert check.matched == check.compared
+
+
+def test_old_connection_is_replaced_before_the_24_hour_disconnect(excerpt: Path) -> None:
+    async def main() -> Pipeline:
+        async with LocalExchange(excerpt, speed=20.0) as ex:
+            p = Pipeline(ex, max_connection_age=0.5, backoff_initial=0.05)
+            await p.run_to_end(all_arrive=False)
+            return p
+
+    p = run(main())
+    assert p.feed.age_reconnects >= 1 and p.feed.reconnects == p.feed.age_reconnects
+    check = p.aggregator.check
+    assert check.compared > 50 and check.matched == check.compared
+
+
+def test_429_retry_after_is_honoured(excerpt: Path) -> None:
+    async def main() -> tuple[Pipeline, list[float]]:
+        async with LocalExchange(excerpt, speed=8.0, faults=SimFaults(depth_429=1, retry_after=1)) as ex:
+            p = Pipeline(ex)
+            await p.run_to_end()
+            return p, ex.depth_request_times
+
+    p, times = run(main())
+    assert p.feed.rest.retried_429 == 1
+    assert len(times) == 2 and times[1] - times[0] >= 1.0  # waited the server's Retry-After
+    assert p.aggregator.check.matched == p.aggregator.check.compared > 0
+
+
+def test_418_ban_is_waited_out_and_never_hammered(excerpt: Path) -> None:
+    async def main() -> tuple[Pipeline, list[float]]:
+        async with LocalExchange(excerpt, speed=8.0, faults=SimFaults(depth_418=1, retry_after=1)) as ex:
+            p = Pipeline(ex)
+            await p.run_to_end()
+            assert ex.depth_418_sent == 1
+            return p, ex.depth_request_times
+
+    p, times = run(main())
+    assert len(times) == 2 and times[1] - times[0] >= 1.0  # one request during the ban, none until it ended
+    assert p.feed.rest.retried_429 == 0
+    assert p.aggregator.check.matched == p.aggregator.check.compared > 0
+
+
+def test_clock_offset_outside_recv_window_is_resynced(excerpt: Path) -> None:
+    async def main() -> tuple[dict, int]:
+        async with LocalExchange(excerpt, speed=None, start_on_connect=False) as ex:
+            await until(lambda: ex.finished.is_set(), "the book")
+            rest = BinanceRest(ex.rest_url, signer=HmacSigner(ex.api_key, ex.api_secret))
+            rest.time_offset_ms = -60_000  # as if the local clock ran a minute ahead of the server's
+            try:
+                answer = await BinanceOrderClient(rest).new_order("BTCUSDT", "BUY", "MARKET", 0.001)
+            finally:
+                await rest.close()
+            return answer, rest.time_offset_ms
+
+    answer, offset = run(main())
+    assert answer["status"] == "FILLED"  # refused with -1021 once, then sent again after GET /api/v3/time
+    assert abs(offset) < 5_000
+
+
+def test_cli_against_any_binance_protocol_server(excerpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from kimiha.apps.cli import main
+
+    server = subprocess.Popen([sys.executable, "-m", "kimiha.venues.binance.sim", "--speed", "10",
+                               "--recording", str(excerpt)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert server.stdout is not None
+        port = json.loads(server.stdout.readline())["port"]
+        code = main(["live", "--ws-url", f"ws://127.0.0.1:{port}", "--rest-url", f"http://127.0.0.1:{port}",
+                     "--duration", "1.5", "--json", "--no-status"])
+    finally:
+        assert server.stdin is not None
+        server.stdin.close()
+        server.wait(timeout=30)
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["source"]["sim"] is False
+    assert out["book_check"]["compared"] > 0 and out["book_check"]["matched"] == out["book_check"]["compared"]
+
+
+def test_cli_refused_api_key_is_one_line(excerpt: Path, capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from kimiha.apps.cli import main
+
+    monkeypatch.setenv("BINANCE_API_KEY", "not-a-key-of-this-server")
+    monkeypatch.setenv("BINANCE_API_SECRET", "its-secret")
+    server = subprocess.Popen([sys.executable, "-m", "kimiha.venues.binance.sim", "--recording", str(excerpt)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        port = json.loads(server.stdout.readline())["port"]
+        code = main(["live", "--ws-url", f"ws://127.0.0.1:{port}", "--rest-url", f"http://127.0.0.1:{port}",
+                     "--executor", "binance", "--duration", "5", "--no-status"])
+    finally:
+        assert server.stdin is not None
+        server.stdin.close()
+        server.wait(timeout=30)
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if line.startswith("kimiha live")]
+    assert code == 1 and len(err) == 1 and "-2015" in err[0] and "BINANCE_API_KEY" in err[0]
+    assert "its-secret" not in captured.err + captured.out and "Traceback" not in captured.err
+
+
+def test_unreachable_server_is_one_clear_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+
+    async def main() -> None:
+        feed = BinanceLiveFeed(["BTCUSDT"], ws_url=f"ws://127.0.0.1:{port}", rest_url=f"http://127.0.0.1:{port}")
+        try:
+            await feed.start()
+        finally:
+            await feed.aclose()
+
+    with pytest.raises(BinanceUnavailable, match=f"127.0.0.1:{port}: cannot connect"):
+        run(main())
+
+
+def test_cli_unreachable_url_exits_1_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from kimiha.apps.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = main(["live", "--ws-url", f"ws://127.0.0.1:{port}", "--rest-url", f"http://127.0.0.1:{port}",
+                 "--no-status"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("kimiha live: Binance") and f"127.0.0.1:{port}" in err[0]
+
+
+# ---------------------------------------------------------------------------------------------- orders
+def test_bad_signature_and_bad_key_are_clear_errors(excerpt: Path) -> None:
+    async def main() -> list[BaseException]:
+        async with LocalExchange(excerpt, speed=None, start_on_connect=False) as ex:
+            await until(lambda: ex.finished.is_set(), "the book")
+            errors: list[BaseException] = []
+            for signer in (HmacSigner(ex.api_key, "not-the-secret"), HmacSigner("not-the-key", ex.api_secret)):
+                rest = BinanceRest(ex.rest_url, signer=signer)
+                try:
+                    await BinanceOrderClient(rest).new_order("BTCUSDT", "BUY", "MARKET", 0.001)
+                except BinanceAuthError as exc:
+                    errors.append(exc)
+                finally:
+                    await rest.close()
+            assert ex.bad_signatures == 1 and not ex.orders
+            return errors
+
+    bad_sig, bad_key = run(main())
+    assert bad_sig.code == -1022 and "Signature for this request is not valid" in str(bad_sig)
+    assert "POST /api/v3/order" in str(bad_sig) and "not-the-secret" not in str(bad_sig)
+    assert bad_key.code == -2015 and bad_key.status == 401
+
+
+def test_ed25519_signed_order_is_accepted(excerpt: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    key = Ed25519PrivateKey.generate()
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    async def main() -> dict:
+        async with LocalExchange(excerpt, speed=None, start_on_connect=False, ed25519_public_key=public) as ex:
+            await until(lambda: ex.finished.is_set(), "the book")
+            rest = BinanceRest(ex.rest_url, signer=Ed25519Signer(ex.api_key, key))
+            try:
+                return await BinanceOrderClient(rest).new_order("BTCUSDT", "SELL", "MARKET", 0.002)
+            finally:
+                await rest.close()
+
+    answer = run(main())
+    assert answer["status"] == "FILLED" and float(answer["executedQty"]) == 0.002
+
+
+def test_order_life_new_partial_fill_via_user_stream_and_pnl_agrees(excerpt: Path) -> None:
+    async def main() -> tuple[BinanceExecutorTask, LocalExchange, list[Fill], dict]:
+        async with LocalExchange(excerpt, speed=10.0, start_on_connect=False) as ex:
+            await until(lambda: "BTCUSDT" in ex.books and ex.books["BTCUSDT"].is_live, "the exchange's book")
+            bus = EventBus(trading_channels())
+            fills = bus.subscribe(TradingEvent.FILLS)
+            rest = BinanceRest(ex.rest_url, signer=HmacSigner(ex.api_key, ex.api_secret))
+            executor = BinanceExecutorTask(bus, rest, ex.ws_url, symbol="BTCUSDT", time_in_force="GTC")
+            await executor.initialize()
+            try:
+                ask_px, ask_qty = ex.books["BTCUSDT"].best_ask()
+                qty = round(ask_qty + 0.001, 8)  # more than the best level: part now, the rest rests at ask_px
+                order = Order(1, Side.BUY, qty, OrderType.LIMIT, ask_px, time.time_ns(), "BTCUSDT")
+                await executor.handle_event(order)
+                fill = await asyncio.wait_for(fills.recv(), 30)
+                query = await executor.client.query_order("BTCUSDT", client_order_id=executor.client_order_id(1))
+                # a market sell closes the position: the account has realized PnL and fees on both sides
+                await executor.handle_event(Order(2, Side.SELL, qty, OrderType.MARKET, None, time.time_ns(),
+                                                  "BTCUSDT"))
+                fill2 = await asyncio.wait_for(fills.recv(), 30)
+            finally:
+                await executor.shutdown()
+                await rest.close()
+            return executor, ex, [fill, fill2], query
+
+    executor, ex, (fill, fill2), query = run(main())
+    statuses = [status for cid, x, status in executor.history if cid == executor.client_order_id(1)]
+    assert statuses[0] == "NEW" and statuses[1] == "PARTIALLY_FILLED" and statuses[-1] == "FILLED"
+    assert query["status"] == "FILLED"
+    assert fill.order_id == 1 and math.isclose(fill.qty, fill.requested_qty) and fill.levels >= 2
+    assert fill2.order_id == 2 and math.isclose(fill2.qty, fill.qty)
+    server = ex.accounts[ex.api_key]
+    acct = executor.account
+    assert acct.position == pytest.approx(server.positions["BTCUSDT"], abs=1e-12)
+    assert acct.fees_paid == pytest.approx(server.fees, rel=1e-12)
+    assert acct.cash == pytest.approx(server.cash, rel=1e-9, abs=1e-9)
+    marks = ex.marks()
+    assert acct.total_pnl(marks["BTCUSDT"]) == pytest.approx(server.equity_change(marks), rel=1e-9, abs=1e-9)
+    assert executor.tick_to_trade.count == 2
+
+
+def test_cancel_and_query_unknown_order(excerpt: Path) -> None:
+    async def main() -> tuple[dict, BaseException, BaseException]:
+        async with LocalExchange(excerpt, speed=None, start_on_connect=False) as ex:
+            await until(lambda: ex.finished.is_set(), "the book")
+            rest = BinanceRest(ex.rest_url, signer=HmacSigner(ex.api_key, ex.api_secret))
+            client = BinanceOrderClient(rest)
+            try:
+                bid_px, _ = ex.books["BTCUSDT"].best_bid()
+                placed = await client.new_order("BTCUSDT", "BUY", "LIMIT", 0.01, price=bid_px * 0.9,
+                                                time_in_force="GTC", client_order_id="resting-1")
+                assert placed["status"] == "NEW"
+                cancelled = await client.cancel_order("BTCUSDT", client_order_id="resting-1")
+                with pytest.raises(BinanceUnknownOrder) as again:
+                    await client.cancel_order("BTCUSDT", client_order_id="resting-1")
+                with pytest.raises(BinanceUnknownOrder) as unknown:
+                    await client.query_order("BTCUSDT", order_id=999_999)
+            finally:
+                await rest.close()
+            return cancelled, again.value, unknown.value
+
+    cancelled, again, unknown = run(main())
+    assert cancelled["status"] == "CANCELED"
+    assert again.code == -2011 and unknown.code == -2013
+
+
+def test_error_codes_map_to_kimiha_errors() -> None:
+    def err(code: int, status: int = 400):  # noqa: ANN202
+        return error_from_answer(status, b'{"code":%d,"msg":"m"}' % code, "POST /api/v3/order")
+
+    assert isinstance(err(-1022), BinanceAuthError) and isinstance(err(-2015, 401), BinanceAuthError)
+    assert isinstance(err(-1021), BinanceTimestampError)
+    assert isinstance(err(-2010), BinanceOrderRejected)
+    assert isinstance(err(-2013), BinanceUnknownOrder) and isinstance(err(-2011), BinanceUnknownOrder)
+    assert isinstance(err(-1100), BinanceBadRequest) and isinstance(err(-1013), BinanceBadRequest)
+    garbage = error_from_answer(502, b"<html>bad gateway</html>", "GET /api/v3/depth")
+    assert isinstance(garbage, BinanceUnavailable) and "expected a JSON error" in str(garbage)
+
+
+def test_production_url_refused_without_mainnet() -> None:
+    from kimiha.error import InvalidConfigurationError
+
+    with pytest.raises(InvalidConfigurationError, match="--mainnet"):
+        check_order_url("https://api.binance.com", mainnet=False)
+    check_order_url("https://api.binance.com", mainnet=True)  # allowed when asked for (not contacted here)
+    check_order_url("https://testnet.binance.vision", mainnet=False)
+    check_order_url("http://127.0.0.1:8080", mainnet=False)
+
+
+def test_cli_refuses_production_url_before_any_connection(capsys: pytest.CaptureFixture[str]) -> None:
+    from kimiha.apps.cli import main
+
+    code = main(["live", "--executor", "binance", "--rest-url", "https://api.binance.com", "--ws-url",
+                 "wss://stream.binance.com:9443", "--no-status"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--mainnet" in err[0]
+
+
+def test_signer_from_env_never_shows_the_secret(tmp_path: Path) -> None:
+    from kimiha.error import InvalidConfigurationError
+
+    signer = signer_from_env({"BINANCE_API_KEY": "k" * 64, "BINANCE_API_SECRET": "s3cr3t" * 8})
+    assert isinstance(signer, HmacSigner) and "s3cr3t" not in repr(signer) and "k" * 16 not in repr(signer)
+    with pytest.raises(InvalidConfigurationError, match="BINANCE_API_KEY"):
+        signer_from_env({})
+    with pytest.raises(InvalidConfigurationError, match="BINANCE_PRIVATE_KEY_FILE"):
+        signer_from_env({"BINANCE_API_KEY": "k", "BINANCE_PRIVATE_KEY_FILE": str(tmp_path / "missing.pem")})
+
+
+# ---------------------------------------------------------------------------------------------- recording
+def test_recorder_rotates_by_size(tmp_path: Path) -> None:
+    rec = TapeRecorder(tmp_path / "rec.gz", rotate_bytes=1000, flush_lines=10)
+    lines = [b"%d {\"stream\":\"x\",\"data\":{}} %s" % (i, b"y" * 50) for i in range(200)]
+    for line in lines:
+        rec.write(line)
+    rec.close()
+    assert rec.paths[:2] == [tmp_path / "rec.gz", tmp_path / "rec.1.gz"] and len(rec.paths) > 5
+    assert rotated_path("a/rec.gz", 3) == Path("a/rec.3.gz") and rotated_path("rec", 2) == Path("rec.2")
+    assert list(iter_lines(rec.paths)) == lines
+
+
+def test_recorder_flushes_a_quiet_stream_by_time_and_rotates_by_time(tmp_path: Path) -> None:
+    now = [0.0]
+    rec = TapeRecorder(tmp_path / "rec.gz", rotate_seconds=60.0, flush_lines=1000, flush_seconds=1.0,
+                       clock=lambda: now[0])
+    rec.write(b"1 {}")
+    assert rec.lines == 0  # buffered
+    now[0] = 1.5
+    rec.write(b"2 {}")
+    assert rec.lines == 2  # the oldest had waited 1.5 s: written
+    now[0] = 61.0
+    rec.write(b"3 {}")  # written after the rotation
+    rec.close()
+    assert rec.paths == [tmp_path / "rec.gz", tmp_path / "rec.1.gz"]
+    assert list(iter_lines(rec.paths[0])) == [b"1 {}", b"2 {}"] and list(iter_lines(rec.paths[1])) == [b"3 {}"]
+
+
+def test_live_recording_replays_with_the_same_book_check(excerpt: Path, tmp_path: Path) -> None:
+    from kimiha.apps.demo import run_demo
+    from kimiha.apps.live import run_live
+
+    rec = tmp_path / "rec.gz"
+    live = run(run_live(["BTCUSDT"], sim=True, speed=40.0, record=str(rec), status=None, sim_recording=excerpt,
+                        duration=30.0, sim_process=False))
+    assert live["ended"] == "recording played out" and live["lines_read_accounted"]
+    replay = run(run_demo([rec], progress=None))
+    assert live["book_check"]["compared"] > 50
+    assert replay["book_check"]["matched"] == live["book_check"]["matched"] == live["book_check"]["compared"]
+    assert replay["book_check"]["compared"] == live["book_check"]["compared"]
+    assert replay["lines_read"] == live["lines_read"] and replay["all_lines_accounted"]
+    assert replay["messages_by_stream"] == live["messages_by_stream"]
+
+
+def test_cli_live_sim_with_binance_executor(excerpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from kimiha.apps.cli import main
+
+    code = main(["live", "--sim", "--speed", "20", "--duration", "1.5", "--executor", "binance", "--json",
+                 "--no-status"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert out["book_check"]["matched"] == out["book_check"]["compared"]
+    assert out["executor"] == "binance" and out["fills"] == out["orders"]
+    if out["fills"]:
+        assert out["pnl"]["total"] == pytest.approx(out["sim"]["account"]["pnl"], abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- several symbols
+@pytest.fixture(scope="module")
+def two_symbols(excerpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The excerpt as two symbols: each line's ETHUSDT copy just before it, each snapshot right after a depth
+    line of its symbol (a bare REST snapshot is named after the latest depth line)."""
+    path = tmp_path_factory.mktemp("two") / "two.gz"
+    out: list[bytes] = []
+    waiting_eth: bytes | None = None
+    for line in iter_lines(excerpt):
+        if b'"lastUpdateId"' in line[:40]:
+            out.append(line)  # follows a BTCUSDT depth line (the excerpt's snapshot does)
+            waiting_eth = line
+            continue
+        eth = line.replace(b"btcusdt", b"ethusdt").replace(b"BTCUSDT", b"ETHUSDT")
+        out.append(eth)
+        if waiting_eth is not None and b"@depth" in eth[:60]:
+            out.append(waiting_eth)
+            waiting_eth = None
+        out.append(line)
+    with gzip.open(path, "wb") as f:
+        f.write(b"\n".join(out) + b"\n")
+    return path
+
+
+def test_several_symbols_one_stream_each_book_exact(two_symbols: Path, tmp_path: Path) -> None:
+    from kimiha.apps.live import run_live
+
+    rec = tmp_path / "two.gz"
+    s = run(run_live(["BTCUSDT", "ETHUSDT"], sim=True, speed=40.0, record=str(rec), status=None,
+                     sim_recording=two_symbols, duration=30.0, executor="binance", sim_process=False))
+    assert s["ended"] == "recording played out" and s["lines_read_accounted"]
+    assert s["feed"]["snapshots"] == 2 and s["resyncs"] == 0
+    for symbol in ("BTCUSDT", "ETHUSDT"):
+        check = s["per_symbol"][symbol]["book_check"]
+        assert check["compared"] > 50 and check["matched"] == check["compared"] and check["book_state"] == "live"
+    assert s["book_check"]["compared"] == sum(p["book_check"]["compared"] for p in s["per_symbol"].values())
+    assert s["fills"] == s["orders"] > 0 and s["rejected"] == 0
+    assert s["pnl"]["total"] == pytest.approx(s["sim"]["account"]["pnl"], abs=1e-5)
+    # one recording of both, each snapshot after a depth line of its own symbol
+    lines = list(iter_lines(rec))
+    snaps = [i for i, line in enumerate(lines) if b'"lastUpdateId"' in line[:40]]
+    assert len(snaps) == 2
+    named = set()
+    for i in snaps:
+        before = next(line for line in reversed(lines[:i]) if b"@depth" in line[:60])
+        named.add(b"btcusdt" if b"btcusdt" in before[:60] else b"ethusdt")
+    assert named == {b"btcusdt", b"ethusdt"}
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_stops_a_live_run_cleanly_with_its_summary(signame: str, tmp_path: Path) -> None:
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    signum = signal.Signals[signame]
+    proc = subprocess.Popen([sys.executable, "-m", "kimiha", "live", "--sim", "--speed", "5", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the status line: the pipeline runs
+            if line.startswith("live ") and "book live" in line:
+                break
+        else:
+            raise AssertionError("no status line")
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signum, err
+    summary = json.loads(out)
+    assert summary["interrupted"] == signame and summary["ended"] == "signal" and summary["hooks_run"]
+    assert summary["lines_read_accounted"] and summary["book_check"]["matched"] == summary["book_check"]["compared"]
+
+
+def test_sim_child_process_stops_by_itself_when_its_parent_lets_go(excerpt: Path) -> None:
+    from kimiha.apps.live import _SimProcess
+
+    async def main() -> int | None:
+        sim = _SimProcess(5.0, excerpt)
+        await sim.start()
+        state = await sim.state()
+        assert state["finished"] is False and "accounts" in state
+        await sim.stop()  # closes the child's stdin: it must stop itself (a kill would give -9)
+        assert sim.proc is not None
+        return sim.proc.returncode
+
+    assert run(main()) == 0

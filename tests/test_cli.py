@@ -328,7 +328,7 @@ def test_an_unreachable_nats_server_is_one_line_naming_the_url_within_the_connec
 def test_the_connect_deadline_holds_when_nats_py_swallows_a_cancellation(run, monkeypatch):
     # nats-py's retry loop of a refused first connection now and then swallows the cancellation that
     # asyncio.timeout relies on (Python 3.11): then a timeout around nats.connect never fires
-    nats = pytest.importorskip("nats")
+    pytest.importorskip("nats")
     import asyncio
 
     from kimiha.bridge.link import NatsLink, connect_within
@@ -345,6 +345,7 @@ def test_the_connect_deadline_holds_when_nats_py_swallows_a_cancellation(run, mo
     async def stubborn_client_connect(_client: object, *args: object, **kwargs: object) -> None:
         await stubborn_connect(*args, **kwargs)
 
+    import nats
     import nats.aio.client
 
     monkeypatch.setattr(nats, "connect", stubborn_connect)

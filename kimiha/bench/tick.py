@@ -10,7 +10,7 @@ One pipeline, the demo's stages, built from the same domain objects in three way
 
 Two measurements:
 
-* **Paced** (``--rate`` lines/s, 2,000 by default): the connector stamps the clock when it has read a line;
+* **Paced** (``--rate`` lines/s, 2,000 by default): the connector notes the time (a ReadStamp) when it has read a line;
   the executor records ``now - stamp`` when it handles an order (an order is caused by the line read last:
   at this pace the pipeline is idle again long before the next line). p50 / p99 / p99.9 over every order.
 * **As fast as possible**: the whole tape (``--lines``), wall time per line; the ratio to the floor is the
@@ -153,7 +153,7 @@ class Stages:
                         symbol=order.symbol)
 
 
-class Clock:
+class ReadStamp:
     """When the connector last read a line; what the executor measures from."""
 
     __slots__ = ("read_ns", "hist")
@@ -167,7 +167,7 @@ class Clock:
 # The floor: hand-written calls.
 
 
-def floor_line(stages: Stages, line: bytes, clock: Clock | None) -> None:
+def floor_line(stages: Stages, line: bytes, stamp: ReadStamp | None) -> None:
     message = stages.parse(line)
     if message is None:
         return
@@ -176,8 +176,8 @@ def floor_line(stages: Stages, line: bytes, clock: Clock | None) -> None:
         out = stages.decide(event)
         if len(out) > 1:
             order = out[1]
-            if clock is not None:
-                clock.hist.record(monotonic_ns() - clock.read_ns)
+            if stamp is not None:
+                stamp.hist.record(monotonic_ns() - stamp.read_ns)
             stages.strategy.on_fill(stages.execute(order))
 
 
@@ -226,17 +226,17 @@ def breakdown(lines: list[bytes]) -> dict[str, float]:
 class TapeConnector(BackgroundTask):
     """Publishes the lines (paced, or in chunks as fast as the loop allows); sets ``done`` at the end."""
 
-    def __init__(self, bus: EventBus, lines: list[bytes], clock: Clock, interval_ns: int) -> None:
+    def __init__(self, bus: EventBus, lines: list[bytes], stamp: ReadStamp, interval_ns: int) -> None:
         self.bus = bus
         self.lines = lines
-        self.clock = clock
+        self.stamp = stamp
         self.interval_ns = interval_ns
         self.done = asyncio.Event()
 
     async def execute(self) -> None:
         if self.done.is_set():
             await asyncio.Event().wait()
-        bus, clock, sleep = self.bus, self.clock, asyncio.sleep
+        bus, stamp, sleep = self.bus, self.stamp, asyncio.sleep
         if self.interval_ns:
             now = monotonic_ns
             due = now()
@@ -244,7 +244,7 @@ class TapeConnector(BackgroundTask):
                 due += self.interval_ns
                 while now() < due:
                     await sleep(0)  # the loop runs (LOOP handlers among its callbacks) while we wait
-                clock.read_ns = now()
+                stamp.read_ns = now()
                 bus.publish(TE.RAW_MARKET_DATA, RawMessage(line))
         else:
             for start in range(0, len(self.lines), CHUNK):
@@ -288,8 +288,8 @@ class SyncStrategy(Strategy):
 
 
 class SyncExecutor(Executor):
-    def __init__(self, bus: EventBus, stages: Stages, clock: Clock, paced: bool) -> None:
-        self.bus, self.stages, self.clock, self.paced = bus, stages, clock, paced
+    def __init__(self, bus: EventBus, stages: Stages, stamp: ReadStamp, paced: bool) -> None:
+        self.bus, self.stages, self.stamp, self.paced = bus, stages, stamp, paced
 
     def subscribed_event(self) -> tuple[TradingEvent, TradingEvent]:
         return (TE.MARKET_DATA, TE.ORDERS)
@@ -297,7 +297,7 @@ class SyncExecutor(Executor):
     def handle_event(self, event: Any) -> None:
         if type(event) is Order:
             if self.paced:
-                self.clock.hist.record(monotonic_ns() - self.clock.read_ns)
+                self.stamp.hist.record(monotonic_ns() - self.stamp.read_ns)
             self.bus.publish(TE.FILLS, self.stages.execute(event))
         else:
             self.stages.replicate(event)
@@ -314,16 +314,16 @@ def pipeline_bus(dispatch: Dispatch) -> EventBus:
     ])
 
 
-async def run_bus(dispatch: Dispatch, lines: list[bytes], stages: Stages, clock: Clock,
+async def run_bus(dispatch: Dispatch, lines: list[bytes], stages: Stages, stamp: ReadStamp,
                   interval_ns: int) -> int:
     """Run the pipeline over ``lines``; return the wall time (ns) from the first publish to the last order."""
     bus = pipeline_bus(dispatch)
     scheduler = Scheduler(bus)
     # consumers first, as the orchestrator wires them: executor, strategy, aggregator, then the connector
-    scheduler.register_event_task(SyncExecutor(bus, stages, clock, paced=interval_ns > 0))
+    scheduler.register_event_task(SyncExecutor(bus, stages, stamp, paced=interval_ns > 0))
     scheduler.register_event_task(SyncStrategy(bus, stages))
     scheduler.register_event_task(SyncAggregator(bus, stages))
-    connector = TapeConnector(bus, lines, clock, interval_ns)
+    connector = TapeConnector(bus, lines, stamp, interval_ns)
     scheduler.register_background_task(connector)
     t0 = time.perf_counter_ns()
     await scheduler.start()
@@ -339,7 +339,7 @@ async def run_bus(dispatch: Dispatch, lines: list[bytes], stages: Stages, clock:
     return elapsed
 
 
-async def run_floor_paced(lines: list[bytes], stages: Stages, clock: Clock, interval_ns: int) -> int:
+async def run_floor_paced(lines: list[bytes], stages: Stages, stamp: ReadStamp, interval_ns: int) -> int:
     now = monotonic_ns
     sleep = asyncio.sleep
     t0 = time.perf_counter_ns()
@@ -348,8 +348,8 @@ async def run_floor_paced(lines: list[bytes], stages: Stages, clock: Clock, inte
         due += interval_ns
         while now() < due:
             await sleep(0)  # the same pacing as the connector, on the same loop
-        clock.read_ns = now()
-        floor_line(stages, line, clock)
+        stamp.read_ns = now()
+        floor_line(stages, line, stamp)
     return time.perf_counter_ns() - t0
 
 
@@ -368,21 +368,21 @@ class Results:
     orders: dict[str, int] = field(default_factory=dict)
 
 
-def run_one(kind: str, lines: list[bytes], interval_ns: int, loop: str) -> tuple[int, Stages, Clock]:
+def run_one(kind: str, lines: list[bytes], interval_ns: int, loop: str) -> tuple[int, Stages, ReadStamp]:
     stages = Stages()
-    clock = Clock()
+    stamp = ReadStamp()
     gc.collect()
     coro: Coroutine[Any, Any, int]
     if kind == "floor":
         if interval_ns:
-            coro = run_floor_paced(lines, stages, clock, interval_ns)
+            coro = run_floor_paced(lines, stages, stamp, interval_ns)
         else:
             t0 = time.perf_counter_ns()
             floor_fast(stages, lines)
-            return time.perf_counter_ns() - t0, stages, clock
+            return time.perf_counter_ns() - t0, stages, stamp
     else:
-        coro = run_bus(Dispatch.INLINE if kind == "inline" else Dispatch.LOOP, lines, stages, clock, interval_ns)
-    return kimiha.run(coro, loop=loop), stages, clock
+        coro = run_bus(Dispatch.INLINE if kind == "inline" else Dispatch.LOOP, lines, stages, stamp, interval_ns)
+    return kimiha.run(coro, loop=loop), stages, stamp
 
 
 def measure(args: argparse.Namespace, lines: list[bytes], note: Callable[[str], None]) -> Results:
@@ -397,11 +397,11 @@ def measure(args: argparse.Namespace, lines: list[bytes], note: Callable[[str], 
             res.fast_ns_per_line[kind].append(elapsed / len(lines))
             check(reference, "fast", kind, stages)
             note(f"rep {rep}/{args.repeat}: {kind}, paced at {args.rate} lines/s")
-            _, stages, clock = run_one(kind, paced_lines, interval_ns, args.loop)
+            _, stages, stamp = run_one(kind, paced_lines, interval_ns, args.loop)
             check(reference, "paced", kind, stages)
-            res.paced[kind].merge(clock.hist)
-            res.paced_p50[kind].append(clock.hist.percentile(50))
-            res.orders[kind] = clock.hist.count
+            res.paced[kind].merge(stamp.hist)
+            res.paced_p50[kind].append(stamp.hist.percentile(50))
+            res.orders[kind] = stamp.hist.count
         note(f"rep {rep}/{args.repeat}: floor stage by stage")
         for name, value in breakdown(lines).items():
             res.stages.setdefault(name, []).append(value)

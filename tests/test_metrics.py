@@ -430,3 +430,35 @@ def test_the_server_text_and_the_collector_say_the_same(caplog):
     assert samples(ours) == samples(theirs)
     assert len(samples(ours)) > 100
     assert value(samples(ours), "kimiha_scheduler_state", scheduler='odd "name"\\with\nbreaks', state="stopped") == 1
+
+
+def test_live_sim_metrics_agree_with_its_summary(tmp_path):
+    """`kimiha live --sim --metrics-port`: the endpoint reports the live pipeline; after the summary its counters
+    are the summary's, exactly."""
+    pytest.importorskip("picows")
+    pytest.importorskip("aiohttp")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kimiha", "live", "--sim", "--speed", "20", "--duration", "4", "--metrics-port", "0",
+         "--metrics-linger", "60", "--json", "--no-status"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = read_url(proc)
+        summary = read_summary(proc)
+        final = samples(scrape(url))
+    finally:
+        proc.send_signal(signal.SIGINT)  # ends the linger
+        proc.wait(TIMEOUT)
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    assert summary["channels"]["RawMarketData"]["published"] > 0
+    for name, ch in summary["channels"].items():
+        for key, metric in [("published", "published_total"), ("delivered", "delivered_total"),
+                            ("lagged", "lagged_total")]:
+            assert value(final, f"kimiha_channel_{metric}", channel=name) == ch[key], (name, key)
+
+
+def test_live_metrics_port_with_several_symbols_is_refused(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "kimiha", "live", "--sim", "--symbol", "BTCUSDT", "--symbol",
+                           "ETHUSDT", "--metrics-port", "0"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 2
+    assert "--metrics-port reports one pipeline" in proc.stderr

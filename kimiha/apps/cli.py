@@ -265,6 +265,8 @@ def _live_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> ar
     live.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     live.add_argument("--no-status", action="store_true", help="do not show the status line on stderr")
     live.add_argument("--loop", choices=LOOPS, default="uvloop", help="event loop (default: uvloop)")
+    add_metrics_options(live)  # one --symbol: a scrape reports that symbol's pipeline
+    add_log_options(live, defaults=False)
     live.set_defaults(live_parser=live)  # for its own usage errors
     return live
 
@@ -276,6 +278,9 @@ def _run_live(args: argparse.Namespace, live: argparse.ArgumentParser) -> int:
         live.error("--speed applies to --sim only (a live stream comes at its own pace)")
     if args.mainnet and args.executor != "binance":
         live.error("--mainnet applies to --executor binance only (market data needs no permission)")
+    if args.metrics_port is not None and len(args.symbol or ["BTCUSDT"]) > 1:
+        live.error(f"--metrics-port reports one pipeline, and {len(args.symbol)} symbols run one each: give one "
+                   f"--symbol per process to watch each with its own --metrics-port")
     try:
         from kimiha.apps.live import format_live_summary, run_live
         from kimiha.venues.binance.rest import BinanceError
@@ -285,11 +290,16 @@ def _run_live(args: argparse.Namespace, live: argparse.ArgumentParser) -> int:
     from kimiha.error import InvalidConfigurationError, OrchestratorError
 
     try:
+        metrics = open_metrics(args)
+    except MetricsUnavailable as exc:
+        print(f"kimiha live: {exc}", file=sys.stderr)
+        return 1
+    try:
         summary = kimiha.run(
             run_live(args.symbol or ["BTCUSDT"], ws_url=args.ws_url, rest_url=args.rest_url, sim=args.sim,
                      speed=args.speed or 1.0, duration=args.duration, record=args.record,
                      executor=args.executor, mainnet=args.mainnet,
-                     status=None if args.no_status else sys.stderr),
+                     status=None if args.no_status else sys.stderr, metrics=metrics),
             loop=args.loop,
         )
     except InvalidConfigurationError as exc:
@@ -311,10 +321,14 @@ def _run_live(args: argparse.Namespace, live: argparse.ArgumentParser) -> int:
         print(f"kimiha live: interrupted by {signame} before the run started; nothing to summarize",
               file=sys.stderr)
         return signal_exit_code(signame)
+    finally:
+        if metrics is not None and not metrics.watching:
+            metrics.close()  # no run to linger on
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print(format_live_summary(summary))
+    close_metrics(metrics, args)
     if summary.get("interrupted"):
         return signal_exit_code(summary["interrupted"])
     return 0 if summary["lines_read_accounted"] and summary["ended"] != "failure" else 1

@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from kimiha._core import LatencyHistogram
 from kimiha.error import InvalidConfigurationError
@@ -38,6 +38,9 @@ from kimiha.venues.binance.live import (
 )
 from kimiha.venues.binance.recorder import TapeRecorder
 from kimiha.venues.binance.tasks import BinanceAggregator, BinanceConnector
+
+if TYPE_CHECKING:
+    from kimiha.metrics import MetricsServer
 
 __all__ = ["OrderLatencyProbe", "default_urls", "format_live_summary", "run_live"]
 
@@ -96,8 +99,10 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
                    sim: bool = False, speed: float = 1.0, duration: float | None = None,
                    record: str | None = None, executor: str = "paper", mainnet: bool = False,
                    status: TextIO | None = sys.stderr, sim_recording: Any = None, sim_process: bool = True,
-                   capacity: int = 4096) -> dict[str, Any]:
+                   capacity: int = 4096, metrics: MetricsServer | None = None) -> dict[str, Any]:
     """Run the live pipeline and return its summary (a dict with the demo's keys and the live ones).
+
+    ``metrics``: a started :class:`~kimiha.metrics.MetricsServer`; it reports the first symbol's pipeline.
 
     With ``sim``, the local exchange runs in a child process (``sim_process``, the default: its work does not
     share this event loop, so the latencies measured are the pipeline's) or in this one (``sim_process=False``).
@@ -168,6 +173,8 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
         try:
             for pipe in pipelines:
                 await pipe.orchestrator.start()
+            if metrics is not None:
+                metrics.watch(pipelines[0].bus, pipelines[0].orchestrator.scheduler)
             deadline = None if duration is None else time.monotonic() + duration
             while not stop.is_set():
                 remaining = None if deadline is None else deadline - time.monotonic()

@@ -278,9 +278,10 @@ def test_restarted_receiver_on_the_same_durable_loses_nothing(run, server):
     """Stop a receiving scheduler while events flow, start a new one on its durable: every event reaches
     exactly one of the two importers' handlers, in order, and nothing is counted missing."""
     n = 3000
+    attempts = 3  # whether the first stops with events in flight depends on timing; correctness is checked each time
 
-    async def main():
-        subject, durable = "restart.md", "restart"
+    async def main(attempt: int) -> bool:
+        subject, durable = f"restart{attempt}.md", f"restart{attempt}"
         sender = await Sender(server.url, subject, Delivery.JETSTREAM).start()
         first = await Receiver(server.url, subject, Delivery.JETSTREAM, name="first", durable=durable,
                                ack_wait=1.0).start()
@@ -315,15 +316,20 @@ def test_restarted_receiver_on_the_same_durable_loses_nothing(run, server):
         assert seen == list(range(1, n + 1)), (
             f"first {first.importer.stats()} second {second.importer.stats()}; "
             f"never handled: {sorted(set(range(1, n + 1)) - set(seen))[:20]}")
-        # the scenario happened: the first left events unacknowledged, the second found them on its durable
-        assert second.importer.resumed_pending > 0, (first.importer.stats(), second.importer.stats())
         report("receiver restarted mid-stream on its durable", events=n, first=len(first.seqs),
                second=len(second.seqs), refused_by_first=first.importer.refused_at_shutdown,
                resumed_pending=second.importer.resumed_pending, lost=n - len(set(seen)),
                duplicates=len(seen) - len(set(seen)), missing=second.importer.missing)
         assert second.importer.missing == 0 and second.importer.duplicates == 0
+        # did the scenario happen: the first left events unacknowledged, the second found them on its durable?
+        return second.importer.resumed_pending > 0
 
-    run(main())
+    happened = []
+    for attempt in range(attempts):
+        happened.append(run(main(attempt)))
+        if happened[-1]:
+            break
+    assert any(happened), f"in {attempts} attempts the first receiver never stopped with events unacknowledged"
 
 
 def test_an_event_arriving_after_its_hole_was_declared_lost_is_delivered_not_dropped(run, server):

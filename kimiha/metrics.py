@@ -610,15 +610,22 @@ class MetricsServer:
     def _answer_here(self, conn: socket.socket) -> None:
         with conn:
             try:
-                conn.settimeout(_CLIENT_TIMEOUT)
+                # One deadline for the whole request head, not a timeout per recv: a client sending a byte
+                # now and then (slowloris) must not hold the thread, and every scrape behind it, for ever.
+                deadline = time.monotonic() + _CLIENT_TIMEOUT
                 head = b""
                 while b"\r\n\r\n" not in head and len(head) < _HEAD_LIMIT:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    conn.settimeout(left)
                     chunk = conn.recv(4096)
                     if not chunk:
                         return
                     head += chunk
                 response = self._response(head)
                 self.scrapes_in_thread += 1
+                conn.settimeout(max(deadline - time.monotonic(), 0.1))  # sendall: a total limit (Python >= 3.5)
                 conn.sendall(response)
             except OSError:
                 pass  # the client went away or stalled: nothing to tell it

@@ -430,3 +430,38 @@ def test_the_server_text_and_the_collector_say_the_same(caplog):
     assert samples(ours) == samples(theirs)
     assert len(samples(ours)) > 100
     assert value(samples(ours), "kimiha_scheduler_state", scheduler='odd "name"\\with\nbreaks', state="stopped") == 1
+
+
+# -- hostile clients ----------------------------------------------------------------------------------------------
+
+
+def slow_client(port: int, byte_every: float, bytes_at_most: int) -> int:
+    """Send a request head one byte at a time (slowloris); return how many bytes were sent before the server
+    closed the connection (``bytes_at_most`` when it never did)."""
+    import select
+
+    request = b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * bytes_at_most
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+        for sent in range(bytes_at_most):
+            readable, _, _ = select.select([s], [], [], byte_every)
+            if readable and s.recv(4096) == b"":
+                return sent
+            try:
+                s.send(request[sent:sent + 1])
+            except OSError:  # reset by the server: it closed
+                return sent
+    return bytes_at_most
+
+
+def test_the_thread_drops_a_client_that_never_finishes_its_request(monkeypatch):
+    """Answering in its thread (no loop running), the server gives a request head one deadline in all, not one
+    per read: a client trickling a byte at a time is closed on, and the scrapes behind it are answered."""
+    import kimiha.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_CLIENT_TIMEOUT", 0.5)
+    bus = EventBus([(Ev.TICKS, ChannelConfig(8))])
+    with serve(bus, None, 0) as server:  # outside any loop: the server's thread answers
+        # a byte every 0.1 s: each read is well within the 0.5 s timeout, the whole head never is
+        sent = slow_client(server.port, 0.1, 200)
+        assert sent < 200, "the server kept reading a request that never ended"
+        assert value(samples(scrape(server.url)), "kimiha_watched") == 1

@@ -309,9 +309,14 @@ def _scheduler_metrics(scheduler: Scheduler) -> list[Family]:
     task_state = Family("kimiha_task_state", "gauge", "1 for the task's current state, 0 for the others")
     quantiles = Family("kimiha_task_latency_quantile_seconds", "gauge",
                        "time in the task's handler or execute() (when measured), quantile since start")
+    seen: set[tuple[str, str]] = set()
     for info in scheduler.registry:
         snap = _task_snapshot(info)
-        labels = (("task", info.name), ("role", str(info.role)))
+        name, role = info.name, str(info.role)
+        if (name, role) in seen:  # names need not be unique (two instances of one class): one series each
+            name = f"{name}#{info.id}"
+        seen.add((name, role))
+        labels = (("task", name), ("role", role))
         for field, metric, _ in _TASK_COUNTERS:
             fams[metric].add(labels, snap[field])
         for task_st in TaskState:

@@ -465,3 +465,29 @@ def test_the_thread_drops_a_client_that_never_finishes_its_request(monkeypatch):
         sent = slow_client(server.port, 0.1, 200)
         assert sent < 200, "the server kept reading a request that never ended"
         assert value(samples(scrape(server.url)), "kimiha_watched") == 1
+
+
+def test_tasks_sharing_a_name_get_a_series_each():
+    """Two instances of one task class (no ``name``) are two tasks: each gets its own series, never two samples
+    with the same labels (which Prometheus drops as duplicates)."""
+    async def main() -> tuple[str, list[int]]:
+        bus = EventBus([(Ev.TICKS, ChannelConfig(16))])
+        scheduler = Scheduler(bus)
+        scheduler.register_event_task(Counter())
+        scheduler.register_event_task(Counter(fail_every=2))
+        await scheduler.start()
+        for i in range(1, 11):
+            bus.publish(Ev.TICKS, Tick(i))
+        await asyncio.sleep(0.01)
+        from kimiha.metrics import KimihaCollector, render_text
+
+        text = render_text(KimihaCollector(bus, scheduler).families())
+        await scheduler.shutdown()
+        return text, [info.id for info in scheduler.registry]
+
+    text, ids = kimiha.run(main())
+    series = [line.rsplit(" ", 1)[0] for line in text.splitlines() if not line.startswith("#")]
+    assert len(series) == len(set(series)), sorted(s for s in series if series.count(s) > 1)[:4]
+    found = samples(text)
+    assert value(found, "kimiha_task_errors_total", task="Counter", role="event") == 0
+    assert value(found, "kimiha_task_errors_total", task=f"Counter#{ids[1]}", role="event") == 5

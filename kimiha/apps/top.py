@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -165,7 +165,7 @@ def parse(text: str, at: float | None = None) -> Snapshot:
     return snap
 
 
-def _read_families(snap: Snapshot, families: Iterator[Any]) -> None:
+def _read_families(snap: Snapshot, families: Iterable[Any]) -> None:
     for family in families:
         for sample in family.samples:
             name, labels, value = sample.name, sample.labels, sample.value

@@ -309,9 +309,14 @@ def _scheduler_metrics(scheduler: Scheduler) -> list[Family]:
     task_state = Family("kimiha_task_state", "gauge", "1 for the task's current state, 0 for the others")
     quantiles = Family("kimiha_task_latency_quantile_seconds", "gauge",
                        "time in the task's handler or execute() (when measured), quantile since start")
+    seen: set[tuple[str, str]] = set()
     for info in scheduler.registry:
         snap = _task_snapshot(info)
-        labels = (("task", info.name), ("role", str(info.role)))
+        name, role = info.name, str(info.role)
+        if (name, role) in seen:  # names need not be unique (two instances of one class): one series each
+            name = f"{name}#{info.id}"
+        seen.add((name, role))
+        labels = (("task", name), ("role", role))
         for field, metric, _ in _TASK_COUNTERS:
             fams[metric].add(labels, snap[field])
         for task_st in TaskState:
@@ -610,15 +615,22 @@ class MetricsServer:
     def _answer_here(self, conn: socket.socket) -> None:
         with conn:
             try:
-                conn.settimeout(_CLIENT_TIMEOUT)
+                # One deadline for the whole request head, not a timeout per recv: a client sending a byte
+                # now and then (slowloris) must not hold the thread, and every scrape behind it, for ever.
+                deadline = time.monotonic() + _CLIENT_TIMEOUT
                 head = b""
                 while b"\r\n\r\n" not in head and len(head) < _HEAD_LIMIT:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    conn.settimeout(left)
                     chunk = conn.recv(4096)
                     if not chunk:
                         return
                     head += chunk
                 response = self._response(head)
                 self.scrapes_in_thread += 1
+                conn.settimeout(max(deadline - time.monotonic(), 0.1))  # sendall: a total limit (Python >= 3.5)
                 conn.sendall(response)
             except OSError:
                 pass  # the client went away or stalled: nothing to tell it

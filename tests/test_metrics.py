@@ -462,3 +462,62 @@ def test_live_metrics_port_with_several_symbols_is_refused(tmp_path):
                           timeout=TIMEOUT)
     assert proc.returncode == 2
     assert "--metrics-port reports one pipeline" in proc.stderr
+# -- hostile clients ----------------------------------------------------------------------------------------------
+
+
+def slow_client(port: int, byte_every: float, bytes_at_most: int) -> int:
+    """Send a request head one byte at a time (slowloris); return how many bytes were sent before the server
+    closed the connection (``bytes_at_most`` when it never did)."""
+    import select
+
+    request = b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * bytes_at_most
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+        for sent in range(bytes_at_most):
+            readable, _, _ = select.select([s], [], [], byte_every)
+            if readable and s.recv(4096) == b"":
+                return sent
+            try:
+                s.send(request[sent:sent + 1])
+            except OSError:  # reset by the server: it closed
+                return sent
+    return bytes_at_most
+
+
+def test_the_thread_drops_a_client_that_never_finishes_its_request(monkeypatch):
+    """Answering in its thread (no loop running), the server gives a request head one deadline in all, not one
+    per read: a client trickling a byte at a time is closed on, and the scrapes behind it are answered."""
+    import kimiha.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_CLIENT_TIMEOUT", 0.5)
+    bus = EventBus([(Ev.TICKS, ChannelConfig(8))])
+    with serve(bus, None, 0) as server:  # outside any loop: the server's thread answers
+        # a byte every 0.1 s: each read is well within the 0.5 s timeout, the whole head never is
+        sent = slow_client(server.port, 0.1, 200)
+        assert sent < 200, "the server kept reading a request that never ended"
+        assert value(samples(scrape(server.url)), "kimiha_watched") == 1
+
+
+def test_tasks_sharing_a_name_get_a_series_each():
+    """Two instances of one task class (no ``name``) are two tasks: each gets its own series, never two samples
+    with the same labels (which Prometheus drops as duplicates)."""
+    async def main() -> tuple[str, list[int]]:
+        bus = EventBus([(Ev.TICKS, ChannelConfig(16))])
+        scheduler = Scheduler(bus)
+        scheduler.register_event_task(Counter())
+        scheduler.register_event_task(Counter(fail_every=2))
+        await scheduler.start()
+        for i in range(1, 11):
+            bus.publish(Ev.TICKS, Tick(i))
+        await asyncio.sleep(0.01)
+        from kimiha.metrics import KimihaCollector, render_text
+
+        text = render_text(KimihaCollector(bus, scheduler).families())
+        await scheduler.shutdown()
+        return text, [info.id for info in scheduler.registry]
+
+    text, ids = kimiha.run(main())
+    series = [line.rsplit(" ", 1)[0] for line in text.splitlines() if not line.startswith("#")]
+    assert len(series) == len(set(series)), sorted(s for s in series if series.count(s) > 1)[:4]
+    found = samples(text)
+    assert value(found, "kimiha_task_errors_total", task="Counter", role="event") == 0
+    assert value(found, "kimiha_task_errors_total", task=f"Counter#{ids[1]}", role="event") == 5

@@ -152,3 +152,100 @@ def test_top_usage_error_is_exit_2(tmp_path):
                          text=True, timeout=TIMEOUT)
     assert out.returncode == 2
     assert "expected a metrics endpoint like http://127.0.0.1:9464, got 'ftp://x'" in out.stderr
+
+
+# -- endpoints that misbehave -------------------------------------------------------------------------------------
+
+
+class HostileEndpoint:
+    """A loopback server answering every connection with ``answer(conn)`` (in a thread of its own)."""
+
+    def __init__(self, answer) -> None:
+        import socket
+        import threading
+
+        self.answer = answer
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/metrics"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.1)  # a close() does not wake a blocked accept(): look at the stop flag instead
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(TIMEOUT)
+                try:
+                    conn.recv(65536)
+                    self.answer(conn, self.stop)
+                except OSError:
+                    pass
+
+    def __enter__(self) -> HostileEndpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(TIMEOUT)
+        self.sock.close()
+
+
+def _send(data: bytes):
+    return lambda conn, stop: conn.sendall(data)
+
+
+@pytest.mark.parametrize("answer, reason", [
+    (b"hello there\r\n\r\n", "the answer is not HTTP (BadStatusLine"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nkimiha_watched 1\n", "the answer is not HTTP (IncompleteRead"),
+    (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n", "the answer is not HTTP (LineTooLong"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 35\r\n\r\nkimiha_channel_published_total 3.0\n",
+     "a kimiha_ sample without its 'channel' label"),
+])
+def test_top_reports_an_answer_that_is_not_a_scrape_instead_of_dying(answer, reason):
+    from kimiha.apps.top import _read
+
+    with HostileEndpoint(_send(answer)) as endpoint:
+        snap, error = _read(endpoint.url, TIMEOUT)
+    assert snap is None
+    assert error is not None and reason in error
+
+
+def test_top_timeout_bounds_the_whole_answer():
+    """An endpoint trickling its body a line at a time, each well within the timeout: the read still ends."""
+    import time
+
+    from kimiha.apps.top import _read
+
+    def trickle(conn, stop) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+        for _ in range(100):  # 10 s at most, then the answer ends (a read that waits for it all fails below)
+            if stop.wait(0.1):
+                return
+            conn.sendall(b"# still here\n")
+
+    with HostileEndpoint(trickle) as endpoint:
+        snap, error = _read(endpoint.url, 0.5)
+    assert snap is None and error == "no answer within the timeout"
+
+
+def test_top_refuses_an_enormous_answer():
+    from kimiha.apps.top import fetch
+
+    def flood(conn, stop) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+        line = b"# " + b"x" * 65534 + b"\n"
+        for _ in range(64):  # 4 MiB
+            conn.sendall(line)
+
+    with HostileEndpoint(flood) as endpoint:
+        with pytest.raises(ValueError, match="the answer is over 1 MiB, not a kimiha scrape"):
+            fetch(endpoint.url, TIMEOUT, max_bytes=1024 * 1024)

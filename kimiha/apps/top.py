@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import os
 import select
 import signal
@@ -18,7 +19,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -86,13 +87,35 @@ class Snapshot:
     imports: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
 
 
-def fetch(url: str, timeout: float) -> str:
+#: The largest answer read (a kimiha scrape is a few kB per channel): past it, the endpoint is not kimiha's.
+MAX_BODY = 32 * 1024 * 1024
+
+
+def fetch(url: str, timeout: float, max_bytes: int = MAX_BODY) -> str:
     """Return the endpoint's text; raise ``OSError`` (``urllib.error.URLError`` among them) when it does not
-    answer, or answers with an HTTP error."""
+    answer, or answers with an HTTP error, and ``ValueError`` when the answer is not HTTP or larger than
+    ``max_bytes``.
+
+    ``timeout`` bounds the whole body, not each read: an endpoint trickling bytes counts as not answering.
+    """
+    deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers={"Accept": "text/plain"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        body: bytes = response.read()
-    return body.decode("utf-8", errors="replace")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            while chunk := response.read1(65536):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ValueError(f"the answer is over {max_bytes // (1024 * 1024)} MiB, not a kimiha scrape")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the answer took over {timeout:g} s")
+            if response.length:  # read1 ends quietly at a close before Content-Length: a cut-short scrape
+                raise http.client.IncompleteRead(b"".join(chunks), response.length)
+    except http.client.HTTPException as exc:  # not HTTP, cut short, a header line too long
+        raise ValueError(f"the answer is not HTTP ({type(exc).__name__}: {exc})") from None
+    return b"".join(chunks).decode("utf-8", errors="replace")
 
 
 def _require() -> None:
@@ -135,7 +158,15 @@ def parse(text: str, at: float | None = None) -> Snapshot:
     from prometheus_client.parser import text_string_to_metric_families
 
     snap = Snapshot(at=time.monotonic() if at is None else at)
-    for family in text_string_to_metric_families(text):
+    try:
+        _read_families(snap, text_string_to_metric_families(text))
+    except KeyError as exc:  # a kimiha_ name without kimiha's labels: another exporter's, or an older kimiha
+        raise ValueError(f"a kimiha_ sample without its {exc.args[0]!r} label") from None
+    return snap
+
+
+def _read_families(snap: Snapshot, families: Iterable[Any]) -> None:
+    for family in families:
         for sample in family.samples:
             name, labels, value = sample.name, sample.labels, sample.value
             if name == "kimiha_build_info":
@@ -162,7 +193,6 @@ def parse(text: str, at: float | None = None) -> Snapshot:
             elif name.startswith("kimiha_bridge_import_") and "latency" not in name:
                 key2 = (labels["bridge"], labels["channel"])
                 snap.imports.setdefault(key2, {})[name.removeprefix("kimiha_bridge_import_")] = value
-    return snap
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -338,6 +368,9 @@ def _read(url: str, timeout: float) -> tuple[Snapshot | None, str | None]:
         return parse(fetch(url, timeout)), None
     except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors; ValueError: not the format
         if isinstance(exc, ValueError) and not isinstance(exc, UnicodeError):
+            text = str(exc)
+            if text.startswith("the answer is"):  # fetch's own reason (not HTTP, too large)
+                return None, text
             return None, f"the answer is not Prometheus text ({exc})"
         return None, _describe(exc)
 

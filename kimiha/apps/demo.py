@@ -54,17 +54,24 @@ class RecordingError(InvalidConfigurationError):
     """A ``--data`` recording cannot be replayed; the message names the file and says what is wrong with it."""
 
 
+def _file_mode(path: Any, where: str, kind: str, hint: str) -> int:
+    """``os.stat(path).st_mode``; a missing file, an unreadable one or a directory is a :class:`RecordingError`
+    starting ``where`` (e.g. ``"--data PATH: "``) that names ``kind`` ("recording", "journal")."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise RecordingError(f"{where}no such {kind} file") from None
+    except OSError as exc:
+        raise RecordingError(f"{where}cannot read it ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise RecordingError(f"{where}is a directory; expected a {kind} file ({hint})")
+    return mode
+
+
 def _survey_one(path: Any) -> collections.Counter[str]:
     name = str(path)
     if isinstance(path, (str, os.PathLike)):
-        try:
-            mode = os.stat(path).st_mode
-        except FileNotFoundError:
-            raise RecordingError(f"--data {name}: no such recording file") from None
-        except OSError as exc:
-            raise RecordingError(f"--data {name}: cannot read it ({exc.strerror or exc})") from None
-        if stat.S_ISDIR(mode):
-            raise RecordingError(f"--data {name}: is a directory; expected a recording file (one --data per file)")
+        mode = _file_mode(path, f"--data {name}: ", "recording", "one --data per file")
         if not stat.S_ISREG(mode):  # a pipe or a device cannot be read twice (to count, then to replay)
             raise RecordingError(f"--data {name}: is not a regular file; expected a recording file")
         if _is_journal(path):
@@ -313,14 +320,7 @@ def survey_journal(path: str | Path) -> tuple[collections.Counter[str], str, dic
     raw, order_name, fill_name = (TradingEvent.RAW_MARKET_DATA.value, TradingEvent.ORDERS.value,
                                   TradingEvent.FILLS.value)
     by_channel: collections.Counter[str] = collections.Counter()
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise RecordingError(f"{path}: no such journal file") from None
-    except OSError as exc:
-        raise RecordingError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    if stat.S_ISDIR(mode):
-        raise RecordingError(f"{path}: is a directory; expected a journal file (`kimiha demo --journal PATH`)")
+    _file_mode(path, f"{path}: ", "journal", "`kimiha demo --journal PATH` writes one")
     end: dict[str, Any] | None = None
     try:
         for record in read_journal(path, channels=(raw, order_name, fill_name, META_CHANNEL)):

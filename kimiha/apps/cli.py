@@ -20,7 +20,7 @@ import sys
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, cast
 
 import kimiha
 from kimiha.apps.observe import (
@@ -131,7 +131,7 @@ def _amount(unit: str, *, zero_ok: bool = False, most: float = math.inf) -> Call
 
 
 _milliseconds = _amount("milliseconds", zero_ok=True, most=60_000)
-_megabytes = _amount("megabytes")
+_megabytes = _amount("MiB")
 
 
 def _nats_url(text: str) -> str:
@@ -163,7 +163,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                                      epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"kimiha {kimiha.__version__}")
     add_log_options(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
+    # the subcommands' parsers are _Parser too (argparse makes them with the parent's class)
+    sub = cast("argparse._SubParsersAction[argparse.ArgumentParser]",
+               parser.add_subparsers(dest="command", required=True))
     demo = sub.add_parser(
         "demo",
         help="replay recorded Binance BTCUSDT data through connector -> aggregator -> strategy -> executor",

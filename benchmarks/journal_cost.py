@@ -16,7 +16,9 @@ import asyncio
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import kimiha
 from kimiha import ChannelConfig, Event, EventBus, EventType, Overflow, Scheduler
@@ -65,10 +67,28 @@ async def flood(events: list[Tick], journal: Path | None, fsync: str) -> float:
     return elapsed / n
 
 
+def _at_least_one(what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected a whole number of {what} >= 1, got {text!r}")
+        return value
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not the usage block (as the kimiha CLI does)
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--repeat", type=int, default=7)
+    parser = _Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=_at_least_one("events"), default=200_000)
+    parser.add_argument("--repeat", type=_at_least_one("repetitions"), default=7)
     parser.add_argument("--loop", default="uvloop", choices=("uvloop", "asyncio"))
     parser.add_argument("--fsync", default="never", choices=("never", "batch"))
     args = parser.parse_args()

@@ -23,7 +23,15 @@ event reaches it, whatever the process topology or the event loop. A producer mo
 connector sets it to each line's recorded receive time before publishing the line).
 
 Callbacks receive a :class:`TimeEvent`; a callback may be a plain function or a coroutine function (awaited in
-order by :meth:`SimClock.advance_to`; run as a task, supervised, by a :class:`LiveClock`).
+order by :meth:`SimClock.advance_to`; run as a task, supervised, by a :class:`LiveClock`). Under a scheduler
+with a :class:`SimClock`, a task whose ``handle_event`` is a plain function handles each event inside the
+dispatch of that event, where nothing can be awaited: its timers due before an event fire in that dispatch, so
+a coroutine callback could only finish after the event (and when it did would depend on how fast events were
+published). Its clock therefore refuses coroutine callbacks where they are set (an
+:class:`~kimiha.error.InvalidConfigurationError` that says so), and a plain callback that returns an awaitable
+there is reported as the timer's failure, never run late: make the callback plain, or ``handle_event``
+``async def`` (then every coroutine callback due before an event completes before the event is handled).
+Times are nanoseconds >= 0.
 """
 
 from __future__ import annotations
@@ -142,6 +150,10 @@ class _Table:
         return timer, due
 
 
+def _is_coroutine_function(callback: Any) -> bool:
+    return inspect.iscoroutinefunction(callback) or inspect.iscoroutinefunction(getattr(callback, "__call__", None))
+
+
 def _call(timer: _Timer, due: int) -> Any:
     """Call ``timer``'s callback; return what it returned (an awaitable is the caller's), errors reported."""
     try:
@@ -202,19 +214,19 @@ class Clock:
         """
         who = f"{type(self).__name__}.set_timer({name!r})"
         _check_ns(who, "interval_ns", interval_ns, low=1)
-        start = self.now_ns() if start_ns is None else _check_ns(who, "start_ns", start_ns)
+        start = self.now_ns() if start_ns is None else _check_ns(who, "start_ns", start_ns, low=0)
         if stop_ns is not None:
-            _check_ns(who, "stop_ns", stop_ns)
+            _check_ns(who, "stop_ns", stop_ns, low=0)
             if stop_ns < start + interval_ns:
                 raise InvalidConfigurationError(
                     f"{who}: stop_ns ({stop_ns}) is before the first deadline ({start + interval_ns}); the timer "
                     f"would never fire")
-        self._add(name, interval_ns, callback, start + interval_ns, stop_ns)
+        self._add("set_timer", name, interval_ns, callback, start + interval_ns, stop_ns)
 
     def set_time_alert(self, name: str, at_ns: int, callback: TimerCallback) -> None:
         """Call ``callback(TimeEvent)`` once, at ``at_ns`` (as soon as possible when that is past)."""
-        _check_ns(f"{type(self).__name__}.set_time_alert({name!r})", "at_ns", at_ns)
-        self._add(name, 0, callback, at_ns, None)
+        _check_ns(f"{type(self).__name__}.set_time_alert({name!r})", "at_ns", at_ns, low=0)
+        self._add("set_time_alert", name, 0, callback, at_ns, None)
 
     def cancel_timer(self, name: str) -> bool:
         """Cancel the timer or alert ``name``; return False when no such timer is active."""
@@ -245,12 +257,20 @@ class Clock:
             f"clock=SimClock()))")
 
     # -- internals ------------------------------------------------------------------------------------------
-    def _add(self, name: str, interval_ns: int, callback: TimerCallback, first_ns: int, stop_ns: int | None) -> None:
-        who = f"{type(self).__name__}.set_timer"
+    def _add(self, method: str, name: str, interval_ns: int, callback: TimerCallback, first_ns: int,
+             stop_ns: int | None) -> None:
+        who = f"{type(self).__name__}.{method}"
         if not isinstance(name, str) or not name:
             raise InvalidConfigurationError(f"{who}: name must be a non-empty str, got {name!r}")
         if not callable(callback):
             raise InvalidConfigurationError(f"{who}({name!r}): callback must be callable, got {callback!r}")
+        inline = getattr(self, "_inline", None)
+        if inline is not None and _is_coroutine_function(callback):
+            raise InvalidConfigurationError(
+                f"{who}({name!r}): the callback {callback!r} is a coroutine function, but {inline} has a plain "
+                f"handle_event: under a SimClock its timers fire inside the dispatch of the event that passes "
+                f"them, where a coroutine cannot be awaited, so it would finish after that event. Make the "
+                f"callback a plain function, or make handle_event `async def`")
         key = (self._owner, name)
         if key in self._table.timers:
             raise InvalidConfigurationError(
@@ -386,7 +406,7 @@ class SimClock(Clock):
 
     def __init__(self, start_ns: int = 0, *, time_of: Callable[[Any], int | None] = receive_time) -> None:
         super().__init__()
-        _check_ns("SimClock", "start_ns", start_ns)
+        _check_ns("SimClock", "start_ns", start_ns, low=0)
         if not callable(time_of):
             raise InvalidConfigurationError(f"SimClock: time_of must be callable, got {time_of!r}")
         self._now = start_ns
@@ -395,6 +415,9 @@ class SimClock(Clock):
         self._views: list[SimClock] = []
         self._tasks: set[asyncio.Future[Any]] = set()
         self.fired = 0
+        #: Set by the scheduler on the view of a task with a plain handle_event ("task 'name'"): its timers
+        #: fire inside an event's dispatch, so coroutine callbacks are refused (see the module's docstring).
+        self._inline: str | None = None
 
     def now_ns(self) -> int:
         return self._now
@@ -435,10 +458,21 @@ class SimClock(Clock):
             await _await_callback(timer, pending)
 
     def advance_now(self, ts_ns: int) -> None:
-        """:meth:`advance_to` for a caller that cannot await (a plain-function handler): coroutine callbacks
-        are started as tasks instead of awaited, so they finish after the event, not before it."""
+        """:meth:`advance_to` for a caller that cannot await: coroutine callbacks are started as tasks instead
+        of awaited, so they finish later, not before the next timer. On the view of a scheduler's task with a
+        plain ``handle_event`` (which calls this before each event) an awaitable a callback returns is not run
+        at all: it is closed and reported as the timer's failure, since it could only finish after the event."""
+        inline = self._inline
         for timer, pending in self._fire_due(ts_ns):
-            _spawn(timer, pending, self._tasks)
+            if inline is None:
+                _spawn(timer, pending, self._tasks)
+                continue
+            if inspect.iscoroutine(pending):
+                pending.close()
+            timer.on_error(timer.name, InvalidStateError(
+                f"timer {timer.name!r} of {inline}: the callback returned an awaitable ({type(pending).__name__}), "
+                f"which cannot be awaited before the event that passed its deadline (handle_event is a plain "
+                f"function); it was not run. Make the callback a plain function, or handle_event `async def`"))
 
     def _fire_due(self, ts_ns: int) -> Iterator[tuple[_Timer, Any]]:
         """Fire the timers due by ``ts_ns`` in order, yielding each awaitable a callback returned (the caller

@@ -23,9 +23,15 @@ simulated time under a :class:`~kimiha.clock.SimClock`), ``frame`` the event's m
 
 A writer given ``meta`` (a dict: the run's settings, e.g. the demo's order latency) writes it first, as a
 record of the reserved channel ``""`` whose frame is the dict's msgpack; :func:`read_journal` skips it,
-:func:`journal_meta` returns it (so a replay can run with the settings the recording ran with).
+:func:`journal_meta` returns it (so a replay can run with the settings the recording ran with). A writer
+given ``end_meta`` (a callable returning a dict) that closes cleanly (its shutdown hook, not after a failed
+write or a crash) ends the journal with one more record of that channel, the end record: ``{"end": True}``
+plus what ``end_meta()`` returns (the demo says whether the run was interrupted); :func:`journal_end` returns
+it, or None for a journal without one (its writer never closed it, or was given no ``end_meta``).
 
-Segments rotate by size: ``PATH``, then ``PATH.1``, ``PATH.2``, ... (``rotate_bytes``). ``fsync`` says when
+Segments rotate by size: ``PATH``, then ``PATH.1``, ``PATH.2``, ... (``rotate_bytes``, the 8-byte magic
+included); a writer removes the ``PATH.N`` files of an older journal at its path. A journal is read from its
+first segment: reading a later one alone is refused. ``fsync`` says when
 the file is forced to disk: ``"never"`` (the OS decides; closing a segment still flushes it), ``"batch"``
 (every ``flush_interval`` seconds, when buffered records are written) or ``"always"`` (after every record:
 slow, for tests of durability). A crash may leave the last record torn: the reader detects it (too short, or a
@@ -52,8 +58,8 @@ from kimiha.error import InvalidConfigurationError, InvalidStateError, Orchestra
 from kimiha.event_bus import EventBus
 from kimiha.types import BackgroundTask, Connector
 
-__all__ = ["FSYNC_POLICIES", "META_CHANNEL", "JournalCorrupt", "JournalRecord", "JournalReplayer", "JournalWriteError", "JournalWriter",
-           "MAGIC", "journal_meta", "journal_segments", "read_journal"]
+__all__ = ["FSYNC_POLICIES", "META_CHANNEL", "JournalCorrupt", "JournalRecord", "JournalReplayer", "JournalWriteError",
+           "JournalWriter", "MAGIC", "end_record", "journal_end", "journal_meta", "journal_segments", "read_journal"]
 
 logger = logging.getLogger("kimiha.journal")
 
@@ -163,12 +169,15 @@ class JournalWriter(BackgroundTask):
         error is logged.
     meta : dict, optional
         Written first (see the module's docstring); :func:`journal_meta` reads it back.
+    end_meta : callable, optional
+        When given, a clean close writes the end record, ``{"end": True}`` plus the dict ``end_meta()`` returns
+        (:func:`journal_end`): a reader can tell a journal its writer closed from one cut short.
     """
 
     def __init__(self, bus: EventBus, path: str | os.PathLike[str], channels: Iterable[Any], *,
                  fsync: str = "never", rotate_bytes: int | None = None, flush_interval: float = 0.05,
                  name: str = "journal", on_failure: Callable[[JournalWriteError], Any] | None = None,
-                 meta: dict[str, Any] | None = None) -> None:
+                 meta: dict[str, Any] | None = None, end_meta: Callable[[], dict[str, Any]] | None = None) -> None:
         if fsync not in FSYNC_POLICIES:
             raise InvalidConfigurationError(f"JournalWriter: fsync must be one of {FSYNC_POLICIES}, got {fsync!r}")
         if rotate_bytes is not None and (isinstance(rotate_bytes, bool) or not isinstance(rotate_bytes, int)
@@ -187,6 +196,9 @@ class JournalWriter(BackgroundTask):
         if on_failure is not None and not callable(on_failure):
             raise InvalidConfigurationError(f"JournalWriter: on_failure must be callable or None, got {on_failure!r}")
         self.on_failure = on_failure
+        if end_meta is not None and not callable(end_meta):
+            raise InvalidConfigurationError(f"JournalWriter: end_meta must be callable or None, got {end_meta!r}")
+        self.end_meta = end_meta
         try:
             self._meta = None if meta is None else msgspec.msgpack.encode(dict(meta))
         except (TypeError, ValueError) as exc:
@@ -226,19 +238,24 @@ class JournalWriter(BackgroundTask):
             # a background task's SimClock view does not move by itself: take the scheduler's time
             self._clock_now = (clock.root if isinstance(clock, SimClock) else clock).now_ns
         if self._meta is not None:
-            self._writer_for(META_CHANNEL)((0, 0, self._meta))
-            self.records -= 1  # not an event
-            self._pending -= 1
-            self.flush()
+            self._write_meta(self._meta)
         for channel in self.channels:
             self._subs.append(channel.subscribe(self._writer_for(channel.name), frames=True,
                                                 on_lag=self._on_lag))
+
+    def _write_meta(self, frame: bytes) -> None:
+        self._writer_for(META_CHANNEL)((0, 0, frame))
+        if self._file is not None:  # written (not refused by a failed rotation)
+            self.records -= 1  # not an event
+            self._pending -= 1
+        self.flush()
 
     def _open(self, path: Path) -> None:
         self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by _close_segment; _buf buffers
         self.segments.append(path)
         self._file.write(MAGIC)
         self._segment_bytes = len(MAGIC)
+        self.bytes += len(MAGIC)
 
     def _close_segment(self) -> None:
         file = self._file
@@ -356,6 +373,18 @@ class JournalWriter(BackgroundTask):
     async def shutdown(self) -> None:
         for sub in self._subs:
             sub.close()
+        if self._file is not None and self.end_meta is not None:  # a clean close (not after a failed write)
+            end: dict[str, Any] = {"end": True}
+            try:
+                end.update(self.end_meta())
+            except Exception as exc:  # the hook's failure must not lose the journal's close
+                logger.error("%s: end_meta() raised %r; the end record carries only end=True", self.name, exc)
+            try:
+                frame = msgspec.msgpack.encode(end)
+            except (TypeError, ValueError) as exc:
+                logger.error("%s: end_meta() returned what msgpack cannot encode (%s)", self.name, exc)
+                frame = msgspec.msgpack.encode({"end": True})
+            self._write_meta(frame)
         self._close_segment()
 
 
@@ -391,19 +420,41 @@ def _next_record(data: bytes, start: int) -> int | None:
     return None
 
 
-def read_journal(path: str | os.PathLike[str], *, channels: Iterable[str] | None = None) -> Iterator[JournalRecord]:
+def read_journal(path: str | os.PathLike[str], *, channels: Iterable[str] | None = None,
+                 warn: bool = True) -> Iterator[JournalRecord]:
     """Yield the records of the journal at ``path`` (every segment, in order), of ``channels`` only if given.
 
-    The writer's ``meta`` record is not among them (:func:`journal_meta` reads it) unless ``channels`` names
-    :data:`META_CHANNEL`. A torn last record is skipped with a warning; a record that fails its check elsewhere raises
-    :class:`JournalCorrupt` naming the file and the offset; a file that is not a journal raises it too.
+    The writer's ``meta`` and end records are not among them (:func:`journal_meta`, :func:`journal_end`) unless
+    ``channels`` names :data:`META_CHANNEL`. A torn last record is skipped with a warning (``warn=False``: silently,
+    for a second pass over a journal already read once); a record that fails its check elsewhere raises
+    :class:`JournalCorrupt` naming the file and the offset; a file that is not a journal raises it too, and
+    ``path`` naming a later segment of a journal (``PATH.1`` next to ``PATH``) raises
+    :class:`~kimiha.error.InvalidConfigurationError`.
     """
-    records = _read(path, None if channels is None else set(channels))
+    records = _read(path, None if channels is None else set(channels), warn)
     return records if channels is not None else (r for r in records if r.channel != META_CHANNEL)
 
 
-def _read(path: str | os.PathLike[str], wanted: set[str] | None) -> Iterator[JournalRecord]:
-    """:func:`read_journal`, the meta record included (when ``wanted`` is None or names it)."""
+def _first_segment_of(path: Path) -> Path | None:
+    """The first segment of the journal ``path`` is a later segment of (``run.kj`` for ``run.kj.2``), or None."""
+    stem, dot, tail = path.name.rpartition(".")
+    if not dot or not stem or not tail.isdigit() or tail[0] == "0":
+        return None
+    base = path.with_name(stem)
+    try:
+        with open(base, "rb") as file:
+            return base if file.read(len(MAGIC)) == MAGIC else None
+    except OSError:
+        return None
+
+
+def _read(path: str | os.PathLike[str], wanted: set[str] | None, warn: bool = True) -> Iterator[JournalRecord]:
+    """:func:`read_journal`, the meta and end records included (when ``wanted`` is None or names them)."""
+    first = _first_segment_of(Path(path))
+    if first is not None:
+        raise InvalidConfigurationError(
+            f"journal {str(path)!r}: this is a later segment of the journal {str(first)!r}; expected the first "
+            f"segment ({str(first)!r}), which reads them all in order")
     segments = journal_segments(path)
     if not segments[0].exists():
         raise InvalidConfigurationError(f"journal {str(path)!r}: no such file")
@@ -412,6 +463,8 @@ def _read(path: str | os.PathLike[str], wanted: set[str] | None) -> Iterator[Jou
         data = segment.read_bytes()
         name = str(segment)
         if index and last and len(data) < len(MAGIC) and MAGIC.startswith(data):
+            if not warn:
+                return
             logger.warning("journal %r: the last segment ends inside its magic (%d byte(s)), as a crash or a "
                            "full disk right after a rotation leaves it; skipped", name, len(data))
             return
@@ -449,8 +502,9 @@ def _read(path: str | os.PathLike[str], wanted: set[str] | None) -> Iterator[Jou
                 if not last:
                     raise JournalCorrupt(f"journal {name!r}: segment ends inside a record at offset {offset} "
                                          f"({torn}) though later segments follow", path=name, offset=offset)
-                logger.warning("journal %r: the last record (offset %d) is torn (%s), as a crash mid-write "
-                               "leaves it; skipped, every record before it was read", name, offset, torn)
+                if warn:
+                    logger.warning("journal %r: the last record (offset %d) is torn (%s), as a crash mid-write "
+                                   "leaves it; skipped, every record before it was read", name, offset, torn)
                 return
             try:
                 channel, seq, ts, frame = _decode_body(data[offset + _HEAD.size:end])
@@ -465,7 +519,7 @@ def _read(path: str | os.PathLike[str], wanted: set[str] | None) -> Iterator[Jou
 
 def journal_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Return the ``meta`` dict the journal at ``path`` was written with (``{}`` when it has none)."""
-    first = next(_read(path, None), None)  # the meta record comes first or not at all
+    first = next(_read(path, None, warn=False), None)  # the meta record comes first or not at all
     if first is None or first.channel != META_CHANNEL:
         return {}
     try:
@@ -476,22 +530,42 @@ def journal_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+def journal_end(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """Return the end record of the journal at ``path`` (``{"end": True, ...}``, what its writer wrote when it
+    closed cleanly), or None when it has none: its writer did not close it (a crash, a failed write, an
+    interrupt before the run was under way)."""
+    end: dict[str, Any] | None = None
+    for record in _read(path, {META_CHANNEL}, warn=False):  # the meta record, then the end record if any
+        end = end_record(record.frame)
+    return end
+
+
+def end_record(frame: bytes) -> dict[str, Any] | None:
+    """Return the end record a :data:`META_CHANNEL` record's ``frame`` holds, or None when it is not one."""
+    try:
+        value = msgspec.msgpack.decode(frame)
+    except msgspec.DecodeError:
+        return None
+    return value if isinstance(value, dict) and value.get("end") is True else None
+
+
 # ------------------------------------------------------------------------------------------------ replay
 class JournalReplayer(Connector):
     """Publish the journal's records of ``channels`` into ``bus`` (``publish_raw_async``, in file order).
 
     Under a :class:`~kimiha.clock.SimClock` it sets its clock to each record's ``publish_ns`` before
     publishing it. ``finished`` is set once every record was published; ``published`` counts them by channel.
+    ``warn=False``: no second warning about a torn last record (a caller that read the journal once already).
     """
 
     def __init__(self, bus: EventBus, path: str | os.PathLike[str], channels: Iterable[Any], *,
-                 chunk: int = 256, name: str = "journal-replayer") -> None:
+                 chunk: int = 256, name: str = "journal-replayer", warn: bool = True) -> None:
         self.name = name
         self.path = Path(path)
         self._targets = {bus.channel(key).name: bus.channel(key) for key in channels}
         if not self._targets:
             raise InvalidConfigurationError("JournalReplayer: channels is empty; name at least one channel")
-        self._records: Iterator[JournalRecord] = read_journal(path, channels=list(self._targets))
+        self._records: Iterator[JournalRecord] = read_journal(path, channels=list(self._targets), warn=warn)
         self._chunk = chunk
         self.published: dict[str, int] = dict.fromkeys(self._targets, 0)
         self.finished = asyncio.Event()

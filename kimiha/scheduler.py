@@ -170,6 +170,10 @@ class Scheduler:
         info = TaskInfo(self._next_id, task, kind, supervision, interval, channels)
         self._next_id += 1
         info.clock = self.clock._for_task(info.id, self._timer_error_cb(info))
+        if kind == "event" and isinstance(info.clock, SimClock) and \
+                not inspect.iscoroutinefunction(getattr(task, "handle_event", None)):
+            # its timers fire inside each event's dispatch: the clock refuses coroutine callbacks (kimiha.clock)
+            info.clock._inline = f"task {task_name(task)!r}"
         if isinstance(task, Executable):  # a duck-typed task may have a `clock` of its own: left alone
             task.clock = info.clock
         self.registry._add(info)

@@ -387,3 +387,77 @@ def test_control_characters_in_stream_names_never_reach_the_terminal(tmp_path):
                           cwd=tmp_path, capture_output=True, timeout=120)
     assert b"\x1b" not in proc.stdout and b"\x07" not in proc.stdout
     assert b"\x1b" not in proc.stderr and b"\x07" not in proc.stderr
+
+
+# -- usage errors: one line, every subcommand (the EXIT_STATUS rule) ------------------------------------------
+
+@pytest.mark.parametrize("args, prog, fragment", [
+    (["demo", "--speed", "fast"], "kimiha demo", "argument --speed: expected a number > 0"),
+    (["demo", "--loop", "tokio"], "kimiha demo", "argument --loop: invalid choice: 'tokio'"),
+    (["demo", "--latency", "70000"], "kimiha demo", "expected a number of milliseconds in [0, 60000]"),
+    (["replay"], "kimiha replay", "the following arguments are required: PATH"),
+    (["replay", "x.kj", "--loop", "tokio"], "kimiha replay", "argument --loop: invalid choice"),
+    (["live", "--symbol", "!!"], "kimiha live", "expected a Binance symbol"),
+    (["live", "--sim", "--ws-url", "wss://127.0.0.1:1"], "kimiha live", "--sim runs its own local exchange"),
+    (["top", "http://127.0.0.1:1", "--interval", "0"], "kimiha top", "argument --interval"),
+    (["--log-level", "loud", "demo"], "kimiha", "argument --log-level: invalid choice"),
+    (["frobnicate"], "kimiha", "invalid choice: 'frobnicate'"),
+])
+def test_a_bad_option_is_one_line_and_exit_2_for_every_subcommand(tmp_path, args, prog, fragment):
+    # before: argparse's usage block (several lines) and then the error
+    proc = kimiha_cli(*args, cwd=tmp_path)
+    err = text_of(proc.stderr)
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"{prog}: error: ") and fragment in err, err
+    assert err.rstrip().endswith(f"(see {prog} --help)"), err
+
+
+@pytest.mark.parametrize("option, needs", [
+    (["--journal-fsync", "batch"], "--journal"), (["--journal-fsync", "never"], "--journal"),
+    (["--journal-rotate-mb", "1"], "--journal"),
+    (["--metrics-linger", "5"], "--metrics-port"), (["--metrics-host", "0.0.0.0"], "--metrics-port"),
+])
+def test_options_that_qualify_another_need_it(tmp_path, option, needs):
+    # before: silently ignored (while --nats without --distributed was an error)
+    proc = kimiha_cli("demo", "--no-progress", *option, cwd=tmp_path)
+    err = text_of(proc.stderr)
+    assert proc.returncode == 2 and proc.stdout == b"", err
+    assert len(err.splitlines()) == 1
+    assert f"error: {option[0]} applies with {needs} only: add {needs}" in err, err
+
+
+def test_help_says_which_options_are_in_process_only_and_what_a_journal_replaces():
+    from kimiha.apps.cli import _parser
+
+    _, demo = _parser()
+    helps = {a.option_strings[0]: a.help or "" for a in demo._actions if a.option_strings}
+    for option in ("--latency", "--latency-report", "--journal"):
+        assert helps[option].startswith("in-process demo only"), (option, helps[option])
+    assert "0 to 60000" in helps["--latency"]
+    assert "replaced" in helps["--journal"] and "PATH.1" in helps["--journal"] and "removed" in helps["--journal"]
+    assert "MiB" in helps["--journal-rotate-mb"]
+    assert "with --metrics-port" in helps["--metrics-host"] and "with --metrics-port" in helps["--metrics-linger"]
+    # the exit status rule names replay's outcomes too
+    assert "a digest that differs from the journal's" in EXIT_STATUS
+    assert "a kimiha journal" in EXIT_STATUS and "not a\n         journal's first segment" in EXIT_STATUS
+
+
+def test_an_early_interrupt_says_what_is_left_at_the_journal_path(run, tmp_path):
+    # before: "nothing to summarize", though the path could hold part of the run that replayed with exit 0
+    from kimiha.apps.cli import _journal_left
+    from kimiha.apps.demo import run_demo
+    from kimiha.journal import MAGIC
+
+    assert _journal_left(None) == ""
+    empty = tmp_path / "empty.kj"
+    empty.write_bytes(b"")
+    assert _journal_left(str(empty)) == f"; the journal {empty} is empty"
+    data = tmp_path / "d.txt"
+    data.write_bytes(b"\n".join(tape_lines(300)) + b"\n")
+    journal = tmp_path / "run.kj"
+    run(run_demo([data], progress=None, journal=journal))
+    assert "left as it is" in _journal_left(str(journal))  # closed by its run
+    cut = tmp_path / "cut.kj"
+    cut.write_bytes(journal.read_bytes()[:len(MAGIC) + 2000])
+    assert "no end record" in _journal_left(str(cut)) and "did not close it" in _journal_left(str(cut))

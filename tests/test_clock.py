@@ -9,7 +9,7 @@ import pytest
 
 from kimiha import ChannelConfig, Event, EventBus, EventTask, EventType, Scheduler, Supervision
 from kimiha.clock import LiveClock, SimClock, TimeEvent
-from kimiha.error import InvalidConfigurationError, InvalidStateError
+from kimiha.error import InvalidConfigurationError, InvalidStateError, TaskInitializationError
 from kimiha.scheduler import OnError, TaskState
 
 
@@ -395,3 +395,116 @@ def test_a_coroutine_callback_cancelled_before_it_ran_is_closed_not_left_unawait
         gc.collect()
     assert ran == []
     assert not [w for w in caught if "never awaited" in str(w.message)]
+
+
+# -- coroutine callbacks of a task with a plain handle_event (which cannot await them before an event) --------
+
+class SyncWithAsyncAlert(EventTask):
+    """The reported case: a plain handle_event, a plain 1 us timer and a coroutine alert at 2,500."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    def subscribed_event(self) -> Ev:
+        return Ev.TICKS
+
+    async def initialize(self) -> None:
+        self.clock.set_timer("us", 1_000, lambda e: None, start_ns=0)
+        self.clock.set_time_alert("alert", 2_500, self.on_alert)
+
+    async def on_alert(self, event: TimeEvent) -> None:
+        self.seen.append(("alert", self.clock.now_ns()))
+
+    def handle_event(self, event: Tick) -> None:
+        self.seen.append(("tick", event.recv_ts_ns))
+
+
+def test_a_coroutine_callback_on_a_task_with_a_plain_handle_event_is_refused_where_it_is_set(run):
+    # before: accepted, and run as a task after the event that passed its deadline (here after the event at
+    # 7,000, reading now_ns() == 7,000): the order depended on how fast the events were published
+    async def main():
+        bus = EventBus([(Ev.TICKS, ChannelConfig(64, payload_type=Tick))])
+        task = SyncWithAsyncAlert()
+        async with Scheduler(bus, clock=SimClock(0)) as scheduler:
+            scheduler.register_event_task(task)
+            with pytest.raises(TaskInitializationError) as caught:  # set in initialize(): it failed there
+                await scheduler.start()
+        return task, caught.value
+
+    task, error = run(main())
+    assert isinstance(error.__cause__, InvalidConfigurationError)
+    text = str(error.__cause__)
+    assert "set_time_alert('alert')" in text and "coroutine" in text and "handle_event" in text
+    assert "async def" in text
+
+
+def test_a_coroutine_callback_on_a_task_with_an_async_handle_event_fires_before_the_event(run):
+    class AsyncHandler(SyncWithAsyncAlert):
+        async def handle_event(self, event: Tick) -> None:  # type: ignore[override]
+            self.seen.append(("tick", event.recv_ts_ns))
+
+    async def main():
+        bus = EventBus([(Ev.TICKS, ChannelConfig(64, payload_type=Tick))])
+        task = AsyncHandler()
+        async with Scheduler(bus, clock=SimClock(0)) as scheduler:
+            scheduler.register_event_task(task)
+            await scheduler.start()
+            for n, ts in enumerate((500, 1_000, 3_200, 3_200, 7_000)):
+                bus.publish(Ev.TICKS, Tick(n, ts))
+            await _wait_for(lambda: len(task.seen) == 6)
+        return task.seen
+
+    assert run(main()) == [("tick", 500), ("tick", 1_000), ("alert", 2_500), ("tick", 3_200), ("tick", 3_200),
+                           ("tick", 7_000)]
+
+
+def test_a_callback_returning_an_awaitable_on_a_plain_handler_task_is_reported_not_run_late(run):
+    # a plain function that returns a coroutine cannot be told apart where it is set: refused when it fires
+    import gc
+    import warnings
+
+    class Sneaky(SyncWithAsyncAlert):
+        async def initialize(self) -> None:
+            self.clock.set_time_alert("alert", 2_500, lambda e: self.on_alert(e))
+
+    async def main():
+        bus = EventBus([(Ev.TICKS, ChannelConfig(64, payload_type=Tick))])
+        task = Sneaky()
+        async with Scheduler(bus, clock=SimClock(0)) as scheduler:
+            task_id = scheduler.register_event_task(task)
+            await scheduler.start()
+            for n, ts in enumerate((500, 3_200, 7_000)):
+                bus.publish(Ev.TICKS, Tick(n, ts))
+            await _wait_for(lambda: len(task.seen) == 3)
+            for _ in range(10):
+                await asyncio.sleep(0)
+            info = scheduler.registry.get(task_id)
+            return task.seen, info.errors, info.last_error
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seen, errors, last_error = run(main())
+        gc.collect()
+    assert seen == [("tick", 500), ("tick", 3_200), ("tick", 7_000)]  # the alert never ran after its events
+    assert errors == 1 and "timer 'alert'" in last_error and "awaitable" in last_error
+    assert not [w for w in caught if "never awaited" in str(w.message)]
+
+
+def test_negative_times_are_refused():
+    with pytest.raises(InvalidConfigurationError, match=r"SimClock: start_ns must be >= 0.*got -1"):
+        SimClock(-1)
+    clock = SimClock(0)
+    with pytest.raises(InvalidConfigurationError, match=r"set_time_alert\('k'\): at_ns must be >= 0.*got -1"):
+        clock.set_time_alert("k", -1, lambda e: None)
+    with pytest.raises(InvalidConfigurationError, match=r"set_timer\('t'\): start_ns must be >= 0.*got -5"):
+        clock.set_timer("t", 10, lambda e: None, start_ns=-5)
+    assert clock.timer_names() == []
+
+
+def test_a_name_in_use_names_the_method_called():
+    clock = SimClock(0)
+    clock.set_timer("g", 10, lambda e: None)
+    with pytest.raises(InvalidConfigurationError, match=r"SimClock.set_time_alert\('g'\): a timer of that name"):
+        clock.set_time_alert("g", 5, lambda e: None)
+    with pytest.raises(InvalidConfigurationError, match=r"SimClock.set_timer\('g'\): a timer of that name"):
+        clock.set_timer("g", 5, lambda e: None)

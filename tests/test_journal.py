@@ -374,3 +374,155 @@ def test_replay_interrupted_by_sigint_stops_cleanly_and_says_so(run, tmp_path):
 
     summary = run(interrupted_replay())
     assert summary["interrupted"] == "SIGINT"  # and the staged shutdown ran: a summary came back
+
+
+# -- the replay as a person meets it (a reviewer's findings) ----------------------------------------------------
+
+def _slice(tmp_path, n=3_000):
+    lines = []
+    for line in iter_lines(recorded_tape()):
+        lines.append(line)
+        if len(lines) == n:
+            break
+    data = tmp_path / "slice.txt"
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    return data
+
+
+def _kimiha(tmp_path, *args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "kimiha", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=tmp_path)
+
+
+def test_replay_of_a_later_segment_is_refused_naming_the_first(run, tmp_path):
+    # before: `kimiha replay PATH.1` replayed the segment alone: rejects, and a different digest
+    from kimiha.apps.demo import run_demo
+
+    journal = tmp_path / "run.kj"
+    run(run_demo([_slice(tmp_path, 15_000)], progress=None, journal=journal, journal_rotate_bytes=1 << 20))
+    assert len(journal_segments(journal)) > 1
+    proc = _kimiha(tmp_path, "replay", f"{journal}.1", "--no-progress")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"kimiha replay: {journal}.1: this is a later segment of the journal '{journal}'; expected the first "
+        f"segment ('{journal}'), which reads them all in order"]
+    with pytest.raises(InvalidConfigurationError, match="later segment"):
+        list(read_journal(f"{journal}.1"))
+    # a file that merely ends in .N, beside no journal, is a journal of its own
+    alone = tmp_path / "other.3"
+    alone.write_bytes(journal.read_bytes())
+    assert len(list(read_journal(alone))) > 1_000
+
+
+def test_replay_warns_once_of_a_torn_last_record(run, tmp_path):
+    # before: the survey and the replayer each read the journal, and each warned
+    from kimiha.apps.demo import run_demo
+
+    journal = tmp_path / "run.kj"
+    run(run_demo([_slice(tmp_path)], progress=None, journal=journal))
+    journal.write_bytes(journal.read_bytes()[:-3])
+    proc = _kimiha(tmp_path, "replay", str(journal), "--no-progress", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("is torn") == 1, proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "header only", "not a journal"])
+def test_replay_errors_have_one_shape(tmp_path, kind):
+    # before: "kimiha replay: journal '/x': no such file", "kimiha replay /tmp: cannot read it (Is a
+    # directory)", "... RawMarketData records (it has none)"
+    path = {"missing": tmp_path / "absent.kj", "directory": tmp_path, "header only": tmp_path / "empty.kj",
+            "not a journal": tmp_path / "text.kj"}[kind]
+    if kind == "header only":
+        path.write_bytes(MAGIC)
+    elif kind == "not a journal":
+        path.write_bytes(b"hello world\n" * 3)
+    proc = _kimiha(tmp_path, "replay", str(path), "--no-progress")
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"kimiha replay: {path}: "), proc.stderr
+    message = lines[0][len(f"kimiha replay: {path}: "):]
+    assert {"missing": "no such journal file", "directory": "is a directory; expected a journal file",
+            "header only": "the journal holds no RawMarketData records (no records at all)",
+            "not a journal": "expected the magic"}[kind] in message, message
+    assert "journal '" not in message or kind == "not a journal"
+
+
+def test_replay_summary_says_replay_and_that_the_recording_was_interrupted(run, tmp_path):
+    # before: "kimiha demo: ..." and "read of N in the files"; an interrupted recording replayed with no hint
+    import signal
+
+    from kimiha.apps.demo import format_summary, run_demo
+
+    journal = tmp_path / "run.kj"
+    data = _slice(tmp_path, 15_000)
+
+    async def interrupted_demo():
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, os.kill, os.getpid(), signal.SIGINT)
+        return await run_demo([data], progress=None, journal=journal)
+
+    recorded = run(interrupted_demo())
+    assert recorded["interrupted"] == "SIGINT"
+    proc = _kimiha(tmp_path, "replay", str(journal), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"kimiha replay: {journal}\n")
+    assert "in the journal" in proc.stdout and "in the files" not in proc.stdout
+    lines_read = recorded["lines_read"]
+    assert (f"the recorded run was interrupted by SIGINT after {lines_read:,} of 15,000 lines: the journal "
+            f"holds only what it recorded") in proc.stdout
+    replayed = json.loads(_kimiha(tmp_path, "replay", str(journal), "--no-progress", "--json").stdout)
+    assert replayed["recorded_run"] == {"closed": True, "interrupted": "SIGINT", "lines_read": lines_read,
+                                        "lines_in_files": 15_000}
+    assert replayed["interrupted"] is None  # the replay itself ran to the end
+    # a complete recording says nothing of the kind; a journal its writer never closed says that
+    run(run_demo([data], progress=None, journal=journal))
+    full = _kimiha(tmp_path, "replay", str(journal), "--no-progress").stdout
+    assert "the recorded run" not in full and "cooldowns ended" in full
+    data_bytes = journal.read_bytes()
+    cut = tmp_path / "cut.kj"
+    cut.write_bytes(data_bytes[:len(data_bytes) // 2])  # as a killed recorder leaves it
+    text = _kimiha(tmp_path, "replay", str(cut), "--no-progress").stdout
+    assert "the recorded run did not close its journal" in text
+    assert "recorded_digest" not in format_summary(recorded)
+
+
+def test_reported_journal_bytes_are_the_file_sizes(run, tmp_path):
+    # before: each segment's 8-byte header was left out of `bytes`
+    from kimiha.apps.demo import run_demo
+
+    journal = tmp_path / "run.kj"
+    summary = run(run_demo([_slice(tmp_path, 15_000)], progress=None, journal=journal,
+                           journal_rotate_bytes=1 << 20))
+    segments = summary["journal"]["segments"]
+    assert len(segments) > 1
+    assert summary["journal"]["bytes"] == sum(os.path.getsize(p) for p in segments)
+    assert all(os.path.getsize(p) <= 1 << 20 for p in segments)  # --journal-rotate-mb counts MiB, headers in
+
+
+def test_demo_data_given_a_journal_says_to_replay_it(run, tmp_path):
+    # before: a line of several hundred characters of the journal's raw bytes
+    from kimiha.apps.demo import run_demo
+
+    journal = tmp_path / "run.kj"
+    run(run_demo([_slice(tmp_path, 500)], progress=None, journal=journal))
+    proc = _kimiha(tmp_path, "demo", "--data", str(journal), "--no-progress")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"kimiha demo: --data {journal}: this is a kimiha journal, not a "
+                                        f"recording: replay it with `kimiha replay {journal}`"]
+    junk = tmp_path / "junk.txt"
+    junk.write_bytes(b"x" * 5_000 + b"\n")  # one long bad line: quoted, but not all of it
+    err = _kimiha(tmp_path, "demo", "--data", str(junk), "--no-progress").stderr
+    assert len(err.splitlines()) == 1 and len(err) < 600 and "more characters" in err, err
+
+
+@pytest.mark.parametrize("args", [["--events", "0"], ["--events", "-5"], ["--repeat", "0"], ["--events", "x"]])
+def test_journal_cost_benchmark_refuses_bad_counts_in_one_line(tmp_path, args):
+    # before: --events 0 and -5 hung (waiting for the n-th event), --repeat 0 died of a traceback
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          "journal_cost.py")
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and f"argument {args[0]}: expected a whole number" in lines[0], proc.stderr
+    assert repr(args[1]) in lines[0] and "Traceback" not in proc.stderr

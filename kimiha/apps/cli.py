@@ -20,13 +20,14 @@ import sys
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn, cast
 
 import kimiha
 from kimiha.apps.observe import (
     MetricsUnavailable,
     add_log_options,
     add_metrics_options,
+    check_metrics_options,
     close_metrics,
     configure_logs,
     open_metrics,
@@ -42,9 +43,12 @@ EXIT_STATUS = """\
 exit status (every mode):
   0      the run completed and its checks passed
   1      the run completed but a check failed (lines not accounted for, a process failed, events lost,
-         a bench gate missed), or it could not run (e.g. the NATS server is unreachable)
-  2      a bad option, or a --data file that cannot be replayed (missing, a directory, unreadable,
-         truncated gzip, no line of Binance data): one line on stderr, nothing was run
+         a bench gate missed, `replay`: a digest that differs from the journal's), or it could not run
+         (e.g. the NATS server is unreachable)
+  2      a bad option, a --data file that cannot be replayed (missing, a directory, unreadable,
+         truncated gzip, no line of Binance data, a kimiha journal), or a `replay` PATH that is not a
+         journal's first segment (missing, not a journal, corrupt, no market data): one line on stderr,
+         nothing was run
   128+N  interrupted by signal N: 130 for SIGINT (Ctrl-C), 143 for SIGTERM; the run still stops
          cleanly (every stage drained, every shutdown hook run) and prints its summary first
          (`bench` names the mode it stopped: its tables need the whole run)
@@ -127,7 +131,7 @@ def _amount(unit: str, *, zero_ok: bool = False, most: float = math.inf) -> Call
 
 
 _milliseconds = _amount("milliseconds", zero_ok=True, most=60_000)
-_megabytes = _amount("megabytes")
+_megabytes = _amount("MiB")
 
 
 def _nats_url(text: str) -> str:
@@ -142,14 +146,26 @@ def _nats_url(text: str) -> str:
     return url
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with the CLI's usage errors: one line on stderr, ``kimiha CMD: error: ... (see
+    --help)``, exit 2 (argparse itself prints the usage block first). Subcommands' parsers are of this class
+    too (``add_subparsers`` makes them with the parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())  # argparse wraps some messages (choices) over lines
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     from kimiha.apps.distributed import CONNECT_TIMEOUT
 
-    parser = argparse.ArgumentParser(prog="kimiha", description="kimiha: low-latency trading orchestration",
+    parser = _Parser(prog="kimiha", description="kimiha: low-latency trading orchestration",
                                      epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"kimiha {kimiha.__version__}")
     add_log_options(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
+    # the subcommands' parsers are _Parser too (argparse makes them with the parent's class)
+    sub = cast("argparse._SubParsersAction[argparse.ArgumentParser]",
+               parser.add_subparsers(dest="command", required=True))
     demo = sub.add_parser(
         "demo",
         help="replay recorded Binance BTCUSDT data through connector -> aggregator -> strategy -> executor",
@@ -178,17 +194,21 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                            f"before giving up (default {CONNECT_TIMEOUT:g})")
     # -- time: the order latency of the paper executor, and the PnL at several latencies (issue 14) --
     demo.add_argument("--latency", type=_milliseconds, default=0.0, metavar="MS",
-                      help="the paper executor's order latency in milliseconds: an order fills against the "
-                           "book as of its arrival (default 0: as of the decision)")
+                      help="in-process demo only: the paper executor's order latency in milliseconds, 0 to "
+                           "60000: an order fills against the book as of its arrival (default 0: as of the "
+                           "decision)")
     demo.add_argument("--latency-report", action="store_true",
-                      help="also report the PnL at 0, 1 and 10 ms of order latency (shadow executors)")
+                      help="in-process demo only: also report the PnL at 0, 1 and 10 ms of order latency "
+                           "(shadow executors)")
     demo.add_argument("--journal", metavar="PATH", default=None,
-                      help="record the run's RawMarketData, Orders and Fills frames to a journal at PATH "
-                           "(replay it with `kimiha replay PATH`)")
-    demo.add_argument("--journal-fsync", choices=("never", "batch", "always"), default="never",
+                      help="in-process demo only: record the run's RawMarketData, Orders and Fills frames to a "
+                           "journal at PATH (replay it with `kimiha replay PATH`); a journal already at PATH is "
+                           "replaced, its segments PATH.1, PATH.2, ... removed")
+    demo.add_argument("--journal-fsync", choices=("never", "batch", "always"), default=None,
                       help="with --journal: when the journal is forced to disk (default never: at close only)")
-    demo.add_argument("--journal-rotate-mb", type=_megabytes, default=None, metavar="MB",
-                      help="with --journal: start a new segment (PATH.1, PATH.2, ...) past this many MB")
+    demo.add_argument("--journal-rotate-mb", type=_megabytes, default=None, metavar="MiB",
+                      help="with --journal: start a new segment (PATH.1, PATH.2, ...) before one would pass "
+                           "this many MiB (2**20 bytes, the 8-byte segment header included)")
     replay = sub.add_parser(
         "replay", help="replay a journal written by `kimiha demo --journal PATH` and print the demo's summary",
         description="Replay the RawMarketData records of a journal through aggregator -> strategy -> executor "
@@ -413,6 +433,10 @@ def _main(argv: Sequence[str] | None) -> int:
         return _run_live(args, args.live_parser)
     if args.command != "demo":  # pragma: no cover - argparse rejects unknown commands
         return 2
+    if args.journal is None:
+        for option, value in (("--journal-fsync", args.journal_fsync), ("--journal-rotate-mb", args.journal_rotate_mb)):
+            if value is not None:
+                demo.error(f"{option} applies with --journal only: add --journal PATH, or leave out {option}")
     if not args.distributed:
         for option, value in (("--nats", args.nats), ("--delivery", args.delivery),
                               ("--connect-timeout", args.connect_timeout), ("--transport", args.transport)):
@@ -425,6 +449,7 @@ def _main(argv: Sequence[str] | None) -> int:
     elif args.metrics_port is not None and args.metrics_port > 65533:
         demo.error(f"--metrics-port {args.metrics_port}: with --distributed the three processes take PORT, PORT+1 "
                    f"and PORT+2, so PORT must be at most 65533 (or 0 for any free ports)")
+    check_metrics_options(args, demo.error)
 
     if args.distributed:
         for option, given in (("--latency", args.latency), ("--latency-report", args.latency_report),
@@ -454,7 +479,7 @@ def _demo(args: argparse.Namespace, metrics: MetricsServer | None) -> int:
         summary = kimiha.run(
             run_demo(args.data, speed=args.speed, progress=None if args.no_progress else sys.stderr,
                      latency_ms=args.latency, latency_report=args.latency_report, journal=args.journal,
-                     journal_fsync=args.journal_fsync,
+                     journal_fsync=args.journal_fsync or "never",
                      journal_rotate_bytes=None if args.journal_rotate_mb is None
                      else max(int(args.journal_rotate_mb * (1 << 20)), 1024), metrics=metrics),
             loop=args.loop,
@@ -467,8 +492,8 @@ def _demo(args: argparse.Namespace, metrics: MetricsServer | None) -> int:
         return 1
     except KeyboardInterrupt as exc:  # the signal came before the replay's own handlers were installed
         signame = getattr(exc, "signame", "SIGINT")
-        print(f"kimiha demo: interrupted by {signame} before the replay started; nothing to summarize",
-              file=sys.stderr)
+        print(f"kimiha demo: interrupted by {signame} before the replay started; nothing to summarize"
+              f"{_journal_left(args.journal)}", file=sys.stderr)
         return signal_exit_code(signame)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
@@ -479,6 +504,24 @@ def _demo(args: argparse.Namespace, metrics: MetricsServer | None) -> int:
     return 0 if summary["all_lines_accounted"] else 1
 
 
+def _journal_left(path: str | None) -> str:
+    """After an early interrupt: what is at ``--journal PATH`` (the tail of the one-line message)."""
+    if path is None:
+        return ""
+    from kimiha.journal import JournalCorrupt, journal_end
+
+    try:
+        if os.path.getsize(path) == 0:
+            return f"; the journal {path} is empty"
+        end = journal_end(path)
+    except (OSError, JournalCorrupt, kimiha.InvalidConfigurationError):
+        return f"; the journal {path} is left as it is"
+    if end is None:
+        return (f"; the journal {path} holds what was recorded before the stop, and no end record "
+                f"(`kimiha replay` says the recorded run did not close it)")
+    return f"; the journal {path} is left as it is (`kimiha replay {path}` says what it holds)"
+
+
 def _replay(args: argparse.Namespace) -> int:
     """``kimiha replay PATH``: exit 0 when every line was accounted for and the digest matches the journal's."""
     from kimiha.apps.demo import RecordingError, format_summary, run_replay
@@ -487,7 +530,7 @@ def _replay(args: argparse.Namespace) -> int:
         summary = kimiha.run(run_replay(args.path, progress=None if args.no_progress else sys.stderr),
                              loop=args.loop)
     except RecordingError as exc:
-        print(f"kimiha {exc}", file=sys.stderr)
+        print(f"kimiha replay: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(summary, indent=2, default=str))

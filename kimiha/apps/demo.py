@@ -54,19 +54,29 @@ class RecordingError(InvalidConfigurationError):
     """A ``--data`` recording cannot be replayed; the message names the file and says what is wrong with it."""
 
 
+def _file_mode(path: Any, where: str, kind: str, hint: str) -> int:
+    """``os.stat(path).st_mode``; a missing file, an unreadable one or a directory is a :class:`RecordingError`
+    starting ``where`` (e.g. ``"--data PATH: "``) that names ``kind`` ("recording", "journal")."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise RecordingError(f"{where}no such {kind} file") from None
+    except OSError as exc:
+        raise RecordingError(f"{where}cannot read it ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise RecordingError(f"{where}is a directory; expected a {kind} file ({hint})")
+    return mode
+
+
 def _survey_one(path: Any) -> collections.Counter[str]:
     name = str(path)
     if isinstance(path, (str, os.PathLike)):
-        try:
-            mode = os.stat(path).st_mode
-        except FileNotFoundError:
-            raise RecordingError(f"--data {name}: no such recording file") from None
-        except OSError as exc:
-            raise RecordingError(f"--data {name}: cannot read it ({exc.strerror or exc})") from None
-        if stat.S_ISDIR(mode):
-            raise RecordingError(f"--data {name}: is a directory; expected a recording file (one --data per file)")
+        mode = _file_mode(path, f"--data {name}: ", "recording", "one --data per file")
         if not stat.S_ISREG(mode):  # a pipe or a device cannot be read twice (to count, then to replay)
             raise RecordingError(f"--data {name}: is not a regular file; expected a recording file")
+        if _is_journal(path):
+            raise RecordingError(f"--data {name}: this is a kimiha journal, not a recording: replay it with "
+                                 f"`kimiha replay {name}`")
     parser = BinanceParser()
     try:
         counts = count_lines_by_stream(path, parser=parser)
@@ -77,10 +87,29 @@ def _survey_one(path: Any) -> collections.Counter[str]:
     if not counts:
         raise RecordingError(f"--data {name}: the file holds no lines; expected {EXPECTED_LINES}")
     if set(counts) == {BAD_LINE}:
-        example = str(parser.errors[0]) if parser.errors else ""
+        example = _capped(str(parser.errors[0])) if parser.errors else ""
         raise RecordingError(f"--data {name}: expected {EXPECTED_LINES}, but none of its {counts[BAD_LINE]:,} "
                              f"line(s) is; e.g. {example}")
     return counts
+
+
+#: The most characters of a file's content an error message quotes.
+QUOTE_MAX = 160
+
+
+def _capped(text: str, most: int = QUOTE_MAX) -> str:
+    """``text``, cut to ``most`` characters with a note of how many were left out."""
+    return text if len(text) <= most else f"{text[:most]}... ({len(text) - most:,} more characters)"
+
+
+def _is_journal(path: Any) -> bool:
+    from kimiha.journal import MAGIC
+
+    try:
+        with open(path, "rb") as file:
+            return bool(file.read(len(MAGIC)) == MAGIC)
+    except OSError:
+        return False  # said by the census, which reads it next
 
 
 def survey_recordings(paths: Iterable[Any]) -> collections.Counter[str]:
@@ -195,14 +224,18 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
     writer = None
     if journal is not None:
         # a journal that cannot be written (a full disk) stops the run: recording it is the point of --journal
+        # its end record says whether the run was cut short (`kimiha replay` reports it)
         writer = JournalWriter(bus, journal, JOURNALED, fsync=journal_fsync, rotate_bytes=journal_rotate_bytes,
-                               on_failure=lambda exc: stop.set(), meta={"latency_ns": ms_to_ns(latency_ms)})
+                               on_failure=lambda exc: stop.set(), meta={"latency_ns": ms_to_ns(latency_ms)},
+                               end_meta=lambda: {"interrupted": interrupted[0] if interrupted else None,
+                                                 "lines_read": connector.lines, "lines_in_files": total})
         orchestrator.scheduler.register_background_task(writer)
     if metrics is not None:
         metrics.watch(bus, orchestrator.scheduler)
     bar = Progress(total, progress)
     started = time.perf_counter()
-    interrupted = await _run_until_done(orchestrator, connector, bar, stop)
+    interrupted: list[str] = []
+    await _run_until_done(orchestrator, connector, bar, stop, interrupted)
     elapsed = time.perf_counter() - started
     bar.update(connector.lines, final=True)
     if writer is not None and writer.failed is not None:
@@ -219,10 +252,13 @@ async def run_demo(data: Sequence[str | Path] | None = None, *, speed: float | N
     return summary
 
 
-async def _run_until_done(orchestrator: Any, connector: Any, bar: Any, stop: asyncio.Event) -> list[str]:
+async def _run_until_done(orchestrator: Any, connector: Any, bar: Any, stop: asyncio.Event,
+                          interrupted: list[str] | None = None) -> list[str]:
     """Start ``orchestrator``, wait until ``connector.finished``, ``stop`` or a failure, then shut it down;
-    return the signals that stopped it. Ctrl-C and SIGTERM go through the same staged shutdown."""
-    interrupted: list[str] = []
+    return the signals that stopped it (appended to ``interrupted`` as they come, so the shutdown hooks can
+    read them). Ctrl-C and SIGTERM go through the same staged shutdown."""
+    if interrupted is None:
+        interrupted = []
     loop = asyncio.get_running_loop()
     installed = []
 
@@ -264,9 +300,10 @@ def _refuse_journal_over_data(journal: Path, paths: Sequence[Any]) -> None:
                                  f"replays; journal to another path")
 
 
-def survey_journal(path: str | Path) -> tuple[collections.Counter[str], str, dict[str, int]]:
+def survey_journal(path: str | Path) -> tuple[collections.Counter[str], str, dict[str, int], dict[str, Any] | None]:
     """Read a journal once: count its market-data lines by stream (as :func:`survey_recordings` does for a
-    recording), compute the digest of its recorded orders and fills, count its records by channel.
+    recording), compute the digest of its recorded orders and fills, count its records by channel, and return
+    its end record (:func:`~kimiha.journal.journal_end`; None when the recording run did not close it).
 
     Raises
     ------
@@ -275,7 +312,7 @@ def survey_journal(path: str | Path) -> tuple[collections.Counter[str], str, dic
     """
     import hashlib
 
-    from kimiha.journal import JournalCorrupt
+    from kimiha.journal import META_CHANNEL, JournalCorrupt, end_record
 
     parser = BinanceParser()
     decode_raw = msgspec.msgpack.Decoder(RawMessage).decode
@@ -283,8 +320,13 @@ def survey_journal(path: str | Path) -> tuple[collections.Counter[str], str, dic
     raw, order_name, fill_name = (TradingEvent.RAW_MARKET_DATA.value, TradingEvent.ORDERS.value,
                                   TradingEvent.FILLS.value)
     by_channel: collections.Counter[str] = collections.Counter()
+    _file_mode(path, f"{path}: ", "journal", "`kimiha demo --journal PATH` writes one")
+    end: dict[str, Any] | None = None
     try:
-        for record in read_journal(path):
+        for record in read_journal(path, channels=(raw, order_name, fill_name, META_CHANNEL)):
+            if record.channel == META_CHANNEL:
+                end = end_record(record.frame)  # the meta record first, the end record last (if the run closed it)
+                continue
             by_channel[record.channel] += 1
             if record.channel == raw:
                 try:
@@ -296,19 +338,35 @@ def survey_journal(path: str | Path) -> tuple[collections.Counter[str], str, dic
             elif record.channel == fill_name:
                 fills_hash.update(record.frame)
     except (JournalCorrupt, InvalidConfigurationError) as exc:
-        raise RecordingError(f"replay: {exc}") from None
+        text = str(exc)
+        prefix = f"journal {str(path)!r}: "
+        raise RecordingError(f"{path}: {text[len(prefix):] if text.startswith(prefix) else text}") from None
     except OSError as exc:
-        raise RecordingError(f"replay {path}: cannot read it ({exc.strerror or exc})") from None
+        raise RecordingError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     except msgspec.DecodeError as exc:
-        raise RecordingError(f"replay {path}: a RawMarketData record is not a RawMessage frame: {exc}") from None
+        raise RecordingError(f"{path}: a {raw} record is not a RawMessage frame: {exc}") from None
     if not by_channel[raw]:
-        raise RecordingError(f"replay {path}: the journal holds no {raw} records (it has "
-                             f"{dict(by_channel) or 'none'}); record one with `kimiha demo --journal PATH`")
+        held = ", ".join(f"{n:,} {c}" for c, n in by_channel.items()) or "no records at all"
+        raise RecordingError(f"{path}: the journal holds no {raw} records ({held}); record one with "
+                             f"`kimiha demo --journal PATH`")
     counts = collections.Counter({k: v for k, v in parser.counts.items() if v})
     if parser.bad_lines:
         counts[BAD_LINE] = parser.bad_lines
     recorded = hashlib.sha256(orders_hash.digest() + fills_hash.digest()).hexdigest()
-    return counts, recorded, dict(by_channel)
+    return counts, recorded, dict(by_channel), end
+
+
+def recorded_run(end: dict[str, Any] | None) -> dict[str, Any]:
+    """What a journal's end record says of the run that recorded it: ``closed`` (its writer closed the journal:
+    False after a crash, a failed write or an interrupt before the run was under way), ``interrupted`` (the
+    signal that stopped it, or None), and the lines it read of those in its files when known."""
+    if end is None:
+        return {"closed": False, "interrupted": None}
+    out: dict[str, Any] = {"closed": True, "interrupted": end.get("interrupted")}
+    for key in ("lines_read", "lines_in_files"):
+        if isinstance(end.get(key), int):
+            out[key] = end[key]
+    return out
 
 
 async def run_replay(path: str | Path, *, progress: TextIO | None = sys.stderr,
@@ -319,13 +377,13 @@ async def run_replay(path: str | Path, *, progress: TextIO | None = sys.stderr,
     and ``digest_matches_recording``."""
     from kimiha.journal import JournalReplayer, journal_meta
 
-    expected, recorded, by_channel = survey_journal(path)
+    expected, recorded, by_channel, end = survey_journal(path)
     # the settings the recording ran with (its order latency), or the orders and fills cannot be the same
     latency_ns = journal_meta(path).get("latency_ns", 0)
     if isinstance(latency_ns, bool) or not isinstance(latency_ns, int) or latency_ns < 0:
-        raise RecordingError(f"replay {path}: the journal's meta has latency_ns {latency_ns!r}; expected an int >= 0")
+        raise RecordingError(f"{path}: the journal's meta has latency_ns {latency_ns!r}; expected an int >= 0")
     bus = EventBus(trading_channels(capacity))
-    replayer = JournalReplayer(bus, path, [TradingEvent.RAW_MARKET_DATA])
+    replayer = JournalReplayer(bus, path, [TradingEvent.RAW_MARKET_DATA], warn=False)  # survey_journal warned
     aggregator = BinanceAggregator(bus)
     strategy = ImbalanceStrategyTask(bus)
     executor = PaperExecutorTask(bus, latency=latency_ns)
@@ -342,6 +400,7 @@ async def run_replay(path: str | Path, *, progress: TextIO | None = sys.stderr,
     summary["journal_records"] = by_channel
     summary["recorded_digest"] = recorded
     summary["digest_matches_recording"] = recorded == summary["digest"]
+    summary["recorded_run"] = recorded_run(end)
     summary["interrupted"] = interrupted[0] if interrupted else None
     log_not_shown(aggregator)
     return summary
@@ -465,26 +524,47 @@ def _shown(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
+def _cut_short(run: dict[str, Any]) -> str:
+    """How the run that recorded a journal was cut short, from :func:`recorded_run`."""
+    if not run["closed"]:
+        return ("did not close its journal (it crashed, a write failed, or it was interrupted before it was "
+                "under way)")
+    lines = (f" after {run['lines_read']:,} of {run['lines_in_files']:,} lines"
+             if "lines_read" in run and "lines_in_files" in run else "")
+    if run["interrupted"]:
+        return f"was interrupted by {run['interrupted']}{lines}"
+    return f"stopped early{lines}"
+
+
 def format_summary(s: dict[str, Any]) -> str:
     """Return the summary as the readable report ``python -m kimiha demo`` prints."""
-    out = [f"kimiha demo: {', '.join(_shown(d) for d in s['data'])}"]
+    replay = "recorded_digest" in s  # `kimiha replay`: the lines come from a journal
+    if replay:
+        out = [f"kimiha replay: {_shown(s['replay_of'])}"]
+    else:
+        out = [f"kimiha demo: {', '.join(_shown(d) for d in s['data'])}"]
+    where = "in the journal" if replay else "in the files"
     if s.get("interrupted"):
         stopped = ("every process drained what it had received" if "distributed" in s else "every stage drained")
         out.append(f"  interrupted by {s['interrupted']}: replay stopped early, {stopped}, "
                    f"every shutdown hook run: {'yes' if s['hooks_run'] else 'NO'}")
     if s.get("interrupted"):
         ok = s.get("lines_read_accounted", s["all_lines_accounted"])
-        out.append(f"  lines: {s['lines_read']:,} read of {s['lines_in_files']:,} in the files before the stop, "
+        out.append(f"  lines: {s['lines_read']:,} read of {s['lines_in_files']:,} {where} before the stop, "
                    f"{s['bad_lines']:,} bad; every line read accounted for: {'yes' if ok else 'NO'}")
     else:
-        out.append(f"  lines: {s['lines_read']:,} read of {s['lines_in_files']:,} in the files, "
+        out.append(f"  lines: {s['lines_read']:,} read of {s['lines_in_files']:,} {where}, "
                    f"{s['bad_lines']:,} bad; every line accounted for: {'yes' if s['all_lines_accounted'] else 'NO'}")
+    if (run := s.get("recorded_run")) is not None and (not run["closed"] or run["interrupted"]
+                                                       or run.get("lines_read") != run.get("lines_in_files")):
+        out.append("  the recorded run " + _cut_short(run) + ": the journal holds only what it recorded")
     out.append("  messages by stream: " + ", ".join(f"{_shown(k)} {v:,}" for k, v in s["messages_by_stream"].items()))
     bc = s["book_check"]
     out.append(f"  book check: {bc['matched']:,} matched / {bc['compared']:,} compared "
                f"(gaps {bc['gaps']}, book {bc['book_state']})")
     out.append(f"  trades {s['trades']:,}  signals {s['signals']:,}  orders {s['orders']:,}  "
-               f"fills {s['fills']:,}  rejected {s['rejected']}")
+               f"fills {s['fills']:,}  rejected {s['rejected']}"
+               + (f"  cooldowns ended {s['cooldowns_ended']:,}" if "cooldowns_ended" in s else ""))
     pnl = s["pnl"]
     out.append(f"  position {s['position']:+.5f} BTC  PnL: realized {pnl['realized']:+.4f}  unrealized "
                f"{pnl['unrealized']:+.4f}  fees {pnl['fees']:.4f}  total {pnl['total']:+.4f} USDT")
@@ -500,7 +580,7 @@ def format_summary(s: dict[str, Any]) -> str:
     if "journal" in s:
         j = s["journal"]
         out.append(f"  journal {_shown(j['path'])}: {j['records']:,} records, {j['bytes']:,} bytes in "
-                   f"{len(j['segments'])} segment(s), fsync {j['fsync']}")
+                   f"{len(j['segments'])} segment(s) (their headers included), fsync {j['fsync']}")
     out.append(f"  wall time {s['wall_time_s']:.3f} s, {s['messages_per_s']:,.0f} messages/s")
     out.append(f"  {'channel':<15} {'published':>10} {'delivered':>10} {'lagged':>7} {'blocked':>8} "
                f"{'p50 us':>8} {'p99 us':>9} {'max us':>10}")

@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 from kimiha.logs import FORMATS, configure
@@ -18,8 +19,8 @@ from kimiha.logs import FORMATS, configure
 if TYPE_CHECKING:
     from kimiha.metrics import MetricsServer
 
-__all__ = ["MetricsUnavailable", "add_log_options", "add_metrics_options", "close_metrics", "configure_logs",
-           "open_metrics"]
+__all__ = ["MetricsUnavailable", "add_log_options", "add_metrics_options", "check_metrics_options", "close_metrics",
+           "configure_logs", "open_metrics"]
 
 _LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -53,12 +54,26 @@ def add_metrics_options(parser: argparse.ArgumentParser, *, linger: bool = True)
     parser.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics while the run lasts "
                              "(needs the metrics extra); 0 picks a free port")
-    parser.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
-                        help="address the metrics server binds (default 127.0.0.1: this machine only)")
+    parser.add_argument("--metrics-host", default=None, metavar="HOST",
+                        help="with --metrics-port: address the metrics server binds (default 127.0.0.1: this "
+                             "machine only)")
     if linger:
         parser.add_argument("--metrics-linger", type=_linger, default=0.0, metavar="SECONDS",
-                            help="keep serving the final metrics this long after the summary, for a last "
+                            help="with --metrics-port: keep serving the final metrics this long after the "
+                                 "summary, for a last "
                                  "scrape (default 0; Ctrl-C ends it early)")
+
+
+def check_metrics_options(args: argparse.Namespace, error: Callable[[str], Any]) -> None:
+    """Refuse ``--metrics-host`` / ``--metrics-linger`` without ``--metrics-port`` (``error(message)``, the
+    command parser's ``error``), then fill in the host's default."""
+    if getattr(args, "metrics_port", None) is None:
+        for option, given in (("--metrics-host", getattr(args, "metrics_host", None) is not None),
+                              ("--metrics-linger", bool(getattr(args, "metrics_linger", 0.0)))):
+            if given:
+                error(f"{option} applies with --metrics-port only: add --metrics-port PORT, or leave out {option}")
+    if getattr(args, "metrics_host", "") is None:
+        args.metrics_host = "127.0.0.1"
 
 
 def add_log_options(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
@@ -88,7 +103,7 @@ def open_metrics(args: argparse.Namespace, *, announce: TextIO | None = sys.stde
     from kimiha.metrics import MetricsServer
 
     try:
-        server = MetricsServer(port, getattr(args, "metrics_host", "127.0.0.1")).start()
+        server = MetricsServer(port, getattr(args, "metrics_host", None) or "127.0.0.1").start()
     except ImportError as exc:
         raise MetricsUnavailable(f"--metrics-port: {exc}") from None
     except OSError as exc:

@@ -14,6 +14,7 @@ import mmap
 import os
 import pathlib
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -150,6 +151,38 @@ def test_not_a_segment_is_refused():
         _shm.Ring(bytearray(8192))
     with pytest.raises(ValueError, match="powers of two"):
         _shm.init_segment(bytearray(1 << 16), 10, 4096, 1, True)
+
+
+def slot_at(r, readers, idx):
+    return _shm.HEADER_SIZE + readers * _shm.READER_SIZE + idx * _shm.SLOT_SIZE
+
+
+def test_a_corrupt_slot_is_never_copied_past_the_data_area():
+    # another process scribbles on a published slot: an offset near the end of the data area and a length
+    # that is legal on its own (a quarter of it); the reader must drop the frame, not copy past the segment
+    buf = mmap.mmap(-1, _shm.segment_size(16, 1 << 16, 1))
+    _shm.init_segment(buf, 16, 1 << 16, 1, False)
+    r = _shm.Ring(buf)
+    r.attach(0, os.getpid(), 0, "")
+    assert r.write(items(0, 2)) == 2
+    at = slot_at(r, 1, 0)
+    seq, ts, _, _ = struct.unpack_from("<QqQQ", buf, at)
+    bad_off = (1 << 16) - 8
+    struct.pack_into("<QqQQ", buf, at, seq, ts, bad_off, r.max_frame)
+    struct.pack_into("<Q", buf, 576, bad_off + 8)  # a data head that passes the seqlock recheck (both slots)
+    frames, cursor, lagged = r.read(0, 0, 10)
+    assert all(len(f) == 8 for _, f in frames), [len(f) for _, f in frames]
+    assert (cursor, lagged) == (2, 1)  # dropped and counted; the reader goes on
+    out = []
+    assert r.deliver(0, 0, 10, lambda f, t: out.append(f))[:3] == (2, 1, 1) and [len(f) for f in out] == [8]
+
+
+def test_a_corrupt_header_geometry_is_refused_without_overflow():
+    buf = mmap.mmap(-1, _shm.segment_size(16, 4096, 1))
+    _shm.init_segment(buf, 16, 4096, 1, False)
+    struct.pack_into("<Q", buf, 16, 1 << 59)  # capacity * 32 wraps around 2**64 to 0 in the size check
+    with pytest.raises(ValueError, match="corrupt geometry"):
+        _shm.Ring(buf)
 
 
 # -- the bridge, in one process ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ over), and a durable reader started again (resumes exactly where it stopped).
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import mmap
 import os
@@ -278,6 +279,33 @@ def test_settings_are_checked(tmp_path):
     with pytest.raises(InvalidConfigurationError, match="transport"):
         open_bridge(make_bus(), transport="carrier-pigeon")
     assert isinstance(open_bridge(make_bus(), transport="shm", directory=tmp_path), ShmBridge)
+
+
+def test_a_ring_file_is_reserved_whole_and_a_full_directory_is_a_clear_error(run, tmp_path, monkeypatch):
+    # a sparse segment on a full /dev/shm kills the writer with SIGBUS at its first write to an unbacked page;
+    # reserved at creation, it fails there with a message instead
+    async def main():
+        node = Node(tmp_path, "w")
+        node.bridge.export_channel(Ev.MD, "md.space", capacity=1024, data_bytes=1 << 20)
+        await node.start()
+        try:
+            ring_file = tmp_path / "md.space" / "ring"
+            size = _shm.segment_size(1024, 1 << 20, 8)
+            assert os.stat(ring_file).st_blocks * 512 >= size
+        finally:
+            await node.stop()
+
+        def full(fd, offset, length):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "posix_fallocate", full)
+        node = Node(tmp_path, "w2")
+        node.bridge.export_channel(Ev.MD, "md.full")
+        with pytest.raises(Exception, match=r"md\.full.*cannot reserve its \d+ bytes.*No space left"):
+            await node.start()
+        assert not (tmp_path / "md.full").exists()  # no half-made ring or folder left behind
+
+    run(main())
 
 
 # -- across processes -------------------------------------------------------------------------------------------

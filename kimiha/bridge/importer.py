@@ -234,6 +234,16 @@ class _Part:
         self.acked = False
 
 
+def _origin(msg: Any) -> Any:
+    """The NATS message a frame came in: its batch's, for a frame of a split batch."""
+    return msg.batch.msg if type(msg) is _Part else msg
+
+
+def _claims(probe: list[tuple[int, Any, int, int]]) -> int:
+    """How many messages the (consecutive) frames of ``probe`` came in."""
+    return 1 + sum(1 for a, b in zip(probe, probe[1:]) if _origin(a[1]) is not _origin(b[1]))
+
+
 def _peek(msg: Any) -> tuple[str, int] | None:
     """(sender, seq) of a well-formed ``Kimiha`` header (a batch: its first sequence), else None."""
     headers = msg.headers
@@ -917,7 +927,8 @@ class ChannelImporter(ChannelEndpoint):
         if probe is not None:
             if seq == probe[-1][0] + 1:
                 probe.append((seq, msg, ts, lost))
-                if len(probe) >= CONFIRM:
+                # consecutive *messages* confirm: the frames of one batch are one claim, however many
+                if len(probe) >= CONFIRM and _origin(msg) is not _origin(probe[-2][1]) and _claims(probe) >= CONFIRM:
                     st.probe = None
                     logger.warning("%s: sender %s of %r jumped from sequence %d to %d (confirmed by %d in a row)",
                                    self.name, st.sender, self.type_name, st.expected, probe[0][0], CONFIRM)

@@ -920,3 +920,30 @@ def test_a_forged_far_off_batch_does_not_confirm_itself(run, server, delivery):
         assert (s["suspect"], s["duplicates"], s["missing"], s["late"]) == (8, 0, 0, 0), s
 
     run(main())
+
+
+@BOTH
+def test_an_undecodable_batch_does_not_turn_later_genuine_frames_into_duplicates(run, server, delivery):
+    """An undecodable batch takes its header's places as bad frames; frames that arrive there afterwards (the
+    header was forged, or the sender sends them again) are delivered late, not dropped as duplicates."""
+
+    async def main():
+        subject = f"batches.claim.{delivery.value}"
+        receiver = await Receiver(server.url, subject, delivery).start()
+        raw = await BatchRaw.connect(server.url, subject, delivery)
+        sender = f"{clock_domain()}.8.genuine"
+        importer = receiver.importer
+        try:
+            await raw.send_batch(1, sender, frames_of(range(1, 3)))
+            await raw.send_batch(3, sender, count=1000, payload=b"\x93junk", msg_id="forged")
+            await raw.send_batch(3, sender, frames_of(range(3, 8)))
+            await until(lambda: len(receiver.collect.events) >= 7 or importer.duplicates,
+                        what="3..7 handled (or duplicates counted)")
+        finally:
+            await raw.close()
+            await receiver.stop()
+        assert receiver.seqs == list(range(1, 8))
+        s = importer.stats()
+        assert (s["bad_frames"], s["duplicates"], s["late"], s["missing"]) == (1000, 0, 5, 0), s
+
+    run(main())

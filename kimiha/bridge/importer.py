@@ -30,7 +30,10 @@ frame validated by ``publish_raw`` as above, a bad one counted and skipped in it
 acknowledged once all of it is published. Any other batch (a duplicate, one after a hole, an undecodable one)
 is split into its frames, which go through the rules above one by one; the batch is acknowledged when the
 last of them is (published, found duplicate or bad), so a held frame keeps its whole batch unacknowledged and
-redelivered, and a redelivered batch's frames already published here are dropped as duplicates.
+redelivered, and a redelivered batch's frames already published here are dropped as duplicates. An undecodable
+batch's places only hold bad frames: a frame arriving in one later is delivered (late), never taken for a
+duplicate; and the frames of one batch are one claim for the suspect check (a forged far-off batch does not
+confirm itself).
 
 JetStream: the importer manages its push consumer itself. It is acknowledged once published locally (or
 found bad or duplicate), never before. A durable that resumes with events its previous importer left
@@ -794,9 +797,18 @@ class ChannelImporter(ChannelEndpoint):
             items = [(_BAD, b"")] * count
         group = _Batch(msg, count)
         tail = f";{sender};{schema};{lost};{type_name}"
+        before = st.expected if st is not None else None
         for i, (ts, data) in enumerate(items):
             await self._sequence(_Part(group, data, f"{first + i};{ts}{tail}"))
         if undecodable:
+            st = self._senders.get(sender)
+            if st is not None:
+                # the places it took were only claimed, by a header nobody can check: a frame that arrives
+                # there later is delivered (late), not dropped as a duplicate of nothing
+                lo = max(first, before if before is not None else st.first)
+                hi = min(first + count, st.expected) - 1
+                if lo <= hi:
+                    st.holes.add(lo, hi, False)
             why = (f"undecodable {HDR_BATCH} payload of {len(msg.data or b'')} bytes on {msg.subject!r} (header "
                    f"{meta!r:.200}): expected a msgpack array of {count} [timestamp, frame] pairs; its {count} "
                    f"frame(s) counted as bad in their places")

@@ -308,6 +308,27 @@ def test_a_ring_file_is_reserved_whole_and_a_full_directory_is_a_clear_error(run
     run(main())
 
 
+def test_a_ring_of_another_geometry_is_used_as_it_is_and_said_so(run, tmp_path, caplog):
+    async def main():
+        reader = Node(tmp_path, "r", Overflow.LAG)
+        reader.reader("md.geom", overflow=Overflow.LAG, capacity=64)  # creates the ring
+        await reader.start()
+        writer = Node(tmp_path, "w")
+        exporter = writer.bridge.export_channel(Ev.MD, "md.geom", capacity=1024)  # BLOCK, 1024 asked
+        with caplog.at_level("WARNING", logger="kimiha.bridge"):
+            await writer.start()
+        try:
+            assert (exporter.stats()["capacity"], exporter.stats()["overflow"]) == (64, "lag")  # the ring's own
+        finally:
+            await writer.stop()
+            await reader.stop()
+        text = caplog.text
+        assert "already exists with capacity 64" in text and "overflow lag" in text, text
+        assert "asked for capacity 1024" in text and "overflow block" in text, text
+
+    run(main())
+
+
 # -- across processes -------------------------------------------------------------------------------------------
 
 

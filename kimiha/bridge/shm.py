@@ -281,7 +281,16 @@ class _ShmEndpoint(BackgroundTask):
     def _open(self) -> None:
         self._seg = _Segment(self.path, capacity=self.capacity, data_bytes=self.data_bytes,
                              max_readers=self.max_readers, block=self.block)
-        self._ring = self._seg.ring
+        ring = self._ring = self._seg.ring
+        found = (ring.capacity, ring.data_size, ring.max_readers, bool(ring.block))
+        asked = (self.capacity, self.data_bytes, self.max_readers, self.block)
+        if not self._seg.created and found != asked:  # the ring keeps its geometry: say so, once
+            def show(g: tuple[int, int, int, bool]) -> str:
+                return f"capacity {g[0]}, data_bytes {g[1]}, max_readers {g[2]}, overflow {'block' if g[3] else 'lag'}"
+            logger.warning("%s: ring %s already exists with %s; this side asked for %s and uses the ring's "
+                           "(remove the ring, or give the same settings on every side)", self.name, self.path,
+                           show(found), show(asked))
+            self.capacity, self.data_bytes, self.max_readers, self.block = found  # (what stats() reports)
 
     def _listen(self, fifo: Path) -> None:
         self._fifo_fd = _fifo(fifo)

@@ -891,3 +891,65 @@ def test_batch_settings_are_checked():
         bridge.export_channel(Ev.MD, "x", linger=0.5)
     with pytest.raises(InvalidConfigurationError, match="max_batch_bytes"):
         bridge.export_channel(Ev.MD, "x", max_batch_bytes=-1)
+
+
+@BOTH
+def test_a_forged_far_off_batch_does_not_confirm_itself(run, server, delivery):
+    """One message is one claim: a forged batch of several frames at a far-off sequence must not pass the
+    continuity check on its own frames (CONFIRM in a row), and so never moves the genuine sender's sequence."""
+
+    async def main():
+        subject = f"forged.batch.{delivery.value}"
+        kw = {"reorder_timeout": 0.2} if delivery is Delivery.JETSTREAM else {}
+        receiver = await Receiver(server.url, subject, delivery, **kw).start()
+        raw = await BatchRaw.connect(server.url, subject, delivery)
+        forger = await BatchRaw.connect(server.url, subject, delivery)
+        sender = f"{clock_domain()}.7.genuine"
+        importer = receiver.importer
+        try:
+            await raw.send_batch(1, sender, frames_of(range(1, 6)))
+            assert await importer.wait_position(sender, 5, WAIT)
+            before = importer.received
+            forged = [msgspec.msgpack.encode(Tick(-1, 0.0))] * 8
+            await forger.send_batch(10**12, sender, forged, msg_id="forged")
+            await until(lambda: importer.received == before + 1, what="the forged batch received")
+            await raw.send_batch(6, sender, frames_of(range(6, 11)))
+            await until(lambda: importer.position(sender) >= 10 and len(receiver.collect.events) >= 10,
+                        what="the genuine 6..10 accounted for")
+        finally:
+            await forger.close()
+            await raw.close()
+            await receiver.stop()
+        assert receiver.seqs == list(range(1, 11))  # no forged frame reached a handler
+        s = importer.stats()
+        assert importer.position(sender) == 10, s
+        assert (s["suspect"], s["duplicates"], s["missing"], s["late"]) == (8, 0, 0, 0), s
+
+    run(main())
+
+
+@BOTH
+def test_an_undecodable_batch_does_not_turn_later_genuine_frames_into_duplicates(run, server, delivery):
+    """An undecodable batch takes its header's places as bad frames; frames that arrive there afterwards (the
+    header was forged, or the sender sends them again) are delivered late, not dropped as duplicates."""
+
+    async def main():
+        subject = f"batches.claim.{delivery.value}"
+        receiver = await Receiver(server.url, subject, delivery).start()
+        raw = await BatchRaw.connect(server.url, subject, delivery)
+        sender = f"{clock_domain()}.8.genuine"
+        importer = receiver.importer
+        try:
+            await raw.send_batch(1, sender, frames_of(range(1, 3)))
+            await raw.send_batch(3, sender, count=1000, payload=b"\x93junk", msg_id="forged")
+            await raw.send_batch(3, sender, frames_of(range(3, 8)))
+            await until(lambda: len(receiver.collect.events) >= 7 or importer.duplicates,
+                        what="3..7 handled (or duplicates counted)")
+        finally:
+            await raw.close()
+            await receiver.stop()
+        assert receiver.seqs == list(range(1, 8))
+        s = importer.stats()
+        assert (s["bad_frames"], s["duplicates"], s["late"], s["missing"]) == (1000, 0, 5, 0), s
+
+    run(main())

@@ -9,11 +9,13 @@ over), and a durable reader started again (resumes exactly where it stopped).
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import mmap
 import os
 import pathlib
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -152,6 +154,38 @@ def test_not_a_segment_is_refused():
         _shm.init_segment(bytearray(1 << 16), 10, 4096, 1, True)
 
 
+def slot_at(r, readers, idx):
+    return _shm.HEADER_SIZE + readers * _shm.READER_SIZE + idx * _shm.SLOT_SIZE
+
+
+def test_a_corrupt_slot_is_never_copied_past_the_data_area():
+    # another process scribbles on a published slot: an offset near the end of the data area and a length
+    # that is legal on its own (a quarter of it); the reader must drop the frame, not copy past the segment
+    buf = mmap.mmap(-1, _shm.segment_size(16, 1 << 16, 1))
+    _shm.init_segment(buf, 16, 1 << 16, 1, False)
+    r = _shm.Ring(buf)
+    r.attach(0, os.getpid(), 0, "")
+    assert r.write(items(0, 2)) == 2
+    at = slot_at(r, 1, 0)
+    seq, ts, _, _ = struct.unpack_from("<QqQQ", buf, at)
+    bad_off = (1 << 16) - 8
+    struct.pack_into("<QqQQ", buf, at, seq, ts, bad_off, r.max_frame)
+    struct.pack_into("<Q", buf, 576, bad_off + 8)  # a data head that passes the seqlock recheck (both slots)
+    frames, cursor, lagged = r.read(0, 0, 10)
+    assert all(len(f) == 8 for _, f in frames), [len(f) for _, f in frames]
+    assert (cursor, lagged) == (2, 1)  # dropped and counted; the reader goes on
+    out = []
+    assert r.deliver(0, 0, 10, lambda f, t: out.append(f))[:3] == (2, 1, 1) and [len(f) for f in out] == [8]
+
+
+def test_a_corrupt_header_geometry_is_refused_without_overflow():
+    buf = mmap.mmap(-1, _shm.segment_size(16, 4096, 1))
+    _shm.init_segment(buf, 16, 4096, 1, False)
+    struct.pack_into("<Q", buf, 16, 1 << 59)  # capacity * 32 wraps around 2**64 to 0 in the size check
+    with pytest.raises(ValueError, match="corrupt geometry"):
+        _shm.Ring(buf)
+
+
 # -- the bridge, in one process ---------------------------------------------------------------------------------
 
 
@@ -245,6 +279,54 @@ def test_settings_are_checked(tmp_path):
     with pytest.raises(InvalidConfigurationError, match="transport"):
         open_bridge(make_bus(), transport="carrier-pigeon")
     assert isinstance(open_bridge(make_bus(), transport="shm", directory=tmp_path), ShmBridge)
+
+
+def test_a_ring_file_is_reserved_whole_and_a_full_directory_is_a_clear_error(run, tmp_path, monkeypatch):
+    # a sparse segment on a full /dev/shm kills the writer with SIGBUS at its first write to an unbacked page;
+    # reserved at creation, it fails there with a message instead
+    async def main():
+        node = Node(tmp_path, "w")
+        node.bridge.export_channel(Ev.MD, "md.space", capacity=1024, data_bytes=1 << 20)
+        await node.start()
+        try:
+            ring_file = tmp_path / "md.space" / "ring"
+            size = _shm.segment_size(1024, 1 << 20, 8)
+            assert os.stat(ring_file).st_blocks * 512 >= size
+        finally:
+            await node.stop()
+
+        def full(fd, offset, length):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "posix_fallocate", full)
+        node = Node(tmp_path, "w2")
+        node.bridge.export_channel(Ev.MD, "md.full")
+        with pytest.raises(Exception, match=r"md\.full.*cannot reserve its \d+ bytes.*No space left"):
+            await node.start()
+        assert not (tmp_path / "md.full").exists()  # no half-made ring or folder left behind
+
+    run(main())
+
+
+def test_a_ring_of_another_geometry_is_used_as_it_is_and_said_so(run, tmp_path, caplog):
+    async def main():
+        reader = Node(tmp_path, "r", Overflow.LAG)
+        reader.reader("md.geom", overflow=Overflow.LAG, capacity=64)  # creates the ring
+        await reader.start()
+        writer = Node(tmp_path, "w")
+        exporter = writer.bridge.export_channel(Ev.MD, "md.geom", capacity=1024)  # BLOCK, 1024 asked
+        with caplog.at_level("WARNING", logger="kimiha.bridge"):
+            await writer.start()
+        try:
+            assert (exporter.stats()["capacity"], exporter.stats()["overflow"]) == (64, "lag")  # the ring's own
+        finally:
+            await writer.stop()
+            await reader.stop()
+        text = caplog.text
+        assert "already exists with capacity 64" in text and "overflow lag" in text, text
+        assert "asked for capacity 1024" in text and "overflow block" in text, text
+
+    run(main())
 
 
 # -- across processes -------------------------------------------------------------------------------------------

@@ -156,9 +156,13 @@ cdef class Ring:
         self.data_size = (<uint64_t *>(base + H_DATA_SIZE))[0]
         self.max_readers = (<uint64_t *>(base + H_MAX_READERS))[0]
         self.block = (<uint64_t *>(base + H_BLOCK))[0] != 0
+        cdef uint64_t length = <uint64_t>self._view.shape[0]
+        # each term bounded by the buffer first: a corrupt header must not overflow the size check
         if not _pow2(self.capacity) or not _pow2(self.data_size) or not 1 <= self.max_readers <= 4096 or \
-                <uint64_t>self._view.shape[0] < segment_size(self.capacity, self.data_size, self.max_readers):
-            raise ValueError("shm ring: corrupt geometry in the header")
+                self.capacity > length // C_SLOT_SIZE or self.data_size > length or \
+                length < segment_size(self.capacity, self.data_size, self.max_readers):
+            raise ValueError(f"shm ring: corrupt geometry in the header (capacity {self.capacity}, data_size "
+                             f"{self.data_size}, max_readers {self.max_readers}) for a segment of {length} bytes")
         self.mask = self.capacity - 1
         self.dmask = self.data_size - 1
         self.max_frame = self.data_size // 4
@@ -365,8 +369,8 @@ cdef class Ring:
         ts[0] = slot.ts
         off = slot.off
         ln = slot.length
-        if ln > self.max_frame:  # torn
-            return None
+        if ln > self.max_frame or (off & self.dmask) + ln > self.data_size:
+            return None  # torn (the writer is rewriting the slot) or corrupt: never copy past the data area
         frame = PyBytes_FromStringAndSize(<char *>(self.data + (off & self.dmask)), ln)
         kh_fence_acq()
         if kh_load_rlx(&slot.seq) != s1 or kh_load_rlx(self._h(H_DATA_HEAD)) - off > self.data_size:

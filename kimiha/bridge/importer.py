@@ -30,7 +30,10 @@ frame validated by ``publish_raw`` as above, a bad one counted and skipped in it
 acknowledged once all of it is published. Any other batch (a duplicate, one after a hole, an undecodable one)
 is split into its frames, which go through the rules above one by one; the batch is acknowledged when the
 last of them is (published, found duplicate or bad), so a held frame keeps its whole batch unacknowledged and
-redelivered, and a redelivered batch's frames already published here are dropped as duplicates.
+redelivered, and a redelivered batch's frames already published here are dropped as duplicates. An undecodable
+batch's places only hold bad frames: a frame arriving in one later is delivered (late), never taken for a
+duplicate; and the frames of one batch are one claim for the suspect check (a forged far-off batch does not
+confirm itself).
 
 JetStream: the importer manages its push consumer itself. It is acknowledged once published locally (or
 found bad or duplicate), never before. A durable that resumes with events its previous importer left
@@ -232,6 +235,16 @@ class _Part:
         self.reply = batch.msg.reply
         self.subject = batch.msg.subject
         self.acked = False
+
+
+def _origin(msg: Any) -> Any:
+    """The NATS message a frame came in: its batch's, for a frame of a split batch."""
+    return msg.batch.msg if type(msg) is _Part else msg
+
+
+def _claims(probe: list[tuple[int, Any, int, int]]) -> int:
+    """How many messages the (consecutive) frames of ``probe`` came in."""
+    return 1 + sum(1 for a, b in zip(probe, probe[1:]) if _origin(a[1]) is not _origin(b[1]))
 
 
 def _peek(msg: Any) -> tuple[str, int] | None:
@@ -784,9 +797,18 @@ class ChannelImporter(ChannelEndpoint):
             items = [(_BAD, b"")] * count
         group = _Batch(msg, count)
         tail = f";{sender};{schema};{lost};{type_name}"
+        before = st.expected if st is not None else None
         for i, (ts, data) in enumerate(items):
             await self._sequence(_Part(group, data, f"{first + i};{ts}{tail}"))
         if undecodable:
+            st = self._senders.get(sender)
+            if st is not None:
+                # the places it took were only claimed, by a header nobody can check: a frame that arrives
+                # there later is delivered (late), not dropped as a duplicate of nothing
+                lo = max(first, before if before is not None else st.first)
+                hi = min(first + count, st.expected) - 1
+                if lo <= hi:
+                    st.holes.add(lo, hi, False)
             why = (f"undecodable {HDR_BATCH} payload of {len(msg.data or b'')} bytes on {msg.subject!r} (header "
                    f"{meta!r:.200}): expected a msgpack array of {count} [timestamp, frame] pairs; its {count} "
                    f"frame(s) counted as bad in their places")
@@ -917,7 +939,8 @@ class ChannelImporter(ChannelEndpoint):
         if probe is not None:
             if seq == probe[-1][0] + 1:
                 probe.append((seq, msg, ts, lost))
-                if len(probe) >= CONFIRM:
+                # consecutive *messages* confirm: the frames of one batch are one claim, however many
+                if len(probe) >= CONFIRM and _origin(msg) is not _origin(probe[-2][1]) and _claims(probe) >= CONFIRM:
                     st.probe = None
                     logger.warning("%s: sender %s of %r jumped from sequence %d to %d (confirmed by %d in a row)",
                                    self.name, st.sender, self.type_name, st.expected, probe[0][0], CONFIRM)

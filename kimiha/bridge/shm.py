@@ -35,6 +35,7 @@ Files, under ``directory`` (default ``/dev/shm/kimiha-<uid>``, mode 0700), one f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
@@ -169,6 +170,20 @@ def _private_dir(path: Path) -> None:
                                         f"your own")
 
 
+def _allocate(fd: int, size: int, path: Path) -> None:
+    """Give the segment file ``size`` bytes, reserved now: a sparse file on a full ``/dev/shm`` would kill
+    the process with SIGBUS at its first write to a page the kernel cannot supply, instead of failing here."""
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+        else:  # pragma: no cover - macOS: no way to reserve; the size at least
+            os.ftruncate(fd, size)
+    except OSError as exc:
+        raise InvalidStateError(f"shared-memory ring {str(path.parent)!r}: cannot reserve its {size} bytes in "
+                                f"{str(path.parent.parent)!r} ({os.strerror(exc.errno or 0)}); free space there "
+                                f"(df {path.parent.parent}) or give a smaller capacity/data_bytes") from exc
+
+
 class _Segment:
     """One subject's folder and mapped ring (opened, or created with the given geometry if missing)."""
 
@@ -185,8 +200,9 @@ class _Segment:
             size = shm.segment_size(capacity, data_bytes, max_readers)
             tmp = path / f"ring.{os.getpid()}.{secrets.token_hex(4)}.tmp"
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            made = False
             try:
-                os.ftruncate(fd, size)
+                _allocate(fd, size, tmp)
                 with mmap.mmap(fd, size) as mm:
                     shm.init_segment(mm, capacity, data_bytes, max_readers, block)
                 try:
@@ -194,9 +210,13 @@ class _Segment:
                     self.created = True
                 except FileExistsError:
                     pass
+                made = True
             finally:
                 os.close(fd)
                 os.unlink(tmp)
+                if not made:
+                    with contextlib.suppress(OSError):
+                        path.rmdir()  # ours if empty (a folder another process uses is not)
             fd = os.open(ring_path, os.O_RDWR | os.O_CLOEXEC)
         try:
             self.mm = mmap.mmap(fd, os.fstat(fd).st_size)
@@ -261,7 +281,16 @@ class _ShmEndpoint(BackgroundTask):
     def _open(self) -> None:
         self._seg = _Segment(self.path, capacity=self.capacity, data_bytes=self.data_bytes,
                              max_readers=self.max_readers, block=self.block)
-        self._ring = self._seg.ring
+        ring = self._ring = self._seg.ring
+        found = (ring.capacity, ring.data_size, ring.max_readers, bool(ring.block))
+        asked = (self.capacity, self.data_bytes, self.max_readers, self.block)
+        if not self._seg.created and found != asked:  # the ring keeps its geometry: say so, once
+            def show(g: tuple[int, int, int, bool]) -> str:
+                return f"capacity {g[0]}, data_bytes {g[1]}, max_readers {g[2]}, overflow {'block' if g[3] else 'lag'}"
+            logger.warning("%s: ring %s already exists with %s; this side asked for %s and uses the ring's "
+                           "(remove the ring, or give the same settings on every side)", self.name, self.path,
+                           show(found), show(asked))
+            self.capacity, self.data_bytes, self.max_readers, self.block = found  # (what stats() reports)
 
     def _listen(self, fifo: Path) -> None:
         self._fifo_fd = _fifo(fifo)

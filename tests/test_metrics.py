@@ -96,6 +96,17 @@ def test_empty_histogram():
     assert all(c == 0 for _, c in buckets)
 
 
+def test_a_channel_without_samples_exports_nan_quantiles():
+    """Prometheus' convention: no observation, no quantile (NaN), not a latency of 0."""
+    from kimiha.metrics import KimihaCollector
+
+    bus = EventBus([(Ev.TICKS, ChannelConfig(16))])
+    quantiles = {s.labels["quantile"]: s.value for f in KimihaCollector(bus).collect() for s in f.samples
+                 if s.name == "kimiha_channel_latency_quantile_seconds"}
+    assert {"0.5", "0.99", "1"} <= set(quantiles)
+    assert all(v != v for v in quantiles.values()), quantiles
+
+
 # -- a bus and a scheduler over HTTP ----------------------------------------------------------------------------
 
 
@@ -521,3 +532,71 @@ def test_tasks_sharing_a_name_get_a_series_each():
     found = samples(text)
     assert value(found, "kimiha_task_errors_total", task="Counter", role="event") == 0
     assert value(found, "kimiha_task_errors_total", task=f"Counter#{ids[1]}", role="event") == 5
+
+
+# -- the metrics options of the commands --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--metrics-host", "0.0.0.0"], "--metrics-host applies with --metrics-port only"),
+    (["--metrics-linger", "5"], "--metrics-linger applies with --metrics-port only"),
+    (["--metrics-port", "0", "--metrics-host", ""], "argument --metrics-host: expected a host name or an IP"),
+    (["--metrics-port", "0", "--metrics-host", "a b"], "argument --metrics-host: expected a host name or an IP"),
+])
+@pytest.mark.parametrize("command", ["demo", "live"])
+def test_metrics_options_are_usage_errors(tmp_path, command, args, message):
+    out = subprocess.run([sys.executable, "-m", "kimiha", command, *args], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=TIMEOUT)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and out.stdout == ""
+
+
+def test_metrics_host_brackets_are_taken_off():
+    from kimiha.apps.observe import _host
+
+    assert _host("[::1]") == "::1" and _host("::1") == "::1" and _host("localhost") == "localhost"
+
+
+def test_a_host_that_cannot_be_served_names_the_host(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "kimiha", "demo", "--metrics-port", "0", "--metrics-host",
+                          "nosuch.invalid"], cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("kimiha demo: --metrics-host nosuch.invalid: not an address of this machine"), line
+    assert "--metrics-port" not in line
+
+
+def test_ctrl_c_during_the_linger_is_130(tmp_path, tape_slice):
+    tape = tape_slice(200)
+    proc = subprocess.Popen([sys.executable, "-m", "kimiha", "demo", "--data", str(tape), "--no-progress",
+                             "--metrics-port", "0", "--metrics-linger", "60"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "the final values stay at" in line:
+                break
+        else:
+            raise AssertionError("no linger line")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(TIMEOUT) == 130
+        assert "accounted" in (proc.stdout.read() if proc.stdout else "")  # the summary came first
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+
+
+def test_distributed_taken_port_is_found_before_anything_starts(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1] - 1  # the strategy's PORT+1 is taken
+        if port < 1024:
+            pytest.skip("the free port is too low to leave room below it")
+        out = subprocess.run([sys.executable, "-m", "kimiha", "demo", "--distributed", "--metrics-port", str(port)],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"kimiha demo: --metrics-port {port}: cannot serve metrics on 127.0.0.1:{port + 1}: Address already in use "
+        f"(the strategy process's PORT+1)"]

@@ -513,7 +513,8 @@ async def _spawn(role: str, url: str, run: str, delivery: str, args: Any, token:
         cmd += ["--speed", repr(args.speed)]
     if getattr(args, "metrics_port", None) is not None:  # feed PORT, strategy PORT+1, executor PORT+2 (0: any)
         port = args.metrics_port + list(ROLES).index(role) if args.metrics_port else 0
-        cmd += ["--metrics-port", str(port), "--metrics-host", getattr(args, "metrics_host", None) or "127.0.0.1"]
+        host = getattr(args, "metrics_host", None) or "127.0.0.1"
+        cmd += ["--metrics-port", str(port), "--metrics-host", host]
     cmd += ["--log-format", getattr(args, "log_format", "text"), "--log-level", getattr(args, "log_level", "warning")]
     for path in args.data or ():
         cmd += ["--data", str(Path(path).resolve())]

@@ -118,8 +118,9 @@ def add_log_options(parser: argparse.ArgumentParser, *, defaults: bool = True) -
     parser.add_argument("--log-format", choices=FORMATS, default="text" if defaults else argparse.SUPPRESS,
                         help="log lines on stderr: text (default) or json (one object per line, with the task "
                              "and channel as fields)")
-    parser.add_argument("--log-level", type=str.lower, choices=_LEVELS, default="warning" if defaults else argparse.SUPPRESS,
-                        help="least severe log level shown (default warning)")
+    parser.add_argument("--log-level", type=str.lower, choices=_LEVELS,
+                        default="warning" if defaults else argparse.SUPPRESS,
+                        help="least severe log level shown (default warning; any case)")
 
 
 def configure_logs(args: argparse.Namespace, *, prefix: str = "", static: dict[str, Any] | None = None) -> None:

@@ -375,3 +375,21 @@ def test_scheduler_state_changes_are_info_records(caplog):
         run_failing(0)
     changes = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "->" in r.getMessage()]
     assert any("created -> starting" in m for m in changes) and any("-> stopped" in m for m in changes)
+
+
+def test_logging_configured_before_importing_kimiha_is_kept_and_lines_are_not_doubled(tmp_path):
+    script = textwrap.dedent('''
+        import logging
+        logging.basicConfig(format="APP %(levelname)s %(name)s %(message)s")
+        import kimiha
+        from kimiha.scheduling.supervision import log_failure
+        log_failure("t", "handle_event", ValueError("x"), 1)
+        print(len(logging.getLogger().handlers))
+    ''')
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
+    lines = out.stderr.strip().splitlines()
+    assert lines[0] == "APP ERROR kimiha.scheduler task 't' failed in handle_event (error 1)"
+    assert lines[-1] == "ValueError: x" and sum("failed in handle_event" in line for line in lines) == 1

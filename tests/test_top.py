@@ -117,7 +117,8 @@ def test_metrics_url(given, url):
 
 
 @pytest.mark.parametrize("bad", ["nats://127.0.0.1:4222", "http://", "127.0.0.1:99999", "not a url", "9472",
-                                 ":9472", "http://9472"])
+                                 ":9472", "http://9472",
+                                 "http://127.0.0.1:9464/a path"])
 def test_metrics_url_refuses(bad):
     with pytest.raises(argparse.ArgumentTypeError, match="expected a metrics endpoint"):
         metrics_url(bad)

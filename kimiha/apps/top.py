@@ -49,7 +49,8 @@ def metrics_url(text: str) -> str:
     except ValueError:
         parts = None
     if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
-            or not _HOST.fullmatch(parts.hostname) or parts.hostname.isdigit()):  # a bare port is not a host
+            or not _HOST.fullmatch(parts.hostname) or parts.hostname.isdigit()  # a bare port is not a host
+            or any(ch.isspace() or not ch.isprintable() for ch in url)):  # http.client refuses these
         raise argparse.ArgumentTypeError(f"expected a metrics endpoint like http://127.0.0.1:9464, got {text!r}")
     if parts.path in ("", "/"):
         parts = parts._replace(path="/metrics")
@@ -299,7 +300,7 @@ def render(url: str, snap: Snapshot | None, prev: Snapshot | None, error: str | 
     dt = snap.at - prev.at if prev is not None else 0.0
     widest = max((len(name) for name in snap.channels), default=7)
     # names are never cut: on a narrow terminal the less important columns give way first
-    columns = [("channel", "left", min(widest, 24))] + [
+    columns: list[tuple[str, str, int | None]] = [("channel", "left", min(widest, 24))] + [
         (name, "right", None) for name in ("pub/s", "published", "deliv/s", "lagged", "backlog", "hwm/cap",
                                            "p50 us", "p99 us", "max us", "bad", "errors")]
     rows: list[list[Any]] = []
@@ -317,7 +318,8 @@ def render(url: str, snap: Snapshot | None, prev: Snapshot | None, error: str | 
     parts.append(_fit("channels", columns, rows, width, _CHANNEL_DROP))
     if snap.tasks:
         widest = max(len(name) for name, _ in snap.tasks)
-        columns = [("task", "left", min(widest, 24)), ("role", "left", None), ("state", "left", None)] + [
+        columns = [("task", "left", min(widest, 24)), ("role", "left", None), ("state", "left", None)]
+        columns += [
             (name, "right", None) for name in ("handled", "handled/s", "execs", "errors", "restarts", "lagged")]
         rows = []
         for (name, role), t in snap.tasks.items():

@@ -225,8 +225,6 @@ def test_top_reports_an_answer_that_is_not_a_scrape_instead_of_dying(answer, rea
 
 def test_top_timeout_bounds_the_whole_answer():
     """An endpoint trickling its body a line at a time, each well within the timeout: the read still ends."""
-    import time
-
     from kimiha.apps.top import _read
 
     def trickle(conn, stop) -> None:

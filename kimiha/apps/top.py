@@ -72,7 +72,8 @@ def add_top_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     top.add_argument("--timeout", type=_seconds, default=2.0, metavar="SECONDS",
                      help="how long one read may take before the endpoint counts as not answering (default 2)")
     top.add_argument("--once", action="store_true",
-                     help="print one view and exit (exit 1 if the endpoint does not answer): for scripts")
+                     help="print one view and exit (exit 1 if the endpoint does not answer, or answers but is "
+                          "not kimiha's): for scripts")
     add_log_options(top, defaults=False)
     return top
 

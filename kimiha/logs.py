@@ -15,9 +15,11 @@ import json
 import logging
 import sys
 import time
+import traceback
 from typing import Any, TextIO
 
-__all__ = ["FIELDS", "FORMATS", "JsonFormatter", "TextFormatter", "configure", "fields", "install_fallback"]
+__all__ = ["FIELDS", "FORMATS", "JsonFormatter", "TextFormatter", "configure", "fields", "install_fallback",
+           "json_handler", "log_traceback"]
 
 #: The structured fields kimiha's records may carry.
 FIELDS = ("task", "channel")
@@ -42,6 +44,24 @@ def fields(task: str | None = None, channel: Any = None) -> dict[str, Any]:
     return out
 
 
+def log_traceback(logger: logging.Logger, level: int, exc: BaseException, msg: str, *args: Any,
+                  extra: dict[str, Any] | None = None) -> None:
+    """Log ``msg % args`` with ``exc``'s traceback as the record's exception text (``exc_text``).
+
+    Formatters show it as they show ``exc_info`` (below a text line; the ``exception`` field of a JSON line),
+    but the record holds text, not the exception: a record keeping a live traceback would keep every frame of
+    the failing call alive in any handler that retains records. Nothing is formatted when the record would not
+    be emitted at ``level``.
+    """
+    if not logger.isEnabledFor(level):
+        return
+    frame = sys._getframe(1)
+    record = logger.makeRecord(logger.name, level, frame.f_code.co_filename, frame.f_lineno, msg, args, None,
+                               frame.f_code.co_name, extra)
+    record.exc_text = "".join(traceback.format_exception(exc)).rstrip()
+    logger.handle(record)
+
+
 class TextFormatter(logging.Formatter):
     """``HH:MM:SS.mmm LEVEL logger: message`` (with the traceback, if any, below)."""
 
@@ -58,24 +78,42 @@ class JsonFormatter(logging.Formatter):
         self.static = dict(static or {})
 
     def format(self, record: logging.LogRecord) -> str:
+        """Return the record as one line of JSON; never raises (a bad record still gives a JSON line)."""
+        try:
+            message = record.getMessage()
+        except Exception as exc:  # msg % args failed (a caller's bug): say so, keep the pieces
+            message = f"{record.msg!r} % {record.args!r} failed: {type(exc).__name__}: {exc}"
         out: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": message,
             **self.static,
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 out[key] = value
+        out.update(getattr(record, "_kimiha_fields", None) or {})  # fields named like a LogRecord attribute
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:
             out["exception"] = record.exc_text
         if record.stack_info:
             out["stack"] = record.stack_info
-        return json.dumps(out, default=str, ensure_ascii=False)
+        try:
+            return json.dumps(out, default=_text, ensure_ascii=False)
+        except (ValueError, TypeError, RecursionError):  # a circular value, a key that is not a string, ...
+            return json.dumps({k: v if isinstance(v, (str, int, float, bool, type(None))) else _text(v)
+                               for k, v in out.items()}, ensure_ascii=False)
+
+
+def _text(value: Any) -> str:
+    """A value JSON cannot hold, as text: its ``str()``, or its type when even that fails."""
+    try:
+        return str(value)
+    except Exception:
+        return f"<{type(value).__name__} that cannot be shown>"
 
 
 class _Fallback(logging.Handler):
@@ -114,6 +152,14 @@ def install_fallback() -> None:
     logger = logging.getLogger("kimiha")
     if not any(isinstance(h, _Fallback) for h in logger.handlers):
         logger.addHandler(_Fallback())
+
+
+def json_handler() -> logging.Handler | None:
+    """Return the JSON handler :func:`configure` installed on the root logger, or None (text, or not used)."""
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, "_kimiha_configured", False) and isinstance(handler.formatter, JsonFormatter):
+            return handler
+    return None
 
 
 def configure(fmt: str = "text", level: int | str = logging.WARNING, *, stream: TextIO | None = None,

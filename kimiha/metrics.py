@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import socket
 import threading
 import time
@@ -283,9 +284,10 @@ def _channel_metrics(bus: EventBus) -> list[Family]:
 
 
 def _add_quantiles(family: Family, labels: _Labels, hist: LatencyHistogram) -> None:
+    empty = hist.count == 0  # no sample: no quantile (NaN, Prometheus' convention), not a latency of 0
     for q, text in QUANTILE_LABELS:
-        value = hist.max if q >= 1.0 else hist.percentile(q * 100.0)
-        family.add((*labels, ("quantile", text)), value / 1e9)
+        value = math.nan if empty else (hist.max if q >= 1.0 else hist.percentile(q * 100.0)) / 1e9
+        family.add((*labels, ("quantile", text)), value)
 
 
 _TASK_COUNTERS = (

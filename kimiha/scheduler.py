@@ -138,7 +138,9 @@ class Scheduler:
             raise InvalidStateError(
                 f"{self.name}: cannot go from state {self.state.value!r} to {new.value!r}"
             )
-        self.state = new
+        old, self.state = self.state, new
+        if logger.isEnabledFor(logging.INFO):  # what --log-level info / debug shows of a run's life
+            logger.info("scheduler %r: %s -> %s (%d tasks)", self.name, old.value, new.value, len(self.registry))
 
     def __repr__(self) -> str:
         return f"<Scheduler {self.name!r} state={self.state.value} tasks={len(self.registry)}>"

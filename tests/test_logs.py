@@ -19,7 +19,7 @@ import pytest
 import kimiha
 from kimiha import ChannelConfig, Event, EventBus, EventTask, EventType, Scheduler
 from kimiha.logs import JsonFormatter, configure, fields
-from kimiha.scheduling import supervision
+from kimiha import logs
 
 #: Hang guard for a process that should end on its own (never a speed assertion).
 TIMEOUT = 120
@@ -178,13 +178,13 @@ def test_lag_record_carries_task_and_channel(caplog):
 def test_no_traceback_is_formatted_for_a_record_nobody_emits(monkeypatch):
     """A failing handler with ERROR records off: the registry counts, nothing formats the traceback."""
     calls = []
-    real = supervision.traceback.format_exception
+    real = logs.traceback.format_exception
 
     def counting(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(supervision.traceback, "format_exception", counting)
+    monkeypatch.setattr(logs.traceback, "format_exception", counting)
     scheduler_logger = logging.getLogger("kimiha.scheduler")
     monkeypatch.setattr(scheduler_logger, "level", logging.CRITICAL)
     scheduler_logger.manager._clear_cache()
@@ -276,3 +276,120 @@ def test_cli_text_logs_have_level_and_logger(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 6
     assert all(re.match(r"\d\d:\d\d:\d\d\.\d{3} WARNING kimiha\.[\w.]+: ", line) for line in lines), lines
+
+
+def test_failure_records_carry_the_traceback_as_their_exception(caplog):
+    """A task failure's traceback is the record's exception (``exception`` in JSON, below the text line), not
+    part of its message; the record holds text, not the exception."""
+    with caplog.at_level(logging.WARNING, logger="kimiha"):
+        run_failing(1)
+    (record,) = [r for r in caplog.records if "failed in handle_event" in r.getMessage()]
+    assert "Traceback" not in record.getMessage()
+    assert record.exc_info is None and "ValueError: refused 0" in (record.exc_text or "")
+    data = json.loads(JsonFormatter().format(record))
+    assert data["message"] == "task 'failing-task' failed in handle_event(Tick(seq=0)) (error 1)"
+    assert data["exception"].startswith("Traceback") and "ValueError: refused 0" in data["exception"]
+    text = logs.TextFormatter().format(record)
+    assert text.splitlines()[0].endswith("task 'failing-task' failed in handle_event(Tick(seq=0)) (error 1)")
+    assert "ValueError: refused 0" in text
+
+
+def test_bad_line_warning_carries_task_and_channel(caplog):
+    from kimiha.trading.tasks import RawMessage, trading_channels
+    from kimiha.venues.binance.tasks import BinanceAggregator
+
+    aggregator = BinanceAggregator(EventBus(trading_channels(64)))
+    with caplog.at_level(logging.WARNING, logger="kimiha"):
+        kimiha.run(aggregator.handle_event(RawMessage(b"123 {not json")))
+    (record,) = [r for r in caplog.records if "skipped a bad line" in r.getMessage()]
+    assert (record.task, record.channel) == ("binance-aggregator", "RawMarketData")  # type: ignore[attr-defined]
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no")
+
+
+def test_json_formatter_never_raises():
+    """Bad %-args, values JSON cannot hold (even ones whose str() fails), circular values: still one JSON line."""
+    circular: list[object] = []
+    circular.append(circular)
+    logger = logging.getLogger("kimiha.test_logs")
+    cases = [
+        logger.makeRecord(logger.name, logging.INFO, __file__, 1, "%d", ("x",), None),
+        logger.makeRecord(logger.name, logging.INFO, __file__, 1, "%s %s", ("one",), None),
+        logger.makeRecord(logger.name, logging.INFO, __file__, 1, "m", (), None, extra={"obj": object()}),
+        logger.makeRecord(logger.name, logging.INFO, __file__, 1, "m", (), None, extra={"bad": Unprintable()}),
+        logger.makeRecord(logger.name, logging.INFO, __file__, 1, "m", (), None, extra={"loop": circular}),
+        logger.makeRecord(logger.name, logging.INFO, __file__, 1, "m", (), None, extra={"keys": {(1, 2): 3}}),
+    ]
+    for record in cases:
+        line = JsonFormatter().format(record)
+        data = json.loads(line)
+        assert "\n" not in line and data["logger"] == "kimiha.test_logs"
+    assert "failed: TypeError" in json.loads(JsonFormatter().format(cases[0]))["message"]
+
+
+def test_json_logging_of_bad_records_prints_no_logging_error(tmp_path):
+    script = textwrap.dedent('''
+        import logging
+        from kimiha.logs import configure
+        configure("json", "info")
+        circular = []
+        circular.append(circular)
+        log = logging.getLogger("app")
+        log.info("%d", "x")
+        log.info("m", extra={"loop": circular, "obj": object()})
+    ''')
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 2 and "Logging error" not in out.stderr
+    assert all(json.loads(line)["logger"] == "app" for line in lines)
+
+
+def test_say_is_a_json_record_once_json_is_configured(capsys):
+    from kimiha.apps.demo import Progress
+    from kimiha.apps.observe import say
+
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    try:
+        say("status before", sys.stderr)
+        configure("json", "error", stream=sys.stderr)
+        say("metrics: serving http://127.0.0.1:1/metrics", sys.stderr, process="feed")
+        Progress(10, sys.stderr).update(10, final=True)  # left out: not a JSON object
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "status before"
+    (record,) = [json.loads(line) for line in err[1:]]
+    assert record["message"] == "metrics: serving http://127.0.0.1:1/metrics"
+    assert (record["level"], record["logger"], record["process"]) == ("INFO", "kimiha.apps", "feed")
+
+
+def test_scheduler_state_changes_are_info_records(caplog):
+    with caplog.at_level(logging.INFO, logger="kimiha"):
+        run_failing(0)
+    changes = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "->" in r.getMessage()]
+    assert any("created -> starting" in m for m in changes) and any("-> stopped" in m for m in changes)
+
+
+def test_logging_configured_before_importing_kimiha_is_kept_and_lines_are_not_doubled(tmp_path):
+    script = textwrap.dedent('''
+        import logging
+        logging.basicConfig(format="APP %(levelname)s %(name)s %(message)s")
+        import kimiha
+        from kimiha.scheduling.supervision import log_failure
+        log_failure("t", "handle_event", ValueError("x"), 1)
+        print(len(logging.getLogger().handlers))
+    ''')
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
+    lines = out.stderr.strip().splitlines()
+    assert lines[0] == "APP ERROR kimiha.scheduler task 't' failed in handle_event (error 1)"
+    assert lines[-1] == "ValueError: x" and sum("failed in handle_event" in line for line in lines) == 1

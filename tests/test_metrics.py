@@ -96,6 +96,17 @@ def test_empty_histogram():
     assert all(c == 0 for _, c in buckets)
 
 
+def test_a_channel_without_samples_exports_nan_quantiles():
+    """Prometheus' convention: no observation, no quantile (NaN), not a latency of 0."""
+    from kimiha.metrics import KimihaCollector
+
+    bus = EventBus([(Ev.TICKS, ChannelConfig(16))])
+    quantiles = {s.labels["quantile"]: s.value for f in KimihaCollector(bus).collect() for s in f.samples
+                 if s.name == "kimiha_channel_latency_quantile_seconds"}
+    assert {"0.5", "0.99", "1"} <= set(quantiles)
+    assert all(v != v for v in quantiles.values()), quantiles
+
+
 # -- a bus and a scheduler over HTTP ----------------------------------------------------------------------------
 
 
@@ -147,8 +158,11 @@ def test_scrape_reports_the_bus_and_the_scheduler(caplog):
                             ("high_water_mark", "high_water_mark_events"), ("capacity", "capacity_events")]:
             assert value(found, f"kimiha_channel_{metric}", channel=name) == st[key], (name, key)
         assert value(found, "kimiha_channel_latency_seconds_count", channel=name) == st["latency_ns"]["count"]
-        assert value(found, "kimiha_channel_latency_quantile_seconds", channel=name, quantile="1") == \
-            pytest.approx(st["latency_ns"]["max"] / 1e9)
+        top = value(found, "kimiha_channel_latency_quantile_seconds", channel=name, quantile="1")
+        if st["latency_ns"]["count"]:
+            assert top == pytest.approx(st["latency_ns"]["max"] / 1e9)
+        else:  # nothing measured: no quantile (NaN), not 0
+            assert top != top
     assert stats["Ticks"]["lagged"] > 0 and stats["Ticks"]["published"] == 200
     (task,) = tasks
     labels = {"task": task["name"], "role": task["role"]}
@@ -263,9 +277,9 @@ def test_demo_metrics_agree_with_its_summary(tmp_path, tape_slice):
         summary = read_summary(proc)
         final = samples(scrape(url))
     finally:
-        proc.send_signal(signal.SIGINT)  # ends the linger
+        proc.send_signal(signal.SIGINT)  # ends the linger: an interrupted command, 130 (after its summary)
         proc.wait(TIMEOUT)
-    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    assert proc.returncode == 130, proc.stderr.read() if proc.stderr else ""
     assert summary["all_lines_accounted"]
     assert value(final, "kimiha_scheduler_state", scheduler="trading-orchestrator", state="stopped") == 1
     for name, ch in summary["channels"].items():
@@ -275,8 +289,11 @@ def test_demo_metrics_agree_with_its_summary(tmp_path, tape_slice):
             assert value(final, f"kimiha_channel_{metric}", channel=name) == ch[key], (name, key)
             for running in seen_running:
                 assert value(running, f"kimiha_channel_{metric}", channel=name) <= ch[key]
-        assert value(final, "kimiha_channel_latency_quantile_seconds", channel=name, quantile="1") * 1e6 == \
-            pytest.approx(ch["latency_us"]["max"], abs=0.01)
+        top = value(final, "kimiha_channel_latency_quantile_seconds", channel=name, quantile="1")
+        if value(final, "kimiha_channel_latency_seconds_count", channel=name):
+            assert top * 1e6 == pytest.approx(ch["latency_us"]["max"], abs=0.01)
+        else:  # nothing measured on this channel: NaN, and the summary's 0
+            assert top != top and ch["latency_us"]["max"] == 0
     assert summary["channels"]["RawMarketData"]["published"] == 2000
     for task in summary["tasks"]:
         labels = {"task": task["name"], "role": task["role"]}
@@ -427,7 +444,11 @@ def test_the_server_text_and_the_collector_say_the_same(caplog):
         return render_text(collector.families()), generate_latest(registry).decode()
 
     ours, theirs = kimiha.run(main())
-    assert samples(ours) == samples(theirs)
+
+    def comparable(found: dict[Any, float]) -> dict[Any, object]:  # NaN (an empty channel's quantile) != NaN
+        return {key: "NaN" if v != v else v for key, v in found.items()}
+
+    assert comparable(samples(ours)) == comparable(samples(theirs))
     assert len(samples(ours)) > 100
     assert value(samples(ours), "kimiha_scheduler_state", scheduler='odd "name"\\with\nbreaks', state="stopped") == 1
 
@@ -446,9 +467,9 @@ def test_live_sim_metrics_agree_with_its_summary(tmp_path):
         summary = read_summary(proc)
         final = samples(scrape(url))
     finally:
-        proc.send_signal(signal.SIGINT)  # ends the linger
+        proc.send_signal(signal.SIGINT)  # ends the linger: an interrupted command, 130 (after its summary)
         proc.wait(TIMEOUT)
-    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    assert proc.returncode == 130, proc.stderr.read() if proc.stderr else ""
     assert summary["channels"]["RawMarketData"]["published"] > 0
     for name, ch in summary["channels"].items():
         for key, metric in [("published", "published_total"), ("delivered", "delivered_total"),
@@ -521,3 +542,92 @@ def test_tasks_sharing_a_name_get_a_series_each():
     found = samples(text)
     assert value(found, "kimiha_task_errors_total", task="Counter", role="event") == 0
     assert value(found, "kimiha_task_errors_total", task=f"Counter#{ids[1]}", role="event") == 5
+
+
+# -- the metrics options of the commands --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--metrics-host", "0.0.0.0"], "--metrics-host applies with --metrics-port only"),
+    (["--metrics-linger", "5"], "--metrics-linger applies with --metrics-port only"),
+    (["--metrics-port", "0", "--metrics-host", ""], "argument --metrics-host: expected a host name or an IP"),
+    (["--metrics-port", "0", "--metrics-host", "a b"], "argument --metrics-host: expected a host name or an IP"),
+])
+@pytest.mark.parametrize("command", ["demo", "live"])
+def test_metrics_options_are_usage_errors(tmp_path, command, args, message):
+    out = subprocess.run([sys.executable, "-m", "kimiha", command, *args], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=TIMEOUT)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and out.stdout == ""
+
+
+def test_metrics_host_brackets_are_taken_off():
+    from kimiha.apps.observe import _host
+
+    assert _host("[::1]") == "::1" and _host("::1") == "::1" and _host("localhost") == "localhost"
+
+
+def test_a_host_that_cannot_be_served_names_the_host(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "kimiha", "demo", "--metrics-port", "0", "--metrics-host",
+                          "nosuch.invalid"], cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("kimiha demo: --metrics-host nosuch.invalid: not an address of this machine"), line
+    assert "--metrics-port" not in line
+
+
+def test_an_interrupt_during_the_linger_is_raised_on_after_closing(monkeypatch):
+    """Ctrl-C while the final values linger ends the wait, closes the server, and is raised on: the command
+    exits 130 like any interrupted run (it was swallowed: exit 0)."""
+    import argparse
+
+    from kimiha.apps import observe
+
+    server = MetricsServer(0).start()
+    server.watch(EventBus([(Ev.TICKS, ChannelConfig(16))]))
+
+    def interrupted(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    import types
+
+    monkeypatch.setattr(observe, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        observe.close_metrics(server, argparse.Namespace(metrics_linger=30.0), announce=None)
+    assert server._sock is None or server._sock.fileno() == -1  # closed
+
+
+def test_ctrl_c_during_the_linger_is_130(tmp_path, tape_slice):
+    tape = tape_slice(200)
+    proc = subprocess.Popen([sys.executable, "-m", "kimiha", "demo", "--data", str(tape), "--no-progress",
+                             "--metrics-port", "0", "--metrics-linger", "60"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "the final values stay at" in line:
+                break
+        else:
+            raise AssertionError("no linger line")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(TIMEOUT) == 130
+        assert "accounted" in (proc.stdout.read() if proc.stdout else "")  # the summary came first
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+
+
+def test_distributed_taken_port_is_found_before_anything_starts(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1] - 1  # the strategy's PORT+1 is taken
+        if port < 1024:
+            pytest.skip("the free port is too low to leave room below it")
+        out = subprocess.run([sys.executable, "-m", "kimiha", "demo", "--distributed", "--metrics-port", str(port)],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"kimiha demo: --metrics-port {port}: cannot serve metrics on 127.0.0.1:{port + 1}: Address already in use "
+        f"(the strategy process's PORT+1)"]

@@ -116,7 +116,9 @@ def test_metrics_url(given, url):
     assert metrics_url(given) == url
 
 
-@pytest.mark.parametrize("bad", ["nats://127.0.0.1:4222", "http://", "127.0.0.1:99999"])
+@pytest.mark.parametrize("bad", ["nats://127.0.0.1:4222", "http://", "127.0.0.1:99999", "not a url", "9472",
+                                 ":9472", "http://9472",
+                                 "http://127.0.0.1:9464/a path"])
 def test_metrics_url_refuses(bad):
     with pytest.raises(argparse.ArgumentTypeError, match="expected a metrics endpoint"):
         metrics_url(bad)
@@ -147,11 +149,13 @@ def test_parse_refuses_what_is_not_prometheus_text():
         parse("<html>not metrics</html>\n")
 
 
-def test_top_usage_error_is_exit_2(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "kimiha", "top", "ftp://x"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=TIMEOUT)
+@pytest.mark.parametrize("url", ["ftp://x", "not a url", "9472"])
+def test_top_usage_error_is_exit_2(tmp_path, url):
+    out = subprocess.run([sys.executable, "-m", "kimiha", "top", "--once", url], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 2
-    assert "expected a metrics endpoint like http://127.0.0.1:9464, got 'ftp://x'" in out.stderr
+    assert f"expected a metrics endpoint like http://127.0.0.1:9464, got {url!r}" in out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.strip().splitlines()[-1].startswith("kimiha top: error:")
 
 
 # -- endpoints that misbehave -------------------------------------------------------------------------------------
@@ -221,8 +225,6 @@ def test_top_reports_an_answer_that_is_not_a_scrape_instead_of_dying(answer, rea
 
 def test_top_timeout_bounds_the_whole_answer():
     """An endpoint trickling its body a line at a time, each well within the timeout: the read still ends."""
-    import time
-
     from kimiha.apps.top import _read
 
     def trickle(conn, stop) -> None:
@@ -234,7 +236,7 @@ def test_top_timeout_bounds_the_whole_answer():
 
     with HostileEndpoint(trickle) as endpoint:
         snap, error = _read(endpoint.url, 0.5)
-    assert snap is None and error == "no answer within the timeout"
+    assert snap is None and error == "no answer within 0.5 s (--timeout)"
 
 
 def test_top_refuses_an_enormous_answer():
@@ -249,3 +251,67 @@ def test_top_refuses_an_enormous_answer():
     with HostileEndpoint(flood) as endpoint:
         with pytest.raises(ValueError, match="the answer is over 1 MiB, not a kimiha scrape"):
             fetch(endpoint.url, TIMEOUT, max_bytes=1024 * 1024)
+
+
+def test_top_once_against_an_endpoint_that_is_not_kimiha_is_exit_1(tmp_path):
+    body = b"# TYPE other_total counter\nother_total 3.0\n"
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    with HostileEndpoint(_send(answer)) as endpoint:
+        out = subprocess.run([sys.executable, "-m", "kimiha", "top", "--once", endpoint.url], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 1, out.stdout
+    assert "answers, but is not a kimiha metrics endpoint" in out.stderr and out.stdout == ""
+
+
+def demo_snapshots():
+    from kimiha.apps.top import Snapshot
+
+    def channels(scale: float) -> dict[str, dict[str, float]]:
+        return {name: {"published": 15_012_345 * scale, "delivered": 60_049_380 * scale, "lagged": 1_234_567 * scale,
+                       "blocked": 0.0, "bad_frames": 12_345 * scale, "handler_errors": 98_765 * scale,
+                       "backlog": 4096.0, "high_water_mark": 4096.0, "capacity": 4096.0, "subscribers": 2.0,
+                       "latency_count": 1.0, "p50": 0.012345, "p99": 1.234567, "max": 9.87654}
+                for name in CHANNELS}
+
+    def tasks(scale: float) -> dict[tuple[str, str], dict[str, object]]:
+        return {(name, role): {"state": "running", "handled": 15_012_345 * scale, "executions": 0.0,
+                               "errors": 1_234 * scale, "restarts": 3.0, "lagged": 567_890 * scale}
+                for name, role in (("binance-connector", "connector"), ("binance-aggregator", "aggregator"),
+                                   ("imbalance-strategy", "strategy"), ("paper-executor", "executor"))}
+
+    before = Snapshot(at=1.0, version="0.2.0", watching=True, scheduler_state={"scheduler": "running"},
+                      channels=channels(0.5), tasks=tasks(0.5))
+    now = Snapshot(at=2.0, version="0.2.0", watching=True, scheduler_state={"scheduler": "running"},
+                   channels=channels(1.0), tasks=tasks(1.0))
+    return now, before
+
+
+def test_top_fits_80x24_without_cutting_a_number():
+    """The demo's 5 channels and 4 tasks with large numbers in an 80x24 terminal: no ellipsis, no line past 80
+    columns, at most 24 rows, and the numbers shown whole (shortened with a unit)."""
+    from rich.console import Console
+
+    from kimiha.apps.top import render
+
+    now, before = demo_snapshots()
+    console = Console(width=80, height=24, record=True, file=open(os.devnull, "w"), color_system=None)
+    console.print(render("http://127.0.0.1:9464/metrics", now, before, None, 2.0, 1.0, console.width))
+    text = console.export_text()
+    lines = text.rstrip("\n").splitlines()
+    assert "\u2026" not in text and "..." not in text
+    assert max(len(line) for line in lines) <= 80 and len(lines) <= 24, text
+    for name in CHANNELS + ("binance-connector", "paper-executor"):
+        assert name in text
+    assert "15.0M" in text and "1.23M" in text  # published, lagged: shortened, whole
+    assert "7.51M" in text  # pub/s: (15.0M - 7.5M) / 1 s
+
+
+def test_top_once_has_no_redraw_hint():
+    from rich.console import Console
+
+    from kimiha.apps.top import render
+
+    now, _ = demo_snapshots()
+    console = Console(width=132, record=True, file=open(os.devnull, "w"), color_system=None)
+    console.print(render("http://127.0.0.1:9464/metrics", now, None, None, 2.0, None, console.width))
+    assert "q quits" not in console.export_text()

@@ -44,7 +44,7 @@ exit status (every mode):
   0      the run completed and its checks passed
   1      the run completed but a check failed (lines not accounted for, a process failed, events lost,
          a bench gate missed, `replay`: a digest that differs from the journal's), or it could not run
-         (e.g. the NATS server is unreachable)
+         (e.g. the NATS server is unreachable, the --metrics-port is taken)
   2      a bad option, a --data file that cannot be replayed (missing, a directory, unreadable,
          truncated gzip, no line of Binance data, a kimiha journal), or a `replay` PATH that is not a
          journal's first segment (missing, not a journal, corrupt, no market data): one line on stderr,
@@ -220,6 +220,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     replay.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     replay.add_argument("--no-progress", action="store_true", help="do not show the progress bar on stderr")
     replay.add_argument("--loop", choices=LOOPS, default="uvloop", help="event loop (default: uvloop)")
+    add_log_options(replay, defaults=False)
     add_metrics_options(demo)  # with --distributed: the feed on PORT, the strategy on PORT+1, the executor PORT+2
     add_log_options(demo, defaults=False)
     from kimiha.apps.top import add_top_parser
@@ -292,6 +293,7 @@ def _live_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> ar
 
 
 def _run_live(args: argparse.Namespace, live: argparse.ArgumentParser) -> int:
+    check_metrics_options(live, args)
     if args.sim and (args.ws_url or args.rest_url):
         live.error("--sim runs its own local exchange: leave out --ws-url / --rest-url, or leave out --sim")
     if args.speed is not None and not args.sim:
@@ -449,7 +451,7 @@ def _main(argv: Sequence[str] | None) -> int:
     elif args.metrics_port is not None and args.metrics_port > 65533:
         demo.error(f"--metrics-port {args.metrics_port}: with --distributed the three processes take PORT, PORT+1 "
                    f"and PORT+2, so PORT must be at most 65533 (or 0 for any free ports)")
-    check_metrics_options(args, demo.error)
+    check_metrics_options(demo, args)
 
     if args.distributed:
         for option, given in (("--latency", args.latency), ("--latency-report", args.latency_report),

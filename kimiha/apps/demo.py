@@ -25,6 +25,7 @@ from kimiha.error import InvalidConfigurationError, SerializationError
 from kimiha.event_bus import EventBus
 from kimiha.orchestrator import TradingOrchestratorBuilder
 from kimiha.journal import JournalWriter, read_journal
+from kimiha.logs import json_handler
 from kimiha.trading.tasks import ImbalanceStrategyTask, PaperExecutorTask, RawMessage, TradingEvent, trading_channels
 from kimiha.venues.binance.tasks import BinanceAggregator, BinanceConnector
 from kimiha.venues.binance import (
@@ -143,9 +144,10 @@ class Progress:
 
     def __init__(self, total: int, stream: TextIO | None, label: str = "replay") -> None:
         self.total = max(total, 1)
-        self.stream = stream
+        # with --log-format json, stderr is one JSON object per line: no progress there
+        self.stream = None if json_handler() is not None else stream
         self.label = label
-        self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
+        self.tty = bool(self.stream is not None and getattr(self.stream, "isatty", lambda: False)())
         self.started = time.perf_counter()
         self._next_mark = 0  # the first line right away: a run shows it is alive before 25 %
         self._last_line: int | None = None

@@ -49,10 +49,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import kimiha
+from kimiha.apps.observe import say
 from kimiha.apps.demo import RecordingError, accounting, channel_summary, log_not_shown, survey_recordings
 from kimiha.clock import SimClock
 from kimiha.event_bus import EventBus
-from kimiha.logs import FORMATS, configure
+from kimiha.logs import FORMATS, configure, json_handler
 from kimiha.trading.tasks import ImbalanceStrategyTask, PaperExecutorTask, TradingEvent, trading_channels
 from kimiha.venues.binance.tasks import BinanceAggregator, BinanceConnector
 from kimiha.scheduler import Scheduler
@@ -475,7 +476,7 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # the coordinator stops us over stdin; a stray signal ends us quietly
         return 130
     except Exception as exc:  # the coordinator reports that this process ended without its summary
-        print(f"[{opts.role}] kimiha demo --distributed: the {opts.role} process failed: {exc}", file=sys.stderr)
+        say(f"[{opts.role}] kimiha demo --distributed: the {opts.role} process failed: {exc}")
         return 1
 
 
@@ -512,7 +513,8 @@ async def _spawn(role: str, url: str, run: str, delivery: str, args: Any, token:
         cmd += ["--speed", repr(args.speed)]
     if getattr(args, "metrics_port", None) is not None:  # feed PORT, strategy PORT+1, executor PORT+2 (0: any)
         port = args.metrics_port + list(ROLES).index(role) if args.metrics_port else 0
-        cmd += ["--metrics-port", str(port), "--metrics-host", args.metrics_host]
+        host = getattr(args, "metrics_host", None) or "127.0.0.1"
+        cmd += ["--metrics-port", str(port), "--metrics-host", host]
     cmd += ["--log-format", getattr(args, "log_format", "text"), "--log-level", getattr(args, "log_level", "warning")]
     for path in args.data or ():
         cmd += ["--data", str(Path(path).resolve())]
@@ -611,7 +613,10 @@ async def _read_control(child: _Child, stream: asyncio.StreamReader,
                 return
             text = line.decode(errors="replace")
             if not text.startswith(_CTL):
-                out.write(f"[{child.role}] {_printable_line(text)}\n")
+                if json_handler() is not None:  # stderr stays one JSON object per line
+                    say(_printable_line(text), out, process=child.role)
+                else:
+                    out.write(f"[{child.role}] {_printable_line(text)}\n")
                 continue
             try:
                 msg = _parse_control(text[len(_CTL):])
@@ -746,10 +751,9 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
                     served = [f"{c.role} {c.ready['metrics']}" for c in children
                               if c.ready is not None and c.ready.get("metrics")]
                     if served:
-                        print(f"metrics: serving {', '.join(served)}", file=sys.stderr, flush=True)
+                        say(f"metrics: serving {', '.join(served)}")
                     if not args.json:
-                        print("kimiha demo --distributed: feed, strategy and executor processes ready; replaying",
-                              file=sys.stderr, flush=True)
+                        say("kimiha demo --distributed: feed, strategy and executor processes ready; replaying")
                     started = time.perf_counter()
                     _send(by_role["feed"], "go")
             elif kind == "progress" and bar is not None and msg["lines"] < bar.total and not interrupted:
@@ -974,8 +978,9 @@ async def _delete_streams(url: str, run: str, timeout: float) -> None:
 def main(args: Any) -> int:
     """Run ``kimiha demo --distributed`` with the demo subcommand's parsed arguments; return the exit code
     (see :data:`kimiha.apps.cli.EXIT_STATUS`)."""
-    from kimiha.bridge import NatsServer
     from kimiha.apps.cli import signal_exit_code
+    from kimiha.apps.observe import MetricsUnavailable, probe_metrics_ports
+    from kimiha.bridge import NatsServer
 
     prog = "kimiha demo --distributed"
     if args.data:  # before any process starts: a bad recording is a usage error
@@ -984,6 +989,11 @@ def main(args: Any) -> int:
         except RecordingError as exc:
             print(f"kimiha demo: {exc}", file=sys.stderr)
             return 2
+    try:  # every process's metrics port, before the server and the processes start
+        probe_metrics_ports(args, tuple(ROLES))
+    except MetricsUnavailable as exc:
+        print(f"kimiha demo: {exc}", file=sys.stderr)
+        return 1
     transport = getattr(args, "transport", None) or "nats"
     if transport == "shm":
         for option in ("nats", "delivery"):
@@ -1013,7 +1023,7 @@ def main(args: Any) -> int:
             server = NatsServer(auth=True).start()  # a token per run: other local clients are refused
             url = server.url
             if not args.json:
-                print(f"{prog}: started nats-server on {url} (JetStream store {server.store_dir})", file=sys.stderr)
+                say(f"{prog}: started nats-server on {url} (JetStream store {server.store_dir})")
         try:
             summary = kimiha.run(_coordinate(args, url, run, delivery, server.token if server else None),
                                  loop=args.loop)
@@ -1065,7 +1075,7 @@ def _main_shm(args: Any, prog: str) -> int:
     try:
         directory.mkdir(mode=0o700, parents=True)
         if not args.json:
-            print(f"{prog}: shared-memory rings in {directory}", file=sys.stderr)
+            say(f"{prog}: shared-memory rings in {directory}")
         summary = kimiha.run(_coordinate(args, str(directory), run, SHM), loop=args.loop)
     except KeyboardInterrupt as exc:
         print(f"{prog}: interrupted by {getattr(exc, 'signame', 'SIGINT')} before the run; every process was "

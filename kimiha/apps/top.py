@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import io
 import os
+import re
 import select
 import signal
 import sys
@@ -27,10 +29,15 @@ from kimiha.apps.observe import add_log_options
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
+    from rich.table import Table
 
 __all__ = ["Snapshot", "add_top_parser", "fetch", "main", "metrics_url", "parse", "render"]
 
 _EXTRA = "pip install 'kimiha[metrics]' ('.[metrics]' in a checkout)"
+
+
+#: What a host in the URL may be: a name, an IPv4 address, or an IPv6 address (brackets already removed).
+_HOST = re.compile(r"[A-Za-z0-9_.-]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(%[A-Za-z0-9_.-]+)?")
 
 
 def metrics_url(text: str) -> str:
@@ -41,7 +48,9 @@ def metrics_url(text: str) -> str:
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
     except ValueError:
         parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+            or not _HOST.fullmatch(parts.hostname) or parts.hostname.isdigit()  # a bare port is not a host
+            or any(ch.isspace() or not ch.isprintable() for ch in url)):  # http.client refuses these
         raise argparse.ArgumentTypeError(f"expected a metrics endpoint like http://127.0.0.1:9464, got {text!r}")
     if parts.path in ("", "/"):
         parts = parts._replace(path="/metrics")
@@ -63,7 +72,8 @@ def add_top_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     top.add_argument("--timeout", type=_seconds, default=2.0, metavar="SECONDS",
                      help="how long one read may take before the endpoint counts as not answering (default 2)")
     top.add_argument("--once", action="store_true",
-                     help="print one view and exit (exit 1 if the endpoint does not answer): for scripts")
+                     help="print one view and exit (exit 1 if the endpoint does not answer, or answers but is "
+                          "not kimiha's): for scripts")
     add_log_options(top, defaults=False)
     return top
 
@@ -203,23 +213,68 @@ def _rate(now: dict[str, Any], before: dict[str, Any] | None, key: str, dt: floa
     if before is None or dt <= 0 or key not in now or key not in before:
         return "-"
     delta = now[key] - before[key]
-    return f"{max(delta, 0.0) / dt:,.0f}"
+    return _short(max(delta, 0.0) / dt)
+
+
+def _short(value: float, decimals: int = 0) -> str:
+    """A number in at most 7 characters: ``12,345`` (or ``12.5`` with decimals), then ``123.4k``, ``1.23M``,
+    ``12.3G``, ... (never cut: a column may be dropped on a narrow terminal, a number never truncated)."""
+    if value != value:  # NaN
+        return "-"
+    size = abs(value)
+    if size < 100_000:
+        return f"{value:,.{decimals}f}" if size < 10_000 or not decimals else f"{value:,.0f}"
+    for unit, scale in (("k", 1e3), ("M", 1e6), ("G", 1e9), ("T", 1e12)):
+        scaled = value / scale
+        if abs(scaled) < 999.95:
+            return f"{scaled:.{1 if abs(scaled) >= 10 else 2}f}{unit}"
+    return f"{value:.2e}"
 
 
 def _count(value: Any) -> str:
-    return "-" if value is None else f"{value:,.0f}"
+    return "-" if value is None else _short(float(value))
 
 
 def _us(value: Any) -> str:
-    return "-" if value is None else f"{value * 1e6:,.1f}"
+    return "-" if value is None else _short(value * 1e6, 1)
+
+
+#: Columns a narrow terminal drops first, in order (the names and the counts that matter most stay).
+_CHANNEL_DROP = ("max us", "hwm/cap", "deliv/s", "bad", "p50 us", "backlog", "errors", "published")
+_TASK_DROP = ("execs", "restarts", "lagged", "handled/s", "role")
+
+
+def _fit(title: str, columns: list[tuple[str, str, int | None]], rows: list[list[Any]], width: int | None,
+         drop: tuple[str, ...]) -> Table:
+    """The table with as many columns as fit ``width`` (None: all), dropping them in ``drop`` order."""
+    from rich import box
+    from rich.console import Console
+    from rich.measure import Measurement
+    from rich.table import Table
+
+    gone: set[str] = set()
+    probe = Console(width=1 << 14, file=io.StringIO())  # measures the table's natural width, unclamped
+    while True:
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, header_style="bold",
+                      pad_edge=False, show_edge=False)
+        kept = [i for i, (name, _, _) in enumerate(columns) if name not in gone]
+        for i in kept:
+            name, justify, min_width = columns[i]
+            table.add_column(name, justify=justify, no_wrap=True, min_width=min_width)  # type: ignore[arg-type]
+        for row in rows:
+            table.add_row(*(row[i] for i in kept))
+        left = [name for name in drop if name not in gone]
+        if width is None or not left or Measurement.get(probe, probe.options, table).maximum <= width:
+            return table
+        gone.add(left[0])
 
 
 def render(url: str, snap: Snapshot | None, prev: Snapshot | None, error: str | None,
-           last_ok: float | None, interval: float) -> RenderableType:
-    """Return the view of one read: a header line, the channels' and tasks' tables, the bridge's if any."""
-    from rich import box
+           last_ok: float | None, interval: float | None, width: int | None = None) -> RenderableType:
+    """Return the view of one read: a header line, the channels' and tasks' tables, the bridge's if any
+    (``interval`` None: a single view, without the redraw hint). ``width``: the terminal's columns, which the
+    tables fit by leaving out their less important columns (never by cutting a number)."""
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
     parts: list[Any] = []
@@ -231,7 +286,8 @@ def render(url: str, snap: Snapshot | None, prev: Snapshot | None, error: str | 
     for name, state in (snap.scheduler_state.items() if snap is not None else ()):
         header.append(f"  {name}: ")
         header.append(state, style="green" if state == "running" else "yellow")
-    header.append(f"  every {interval:g} s, q quits", style="dim")
+    if interval is not None:  # None: a single view (--once), nothing redraws and no key is read
+        header.append(f"  every {interval:g} s, q quits", style="dim")
     parts.append(header)
     if error is not None:
         since = "" if last_ok is None else f"; last answer {time.monotonic() - last_ok:.0f} s ago, shown below"
@@ -243,42 +299,39 @@ def render(url: str, snap: Snapshot | None, prev: Snapshot | None, error: str | 
         parts.append(Text("the endpoint answers, but reports no engine yet (kimiha_watched 0, or not kimiha)",
                           style="yellow"))
     dt = snap.at - prev.at if prev is not None else 0.0
-    channels = Table(title="channels", title_justify="left", box=box.SIMPLE_HEAD, header_style="bold",
-                     pad_edge=False)
     widest = max((len(name) for name in snap.channels), default=7)
-    for column in ("channel", "pub/s", "published", "deliv/s", "lagged", "backlog", "hwm/cap", "p50 us",
-                   "p99 us", "max us", "bad", "errors"):
-        # names are never cut: on a narrow terminal the numbers' columns give way first
-        channels.add_column(column, justify="left" if column == "channel" else "right", no_wrap=True,
-                            min_width=min(widest, 24) if column == "channel" else None)
+    # names are never cut: on a narrow terminal the less important columns give way first
+    columns: list[tuple[str, str, int | None]] = [("channel", "left", min(widest, 24))] + [
+        (name, "right", None) for name in ("pub/s", "published", "deliv/s", "lagged", "backlog", "hwm/cap",
+                                           "p50 us", "p99 us", "max us", "bad", "errors")]
+    rows: list[list[Any]] = []
     for name, c in snap.channels.items():
         before = prev.channels.get(name) if prev is not None else None
         lagged = c.get("lagged", 0.0)
         measured = c.get("latency_count", 0.0) > 0  # nothing delivered yet: no latency (not 0 us)
         latency = [_us(c.get(k)) if measured else "-" for k in ("p50", "p99", "max")]
-        channels.add_row(
+        rows.append([
             name, _rate(c, before, "published", dt), _count(c.get("published")), _rate(c, before, "delivered", dt),
             Text(_count(lagged), style="red" if lagged else ""), _count(c.get("backlog")),
             f"{_count(c.get('high_water_mark'))}/{_count(c.get('capacity'))}", *latency,
             _count(c.get("bad_frames")), _count(c.get("handler_errors")),
-        )
-    parts.append(channels)
+        ])
+    parts.append(_fit("channels", columns, rows, width, _CHANNEL_DROP))
     if snap.tasks:
-        tasks = Table(title="tasks", title_justify="left", box=box.SIMPLE_HEAD, header_style="bold",
-                      pad_edge=False)
         widest = max(len(name) for name, _ in snap.tasks)
-        for column in ("task", "role", "state", "handled", "handled/s", "execs", "errors", "restarts", "lagged"):
-            tasks.add_column(column, justify="left" if column in ("task", "role", "state") else "right",
-                             no_wrap=True, min_width=min(widest, 24) if column == "task" else None)
+        columns = [("task", "left", min(widest, 24)), ("role", "left", None), ("state", "left", None)]
+        columns += [
+            (name, "right", None) for name in ("handled", "handled/s", "execs", "errors", "restarts", "lagged")]
+        rows = []
         for (name, role), t in snap.tasks.items():
             before_t = prev.tasks.get((name, role)) if prev is not None else None
             state = str(t.get("state", "?"))
             errors = t.get("errors", 0.0)
-            tasks.add_row(name, role, Text(state, style=_STATE_STYLE.get(state, "")), _count(t.get("handled")),
-                          _rate(t, before_t, "handled", dt), _count(t.get("executions")),
-                          Text(_count(errors), style="red" if errors else ""), _count(t.get("restarts")),
-                          _count(t.get("lagged")))
-        parts.append(tasks)
+            rows.append([name, role, Text(state, style=_STATE_STYLE.get(state, "")), _count(t.get("handled")),
+                         _rate(t, before_t, "handled", dt), _count(t.get("executions")),
+                         Text(_count(errors), style="red" if errors else ""), _count(t.get("restarts")),
+                         _count(t.get("lagged"))])
+        parts.append(_fit("tasks", columns, rows, width, _TASK_DROP))
     for bridge, link in snap.links.items():
         up = link.get("up") == 1
         line = Text(f"bridge {bridge}: ")
@@ -352,14 +405,14 @@ class _Keys:
         return None
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, urllib.error.HTTPError):
         return f"HTTP {exc.code} {exc.reason}"
     if isinstance(exc, urllib.error.URLError):
         reason = exc.reason
         return getattr(reason, "strerror", None) or str(reason)
     if isinstance(exc, TimeoutError):
-        return "no answer within the timeout"
+        return f"no answer within {timeout:g} s (--timeout)"
     return str(exc) or type(exc).__name__
 
 
@@ -367,17 +420,19 @@ def _read(url: str, timeout: float) -> tuple[Snapshot | None, str | None]:
     try:
         return parse(fetch(url, timeout)), None
     except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors; ValueError: not the format
+        if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, TimeoutError):
+            return None, _describe(exc.reason, timeout)
         if isinstance(exc, ValueError) and not isinstance(exc, UnicodeError):
             text = str(exc)
             if text.startswith("the answer is"):  # fetch's own reason (not HTTP, too large)
                 return None, text
             return None, f"the answer is not Prometheus text ({exc})"
-        return None, _describe(exc)
+        return None, _describe(exc, timeout)
 
 
 def main(args: argparse.Namespace, console: Console | None = None) -> int:
     """Run ``kimiha top``; return the exit status (0 after q, 130 after Ctrl-C, 1 for ``--once`` without an
-    answer, 2 when the extra is missing)."""
+    answer or with one that is not kimiha's, 2 when the extra is missing)."""
     try:
         _require()
     except ImportError as exc:
@@ -396,7 +451,12 @@ def main(args: argparse.Namespace, console: Console | None = None) -> int:
         if error is not None:
             print(f"kimiha top: {url} does not answer: {error}", file=sys.stderr)
             return 1
-        console.print(render(url, snap, None, None, time.monotonic(), interval))
+        assert snap is not None
+        if snap.version is None and not snap.watching and not snap.channels:
+            print(f"kimiha top: {url} answers, but is not a kimiha metrics endpoint (no kimiha_build_info "
+                  f"sample; started with --metrics-port?)", file=sys.stderr)
+            return 1
+        console.print(render(url, snap, None, None, time.monotonic(), None, console.width))
         return 0
     prev: Snapshot | None = None
     shown: Snapshot | None = None
@@ -411,7 +471,7 @@ def main(args: argparse.Namespace, console: Console | None = None) -> int:
                 snap, error = _read(url, args.timeout)
                 if snap is not None:
                     prev, shown, last_ok = shown, snap, snap.at
-                view = render(url, shown, prev, error, last_ok, interval)
+                view = render(url, shown, prev, error, last_ok, interval, console.width)
                 if live is not None:
                     live.update(view, refresh=True)
                 else:

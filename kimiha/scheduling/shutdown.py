@@ -30,11 +30,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import traceback
 from typing import TYPE_CHECKING, Any
 
 from kimiha.error import TaskShutdownError
-from kimiha.logs import fields
+from kimiha.logs import fields, log_traceback
 from kimiha.scheduling.registry import SchedulerState, TaskInfo, TaskState
 
 if TYPE_CHECKING:
@@ -346,9 +345,8 @@ class StopSequence:
         info.errors += 1
         info.last_error = f"shutdown(): {error!r}"
         self.report["hook_failures"].append(f"{info.name}: {error!r}")
-        if logger.isEnabledFor(logging.ERROR):
-            logger.error("shutdown hook of task %r failed: %s", info.name,
-                         "".join(traceback.format_exception(error)).rstrip(), extra=fields(info.name))
+        log_traceback(logger, logging.ERROR, error, "shutdown hook of task %r failed: %r", info.name, error,
+                      extra=fields(info.name))
         return error
 
     # -- a start that failed or was interrupted -----------------------------------------------------------------

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kimiha.error import InvalidConfigurationError, TaskExecutionError
-from kimiha.logs import fields
+from kimiha.logs import fields, log_traceback
 from kimiha.scheduling.registry import TaskState
 
 if TYPE_CHECKING:
@@ -93,16 +92,16 @@ _LOG_EVERY = 1000
 def log_failure(task: str, where: str, exc: BaseException, count: int, channel: Any = None) -> None:
     """Log a task failure as text, rate-limited; the registry keeps the exact count either way.
 
-    The record carries formatted text, not the exception: a record holding a live traceback keeps every frame
-    of the failing call (and the batch it was handling) alive in any handler that retains records. Nothing is
-    formatted when ERROR records of the scheduler are not emitted.
+    The traceback is the record's exception text (``exception`` in a JSON line), not the exception: a record
+    holding a live traceback keeps every frame of the failing call (and the batch it was handling) alive in any
+    handler that retains records. Nothing is formatted when ERROR records of the scheduler are not emitted.
     """
     if not logger.isEnabledFor(logging.ERROR):
         return
     extra = fields(task, channel)
     if count <= _LOG_FIRST:
-        detail = "".join(traceback.format_exception(exc)).rstrip()
-        logger.error("task %r failed in %s (error %d)\n%s", task, where, count, detail, extra=extra)
+        log_traceback(logger, logging.ERROR, exc, "task %r failed in %s (error %d)", task, where, count,
+                      extra=extra)
         if count == _LOG_FIRST:
             logger.error("task %r: further errors are logged once per %d", task, _LOG_EVERY, extra=extra)
     elif count % _LOG_EVERY == 0:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from kimiha.clock import SimClock
 from kimiha.error import InvalidStateError, SerializationError
 from kimiha.event_bus import EventBus
+from kimiha.logs import fields
 from kimiha.trading.book import BookCheck, BookGap, OrderBook
 from kimiha.trading.model import DepthDiff, Quote, Trade
 from kimiha.trading.tasks import RawMessage, TradingEvent
@@ -101,7 +102,8 @@ class BinanceAggregator(Aggregator):
         try:
             message = self.parser.parse(raw.line)
         except SerializationError as exc:
-            log_bad_line(logger, self.parser.bad_lines, exc, self.name)
+            log_bad_line(logger, self.parser.bad_lines, exc, self.name,
+                         fields(self.name, TradingEvent.RAW_MARKET_DATA))
             return
         publish = self._md.publish_async
         # isinstance, not type(...) is: as fast here, and it narrows the union for the type checker
@@ -138,4 +140,5 @@ class BinanceAggregator(Aggregator):
         if len(self.gap_errors) < 20:
             self.gap_errors.append(str(gap))
         if self.gaps <= 20:  # text only: a log record holding the exception would keep its frames alive
-            logger.error("%s: %s -- book out of sync until the next snapshot", self.name, str(gap))
+            logger.error("%s: %s -- book out of sync until the next snapshot", self.name, str(gap),
+                         extra=fields(self.name, TradingEvent.MARKET_DATA))

@@ -427,7 +427,8 @@ def parse_lines(lines: Iterable[bytes | str], parser: BinanceParser | None = Non
         logger.warning("%d more bad line(s) were skipped and not shown (%d in all)", bad - BAD_LINE_WARNINGS, bad)
 
 
-def log_bad_line(log: logging.Logger, bad: int, exc: SerializationError, who: str = "") -> None:
+def log_bad_line(log: logging.Logger, bad: int, exc: SerializationError, who: str = "",
+                 extra: dict[str, Any] | None = None) -> None:
     """Log the ``bad``-th bad line of a feed, rate-limited: each of the first :data:`BAD_LINE_WARNINGS` with
     its error (the last of them says that further ones are not shown), then a count every 1000 bad lines.
 
@@ -441,12 +442,15 @@ def log_bad_line(log: logging.Logger, bad: int, exc: SerializationError, who: st
         This line's error (its message quotes the line escaped and capped, never raw).
     who : str, optional
         Name of the component, put in front of each message.
+    extra : dict, optional
+        The records' structured fields (:func:`kimiha.logs.fields`: the task and the channel it read).
     """
     prefix = f"{who}: " if who else ""
     if bad < BAD_LINE_WARNINGS:
-        log.warning("%sskipped a bad line (%d so far): %s", prefix, bad, str(exc))
+        log.warning("%sskipped a bad line (%d so far): %s", prefix, bad, str(exc), extra=extra)
     elif bad == BAD_LINE_WARNINGS:
         log.warning("%sskipped a bad line (%d so far; further ones are counted, not shown): %s", prefix, bad,
-                    str(exc))
+                    str(exc), extra=extra)
     elif bad % 1000 == 0:
-        log.warning("%s%d bad lines skipped so far (%d not shown)", prefix, bad, bad - BAD_LINE_WARNINGS)
+        log.warning("%s%d bad lines skipped so far (%d not shown)", prefix, bad, bad - BAD_LINE_WARNINGS,
+                    extra=extra)

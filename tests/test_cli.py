@@ -437,7 +437,7 @@ def test_help_says_which_options_are_in_process_only_and_what_a_journal_replaces
     assert "0 to 60000" in helps["--latency"]
     assert "replaced" in helps["--journal"] and "PATH.1" in helps["--journal"] and "removed" in helps["--journal"]
     assert "MiB" in helps["--journal-rotate-mb"]
-    assert "with --metrics-port" in helps["--metrics-host"] and "with --metrics-port" in helps["--metrics-linger"]
+    assert "needs --metrics-port" in helps["--metrics-host"] and "needs --metrics-port" in helps["--metrics-linger"]
     # the exit status rule names replay's outcomes too
     assert "a digest that differs from the journal's" in EXIT_STATUS
     assert "a kimiha journal" in EXIT_STATUS and "not a\n         journal's first segment" in EXIT_STATUS

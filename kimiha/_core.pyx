@@ -521,6 +521,7 @@ cdef class Channel:
         cdef bint more = False
         cdef bint again
         cdef bint done = False
+        cdef bint single
         cdef Py_ssize_t rounds = 0
         cdef Py_ssize_t i
         cdef list subs
@@ -532,9 +533,15 @@ cdef class Channel:
         _inline_depth += 1
         subs = self.push_subs
         try:
-            if len(subs) == 1:
-                more = (<Subscription>subs[0]).deliver_push(self.budget)
-            else:
+            single = len(subs) == 1
+            if single:
+                sub = <Subscription>subs[0]
+                more = sub.deliver_push(self.budget)
+                # Its handler may have subscribed another handler and then published to this channel: the
+                # newcomer has not had that event, and no loop callback is coming for it (an inline write
+                # schedules none). The rounds below then run, as for several subscribers.
+                single = len(subs) == 1 and subs[0] is sub
+            if not single and not more:
                 while True:
                     # By index, not over a copy (no allocation per event): a subscription closed by a handler
                     # shifts the list, and whoever it skipped still has a backlog, which the check below sees.
@@ -989,8 +996,9 @@ cdef class Channel:
 
         With ``handler``, the dispatch loop calls ``handler(event)`` for each event (no coroutine per event);
         without it, pull events with ``recv``/``try_recv``/``async for``/``drain``. A ``paused`` handler
-        subscription keeps its place (events wait in the ring) until ``resume()``; ``measure`` records each
-        handler call's duration in ``handler_time``.
+        subscription keeps its place (events wait in the ring) until ``resume()``; ``measure`` records the
+        duration of the handler calls on the channel's latency sample (every ``latency_sample``-th event, as the
+        latency histogram) in ``handler_time``.
 
         ``handler``, ``on_lag`` and ``on_error`` are called, never awaited: a coroutine function (``async
         def``, an object with an async ``__call__``, a ``functools.partial`` of one) raises ``TypeError``.
@@ -1014,6 +1022,16 @@ cdef class Channel:
                 raise TypeError(
                     f"channel {self.name!r}: subscribe expected a plain (synchronous) {what}, got the coroutine "
                     f"function {fn!r:.200}: {_not_awaited_advice()}")
+        if isinstance(handler, Handler):
+            for klass in type(handler).__mro__:
+                if klass is Handler:
+                    break
+                if "on_event" in klass.__dict__:
+                    raise TypeError(
+                        f"channel {self.name!r}: handler {handler!r:.200} is a Handler whose class "
+                        f"{klass.__qualname__} defines on_event in Python; the dispatch loop calls the C method "
+                        f"(cdef int on_event(self, object event) except -1, overridden in a .pyx), never a Python "
+                        f"def, so every event would fail. Override it in Cython, or subscribe a plain callable")
         if handler is not None and (self.loop is None or self.loop.is_closed()):
             raise InvalidStateError(
                 f"channel {self.name!r}: a handler subscription needs a running event loop, and the bus is "
@@ -1405,6 +1423,17 @@ cdef class Subscription:
         return self.handler_failed(exc, event)
 
     cdef object park(self):
+        old = self.waiter
+        if old is not None:
+            if not old.done() and not old.get_loop().is_closed():
+                # One waiter slot per cursor: a second reader parking here would leave the first waiting forever
+                # (not woken by events, nor by close()).
+                raise InvalidStateError(
+                    f"subscription to channel {self.channel.name!r} already has a reader waiting (another task "
+                    f"awaits recv(), async for or batches() on it); a subscription is one cursor for one reader: "
+                    f"subscribe once per reader (each then sees every event)")
+            self.waiter = None           # a cancelled reader that has not resumed yet, or one of a closed loop
+            self.channel.n_waiting -= 1
         fut = _get_running_loop().create_future()
         self.waiter = fut
         self.channel.n_waiting += 1
@@ -1473,6 +1502,11 @@ cdef class Subscription:
 
     async def _recv(self, bint iterating):
         cdef object event
+        if self.streak + 1 >= self.channel.budget:
+            # A long ready burst still lets timers and I/O run: yield before taking the next event, never while
+            # holding one (a cancellation at this await would lose it).
+            self.streak = 0
+            await _sleep(0)
         while True:
             try:
                 event = self.next_c()
@@ -1482,9 +1516,6 @@ cdef class Subscription:
                 raise
             if event is not _EMPTY:
                 self.streak += 1
-                if self.streak >= self.channel.budget:
-                    self.streak = 0
-                    await _sleep(0)          # a long ready burst still lets timers and I/O run
                 return event
             self.streak = 0
             fut = self.park()
@@ -1954,7 +1985,8 @@ cdef class EventBus:
         paused : bool
             Subscribe now (events are kept from this point) but call the handler only after ``resume()``.
         measure : bool
-            Record each handler call's duration (ns) in ``subscription.handler_time``.
+            Record handler call durations (ns) in ``subscription.handler_time``: those of the channel's latency
+            sample (every ``ChannelConfig.latency_sample``-th event; 1 = every call).
         """
         cdef Channel ch = self.lookup(event_type)
         self.ensure_live_loop()

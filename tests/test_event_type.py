@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import enum
 import pickle
 
 import pytest
@@ -90,3 +91,45 @@ def test_members_key_bus_channels_and_name_them_by_value():
     sub = bus.subscribe(Ev.ALIAS)
     assert bus.publish(Ev.MARKET_DATA, 1) == 1 and sub.try_recv() == 1
     bus.close()
+
+
+def test_a_missing_hook_is_consulted_as_by_enum():
+    class Venue(EventType):
+        BINANCE = "Binance"
+
+        @classmethod
+        def _missing_(cls, value: object) -> Venue | None:
+            return cls.BINANCE if str(value).lower() == "binance" else None
+
+    assert Venue("BINANCE") is Venue.BINANCE and Venue("Binance") is Venue.BINANCE
+    with pytest.raises(ValueError, match="'Kraken' is not a valid"):
+        Venue("Kraken")
+
+    class Broken(EventType):
+        X = "x"
+
+        @classmethod
+        def _missing_(cls, value: object) -> object:
+            return "x"
+
+    with pytest.raises(TypeError, match=r"Broken._missing_\('y'\) returned 'x'; expected a member of .*Broken or"):
+        Broken("y")
+
+
+def test_format_specs_pad_the_str_as_enum_members_do():
+    assert f"{Ev.ORDERS:<12}|" == "Ev.ORDERS   |" and f"{Ev.ORDERS!r:.4}" == "<Ev."
+
+
+def test_class_bodies_enum_accepted_but_event_type_cannot_are_refused_with_a_reason():
+    with pytest.raises(TypeError, match=r"class F: a member cannot be called 'name'.*NAME = 'n'"):
+        class F(EventType):
+            name = "n"
+    with pytest.raises(TypeError, match=r"class G: a member cannot be called 'value'"):
+        class G(EventType):
+            value = "v"
+    with pytest.raises(TypeError, match=r"member X = enum.auto\(\) is not supported.*X = 'X'"):
+        class A(EventType):
+            X = enum.auto()
+    with pytest.raises(TypeError, match=r"class S: cannot combine EventType with str .*member.value"):
+        class S(str, EventType):  # type: ignore[misc]
+            X = "x"

@@ -1802,7 +1802,29 @@ cdef class EventBus:
                 self._cache_channels[h] = <PyObject*>ch
             return ch
         known = ", ".join([str(k) for k in self._channels]) or "none"
-        raise InvalidChannelError(f"unknown channel {key!r}; known channels: {known}")
+        try:
+            hint = self.near_miss(key)
+        except Exception:            # a key whose attributes or == raise: the plain message then
+            hint = ""
+        raise InvalidChannelError(f"unknown channel {key!r}; known channels: {known}{hint}")
+
+    cdef str near_miss(self, object key):
+        """Why ``key`` looks like a known key but is not one (the error's hint), or ``""``."""
+        for ch in self._channels.values():
+            known = (<Channel>ch).key
+            if isinstance(key, str) and key == (<Channel>ch).name:
+                return (f" ({key!r} is the name of channel {known}: a channel's key is the EventType member "
+                        f"itself, not its value)")
+            if type(key) is not type(known) and getattr(key, "name", None) == getattr(known, "name", 0) and \
+                    type(key).__qualname__ == type(known).__qualname__:
+                return (f" ({key!r} is a member of {type(key).__module__}.{type(key).__qualname__}, the channel's "
+                        f"key of {type(known).__module__}.{type(known).__qualname__}: the class was defined twice "
+                        f"-- a script run as __main__ and also imported, or a reloaded module -- and keys compare "
+                        f"by identity; import it from one module)")
+            if type(key) is not type(known) and getattr(key, "value", None) == (<Channel>ch).name:
+                return (f" ({key!r} has the value that names channel {known}, but is a member of another class; "
+                        f"keys compare by identity)")
+        return ""
 
     def _set_budget(self, Py_ssize_t budget):
         self._budget = budget

@@ -133,3 +133,25 @@ def test_class_bodies_enum_accepted_but_event_type_cannot_are_refused_with_a_rea
     with pytest.raises(TypeError, match=r"class S: cannot combine EventType with str .*member.value"):
         class S(str, EventType):  # type: ignore[misc]
             X = "x"
+
+
+def test_an_unknown_key_that_looks_like_a_known_one_is_explained():
+    from kimiha import InvalidChannelError
+
+    bus = EventBus([(Ev.MARKET_DATA, ChannelConfig(8))])
+    with pytest.raises(InvalidChannelError, match=r"'MarketData' is the name of channel Ev.MARKET_DATA: a "
+                                                  r"channel's key is the EventType member itself"):
+        bus.publish("MarketData", 1)
+    twin = type(Ev)("Ev", (EventType,), {"MARKET_DATA": "MarketData", "__qualname__": Ev.__qualname__})
+    with pytest.raises(InvalidChannelError, match=r"known channels: Ev.MARKET_DATA \(.* the class was defined "
+                                                  r"twice .* keys compare by identity"):
+        bus.publish(twin.MARKET_DATA, 1)
+
+    class Other(EventType):
+        MD = "MarketData"
+
+    with pytest.raises(InvalidChannelError, match=r"has the value that names channel Ev.MARKET_DATA, but is a "
+                                                  r"member of another class"):
+        bus.subscribe(Other.MD)
+    assert not bus.has_channel(Other.MD)
+    bus.close()

@@ -1498,6 +1498,7 @@ cdef class Subscription:
                 ready = _ready(event)
                 self.ready = ready
                 return ready
+        self.check_pull()      # anext(sub) on a handler subscription: refused, not an event taken from its handler
         return self._recv(True)
 
     async def _recv(self, bint iterating):

@@ -189,3 +189,18 @@ def test_a_handler_with_a_python_on_event_is_refused_at_subscribe(run):
         bus.close()
 
     run(main())
+
+
+def test_anext_on_a_handler_subscription_is_refused_and_takes_nothing_from_the_handler(run):
+    async def main():
+        bus = make_bus()
+        seen: list[int] = []
+        sub = bus.subscribe(Ev.MD, lambda e: seen.append(e.seq))
+        bus.publish(Ev.MD, Tick(1))
+        with pytest.raises(InvalidStateError, match="delivers to handler .* cannot be received from"):
+            await anext(sub)
+        await asyncio.sleep(0)
+        assert seen == [1]
+        bus.close()
+
+    run(main())

@@ -30,6 +30,7 @@ import weakref
 import msgspec
 
 from kimiha.channel_config import ChannelConfig
+from kimiha.types import _msgspec_dec_hook, _msgspec_enc_hook
 from kimiha.error import (
     ChannelClosed,
     InvalidConfigurationError,
@@ -342,11 +343,13 @@ cdef class Channel:
             self.payload_classes = classes[0]
         else:
             self.payload_classes = tuple(classes)
+        # The hooks keep EventType members in payloads as they were with enum.Enum: encoded as their value,
+        # decoded back to the member where the payload type names the class. Called only for such objects.
         if config.payload_type is None:
             self.decoder = msgspec.msgpack.Decoder()
         else:
-            self.decoder = msgspec.msgpack.Decoder(config.payload_type)
-        self.encoder = msgspec.msgpack.Encoder()
+            self.decoder = msgspec.msgpack.Decoder(config.payload_type, dec_hook=_msgspec_dec_hook)
+        self.encoder = msgspec.msgpack.Encoder(enc_hook=_msgspec_enc_hook)
         self.objs = [None] * cap
         self.frames = [None] * cap
         self.stamps = <int64_t*>calloc(cap, sizeof(int64_t))

@@ -240,6 +240,20 @@ else:
             return ["__class__", "name", "value"]
 
 
+def _msgspec_enc_hook(obj: Any) -> Any:
+    """msgspec ``enc_hook``: an :class:`EventType` member in a payload encodes as its value (as an Enum's did)."""
+    if isinstance(type(obj), _EventTypeMeta):
+        return obj.value
+    raise NotImplementedError(f"Encoding objects of type {type(obj).__name__} is unsupported")
+
+
+def _msgspec_dec_hook(kind: Any, obj: Any) -> Any:
+    """msgspec ``dec_hook``: a payload field typed with an :class:`EventType` decodes its value to the member."""
+    if isinstance(kind, _EventTypeMeta):
+        return kind(obj)             # a ValueError naming the known values; msgspec adds the field's path
+    raise NotImplementedError(f"Decoding objects of type {kind!r} is unsupported")
+
+
 # msgspec passes ``frozen=True`` on to subclasses, but its stub declares ``Struct`` a dataclass transform with
 # ``frozen`` defaulting to False, so mypy takes ``class Tick(Event): ...`` for a non-frozen dataclass deriving
 # from a frozen one and rejects it. Declaring ``Event`` a transform of its own whose default is frozen tells

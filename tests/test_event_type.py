@@ -155,3 +155,27 @@ def test_an_unknown_key_that_looks_like_a_known_one_is_explained():
         bus.subscribe(Other.MD)
     assert not bus.has_channel(Other.MD)
     bus.close()
+
+
+def test_a_member_inside_a_payload_travels_as_its_value_as_an_enum_member_did(run):
+    from kimiha import Event, SerializationError
+
+    class Routed(Event):
+        route: Ev
+        qty: int
+
+    async def main():
+        bus = EventBus([(Ev.ORDERS, ChannelConfig(8, payload_type=Routed))])
+        frames = bus.subscribe(Ev.ORDERS, frames=True)  # a journal or bridge: every event is encoded at publish
+        bus.publish(Ev.ORDERS, Routed(Ev.MARKET_DATA, 1))
+        ((_, _, frame),) = frames.drain()
+        pull = bus.subscribe(Ev.ORDERS)
+        bus.publish_raw(Ev.ORDERS, frame)            # what a bridge or a journal replay does with it
+        (back,) = pull.drain()
+        assert back.route is Ev.MARKET_DATA and back.qty == 1
+        wrong = frame.replace(b"MarketData", b"MarketDatb")
+        with pytest.raises(SerializationError, match=r"'MarketDatb' is not a valid Ev.*route"):
+            bus.publish_raw(Ev.ORDERS, wrong)
+        bus.close()
+
+    run(main())

@@ -1470,7 +1470,7 @@ cdef class Subscription:
         """
         cdef object event
         self.check_pull()
-        if self.streak + 1 < self.channel.budget:
+        if self.streak < self.channel.budget:
             event = self.next_c()
             if event is not _EMPTY:
                 self.streak += 1
@@ -1485,7 +1485,7 @@ cdef class Subscription:
         cdef object event
         cdef Channel ch = self.channel
         cdef _Ready ready
-        if self.streak + 1 < ch.budget and self.handler is None:
+        if self.streak < ch.budget and self.handler is None:
             if self.closed or (ch.closed and ch.tail == self.cursor):
                 raise StopAsyncIteration       # what next_c's ChannelClosed means here, without a try per event
             event = self.next_c()
@@ -1506,9 +1506,9 @@ cdef class Subscription:
 
     async def _recv(self, bint iterating):
         cdef object event
-        if self.streak + 1 >= self.channel.budget:
-            # A long ready burst still lets timers and I/O run: yield before taking the next event, never while
-            # holding one (a cancellation at this await would lose it).
+        if self.streak >= self.channel.budget:
+            # A long ready burst still lets timers and I/O run: after ``budget`` events, yield before taking the
+            # next one, never while holding one (a cancellation at this await would lose it).
             self.streak = 0
             await _sleep(0)
         while True:

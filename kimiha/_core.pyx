@@ -30,6 +30,7 @@ import weakref
 import msgspec
 
 from kimiha.channel_config import ChannelConfig
+from kimiha.types import _msgspec_dec_hook, _msgspec_enc_hook
 from kimiha.error import (
     ChannelClosed,
     InvalidConfigurationError,
@@ -342,11 +343,13 @@ cdef class Channel:
             self.payload_classes = classes[0]
         else:
             self.payload_classes = tuple(classes)
+        # The hooks keep EventType members in payloads as they were with enum.Enum: encoded as their value,
+        # decoded back to the member where the payload type names the class. Called only for such objects.
         if config.payload_type is None:
             self.decoder = msgspec.msgpack.Decoder()
         else:
-            self.decoder = msgspec.msgpack.Decoder(config.payload_type)
-        self.encoder = msgspec.msgpack.Encoder()
+            self.decoder = msgspec.msgpack.Decoder(config.payload_type, dec_hook=_msgspec_dec_hook)
+        self.encoder = msgspec.msgpack.Encoder(enc_hook=_msgspec_enc_hook)
         self.objs = [None] * cap
         self.frames = [None] * cap
         self.stamps = <int64_t*>calloc(cap, sizeof(int64_t))
@@ -521,6 +524,7 @@ cdef class Channel:
         cdef bint more = False
         cdef bint again
         cdef bint done = False
+        cdef bint single
         cdef Py_ssize_t rounds = 0
         cdef Py_ssize_t i
         cdef list subs
@@ -532,9 +536,15 @@ cdef class Channel:
         _inline_depth += 1
         subs = self.push_subs
         try:
-            if len(subs) == 1:
-                more = (<Subscription>subs[0]).deliver_push(self.budget)
-            else:
+            single = len(subs) == 1
+            if single:
+                sub = <Subscription>subs[0]
+                more = sub.deliver_push(self.budget)
+                # Its handler may have subscribed another handler and then published to this channel: the
+                # newcomer has not had that event, and no loop callback is coming for it (an inline write
+                # schedules none). The rounds below then run, as for several subscribers.
+                single = len(subs) == 1 and subs[0] is sub
+            if not single and not more:
                 while True:
                     # By index, not over a copy (no allocation per event): a subscription closed by a handler
                     # shifts the list, and whoever it skipped still has a backlog, which the check below sees.
@@ -989,8 +999,9 @@ cdef class Channel:
 
         With ``handler``, the dispatch loop calls ``handler(event)`` for each event (no coroutine per event);
         without it, pull events with ``recv``/``try_recv``/``async for``/``drain``. A ``paused`` handler
-        subscription keeps its place (events wait in the ring) until ``resume()``; ``measure`` records each
-        handler call's duration in ``handler_time``.
+        subscription keeps its place (events wait in the ring) until ``resume()``; ``measure`` records the
+        duration of the handler calls on the channel's latency sample (every ``latency_sample``-th event, as the
+        latency histogram) in ``handler_time``.
 
         ``handler``, ``on_lag`` and ``on_error`` are called, never awaited: a coroutine function (``async
         def``, an object with an async ``__call__``, a ``functools.partial`` of one) raises ``TypeError``.
@@ -1014,6 +1025,16 @@ cdef class Channel:
                 raise TypeError(
                     f"channel {self.name!r}: subscribe expected a plain (synchronous) {what}, got the coroutine "
                     f"function {fn!r:.200}: {_not_awaited_advice()}")
+        if isinstance(handler, Handler):
+            for klass in type(handler).__mro__:
+                if klass is Handler:
+                    break
+                if "on_event" in klass.__dict__:
+                    raise TypeError(
+                        f"channel {self.name!r}: handler {handler!r:.200} is a Handler whose class "
+                        f"{klass.__qualname__} defines on_event in Python; the dispatch loop calls the C method "
+                        f"(cdef int on_event(self, object event) except -1, overridden in a .pyx), never a Python "
+                        f"def, so every event would fail. Override it in Cython, or subscribe a plain callable")
         if handler is not None and (self.loop is None or self.loop.is_closed()):
             raise InvalidStateError(
                 f"channel {self.name!r}: a handler subscription needs a running event loop, and the bus is "
@@ -1405,6 +1426,17 @@ cdef class Subscription:
         return self.handler_failed(exc, event)
 
     cdef object park(self):
+        old = self.waiter
+        if old is not None:
+            if not old.done() and not old.get_loop().is_closed():
+                # One waiter slot per cursor: a second reader parking here would leave the first waiting forever
+                # (not woken by events, nor by close()).
+                raise InvalidStateError(
+                    f"subscription to channel {self.channel.name!r} already has a reader waiting (another task "
+                    f"awaits recv(), async for or batches() on it); a subscription is one cursor for one reader: "
+                    f"subscribe once per reader (each then sees every event)")
+            self.waiter = None           # a cancelled reader that has not resumed yet, or one of a closed loop
+            self.channel.n_waiting -= 1
         fut = _get_running_loop().create_future()
         self.waiter = fut
         self.channel.n_waiting += 1
@@ -1438,7 +1470,7 @@ cdef class Subscription:
         """
         cdef object event
         self.check_pull()
-        if self.streak + 1 < self.channel.budget:
+        if self.streak < self.channel.budget:
             event = self.next_c()
             if event is not _EMPTY:
                 self.streak += 1
@@ -1453,7 +1485,7 @@ cdef class Subscription:
         cdef object event
         cdef Channel ch = self.channel
         cdef _Ready ready
-        if self.streak + 1 < ch.budget and self.handler is None:
+        if self.streak < ch.budget and self.handler is None:
             if self.closed or (ch.closed and ch.tail == self.cursor):
                 raise StopAsyncIteration       # what next_c's ChannelClosed means here, without a try per event
             event = self.next_c()
@@ -1469,10 +1501,16 @@ cdef class Subscription:
                 ready = _ready(event)
                 self.ready = ready
                 return ready
+        self.check_pull()      # anext(sub) on a handler subscription: refused, not an event taken from its handler
         return self._recv(True)
 
     async def _recv(self, bint iterating):
         cdef object event
+        if self.streak >= self.channel.budget:
+            # A long ready burst still lets timers and I/O run: after ``budget`` events, yield before taking the
+            # next one, never while holding one (a cancellation at this await would lose it).
+            self.streak = 0
+            await _sleep(0)
         while True:
             try:
                 event = self.next_c()
@@ -1482,9 +1520,6 @@ cdef class Subscription:
                 raise
             if event is not _EMPTY:
                 self.streak += 1
-                if self.streak >= self.channel.budget:
-                    self.streak = 0
-                    await _sleep(0)          # a long ready burst still lets timers and I/O run
                 return event
             self.streak = 0
             fut = self.park()
@@ -1771,7 +1806,29 @@ cdef class EventBus:
                 self._cache_channels[h] = <PyObject*>ch
             return ch
         known = ", ".join([str(k) for k in self._channels]) or "none"
-        raise InvalidChannelError(f"unknown channel {key!r}; known channels: {known}")
+        try:
+            hint = self.near_miss(key)
+        except Exception:            # a key whose attributes or == raise: the plain message then
+            hint = ""
+        raise InvalidChannelError(f"unknown channel {key!r}; known channels: {known}{hint}")
+
+    cdef str near_miss(self, object key):
+        """Why ``key`` looks like a known key but is not one (the error's hint), or ``""``."""
+        for ch in self._channels.values():
+            known = (<Channel>ch).key
+            if isinstance(key, str) and key == (<Channel>ch).name:
+                return (f" ({key!r} is the name of channel {known}: a channel's key is the EventType member "
+                        f"itself, not its value)")
+            if type(key) is not type(known) and getattr(key, "name", None) == getattr(known, "name", 0) and \
+                    type(key).__qualname__ == type(known).__qualname__:
+                return (f" ({key!r} is a member of {type(key).__module__}.{type(key).__qualname__}, the channel's "
+                        f"key of {type(known).__module__}.{type(known).__qualname__}: the class was defined twice "
+                        f"-- a script run as __main__ and also imported, or a reloaded module -- and keys compare "
+                        f"by identity; import it from one module)")
+            if type(key) is not type(known) and getattr(key, "value", None) == (<Channel>ch).name:
+                return (f" ({key!r} has the value that names channel {known}, but is a member of another class; "
+                        f"keys compare by identity)")
+        return ""
 
     def _set_budget(self, Py_ssize_t budget):
         self._budget = budget
@@ -1954,7 +2011,8 @@ cdef class EventBus:
         paused : bool
             Subscribe now (events are kept from this point) but call the handler only after ``resume()``.
         measure : bool
-            Record each handler call's duration (ns) in ``subscription.handler_time``.
+            Record handler call durations (ns) in ``subscription.handler_time``: those of the channel's latency
+            sample (every ``ChannelConfig.latency_sample``-th event; 1 = every call).
         """
         cdef Channel ch = self.lookup(event_type)
         self.ensure_live_loop()

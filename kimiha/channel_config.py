@@ -44,12 +44,23 @@ class Dispatch(enum.Enum):
     INLINE = "inline"
 
 
+_NONE_PAYLOAD = (
+    "ChannelConfig.payload_type: expected payload types that exclude None, got {payload_type!r}: a payload "
+    "is never None (try_recv() answers None for 'nothing ready', so a None event would be taken and lost); "
+    "publish an Event with an optional field instead"
+)
+
+
 def _payload_classes(payload_type: Any) -> tuple[type, ...]:
     """Return the classes an ``isinstance`` check must accept for ``payload_type``."""
+    if payload_type is types.NoneType:
+        raise InvalidConfigurationError(_NONE_PAYLOAD.format(payload_type=payload_type))
     if isinstance(payload_type, type):
         return (payload_type,)
     if typing.get_origin(payload_type) in (typing.Union, types.UnionType):
         members = typing.get_args(payload_type)
+        if types.NoneType in members:
+            raise InvalidConfigurationError(_NONE_PAYLOAD.format(payload_type=payload_type))
         for member in members:
             if not isinstance(member, type):
                 raise InvalidConfigurationError(

@@ -62,10 +62,28 @@ class _EventTypeMeta(type):
         for key, value in list(namespace.items()):
             if key.startswith("_") or _is_descriptor(value):
                 continue
+            if key in _RESERVED_NAMES:
+                raise TypeError(
+                    f"class {cls_name}: a member cannot be called {key!r}: every member has .name and .value "
+                    f"attributes, which it would hide; choose another name (e.g. {key.upper()} = {value!r})")
+            if isinstance(value, enum.auto):
+                raise TypeError(
+                    f"class {cls_name}: member {key} = enum.auto() is not supported by EventType (its "
+                    f"value names the channel in stats, bridges and journals); write it out: {key} = {key!r}")
             members.append((key, value))
             del namespace[key]
         namespace.setdefault("__slots__", ())  # members carry only name and value: no __dict__ each
-        cls = super().__new__(mcs, cls_name, bases, namespace, **kwargs)
+        try:
+            cls = super().__new__(mcs, cls_name, bases, namespace, **kwargs)
+        except TypeError as exc:
+            others = [b.__name__ for b in bases if not isinstance(b, _EventTypeMeta)]
+            if not others:
+                raise
+            raise TypeError(
+                f"class {cls_name}: cannot combine EventType with {', '.join(others)} ({exc}): EventType "
+                f"members are singletons compared by identity, not str or int values (unlike a str Enum); "
+                f"derive from EventType alone and read a member's value as member.value"
+            ) from None
         member_map: dict[str, Any] = {}
         by_value: dict[Any, Any] = {}
         names: list[str] = []
@@ -100,6 +118,15 @@ class _EventTypeMeta(type):
             pass
         if isinstance(value, cls):
             return value
+        missing = getattr(cls, "_missing_", None)
+        if missing is not None:        # the enum hook: a classmethod returning a member, or None
+            found = missing(value)
+            if isinstance(found, cls) and cls._member_map_.get(found.name) is found:
+                return found
+            if found is not None:
+                raise TypeError(
+                    f"{cls.__qualname__}._missing_({value!r}) returned {found!r}; expected a member of "
+                    f"{cls.__qualname__} or None")
         known = ", ".join(repr(m.value) for m in cls) or "none"
         raise ValueError(f"{value!r} is not a valid {cls.__qualname__}; expected one of: {known}")
 
@@ -143,6 +170,10 @@ class _EventTypeMeta(type):
 
     def __repr__(cls) -> str:
         return f"<EventType {cls.__qualname__!r}>"
+
+
+#: Member names that would hide a member's own ``name`` / ``value`` (slots of every member).
+_RESERVED_NAMES = frozenset({"name", "value"})
 
 
 def _is_descriptor(value: Any) -> bool:
@@ -202,8 +233,25 @@ else:
         def __str__(self) -> str:
             return f"{type(self).__name__}.{self.name}"
 
+        def __format__(self, spec: str) -> str:
+            return format(str(self), spec)   # as enum.Enum: f"{Ev.X:<20}" pads the str()
+
         def __dir__(self) -> list[str]:
             return ["__class__", "name", "value"]
+
+
+def _msgspec_enc_hook(obj: Any) -> Any:
+    """msgspec ``enc_hook``: an :class:`EventType` member in a payload encodes as its value (as an Enum's did)."""
+    if isinstance(type(obj), _EventTypeMeta):
+        return obj.value
+    raise NotImplementedError(f"Encoding objects of type {type(obj).__name__} is unsupported")
+
+
+def _msgspec_dec_hook(kind: Any, obj: Any) -> Any:
+    """msgspec ``dec_hook``: a payload field typed with an :class:`EventType` decodes its value to the member."""
+    if isinstance(kind, _EventTypeMeta):
+        return kind(obj)             # a ValueError naming the known values; msgspec adds the field's path
+    raise NotImplementedError(f"Decoding objects of type {kind!r} is unsupported")
 
 
 # msgspec passes ``frozen=True`` on to subclasses, but its stub declares ``Struct`` a dataclass transform with

@@ -284,3 +284,43 @@ def test_config_checks_name_the_parameter():
     with pytest.raises(InvalidConfigurationError, match=r"ChannelConfig.latency_sample: expected an int .* got int 0"):
         ChannelConfig(8, latency_sample=0)
     assert "dispatch=Dispatch.INLINE" in repr(ChannelConfig(8, dispatch=Dispatch.INLINE))
+
+
+def test_a_handler_subscribed_by_the_only_handler_gets_the_event_that_handler_then_publishes(run):
+    # The single-subscriber fast path: the newcomer's event was written but never delivered (no loop callback
+    # is scheduled for an inline write), so it waited for the next publish.
+    async def main():
+        bus = EventBus([(Ev.A, inline())])
+        late: list[int] = []
+
+        def first(e: Tick) -> None:
+            if e.seq == 0:
+                bus.subscribe(Ev.A, lambda x: late.append(x.seq))
+                bus.publish(Ev.A, Tick(1))
+
+        bus.subscribe(Ev.A, first)
+        bus.publish(Ev.A, Tick(0))
+        assert late == [1]  # before the outer publish returned
+        assert [s.backlog for s in bus.channel(Ev.A).subscriptions()] == [0, 0]
+        bus.close()
+
+    run(main())
+
+
+def test_a_handler_that_replaces_itself_hands_the_event_it_publishes_to_its_successor(run):
+    async def main():
+        bus = EventBus([(Ev.A, inline())])
+        got: list[int] = []
+        sub = None
+
+        def first(e: Tick) -> None:
+            sub.close()
+            bus.subscribe(Ev.A, lambda x: got.append(x.seq))
+            bus.publish(Ev.A, Tick(e.seq + 1))
+
+        sub = bus.subscribe(Ev.A, first)
+        bus.publish(Ev.A, Tick(0))
+        assert got == [1]
+        bus.close()
+
+    run(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import enum
 import pickle
 
 import pytest
@@ -90,3 +91,91 @@ def test_members_key_bus_channels_and_name_them_by_value():
     sub = bus.subscribe(Ev.ALIAS)
     assert bus.publish(Ev.MARKET_DATA, 1) == 1 and sub.try_recv() == 1
     bus.close()
+
+
+def test_a_missing_hook_is_consulted_as_by_enum():
+    class Venue(EventType):
+        BINANCE = "Binance"
+
+        @classmethod
+        def _missing_(cls, value: object) -> Venue | None:
+            return cls.BINANCE if str(value).lower() == "binance" else None
+
+    assert Venue("BINANCE") is Venue.BINANCE and Venue("Binance") is Venue.BINANCE
+    with pytest.raises(ValueError, match="'Kraken' is not a valid"):
+        Venue("Kraken")
+
+    class Broken(EventType):
+        X = "x"
+
+        @classmethod
+        def _missing_(cls, value: object) -> object:
+            return "x"
+
+    with pytest.raises(TypeError, match=r"Broken._missing_\('y'\) returned 'x'; expected a member of .*Broken or"):
+        Broken("y")
+
+
+def test_format_specs_pad_the_str_as_enum_members_do():
+    assert f"{Ev.ORDERS:<12}|" == "Ev.ORDERS   |" and f"{Ev.ORDERS!r:.4}" == "<Ev."
+
+
+def test_class_bodies_enum_accepted_but_event_type_cannot_are_refused_with_a_reason():
+    with pytest.raises(TypeError, match=r"class F: a member cannot be called 'name'.*NAME = 'n'"):
+        class F(EventType):
+            name = "n"
+    with pytest.raises(TypeError, match=r"class G: a member cannot be called 'value'"):
+        class G(EventType):
+            value = "v"
+    with pytest.raises(TypeError, match=r"member X = enum.auto\(\) is not supported.*X = 'X'"):
+        class A(EventType):
+            X = enum.auto()
+    with pytest.raises(TypeError, match=r"class S: cannot combine EventType with str .*member.value"):
+        class S(str, EventType):  # type: ignore[misc]
+            X = "x"
+
+
+def test_an_unknown_key_that_looks_like_a_known_one_is_explained():
+    from kimiha import InvalidChannelError
+
+    bus = EventBus([(Ev.MARKET_DATA, ChannelConfig(8))])
+    with pytest.raises(InvalidChannelError, match=r"'MarketData' is the name of channel Ev.MARKET_DATA: a "
+                                                  r"channel's key is the EventType member itself"):
+        bus.publish("MarketData", 1)
+    twin = type(Ev)("Ev", (EventType,), {"MARKET_DATA": "MarketData", "__qualname__": Ev.__qualname__})
+    with pytest.raises(InvalidChannelError, match=r"known channels: Ev.MARKET_DATA \(.* the class was defined "
+                                                  r"twice .* keys compare by identity"):
+        bus.publish(twin.MARKET_DATA, 1)
+
+    class Other(EventType):
+        MD = "MarketData"
+
+    with pytest.raises(InvalidChannelError, match=r"has the value that names channel Ev.MARKET_DATA, but is a "
+                                                  r"member of another class"):
+        bus.subscribe(Other.MD)
+    assert not bus.has_channel(Other.MD)
+    bus.close()
+
+
+def test_a_member_inside_a_payload_travels_as_its_value_as_an_enum_member_did(run):
+    from kimiha import Event, SerializationError
+
+    class Routed(Event):
+        route: Ev
+        qty: int
+
+    async def main():
+        bus = EventBus([(Ev.ORDERS, ChannelConfig(8, payload_type=Routed))])
+        frames = bus.subscribe(Ev.ORDERS, frames=True)  # a journal or bridge: every event is encoded at publish
+        bus.publish(Ev.ORDERS, Routed(Ev.MARKET_DATA, 1))
+        ((_, _, frame),) = frames.drain()
+        pull = bus.subscribe(Ev.ORDERS)
+        bus.publish_raw(Ev.ORDERS, frame)            # what a bridge or a journal replay does with it
+        (back,) = pull.drain()
+        assert back.route is Ev.MARKET_DATA and back.qty == 1
+        wrong = frame.replace(b"MarketData", b"MarketDatb")
+        with pytest.raises(SerializationError, match=r"'MarketDatb' is not a valid Ev.*route"):
+            bus.publish_raw(Ev.ORDERS, wrong)
+        bus.close()
+
+    run(main())

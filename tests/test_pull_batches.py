@@ -7,7 +7,15 @@ import pickle
 
 import pytest
 
-from kimiha import ChannelConfig, Event, EventBus, EventType, Lagged
+from kimiha import (
+    ChannelConfig,
+    Event,
+    EventBus,
+    EventType,
+    InvalidConfigurationError,
+    InvalidStateError,
+    Lagged,
+)
 from kimiha._core import EMPTY, Empty, Handler
 
 
@@ -102,6 +110,97 @@ def test_the_c_api_marker_and_handler_base_from_python(run):
         await asyncio.sleep(0)
         assert len(errors) == 1 and isinstance(errors[0], NotImplementedError)
         assert bus.stats(Ev.MD)["handler_errors"] == 1
+        bus.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("how", ["async for", "recv"])
+def test_a_reader_cancelled_where_a_long_burst_yields_loses_no_event(run, how):
+    # The burst yield (every dispatch budget of events) used to take the event first: a cancellation at that
+    # await dropped it, neither received nor left in the ring.
+    async def main():
+        bus = EventBus([(Ev.MD, ChannelConfig(64, payload_type=Tick))], dispatch_budget=4)
+        sub = bus.subscribe(Ev.MD)
+        for i in range(10):
+            bus.publish(Ev.MD, Tick(i))
+        got: list[int] = []
+
+        async def consume() -> None:
+            if how == "async for":
+                async for event in sub:
+                    got.append(event.seq)
+            else:
+                while True:
+                    got.append((await sub.recv()).seq)
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0)      # the reader runs until its first yield, at the end of a budget
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert got and got + [e.seq for e in sub.drain()] == list(range(10))
+        bus.close()
+
+    run(main())
+
+
+def test_a_second_reader_waiting_on_one_subscription_is_refused_not_left_hanging(run):
+    async def main():
+        bus = make_bus()
+        sub = bus.subscribe(Ev.MD)
+        first = asyncio.create_task(sub.recv())
+        await asyncio.sleep(0)
+        with pytest.raises(InvalidStateError, match=r"channel 'MarketData' already has a reader waiting.*"
+                                                    r"subscribe once per reader"):
+            await sub.recv()
+        bus.publish(Ev.MD, Tick(7))
+        assert (await asyncio.wait_for(first, 5)).seq == 7  # the first reader is woken as before
+        # A cancelled reader's place is free again.
+        waiting = asyncio.create_task(sub.recv())
+        await asyncio.sleep(0)
+        waiting.cancel()
+        again = asyncio.create_task(sub.recv())
+        await asyncio.sleep(0)
+        bus.publish(Ev.MD, Tick(8))
+        assert (await asyncio.wait_for(again, 5)).seq == 8
+        bus.close()
+
+    run(main())
+
+
+def test_a_none_payload_type_is_refused_at_config():
+    # try_recv() answers None for "nothing ready": a None event would be taken and lost.
+    for payload_type in (Tick | None, type(None)):
+        with pytest.raises(InvalidConfigurationError,
+                           match=r"ChannelConfig.payload_type: expected payload types that exclude None"):
+            ChannelConfig(8, payload_type=payload_type)
+
+
+def test_a_handler_with_a_python_on_event_is_refused_at_subscribe(run):
+    class PyHandler(Handler):
+        def on_event(self, event: object) -> int:
+            return 0
+
+    async def main():
+        bus = make_bus()
+        with pytest.raises(TypeError, match=r"PyHandler defines on_event in Python.*Override it in C"):
+            bus.subscribe(Ev.MD, PyHandler())
+        bus.close()
+
+    run(main())
+
+
+def test_anext_on_a_handler_subscription_is_refused_and_takes_nothing_from_the_handler(run):
+    async def main():
+        bus = make_bus()
+        seen: list[int] = []
+        sub = bus.subscribe(Ev.MD, lambda e: seen.append(e.seq))
+        bus.publish(Ev.MD, Tick(1))
+        with pytest.raises(InvalidStateError, match="delivers to handler .* cannot be received from"):
+            await anext(sub)
+        await asyncio.sleep(0)
+        assert seen == [1]
         bus.close()
 
     run(main())

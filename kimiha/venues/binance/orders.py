@@ -20,9 +20,9 @@ executor's defaults are the spot testnet's URLs.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
-import random
 import secrets
 import time
 import urllib.parse
@@ -39,7 +39,7 @@ from kimiha.trading.model import Fill, Liquidity, Order, OrderType, Side
 from kimiha.trading.paper import PaperExecutor
 from kimiha.trading.tasks import TradingEvent
 from kimiha.types import Executor
-from kimiha.venues.binance.rest import BinanceError, BinanceRest, BinanceUnavailable
+from kimiha.venues.binance.rest import BinanceError, BinanceRest, BinanceUnavailable, backoff_delay
 
 __all__ = [
     "MAINNET_HOSTS",
@@ -62,19 +62,46 @@ MAINNET_HOSTS = frozenset({
 _FINAL = frozenset({"FILLED", "CANCELED", "EXPIRED", "REJECTED", "EXPIRED_IN_MATCH"})
 
 
+def _canonical_host(url: str) -> str:
+    """Return the host of ``url`` as a resolver sees it: IDNA-mapped (fullwidth letters and dots folded), lower
+    case, without the trailing dot of a fully qualified name."""
+    host = urllib.parse.urlsplit(url.strip()).hostname or ""
+    try:
+        host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        pass  # not a name a resolver takes either; compared as it is
+    return host.lower().rstrip(".")
+
+
+def _is_mainnet_host(host: str) -> bool:
+    if host in MAINNET_HOSTS or host == "binance.com" or host.endswith(".binance.com"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    # An address literal cannot be told apart from a production host without a DNS lookup: only loopback and
+    # private addresses (a local exchange, a proxy on this network) pass without --mainnet.
+    return not (address.is_loopback or address.is_private)
+
+
 def check_order_url(url: str, *, mainnet: bool, what: str = "--rest-url") -> None:
     """Refuse an order URL on Binance's production hosts unless ``mainnet`` is True.
+
+    Production means any ``binance.com`` host (and the others of :data:`MAINNET_HOSTS`), however it is
+    spelled (case, a trailing dot, a ``user@`` part, IDNA look-alikes), and any public IP address literal
+    (which cannot be told apart from a production host without resolving its name).
 
     Raises
     ------
     InvalidConfigurationError
         Naming the option and the host.
     """
-    host = (urllib.parse.urlsplit(url).hostname or "").lower()
-    if host in MAINNET_HOSTS and not mainnet:
+    host = _canonical_host(url)
+    if _is_mainnet_host(host) and not mainnet:
         raise InvalidConfigurationError(
-            f"{what} {url}: {host} is Binance's production exchange, where orders trade real money; the "
-            f"Binance executor refuses it unless --mainnet is given (its default is the spot testnet)")
+            f"{what}: {host} is (or may be) Binance's production exchange, where orders trade real money; "
+            f"the Binance executor refuses it unless --mainnet is given (its default is the spot testnet)")
 
 
 class ExecutionReport(msgspec.Struct):
@@ -99,6 +126,7 @@ class ExecutionReport(msgspec.Struct):
     m: bool = False  # maker
     Z: float = 0.0  # cumulative quote quantity
     r: str = "NONE"  # reject reason
+    t: int = -1  # trade id (-1 for reports that are not trades)
 
 
 _REPORT = msgspec.json.Decoder(ExecutionReport, strict=False)
@@ -258,7 +286,7 @@ class UserDataStream:
                 return
             while not self._stopping:
                 attempt += 1
-                await asyncio.sleep(min(30.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0))
+                await asyncio.sleep(backoff_delay(attempt, 0.1, 30.0))
                 try:
                     transport = await self._connect()
                 except BinanceError as exc:
@@ -279,7 +307,7 @@ class UserDataStream:
 
 
 class _Working:
-    __slots__ = ("fee", "levels", "maker", "order", "quote_qty", "reports", "filled")
+    __slots__ = ("fee", "levels", "maker", "order", "quote_qty", "reports", "filled", "trade_ids")
 
     def __init__(self, order: Order) -> None:
         self.order = order
@@ -289,6 +317,7 @@ class _Working:
         self.levels = 0
         self.maker = True
         self.reports: list[str] = []
+        self.trade_ids: set[int] = set()
 
 
 class BinanceExecutorTask(Executor):
@@ -317,6 +346,10 @@ class BinanceExecutorTask(Executor):
         Receive time of the deciding market data -> the order's signed request handed to the HTTP client, ns.
     sent, acked, rejected, reports : int
         Orders sent, answered 2xx, refused (by the server or before sending), execution reports received.
+    foreign_reports, duplicate_reports, overfills : int
+        Reports of orders this executor does not know (another client's, or after their final report), trade
+        reports received again (the same trade id; counted once in the fill), trades that took an order past
+        its quantity (booked as the server reports them). Each is logged the first time.
     errors : list of str
         The first refusals' messages.
     """
@@ -341,6 +374,8 @@ class BinanceExecutorTask(Executor):
         self.rejected = 0
         self.reports = 0
         self.foreign_reports = 0
+        self.duplicate_reports = 0
+        self.overfills = 0
         self.errors: list[str] = []
         self.history: list[tuple[str, str, str]] = []  # (client order id, execution type, status), in order
         self._prefix = f"k{secrets.token_hex(3)}-"
@@ -406,7 +441,26 @@ class BinanceExecutorTask(Executor):
         work = self._working.get(r.c)
         if work is None:
             self.foreign_reports += 1
+            if self.foreign_reports == 1:
+                logger.warning("%s: an executionReport for an order it does not know (client id %r, %s %s); "
+                               "ignored (counted in foreign_reports)", self.name, r.c, r.x, r.X)
             return
+        if r.x == "TRADE" and r.l > 0:
+            # A trade is counted once: by its id, or (a server that sends no ids) by the cumulative quantity.
+            seen = r.t in work.trade_ids if r.t >= 0 else r.z <= work.filled
+            if seen:
+                self.duplicate_reports += 1
+                if self.duplicate_reports == 1:
+                    logger.warning("%s: order %s: trade %d (cumulative %g) reported again; counted once",
+                                   self.name, r.c, r.t, r.z)
+                return
+            if r.t >= 0:
+                work.trade_ids.add(r.t)
+            if work.filled + r.l > work.order.qty * (1 + 1e-9):
+                self.overfills += 1
+                if self.overfills == 1:
+                    logger.warning("%s: order %s: trades of %g take it past its quantity %g; booked as the server "
+                                   "reports them", self.name, r.c, work.filled + r.l, work.order.qty)
         self.history.append((r.c, r.x, r.X))
         work.reports.append(r.x)
         if r.x == "TRADE" and r.l > 0:

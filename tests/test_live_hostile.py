@@ -443,3 +443,46 @@ def test_duplicated_and_foreign_execution_reports_are_counted_once(caplog: pytes
     for record in caplog.records:
         assert KEY not in record.getMessage() and SECRET not in record.getMessage()
     assert KEY not in repr(ex.rest) and SECRET not in repr(ex.rest.signer)
+
+
+# ---------------------------------------------------------------------------------------------- recorder
+def test_a_full_disk_stops_the_recording_loudly_without_killing_the_feed(caplog: pytest.LogCaptureFixture) -> None:
+    import os
+
+    from kimiha.venues.binance.recorder import TapeRecorder
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (writes fail with ENOSPC)")
+    recorder = TapeRecorder("/dev/full", flush_lines=64, compresslevel=0)
+    line = b"1 " + b'{"stream":"btcusdt@trade","data":{}}' * 40
+    with caplog.at_level(logging.ERROR, "kimiha.venues.binance.recorder"):
+        for _ in range(5000):  # ~7 MB: the gzip file's buffer reaches the device, which is full
+            recorder.write(line)
+        recorder.close()  # no raise either
+    assert recorder.error and "No space left" in recorder.error
+    assert recorder.lines_lost > 0 and recorder.lines + recorder.lines_lost == 5000
+    assert sum("cannot write" in r.getMessage() for r in caplog.records) == 1
+    assert "lines_lost" in repr(recorder)
+
+
+@pytest.mark.parametrize("answer", [[], {"listenKey": None}, {"listenKey": "../../x?y"}, {"other": 1}])
+def test_a_bad_listen_key_answer_is_one_clear_error(answer: Any) -> None:
+    from kimiha.venues.binance.orders import UserDataStream
+
+    async def listen_key(request: web.Request) -> web.Response:
+        return web.json_response(answer)
+
+    async def main() -> BinanceUnavailable:
+        async with Hostile(_idle, [("POST", "/api/v3/userDataStream", listen_key)]) as h:
+            rest = BinanceRest(h.rest_url, signer=HmacSigner(KEY, SECRET))
+            stream = UserDataStream(rest, h.ws_url, lambda report: None)
+            try:
+                with pytest.raises(BinanceUnavailable) as info:
+                    await stream.start()
+            finally:
+                await stream.close()
+                await rest.close()
+            return info.value
+
+    err = run(main())
+    assert "expected {\"listenKey\"" in str(err) and KEY not in str(err)

@@ -23,6 +23,7 @@ import asyncio
 import ipaddress
 import logging
 import math
+import re
 import secrets
 import time
 import urllib.parse
@@ -59,6 +60,7 @@ MAINNET_HOSTS = frozenset({
     "data-api.binance.vision", "binance.com", "www.binance.com",
 })
 
+_LISTEN_KEY = re.compile(r"[A-Za-z0-9_-]{1,256}")  # it becomes a URL path segment: nothing else is taken
 _FINAL = frozenset({"FILLED", "CANCELED", "EXPIRED", "REJECTED", "EXPIRED_IN_MATCH"})
 
 
@@ -235,7 +237,12 @@ class UserDataStream:
     async def start(self) -> None:
         """Get a listen key and connect (raises :class:`BinanceError` when either fails)."""
         answer = await self.rest.json("POST", "/api/v3/userDataStream", api_key=True)
-        self.listen_key = str(answer["listenKey"])
+        key = answer.get("listenKey") if isinstance(answer, dict) else None
+        if not isinstance(key, str) or not _LISTEN_KEY.fullmatch(key):
+            raise BinanceUnavailable(f"Binance POST /api/v3/userDataStream at {self.rest.base_url}: expected "
+                                     f"{{\"listenKey\": \"<letters, digits, - or _>\"}}, got {str(answer)[:100]}",
+                                     request="POST /api/v3/userDataStream")
+        self.listen_key = key
         transport = await self._connect()
         self._task = asyncio.ensure_future(self._run(transport))
 

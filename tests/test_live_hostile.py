@@ -486,3 +486,47 @@ def test_a_bad_listen_key_answer_is_one_clear_error(answer: Any) -> None:
 
     err = run(main())
     assert "expected {\"listenKey\"" in str(err) and KEY not in str(err)
+
+
+def test_a_diff_with_u_below_its_U_or_of_another_symbol_is_a_bad_line_not_a_gap() -> None:
+    async def snapshot(request: web.Request) -> web.Response:
+        return web.json_response({"lastUpdateId": 100, "bids": [["100.0", "1.0"]], "asks": [["101.0", "1.0"]]})
+
+    async def script(transport: Any, n: int) -> None:
+        text(transport, depth(100, 101))
+        await asyncio.sleep(0.5)  # the snapshot is fetched and inserted meanwhile
+        for first, last, symbol in [(102, 103, "BTCUSDT"), (104, 50, "BTCUSDT"), (104, 105, "ETHUSDT"),
+                                    (104, 105, "BTCUSDT"), (106, 107, "BTCUSDT")]:
+            body = depth(first, last, "BTCUSDT")
+            text(transport, body.replace('"s":"BTCUSDT"', f'"s":"{symbol}"'))
+        text(transport, TRADE % 9)
+        await asyncio.sleep(HANG)
+
+    async def main() -> tuple[BinanceLiveFeed, list[bytes]]:
+        async with Hostile(script, [("GET", "/api/v3/depth", snapshot)]) as h:
+            feed = BinanceLiveFeed(["BTCUSDT"], ws_url=h.ws_url, rest_url=h.rest_url)
+            lines: list[bytes] = []
+
+            async def consume() -> None:
+                async for line in feed:
+                    lines.append(line)
+
+            await feed.start()
+            consumer = asyncio.ensure_future(consume())
+            try:
+                await until(lambda: any(b'"t":9' in line for line in lines), "the last trade")
+            finally:
+                await feed.aclose()
+                await consumer
+            return feed, lines
+
+    feed, lines = run(main())
+    assert feed.snapshots == 1 and feed.gaps == 0 and feed.resyncs == 0
+    parser = BinanceParser()
+    rejected = []
+    for line in lines:
+        try:
+            parser.parse(line)
+        except SerializationError as exc:
+            rejected.append(str(exc))
+    assert len(rejected) == 2 and all("U <= u and the stream's own symbol" in r for r in rejected), rejected

@@ -77,6 +77,7 @@ class _DepthIds(msgspec.Struct):
 
 
 class _DepthEnvelope(msgspec.Struct):
+    stream: str
     data: _DepthIds
 
 
@@ -425,14 +426,15 @@ class BinanceLiveFeed:
             self._push(line)
             return
         try:
-            ids = _DEPTH_IDS.decode(payload).data
+            envelope = _DEPTH_IDS.decode(payload)
         except msgspec.DecodeError:
             self._push(line)  # the parser downstream reports it as a bad line
             return
+        ids = envelope.data
         state = self._states.get(ids.s)
         self._push(line)
-        if state is None:
-            return
+        if state is None or ids.U > ids.u or not envelope.stream.startswith(ids.s.lower()):
+            return  # not a diff of ours, or one the parser rejects (so the book never sees it either)
         self._last_depth_symbol = ids.s
         self._check_sequence(state, ids.U, ids.u)
         if state.parked is not None:

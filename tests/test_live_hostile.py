@@ -530,3 +530,31 @@ def test_a_diff_with_u_below_its_U_or_of_another_symbol_is_a_bad_line_not_a_gap(
         except SerializationError as exc:
             rejected.append(str(exc))
     assert len(rejected) == 2 and all("U <= u and the stream's own symbol" in r for r in rejected), rejected
+
+
+def test_429_with_retry_after_zero_forever_is_backed_off_not_hammered() -> None:
+    times: list[float] = []
+
+    async def too_many(request: web.Request) -> web.Response:
+        times.append(asyncio.get_running_loop().time())
+        return web.json_response({"code": -1003, "msg": "Too many requests"}, status=429,
+                                 headers={"Retry-After": "0"})
+
+    async def script(transport: Any, n: int) -> None:
+        text(transport, depth(100, 101))
+        await asyncio.sleep(HANG)
+
+    async def main() -> BinanceLiveFeed:
+        async with Hostile(script, [("GET", "/api/v3/depth", too_many)]) as h:
+            feed = BinanceLiveFeed(["BTCUSDT"], ws_url=h.ws_url, rest_url=h.rest_url, backoff_initial=0.1)
+            await feed.start()
+            try:
+                await until(lambda: len(times) >= 16, "16 snapshot requests")
+            finally:
+                await feed.aclose()
+            return feed
+
+    run(main())
+    # BinanceRest retries a 429 max_retries (3) times by itself; then the feed waits at least its backoff
+    # (jitter >= 0.5): 0.05 + 0.1 + 0.2 s before the 13th request, not zero.
+    assert times[12] - times[0] >= 0.35, [round(t - times[0], 3) for t in times]

@@ -83,7 +83,7 @@ class Hostile:
             app.router.add_get("/api/v3/ping", _pong)
         for method, path, handler in self.routes:
             app.router.add_route(method, path, handler)
-        self.runner = web.AppRunner(app)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.5)  # handlers left hanging on purpose
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
@@ -558,3 +558,56 @@ def test_429_with_retry_after_zero_forever_is_backed_off_not_hammered() -> None:
     # BinanceRest retries a 429 max_retries (3) times by itself; then the feed waits at least its backoff
     # (jitter >= 0.5): 0.05 + 0.1 + 0.2 s before the 13th request, not zero.
     assert times[12] - times[0] >= 0.35, [round(t - times[0], 3) for t in times]
+
+
+def test_an_order_whose_answer_is_lost_is_looked_up_and_its_fill_still_counted(tmp_path: Any) -> None:
+    """A proxy passes POST /api/v3/order to the local exchange but never returns the answer: the order traded
+    there; the executor must find it (query by client id) and book its fill, not call it refused."""
+    import gzip
+    import itertools
+    import time
+
+    import aiohttp
+
+    from kimiha.trading.tasks import TradingEvent
+    from kimiha.venues.binance import iter_lines, recorded_tape
+    from kimiha.venues.binance.sim import LocalExchange
+
+    excerpt = tmp_path / "excerpt.gz"
+    with gzip.open(excerpt, "wb") as f:
+        for line in itertools.islice(iter_lines(recorded_tape()), 400):
+            f.write(line + b"\n")
+
+    async def main() -> tuple[BinanceExecutorTask, Any, Any]:
+        async with LocalExchange(excerpt, speed=None, start_on_connect=False) as ex:
+            await until(lambda: "BTCUSDT" in ex.books and ex.books["BTCUSDT"].is_live, "the exchange's book")
+            session = aiohttp.ClientSession()
+
+            async def forward(request: web.Request) -> web.Response:
+                async with session.request(request.method, ex.rest_url + request.path_qs,
+                                           headers={"X-MBX-APIKEY": request.headers.get("X-MBX-APIKEY", "")}) as r:
+                    body = await r.read()
+                if request.method == "POST" and request.path == "/api/v3/order":
+                    await asyncio.sleep(HANG)  # taken by the exchange; the answer never comes back
+                return web.Response(body=body, status=r.status, content_type="application/json")
+
+            async with Hostile(_idle, [("*", "/{tail:.*}", forward)]) as proxy:
+                bus = EventBus(trading_channels())
+                fills = bus.subscribe(TradingEvent.FILLS)
+                rest = BinanceRest(proxy.rest_url, signer=HmacSigner(ex.api_key, ex.api_secret), timeout=1.0)
+                executor = BinanceExecutorTask(bus, rest, ex.ws_url, symbol="BTCUSDT")
+                await executor.initialize()
+                try:
+                    await executor.handle_event(Order(1, Side.BUY, 0.001, OrderType.MARKET, None, time.time_ns(),
+                                                      "BTCUSDT"))
+                    fill = await asyncio.wait_for(fills.recv(), HANG / 2)
+                finally:
+                    await executor.shutdown()
+                    await rest.close()
+                    await session.close()
+            return executor, ex, fill
+
+    executor, ex, fill = run(main())
+    assert executor.unanswered == 1 and executor.rejected == 0
+    assert fill.qty == pytest.approx(0.001)
+    assert executor.account.position == pytest.approx(ex.accounts[ex.api_key].positions["BTCUSDT"], abs=1e-12)

@@ -40,7 +40,8 @@ from kimiha.trading.model import Fill, Liquidity, Order, OrderType, Side
 from kimiha.trading.paper import PaperExecutor
 from kimiha.trading.tasks import TradingEvent
 from kimiha.types import Executor
-from kimiha.venues.binance.rest import BinanceError, BinanceRest, BinanceUnavailable, backoff_delay
+from kimiha.venues.binance.rest import (BinanceError, BinanceRest, BinanceUnavailable, BinanceUnknownOrder,
+                                        backoff_delay)
 
 __all__ = [
     "MAINNET_HOSTS",
@@ -357,6 +358,9 @@ class BinanceExecutorTask(Executor):
         Reports of orders this executor does not know (another client's, or after their final report), trade
         reports received again (the same trade id; counted once in the fill), trades that took an order past
         its quantity (booked as the server reports them). Each is logged the first time.
+    unanswered : int
+        New orders that got no answer (a timeout): the server is asked by client id whether it has them; if
+        it has, its execution reports settle them as usual, otherwise they are refused.
     errors : list of str
         The first refusals' messages.
     """
@@ -383,6 +387,7 @@ class BinanceExecutorTask(Executor):
         self.foreign_reports = 0
         self.duplicate_reports = 0
         self.overfills = 0
+        self.unanswered = 0
         self.errors: list[str] = []
         self.history: list[tuple[str, str, str]] = []  # (client order id, execution type, status), in order
         self._prefix = f"k{secrets.token_hex(3)}-"
@@ -427,10 +432,40 @@ class BinanceExecutorTask(Executor):
                                         "LIMIT" if limit else "MARKET", order.qty, price=order.price,
                                         time_in_force=self.time_in_force if limit else None, client_order_id=cid,
                                         on_send=sending)
+        except BinanceUnavailable as exc:
+            if exc.status is None:  # no answer at all: the order may be on the book all the same
+                await self._unanswered(cid, symbol, order, str(exc))
+            else:
+                self._refused(cid, order, str(exc))
+            return
         except BinanceError as exc:
             self._refused(cid, order, str(exc))
             return
         self.acked += 1
+
+    async def _unanswered(self, cid: str, symbol: str, order: Order, message: str) -> None:
+        """A new order got no answer (timeout, dropped connection): ask the server whether it has it, by its
+        client id. Known: its execution reports settle it as usual. Unknown: refused. No answer to the
+        queries either: kept as working (counted in ``unanswered``; :meth:`shutdown` names what is left)."""
+        self.unanswered += 1
+        logger.warning("%s: order %s: %s; asking the server whether it took the order", self.name, order.order_id,
+                       message)
+        for attempt in range(1, 4):
+            if cid not in self._working:
+                return  # its final execution report arrived meanwhile
+            try:
+                await self.client.query_order(symbol, client_order_id=cid)
+            except BinanceUnknownOrder:
+                self._refused(cid, order, message)
+                return
+            except BinanceError as exc:
+                message = str(exc)
+                await asyncio.sleep(backoff_delay(attempt, 0.2, 2.0))
+                continue
+            self.acked += 1
+            return
+        logger.warning("%s: order %s: still no answer (%s); kept as working until an execution report settles it",
+                       self.name, order.order_id, message)
 
     def _refused(self, cid: str, order: Order, message: str) -> None:
         self.rejected += 1

@@ -52,6 +52,24 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = 15.0)
         await asyncio.sleep(0.01)
 
 
+async def read_until(feed: BinanceLiveFeed, condition: Callable[[list[bytes]], bool], what: str) -> list[bytes]:
+    """Start ``feed``, read its lines until ``condition(lines)`` holds, close it; return the lines."""
+    lines: list[bytes] = []
+
+    async def consume() -> None:
+        async for line in feed:
+            lines.append(line)
+
+    await feed.start()
+    consumer = asyncio.ensure_future(consume())
+    try:
+        await until(lambda: condition(lines), what)
+    finally:
+        await feed.aclose()
+        await consumer
+    return lines
+
+
 class Hostile:
     """A websocket server (picows: any frame, any fragmentation) and a REST app (aiohttp), both on 127.0.0.1.
 
@@ -147,19 +165,7 @@ def test_garbage_frames_never_kill_the_feed_and_are_counted() -> None:
     async def main() -> tuple[BinanceLiveFeed, list[bytes]]:
         async with Hostile(script, [("GET", "/api/v3/depth", _snapshot_1)]) as h:
             feed = BinanceLiveFeed(["BTCUSDT"], ws_url=h.ws_url, rest_url=h.rest_url, backoff_initial=0.05)
-            lines: list[bytes] = []
-
-            async def consume() -> None:
-                async for line in feed:
-                    lines.append(line)
-
-            await feed.start()
-            consumer = asyncio.ensure_future(consume())
-            try:
-                await until(lambda: any(b'"t":8' in line for line in lines), "the last trade")
-            finally:
-                await feed.aclose()
-                await consumer
+            lines = await read_until(feed, lambda lines: any(b'"t":8' in line for line in lines), "the last trade")
             return feed, lines
 
     feed, lines = run(main())
@@ -191,18 +197,7 @@ def test_odd_closes_are_reconnected(closer: str, caplog: pytest.LogCaptureFixtur
     async def main() -> BinanceLiveFeed:
         async with Hostile(script) as h:
             feed = BinanceLiveFeed(["BTCUSDT"], ws_url=h.ws_url, rest_url=h.rest_url, backoff_initial=0.05)
-            await feed.start()
-
-            async def consume() -> None:
-                async for _ in feed:
-                    pass
-
-            consumer = asyncio.ensure_future(consume())
-            try:
-                await until(lambda: feed.reconnects >= 1 and feed.messages >= 2, "a reconnect")
-            finally:
-                await feed.aclose()
-                await consumer
+            await read_until(feed, lambda lines: feed.reconnects >= 1 and feed.messages >= 2, "a reconnect")
             return feed
 
     with caplog.at_level(logging.WARNING, "kimiha.venues.binance.live"):
@@ -235,18 +230,7 @@ def test_a_snapshot_that_never_bridges_is_refetched_with_backoff_not_hammered(
         async with Hostile(script, [("GET", "/api/v3/depth", snapshot)]) as h:
             feed = BinanceLiveFeed(["BTCUSDT"], ws_url=h.ws_url, rest_url=h.rest_url, backoff_initial=0.1,
                                    backoff_max=5.0)
-            await feed.start()
-
-            async def consume() -> None:
-                async for _ in feed:
-                    pass
-
-            consumer = asyncio.ensure_future(consume())
-            try:
-                await until(lambda: len(times) >= 4, "four snapshot requests")
-            finally:
-                await feed.aclose()
-                await consumer
+            await read_until(feed, lambda lines: len(times) >= 4, "four snapshot requests")
             return feed
 
     with caplog.at_level(logging.WARNING, "kimiha.venues.binance.live"):
@@ -505,19 +489,7 @@ def test_a_diff_with_u_below_its_U_or_of_another_symbol_is_a_bad_line_not_a_gap(
     async def main() -> tuple[BinanceLiveFeed, list[bytes]]:
         async with Hostile(script, [("GET", "/api/v3/depth", snapshot)]) as h:
             feed = BinanceLiveFeed(["BTCUSDT"], ws_url=h.ws_url, rest_url=h.rest_url)
-            lines: list[bytes] = []
-
-            async def consume() -> None:
-                async for line in feed:
-                    lines.append(line)
-
-            await feed.start()
-            consumer = asyncio.ensure_future(consume())
-            try:
-                await until(lambda: any(b'"t":9' in line for line in lines), "the last trade")
-            finally:
-                await feed.aclose()
-                await consumer
+            lines = await read_until(feed, lambda lines: any(b'"t":9' in line for line in lines), "the last trade")
             return feed, lines
 
     feed, lines = run(main())

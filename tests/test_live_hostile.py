@@ -583,3 +583,35 @@ def test_an_order_whose_answer_is_lost_is_looked_up_and_its_fill_still_counted(t
     assert executor.unanswered == 1 and executor.rejected == 0
     assert fill.qty == pytest.approx(0.001)
     assert executor.account.position == pytest.approx(ex.accounts[ex.api_key].positions["BTCUSDT"], abs=1e-12)
+
+
+def test_pretty_printed_json_stays_one_line_of_the_recording(tmp_path: Any) -> None:
+    from kimiha.venues.binance import iter_lines
+    from kimiha.venues.binance.recorder import TapeRecorder
+
+    async def snapshot(request: web.Request) -> web.Response:
+        return web.Response(body=b'{\n  "lastUpdateId": 100,\r\n  "bids": [["100.0", "1.0"]],\n  "asks": []\n}\n',
+                            content_type="application/json")
+
+    async def script(transport: Any, n: int) -> None:
+        text(transport, depth(100, 101).replace(",", ",\n  "))
+        await asyncio.sleep(0.3)
+        for t in range(3):
+            text(transport, (TRADE % t).replace('{"e"', '{\r\n "e"'))
+        await asyncio.sleep(HANG)
+
+    path = tmp_path / "rec.gz"
+
+    async def main() -> tuple[BinanceLiveFeed, list[bytes]]:
+        async with Hostile(script, [("GET", "/api/v3/depth", snapshot)]) as h:
+            feed = BinanceLiveFeed(["BTCUSDT"], ws_url=h.ws_url, rest_url=h.rest_url, recorder=TapeRecorder(path))
+            lines = await read_until(feed, lambda lines: len(lines) >= 5, "the snapshot and four messages")
+            return feed, lines
+
+    feed, lines = run(main())
+    recorded = list(iter_lines(path))
+    assert recorded == lines and len(recorded) == 5 and feed.snapshots == 1
+    parser = BinanceParser()
+    for line in recorded:
+        parser.parse(line)  # each is one whole message
+    assert parser.bad_lines == 0

@@ -108,6 +108,15 @@ class _SymbolState:
 
 
 _LISTENER: Any = None
+_NO_LINE_BREAKS = bytes.maketrans(b"\r\n", b"  ")
+
+
+def _one_line(payload: bytes) -> bytes:
+    """Return ``payload`` with its CR and LF bytes made spaces: JSON allows them only as whitespace between
+    tokens (never raw inside a string), so the message means the same and stays one line of the tape (a
+    pretty-printing proxy would otherwise split it into several bad lines of a recording)."""
+    return payload.translate(_NO_LINE_BREAKS)
+
 #: The largest websocket frame or fragmented message taken (Binance's largest, a 5000-level depth, is < 1 MiB).
 _MAX_MESSAGE = 64 << 20
 
@@ -417,6 +426,8 @@ class BinanceLiveFeed:
     def _on_message(self, ts: int, payload: bytes) -> None:
         self.messages += 1
         self._last_frame = time.monotonic()
+        if b"\n" in payload or b"\r" in payload:
+            payload = _one_line(payload)
         depth = b"@depth" in payload[:64]
         if len(self._queue) >= self.max_queue:
             self.dropped += 1  # a dropped diff is not seen by the checks below: the next one is a gap
@@ -522,7 +533,7 @@ class BinanceLiveFeed:
                                        st.first_u, delay, attempt)
                     await asyncio.sleep(delay)
                     continue
-                line = b"%d %b" % (ts, body.strip())
+                line = b"%d %b" % (ts, _one_line(body.strip()))
                 if self._last_depth_symbol == st.symbol or len(self.symbols) == 1:
                     self._insert_snapshot(st, line, last)
                 else:

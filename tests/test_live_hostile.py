@@ -615,3 +615,39 @@ def test_pretty_printed_json_stays_one_line_of_the_recording(tmp_path: Any) -> N
     for line in recorded:
         parser.parse(line)  # each is one whole message
     assert parser.bad_lines == 0
+
+
+def test_an_expired_listen_key_is_renewed_and_reports_flow_again(tmp_path: Any) -> None:
+    import gzip
+    import itertools
+
+    from kimiha.venues.binance import iter_lines, recorded_tape
+    from kimiha.venues.binance.orders import BinanceOrderClient, UserDataStream
+    from kimiha.venues.binance.sim import LocalExchange
+
+    excerpt = tmp_path / "excerpt.gz"
+    with gzip.open(excerpt, "wb") as f:
+        for line in itertools.islice(iter_lines(recorded_tape()), 400):
+            f.write(line + b"\n")
+
+    async def main() -> tuple[UserDataStream, list[ExecutionReport]]:
+        async with LocalExchange(excerpt, speed=None, start_on_connect=False) as ex:
+            await until(lambda: "BTCUSDT" in ex.books and ex.books["BTCUSDT"].is_live, "the exchange's book")
+            rest = BinanceRest(ex.rest_url, signer=HmacSigner(ex.api_key, ex.api_secret))
+            reports: list[ExecutionReport] = []
+            stream = UserDataStream(rest, ex.ws_url, reports.append, keepalive_s=0.2)
+            await stream.start()
+            try:
+                first = stream.listen_key
+                ex._listen_keys.pop(first)  # the server forgets it, as Binance does after 60 minutes
+                await until(lambda: stream.renewed_keys == 1 and stream.reconnects == 1, "a new listen key")
+                assert stream.listen_key != first
+                await BinanceOrderClient(rest).new_order("BTCUSDT", "BUY", "MARKET", 0.001)
+                await until(lambda: any(r.X == "FILLED" for r in reports), "the order's reports")
+            finally:
+                await stream.close()
+                await rest.close()
+            return stream, reports
+
+    stream, reports = run(main())
+    assert stream.renewed_keys == 1 and reports[-1].X == "FILLED"

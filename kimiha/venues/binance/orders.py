@@ -214,7 +214,9 @@ class _UserListener:
 
 class UserDataStream:
     """Binance's user data stream: a listen key and its websocket, calling ``on_report`` for each
-    ``executionReport`` (other events are counted and ignored)."""
+    ``executionReport`` (other events are counted and ignored). The key is kept alive every ``keepalive_s``;
+    when the server says it no longer exists (``-1125``: expired, closed) a new one is taken and the socket
+    reconnected on it (counted in ``renewed_keys``)."""
 
     def __init__(self, rest: BinanceRest, ws_url: str, on_report: Any, *, keepalive_s: float = 1800.0,
                  connect_timeout: float = 10.0) -> None:
@@ -231,12 +233,18 @@ class UserDataStream:
         self.other_events = 0
         self.bad_events = 0
         self.reconnects = 0
+        self.renewed_keys = 0
         self._transport: Any = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
     async def start(self) -> None:
         """Get a listen key and connect (raises :class:`BinanceError` when either fails)."""
+        await self._new_listen_key()
+        transport = await self._connect()
+        self._task = asyncio.ensure_future(self._run(transport))
+
+    async def _new_listen_key(self) -> None:
         answer = await self.rest.json("POST", "/api/v3/userDataStream", api_key=True)
         key = answer.get("listenKey") if isinstance(answer, dict) else None
         if not isinstance(key, str) or not _LISTEN_KEY.fullmatch(key):
@@ -244,8 +252,6 @@ class UserDataStream:
                                      f"{{\"listenKey\": \"<letters, digits, - or _>\"}}, got {str(answer)[:100]}",
                                      request="POST /api/v3/userDataStream")
         self.listen_key = key
-        transport = await self._connect()
-        self._task = asyncio.ensure_future(self._run(transport))
 
     async def _connect(self) -> Any:
         picows = self._picows
@@ -290,6 +296,14 @@ class UserDataStream:
                                                 api_key=True)
                     except BinanceError as exc:
                         logger.warning("Binance user data stream: keepalive failed: %s", exc)
+                        if exc.code == -1125:  # the key expired (or was closed): get a new one, reconnect on it
+                            try:
+                                await self._new_listen_key()
+                            except BinanceError as exc2:
+                                logger.warning("Binance user data stream: cannot get a new listen key: %s", exc2)
+                                continue
+                            self.renewed_keys += 1
+                            transport.disconnect()
             if self._stopping:
                 return
             while not self._stopping:

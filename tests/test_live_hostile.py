@@ -651,3 +651,27 @@ def test_an_expired_listen_key_is_renewed_and_reports_flow_again(tmp_path: Any) 
 
     stream, reports = run(main())
     assert stream.renewed_keys == 1 and reports[-1].X == "FILLED"
+
+
+def test_a_fragmented_message_past_the_size_limit_is_dropped_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(live_module, "_MAX_MESSAGE", 150)  # the real limit is 64 MiB: same code, small data
+    whole = TRADE % 5
+    assert len(whole) < 150
+
+    async def script(transport: Any, n: int) -> None:
+        text(transport, "x" * 60, fin=False)
+        text(transport, "x" * 60, fin=False, cont=True)
+        text(transport, "x" * 60, fin=False, cont=True)  # past 150 bytes: the message is dropped ...
+        text(transport, "x" * 60, cont=True)  # ... with its remaining fragments
+        text(transport, whole[:50], fin=False)
+        text(transport, whole[50:], cont=True)  # the next message is whole again
+        await asyncio.sleep(HANG)
+
+    async def main() -> tuple[BinanceLiveFeed, list[bytes]]:
+        async with Hostile(script, [("GET", "/api/v3/depth", _snapshot_1)]) as h:
+            feed = BinanceLiveFeed(["BTCUSDT"], ws_url=h.ws_url, rest_url=h.rest_url)
+            return feed, await read_until(feed, lambda lines: len(lines) >= 1, "the trade")
+
+    feed, lines = run(main())
+    assert feed.ignored_frames == 1 and feed.messages == 1
+    assert len(lines) == 1 and lines[0].endswith(whole.encode())

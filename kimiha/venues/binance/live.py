@@ -117,6 +117,7 @@ def _one_line(payload: bytes) -> bytes:
     pretty-printing proxy would otherwise split it into several bad lines of a recording)."""
     return payload.translate(_NO_LINE_BREAKS)
 
+
 #: The largest websocket frame or fragmented message taken (Binance's largest, a 5000-level depth, is < 1 MiB).
 _MAX_MESSAGE = 64 << 20
 
@@ -149,8 +150,7 @@ class _ListenerMixin:
         feed = self.feed
         if msg_type is feed._TEXT or msg_type is feed._CONTINUATION:
             ts = time.time_ns()
-            continuing = self._continuing
-            if msg_type is feed._CONTINUATION and not continuing:
+            if msg_type is feed._CONTINUATION and not self._continuing:
                 feed._ignore("a continuation frame without a message to continue")
                 return
             self._continuing = not frame.fin

@@ -549,7 +549,8 @@ def _summary(pipelines: list[_Pipeline], feed: BinanceLiveFeed, split: _SymbolSp
         "feed": feed.stats(),
         "executor": "paper" if isinstance(pipelines[0].execution, PaperExecutorTask) else "binance",
         "record": None if recorder is None else {"paths": [str(p) for p in recorder.paths],
-                                                 "lines": recorder.lines},
+                                                 "lines": recorder.lines, "lines_lost": recorder.lines_lost,
+                                                 "error": recorder.error},
         "wall_time_s": round(elapsed, 3),
         "messages_per_s": round(feed.lines_out / elapsed, 1) if elapsed else 0.0,
     }
@@ -591,6 +592,8 @@ def format_live_summary(s: dict[str, Any]) -> str:
         out.append("  tick-to-trade: no order was sent")
     if s["record"]:
         out.append(f"  recorded {s['record']['lines']:,} lines to {', '.join(s['record']['paths'])}")
+        if s["record"]["error"]:
+            out.append(f"  RECORDING STOPPED: {s['record']['error']}; {s['record']['lines_lost']:,} lines not recorded")
     out.append(f"  wall time {s['wall_time_s']:.3f} s, {s['messages_per_s']:,.0f} messages/s")
     out.append(f"  {'channel':<15} {'published':>10} {'delivered':>10} {'lagged':>7} {'blocked':>8} "
                f"{'p50 us':>8} {'p99 us':>9} {'max us':>10}")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -39,7 +38,8 @@ import msgspec
 
 from kimiha.error import InvalidConfigurationError
 from kimiha.venues.binance.recorder import TapeRecorder
-from kimiha.venues.binance.rest import BinanceError, BinanceRateLimited, BinanceRest, BinanceUnavailable
+from kimiha.venues.binance.rest import (BinanceError, BinanceRateLimited, BinanceRest, BinanceUnavailable,
+                                        backoff_delay)
 
 __all__ = [
     "MAINNET_REST_URL",
@@ -77,6 +77,7 @@ class _DepthIds(msgspec.Struct):
 
 
 class _DepthEnvelope(msgspec.Struct):
+    stream: str
     data: _DepthIds
 
 
@@ -107,6 +108,18 @@ class _SymbolState:
 
 
 _LISTENER: Any = None
+_NO_LINE_BREAKS = bytes.maketrans(b"\r\n", b"  ")
+
+
+def _one_line(payload: bytes) -> bytes:
+    """Return ``payload`` with its CR and LF bytes made spaces: JSON allows them only as whitespace between
+    tokens (never raw inside a string), so the message means the same and stays one line of the tape (a
+    pretty-printing proxy would otherwise split it into several bad lines of a recording)."""
+    return payload.translate(_NO_LINE_BREAKS)
+
+
+#: The largest websocket frame or fragmented message taken (Binance's largest, a 5000-level depth, is < 1 MiB).
+_MAX_MESSAGE = 64 << 20
 
 
 def _listener_class() -> Any:
@@ -125,6 +138,9 @@ class _ListenerMixin:
     def __init__(self, feed: BinanceLiveFeed) -> None:
         self.feed = feed
         self._parts: list[bytes] = []
+        self._parts_size = 0
+        self._continuing = False  # a fragmented message is under way
+        self._skipping = False  # ... and it is being dropped (oversized)
 
     def on_ws_connected(self, transport: Any) -> None:
         pass
@@ -134,14 +150,30 @@ class _ListenerMixin:
         feed = self.feed
         if msg_type is feed._TEXT or msg_type is feed._CONTINUATION:
             ts = time.time_ns()
-            if not frame.fin:  # a fragmented message (Binance does not fragment; a proxy may)
-                self._parts.append(frame.get_payload_as_bytes())
+            if msg_type is feed._CONTINUATION and not self._continuing:
+                feed._ignore("a continuation frame without a message to continue")
+                return
+            self._continuing = not frame.fin
+            if self._skipping:  # the rest of an oversized fragmented message
+                self._skipping = not frame.fin
                 return
             payload = frame.get_payload_as_bytes()
+            size = self._parts_size + len(payload)
+            if size > _MAX_MESSAGE:  # fragments past the frame limit: not held in memory
+                feed._ignore(f"a fragmented message of more than {_MAX_MESSAGE} bytes")
+                self._parts.clear()
+                self._parts_size = 0
+                self._skipping = not frame.fin
+                return
+            if not frame.fin:  # a fragmented message (Binance does not fragment; a proxy may)
+                self._parts.append(payload)
+                self._parts_size = size
+                return
             if self._parts:
                 self._parts.append(payload)
                 payload = b"".join(self._parts)
                 self._parts.clear()
+                self._parts_size = 0
             feed._on_message(ts, payload)
         elif msg_type is feed._CLOSE:
             feed.closed_by_server += 1
@@ -151,6 +183,8 @@ class _ListenerMixin:
         elif msg_type is feed._PING:
             feed.pings += 1  # picows answers it (enable_auto_pong)
             feed._last_frame = time.monotonic()
+        elif msg_type is not feed._PONG:
+            feed._ignore(f"a {msg_type.name} frame (Binance sends text)")
 
 
 
@@ -196,6 +230,9 @@ class BinanceLiveFeed:
         because they were older than the first buffered diff.
     lines_out : int
         Lines handed to the consumer.
+    ignored_frames : int
+        Frames that carry no line: binary ones, a continuation with nothing to continue, a fragmented message
+        past the 64 MiB limit (logged the first time).
     """
 
     def __init__(self, symbols: Sequence[str], *, ws_url: str = MAINNET_WS_URL, rest_url: str = MAINNET_REST_URL,
@@ -218,6 +255,7 @@ class BinanceLiveFeed:
         self._CONTINUATION = picows.WSMsgType.CONTINUATION
         self._CLOSE = picows.WSMsgType.CLOSE
         self._PING = picows.WSMsgType.PING
+        self._PONG = picows.WSMsgType.PONG
         self.symbols = [s.upper() for s in symbols]
         self.ws_url = ws_url.rstrip("/")
         self.rest_url = rest_url.rstrip("/")
@@ -259,6 +297,7 @@ class BinanceLiveFeed:
         self.pings = 0
         self.refetches = 0
         self.lines_out = 0
+        self.ignored_frames = 0
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -279,7 +318,7 @@ class BinanceLiveFeed:
             transport, _ = await asyncio.wait_for(
                 self._picows.ws_connect(lambda: _listener_class()(self), self.url, enable_auto_pong=True,
                                         websocket_handshake_timeout=self.connect_timeout,
-                                        max_frame_size=64 << 20),
+                                        max_frame_size=_MAX_MESSAGE),
                 self.connect_timeout + 1.0)
         except (OSError, asyncio.TimeoutError, self._picows.WSError) as exc:
             raise BinanceUnavailable(f"Binance combined stream {self.ws_url}: cannot connect: "
@@ -300,9 +339,8 @@ class BinanceLiveFeed:
             if time.monotonic() - connected_at > 10.0:
                 attempt = 0  # it had been up: start the backoff again from the bottom
             while not self._stopping:
-                delay = min(self.backoff_max, self.backoff_initial * 2 ** attempt) * random.uniform(0.5, 1.0)
                 attempt += 1
-                await asyncio.sleep(delay)
+                await asyncio.sleep(self._backoff(attempt))
                 try:
                     transport = await self._connect()
                 except BinanceUnavailable as exc:
@@ -339,7 +377,9 @@ class BinanceLiveFeed:
                 logger.warning("Binance combined stream: the server closed the connection (%s)", self._last_close)
                 self._last_close = ""
             elif not self._stopping and done.done():
-                logger.warning("Binance combined stream: the connection was lost (no close frame)")
+                why = done.exception() if not done.cancelled() else None
+                logger.warning("Binance combined stream: the connection was lost (%s)",
+                               f"{type(why).__name__}: {why}" if why is not None else "no close frame")
         finally:
             if not done.done():
                 try:
@@ -367,6 +407,12 @@ class BinanceLiveFeed:
         self._wake()
 
     # ------------------------------------------------------------------ receiving
+    def _ignore(self, what: str) -> None:
+        """Count a frame that carries no line (binary, stray continuation, oversized); say it once."""
+        self.ignored_frames += 1
+        if self.ignored_frames == 1:
+            logger.warning("Binance combined stream %s: ignored %s (counted in ignored_frames)", self.ws_url, what)
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -380,6 +426,8 @@ class BinanceLiveFeed:
     def _on_message(self, ts: int, payload: bytes) -> None:
         self.messages += 1
         self._last_frame = time.monotonic()
+        if b"\n" in payload or b"\r" in payload:
+            payload = _one_line(payload)
         depth = b"@depth" in payload[:64]
         if len(self._queue) >= self.max_queue:
             self.dropped += 1  # a dropped diff is not seen by the checks below: the next one is a gap
@@ -389,14 +437,15 @@ class BinanceLiveFeed:
             self._push(line)
             return
         try:
-            ids = _DEPTH_IDS.decode(payload).data
+            envelope = _DEPTH_IDS.decode(payload)
         except msgspec.DecodeError:
             self._push(line)  # the parser downstream reports it as a bad line
             return
+        ids = envelope.data
         state = self._states.get(ids.s)
         self._push(line)
-        if state is None:
-            return
+        if state is None or ids.U > ids.u or not envelope.stream.startswith(ids.s.lower()):
+            return  # not a diff of ours, or one the parser rejects (so the book never sees it either)
         self._last_depth_symbol = ids.s
         self._check_sequence(state, ids.U, ids.u)
         if state.parked is not None:
@@ -456,12 +505,15 @@ class BinanceLiveFeed:
                     body, ts = await self.rest.depth(st.symbol, self.depth_limit)
                     last = _SNAPSHOT_ID.decode(body).lastUpdateId
                 except BinanceRateLimited as exc:
-                    logger.warning("Binance %s snapshot: %s; waiting %.1f s", st.symbol, exc, exc.retry_after)
-                    await asyncio.sleep(exc.retry_after)
+                    # At least the backoff: a server saying "Retry-After: 0" to every request is not hammered.
+                    attempt += 1
+                    delay = max(exc.retry_after, self._backoff(attempt))
+                    logger.warning("Binance %s snapshot: %s; waiting %.1f s", st.symbol, exc, delay)
+                    await asyncio.sleep(delay)
                     continue
                 except (BinanceError, msgspec.DecodeError) as exc:
                     attempt += 1
-                    delay = min(self.backoff_max, self.backoff_initial * 2 ** attempt) * random.uniform(0.5, 1.0)
+                    delay = self._backoff(attempt)
                     logger.warning("Binance %s snapshot failed (%s); retrying in %.2f s", st.symbol, exc, delay)
                     await asyncio.sleep(delay)
                     continue
@@ -469,11 +521,19 @@ class BinanceLiveFeed:
                     return
                 assert st.first_u is not None
                 if last < st.first_u - 1:
-                    # Older than the first diff we hold: the diffs in between were never received.
+                    # Older than the first diff we hold: the diffs in between were never received. Binance's
+                    # snapshot catches up within a request or two; one that never does is asked again with the
+                    # backoff (never a hot loop on the REST weight), and said once per gap.
                     self.refetches += 1
-                    await asyncio.sleep(0.05)
+                    attempt += 1
+                    delay = self._backoff(attempt)
+                    if attempt == 1 or attempt % 20 == 0:
+                        logger.warning("Binance %s snapshot: lastUpdateId %d is older than the first buffered "
+                                       "diff (U=%d); fetching it again in %.2f s (attempt %d)", st.symbol, last,
+                                       st.first_u, delay, attempt)
+                    await asyncio.sleep(delay)
                     continue
-                line = b"%d %b" % (ts, body.strip())
+                line = b"%d %b" % (ts, _one_line(body.strip()))
                 if self._last_depth_symbol == st.symbol or len(self.symbols) == 1:
                     self._insert_snapshot(st, line, last)
                 else:
@@ -483,6 +543,11 @@ class BinanceLiveFeed:
                 return
         finally:
             st.fetching = False
+
+    def _backoff(self, attempt: int) -> float:
+        """Return the jittered delay before retry number ``attempt`` (1, 2 ...): ``backoff_initial`` doubled
+        each time, capped at ``backoff_max``, times a random factor in [0.5, 1)."""
+        return backoff_delay(attempt, self.backoff_initial, self.backoff_max)
 
     def _insert_snapshot(self, st: _SymbolState, line: bytes, last: int | None = None) -> None:
         if last is None:
@@ -528,7 +593,8 @@ class BinanceLiveFeed:
                 "snapshots": self.snapshots, "resyncs": self.resyncs, "gaps": self.gaps,
                 "reconnects": self.reconnects, "silent_reconnects": self.silent_reconnects,
                 "age_reconnects": self.age_reconnects, "closed_by_server": self.closed_by_server,
-                "pings": self.pings, "refetches": self.refetches, "dropped": self.dropped}
+                "pings": self.pings, "refetches": self.refetches, "dropped": self.dropped,
+                "ignored_frames": self.ignored_frames}
 
     def __repr__(self) -> str:
         return f"BinanceLiveFeed({self.symbols}, {self.ws_url!r}, messages={self.messages}, resyncs={self.resyncs})"

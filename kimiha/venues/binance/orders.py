@@ -20,9 +20,10 @@ executor's defaults are the spot testnet's URLs.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
-import random
+import re
 import secrets
 import time
 import urllib.parse
@@ -39,7 +40,8 @@ from kimiha.trading.model import Fill, Liquidity, Order, OrderType, Side
 from kimiha.trading.paper import PaperExecutor
 from kimiha.trading.tasks import TradingEvent
 from kimiha.types import Executor
-from kimiha.venues.binance.rest import BinanceError, BinanceRest, BinanceUnavailable
+from kimiha.venues.binance.rest import (BinanceError, BinanceRest, BinanceUnavailable, BinanceUnknownOrder,
+                                        backoff_delay)
 
 __all__ = [
     "MAINNET_HOSTS",
@@ -59,22 +61,50 @@ MAINNET_HOSTS = frozenset({
     "data-api.binance.vision", "binance.com", "www.binance.com",
 })
 
+_LISTEN_KEY = re.compile(r"[A-Za-z0-9_-]{1,256}")  # it becomes a URL path segment: nothing else is taken
 _FINAL = frozenset({"FILLED", "CANCELED", "EXPIRED", "REJECTED", "EXPIRED_IN_MATCH"})
+
+
+def _canonical_host(url: str) -> str:
+    """Return the host of ``url`` as a resolver sees it: IDNA-mapped (fullwidth letters and dots folded), lower
+    case, without the trailing dot of a fully qualified name."""
+    host = urllib.parse.urlsplit(url.strip()).hostname or ""
+    try:
+        host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        pass  # not a name a resolver takes either; compared as it is
+    return host.lower().rstrip(".")
+
+
+def _is_mainnet_host(host: str) -> bool:
+    if host in MAINNET_HOSTS or host == "binance.com" or host.endswith(".binance.com"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    # An address literal cannot be told apart from a production host without a DNS lookup: only loopback and
+    # private addresses (a local exchange, a proxy on this network) pass without --mainnet.
+    return not (address.is_loopback or address.is_private)
 
 
 def check_order_url(url: str, *, mainnet: bool, what: str = "--rest-url") -> None:
     """Refuse an order URL on Binance's production hosts unless ``mainnet`` is True.
+
+    Production means any ``binance.com`` host (and the others of :data:`MAINNET_HOSTS`), however it is
+    spelled (case, a trailing dot, a ``user@`` part, IDNA look-alikes), and any public IP address literal
+    (which cannot be told apart from a production host without resolving its name).
 
     Raises
     ------
     InvalidConfigurationError
         Naming the option and the host.
     """
-    host = (urllib.parse.urlsplit(url).hostname or "").lower()
-    if host in MAINNET_HOSTS and not mainnet:
+    host = _canonical_host(url)
+    if _is_mainnet_host(host) and not mainnet:
         raise InvalidConfigurationError(
-            f"{what} {url}: {host} is Binance's production exchange, where orders trade real money; the "
-            f"Binance executor refuses it unless --mainnet is given (its default is the spot testnet)")
+            f"{what}: {host} is (or may be) Binance's production exchange, where orders trade real money; "
+            f"the Binance executor refuses it unless --mainnet is given (its default is the spot testnet)")
 
 
 class ExecutionReport(msgspec.Struct):
@@ -99,6 +129,7 @@ class ExecutionReport(msgspec.Struct):
     m: bool = False  # maker
     Z: float = 0.0  # cumulative quote quantity
     r: str = "NONE"  # reject reason
+    t: int = -1  # trade id (-1 for reports that are not trades)
 
 
 _REPORT = msgspec.json.Decoder(ExecutionReport, strict=False)
@@ -183,7 +214,9 @@ class _UserListener:
 
 class UserDataStream:
     """Binance's user data stream: a listen key and its websocket, calling ``on_report`` for each
-    ``executionReport`` (other events are counted and ignored)."""
+    ``executionReport`` (other events are counted and ignored). The key is kept alive every ``keepalive_s``;
+    when the server says it no longer exists (``-1125``: expired, closed) a new one is taken and the socket
+    reconnected on it (counted in ``renewed_keys``)."""
 
     def __init__(self, rest: BinanceRest, ws_url: str, on_report: Any, *, keepalive_s: float = 1800.0,
                  connect_timeout: float = 10.0) -> None:
@@ -200,16 +233,25 @@ class UserDataStream:
         self.other_events = 0
         self.bad_events = 0
         self.reconnects = 0
+        self.renewed_keys = 0
         self._transport: Any = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
     async def start(self) -> None:
         """Get a listen key and connect (raises :class:`BinanceError` when either fails)."""
-        answer = await self.rest.json("POST", "/api/v3/userDataStream", api_key=True)
-        self.listen_key = str(answer["listenKey"])
+        await self._new_listen_key()
         transport = await self._connect()
         self._task = asyncio.ensure_future(self._run(transport))
+
+    async def _new_listen_key(self) -> None:
+        answer = await self.rest.json("POST", "/api/v3/userDataStream", api_key=True)
+        key = answer.get("listenKey") if isinstance(answer, dict) else None
+        if not isinstance(key, str) or not _LISTEN_KEY.fullmatch(key):
+            raise BinanceUnavailable(f"Binance POST /api/v3/userDataStream at {self.rest.base_url}: expected "
+                                     f"{{\"listenKey\": \"<letters, digits, - or _>\"}}, got {str(answer)[:100]}",
+                                     request="POST /api/v3/userDataStream")
+        self.listen_key = key
 
     async def _connect(self) -> Any:
         picows = self._picows
@@ -254,11 +296,19 @@ class UserDataStream:
                                                 api_key=True)
                     except BinanceError as exc:
                         logger.warning("Binance user data stream: keepalive failed: %s", exc)
+                        if exc.code == -1125:  # the key expired (or was closed): get a new one, reconnect on it
+                            try:
+                                await self._new_listen_key()
+                            except BinanceError as exc2:
+                                logger.warning("Binance user data stream: cannot get a new listen key: %s", exc2)
+                                continue
+                            self.renewed_keys += 1
+                            transport.disconnect()
             if self._stopping:
                 return
             while not self._stopping:
                 attempt += 1
-                await asyncio.sleep(min(30.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0))
+                await asyncio.sleep(backoff_delay(attempt, 0.1, 30.0))
                 try:
                     transport = await self._connect()
                 except BinanceError as exc:
@@ -279,7 +329,7 @@ class UserDataStream:
 
 
 class _Working:
-    __slots__ = ("fee", "levels", "maker", "order", "quote_qty", "reports", "filled")
+    __slots__ = ("fee", "levels", "maker", "order", "quote_qty", "reports", "filled", "trade_ids")
 
     def __init__(self, order: Order) -> None:
         self.order = order
@@ -289,6 +339,7 @@ class _Working:
         self.levels = 0
         self.maker = True
         self.reports: list[str] = []
+        self.trade_ids: set[int] = set()
 
 
 class BinanceExecutorTask(Executor):
@@ -317,6 +368,13 @@ class BinanceExecutorTask(Executor):
         Receive time of the deciding market data -> the order's signed request handed to the HTTP client, ns.
     sent, acked, rejected, reports : int
         Orders sent, answered 2xx, refused (by the server or before sending), execution reports received.
+    foreign_reports, duplicate_reports, overfills : int
+        Reports of orders this executor does not know (another client's, or after their final report), trade
+        reports received again (the same trade id; counted once in the fill), trades that took an order past
+        its quantity (booked as the server reports them). Each is logged the first time.
+    unanswered : int
+        New orders that got no answer (a timeout): the server is asked by client id whether it has them; if
+        it has, its execution reports settle them as usual, otherwise they are refused.
     errors : list of str
         The first refusals' messages.
     """
@@ -341,6 +399,9 @@ class BinanceExecutorTask(Executor):
         self.rejected = 0
         self.reports = 0
         self.foreign_reports = 0
+        self.duplicate_reports = 0
+        self.overfills = 0
+        self.unanswered = 0
         self.errors: list[str] = []
         self.history: list[tuple[str, str, str]] = []  # (client order id, execution type, status), in order
         self._prefix = f"k{secrets.token_hex(3)}-"
@@ -385,10 +446,40 @@ class BinanceExecutorTask(Executor):
                                         "LIMIT" if limit else "MARKET", order.qty, price=order.price,
                                         time_in_force=self.time_in_force if limit else None, client_order_id=cid,
                                         on_send=sending)
+        except BinanceUnavailable as exc:
+            if exc.status is None:  # no answer at all: the order may be on the book all the same
+                await self._unanswered(cid, symbol, order, str(exc))
+            else:
+                self._refused(cid, order, str(exc))
+            return
         except BinanceError as exc:
             self._refused(cid, order, str(exc))
             return
         self.acked += 1
+
+    async def _unanswered(self, cid: str, symbol: str, order: Order, message: str) -> None:
+        """A new order got no answer (timeout, dropped connection): ask the server whether it has it, by its
+        client id. Known: its execution reports settle it as usual. Unknown: refused. No answer to the
+        queries either: kept as working (counted in ``unanswered``; :meth:`shutdown` names what is left)."""
+        self.unanswered += 1
+        logger.warning("%s: order %s: %s; asking the server whether it took the order", self.name, order.order_id,
+                       message)
+        for attempt in range(1, 4):
+            if cid not in self._working:
+                return  # its final execution report arrived meanwhile
+            try:
+                await self.client.query_order(symbol, client_order_id=cid)
+            except BinanceUnknownOrder:
+                self._refused(cid, order, message)
+                return
+            except BinanceError as exc:
+                message = str(exc)
+                await asyncio.sleep(backoff_delay(attempt, 0.2, 2.0))
+                continue
+            self.acked += 1
+            return
+        logger.warning("%s: order %s: still no answer (%s); kept as working until an execution report settles it",
+                       self.name, order.order_id, message)
 
     def _refused(self, cid: str, order: Order, message: str) -> None:
         self.rejected += 1
@@ -406,7 +497,26 @@ class BinanceExecutorTask(Executor):
         work = self._working.get(r.c)
         if work is None:
             self.foreign_reports += 1
+            if self.foreign_reports == 1:
+                logger.warning("%s: an executionReport for an order it does not know (client id %r, %s %s); "
+                               "ignored (counted in foreign_reports)", self.name, r.c, r.x, r.X)
             return
+        if r.x == "TRADE" and r.l > 0:
+            # A trade is counted once: by its id, or (a server that sends no ids) by the cumulative quantity.
+            seen = r.t in work.trade_ids if r.t >= 0 else r.z <= work.filled
+            if seen:
+                self.duplicate_reports += 1
+                if self.duplicate_reports == 1:
+                    logger.warning("%s: order %s: trade %d (cumulative %g) reported again; counted once",
+                                   self.name, r.c, r.t, r.z)
+                return
+            if r.t >= 0:
+                work.trade_ids.add(r.t)
+            if work.filled + r.l > work.order.qty * (1 + 1e-9):
+                self.overfills += 1
+                if self.overfills == 1:
+                    logger.warning("%s: order %s: trades of %g take it past its quantity %g; booked as the server "
+                                   "reports them", self.name, r.c, work.filled + r.l, work.order.qty)
         self.history.append((r.c, r.x, r.X))
         work.reports.append(r.x)
         if r.x == "TRADE" and r.l > 0:

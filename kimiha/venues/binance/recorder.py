@@ -68,6 +68,12 @@ class TapeRecorder:
         Lines recorded and their size (uncompressed, newlines included).
     paths : list of Path
         Files written so far, in order.
+    lines_lost : int
+        Lines not recorded because writing failed (a full disk, a vanished directory).
+    error : str
+        Why writing failed ("" while it works). A failure does not raise into the live feed: the recording
+        stops there (what was written before stays readable), the failure is logged once, and every line
+        after it is counted in ``lines_lost``.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, rotate_bytes: int | None = 256 << 20,
@@ -103,6 +109,8 @@ class TapeRecorder:
         self._file_bytes = 0
         self._opened_at = 0.0
         self._closed = False
+        self.lines_lost = 0
+        self.error = ""
         self._open_next()  # fail now (a directory that does not exist, no permission), not at the first line
 
     def _open_next(self) -> None:
@@ -116,6 +124,9 @@ class TapeRecorder:
         """Record one line (without its newline)."""
         if self._closed:
             raise InvalidConfigurationError(f"TapeRecorder {str(self.path)!r}: write after close")
+        if self.error:
+            self.lines_lost += 1
+            return
         pending = self._pending
         if not pending:
             self._first_pending = self._clock()
@@ -126,8 +137,29 @@ class TapeRecorder:
     def flush(self) -> None:
         """Compress and write the buffered lines (rotating first when the current file is full or old)."""
         pending = self._pending
-        if not pending or self._file is None:
+        if not pending or self._file is None or self.error:
             return
+        try:
+            self._write_pending()
+        except OSError as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        self.error = f"{exc.strerror or exc} ({rotated_path(self.path, len(self.paths) - 1)})"
+        self.lines_lost += len(self._pending)
+        self._pending.clear()
+        logger.error("TapeRecorder %s: cannot write: %s; the recording stops here (%d lines recorded before; the "
+                     "next ones are counted in lines_lost)", str(self.path), self.error, self.lines)
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()  # ends the gzip member if it can, so the lines before stay readable
+            except OSError:
+                pass
+
+    def _write_pending(self) -> None:
+        pending = self._pending
+        assert self._file is not None
         if ((self.rotate_bytes is not None and self._file_bytes >= self.rotate_bytes)
                 or (self.rotate_seconds is not None and self._clock() - self._opened_at >= self.rotate_seconds)):
             if self._file_bytes:
@@ -149,8 +181,12 @@ class TapeRecorder:
         finally:
             self._closed = True
             if self._file is not None:
-                self._file.close()
+                try:
+                    self._file.close()
+                except OSError as exc:
+                    self._failed(exc)
                 self._file = None
 
     def __repr__(self) -> str:
-        return f"TapeRecorder({str(self.path)!r}, files={len(self.paths)}, lines={self.lines})"
+        lost = f", lines_lost={self.lines_lost}, error={self.error!r}" if self.error else ""
+        return f"TapeRecorder({str(self.path)!r}, files={len(self.paths)}, lines={self.lines}{lost})"

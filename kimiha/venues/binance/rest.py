@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -40,6 +42,7 @@ __all__ = [
     "BinanceTimestampError",
     "BinanceUnavailable",
     "BinanceUnknownOrder",
+    "backoff_delay",
     "error_from_answer",
 ]
 
@@ -164,12 +167,35 @@ def error_from_answer(status: int, body: bytes, request: str) -> BinanceError:
     return BinanceError(head, **kw)
 
 
+def backoff_delay(attempt: int, initial: float, cap: float) -> float:
+    """Return the jittered delay before retry number ``attempt`` (1, 2 ...): ``initial`` doubled each time,
+    capped at ``cap``, times a random factor in [0.5, 1) so that many clients do not come back together.
+    Any ``attempt`` works (a days-long outage does not overflow the doubling)."""
+    return min(cap, initial * 2.0 ** min(max(attempt - 1, 0), 60)) * random.uniform(0.5, 1.0)
+
+
+#: The longest wait a ``Retry-After`` can ask for (Binance's longest IP ban is 3 days); more is a broken server.
+MAX_RETRY_AFTER = 3 * 86400.0
+
+
 def _retry_after(headers: Any, default: float) -> float:
+    """Return the ``Retry-After`` seconds of an answer: ``default`` when it is missing or not a finite number,
+    0 for a negative one, at most :data:`MAX_RETRY_AFTER`."""
     value = headers.get("Retry-After")
     try:
-        return max(float(value), 0.0) if value is not None else default
+        seconds = float(value) if value is not None else default
     except ValueError:
         return default
+    if not math.isfinite(seconds):
+        return default
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def _used_weight(value: str | None) -> int | None:
+    """Return the ``X-MBX-USED-WEIGHT-1M`` header's value, None when it is missing or not a plain integer."""
+    if value is None or not (value.isascii() and value.isdigit()):
+        return None
+    return int(value)
 
 
 class BinanceRest:
@@ -187,6 +213,9 @@ class BinanceRest:
         Seconds for one request (connect + answer).
     max_retries : int, default 3
         ``429`` answers retried (after ``Retry-After``) before :class:`BinanceRateLimited` is raised.
+    max_retry_wait : float, default 60.0
+        The longest ``Retry-After`` of a ``429`` that :meth:`request` waits out itself; a longer one raises
+        :class:`BinanceRateLimited` at once (with its ``retry_after``) so the caller decides.
     weight_limit : int, default 6000
         Request weight per minute (Binance spot's ``REQUEST_WEIGHT`` limit); requests wait for the next
         minute once ``X-MBX-USED-WEIGHT-1M`` reaches 95 % of it.
@@ -202,7 +231,8 @@ class BinanceRest:
     """
 
     def __init__(self, base_url: str, *, signer: Signer | None = None, recv_window_ms: int = 5000,
-                 timeout: float = 10.0, max_retries: int = 3, weight_limit: int = 6000) -> None:
+                 timeout: float = 10.0, max_retries: int = 3, weight_limit: int = 6000,
+                 max_retry_wait: float = 60.0) -> None:
         import aiohttp  # the live extra
 
         self._aiohttp = aiohttp
@@ -211,6 +241,7 @@ class BinanceRest:
         self.recv_window_ms = recv_window_ms
         self.timeout = timeout
         self.max_retries = max_retries
+        self.max_retry_wait = max_retry_wait
         self.weight_limit = weight_limit
         self.used_weight = 0
         self.time_offset_ms = 0
@@ -289,32 +320,42 @@ class BinanceRest:
             if on_send is not None:
                 on_send()
             try:
-                async with session.request(method, url, headers=headers) as resp:
+                # Never follow a redirect: it could lead off this host with the API key header and a signature.
+                async with session.request(method, url, headers=headers, allow_redirects=False) as resp:
                     body = await resp.read()
                     recv_ts = time.time_ns()
                     status = resp.status
-                    weight = resp.headers.get("X-MBX-USED-WEIGHT-1M")
+                    weight = _used_weight(resp.headers.get("X-MBX-USED-WEIGHT-1M"))
                     retry_after = _retry_after(resp.headers, 1.0)
+                    location = resp.headers.get("Location", "")
             except asyncio.TimeoutError:
                 raise BinanceUnavailable(f"Binance {what} at {self.base_url}: no answer within {self.timeout:g} s",
                                          request=what) from None
             except self._aiohttp.ClientError as exc:
                 raise BinanceUnavailable(f"Binance {what} at {self.base_url}: cannot connect: {exc}",
                                          request=what) from None
-            if weight is not None and weight.isdigit():
-                self.used_weight = int(weight)
+            if weight is not None:
+                self.used_weight = weight
                 self._weight_minute = int(time.time() // 60)
             if status < 300:
                 return body, recv_ts
+            if status < 400:
+                where = urllib.parse.urlsplit(location)
+                raise BinanceUnavailable(f"Binance {what} at {self.base_url}: HTTP {status}, a redirect to "
+                                         f"{where.scheme}://{where.hostname or '?'}{where.path}; a Binance API does "
+                                         f"not redirect, so it was not followed (point the URL at the API itself)",
+                                         status=status, request=what)
             if status == 418:
                 raise BinanceRateLimited(f"Binance {what}: HTTP 418, this IP is banned for {retry_after:g} s "
                                          f"for ignoring 429 answers", retry_after=retry_after, banned=True,
                                          status=status, request=what)
             if status == 429:
-                if attempt >= self.max_retries:
-                    raise BinanceRateLimited(f"Binance {what}: HTTP 429 (too many requests) {attempt + 1} times; "
-                                             f"gave up", retry_after=retry_after, banned=False, status=status,
-                                             request=what)
+                if attempt >= self.max_retries or retry_after > self.max_retry_wait:
+                    why = (f"{attempt + 1} times; gave up" if attempt >= self.max_retries else
+                           f"with Retry-After {retry_after:g} s, longer than max_retry_wait "
+                           f"{self.max_retry_wait:g} s; not waited here")
+                    raise BinanceRateLimited(f"Binance {what}: HTTP 429 (too many requests) {why}",
+                                             retry_after=retry_after, banned=False, status=status, request=what)
                 attempt += 1
                 self.retried_429 += 1
                 logger.warning("Binance %s: HTTP 429 (too many requests); waiting Retry-After %.1f s", what,

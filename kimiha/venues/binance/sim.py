@@ -206,6 +206,7 @@ class LocalExchange:
         self._pinger: asyncio.Task[None] | None = None
         self._closing = False
         self._order_ids = itertools.count(1)
+        self._trade_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.orders: dict[int, SimOrder] = {}
         self._resting: list[SimOrder] = []
@@ -719,11 +720,12 @@ class LocalExchange:
     def _report(self, o: SimOrder, exec_type: str, *, last_qty: float = 0.0, last_px: float = 0.0,
                 fee: float = 0.0, maker: bool = False) -> None:
         now = time.time_ns() // 1_000_000
+        trade_id = next(self._trade_ids) if exec_type == "TRADE" else -1
         event = {"e": "executionReport", "E": now, "s": o.symbol, "c": o.client_order_id, "S": o.side,
                  "o": o.type, "f": o.time_in_force or "GTC", "q": _fmt(o.qty), "p": _fmt(o.price), "P": "0.0",
                  "F": "0.0", "g": -1, "C": "", "x": exec_type, "X": o.status, "r": "NONE", "i": o.order_id,
                  "l": _fmt(last_qty), "z": _fmt(o.executed), "L": _fmt(last_px), "n": _fmt(fee), "N": "USDT",
-                 "T": now, "t": -1, "w": o.status in ("NEW", "PARTIALLY_FILLED"), "m": maker, "M": False,
+                 "T": now, "t": trade_id, "w": o.status in ("NEW", "PARTIALLY_FILLED"), "m": maker, "M": False,
                  "O": o.created_ms, "Z": _fmt(o.quote_qty), "Y": _fmt(last_px * last_qty), "Q": "0.0"}
         text = msgspec.json.encode(event).decode()
         for ws in list(self._user_clients.get(o.api_key, ())):

@@ -336,9 +336,13 @@ class BinanceParser:
         except msgspec.DecodeError as exc:
             detail = "the envelope has no 'data'" if not envelope.data else str(exc)
             raise self._error(line, stream, f"a Binance {route.kind} payload in 'data'", detail) from None
-        self.counts[stream] += 1
         if route.decoder is _DEPTH_DECODER:
+            if message.first_update_id > message.final_update_id or not stream.startswith(message.symbol.lower()):
+                raise self._error(line, stream, f"a Binance {route.kind} payload in 'data'",
+                                  f"U <= u and the stream's own symbol, got U={message.first_update_id} "
+                                  f"u={message.final_update_id} s={_printable(message.symbol)}") from None
             self._depth_symbol = message.symbol
+        self.counts[stream] += 1
         return route.convert(message, recv_ts_ns)
 
     def _snapshot(self, line: bytes | str, body: bytes | str, recv_ts_ns: int) -> DepthSnapshot:

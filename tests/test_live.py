@@ -629,3 +629,69 @@ def test_sim_child_process_stops_by_itself_when_its_parent_lets_go(excerpt: Path
         return sim.proc.returncode
 
     assert run(main()) == 0
+
+
+# ------------------------------------------------------------------------- backlog at the stop (issue 15 review)
+def test_feed_records_each_line_on_arrival_and_counts_what_is_still_queued(tmp_path: Path) -> None:
+    async def main() -> tuple[dict[str, int], int]:
+        rec = TapeRecorder(tmp_path / "rec.gz")
+        feed = BinanceLiveFeed(["BTCUSDT"], ws_url="ws://127.0.0.1:1", rest_url="http://127.0.0.1:1", recorder=rec)
+        for i in range(3):  # three trades arrive; the consumer takes one before the stop
+            feed._on_message(i + 1, b'{"stream":"btcusdt@trade","data":{"e":"trade","t":%d}}' % i)
+        assert await feed.__anext__() == b'1 {"stream":"btcusdt@trade","data":{"e":"trade","t":0}}'
+        await feed.aclose()
+        return feed.stats(), feed.backlog
+
+    stats, backlog = run(main())
+    assert stats["lines_in"] == 3 and stats["lines_out"] == 1 and stats["queued"] == backlog == 2
+    assert stats["peak_backlog"] == 3
+    assert [line.partition(b" ")[0] for line in iter_lines(tmp_path / "rec.gz")] == [b"1", b"2", b"3"]
+
+
+def _gate_connector_until_the_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline takes nothing until the feed stops receiving: everything that arrived is a backlog then."""
+    import kimiha.apps.live as live_app
+
+    class Gated(BinanceConnector):
+        async def execute(self) -> None:
+            await until(lambda: self._source._stopping, "the stop", timeout=HANG)
+            await super().execute()
+
+    monkeypatch.setattr(live_app, "BinanceConnector", Gated)
+
+
+def test_backlog_at_the_stop_goes_through_the_pipeline_and_into_the_recording(
+        excerpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kimiha.apps.demo import run_demo
+    from kimiha.apps.live import format_live_summary, run_live
+
+    _gate_connector_until_the_stop(monkeypatch)
+    rec = tmp_path / "rec.gz"
+    s = run(run_live(["BTCUSDT"], sim=True, speed=40.0, record=str(rec), status=None, sim_recording=excerpt,
+                     duration=1.5, sim_process=False))
+    assert s["ended"] == "duration"
+    arrived = s["lines_arrived"]
+    assert arrived > 100 and s["feed"]["peak_backlog"] == arrived  # all of it was queued at the stop
+    assert s["lines_read"] == arrived and s["unprocessed_at_stop"] == 0 and s["all_processed"]
+    assert s["lines_read_accounted"] and s["drain_s"] is not None
+    assert "NOT PROCESSED" not in format_live_summary(s)
+    assert s["record"]["lines"] == arrived == len(list(iter_lines(rec)))
+    replay = run(run_demo([rec], progress=None))
+    assert replay["messages_by_stream"] == s["messages_by_stream"]
+    assert replay["book_check"]["compared"] == s["book_check"]["compared"] > 0
+
+
+def test_backlog_left_at_the_drain_deadline_is_counted_as_not_processed(
+        excerpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kimiha.apps.live import format_live_summary, run_live
+
+    _gate_connector_until_the_stop(monkeypatch)
+    rec = tmp_path / "rec.gz"
+    s = run(run_live(["BTCUSDT"], sim=True, speed=40.0, record=str(rec), status=None, sim_recording=excerpt,
+                     duration=1.5, sim_process=False, drain_timeout=0.0))
+    arrived = s["lines_arrived"]
+    assert s["drain_s"] is None and s["unprocessed_at_stop"] > 0 and not s["all_processed"]
+    assert s["lines_read"] + s["unprocessed_at_stop"] == arrived and s["lines_read_accounted"]
+    assert s["record"]["lines"] == arrived  # the recording holds what arrived, processed or not
+    text = format_live_summary(s)
+    assert f"NOT PROCESSED: {s['unprocessed_at_stop']:,} of {arrived:,}" in text

@@ -41,7 +41,7 @@ import msgspec
 
 from kimiha.trading.book import BookGap, OrderBook
 from kimiha.trading.model import DepthDiff, DepthSnapshot, Quote, Trade
-from kimiha.venues.binance.recording import RecordingPath, recorded_tape, replay_lines
+from kimiha.venues.binance.recording import RecordingPath, iter_lines, recorded_tape, replay_lines
 from kimiha.venues.binance.wire import BinanceParser, Envelope
 
 __all__ = ["LocalExchange", "SimAccount", "SimFaults", "SimOrder"]
@@ -224,6 +224,7 @@ class LocalExchange:
         self._snapshot_served = False
         self.depth_request_times: list[float] = []
         self.bad_signatures = 0
+        self._symbols: set[str] | None = None
         self.weight_used = 0
         self._weight_minute = 0
 
@@ -249,6 +250,7 @@ class LocalExchange:
         r.add_get("/api/v3/ping", self._ping)
         r.add_get("/api/v3/time", self._time)
         r.add_get("/api/v3/depth", self._depth)
+        r.add_get("/api/v3/exchangeInfo", self._exchange_info)
         r.add_post("/api/v3/order", self._new_order)
         r.add_delete("/api/v3/order", self._cancel_order)
         r.add_get("/api/v3/order", self._query_order)
@@ -444,6 +446,40 @@ class LocalExchange:
 
         return web.json_response({"serverTime": time.time_ns() // 1_000_000}, headers=self._weight(1))
 
+    #: Lines of the recording read to learn its symbols (a symbol that first appears later is not listed).
+    SYMBOL_SCAN_LINES = 20_000
+
+    @property
+    def symbols(self) -> set[str]:
+        """The symbols of the recording (upper case): those named in its first :attr:`SYMBOL_SCAN_LINES`
+        lines' streams. ``GET /api/v3/exchangeInfo`` and ``/api/v3/depth`` refuse others (``-1121``)."""
+        if self._symbols is None:
+            found = set()
+            for line in itertools.islice(iter_lines(self.recording), self.SYMBOL_SCAN_LINES):
+                at = line.find(b'{"stream":"')
+                if at >= 0:
+                    name = line[at + 11:line.find(b"@", at + 11)]
+                    found.add(name.decode("ascii", "replace").upper())
+            self._symbols = found
+        return self._symbols
+
+    async def _exchange_info(self, request: Any) -> Any:
+        from aiohttp import web
+
+        query = request.query
+        try:
+            wanted = ([query["symbol"]] if "symbol" in query else
+                      msgspec.json.decode(query["symbols"], type=list[str]) if "symbols" in query else
+                      sorted(self.symbols))
+        except msgspec.ValidationError:
+            return _error(-1100, "Illegal characters found in parameter 'symbols'.")
+        if any(s.upper() not in self.symbols for s in wanted):
+            return _error(-1121, "Invalid symbol.")
+        body = {"timezone": "UTC", "serverTime": time.time_ns() // 1_000_000,
+                "symbols": [{"symbol": s.upper(), "status": "TRADING"} for s in wanted]}
+        return web.Response(body=msgspec.json.encode(body), content_type="application/json",
+                            headers=self._weight(20))
+
     async def _depth(self, request: Any) -> Any:
         from aiohttp import web
 
@@ -468,6 +504,8 @@ class LocalExchange:
             return _error(-1102, "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed.")
         if not 1 <= limit <= 5000:
             return _error(-1100, "Illegal characters found in parameter 'limit'; legal range is 1..5000.")
+        if symbol not in self.symbols:
+            return _error(-1121, "Invalid symbol.")
         self._book(symbol)
         if self.start_on_connect and self._player is None:
             self._start_playing()

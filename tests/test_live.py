@@ -695,3 +695,93 @@ def test_backlog_left_at_the_drain_deadline_is_counted_as_not_processed(
     assert s["record"]["lines"] == arrived  # the recording holds what arrived, processed or not
     text = format_live_summary(s)
     assert f"NOT PROCESSED: {s['unprocessed_at_stop']:,} of {arrived:,}" in text
+
+
+def test_cli_wrong_secret_is_one_line_and_exit_1(capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import kimiha.venues.binance.signing as signing
+    from kimiha.apps.cli import main
+
+    real = signing.HmacSigner
+    monkeypatch.setattr(signing, "HmacSigner", lambda key, secret: real(key, "not-the-secret"))
+    code = main(["live", "--sim", "--speed", "20", "--duration", "20", "--executor", "binance", "--no-status"])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "-1022" in lines[0] and "Signature for this request is not valid" in lines[0]
+    assert "not-the-secret" not in captured.err
+
+
+def test_wrong_secret_stops_the_run_after_the_first_order(excerpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kimiha.venues.binance.signing as signing
+    from kimiha.apps.live import run_live
+
+    real = signing.HmacSigner
+    monkeypatch.setattr(signing, "HmacSigner", lambda key, secret: real(key, "not-the-secret"))
+    s = run(run_live(["BTCUSDT"], sim=True, speed=20.0, status=None, sim_recording=excerpt, duration=30.0,
+                     executor="binance", sim_process=False))
+    assert s["ended"] == "failure" and "-1022" in s["error"]
+    assert s["fills"] == 0 and s["rejected"] >= 1 and s["orders"] >= 1
+
+
+def test_cli_unknown_symbol_is_refused_at_the_start(capsys: pytest.CaptureFixture[str]) -> None:
+    from kimiha.apps.cli import main
+
+    code = main(["live", "--sim", "--duration", "30", "--symbol", "FOOBAR", "--symbol", "BTCUSDT", "--no-status"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "--symbol FOOBAR:" in err[0] and "-1121" in err[0] and "BTCUSDT:" not in err[0]
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--rest-url", "http://127.0.0.1:99999", "--ws-url", "ws://127.0.0.1:1"], "a port in 1..65535"),
+    (["--ws-url", "ws://127.0.0.1:0", "--rest-url", "http://127.0.0.1:1"], "a port in 1..65535"),
+    (["--ws-url", "ws://127.0.0.1:1"], "--ws-url without --rest-url"),
+    (["--rest-url", "http://127.0.0.1:1"], "--rest-url without --ws-url"),
+    (["--record", ""], "expected a file to record to"),
+    (["--symbol", "BTCUSDT", "--symbol", "btcusdt"], "--symbol BTCUSDT given twice"),
+    (["--overwrite"], "--overwrite applies to --record only"),
+])
+def test_cli_live_refuses_bad_options_in_one_line(argv: list[str], says: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from kimiha.apps.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["live", *argv])
+    assert exc.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_cli_record_refuses_an_existing_file_unless_overwrite(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from kimiha.apps.cli import main
+
+    rec = tmp_path / "rec.gz"
+    rec.write_bytes(b"keep me")
+    with pytest.raises(SystemExit) as exc:
+        main(["live", "--sim", "--duration", "1", "--record", str(rec)])
+    assert exc.value.code == 2 and "the file exists; give --overwrite" in capsys.readouterr().err
+    assert rec.read_bytes() == b"keep me"
+    assert main(["live", "--sim", "--speed", "20", "--duration", "1", "--record", str(rec), "--overwrite",
+                 "--no-status"]) == 0
+    assert rec.read_bytes() != b"keep me" and list(iter_lines(rec))
+
+
+def test_status_line_names_each_symbols_book_and_fits_the_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import os
+
+    from kimiha.apps import live as live_app
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    feed = BinanceLiveFeed(["BTCUSDT", "ETHUSDT"], ws_url="ws://127.0.0.1:1", rest_url="http://127.0.0.1:1")
+    pipes = [live_app._Pipeline(s, feed, None, "ws://127.0.0.1:1", False, 64) for s in feed.symbols]
+    text = live_app._status_text(1.0, feed, pipes)
+    assert "book BTCUSDT:awaiting_snapshot ETHUSDT:awaiting_snapshot" in text and "backlog 0" in text
+    monkeypatch.setattr(live_app.shutil, "get_terminal_size", lambda: os.terminal_size((40, 24)))
+    out = Tty()
+    live_app._Status(out).update(text)
+    drawn = out.getvalue()
+    assert drawn.startswith("\r") and len(drawn.removeprefix("\r").removesuffix("\x1b[K")) == 39

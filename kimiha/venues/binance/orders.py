@@ -401,8 +401,8 @@ class BinanceExecutorTask(Executor):
                                         on_send=sending)
         except BinanceAuthError as exc:
             if self.fatal is None:
-                self.fatal = exc
-                logger.error("%s: %s", self.name, exc)
+                self.fatal = exc  # the runner stops on it and reports it (one line): not logged here too
+                logger.debug("%s: fatal: %s", self.name, exc)
             self._refused(cid, order, str(exc), log=False)
             return
         except BinanceError as exc:

@@ -785,3 +785,20 @@ def test_status_line_names_each_symbols_book_and_fits_the_terminal(monkeypatch: 
     live_app._Status(out).update(text)
     drawn = out.getvalue()
     assert drawn.startswith("\r") and len(drawn.removeprefix("\r").removesuffix("\x1b[K")) == 39
+
+
+def test_ws_clients_benchmark_skips_a_client_that_is_not_installed(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ws_clients.py"
+    spec = importlib.util.spec_from_file_location("ws_clients_bench", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "websockets" else real(name, *a))
+    assert bench.main(["--messages", "200", "--rounds", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "websockets is not installed: skipped (pip install websockets" in err
+    assert "picows" in out and "websockets" not in out

@@ -201,6 +201,9 @@ class BinanceLiveFeed:
         handed to it; ``lines_in - lines_out`` are queued (:attr:`backlog`).
     peak_backlog : int
         The most lines queued at once.
+    reconnecting : bool
+        A reconnect for silence or age was started and has not connected yet (at a stop:
+        ``silent_reconnects + age_reconnects`` counts it, ``reconnects`` does not).
     """
 
     def __init__(self, symbols: Sequence[str], *, ws_url: str = MAINNET_WS_URL, rest_url: str = MAINNET_REST_URL,
@@ -267,6 +270,7 @@ class BinanceLiveFeed:
         self.lines_in = 0
         self.lines_out = 0
         self.peak_backlog = 0
+        self.reconnecting = False
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -322,6 +326,7 @@ class BinanceLiveFeed:
             raise BinanceUnavailable(f"Binance combined stream {self.ws_url}: cannot connect: "
                                      f"{exc or type(exc).__name__}") from None
         self.connects += 1
+        self.reconnecting = False
         self._transport = transport
         self._last_frame = time.monotonic()
         return transport
@@ -332,6 +337,7 @@ class BinanceLiveFeed:
             connected_at = time.monotonic()
             await self._watch(transport, connected_at)
             self._transport = None
+            self.reconnecting = not self._stopping
             if self._stopping:
                 return
             if time.monotonic() - connected_at > 10.0:
@@ -362,12 +368,14 @@ class BinanceLiveFeed:
                 now = time.monotonic()
                 if now - self._last_frame > self.silence_timeout:
                     self.silent_reconnects += 1
+                    self.reconnecting = True
                     logger.warning("Binance combined stream: nothing for %.1f s (silence_timeout); reconnecting",
                                    now - self._last_frame)
                     transport.disconnect(graceful=False)
                     break
                 if now - connected_at > self.max_connection_age:
                     self.age_reconnects += 1
+                    self.reconnecting = True
                     logger.info("Binance combined stream: connection %.0f s old; reconnecting before the "
                                 "server's 24-hour disconnect", now - connected_at)
                     transport.disconnect()

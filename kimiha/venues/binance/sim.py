@@ -75,11 +75,15 @@ class SimFaults(msgspec.Struct, kw_only=True):
         Then answer this many with ``418`` (the IP is banned) and the same ``Retry-After``.
     retry_after : int
         Seconds in those ``Retry-After`` headers.
+    hold_after : int or None
+        After playing this many messages, wait for :meth:`LocalExchange.resume` before playing on (a test
+        makes what happens meanwhile -- a reconnect -- come before the rest, whatever the machine's load).
     """
 
     drop_diffs: list[int] = []
     close_after: list[int] = []
     silent_after: int | None = None
+    hold_after: int | None = None
     ping_interval: float | None = None
     depth_429: int = 0
     depth_418: int = 0
@@ -195,6 +199,8 @@ class LocalExchange:
         self.snapshot_wait = snapshot_wait
         self.port = 0
         self.finished = asyncio.Event()
+        self._resumed = asyncio.Event()
+        self.held = asyncio.Event()
         self.books: dict[str, OrderBook] = {}
         self._book_live: dict[str, asyncio.Event] = {}
         self._last_trade: dict[str, float] = {}
@@ -290,6 +296,10 @@ class LocalExchange:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    def resume(self) -> None:
+        """Play on after ``SimFaults.hold_after`` (see :attr:`held`)."""
+        self._resumed.set()
+
     def _start_playing(self) -> None:
         if self._player is None:
             self._player = asyncio.ensure_future(self._play())
@@ -335,6 +345,9 @@ class LocalExchange:
                 if synced and faults.silent_after is not None and played_since == faults.silent_after:
                     for client in self._clients:
                         client.silenced = True
+                if synced and faults.hold_after is not None and played_since == faults.hold_after:
+                    self.held.set()
+                    await self._resumed.wait()
         except asyncio.CancelledError:
             raise
         except Exception:

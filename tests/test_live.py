@@ -188,17 +188,20 @@ def test_silent_stream_is_reconnected(excerpt: Path) -> None:
         # (pings keep the new socket from being silent while the exchange holds; the silent one gets none)
         faults = SimFaults(silent_after=800, hold_after=900, ping_interval=0.05)
         async with LocalExchange(excerpt, speed=40.0, faults=faults) as ex:
-            p = Pipeline(ex, silence_timeout=0.3, backoff_initial=0.05)
+            p = Pipeline(ex, silence_timeout=1.0, backoff_initial=0.05)
             await p.feed.start()
-            await until(lambda: ex.held.is_set() and p.feed.reconnects == 1, "the reconnect while held",
+            await until(lambda: ex.held.is_set() and p.feed.reconnects >= 1, "the reconnect while held",
                         timeout=HANG)
             ex.resume()
             await p.run_to_end()
             return p
 
     p = run(main())
-    assert p.feed.silent_reconnects == 1 and p.feed.reconnects == 1
-    assert p.feed.resyncs == 1
+    # a process stalled for longer than silence_timeout (a loaded machine) can look silent once more: counted
+    # the same way; the reconnect forced by the fault is always there, and the hole it leaves is resynced
+    feed = p.feed
+    assert feed.silent_reconnects >= 1 and feed.reconnects + feed.reconnecting == feed.silent_reconnects
+    assert feed.resyncs >= 1 and feed.resyncs == feed.gaps and p.aggregator.book.is_live
     check = p.aggregator.check
     assert check.matched == check.compared
 
@@ -752,7 +755,7 @@ def test_cli_unknown_symbol_is_refused_at_the_start(capsys: pytest.CaptureFixtur
     code = main(["live", "--sim", "--duration", "30", "--symbol", "FOOBAR", "--symbol", "BTCUSDT", "--no-status"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert "--symbol FOOBAR:" in err[0] and "-1121" in err[0] and "BTCUSDT:" not in err[0]
+    assert "symbol FOOBAR:" in err[0] and "-1121" in err[0] and "BTCUSDT:" not in err[0]
 
 
 @pytest.mark.parametrize(("argv", "says"), [

@@ -300,10 +300,11 @@ class BinanceLiveFeed:
                 unknown = self.symbols
                 if len(self.symbols) > 1:  # Binance does not say which: ask for each
                     unknown = [s for s in self.symbols if not await self._listed(s)] or self.symbols
+                it = "it" if len(unknown) == 1 else "them"
                 raise InvalidConfigurationError(
-                    f"--symbol {', '.join(unknown)}: {self.rest_url} does not list {'it' if len(unknown) == 1 else 'them'}"
-                    f" (Binance {exc.code} {exc.venue_message or 'Invalid symbol.'}); expected a symbol it trades, "
-                    f"such as BTCUSDT") from None
+                    f"symbol {', '.join(unknown)}: {self.rest_url} does not list {it} (Binance {exc.code} "
+                    f"{exc.venue_message or 'Invalid symbol.'}); expected a symbol it trades, such as BTCUSDT"
+                ) from None
             if isinstance(exc, BinanceUnavailable):
                 raise
             logger.info("Binance exchangeInfo at %s: %s; the symbols are not checked", self.rest_url, exc)

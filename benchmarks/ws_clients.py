@@ -135,6 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--messages", type=int, default=50_000)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
+    import importlib.util
+
+    missing = [name for name in CLIENTS if importlib.util.find_spec(name) is None]
+    if "picows" in missing or importlib.util.find_spec("uvloop") is None:
+        print("ws_clients: needs picows and uvloop (pip install 'kimiha[live]')", file=sys.stderr)
+        return 1
+    clients = {name: client for name, client in CLIENTS.items() if name not in missing}
+    for name in missing:
+        print(f"ws_clients: {name} is not installed: skipped (pip install {name} to compare it)", file=sys.stderr)
     import uvloop
 
     with socket.socket() as s:
@@ -148,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             print("server did not start", file=sys.stderr)
             return 1
         url = f"ws://127.0.0.1:{port}/stream"
-        cpu: dict[str, list[float]] = {k: [] for k in CLIENTS}
+        cpu: dict[str, list[float]] = {k: [] for k in clients}
         for _ in range(args.rounds):
-            for name, client in CLIENTS.items():
+            for name, client in clients.items():
                 t0 = time.process_time()
                 got = uvloop.run(client(url))
                 spent = time.process_time() - t0

@@ -239,18 +239,30 @@ def _symbol(text: str) -> str:
     return value
 
 
+def _base_url(text: str, schemes: tuple[str, str], example: str) -> str:
+    url = text.strip()
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port  # raises ValueError for a port that is not a number in 0..65535
+    except ValueError:
+        port = 0
+    if parts.scheme not in schemes or not parts.hostname or port == 0:
+        raise argparse.ArgumentTypeError(f"expected a {example} (a port in 1..65535), got {text!r}")
+    return url
+
+
 def _ws_url(text: str) -> str:
-    parts = urllib.parse.urlsplit(text.strip())
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise argparse.ArgumentTypeError(f"expected a websocket base URL like wss://HOST[:PORT], got {text!r}")
-    return text.strip()
+    return _base_url(text, ("ws", "wss"), "websocket base URL like wss://HOST[:PORT]")
 
 
 def _http_url(text: str) -> str:
-    parts = urllib.parse.urlsplit(text.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise argparse.ArgumentTypeError(f"expected a REST base URL like https://HOST[:PORT], got {text!r}")
-    return text.strip()
+    return _base_url(text, ("http", "https"), "REST base URL like https://HOST[:PORT]")
+
+
+def _record_path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a file to record to, got {text!r}")
+    return text
 
 
 def _live_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
@@ -276,8 +288,11 @@ def _live_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> ar
                       help="with --sim: play the recording at its pace times this factor (default 1)")
     live.add_argument("--duration", type=_seconds, default=None, metavar="S",
                       help="stop after S seconds (default: until Ctrl-C, or the end of the --sim recording)")
-    live.add_argument("--record", metavar="PATH",
-                      help="record what arrived in the tape format (gzip) for `kimiha demo --data PATH`")
+    live.add_argument("--record", metavar="PATH", type=_record_path,
+                      help="record what arrived in the tape format (gzip) for `kimiha demo --data PATH`; an "
+                           "existing file is refused unless --overwrite")
+    live.add_argument("--overwrite", action="store_true",
+                      help="with --record: replace an existing recording (and its rotated files)")
     live.add_argument("--executor", choices=("paper", "binance"), default="paper",
                       help="paper (default) fills against the rebuilt book; binance sends signed orders "
                            "(keys from BINANCE_API_KEY + BINANCE_API_SECRET or BINANCE_PRIVATE_KEY_FILE)")
@@ -296,6 +311,24 @@ def _run_live(args: argparse.Namespace, live: argparse.ArgumentParser) -> int:
     check_metrics_options(live, args)
     if args.sim and (args.ws_url or args.rest_url):
         live.error("--sim runs its own local exchange: leave out --ws-url / --rest-url, or leave out --sim")
+    if bool(args.ws_url) != bool(args.rest_url):
+        given, missing = ("--ws-url", "--rest-url") if args.ws_url else ("--rest-url", "--ws-url")
+        live.error(f"{given} without {missing}: give both (one server's stream and REST API) or neither "
+                   f"(Binance's)")
+    if args.overwrite and not args.record:
+        live.error("--overwrite applies to --record only")
+    if args.record and not args.overwrite:
+        from kimiha.venues.binance.recorder import rotated_path
+
+        if os.path.lexists(args.record) or os.path.lexists(rotated_path(args.record, 1)):
+            live.error(f"--record {args.record}: the file exists; give --overwrite to replace it, or another "
+                       f"path")
+    symbols = []
+    for symbol in args.symbol or ["BTCUSDT"]:
+        if symbol in symbols:
+            live.error(f"--symbol {symbol} given twice (symbols are not case-sensitive)")
+        symbols.append(symbol)
+    args.symbol = symbols
     if args.speed is not None and not args.sim:
         live.error("--speed applies to --sim only (a live stream comes at its own pace)")
     if args.mainnet and args.executor != "binance":
@@ -318,7 +351,7 @@ def _run_live(args: argparse.Namespace, live: argparse.ArgumentParser) -> int:
         return 1
     try:
         summary = kimiha.run(
-            run_live(args.symbol or ["BTCUSDT"], ws_url=args.ws_url, rest_url=args.rest_url, sim=args.sim,
+            run_live(args.symbol, ws_url=args.ws_url, rest_url=args.rest_url, sim=args.sim,
                      speed=args.speed or 1.0, duration=args.duration, record=args.record,
                      executor=args.executor, mainnet=args.mainnet,
                      status=None if args.no_status else sys.stderr, metrics=metrics),
@@ -346,6 +379,10 @@ def _run_live(args: argparse.Namespace, live: argparse.ArgumentParser) -> int:
     finally:
         if metrics is not None and not metrics.watching:
             metrics.close()  # no run to linger on
+    if summary.get("error"):  # a configuration error found on the way (the signature refused ...)
+        print(f"kimiha live: {summary['error']}", file=sys.stderr)
+        close_metrics(metrics, args)
+        return 1
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:

@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -86,8 +87,11 @@ class _Status:
         now = time.monotonic()
         changed = key != self.key
         self.key = key
-        if self.tty:
-            self.stream.write("\r" + text + ("\n" if final else ""))
+        if self.tty:  # cut to the terminal's width (a wrapped line would not be redrawn in place)
+            width = shutil.get_terminal_size().columns
+            if len(text) >= width:
+                text = text[:max(width - 1, 1)]
+            self.stream.write("\r" + text + "\x1b[K" + ("\n" if final else ""))
             self.stream.flush()
         elif final or changed or now - self.last >= 5.0:
             self.last = now
@@ -99,8 +103,14 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
                    sim: bool = False, speed: float = 1.0, duration: float | None = None,
                    record: str | None = None, executor: str = "paper", mainnet: bool = False,
                    status: TextIO | None = sys.stderr, sim_recording: Any = None, sim_process: bool = True,
-                   capacity: int = 4096, metrics: MetricsServer | None = None) -> dict[str, Any]:
+                   capacity: int = 4096, metrics: MetricsServer | None = None,
+                   drain_timeout: float = 10.0) -> dict[str, Any]:
     """Run the live pipeline and return its summary (a dict with the demo's keys and the live ones).
+
+    At the stop the websocket is closed first, then the lines that had arrived and were still queued (a
+    backlog: the pipeline slower than the stream) go through the pipeline, for up to ``drain_timeout``
+    seconds; what is left then is counted in the summary's ``unprocessed_at_stop`` (and is in the recording,
+    which holds every line as it arrived).
 
     ``metrics``: a started :class:`~kimiha.metrics.MetricsServer`; it reports the first symbol's pipeline.
 
@@ -167,6 +177,8 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
             except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
                 pass
         ended = "duration"
+        error: str | None = None
+        drained: float | None = None
         next_sim_check = 0.0
         stopped = asyncio.ensure_future(stop.wait())
         splitter = asyncio.ensure_future(split.run()) if split is not None else None
@@ -181,14 +193,19 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
                 if remaining is not None and remaining <= 0:
                     break
                 await asyncio.wait([stopped], timeout=0.5 if remaining is None else min(0.5, remaining))
-                bar.update(_status_text(time.perf_counter() - started, feed, pipelines),
+                bar.update(_status_text(time.perf_counter() - started, feed, pipelines, split),
                            key="/".join(p.aggregator.book.state.value for p in pipelines))
                 if any(pipe.orchestrator.scheduler.failure is not None for pipe in pipelines):
                     ended = "failure"
                     break
+                fatal = next((f for pipe in pipelines if (f := getattr(pipe.execution, "fatal", None))), None)
+                if fatal is not None:  # the key or signature refused: every order would be; stop
+                    ended = "failure"
+                    error = str(fatal)
+                    break
                 if exchange is not None and time.monotonic() >= next_sim_check:
                     next_sim_check = time.monotonic() + 1.0
-                    if await exchange.finished() and not feed._queue and (split is None or split.empty()):
+                    if await exchange.finished() and not feed.backlog and (split is None or split.empty()):
                         ended = "recording played out"
                         break
             if stop.is_set():
@@ -196,6 +213,8 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
         finally:
             stopped.cancel()
             try:
+                if ended != "failure":  # what arrived goes through the pipeline, within the drain deadline
+                    drained = await _drain(feed, split, splitter, pipelines, drain_timeout)
                 if splitter is not None:
                     splitter.cancel()
                     await asyncio.gather(splitter, return_exceptions=True)
@@ -210,8 +229,10 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
                 for pipe in pipelines:
                     await pipe.close_rest()
         elapsed = time.perf_counter() - started
-        bar.update(_status_text(elapsed, feed, pipelines), final=True)
+        bar.update(_status_text(elapsed, feed, pipelines, split), final=True)
         summary = _summary(pipelines, feed, split, elapsed, recorder, ws_url, rest_url, sim, ended)
+        summary["drain_s"] = None if drained is None else round(drained, 3)
+        summary["error"] = error
         if exchange is not None:
             state = await exchange.state()
             accounts = state.pop("accounts", {})
@@ -222,11 +243,62 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
                     "cash": round(account["cash"], 6), "positions": account["positions"],
                     "fees": round(account["fees"], 6), "trades": account["trades"],
                     "pnl": round(account["pnl"], 6)}
+                summary["sim_agreement"] = _compare_with_sim(pipelines, account)
         summary["interrupted"] = interrupted[0] if interrupted else None
         return summary
     finally:
         if exchange is not None:
             await exchange.stop()
+
+
+async def _drain(feed: BinanceLiveFeed, split: _SymbolSplit | None, splitter: asyncio.Future[None] | None,
+                 pipelines: list[_Pipeline], timeout: float) -> float | None:
+    """Stop receiving, then wait until every pipeline's connector has taken the last queued line; return the
+    seconds that took, or None when ``timeout`` passed first (the rest is counted as not processed)."""
+    await feed.stop_receiving()
+    t0 = time.monotonic()
+
+    async def drained() -> None:
+        if splitter is not None and split is not None:
+            await asyncio.shield(splitter)  # it ends when the feed has handed out its last line
+            split.close()
+        await asyncio.gather(*(pipe.connector.finished.wait() for pipe in pipelines))
+
+    try:
+        await asyncio.wait_for(drained(), timeout)
+    except asyncio.TimeoutError:
+        logger.warning("live: the pipeline did not take the %d line(s) still queued within %.1f s of the stop; "
+                       "they are counted as not processed", _backlog(feed, split), timeout)
+        return None
+    return time.monotonic() - t0
+
+
+def _compare_with_sim(pipelines: list[_Pipeline], account: dict[str, Any] | None) -> dict[str, Any]:
+    """Compare the executor's account (from the execution reports) with the local exchange's: cash, fees and
+    positions (no mark involved), and the PnL with the sim's account valued at this run's marks (the sim's own
+    ``pnl`` uses its marks, which may be later: it keeps playing after the stop)."""
+    if account is None:
+        return {"agrees": not any(p.account.fills for p in pipelines), "detail": "the exchange holds no account"}
+    ours_cash = sum(p.account.cash for p in pipelines)
+    ours_fees = sum(p.account.fees_paid for p in pipelines)
+    positions = {p.symbol: p.account.position for p in pipelines}
+    theirs = {s: float(q) for s, q in account["positions"].items() if q}
+    marks = {p.symbol: p.mark() for p in pipelines}
+    pnl_ours = sum(p.account.total_pnl(m) if (m := marks[p.symbol]) else 0.0 for p in pipelines)
+    pnl_theirs = account["cash"] + sum(q * (marks.get(s) or 0.0) for s, q in theirs.items())
+    same_positions = all(abs(positions.get(s, 0.0) - theirs.get(s, 0.0)) < 1e-9
+                         for s in set(positions) | set(theirs))
+    agrees = (abs(ours_cash - account["cash"]) < 1e-6 and abs(ours_fees - account["fees"]) < 1e-6
+              and same_positions)
+    return {"agrees": agrees, "cash": [round(ours_cash, 6), round(account["cash"], 6)],
+            "fees": [round(ours_fees, 6), round(account["fees"], 6)],
+            "positions": [{s: round(q, 8) for s, q in positions.items()}, theirs],
+            "pnl_at_our_marks": [round(pnl_ours, 6), round(pnl_theirs, 6)]}
+
+
+def _backlog(feed: BinanceLiveFeed, split: _SymbolSplit | None) -> int:
+    """Lines received and not yet taken by a pipeline (the feed's queue and the symbols' queues)."""
+    return feed.backlog + (sum(len(q.queue) for q in split.lines.values()) if split is not None else 0)
 
 
 class _Sim:
@@ -444,13 +516,23 @@ class _SymbolSplit:
             lines.close()
 
 
-def _status_text(elapsed: float, feed: BinanceLiveFeed, pipelines: list[_Pipeline]) -> str:
+def _status_text(elapsed: float, feed: BinanceLiveFeed, pipelines: list[_Pipeline],
+                 split: _SymbolSplit | None = None) -> str:
+    """The status line (each symbol's book state by name when there are several)."""
     matched = sum(p.aggregator.check.matched for p in pipelines)
     compared = sum(p.aggregator.check.compared for p in pipelines)
-    states = "/".join(p.aggregator.book.state.value for p in pipelines)
-    return (f"live {elapsed:6.1f} s  lines {feed.lines_out:,}  book {states}  check {matched}/{compared}  resyncs "
-            f"{feed.resyncs}  reconnects {feed.reconnects}  orders {sum(p.strategy.logic.orders for p in pipelines)}"
-            f"  fills {sum(p.account.fills for p in pipelines)}")
+    if len(pipelines) == 1:
+        states = pipelines[0].aggregator.book.state.value
+    else:
+        states = " ".join(f"{p.symbol}:{p.aggregator.book.state.value}" for p in pipelines)
+    text = (f"live {elapsed:6.1f} s  lines {feed.lines_out:,}  backlog {_backlog(feed, split):,}  book {states}  "
+            f"check {matched}/{compared}  resyncs {feed.resyncs}  reconnects {feed.reconnects}  orders "
+            f"{sum(p.strategy.logic.orders for p in pipelines)}  fills {sum(p.account.fills for p in pipelines)}")
+    return text
+
+
+#: Tick-to-trade (p99) above this is reported as the pipeline falling behind the stream.
+SLOW_TICK_TO_TRADE_US = 100_000.0
 
 
 def _latency(h: LatencyHistogram) -> dict[str, Any]:
@@ -533,13 +615,15 @@ def _summary(pipelines: list[_Pipeline], feed: BinanceLiveFeed, split: _SymbolSp
             "shutdown": first["shutdown"],
             "per_symbol": per,
         }
-    # every line the feed handed out reached a pipeline, or was left in a symbol's queue at the stop (the
-    # feed records the lines it hands out: with one symbol there is no such queue, the recording is exact)
-    pending = sum(len(q.queue) for q in split.lines.values()) if split is not None else 0
-    lines_in = sum(p.connector.lines for p in pipelines) + pending + (split.unrouted if split is not None else 0)
-    out["lines_read_accounted"] = out["lines_read_accounted"] and lines_in == feed.lines_out
-    if split is not None:
-        out["unprocessed_at_stop"] = pending
+    # every line that arrived reached a pipeline, or was left queued at the stop (the feed's queue, a symbol's
+    # queue): those are counted as not processed (the recording holds them: it is written on arrival)
+    in_flight = sum(p.connector.taken - p.connector.lines for p in pipelines)  # the stop cut their publish
+    pending = _backlog(feed, split) + in_flight
+    taken = sum(p.connector.lines for p in pipelines) + pending + (split.unrouted if split is not None else 0)
+    out["lines_read_accounted"] = out["lines_read_accounted"] and taken == feed.lines_in
+    out["lines_arrived"] = feed.lines_in
+    out["unprocessed_at_stop"] = pending
+    out["all_processed"] = out["lines_read_accounted"] and pending == 0 and feed.dropped == 0
     return {
         "source": {"ws_url": ws_url, "rest_url": rest_url, "sim": sim, "symbols": feed.symbols},
         "ended": ended,
@@ -548,12 +632,24 @@ def _summary(pipelines: list[_Pipeline], feed: BinanceLiveFeed, split: _SymbolSp
         "reconnects": feed.reconnects,
         "feed": feed.stats(),
         "executor": "paper" if isinstance(pipelines[0].execution, PaperExecutorTask) else "binance",
+        "digest": _digest(pipelines),
         "record": None if recorder is None else {"paths": [str(p) for p in recorder.paths],
                                                  "lines": recorder.lines, "lines_lost": recorder.lines_lost,
                                                  "error": recorder.error},
         "wall_time_s": round(elapsed, 3),
         "messages_per_s": round(feed.lines_out / elapsed, 1) if elapsed else 0.0,
     }
+
+
+def _digest(pipelines: list[_Pipeline]) -> str:
+    """The executor's digest of orders and fills (one symbol), or a sha256 over the symbols' digests in
+    order."""
+    digests = [p.execution.digest for p in pipelines]
+    if len(digests) == 1:
+        return str(digests[0])
+    import hashlib
+
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
 def format_live_summary(s: dict[str, Any]) -> str:
@@ -566,9 +662,17 @@ def format_live_summary(s: dict[str, Any]) -> str:
                    f"{'yes' if s['hooks_run'] else 'NO'}")
     out.append(f"  lines: {s['lines_read']:,} received, {s['bad_lines']:,} bad; every line accounted for: "
                f"{'yes' if s['lines_read_accounted'] else 'NO'}")
+    if s.get("unprocessed_at_stop") or s["feed"]["dropped"]:
+        out.append(f"  NOT PROCESSED: {s['unprocessed_at_stop']:,} of {s['lines_arrived']:,} line(s) that arrived "
+                   f"were still queued at the stop, {s['feed']['dropped']:,} dropped (queue full): the pipeline "
+                   f"fell behind the stream")
     out.append("  messages by stream: " + ", ".join(f"{k} {v:,}" for k, v in s["messages_by_stream"].items()))
     bc = s["book_check"]
     pct = f"{100.0 * bc['matched'] / bc['compared']:.1f} %" if bc["compared"] else "n/a"
+    unsynced = [sym for sym, per in s.get("per_symbol", {}).items() if not per["book_check"]["compared"]]
+    if unsynced and bc["compared"]:
+        pct += f" over {len(s['per_symbol']) - len(unsynced)} of {len(s['per_symbol'])} symbols; no book for " \
+               + ", ".join(unsynced)
     out.append(f"  book check: {bc['matched']:,} matched / {bc['compared']:,} compared ({pct}; gaps {bc['gaps']}, "
                f"book {bc['book_state']})")
     for symbol, per in s.get("per_symbol", {}).items():
@@ -588,8 +692,24 @@ def format_live_summary(s: dict[str, Any]) -> str:
     if t["count"]:
         out.append(f"  tick-to-trade (receive -> order sent): p50 {t['p50']:,.1f} us  p99 {t['p99']:,.1f} us  "
                    f"max {t['max']:,.1f} us  over {t['count']} order(s)")
+        if t["p99"] > SLOW_TICK_TO_TRADE_US:
+            out.append(f"  WARNING: tick-to-trade p99 {t['p99'] / 1e3:,.1f} ms (peak backlog "
+                       f"{f.get('peak_backlog', 0):,} lines): the pipeline fell behind the stream; its orders "
+                       f"acted on old data")
     else:
         out.append("  tick-to-trade: no order was sent")
+    if s.get("digest"):
+        what = "acknowledged orders and fills" if s["executor"] == "binance" else "orders and fills"
+        out.append(f"  digest {s['digest']} ({what}, sha256)")
+    agreement = s.get("sim_agreement")
+    if agreement is not None:
+        if "cash" in agreement:
+            out.append(f"  the local exchange's account: {'agrees' if agreement['agrees'] else 'DIFFERS'} (cash "
+                       f"{agreement['cash'][0]:+.6f} / {agreement['cash'][1]:+.6f}, fees {agreement['fees'][0]:.6f}"
+                       f" / {agreement['fees'][1]:.6f}, PnL at this run's marks {agreement['pnl_at_our_marks'][0]:+.6f}"
+                       f" / {agreement['pnl_at_our_marks'][1]:+.6f}: ours / the exchange's)")
+        else:
+            out.append(f"  the local exchange's account: {agreement['detail']}")
     if s["record"]:
         out.append(f"  recorded {s['record']['lines']:,} lines to {', '.join(s['record']['paths'])}")
         if s["record"]["error"]:

@@ -212,7 +212,9 @@ class BinanceLiveFeed:
     connect_timeout : float, default 10.0
         Seconds for the websocket handshake.
     recorder : TapeRecorder, optional
-        Records every line handed out, in order.
+        Records every line as it arrives (the REST snapshots where they are inserted), in the order it is
+        handed out: lines still queued at a stop are in the recording too. Lines dropped beyond ``max_queue``
+        are not (``dropped`` counts them).
     rest : BinanceRest, optional
         REST client to use (a new one on ``rest_url`` by default; closed by :meth:`aclose` only if it is ours).
     max_queue : int, default 1_000_000
@@ -228,11 +230,17 @@ class BinanceLiveFeed:
     silent_reconnects, age_reconnects, closed_by_server, pings, refetches : int
         Reconnects for silence / age, closes sent by the server, pings received, snapshots fetched again
         because they were older than the first buffered diff.
-    lines_out : int
-        Lines handed to the consumer.
+    lines_in, lines_out : int
+        Lines queued for the consumer (frames received and snapshots inserted, less those dropped), lines
+        handed to it; ``lines_in - lines_out`` are queued (:attr:`backlog`).
     ignored_frames : int
         Frames that carry no line: binary ones, a continuation with nothing to continue, a fragmented message
         past the 64 MiB limit (logged the first time).
+    peak_backlog : int
+        The most lines queued at once.
+    reconnecting : bool
+        A reconnect for silence or age was started and has not connected yet (at a stop:
+        ``silent_reconnects + age_reconnects`` counts it, ``reconnects`` does not).
     """
 
     def __init__(self, symbols: Sequence[str], *, ws_url: str = MAINNET_WS_URL, rest_url: str = MAINNET_REST_URL,
@@ -282,6 +290,7 @@ class BinanceLiveFeed:
         self._supervisor: asyncio.Task[None] | None = None
         self._fetches: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._closed = False
         self._since_yield = 0
         self.error: BaseException | None = None
         self.messages = 0
@@ -296,8 +305,11 @@ class BinanceLiveFeed:
         self.closed_by_server = 0
         self.pings = 0
         self.refetches = 0
+        self.lines_in = 0
         self.lines_out = 0
         self.ignored_frames = 0
+        self.peak_backlog = 0
+        self.reconnecting = False
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -310,8 +322,38 @@ class BinanceLiveFeed:
             message names the URL. Later failures are retried (with backoff) by the supervisor instead.
         """
         await self.rest.ping()
+        await self._check_symbols()
         transport = await self._connect()
         self._supervisor = asyncio.ensure_future(self._supervise(transport))
+
+    async def _check_symbols(self) -> None:
+        """Ask ``/api/v3/exchangeInfo`` whether the server lists the symbols: an unknown one would never send a
+        line (Binance's stream accepts any name). A server without that endpoint is not held against us."""
+        import json
+
+        try:
+            await self.rest.request("GET", "/api/v3/exchangeInfo",
+                                    {"symbols": json.dumps(self.symbols, separators=(",", ":"))})
+        except BinanceError as exc:
+            if exc.code == -1121:
+                unknown = self.symbols
+                if len(self.symbols) > 1:  # Binance does not say which: ask for each
+                    unknown = [s for s in self.symbols if not await self._listed(s)] or self.symbols
+                it = "it" if len(unknown) == 1 else "them"
+                raise InvalidConfigurationError(
+                    f"symbol {', '.join(unknown)}: {self.rest_url} does not list {it} (Binance {exc.code} "
+                    f"{exc.venue_message or 'Invalid symbol.'}); expected a symbol it trades, such as BTCUSDT"
+                ) from None
+            if isinstance(exc, BinanceUnavailable):
+                raise
+            logger.info("Binance exchangeInfo at %s: %s; the symbols are not checked", self.rest_url, exc)
+
+    async def _listed(self, symbol: str) -> bool:
+        try:
+            await self.rest.request("GET", "/api/v3/exchangeInfo", {"symbol": symbol})
+        except BinanceError as exc:
+            return exc.code != -1121
+        return True
 
     async def _connect(self) -> Any:
         try:
@@ -324,6 +366,7 @@ class BinanceLiveFeed:
             raise BinanceUnavailable(f"Binance combined stream {self.ws_url}: cannot connect: "
                                      f"{exc or type(exc).__name__}") from None
         self.connects += 1
+        self.reconnecting = False
         self._transport = transport
         self._last_frame = time.monotonic()
         return transport
@@ -334,6 +377,7 @@ class BinanceLiveFeed:
             connected_at = time.monotonic()
             await self._watch(transport, connected_at)
             self._transport = None
+            self.reconnecting = not self._stopping
             if self._stopping:
                 return
             if time.monotonic() - connected_at > 10.0:
@@ -363,12 +407,14 @@ class BinanceLiveFeed:
                 now = time.monotonic()
                 if now - self._last_frame > self.silence_timeout:
                     self.silent_reconnects += 1
+                    self.reconnecting = True
                     logger.warning("Binance combined stream: nothing for %.1f s (silence_timeout); reconnecting",
                                    now - self._last_frame)
                     transport.disconnect(graceful=False)
                     break
                 if now - connected_at > self.max_connection_age:
                     self.age_reconnects += 1
+                    self.reconnecting = True
                     logger.info("Binance combined stream: connection %.0f s old; reconnecting before the "
                                 "server's 24-hour disconnect", now - connected_at)
                     transport.disconnect()
@@ -388,8 +434,9 @@ class BinanceLiveFeed:
                     pass
             done.cancel()
 
-    async def aclose(self) -> None:
-        """Stop: close the websocket, cancel snapshot fetches, close our REST client, flush the recorder."""
+    async def stop_receiving(self) -> None:
+        """Close the websocket and cancel snapshot fetches: nothing more arrives, and the iterator ends once the
+        lines already queued have been handed out (see :attr:`backlog`)."""
         if self._stopping:
             return
         self._stopping = True
@@ -400,11 +447,25 @@ class BinanceLiveFeed:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._wake()
+
+    async def aclose(self) -> None:
+        """Stop: :meth:`stop_receiving`, then close our REST client and flush the recorder. The iterator ends
+        at once; lines still queued stay counted in :attr:`backlog` (and are in the recording)."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.stop_receiving()
         if self._own_rest:
             await self.rest.close()
         if self.recorder is not None:
             self.recorder.close()
         self._wake()
+
+    @property
+    def backlog(self) -> int:
+        """Lines received and not yet handed out."""
+        return len(self._queue)
 
     # ------------------------------------------------------------------ receiving
     def _ignore(self, what: str) -> None:
@@ -419,7 +480,13 @@ class BinanceLiveFeed:
             waiter.set_result(None)
 
     def _push(self, line: bytes) -> None:
-        self._queue.append(line)
+        queue = self._queue
+        queue.append(line)
+        self.lines_in += 1
+        if len(queue) > self.peak_backlog:
+            self.peak_backlog = len(queue)
+        if self.recorder is not None:
+            self.recorder.write(line)  # on arrival: a line still queued at a stop is recorded too
         if self._waiter is not None:
             self._wake()
 
@@ -567,6 +634,8 @@ class BinanceLiveFeed:
 
     async def __anext__(self) -> bytes:
         queue = self._queue
+        if self._closed:
+            raise StopAsyncIteration
         while not queue:
             if self._stopping:
                 raise StopAsyncIteration
@@ -579,8 +648,6 @@ class BinanceLiveFeed:
             self._since_yield = 0
         line = queue.popleft()
         self.lines_out += 1
-        if self.recorder is not None:
-            self.recorder.write(line)
         self._since_yield += 1
         if self._since_yield >= self.yield_every:
             self._since_yield = 0
@@ -589,7 +656,8 @@ class BinanceLiveFeed:
 
     def stats(self) -> dict[str, int]:
         """Return the feed's counters."""
-        return {"messages": self.messages, "lines_out": self.lines_out, "queued": len(self._queue),
+        return {"messages": self.messages, "lines_in": self.lines_in, "lines_out": self.lines_out,
+                "queued": len(self._queue), "peak_backlog": self.peak_backlog,
                 "snapshots": self.snapshots, "resyncs": self.resyncs, "gaps": self.gaps,
                 "reconnects": self.reconnects, "silent_reconnects": self.silent_reconnects,
                 "age_reconnects": self.age_reconnects, "closed_by_server": self.closed_by_server,

@@ -20,6 +20,7 @@ executor's defaults are the spot testnet's URLs.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import logging
 import math
@@ -40,8 +41,8 @@ from kimiha.trading.model import Fill, Liquidity, Order, OrderType, Side
 from kimiha.trading.paper import PaperExecutor
 from kimiha.trading.tasks import TradingEvent
 from kimiha.types import Executor
-from kimiha.venues.binance.rest import (BinanceError, BinanceRest, BinanceUnavailable, BinanceUnknownOrder,
-                                        backoff_delay)
+from kimiha.venues.binance.rest import (BinanceAuthError, BinanceError, BinanceRest, BinanceUnavailable,
+                                        BinanceUnknownOrder, backoff_delay)
 
 __all__ = [
     "MAINNET_HOSTS",
@@ -377,6 +378,12 @@ class BinanceExecutorTask(Executor):
         it has, its execution reports settle them as usual, otherwise they are refused.
     errors : list of str
         The first refusals' messages.
+    digest : str
+        ``sha256(sha256(O) + sha256(F)).hexdigest()`` as the paper executor's, where ``O`` is every order the
+        server acknowledged (in the order acknowledged) and ``F`` every fill published (refusals included).
+    fatal : BinanceAuthError or None
+        Set when the server refused the key or the signature (``-1022``, ``-2015`` ...): a configuration error,
+        not a per-order reject. Later orders are refused without being sent; the runner stops on it.
     """
 
     def __init__(self, bus: EventBus, rest: BinanceRest, ws_url: str, *, symbol: str = "",
@@ -403,6 +410,10 @@ class BinanceExecutorTask(Executor):
         self.overfills = 0
         self.unanswered = 0
         self.errors: list[str] = []
+        self.fatal: BinanceAuthError | None = None
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._orders_hash = hashlib.sha256()
+        self._fills_hash = hashlib.sha256()
         self.history: list[tuple[str, str, str]] = []  # (client order id, execution type, status), in order
         self._prefix = f"k{secrets.token_hex(3)}-"
         self._working: dict[str, _Working] = {}
@@ -440,12 +451,21 @@ class BinanceExecutorTask(Executor):
                 measured.append(1)
                 self.tick_to_trade.record(max(time.time_ns() - order.ts_ns, 0))
 
+        if self.fatal is not None:  # the key or signature was refused: sending more would only repeat it
+            self._refused(cid, order, str(self.fatal), log=False)
+            return
         self.sent += 1
         try:
             await self.client.new_order(symbol, "BUY" if order.side == Side.BUY else "SELL",
                                         "LIMIT" if limit else "MARKET", order.qty, price=order.price,
                                         time_in_force=self.time_in_force if limit else None, client_order_id=cid,
                                         on_send=sending)
+        except BinanceAuthError as exc:
+            if self.fatal is None:
+                self.fatal = exc  # the runner stops on it and reports it (one line): not logged here too
+                logger.debug("%s: fatal: %s", self.name, exc)
+            self._refused(cid, order, str(exc), log=False)
+            return
         except BinanceUnavailable as exc:
             if exc.status is None:  # no answer at all: the order may be on the book all the same
                 await self._unanswered(cid, symbol, order, str(exc))
@@ -456,6 +476,7 @@ class BinanceExecutorTask(Executor):
             self._refused(cid, order, str(exc))
             return
         self.acked += 1
+        self._orders_hash.update(self._encode(order))
 
     async def _unanswered(self, cid: str, symbol: str, order: Order, message: str) -> None:
         """A new order got no answer (timeout, dropped connection): ask the server whether it has it, by its
@@ -477,19 +498,29 @@ class BinanceExecutorTask(Executor):
                 await asyncio.sleep(backoff_delay(attempt, 0.2, 2.0))
                 continue
             self.acked += 1
+            self._orders_hash.update(self._encode(order))
             return
         logger.warning("%s: order %s: still no answer (%s); kept as working until an execution report settles it",
                        self.name, order.order_id, message)
 
-    def _refused(self, cid: str, order: Order, message: str) -> None:
+    @property
+    def digest(self) -> str:
+        """Return the digest of the acknowledged orders and the fills published (see the class)."""
+        return hashlib.sha256(self._orders_hash.digest() + self._fills_hash.digest()).hexdigest()
+
+    def _emit(self, fill: Fill) -> None:
+        self._fills_hash.update(self._encode(fill))
+        self._out.put_nowait(fill)
+
+    def _refused(self, cid: str, order: Order, message: str, log: bool = True) -> None:
         self.rejected += 1
         if len(self.errors) < 20:
             self.errors.append(message)
-        if self.rejected <= 5:
+        if log and self.rejected <= 5:
             logger.warning("%s: order %s refused: %s", self.name, order.order_id, message)
         if self._working.pop(cid, None) is not None:
             # Always answer, as the paper executor does: the strategy releases the order's in-flight quantity.
-            self._out.put_nowait(Fill(order.order_id, order.side, 0.0, math.nan, 0.0, order.ts_ns,
+            self._emit(Fill(order.order_id, order.side, 0.0, math.nan, 0.0, order.ts_ns,
                                       requested_qty=order.qty, symbol=order.symbol or self.symbol))
 
     def _on_report(self, r: ExecutionReport) -> None:
@@ -539,7 +570,7 @@ class BinanceExecutorTask(Executor):
             else:
                 self.account.unfilled += 1
             self.account.orders += 1
-            self._out.put_nowait(Fill(order.order_id, order.side, filled,
+            self._emit(Fill(order.order_id, order.side, filled,
                                       work.quote_qty / filled if filled else math.nan, work.fee, r.T * 1_000_000,
                                       Liquidity.MAKER if filled and work.maker else Liquidity.TAKER, order.qty,
                                       work.levels, r.s))

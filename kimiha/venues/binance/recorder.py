@@ -1,7 +1,8 @@
 """Record a live session in the tape format: ``<recv_ts_ns> <JSON>`` lines, gzip, rotated by size or time.
 
-:class:`TapeRecorder` writes exactly the lines a :class:`~kimiha.venues.binance.live.BinanceLiveFeed` hands to
-the pipeline, in that order, the REST snapshots among them where they were applied: a recording replays
+:class:`TapeRecorder` writes exactly the lines a :class:`~kimiha.venues.binance.live.BinanceLiveFeed` queues
+for the pipeline, as they arrive and in the order it hands them out (lines still queued at a stop included),
+the REST snapshots among them where they were applied: a recording replays
 through :func:`~kimiha.venues.binance.replay_lines` (``python -m kimiha demo --data PATH``) into the same book
 states the live run saw.
 

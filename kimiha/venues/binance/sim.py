@@ -41,7 +41,7 @@ import msgspec
 
 from kimiha.trading.book import BookGap, OrderBook
 from kimiha.trading.model import DepthDiff, DepthSnapshot, Quote, Trade
-from kimiha.venues.binance.recording import RecordingPath, recorded_tape, replay_lines
+from kimiha.venues.binance.recording import RecordingPath, iter_lines, recorded_tape, replay_lines
 from kimiha.venues.binance.wire import BinanceParser, Envelope
 
 __all__ = ["LocalExchange", "SimAccount", "SimFaults", "SimOrder"]
@@ -75,11 +75,15 @@ class SimFaults(msgspec.Struct, kw_only=True):
         Then answer this many with ``418`` (the IP is banned) and the same ``Retry-After``.
     retry_after : int
         Seconds in those ``Retry-After`` headers.
+    hold_after : int or None
+        After playing this many messages, wait for :meth:`LocalExchange.resume` before playing on (a test
+        makes what happens meanwhile -- a reconnect -- come before the rest, whatever the machine's load).
     """
 
     drop_diffs: list[int] = []
     close_after: list[int] = []
     silent_after: int | None = None
+    hold_after: int | None = None
     ping_interval: float | None = None
     depth_429: int = 0
     depth_418: int = 0
@@ -195,6 +199,8 @@ class LocalExchange:
         self.snapshot_wait = snapshot_wait
         self.port = 0
         self.finished = asyncio.Event()
+        self._resumed = asyncio.Event()
+        self.held = asyncio.Event()
         self.books: dict[str, OrderBook] = {}
         self._book_live: dict[str, asyncio.Event] = {}
         self._last_trade: dict[str, float] = {}
@@ -225,6 +231,7 @@ class LocalExchange:
         self._snapshot_served = False
         self.depth_request_times: list[float] = []
         self.bad_signatures = 0
+        self._symbols: set[str] | None = None
         self.weight_used = 0
         self._weight_minute = 0
 
@@ -250,6 +257,7 @@ class LocalExchange:
         r.add_get("/api/v3/ping", self._ping)
         r.add_get("/api/v3/time", self._time)
         r.add_get("/api/v3/depth", self._depth)
+        r.add_get("/api/v3/exchangeInfo", self._exchange_info)
         r.add_post("/api/v3/order", self._new_order)
         r.add_delete("/api/v3/order", self._cancel_order)
         r.add_get("/api/v3/order", self._query_order)
@@ -288,6 +296,10 @@ class LocalExchange:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    def resume(self) -> None:
+        """Play on after ``SimFaults.hold_after`` (see :attr:`held`)."""
+        self._resumed.set()
 
     def _start_playing(self) -> None:
         if self._player is None:
@@ -334,6 +346,9 @@ class LocalExchange:
                 if synced and faults.silent_after is not None and played_since == faults.silent_after:
                     for client in self._clients:
                         client.silenced = True
+                if synced and faults.hold_after is not None and played_since == faults.hold_after:
+                    self.held.set()
+                    await self._resumed.wait()
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -445,6 +460,40 @@ class LocalExchange:
 
         return web.json_response({"serverTime": time.time_ns() // 1_000_000}, headers=self._weight(1))
 
+    #: Lines of the recording read to learn its symbols (a symbol that first appears later is not listed).
+    SYMBOL_SCAN_LINES = 20_000
+
+    @property
+    def symbols(self) -> set[str]:
+        """The symbols of the recording (upper case): those named in its first :attr:`SYMBOL_SCAN_LINES`
+        lines' streams. ``GET /api/v3/exchangeInfo`` and ``/api/v3/depth`` refuse others (``-1121``)."""
+        if self._symbols is None:
+            found = set()
+            for line in itertools.islice(iter_lines(self.recording), self.SYMBOL_SCAN_LINES):
+                at = line.find(b'{"stream":"')
+                if at >= 0:
+                    name = line[at + 11:line.find(b"@", at + 11)]
+                    found.add(name.decode("ascii", "replace").upper())
+            self._symbols = found
+        return self._symbols
+
+    async def _exchange_info(self, request: Any) -> Any:
+        from aiohttp import web
+
+        query = request.query
+        try:
+            wanted = ([query["symbol"]] if "symbol" in query else
+                      msgspec.json.decode(query["symbols"], type=list[str]) if "symbols" in query else
+                      sorted(self.symbols))
+        except msgspec.ValidationError:
+            return _error(-1100, "Illegal characters found in parameter 'symbols'.")
+        if any(s.upper() not in self.symbols for s in wanted):
+            return _error(-1121, "Invalid symbol.")
+        body = {"timezone": "UTC", "serverTime": time.time_ns() // 1_000_000,
+                "symbols": [{"symbol": s.upper(), "status": "TRADING"} for s in wanted]}
+        return web.Response(body=msgspec.json.encode(body), content_type="application/json",
+                            headers=self._weight(20))
+
     async def _depth(self, request: Any) -> Any:
         from aiohttp import web
 
@@ -469,6 +518,8 @@ class LocalExchange:
             return _error(-1102, "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed.")
         if not 1 <= limit <= 5000:
             return _error(-1100, "Illegal characters found in parameter 'limit'; legal range is 1..5000.")
+        if symbol not in self.symbols:
+            return _error(-1121, "Invalid symbol.")
         self._book(symbol)
         if self.start_on_connect and self._player is None:
             self._start_playing()

@@ -33,7 +33,8 @@ class BinanceConnector(Connector):
     """Publishes every line of an async line source (a replay, or a live websocket) as a :class:`RawMessage`.
 
     Each ``execute()`` forwards up to ``chunk`` lines, waiting for room (``publish_async``) so a fast source
-    never outruns the pipeline. When the source ends, ``finished`` is set and the connector idles until
+    never outruns the pipeline (``taken`` counts the lines taken from the source, ``lines`` those published).
+    When the source ends, ``finished`` is set and the connector idles until
     shutdown. Under a :class:`~kimiha.clock.SimClock` it sets its clock to each line's recorded receive time
     before publishing the line (firing its own timers due by then first).
     """
@@ -47,6 +48,7 @@ class BinanceConnector(Connector):
         self._channel = bus.channel(TradingEvent.RAW_MARKET_DATA)
         self._chunk = chunk
         self.lines = 0
+        self.taken = 0
         self.finished = asyncio.Event()
 
     async def execute(self) -> None:
@@ -65,6 +67,7 @@ class BinanceConnector(Connector):
             except StopAsyncIteration:
                 self.finished.set()
                 return
+            self.taken += 1  # (``taken - lines``: taken, not published: a stop cancelled the publish)
             if sim is not None and (ts := recv_ts_of(line)) is not None and not sim.set_time(ts):
                 await sim.advance_to(ts)
             await publish(RawMessage(line))

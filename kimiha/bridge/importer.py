@@ -69,6 +69,7 @@ from kimiha.error import (
 )
 from kimiha.event_bus import EventBus
 from kimiha.logs import fields
+from kimiha.types import _msgspec_dec_hook
 
 __all__ = ["CONFIRM", "ChannelImporter", "SenderState"]
 
@@ -1065,7 +1066,8 @@ class ChannelImporter(ChannelEndpoint):
             return
         if self._decoder is None:
             ptype = self._channel.payload_type
-            self._decoder = msgspec.msgpack.Decoder(ptype) if ptype is not None else msgspec.msgpack.Decoder()
+            self._decoder = (msgspec.msgpack.Decoder(ptype, dec_hook=_msgspec_dec_hook) if ptype is not None
+                             else msgspec.msgpack.Decoder())
         obj = self._decoder.decode(data)
         await self._channel.publish_async(obj)
 

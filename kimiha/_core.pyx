@@ -9,8 +9,8 @@ coalesced to one loop callback (handlers) or one future (pulling readers) per ba
 """
 
 cimport cython
-from cpython.object cimport PyObject, PyTypeObject
-from cpython.ref cimport Py_INCREF
+from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset
@@ -44,6 +44,34 @@ from kimiha.error import (
 
 cdef extern from *:
     int __builtin_clzll(unsigned long long) nogil
+
+# One positional argument through vectorcall, with the spare slot before it that lets a bound method put
+# its ``self`` in front without copying the arguments (PY_VECTORCALL_ARGUMENTS_OFFSET).
+cdef extern from *:
+    """
+    static inline PyObject *kimiha_call1(PyObject *callable, PyObject *arg) {
+        PyObject *args[2] = {NULL, arg};
+        return PyObject_Vectorcall(callable, args + 1, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+    """
+    PyObject* kimiha_call1(PyObject* callable, PyObject* arg)
+
+# A handler that is a Python function, or a method bound to one, is called through the function's own
+# vectorcall entry with its ``self`` put in front here: no bound-method hop and no generic call checks.
+cdef extern from *:
+    """
+    static inline PyObject *kimiha_call_func(PyObject *func, PyObject *self, PyObject *arg) {
+        vectorcallfunc call = PyVectorcall_Function(func);
+        if (self == NULL) {
+            PyObject *args[2] = {NULL, arg};
+            return call(func, args + 1, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        } else {
+            PyObject *args[3] = {NULL, self, arg};
+            return call(func, args + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        }
+    }
+    """
+    PyObject* kimiha_call_func(PyObject* func, PyObject* self, PyObject* arg)
 
 # A ready event is handed to ``await`` through the am_send slot (CPython >= 3.10): no coroutine object and
 # no StopIteration per event. Cython does not generate am_send, so a few lines of C install it.
@@ -100,6 +128,8 @@ cdef object _CancelledError = asyncio.CancelledError
 cdef object _current_task = asyncio.current_task
 cdef object _format_exception = traceback.format_exception
 cdef object _Coroutine = collections.abc.Coroutine
+cdef object _MethodType = types.MethodType
+cdef object _FunctionType = types.FunctionType
 cdef object _partial = functools.partial
 cdef object _iscoroutinefunction = inspect.iscoroutinefunction
 
@@ -112,6 +142,11 @@ cdef enum:
     INLINE_DEPTH_C = 16
 INLINE_DEPTH = INLINE_DEPTH_C
 cdef int _inline_depth = 0
+
+
+cdef int _raise_pending() except -1:
+    """Raise the exception a raw C-API call left set (its caller saw NULL): for an ``except`` clause."""
+    return -1
 
 
 cdef inline int64_t now_ns() noexcept nogil:
@@ -427,6 +462,8 @@ cdef class Channel:
     # -- checks and room ----------------------------------------------------------------------------------------
 
     cdef int check_payload(self, object payload) except -1:
+        if <PyObject*>Py_TYPE(payload) is <PyObject*>self.payload_classes:
+            return 0                  # the common case: exactly the channel's one payload class
         if self.payload_classes is None:
             if payload is None:
                 raise PayloadTypeError(
@@ -488,12 +525,15 @@ cdef class Channel:
             # payload that cannot be encoded is refused before anything is written instead of failing a
             # reader later. The frame is made once either way; channels without frames readers skip this.
             return self.write(payload, self.encode_c(payload))
-        if self.push_subs and not self.dispatch_scheduled and not self.inline:
+        if not self.inline and not self.dispatch_scheduled and self.push_subs:
             self.schedule_dispatch()  # before the write: when the loop is gone this raises with nothing written
         idx = self.slot(self.tail)
         self.objs[idx] = payload
-        if frame is not None or self.frames[idx] is not None:
+        if frame is not None:
             self.frames[idx] = frame
+            self.framed = True
+        elif self.framed and self.frames[idx] is not None:
+            self.frames[idx] = None       # an older event's frame: not this event's
         # Frames readers (bridge, journal) carry every event's publish time on, so they get every stamp.
         if self.track_latency and (self.n_frame_subs or self.sampled(self.tail)):
             self.stamps[idx] = now_ns()
@@ -502,7 +542,10 @@ cdef class Channel:
             self.wake_readers()
         n = len(self.push_subs) + len(self.pull_refs)
         if self.inline and self.push_subs:
-            self.deliver_inline()
+            if len(self.push_subs) == 1 and not self.delivering and _inline_depth < INLINE_DEPTH_C:
+                self.deliver_one(<Subscription>self.push_subs[0], payload)
+            else:
+                self.deliver_inline()
         return n
 
     cdef inline bint sampled(self, uint64_t seq) noexcept:
@@ -510,6 +553,54 @@ cdef class Channel:
         if self.sample_pow2:
             return (seq & self.sample_mask) == 0
         return seq % self.latency_sample == 0
+
+    cdef int deliver_one(self, Subscription sub, object event) except -1:
+        """Dispatch.INLINE, the common case: one handler, which has had every event before this one.
+
+        The handler is called straight from C (no budget loop, no exception frame around the call); anything
+        else -- a sampled event (timed), a paused or closed subscriber, a Handler subclass, a backlog, a frames
+        reader -- takes :meth:`deliver_inline`, as does whatever the handler published to this channel.
+        """
+        global _inline_depth
+        cdef uint64_t seq = self.tail - 1
+        cdef PyObject* result
+        if (sub.cursor != seq or sub.paused or sub.closed or sub.frames or sub.c_handler is not None
+                or sub.handler_time is not None or (self.track_latency and self.sampled(seq))):
+            return self.deliver_inline()
+        if self.high_water_mark == 0:
+            self.high_water_mark = 1
+        sub.cursor = self.tail
+        sub.delivered += 1
+        self.delivered += 1
+        self.delivering = True
+        _inline_depth += 1
+        if sub.func is not None:
+            result = kimiha_call_func(<PyObject*>sub.func, <PyObject*>sub.func_self if sub.func_self is not None
+                                      else NULL, <PyObject*>event)
+        else:
+            result = kimiha_call1(<PyObject*>sub.handler, <PyObject*>event)
+        self.delivering = False
+        _inline_depth -= 1
+        if result is NULL:
+            try:
+                sub.call_failed(event)
+            except BaseException:
+                # KeyboardInterrupt / SystemExit: what the handler published waits for the loop, and the
+                # exception goes on to the publisher.
+                if self.tail != sub.cursor:
+                    self.defer_inline()
+                raise
+        elif result is not <PyObject*>None:
+            sub.check_result(result, event)
+        else:
+            Py_XDECREF(result)
+        if self.tail != sub.cursor or len(self.push_subs) != 1:
+            # The handler published to this channel, or subscribed another handler: the general delivery
+            # gives every subscriber what it has not had, in order.
+            self.deliver_inline()
+        elif self.block and (self.pub_waiters or self.pending):
+            self.reader_advanced()
+        return 0
 
     cdef int deliver_inline(self) except -1:
         """Dispatch.INLINE: call the handlers now, on the publisher's stack, for every event they have not had.
@@ -989,6 +1080,7 @@ cdef class Channel:
                 raise SerializationError(
                     f"channel {self.name!r}: payload {self.objs[idx]!r:.200} cannot be encoded: {exc}") from None
             self.frames[idx] = frame
+            self.framed = True
         return frame
 
     # -- subscribing --------------------------------------------------------------------------------------------
@@ -1047,6 +1139,11 @@ cdef class Channel:
         sub.handler = handler
         if isinstance(handler, Handler):
             sub.c_handler = <Handler>handler
+        elif type(handler) is _MethodType and type(handler.__func__) is _FunctionType:
+            sub.func = handler.__func__
+            sub.func_self = handler.__self__
+        elif type(handler) is _FunctionType:
+            sub.func = handler
         sub.on_lag = on_lag
         sub.on_error = on_error
         sub.frames = frames
@@ -1348,9 +1445,11 @@ cdef class Subscription:
         cdef Py_ssize_t n = 0
         cdef uint64_t seq
         cdef object handler = self.handler
+        cdef object func = self.func
+        cdef PyObject* self_ptr = <PyObject*>self.func_self if self.func_self is not None else NULL
         cdef Handler c_handler = self.c_handler
         cdef object event
-        cdef object result
+        cdef PyObject* result
         cdef LatencyHistogram timing = self.handler_time
         cdef int64_t t0 = 0
         cdef bint sample
@@ -1374,25 +1473,61 @@ cdef class Subscription:
                 t0 = now_ns()
                 if ch.track_latency:
                     ch.latency.record_c(t0 - ch.stamps[idx])
-            try:
-                if self.frames:
-                    event = (seq, ch.stamps[idx], ch.frame_at(idx))
+            if self.frames or c_handler is not None:
+                self.call_guarded(seq, idx)
+            else:
+                # A plain callable: called straight through vectorcall, with no exception frame set up per
+                # event; a failure (NULL) takes the guarded path's handling.
+                event = ch.objs[idx]
+                if func is not None:
+                    result = kimiha_call_func(<PyObject*>func, self_ptr, <PyObject*>event)
                 else:
-                    event = ch.objs[idx]
-                if c_handler is not None:
-                    c_handler.on_event(event)
+                    result = kimiha_call1(<PyObject*>handler, <PyObject*>event)
+                if result is NULL:
+                    self.call_failed(event)
+                elif result is not <PyObject*>None:
+                    self.check_result(result, event)
                 else:
-                    result = handler(event)
-                    # A sync handler returns None; a coroutine means an async one slipped past subscribe().
-                    if result is not None and isinstance(result, _Coroutine):
-                        self.handler_returned_coroutine(result, ch.objs[idx])
-            except (Exception, _CancelledError) as exc:  # no task cancels a plain call: its own failure
-                self.handler_failed(exc, ch.objs[idx])
+                    Py_XDECREF(result)
             if sample and timing is not None:
                 timing.record_c(now_ns() - t0)
             if self.paused:
                 return False
         return False
+
+    cdef int call_guarded(self, uint64_t seq, Py_ssize_t idx) except -1:
+        """Deliver one event to a frames subscriber or a :class:`Handler` (whose ``on_event`` is a C call)."""
+        cdef Channel ch = self.channel
+        try:
+            if self.frames:
+                event = (seq, ch.stamps[idx], ch.frame_at(idx))
+            else:
+                event = ch.objs[idx]
+            if self.c_handler is not None:
+                self.c_handler.on_event(event)
+            else:
+                result = self.handler(event)
+                if result is not None and isinstance(result, _Coroutine):
+                    self.handler_returned_coroutine(result, ch.objs[idx])
+        except (Exception, _CancelledError) as exc:  # no task cancels a plain call: its own failure
+            self.handler_failed(exc, ch.objs[idx])
+        return 0
+
+    cdef int call_failed(self, object event) except -1:
+        """The handler raised (a raw call returned NULL): isolate an ``Exception``; let the rest go on up."""
+        try:
+            _raise_pending()
+        except (Exception, _CancelledError) as exc:  # no task cancels a plain call: its own failure
+            self.handler_failed(exc, event)
+        return 0
+
+    cdef int check_result(self, PyObject* result, object event) except -1:
+        """A handler returned something (steals ``result``): a coroutine means an async one slipped past."""
+        ret = <object>result
+        Py_XDECREF(result)
+        if isinstance(ret, _Coroutine):
+            self.handler_returned_coroutine(ret, event)
+        return 0
 
     cdef int handler_failed(self, object exc, object event) except -1:
         self.errors += 1

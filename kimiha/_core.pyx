@@ -23,12 +23,12 @@ import functools
 import inspect
 import logging
 import threading
-import traceback
 import types
 import weakref
 
 import msgspec
 
+from kimiha import logs as _logs
 from kimiha.channel_config import ChannelConfig
 from kimiha.types import _msgspec_dec_hook, _msgspec_enc_hook
 from kimiha.error import (
@@ -126,8 +126,10 @@ cdef object _sleep = asyncio.sleep
 cdef object _get_ident = threading.get_ident
 cdef object _CancelledError = asyncio.CancelledError
 cdef object _current_task = asyncio.current_task
-cdef object _format_exception = traceback.format_exception
 cdef object _Coroutine = collections.abc.Coroutine
+cdef object _log_traceback = _logs.log_traceback
+cdef object _log_fields = _logs.fields
+cdef object _ERROR = logging.ERROR
 cdef object _MethodType = types.MethodType
 cdef object _FunctionType = types.FunctionType
 cdef object _partial = functools.partial
@@ -1292,6 +1294,9 @@ cdef class Channel:
             "handler_errors": self.handler_errors,
             "pending_threadsafe": len(self.pending),
             "dropped_on_close": self.dropped_on_close,
+            "dispatch": "INLINE" if self.inline else "LOOP",
+            "inline_deferred": self.inline_deferred,
+            "latency_sample": self.latency_sample,
             "latency_ns": self.latency.summary(),
             "per_subscriber": [(<Subscription>s).stats() for s in subs],
         }
@@ -1542,11 +1547,14 @@ cdef class Subscription:
                 return 0
         # Text only and rate-limited: a record holding the exception keeps the failing frames alive.
         if self.errors <= 10:
-            logger.error("handler %r on channel %r raised on %.200r (error %d):\n%s", self.handler,
-                         self.channel.name, event, self.errors, "".join(_format_exception(exc)).rstrip())
+            # The traceback goes in the record's exception text (a JSON line's ``exception`` field), not in
+            # the message.
+            _log_traceback(logger, _ERROR, exc, "handler %r on channel %r raised on %.200r (error %d)",
+                           self.handler, self.channel.name, event, self.errors,
+                           extra=_log_fields(channel=self.channel.name))
         elif self.errors % 1000 == 0:
             logger.error("handler %r on channel %r: %r (%d errors so far)", self.handler, self.channel.name,
-                         exc, self.errors)
+                         exc, self.errors, extra=_log_fields(channel=self.channel.name))
         return 0
 
     cdef int handler_returned_coroutine(self, object coro, object event) except -1:

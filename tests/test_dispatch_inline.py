@@ -430,3 +430,22 @@ def test_a_sync_handler_returning_a_coroutine_is_an_error_on_the_inline_fast_pat
         bus.close()
 
     run(main())
+
+
+def test_stats_say_the_dispatch_mode_the_sample_and_what_was_deferred(run):
+    async def main():
+        bus = EventBus([(Ev.A, inline(latency_sample=4)), (Ev.B, ChannelConfig(8, payload_type=Tick))])
+
+        def again(event: Tick) -> None:
+            if event.seq < 3 * INLINE_DEPTH:
+                bus.publish(Ev.A, Tick(event.seq + 1))
+
+        bus.subscribe(Ev.A, again)
+        bus.publish(Ev.A, Tick(0))
+        a, b = bus.stats(Ev.A), bus.stats(Ev.B)
+        assert (a["dispatch"], b["dispatch"]) == ("INLINE", "LOOP")
+        assert (a["latency_sample"], b["latency_sample"]) == (4, 32)
+        assert a["inline_deferred"] == bus.channel(Ev.A).inline_deferred and b["inline_deferred"] == 0
+        bus.close()
+
+    run(main())

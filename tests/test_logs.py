@@ -393,3 +393,33 @@ def test_logging_configured_before_importing_kimiha_is_kept_and_lines_are_not_do
     lines = out.stderr.strip().splitlines()
     assert lines[0] == "APP ERROR kimiha.scheduler task 't' failed in handle_event (error 1)"
     assert lines[-1] == "ValueError: x" and sum("failed in handle_event" in line for line in lines) == 1
+
+
+def test_a_failing_plain_handler_logs_its_traceback_as_exception_text_not_in_the_message(caplog):
+    """The core's own report (no on_error callback): one line of message, the traceback in exc_text (a JSON
+    line's ``exception`` field), and the channel as a structured field."""
+
+    class Ev(EventType):
+        A = "A"
+
+    class Tick(Event):
+        seq: int
+
+    def handler(event: Tick) -> None:
+        raise ValueError(f"bad tick {event.seq}")
+
+    async def main() -> None:
+        bus = EventBus([(Ev.A, ChannelConfig(8, payload_type=Tick))])
+        bus.subscribe(Ev.A, handler)
+        bus.publish(Ev.A, Tick(7))
+        await asyncio.sleep(0)
+        bus.close()
+
+    with caplog.at_level(logging.ERROR, logger="kimiha"):
+        asyncio.run(main())
+    (record,) = [r for r in caplog.records if "raised on" in r.getMessage()]
+    assert "\n" not in record.getMessage() and "Traceback" not in record.getMessage()
+    assert "ValueError: bad tick 7" in record.exc_text and "Traceback" in record.exc_text
+    assert record.channel == "A"
+    line = json.loads(JsonFormatter().format(record))
+    assert "ValueError: bad tick 7" in line["exception"] and line["channel"] == "A"

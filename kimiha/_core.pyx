@@ -1721,25 +1721,33 @@ cdef class Subscription:
         """Await ``handler(event)`` for every event, one at a time, in order, until the subscription closes.
 
         The compiled pump behind coroutine event handlers: it receives in batches, keeps ``in_hand`` (events
-        received but not finished) and ``handled`` up to date, records each call's duration in ``timing``,
+        received but not finished) and ``handled`` up to date, records the duration of the calls on the
+        channel's latency sample (every ``latency_sample``-th sequence number, as for sync handlers) in ``timing``,
         and on an exception (or a ``CancelledError`` that is not the pump's own cancellation) calls
         ``on_error(exc, event)``, which may return a delay (seconds) to wait before the next event. It returns once ``cursor`` reaches ``drain_target`` (when set, i.e. >= 0) with nothing
         in hand.
         """
         self.check_pull()
-        cdef int64_t t0
+        cdef int64_t t0 = 0
         cdef list batch
+        cdef uint64_t seq
+        cdef bint sample
+        cdef Channel ch = self.channel
         while True:
             try:
                 batch = await self.recv_batch()
             except ChannelClosed:
                 return
             self.in_hand = len(batch)
+            seq = self.cursor - <uint64_t>len(batch)   # the batch is the events just before the cursor
             for event in batch:
                 if self.closed:
                     self.in_hand = 0
                     return
-                t0 = now_ns()
+                sample = timing is not None and ch.sampled(seq)
+                seq += 1
+                if sample:
+                    t0 = now_ns()
                 try:
                     await handler(event)
                 except (Exception, _CancelledError) as exc:
@@ -1751,7 +1759,7 @@ cdef class Subscription:
                         await _sleep(delay)
                 else:
                     self.handled += 1
-                    if timing is not None:
+                    if sample:
                         timing.record_c(now_ns() - t0)
                 finally:
                     self.in_hand -= 1

@@ -473,8 +473,9 @@ class Scheduler:
             await sleep(interval)  # yields every iteration, so an execute() that never awaits cannot starve
 
     async def _handle_one(self, info: TaskInfo, handler: Any, event: Any, timeout: float | None,
-                          lock: asyncio.Lock | None, latency: LatencyHistogram) -> None:
-        started = monotonic_ns()
+                          lock: asyncio.Lock | None, latency: LatencyHistogram | None) -> None:
+        """Await one event's handler under the task's supervision; time it into ``latency`` unless None."""
+        started = monotonic_ns() if latency is not None else 0
         deadline = None
         try:
             if lock is not None:
@@ -499,7 +500,8 @@ class Scheduler:
                 await asyncio.sleep(delay)
             return
         info.events_handled += 1
-        latency.record(monotonic_ns() - started)
+        if latency is not None:
+            latency.record(monotonic_ns() - started)
         if info.consecutive_failures:
             self._supervisor.succeeded(info)
 
@@ -508,16 +510,20 @@ class Scheduler:
         handler = self._timed(info, info.task.handle_event, True)
         timeout = info.supervision.handler_timeout
         latency = info.latency
+        sample = max(1, sub.channel.latency_sample)
         while True:
             try:
                 batch = await sub.recv_batch()
             except ChannelClosed:
                 return
             sub.in_hand = len(batch)
+            seq = sub.cursor - len(batch)  # timed on the channel's sample, as sync and compiled-pump handlers
             for event in batch:
+                timed = latency if seq % sample == 0 else None
+                seq += 1
                 try:
                     if not sub.closed:
-                        await self._handle_one(info, handler, event, timeout, lock, latency)
+                        await self._handle_one(info, handler, event, timeout, lock, timed)
                 finally:
                     sub.in_hand -= 1
             if 0 <= sub.drain_target <= sub.cursor:

@@ -648,3 +648,42 @@ def test_signal_to_a_subprocess_runs_every_hook_and_exits_zero(tmp_path, signum)
             proc.kill()
     assert proc.returncode == 0, err
     assert log.read_text().splitlines() == ["feed.shutdown", "sink.shutdown", "exited cleanly"]  # reverse order
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0], ids=["compiled pump", "python pump (handler_timeout)"])
+@pytest.mark.parametrize("handler_kind", ["sync", "async"])
+def test_handler_times_are_the_channels_sample_for_every_kind_of_handler(run, timeout, handler_kind):
+    """README: the handler times in the registry are a 1-in-latency_sample sample of the deliveries, for
+    sync handlers, the compiled pump of async handlers and the Python pump (a timeout) alike."""
+
+    class SyncTask(EventTask):
+        def subscribed_event(self):
+            return Ev.MARKET_DATA
+
+        def handle_event(self, event):
+            pass
+
+    class AsyncTask(SyncTask):
+        async def handle_event(self, event):
+            pass
+
+    async def main():
+        bus = EventBus([(Ev.MARKET_DATA, ChannelConfig(64, payload_type=Tick, latency_sample=4))])
+        sched = Scheduler(bus)
+        supervision = Supervision(handler_timeout=timeout) if timeout else None
+        task = SyncTask() if handler_kind == "sync" else AsyncTask()
+        if supervision is None:
+            sched.register_event_task(task)
+        else:
+            sched.register_event_task(task, supervision=supervision)
+        await sched.start()
+        for i in range(20):
+            bus.publish(Ev.MARKET_DATA, Tick(i))
+            if i % 7 == 6:
+                await asyncio.sleep(0)
+        info = sched.registry.get(type(task).__name__)
+        await wait_until(lambda: info.handled() == 20, "20 handled")
+        assert info.handler_latency().count == 5      # seq 0, 4, 8, 12, 16
+        await sched.shutdown()
+
+    run(main())

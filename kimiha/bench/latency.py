@@ -7,8 +7,11 @@ so that the consumers run. Each consumer records ``monotonic_ns() - event.ts`` i
 :class:`kimiha.LatencyHistogram` (HDR-style, <= 1.6 % relative error) when its handler is reached. With 4
 subscribers every delivery is recorded, so the 4th handler's wait counts as much as the 1st's.
 
-Cases, each with 1 and 4 subscribers (the floor with 1):
+Cases, each with 1 and 4 subscribers (the floors with 1):
 
+* ``direct``         -- the publisher calls the handler itself (through the same one-line wrapper the INLINE case
+                        publishes through): what stamping, making the event and reading the clock in the handler
+                        cost, i.e. the floor of this measurement. INLINE's latency beyond it is kimiha's.
 * ``call_soon``      -- ``loop.call_soon(handler, event)``: the cost of one pass through the event loop, the floor
                         of anything that hands an event from a task to a loop callback.
 * ``kimiha``         -- kimiha handler subscriptions (``bus.subscribe(key, handler)``), called by the compiled
@@ -63,6 +66,7 @@ QUICK_EVENTS = 20_000
 WARMUP_EVENTS = 2_000
 
 KINDS = {
+    "direct": "direct call (measurement floor)",
     "call_soon": "loop.call_soon hop (floor)",
     "kimiha": "kimiha handler",
     "kimiha-inline": "kimiha handler, INLINE",
@@ -142,6 +146,16 @@ def make_recorder(hist: LatencyHistogram, warmup: int) -> Callable[[Stamped], No
     return handler
 
 
+async def run_direct(hist: LatencyHistogram, subs: int, n: int, warmup: int, interval: int) -> dict[str, Any]:
+    handler = make_recorder(hist, warmup)
+
+    def publish(event: Stamped) -> None:
+        handler(event)
+
+    pacing = await pace([publish], n, warmup, interval)
+    return {"pacing": pacing}
+
+
 async def run_call_soon(
     hist: LatencyHistogram, subs: int, n: int, warmup: int, interval: int
 ) -> dict[str, Any]:
@@ -206,6 +220,7 @@ async def run_queue(hist: LatencyHistogram, subs: int, n: int, warmup: int, inte
 
 
 RUNNERS: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
+    "direct": run_direct,
     "call_soon": run_call_soon,
     "kimiha": run_kimiha,
     "kimiha-inline": run_kimiha_inline,
@@ -396,6 +411,14 @@ def format_report(
                 f"  {KINDS[row['case']]:<24} {row['subscribers']} subscriber(s) {row['percentile']:<6} {us(row['value_ns']):>7} us "
                 f"(target <= {us(row['target_ns'])} us) {'met' if row['met'] else 'MISSED'}"
             )
+    by_key = {c.key: c for c in cases}
+    floor = by_key.get("direct/uvloop/1")
+    inline = by_key.get("kimiha-inline/uvloop/1")
+    if floor is not None and inline is not None and floor.hist.count and inline.hist.count:
+        lines.append("kimiha's share of the INLINE latency (uvloop, 1 subscriber): INLINE minus the direct-call floor")
+        for name, q in (("p50", 50.0), ("p99", 99.0)):
+            a, b = inline.hist.percentile(q), floor.hist.percentile(q)
+            lines.append(f"  {name:<6} {us(a)} - {us(b)} = {us(a - b)} us")
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -440,6 +463,7 @@ def to_json(cases: list[LatencyCase], args: argparse.Namespace, info: dict[str, 
 
 
 STYLE = {
+    "direct": {"color": "0.3", "linestyle": ":", "linewidth": 1.3},
     "call_soon": {"color": "0.55", "linestyle": "--", "linewidth": 1.3},
     "kimiha": {"color": "#1f5fbf", "linestyle": "-", "linewidth": 2.4},
     "kimiha-inline": {"color": "#9467bd", "linestyle": "-", "linewidth": 2.0},
@@ -604,7 +628,7 @@ def build_cases(loops: list[str]) -> list[LatencyCase]:
     for subs in SUBSCRIBER_COUNTS:
         for loop in loops:
             for kind in KINDS:
-                if kind == "call_soon" and subs != 1:
+                if kind in ("direct", "call_soon") and subs != 1:
                     continue
                 cases.append(LatencyCase(kind, loop, subs))
     return cases

@@ -393,8 +393,11 @@ class SimClock(Clock):
 
     Parameters
     ----------
-    start_ns : int, default 0
-        The time before the first advance.
+    start_ns : int, optional
+        The time before the first advance. Left out, the clock starts at the first time the data gives it:
+        ``now_ns()`` is 0 until then, and a periodic timer set before then without ``start_ns``/``stop_ns``
+        (in a task's ``initialize``, say) counts its first interval from that first time -- not from 0, which
+        would make it fire once per interval over the decades up to the data's epoch timestamps.
     time_of : callable, optional
         Under a scheduler: ``time_of(event)`` gives the time an event task's clock moves to before the task
         handles ``event`` (None: the event does not move it). Default :func:`receive_time` (the event's
@@ -404,12 +407,18 @@ class SimClock(Clock):
 
     simulated = True
 
-    def __init__(self, start_ns: int = 0, *, time_of: Callable[[Any], int | None] = receive_time) -> None:
+    def __init__(self, start_ns: int | None = None, *,
+                 time_of: Callable[[Any], int | None] = receive_time) -> None:
         super().__init__()
-        _check_ns("SimClock", "start_ns", start_ns, low=0)
+        if start_ns is not None:
+            _check_ns("SimClock", "start_ns", start_ns, low=0)
         if not callable(time_of):
             raise InvalidConfigurationError(f"SimClock: time_of must be callable, got {time_of!r}")
-        self._now = start_ns
+        self._now = 0 if start_ns is None else start_ns
+        #: Whether the clock has a time yet (start_ns given, or moved by the data); on the root clock.
+        self._started = start_ns is not None
+        #: Periodic timers set before the clock had a time: their first interval counts from its first time.
+        self._floating: list[tuple[_Table, _Timer]] = []
         self.time_of = time_of
         self._parent: SimClock | None = None
         self._views: list[SimClock] = []
@@ -428,6 +437,28 @@ class SimClock(Clock):
         latest any of its views reached."""
         return self._parent if self._parent is not None else self
 
+    @property
+    def started(self) -> bool:
+        """Whether the clock has a time: ``start_ns`` was given, or the data has moved it."""
+        return self.root._started
+
+    def set_timer(self, name: str, interval_ns: int, callback: TimerCallback, *, start_ns: int | None = None,
+                  stop_ns: int | None = None) -> None:
+        root = self.root
+        super().set_timer(name, interval_ns, callback, start_ns=start_ns, stop_ns=stop_ns)
+        if not root._started and start_ns is None and stop_ns is None:
+            root._floating.append((self._table, self._table.timers[(self._owner, name)]))
+
+    def _start(self, ts_ns: int) -> None:
+        """The data gives the clock its first time: anchor the timers set before it there."""
+        root = self.root
+        root._started = True
+        for table, timer in root._floating:   # each task view keeps its own timers
+            if timer.live:
+                timer.next_ns += ts_ns
+                heapq.heappush(table.heap, (timer.next_ns, timer.order, timer))
+        root._floating.clear()
+
     def due_by(self, ts_ns: int) -> bool:
         """Return whether a timer is due at or before ``ts_ns`` (an advance to it would fire one)."""
         due = self._table.earliest()
@@ -436,6 +467,8 @@ class SimClock(Clock):
     def set_time(self, ts_ns: int) -> bool:
         """Move the clock to ``ts_ns`` when no timer is due by then and return True; else return False
         (call :meth:`advance_to`, which fires them). The cheap path of a producer setting the time per line."""
+        if not self._parent_started():
+            self._start(ts_ns)
         if ts_ns <= self._now:
             return True
         due = self._table.earliest()
@@ -477,6 +510,8 @@ class SimClock(Clock):
     def _fire_due(self, ts_ns: int) -> Iterator[tuple[_Timer, Any]]:
         """Fire the timers due by ``ts_ns`` in order, yielding each awaitable a callback returned (the caller
         awaits or schedules it before the next timer fires); then move the clock to ``ts_ns``."""
+        if not self._parent_started():
+            self._start(ts_ns)
         if ts_ns <= self._now:
             ts_ns = self._now
         table = self._table
@@ -492,6 +527,9 @@ class SimClock(Clock):
         parent = self._parent
         if parent is not None and ts_ns > parent._now:
             parent._now = ts_ns
+
+    def _parent_started(self) -> bool:
+        return self.root._started
 
     def _for_task(self, owner: Any, on_error: ErrorHandler,
                   time_of: Callable[[Any], int | None] | None = None) -> Clock:

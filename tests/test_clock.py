@@ -508,3 +508,61 @@ def test_a_name_in_use_names_the_method_called():
         clock.set_time_alert("g", 5, lambda e: None)
     with pytest.raises(InvalidConfigurationError, match=r"SimClock.set_timer\('g'\): a timer of that name"):
         clock.set_timer("g", 5, lambda e: None)
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync-handler", "async-handler"])
+def test_a_periodic_timer_set_in_initialize_counts_from_the_datas_first_time(run, use_async):
+    """SimClock() with no start_ns has no time until the data gives it one: a timer a task sets in
+    initialize() counts its first interval from the first event's time, instead of firing once per interval
+    from 0 up to the data's epoch timestamps (a million times here, 1e9 per second of epoch in real data)."""
+    epoch = 1_000 * 10**9                     # the data starts 1,000 s after 0
+    ms = 10**6
+
+    class Periodic(EventTask):
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, int]] = []
+
+        def subscribed_event(self) -> Ev:
+            return Ev.TICKS
+
+        async def initialize(self) -> None:
+            assert not self.clock.started and self.clock.now_ns() == 0
+            self.clock.set_timer("every-ms", ms, lambda e: self.seen.append(("timer", e.ts_ns)))
+
+        def on_tick(self, event: Tick) -> None:
+            self.seen.append(("tick", event.recv_ts_ns))
+
+        if use_async:
+            async def handle_event(self, event: Tick) -> None:
+                self.on_tick(event)
+        else:
+            def handle_event(self, event: Tick) -> None:
+                self.on_tick(event)
+
+    async def main():
+        bus = EventBus([(Ev.TICKS, ChannelConfig(64, payload_type=Tick))])
+        task = Periodic()
+        clock = SimClock()
+        async with Scheduler(bus, clock=clock) as scheduler:
+            scheduler.register_event_task(task)
+            await scheduler.start()
+            for n, ts in enumerate([epoch, epoch + ms // 2, epoch + 2 * ms + 1]):
+                bus.publish(Ev.TICKS, Tick(n, ts))
+            await _wait_for(lambda: sum(1 for kind, _ in task.seen if kind == "tick") == 3)
+            assert clock.started
+        return task.seen
+
+    seen = run(main())
+    assert seen == [("tick", epoch), ("tick", epoch + ms // 2), ("timer", epoch + ms), ("timer", epoch + 2 * ms),
+                    ("tick", epoch + 2 * ms + 1)]
+
+
+def test_an_explicit_start_keeps_timers_anchored_there(run):
+    async def main():
+        clock = SimClock(0)
+        fired = []
+        clock.set_timer("t", 10, lambda e: fired.append(e.ts_ns))
+        await clock.advance_to(35)
+        return fired
+
+    assert run(main()) == [10, 20, 30]

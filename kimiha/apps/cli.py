@@ -194,9 +194,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                       help=f"with --distributed: how long to wait for the NATS server to accept a connection "
                            f"before giving up (default {CONNECT_TIMEOUT:g})")
     demo.add_argument("--stop-timeout", type=_stop_seconds, default=None, metavar="SECONDS",
-                      help=f"with --distributed: at Ctrl-C or SIGTERM, how long the processes get to stop in order "
-                           f"(the feed ends its replay, each process hands on everything it received); past it "
-                           f"every process stops at once and the summary counts what was not delivered "
+                      help=f"with --distributed: at Ctrl-C or SIGTERM, how long the processes get to stop in "
+                           f"order (the feed ends its replay, each process hands on everything it received); "
+                           f"past it every process stops at once, the summary counting what was not handed on "
                            f"(default {DRAIN_TIMEOUT:g}; 0: stop at once)")
     # -- time: the order latency of the paper executor, and the PnL at several latencies (issue 14) --
     demo.add_argument("--latency", type=_milliseconds, default=0.0, metavar="MS",

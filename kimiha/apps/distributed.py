@@ -94,9 +94,9 @@ CHILD_EXIT_MARGIN = 3.0
 #: After a stop request (Ctrl-C, SIGTERM, the end of the run, a failed process): how long the processes get to
 #: stop and report before the coordinator sends SIGTERM.
 STOP_GRACE = CHILD_SHUTDOWN_TIMEOUT + CHILD_FLUSH_TIMEOUT + CHILD_EXIT_MARGIN
-#: Default of ``--stop-timeout``: after Ctrl-C or SIGTERM, how long the ordered stop may take (the feed ends its
-#: replay, each process ends its stream once it handled everything its upstream published) before every process
-#: is told to stop at once (then STOP_GRACE and the ladder below).
+#: Default of ``--stop-timeout``: after Ctrl-C or SIGTERM, how long the ordered stop may take (the feed ends
+#: its replay, each process ends its stream once it handled everything its upstream published) before every
+#: process is told to stop at once (then STOP_GRACE and the ladder below).
 DRAIN_TIMEOUT = 10.0
 #: After SIGTERM, before SIGKILL; and after SIGKILL, how long to wait for the exit to be reaped.
 TERM_GRACE = 3.0
@@ -282,7 +282,8 @@ class _Process:
     """One child's pipeline: its bus, the demo's components of its role and its bridge, built as a partial
     pipeline (:class:`~kimiha.orchestrator.TradingOrchestratorBuilder` with ``partial=True``)."""
 
-    def __init__(self, opts: argparse.Namespace, go: asyncio.Event, finish: asyncio.Event | None = None) -> None:
+    def __init__(self, opts: argparse.Namespace, go: asyncio.Event,
+                 finish: asyncio.Event | None = None) -> None:
         from kimiha.bridge import ENV_TOKEN, Delivery, NatsBridge, ShmBridge
         from kimiha.orchestrator import TradingOrchestratorBuilder
 
@@ -805,9 +806,9 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
             event = await _next_event(events, timeout)
             if event is None:
                 if phase == _Phase.ORDERED:
-                    out.write(f"kimiha demo --distributed: the ordered stop did not end within {drain_timeout:g} s "
-                              f"(--stop-timeout); stopping every process at once (what was not delivered is "
-                              f"counted in the summary)\n")
+                    out.write(f"kimiha demo --distributed: the ordered stop did not end within "
+                              f"{drain_timeout:g} s (--stop-timeout); stopping every process at once (what "
+                              f"was not delivered is counted in the summary)\n")
                     stop_at_once(f"the ordered stop did not end within {drain_timeout:g} s")
                     continue
                 if phase == _Phase.AT_ONCE:
@@ -883,7 +884,7 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
                     out.write(f"kimiha demo --distributed: the {child.role} process failed: {msg['failed']}; "
                               f"stopping the others\n")
                     stop_at_once(f"the {child.role} process failed")
-        if interrupted:  # the replay ran until the feed stopped
+        if interrupted or stop["how"]:  # the replay ran until the feed stopped
             elapsed = time.perf_counter() - started if started is not None else 0.0
             feed = by_role["feed"].summary
             if bar is not None:
@@ -1019,7 +1020,8 @@ def _hops(by_role: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], int
                     received = senders.get(pub["sender"], {}).get("position", 0)
                 else:
                     received = sum(st.get("position", 0) for st in senders.values())
-            at_sender = (export["lagged"] + export["dropped"]) if export else (imp["lost_at_senders"] if imp else 0)
+            at_sender = ((export["lagged"] + export["dropped"]) if export
+                         else (imp["lost_at_senders"] if imp else 0))
             not_delivered = published - delivered if published is not None and delivered is not None else None
             if not_delivered is not None:
                 lost += not_delivered + at_sender
@@ -1028,7 +1030,8 @@ def _hops(by_role: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], int
             hops.append({
                 "route": f"{sender} -> {receiver}", "channel": channel.value, "published": published,
                 "received": received, "delivered": delivered, "not_delivered": not_delivered,
-                "in_transit": published - received if published is not None and received is not None else None,
+                "in_transit": (published - received if published is not None and received is not None
+                               else None),
                 "missing": imp["missing"] if imp else None, "bad_frames": imp["bad_frames"] if imp else None,
                 "lost_at_sender": at_sender,
             })
@@ -1073,7 +1076,8 @@ def format_distributed(summary: dict[str, Any]) -> str:
                f"{'not delivered':>14}")
     for h in d.get("hops", ()):
         out.append(f"  {h['route']:<22} {h['channel']:<11} {_count(h['published']):>10} "
-                   f"{_count(h['received']):>10} {_count(h['delivered']):>10} {_count(h['not_delivered']):>14}")
+                   f"{_count(h['received']):>10} {_count(h['delivered']):>10} "
+                   f"{_count(h['not_delivered']):>14}")
     reconnects = sum(b.get("link", {}).get("reconnects", 0) for b in d["bridge"].values())
     out.append(f"  bridge: events lost {d['events_lost']:,}, reconnects {reconnects}"
                + (f"; FAILED: {d['failed']}" if d["failed"] else ""))
@@ -1087,11 +1091,14 @@ def format_distributed(summary: dict[str, Any]) -> str:
     if d.get("drained"):
         out.append("  drained: yes (every event published reached the next process and was handled)")
     else:
-        short = [f"{h['route']} {h['channel']} {_count(h['not_delivered'])}" for h in d.get("hops", ())
-                 if h["not_delivered"] != 0 or h["lost_at_sender"]]
+        hops = d.get("hops", ())
+        short = [f"{h['route']} {h['channel']} {h['not_delivered'] + h['lost_at_sender']:,}" for h in hops
+                 if h["not_delivered"] is not None and (h["not_delivered"] or h["lost_at_sender"])]
+        unknown = [f"{h['route']} {h['channel']}" for h in hops if h["not_delivered"] is None]
         unhandled = d.get("events_not_handled") or {}
-        out.append(f"  NOT drained: {d['events_lost']:,} event(s) published but not delivered"
-                   + (f" ({', '.join(short)})" if short else "")
+        out.append(f"  NOT drained: {'at least ' if unknown else ''}{d['events_lost']:,} event(s) published "
+                   f"but not delivered" + (f" ({', '.join(short)})" if short else "")
+                   + (f"; unknown (a process did not report): {', '.join(unknown)}" if unknown else "")
                    + (f"; received but not handled: {', '.join(f'{r} {n:,}' for r, n in unhandled.items())}"
                       if unhandled else ""))
     if d.get("escalated"):
@@ -1249,8 +1256,8 @@ def _finish(summary: dict[str, Any], args: Any, lossless: bool) -> int:
         role, why = next(iter((d.get("died") or d["failed"]).items()))
         others = [r for r in ROLES if r != role]
         print(f"kimiha demo --distributed: the {role} process (pid {d['processes'].get(role)}) "
-              f"{_was(why) if d.get('died') else 'failed: ' + why}; the {' and '.join(others)} processes were stopped "
-              f"(their figures are in the summary)", file=sys.stderr)
+              f"{_was(why) if d.get('died') else 'failed: ' + why}; the {' and '.join(others)} processes "
+              f"were stopped (their figures are in the summary)", file=sys.stderr)
         return 1
     if summary.get("interrupted"):
         return signal_exit_code(summary["interrupted"])

@@ -68,8 +68,8 @@ def on_stop_signals(
     """Make each of ``signals`` (default SIGINT and SIGTERM) call ``notify(name)`` on ``loop``, ``name`` being
     the signal's name (``"SIGINT"``); return the function that gives the host its handlers back.
 
-    Each signal is taken with :func:`take_signal`. Where a handler cannot be installed (not the main thread, or
-    no signals on this platform) that signal is left alone: the run then stops only in its other ways.
+    Each signal is taken with :func:`take_signal`. Where a handler cannot be installed (not the main thread,
+    or no signals on this platform) that signal is left alone: the run then stops only in its other ways.
     """
     give_back: list[Callable[[], None]] = []
     for sig in signals:

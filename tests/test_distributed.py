@@ -251,8 +251,12 @@ class Demo:
         return psutil.Process(self.proc.pid).children(recursive=True)
 
     def role_process(self, role: str):
-        return next(p for p in self.descendants() if f"--role={role}" in " ".join(p.cmdline()).replace(
-            "--role ", "--role="))
+        """The process of ``role`` (started as ``python -m kimiha.apps.distributed --role ROLE ...``)."""
+        for proc in self.descendants():
+            cmd = proc.cmdline()
+            if "--role" in cmd and cmd[cmd.index("--role") + 1 :][:1] == [role]:
+                return proc
+        raise AssertionError(f"no {role} process among {[p.cmdline() for p in self.descendants()]}")
 
     def finish(self, timeout: float) -> tuple[int, str, str]:
         """Wait for the exit (the hang guard ``timeout``); return the exit code, stdout and stderr."""
@@ -304,6 +308,19 @@ def test_distributed_demo_stops_everything_on_ctrl_c(tmp_path, speed, transport)
         demo.kill()
 
 
+def stopped_run(tmp_path: pathlib.Path, args: list[str], act):
+    """Start the demo with ``args``, call ``act(demo)`` once its replay is under way (the stop), wait for the
+    exit; return the exit code, stdout, stderr and what ``act`` returned."""
+    demo = Demo(tmp_path, args)
+    try:
+        demo.wait_under_way()
+        acted = act(demo)
+        code, out, err = demo.finish(STOP_GUARD)
+    finally:
+        demo.kill()
+    return code, out, err, acted
+
+
 def _hops(summary: dict) -> list[tuple[str, str, int, int]]:
     """(route, channel, published by the sender's exporter, imported by the receiver) of every cross-process
     hop, from the raw counters of each process (its exporter's last sequence, the receiver's channel)."""
@@ -319,23 +336,24 @@ def _hops(summary: dict) -> list[tuple[str, str, int, int]]:
     return out
 
 
-@pytest.mark.parametrize("how", ["group", "parent"])
-@pytest.mark.parametrize("transport", ["nats", "shm"])
+# The processes run in sessions of their own, so the group's SIGINT reaches the coordinator only, like a SIGINT
+# to it alone: each transport gets one of the two by default, the other two combinations are slow.
+@pytest.mark.parametrize("transport, how", [
+    ("nats", "group"), ("shm", "parent"),
+    pytest.param("nats", "parent", marks=pytest.mark.slow), pytest.param("shm", "group", marks=pytest.mark.slow),
+])
 def test_ctrl_c_of_a_flooding_run_delivers_every_published_event_or_counts_it(tmp_path, transport, how):
     # Before: each process stopped on the stop line at once, so the events in flight between them were
     # dropped (NATS: the feed published 30,391 MarketData, the strategy and the executor imported 28,935)
     # while the summary said "events lost 0". Now the stop runs upstream -> downstream: the feed ends its
     # replay, and each process stops once it handled everything its upstream published (within a deadline).
-    demo = Demo(tmp_path, ["--json", "--transport", transport])
-    try:
-        demo.wait_under_way()
+    def ctrl_c(demo: Demo) -> None:
         if how == "group":  # what a terminal's Ctrl-C does
             os.killpg(demo.proc.pid, signal.SIGINT)
         else:
             demo.proc.send_signal(signal.SIGINT)
-        code, out, err = demo.finish(STOP_GUARD)
-    finally:
-        demo.kill()
+
+    code, out, err, _ = stopped_run(tmp_path, ["--json", "--transport", transport], ctrl_c)
     assert code == 130, err
     summary = json.loads(out)
     d = summary["distributed"]
@@ -358,13 +376,8 @@ def test_ctrl_c_of_a_flooding_run_delivers_every_published_event_or_counts_it(tm
 
 def test_a_signal_to_one_process_stops_the_whole_run_in_order(tmp_path):
     # before: the process signalled stopped alone at once; its upstream went on publishing to nobody
-    demo = Demo(tmp_path, ["--json", "--transport", "shm"])
-    try:
-        demo.wait_under_way()
-        demo.role_process("strategy").send_signal(signal.SIGTERM)
-        code, out, err = demo.finish(STOP_GUARD)
-    finally:
-        demo.kill()
+    code, out, err, _ = stopped_run(tmp_path, ["--json", "--transport", "shm"],
+                                    lambda demo: demo.role_process("strategy").send_signal(signal.SIGTERM))
     assert code == 143, err
     summary = json.loads(out)
     d = summary["distributed"]
@@ -380,13 +393,8 @@ def test_a_signal_to_one_process_stops_the_whole_run_in_order(tmp_path):
 def test_stop_timeout_zero_counts_exactly_what_was_not_delivered(tmp_path, transport):
     # --stop-timeout 0: no ordered stop, each process stops at once: a flooding run leaves events in flight,
     # the summary counts exactly those (published by the sender, not imported by the receiver), per hop
-    demo = Demo(tmp_path, ["--json", "--transport", transport, "--stop-timeout", "0"])
-    try:
-        demo.wait_under_way()
-        demo.proc.send_signal(signal.SIGINT)
-        code, out, err = demo.finish(STOP_GUARD)
-    finally:
-        demo.kill()
+    code, out, err, _ = stopped_run(tmp_path, ["--json", "--transport", transport, "--stop-timeout", "0"],
+                                    lambda demo: demo.proc.send_signal(signal.SIGINT))
     assert code == 130, err
     summary = json.loads(out)
     d = summary["distributed"]
@@ -402,18 +410,18 @@ def test_stop_timeout_zero_counts_exactly_what_was_not_delivered(tmp_path, trans
     assert ("NOT drained" in text) == (not_delivered > 0), text
 
 
-@pytest.mark.parametrize("transport, victim", [("nats", "strategy"), ("shm", "strategy"), ("shm", "feed")])
+@pytest.mark.parametrize("transport, victim", [
+    ("nats", "strategy"), ("shm", "feed"), pytest.param("shm", "strategy", marks=pytest.mark.slow),
+])
 def test_a_child_killed_by_sigkill_is_reported_and_the_others_stop(tmp_path, transport, victim):
     # Before: the coordinator raised at the dead process's closed output and printed one line, nothing of the
     # surviving processes (they were stopped but their summaries never read).
-    demo = Demo(tmp_path, ["--json", "--transport", transport])
-    try:
-        demo.wait_under_way()
+    def kill(demo: Demo):
         dead = demo.role_process(victim)
         dead.send_signal(signal.SIGKILL)
-        code, out, err = demo.finish(STOP_GUARD)
-    finally:
-        demo.kill()
+        return dead
+
+    code, out, err, dead = stopped_run(tmp_path, ["--json", "--transport", transport], kill)
     assert code == 1, err
     reason = err.strip().splitlines()[-1]
     assert f"the {victim} process (pid {dead.pid}) was killed by SIGKILL" in reason, err

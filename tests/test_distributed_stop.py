@@ -274,6 +274,8 @@ FAKE_CHILD = textwrap.dedent('''
         send("interrupt", role=role, signal="SIGINT")
         if mode == "interrupting-crash":
             os._exit(3)
+        if mode == "interrupting" and role != "feed":  # its upstream (the feed) is what ends the stream
+            send("done", role=role)
         for line in sys.stdin:
             kind = json.loads(line)["type"]
             heard.append(kind)
@@ -437,3 +439,14 @@ def test_a_process_that_dies_is_named_and_the_others_report(run, scripted, capsy
     text = distributed.format_distributed(summary)
     assert "processes that died: executor: exited with code 3 before reporting" in text, text
     assert "NOT drained" in text and "unknown (a process did not report)" in text, text
+
+
+def test_one_signal_reaching_every_process_is_one_ordered_stop(run, scripted):
+    # `kill` of all of them at once (or pkill): one stop, in order; only a second signal to the same process
+    # escalates it
+    for role in ROLES:
+        scripted[role] = "interrupting"
+    summary = run(distributed._coordinate(coordinator_args(), "nats://127.0.0.1:1", "t", "core"))
+    d = summary["distributed"]
+    assert d["stop"]["how"] == "in order" and d["stop"]["why"] is None, d["stop"]
+    assert set(d["shutdown"]) == set(ROLES) and not d["escalated"] and not d["died"], d

@@ -767,8 +767,10 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
 
     children: list[_Child] = []
     events: asyncio.Queue[tuple[_Child | None, dict[str, Any] | None]] = asyncio.Queue()
-    interrupted: list[str] = []  # the stop signals, to the coordinator or forwarded by a process
-    signalled: list[str | None] = []  # who got each: None for the coordinator, else the role
+    # The stop signals, to the coordinator or forwarded by a process, and who got each (None: the coordinator).
+    # A second (third) one to the same process escalates: every process stops at once (is terminated).
+    interrupted: list[str] = []
+    signalled: list[str | None] = []
     stop_timeout = getattr(args, "stop_timeout", None)
     drain_timeout = DRAIN_TIMEOUT if stop_timeout is None else float(stop_timeout)
     out = sys.stderr
@@ -823,8 +825,12 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
                 raise RuntimeError(f"no process reported anything for {SILENCE_TIMEOUT:.0f} s; giving up")
             child, msg = event
             if msg is not None and msg["type"] == "interrupt":
+                source = None if child is None else child.role
+                again = source in signalled
                 interrupted.append(msg["signal"])
-                signalled.append(None if child is None else child.role)
+                signalled.append(source)
+                if phase != _Phase.RUNNING and not again:
+                    continue  # the same stop reaching another process (``kill`` of them all): no escalation
                 if phase == _Phase.RUNNING:
                     if drain_timeout <= 0:
                         stop_at_once("--stop-timeout 0")

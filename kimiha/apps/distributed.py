@@ -20,15 +20,16 @@ tells the coordinator) stops the run in that same order: the feed is told to ``f
 early), and the end of stream travels downstream as at the end of the tape, so every event published is
 delivered and handled before any process stops; the summary of what ran is printed and the exit status is 130
 or 143. That ordered stop gets :data:`DRAIN_TIMEOUT` seconds (``--stop-timeout``); past it, at a second
-signal, or when a process fails or dies, every process is told to ``stop`` at once (each drains what it
-received and runs its shutdown hooks, then reports). The summary's ``hops`` count, per channel and route, what
+signal to the same process, or when a process fails or dies, every process is told to ``stop`` at once (each
+drains what it received and runs its shutdown hooks, then reports). The summary's ``hops`` count, per channel and route, what
 the sender published, what the receiver received and delivered, and what was not delivered; it says
 "drained" only when nothing is missing anywhere. A process that dies is named (its exit code or signal), the
 others' figures are printed, and the exit status is 1. The coordinator's death (a child sees its stdin
 close) stops every process and the server. A process that has not stopped :data:`STOP_GRACE` seconds after
 it was told to gets SIGTERM, then SIGKILL :data:`TERM_GRACE` later (said on stderr, and in the summary); that
 ladder is derived from the children's own deadlines (:data:`CHILD_SHUTDOWN_TIMEOUT`,
-:data:`CHILD_FLUSH_TIMEOUT`), so a child stopping within them is never killed. A third signal terminates them. A control line that cannot be read is counted, shown escaped, and skipped.
+:data:`CHILD_FLUSH_TIMEOUT`), so a child stopping within them is never killed. A third signal to the same
+process terminates them. A control line that cannot be read is counted, shown escaped, and skipped.
 
 Channels travel over JetStream by default (no loss whatever the replay speed), or core NATS with
 ``--delivery core`` (or ``KIMIHA_DEMO_DELIVERY=core``), or through shared-memory rings with ``--transport shm``

@@ -265,6 +265,29 @@ FAKE_CHILD = textwrap.dedent('''
     if mode == "stubborn":  # ignores the stop line and SIGTERM: only SIGKILL ends it
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     send("ready", role=role, pid=os.getpid(), total=10 if role == "feed" else None, senders={})
+    if mode == "crash":  # dies without a summary
+        os._exit(3)
+    if mode in ("interrupting", "slow-finish", "interrupting-crash"):
+        # a signal to this process, forwarded to the coordinator (what the real children do); then it
+        # reports what it heard: "finish" first (ends its stream, "done"), "stop" only after
+        heard = []
+        send("interrupt", role=role, signal="SIGINT")
+        if mode == "interrupting-crash":
+            os._exit(3)
+        if mode == "interrupting" and role != "feed":  # its upstream (the feed) is what ends the stream
+            send("done", role=role)
+        for line in sys.stdin:
+            kind = json.loads(line)["type"]
+            heard.append(kind)
+            if kind == "finish" and mode == "interrupting":
+                send("done", role=role)
+            if kind == "stop":
+                break
+        send("summary", role=role, parts={"heard": heard}, channels={}, tasks=[],
+             bridge={"imports": {}, "link": {"reconnects": 0}}, failed=None,
+             shutdown={"seconds": 0.0, "finished": True, "not_drained": {}, "did_not_stop": [],
+                       "hook_failures": []})
+        sys.exit(0)
     if mode == "malformed":
         sys.stdout.write("@kimiha {not json\\n@kimiha \\x1b[31m\\n")
         sys.stdout.flush()
@@ -305,9 +328,9 @@ def scripted(monkeypatch):
     return modes
 
 
-def coordinator_args() -> argparse.Namespace:
-    return argparse.Namespace(no_progress=True, json=True, loop="asyncio", speed=None, data=None,
-                              connect_timeout=None)
+def coordinator_args(**kw) -> argparse.Namespace:
+    return argparse.Namespace(**{"no_progress": True, "json": True, "loop": "asyncio", "speed": None,
+                                 "data": None, "connect_timeout": None, **kw})
 
 
 def test_malformed_control_lines_do_not_stop_the_run(run, scripted, capsys):
@@ -365,3 +388,65 @@ def test_a_cancelled_coordinator_stops_every_process(run, scripted, monkeypatch)
         assert not any(c.escalated for c in readies)
 
     run(main())
+
+
+# -- the ordered stop and a dead process, against scripted children -------------------------------------------
+
+
+def test_a_stop_runs_in_order_the_feed_finishes_before_anyone_is_told_to_stop(run, scripted, monkeypatch):
+    # the feed gets a signal (forwarded); the coordinator asks it to finish its stream, and only once every
+    # process said "done" tells them to stop: no process stops while its upstream still publishes
+    heard: dict[str, list[str] | None] = {}
+    real = distributed._assemble
+
+    def assemble(children, *args):
+        for c in children:
+            heard[c.role] = (c.summary or {}).get("parts", {}).get("heard")
+        return real(children, *args)
+
+    monkeypatch.setattr(distributed, "_assemble", assemble)
+    scripted["feed"] = "interrupting"
+    summary = run(distributed._coordinate(coordinator_args(), "nats://127.0.0.1:1", "t", "core"))
+    d = summary["distributed"]
+    assert heard["feed"] is not None and heard["feed"][-2:] == ["finish", "stop"], heard
+    assert heard["feed"].count("stop") == 1, heard
+    assert d["stop"] == {"how": "in order", "why": None, "timeout_s": distributed.DRAIN_TIMEOUT,
+                         "signal_to": "feed"}, d["stop"]
+    assert summary["interrupted"] == "SIGINT" and not d["died"] and not d["failed"], d
+    assert set(d["shutdown"]) == set(ROLES) and not d["escalated"], d
+
+
+def test_an_ordered_stop_past_its_deadline_stops_everyone_at_once_and_says_so(run, scripted, capsys):
+    scripted["feed"] = "slow-finish"  # hears "finish" but never ends its stream
+    args = coordinator_args(stop_timeout=0.2)
+    summary = run(distributed._coordinate(args, "nats://127.0.0.1:1", "t", "core"))
+    d = summary["distributed"]
+    assert d["stop"]["how"] == "at once" and "did not end within 0.2 s" in d["stop"]["why"], d["stop"]
+    assert set(d["shutdown"]) == set(ROLES) and not d["escalated"] and not d["died"], d
+    assert "the ordered stop did not end within 0.2 s (--stop-timeout)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["crash", "interrupting-crash"])
+def test_a_process_that_dies_is_named_and_the_others_report(run, scripted, capsys, mode):
+    # before: the coordinator raised at the closed output, and the others' summaries were never read
+    scripted["executor"] = mode  # dies at once, or in the middle of the ordered stop it started
+    summary = run(distributed._coordinate(coordinator_args(), "nats://127.0.0.1:1", "t", "core"))
+    d = summary["distributed"]
+    assert d["died"] == {"executor": "exited with code 3 before reporting"}, d
+    assert set(d["shutdown"]) == {"feed", "strategy"} and not d["escalated"], d
+    assert d["stop"]["how"] == "at once" and "executor" in d["stop"]["why"], d["stop"]
+    assert "the executor process (pid" in capsys.readouterr().err
+    text = distributed.format_distributed(summary)
+    assert "processes that died: executor: exited with code 3 before reporting" in text, text
+    assert "NOT drained" in text and "unknown (a process did not report)" in text, text
+
+
+def test_one_signal_reaching_every_process_is_one_ordered_stop(run, scripted):
+    # `kill` of all of them at once (or pkill): one stop, in order; only a second signal to the same process
+    # escalates it
+    for role in ROLES:
+        scripted[role] = "interrupting"
+    summary = run(distributed._coordinate(coordinator_args(), "nats://127.0.0.1:1", "t", "core"))
+    d = summary["distributed"]
+    assert d["stop"]["how"] == "in order" and d["stop"]["why"] is None, d["stop"]
+    assert set(d["shutdown"]) == set(ROLES) and not d["escalated"] and not d["died"], d

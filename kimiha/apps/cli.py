@@ -132,6 +132,7 @@ def _amount(unit: str, *, zero_ok: bool = False, most: float = math.inf) -> Call
 
 _milliseconds = _amount("milliseconds", zero_ok=True, most=60_000)
 _megabytes = _amount("MiB")
+_stop_seconds = _amount("seconds", zero_ok=True, most=3600)
 
 
 def _nats_url(text: str) -> str:
@@ -157,7 +158,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    from kimiha.apps.distributed import CONNECT_TIMEOUT
+    from kimiha.apps.distributed import CONNECT_TIMEOUT, DRAIN_TIMEOUT
 
     parser = _Parser(prog="kimiha", description="kimiha: low-latency trading orchestration",
                                      epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -192,6 +193,11 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     demo.add_argument("--connect-timeout", type=_seconds, default=None, metavar="SECONDS",
                       help=f"with --distributed: how long to wait for the NATS server to accept a connection "
                            f"before giving up (default {CONNECT_TIMEOUT:g})")
+    demo.add_argument("--stop-timeout", type=_stop_seconds, default=None, metavar="SECONDS",
+                      help=f"with --distributed: at Ctrl-C or SIGTERM, how long the processes get to stop in "
+                           f"order (the feed ends its replay, each process hands on everything it received); "
+                           f"past it every process stops at once, the summary counting what was not handed on "
+                           f"(default {DRAIN_TIMEOUT:g}; 0: stop at once)")
     # -- time: the order latency of the paper executor, and the PnL at several latencies (issue 14) --
     demo.add_argument("--latency", type=_milliseconds, default=0.0, metavar="MS",
                       help="in-process demo only: the paper executor's order latency in milliseconds, 0 to "
@@ -478,7 +484,8 @@ def _main(argv: Sequence[str] | None) -> int:
                 demo.error(f"{option} applies with --journal only: add --journal PATH, or leave out {option}")
     if not args.distributed:
         for option, value in (("--nats", args.nats), ("--delivery", args.delivery),
-                              ("--connect-timeout", args.connect_timeout), ("--transport", args.transport)):
+                              ("--connect-timeout", args.connect_timeout), ("--transport", args.transport),
+                              ("--stop-timeout", args.stop_timeout)):
             if value is not None:
                 demo.error(f"{option} applies to the distributed demo only: add --distributed, or leave out "
                            f"{option} (the in-process demo uses no NATS)")

@@ -10,7 +10,6 @@ import asyncio
 import collections
 import logging
 import os
-import signal
 import stat
 import sys
 import time
@@ -26,6 +25,7 @@ from kimiha.event_bus import EventBus
 from kimiha.orchestrator import TradingOrchestratorBuilder
 from kimiha.journal import JournalWriter, read_journal
 from kimiha.logs import json_handler
+from kimiha.scheduling.signals import on_stop_signals
 from kimiha.trading.tasks import ImbalanceStrategyTask, PaperExecutorTask, RawMessage, TradingEvent, trading_channels
 from kimiha.venues.binance.tasks import BinanceAggregator, BinanceConnector
 from kimiha.venues.binance import (
@@ -261,19 +261,12 @@ async def _run_until_done(orchestrator: Any, connector: Any, bar: Any, stop: asy
     read them). Ctrl-C and SIGTERM go through the same staged shutdown."""
     if interrupted is None:
         interrupted = []
-    loop = asyncio.get_running_loop()
-    installed = []
 
-    def on_signal(signum: int) -> None:
-        interrupted.append(signal.Signals(signum).name)
+    def on_signal(name: str) -> None:
+        interrupted.append(name)
         stop.set()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(signum, on_signal, signum)
-            installed.append(signum)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
-            pass
+    give_back = on_stop_signals(asyncio.get_running_loop(), on_signal)
     await orchestrator.start()
     try:
         waiters = [asyncio.ensure_future(connector.finished.wait()), asyncio.ensure_future(stop.wait())]
@@ -286,8 +279,7 @@ async def _run_until_done(orchestrator: Any, connector: Any, bar: Any, stop: asy
             waiter.cancel()
     finally:
         await orchestrator.shutdown(timeout=60)
-        for signum in installed:
-            loop.remove_signal_handler(signum)
+        give_back()
     return interrupted
 
 
@@ -547,7 +539,9 @@ def format_summary(s: dict[str, Any]) -> str:
         out = [f"kimiha demo: {', '.join(_shown(d) for d in s['data'])}"]
     where = "in the journal" if replay else "in the files"
     if s.get("interrupted"):
-        stopped = ("every process drained what it had received" if "distributed" in s else "every stage drained")
+        # distributed: whether every event reached the next process is said below, per hop ("drained")
+        stopped = (f"the processes stopped {(s['distributed'].get('stop') or {}).get('how') or 'at once'}"
+                   if "distributed" in s else "every stage drained")
         out.append(f"  interrupted by {s['interrupted']}: replay stopped early, {stopped}, "
                    f"every shutdown hook run: {'yes' if s['hooks_run'] else 'NO'}")
     if s.get("interrupted"):

@@ -15,13 +15,21 @@ the three processes (``python -m kimiha.apps.distributed --role ...``), and talk
 on ``go``, and end of stream travels as ``eos`` messages carrying each exporter's last sequence: a process
 declares its own exports complete once it has imported every upstream event up to those sequences, its
 handlers have handled them, and its exporters have flushed (JetStream: stored). Then every process shuts down
-and reports its part of the summary. Ctrl-C or SIGTERM stops every process the same way (each drains what it
-received and runs its shutdown hooks, then reports), the summary of what ran is printed and the exit status
-is 130 or 143; a failing process or the coordinator's death (a child sees its stdin close) stop every process
-and the server. A process that has not stopped :data:`STOP_GRACE` seconds after it was told to gets SIGTERM,
-then SIGKILL :data:`TERM_GRACE` later (said on stderr, and in the summary); that ladder is derived from the
-children's own deadlines (:data:`CHILD_SHUTDOWN_TIMEOUT`, :data:`CHILD_FLUSH_TIMEOUT`), so a child stopping within
-them is never killed. A control line that cannot be read is counted, shown escaped, and skipped.
+and reports its part of the summary. Ctrl-C or SIGTERM (to the coordinator, or to one of the processes, which
+tells the coordinator) stops the run in that same order: the feed is told to ``finish`` (its replay ends
+early), and the end of stream travels downstream as at the end of the tape, so every event published is
+delivered and handled before any process stops; the summary of what ran is printed and the exit status is 130
+or 143. That ordered stop gets :data:`DRAIN_TIMEOUT` seconds (``--stop-timeout``); past it, at a second
+signal to the same process, or when a process fails or dies, every process is told to ``stop`` at once (each
+drains what it received and runs its shutdown hooks, then reports). The summary's ``hops`` count, per channel and route, what
+the sender published, what the receiver received and delivered, and what was not delivered; it says
+"drained" only when nothing is missing anywhere. A process that dies is named (its exit code or signal), the
+others' figures are printed, and the exit status is 1. The coordinator's death (a child sees its stdin
+close) stops every process and the server. A process that has not stopped :data:`STOP_GRACE` seconds after
+it was told to gets SIGTERM, then SIGKILL :data:`TERM_GRACE` later (said on stderr, and in the summary); that
+ladder is derived from the children's own deadlines (:data:`CHILD_SHUTDOWN_TIMEOUT`,
+:data:`CHILD_FLUSH_TIMEOUT`), so a child stopping within them is never killed. A third signal to the same
+process terminates them. A control line that cannot be read is counted, shown escaped, and skipped.
 
 Channels travel over JetStream by default (no loss whatever the replay speed), or core NATS with
 ``--delivery core`` (or ``KIMIHA_DEMO_DELIVERY=core``), or through shared-memory rings with ``--transport shm``
@@ -57,9 +65,10 @@ from kimiha.logs import FORMATS, configure, json_handler
 from kimiha.trading.tasks import ImbalanceStrategyTask, PaperExecutorTask, TradingEvent, trading_channels
 from kimiha.venues.binance.tasks import BinanceAggregator, BinanceConnector
 from kimiha.scheduler import Scheduler
+from kimiha.scheduling.signals import on_stop_signals
 from kimiha.venues.binance import BAD_LINE, count_lines_by_stream, recorded_tape, replay_lines
 
-__all__ = ["CONNECT_TIMEOUT", "ROLES", "format_distributed", "main"]
+__all__ = ["CONNECT_TIMEOUT", "DRAIN_TIMEOUT", "ROLES", "format_distributed", "main"]
 
 logger = logging.getLogger("kimiha.apps.distributed")
 
@@ -93,6 +102,10 @@ CHILD_EXIT_MARGIN = 3.0
 #: After a stop request (Ctrl-C, SIGTERM, the end of the run, a failed process): how long the processes get to
 #: stop and report before the coordinator sends SIGTERM.
 STOP_GRACE = CHILD_SHUTDOWN_TIMEOUT + CHILD_FLUSH_TIMEOUT + CHILD_EXIT_MARGIN
+#: Default of ``--stop-timeout``: after Ctrl-C or SIGTERM, how long the ordered stop may take (the feed ends
+#: its replay, each process ends its stream once it handled everything its upstream published) before every
+#: process is told to stop at once (then STOP_GRACE and the ladder below).
+DRAIN_TIMEOUT = 10.0
 #: After SIGTERM, before SIGKILL; and after SIGKILL, how long to wait for the exit to be reaped.
 TERM_GRACE = 3.0
 KILL_WAIT = 3.0
@@ -150,6 +163,8 @@ class _Control:
     def __init__(self) -> None:
         self.upstream: dict[str, tuple[str, int]] = {}
         self.go = asyncio.Event()
+        #: Set by "finish": end the input now (the feed's replay), then end the stream in order as usual.
+        self.finish = asyncio.Event()
         self.stop = asyncio.Event()
         self._changed = asyncio.Event()
         self._reader_task: asyncio.Task[None] | None = None
@@ -174,6 +189,9 @@ class _Control:
             kind = msg.get("type")
             if kind == "go":
                 self.go.set()
+            elif kind == "finish":
+                self.finish.set()
+                self.go.set()  # a finish before the go: the replay ends before its first line
             elif kind == "stop":
                 self.stop.set()
             elif kind == "upstream":
@@ -197,11 +215,40 @@ class _Control:
             pass
 
 
-async def _after_go(go: asyncio.Event, source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _after_go(go: asyncio.Event, source: AsyncIterator[bytes], finish: asyncio.Event | None = None,
+                    paced: bool = False) -> AsyncIterator[bytes]:
+    """Yield ``source``'s lines once ``go`` is set, until ``finish`` is set (the source then ends early).
+
+    As fast as possible, ``finish`` is looked at before each line; ``paced``, the wait for the next line (a
+    sleep of the replay's pacing) is also cut short by it.
+    """
     await go.wait()
     try:
-        async for line in source:
-            yield line
+        if finish is None:
+            async for line in source:
+                yield line
+        elif not paced:
+            async for line in source:
+                if finish.is_set():
+                    return
+                yield line
+        else:
+            finished = asyncio.ensure_future(finish.wait())
+            try:
+                while not finish.is_set():
+                    nxt = asyncio.ensure_future(source.__anext__())
+                    await asyncio.wait((nxt, finished), return_when=asyncio.FIRST_COMPLETED)
+                    if not nxt.done():
+                        nxt.cancel()
+                        await asyncio.wait((nxt,))
+                        return
+                    try:
+                        line = nxt.result()
+                    except StopAsyncIteration:
+                        return
+                    yield line
+            finally:
+                finished.cancel()
     finally:
         closer = getattr(source, "aclose", None)
         if closer is not None:
@@ -243,7 +290,8 @@ class _Process:
     """One child's pipeline: its bus, the demo's components of its role and its bridge, built as a partial
     pipeline (:class:`~kimiha.orchestrator.TradingOrchestratorBuilder` with ``partial=True``)."""
 
-    def __init__(self, opts: argparse.Namespace, go: asyncio.Event) -> None:
+    def __init__(self, opts: argparse.Namespace, go: asyncio.Event,
+                 finish: asyncio.Event | None = None) -> None:
         from kimiha.bridge import ENV_TOKEN, Delivery, NatsBridge, ShmBridge
         from kimiha.orchestrator import TradingOrchestratorBuilder
 
@@ -263,7 +311,8 @@ class _Process:
         if role.name == "feed":
             paths: list[Any] = list(opts.data) if opts.data else recorded_tape()
             self.expected = expected = count_lines_by_stream(paths)
-            self.connector = BinanceConnector(bus, _after_go(go, replay_lines(paths, opts.speed)))
+            self.connector = BinanceConnector(bus, _after_go(go, replay_lines(paths, opts.speed), finish,
+                                                             paced=opts.speed is not None))
             self.aggregator = BinanceAggregator(bus)
             builder.with_connector(self.connector).with_aggregator(self.aggregator)
             self.parts["data"] = [getattr(p, "name", str(p)) for p in paths]
@@ -380,11 +429,19 @@ async def _or_stop(aw: Any, ctl: _Control, scheduler: Scheduler) -> Any:
 async def _child(opts: argparse.Namespace) -> int:
     ctl = _Control()
     await ctl.open()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, ctl.stop.set)
+    signals: list[str] = []
 
-    proc = _Process(opts, ctl.go)
+    def on_signal(name: str) -> None:
+        # A signal to this process (``kill PID``) stops the whole run in order: the coordinator hears of it
+        # and starts the ordered stop, as for its own Ctrl-C; a second one stops this process at once.
+        signals.append(name)
+        if len(signals) == 1:
+            ctl.send("interrupt", role=opts.role, signal=name)
+        else:
+            ctl.stop.set()
+
+    on_stop_signals(asyncio.get_running_loop(), on_signal)  # for the life of the process
+    proc = _Process(opts, ctl.go, ctl.finish)
     metrics = None
     if opts.metrics_port is not None:  # a taken port fails this process, with the address in the message
         from kimiha.metrics import serve
@@ -441,6 +498,7 @@ async def _child_run(ctl: _Control, proc: _Process, metrics_url: str | None) -> 
     report = scheduler.last_shutdown or {}
     ctl.send("summary", role=role.name, parts=proc.results(), channels=channel_summary(proc.bus),
              tasks=scheduler.registry.snapshot(), bridge=bridge.stats(), elapsed=elapsed, failed=failed,
+             published={e.type_name: {"sender": e.sender, "last_seq": e.last_seq} for e in bridge.exporters},
              shutdown={"seconds": round(report.get("seconds", 0.0), 3), "finished": report.get("finished", False),
                        "not_drained": report.get("not_drained", {}), "did_not_stop": report.get("did_not_stop", []),
                        "hook_failures": report.get("hook_failures", [])})
@@ -551,6 +609,7 @@ _CONTROL_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "progress": {"lines": (int,)},
     "eos": {"channels": (dict,)},
     "done": {},
+    "interrupt": {"role": (str,), "signal": (str,)},
     "summary": {"parts": (dict,), "channels": (dict,), "tasks": (list,), "bridge": (dict,),
                 "failed": (str, type(None))},
 }
@@ -575,6 +634,8 @@ def _parse_control(payload: str) -> dict[str, Any]:
             raise ValueError(f"{kind!r} message: field {field!r} must be "
                              f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}, "
                              f"got {value!r:.80}")
+    if kind == "interrupt" and msg["signal"] not in signal.Signals.__members__:
+        raise ValueError(f"'interrupt' message: {msg['signal']!r:.80} is not a signal name")
     if kind == "eos":
         for name, info in msg["channels"].items():
             if not (isinstance(info, dict) and isinstance(info.get("sender"), str)
@@ -678,32 +739,69 @@ async def _stop_children(children: list[_Child], grace: float | None = None, why
             waiter.cancel()
 
 
+def _exit_reason(code: int | None) -> str:
+    """Say how a process ended from its exit code (negative: the signal that killed it)."""
+    if code is None:
+        return "closed its output while still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code} before reporting"
+
+
+def _was(why: str) -> str:
+    """``why`` (from :func:`_exit_reason`) as the predicate of a sentence about the process."""
+    return f"was {why}" if why.startswith("killed") else why
+
+
+class _Phase:
+    """Where the coordinator's run is: running, stopping in order (the feed told to finish, each process
+    ending its stream once its upstream did), or stopping at once (every process told to stop)."""
+
+    RUNNING, ORDERED, AT_ONCE = "running", "ordered", "at once"
+
+
 async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str | None = None) -> dict[str, Any]:
     from kimiha.apps.demo import Progress
 
     children: list[_Child] = []
     events: asyncio.Queue[tuple[_Child | None, dict[str, Any] | None]] = asyncio.Queue()
+    # The stop signals, to the coordinator or forwarded by a process, and who got each (None: the coordinator).
+    # A second (third) one to the same process escalates: every process stops at once (is terminated).
     interrupted: list[str] = []
-    loop = asyncio.get_running_loop()
+    signalled: list[str | None] = []
+    stop_timeout = getattr(args, "stop_timeout", None)
+    drain_timeout = DRAIN_TIMEOUT if stop_timeout is None else float(stop_timeout)
+    out = sys.stderr
 
-    def on_signal(signum: int) -> None:
-        # Ctrl-C or SIGTERM: every process stops (draining and running its hooks) and reports; a second one
-        # stops waiting for the reports
-        interrupted.append(signal.Signals(signum).name)
-        events.put_nowait((None, {"type": "signal"}))
+    def on_signal(name: str) -> None:
+        events.put_nowait((None, {"type": "interrupt", "signal": name}))
 
-    installed = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(signum, on_signal, signum)
-            installed.append(signum)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
-            pass
+    give_back = on_stop_signals(asyncio.get_running_loop(), on_signal)
 
     readers = []
     exited: set[str] = set()
-    stop_deadline: float | None = None
+    died: dict[str, str] = {}
+    phase = _Phase.RUNNING
+    deadline: float | None = None  # of the current phase of the stop
+    stop: dict[str, Any] = {"how": None, "why": None}
     elapsed = 0.0
+    terminate = False
+
+    def stop_at_once(why: str | None) -> None:
+        # every process stops now: it drains what it holds and runs its hooks, then reports; what was still
+        # on the way between processes is counted in the summary
+        nonlocal phase, deadline
+        if phase == _Phase.RUNNING or phase == _Phase.ORDERED:
+            if why is not None:
+                stop["how"], stop["why"] = "at once", why
+            phase = _Phase.AT_ONCE
+            deadline = time.monotonic() + STOP_GRACE
+        for c in children:
+            _send(c, "stop")
+
     try:
         for role in ROLES:
             spawned = await _spawn(role, url, run, delivery, args, token)
@@ -713,41 +811,59 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
         by_role = {c.role: c for c in children}
         bar: Progress | None = None
         started = None
-        waiting_summaries = False
         while not all(c.summary is not None or c.role in exited for c in children):
-            timeout = SILENCE_TIMEOUT if stop_deadline is None else max(0.0, stop_deadline - time.monotonic())
+            timeout = SILENCE_TIMEOUT if deadline is None else max(0.0, deadline - time.monotonic())
             event = await _next_event(events, timeout)
             if event is None:
-                if stop_deadline is not None:
-                    break  # stopping, and some process did not report in time: it is terminated below
+                if phase == _Phase.ORDERED:
+                    out.write(f"kimiha demo --distributed: the ordered stop did not end within "
+                              f"{drain_timeout:g} s (--stop-timeout); stopping every process at once (what "
+                              f"was not delivered is counted in the summary)\n")
+                    stop_at_once(f"the ordered stop did not end within {drain_timeout:g} s")
+                    continue
+                if phase == _Phase.AT_ONCE:
+                    break  # some process did not report in time: it is terminated below
                 raise RuntimeError(f"no process reported anything for {SILENCE_TIMEOUT:.0f} s; giving up")
             child, msg = event
-            if child is None:  # a signal
-                if len(interrupted) > 1:  # a second one: terminate them now
-                    stop_deadline = time.monotonic()
+            if msg is not None and msg["type"] == "interrupt":
+                source = None if child is None else child.role
+                again = source in signalled
+                interrupted.append(msg["signal"])
+                signalled.append(source)
+                if phase != _Phase.RUNNING and not again:
+                    continue  # the same stop reaching another process (``kill`` of them all): no escalation
+                if phase == _Phase.RUNNING:
+                    if drain_timeout <= 0:
+                        stop_at_once("--stop-timeout 0")
+                    else:  # upstream first: the feed ends its replay, the end of stream travels down as usual
+                        phase, deadline = _Phase.ORDERED, time.monotonic() + drain_timeout
+                        stop["how"] = "in order"
+                        _send(by_role["feed"], "finish")
+                elif phase == _Phase.ORDERED:
+                    stop_at_once(f"a second {msg['signal']}")
+                else:  # a third: terminate them now
+                    terminate = True
                     break
-                if stop_deadline is None:
-                    stop_deadline = time.monotonic() + STOP_GRACE
-                    for c in children:
-                        _send(c, "stop")
                 continue
+            assert child is not None
             if msg is None:
                 exited.add(child.role)
-                if child.summary is None and not interrupted:
+                if child.summary is None:
                     exit_wait = asyncio.ensure_future(child.proc.wait())
                     await asyncio.wait((exit_wait,), timeout=TERM_GRACE)
                     exit_wait.cancel()
-                    code = child.proc.returncode
-                    what = f"exited (code {code})" if code is not None else "closed its output"
-                    raise RuntimeError(f"the {child.role} process {what} before reporting its summary; see its "
-                                       f"messages above")
+                    died[child.role] = _exit_reason(child.proc.returncode)
+                    out.write(f"kimiha demo --distributed: the {child.role} process (pid {child.proc.pid}) "
+                              f"{_was(died[child.role])}; stopping the others\n")
+                    out.flush()
+                    stop_at_once(f"the {child.role} process {_was(died[child.role])}")
                 continue
             kind = msg["type"]
             if kind == "ready":
                 child.ready = msg
                 if msg.get("total"):
                     bar = Progress(msg["total"], None if args.no_progress else sys.stderr)
-                if all(c.ready is not None for c in children) and not interrupted:
+                if all(c.ready is not None for c in children) and phase == _Phase.RUNNING:
                     served = [f"{c.role} {c.ready['metrics']}" for c in children
                               if c.ready is not None and c.ready.get("metrics")]
                     if served:
@@ -767,38 +883,43 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
                             _send(other, "upstream", channel=name, **info)
             elif kind == "done":
                 child.done = True
-                if all(c.done for c in children) and not waiting_summaries:
-                    waiting_summaries = True
-                    if stop_deadline is None:  # the summaries come within the grace, or SIGTERM goes out
-                        stop_deadline = time.monotonic() + STOP_GRACE
-                    elapsed = time.perf_counter() - (started or time.perf_counter())
-                    if bar is not None:
-                        bar.update(by_role["feed"].ready.get("total") or 0, final=True)  # type: ignore[union-attr]
+                if all(c.done for c in children) and phase != _Phase.AT_ONCE:
+                    # the end of the stream (or of the ordered stop): everything was handed on and handled
+                    if not interrupted:
+                        elapsed = time.perf_counter() - (started or time.perf_counter())
+                        if bar is not None:
+                            bar.update(bar.total, final=True)
+                    phase, deadline = _Phase.AT_ONCE, time.monotonic() + STOP_GRACE
                     for c in children:
                         _send(c, "stop")
             elif kind == "summary":
                 child.summary = msg
-                if msg.get("failed") and not waiting_summaries and not interrupted:
-                    raise RuntimeError(f"the {child.role} process failed: {msg['failed']}")
-        if interrupted:  # the replay ran until the feed stopped
+                if msg.get("failed") and phase != _Phase.AT_ONCE:
+                    out.write(f"kimiha demo --distributed: the {child.role} process failed: {msg['failed']}; "
+                              f"stopping the others\n")
+                    stop_at_once(f"the {child.role} process failed")
+        if interrupted or stop["how"]:  # the replay ran until the feed stopped
             elapsed = time.perf_counter() - started if started is not None else 0.0
             feed = by_role["feed"].summary
             if bar is not None:
                 bar.update(feed["parts"].get("lines_read", 0) if feed else 0, final=True)
     finally:
         # once stopping, the processes were told to stop already: what is left of the grace, then terminate
-        if len(interrupted) > 1:
-            await _stop_children(children, 0.0, f"before a second {interrupted[1]}")
+        if terminate:
+            await _stop_children(children, 0.0, f"before a third {interrupted[-1]}")
         else:
-            await _stop_children(children, None if stop_deadline is None
-                                 else max(0.0, stop_deadline - time.monotonic()))
+            await _stop_children(children, None if deadline is None or phase != _Phase.AT_ONCE
+                                 else max(0.0, deadline - time.monotonic()))
         for reader in readers:
             reader.cancel()
-        for signum in installed:
-            loop.remove_signal_handler(signum)
+        give_back()
     # assembled once every process is gone: the exit codes and escalations are known
     summary = _assemble(children, elapsed, url, delivery, run)
     summary["interrupted"] = interrupted[0] if interrupted else None
+    d = summary["distributed"]
+    d["died"] = died
+    d["stop"] = {**stop, "timeout_s": drain_timeout,
+                 "signal_to": (signalled[0] or "coordinator") if signalled else None}
     return summary
 
 
@@ -851,6 +972,7 @@ def _assemble(children: list[_Child], elapsed: float, url: str, delivery: str, r
                 "p50_us": round(lat["p50"] / 1e3, 1), "p99_us": round(lat["p99"] / 1e3, 1),
                 "p99_9_us": round(lat["p99_9"] / 1e3, 1), "max_us": round(lat["max"] / 1e3, 1),
             })
+    hops, lost, not_handled = _hops(by_role)
     failed = {role: s["failed"] for role, s in by_role.items() if s.get("failed")}
     for c in children:
         if c.summary is None:
@@ -865,7 +987,12 @@ def _assemble(children: list[_Child], elapsed: float, url: str, delivery: str, r
         "run": run,
         "processes": {c.role: c.proc.pid for c in children},
         "fills_seen_by_strategy": strategy.get("fills_seen_by_strategy"),
-        "events_lost": losses,
+        # every event a sender published (or lost before sending) that no handler downstream got, per hop
+        "events_lost": lost,
+        "events_lost_reported_by_importers": losses,
+        "events_not_handled": not_handled,
+        "hops": hops,
+        "drained": not lost and not not_handled and all(h["not_delivered"] == 0 for h in hops),
         "cross_process_latency": latency,
         "bridge": {role: s["bridge"] for role, s in by_role.items() if "bridge" in s},
         "failed": failed,
@@ -875,6 +1002,60 @@ def _assemble(children: list[_Child], elapsed: float, url: str, delivery: str, r
         "control_lines_malformed": {c.role: c.malformed for c in children if c.malformed},
     }
     return summary
+
+
+def _hops(by_role: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], int, dict[str, int]]:
+    """Return each cross-process hop's accounting, the events lost on all of them, and the events each
+    process received but did not handle (its shutdown's ``not_drained``).
+
+    Per hop (sender's export -> receiver's import of one channel): ``published`` is the sender's last sequence
+    (what it handed to the transport), ``received`` the receiver's position for that sender (sequences
+    accounted for: arrived, or declared missing), ``delivered`` what it published on its own bus. Unknown
+    (None) where the process that would say did not report. ``not_delivered`` is published - delivered.
+    """
+    hops = []
+    lost = 0
+    for receiver, role in ROLES.items():
+        rs = by_role.get(receiver) or {}
+        for channel in role.imports:
+            sender = next(r for r, other in ROLES.items() if channel in other.exports)
+            ss = by_role.get(sender) or {}
+            pub = ss.get("published", {}).get(channel.value) if ss else None
+            export = ss.get("bridge", {}).get("exports", {}).get(channel.value) if ss else None
+            imp = rs.get("bridge", {}).get("imports", {}).get(channel.value) if rs else None
+            published = pub["last_seq"] if pub else None
+            received = delivered = None
+            if imp is not None:
+                delivered = imp["delivered"]
+                senders = imp.get("senders")
+                if senders is None:  # a shared-memory ring: one sequence, whichever writer wrote it
+                    received = imp.get("position")
+                elif pub is not None:
+                    received = senders.get(pub["sender"], {}).get("position", 0)
+                else:
+                    received = sum(st.get("position", 0) for st in senders.values())
+            at_sender = ((export["lagged"] + export["dropped"]) if export
+                         else (imp["lost_at_senders"] if imp else 0))
+            not_delivered = published - delivered if published is not None and delivered is not None else None
+            if not_delivered is not None:
+                lost += not_delivered + at_sender
+            elif imp is not None:  # what the receiver knows it lost; the rest is unknown
+                lost += imp["missing"] + imp["bad_frames"] + at_sender
+            hops.append({
+                "route": f"{sender} -> {receiver}", "channel": channel.value, "published": published,
+                "received": received, "delivered": delivered, "not_delivered": not_delivered,
+                "in_transit": (published - received if published is not None and received is not None
+                               else None),
+                "missing": imp["missing"] if imp else None, "bad_frames": imp["bad_frames"] if imp else None,
+                "lost_at_sender": at_sender,
+            })
+    not_handled = {role: sum(s["shutdown"].get("not_drained", {}).values()) for role, s in by_role.items()
+                   if isinstance(s.get("shutdown"), dict) and s["shutdown"].get("not_drained")}
+    return hops, lost, not_handled
+
+
+def _count(n: int | None) -> str:
+    return "unknown" if n is None else f"{n:,}"
 
 
 def format_distributed(summary: dict[str, Any]) -> str:
@@ -904,9 +1085,36 @@ def format_distributed(summary: dict[str, Any]) -> str:
     for r in d["cross_process_latency"]:
         out.append(f"  {r['route']:<22} {r['channel']:<11} {r['events']:>8,} {r['duplicates']:>6} {r['missing']:>7} "
                    f"{r['p50_us']:>9.1f} {r['p99_us']:>9.1f} {r['p99_9_us']:>9.1f} {r['max_us']:>9.1f}")
+    out.append("  hops (published by the sender, received and delivered by the receiver):")
+    out.append(f"  {'route':<22} {'channel':<11} {'published':>10} {'received':>10} {'delivered':>10} "
+               f"{'not delivered':>14}")
+    for h in d.get("hops", ()):
+        out.append(f"  {h['route']:<22} {h['channel']:<11} {_count(h['published']):>10} "
+                   f"{_count(h['received']):>10} {_count(h['delivered']):>10} "
+                   f"{_count(h['not_delivered']):>14}")
     reconnects = sum(b.get("link", {}).get("reconnects", 0) for b in d["bridge"].values())
-    out.append(f"  bridge: events lost {d['events_lost']}, reconnects {reconnects}"
+    out.append(f"  bridge: events lost {d['events_lost']:,}, reconnects {reconnects}"
                + (f"; FAILED: {d['failed']}" if d["failed"] else ""))
+    stop = d.get("stop") or {}
+    if stop.get("how"):
+        out.append(f"  stop: {stop['how']}" + (f" ({stop['why']})" if stop.get("why") else "")
+                   + (f", signal to the {stop['signal_to']}" if stop.get("signal_to") else ""))
+    if d.get("died"):
+        out.append("  processes that died: " + ", ".join(f"{role}: {why} (pid {d['processes'].get(role)})"
+                                                          for role, why in d["died"].items()))
+    if d.get("drained"):
+        out.append("  drained: yes (every event published reached the next process and was handled)")
+    else:
+        hops = d.get("hops", ())
+        short = [f"{h['route']} {h['channel']} {h['not_delivered'] + h['lost_at_sender']:,}" for h in hops
+                 if h["not_delivered"] is not None and (h["not_delivered"] or h["lost_at_sender"])]
+        unknown = [f"{h['route']} {h['channel']}" for h in hops if h["not_delivered"] is None]
+        unhandled = d.get("events_not_handled") or {}
+        out.append(f"  NOT drained: {'at least ' if unknown else ''}{d['events_lost']:,} event(s) published "
+                   f"but not delivered" + (f" ({', '.join(short)})" if short else "")
+                   + (f"; unknown (a process did not report): {', '.join(unknown)}" if unknown else "")
+                   + (f"; received but not handled: {', '.join(f'{r} {n:,}' for r, n in unhandled.items())}"
+                      if unhandled else ""))
     if d.get("escalated"):
         out.append("  processes that had to be signalled to stop: "
                    + ", ".join(f"{role} ({sig})" for role, sig in d["escalated"].items()))
@@ -1056,10 +1264,19 @@ def _finish(summary: dict[str, Any], args: Any, lossless: bool) -> int:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print(format_distributed(summary))
+    sys.stdout.flush()
+    d = summary["distributed"]
+    if d.get("died") or d["failed"]:  # one line naming the process, after the figures of all of them
+        role, why = next(iter((d.get("died") or d["failed"]).items()))
+        others = [r for r in ROLES if r != role]
+        print(f"kimiha demo --distributed: the {role} process (pid {d['processes'].get(role)}) "
+              f"{_was(why) if d.get('died') else 'failed: ' + why}; the {' and '.join(others)} processes "
+              f"were stopped (their figures are in the summary)", file=sys.stderr)
+        return 1
     if summary.get("interrupted"):
         return signal_exit_code(summary["interrupted"])
-    ok = summary["all_lines_accounted"] and not summary["distributed"]["failed"]
-    return 0 if ok and (not lossless or summary["distributed"]["events_lost"] == 0) else 1
+    ok = summary["all_lines_accounted"]
+    return 0 if ok and (not lossless or d["events_lost"] == 0) else 1
 
 
 def _main_shm(args: Any, prog: str) -> int:

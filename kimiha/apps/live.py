@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -26,7 +24,7 @@ from kimiha._core import LatencyHistogram
 from kimiha.error import InvalidConfigurationError
 from kimiha.event_bus import EventBus
 from kimiha.orchestrator import TradingOrchestratorBuilder
-from kimiha.scheduling.signals import take_signal
+from kimiha.scheduling.signals import on_stop_signals
 from kimiha.trading.model import Order
 from kimiha.trading.tasks import ImbalanceStrategyTask, PaperExecutorTask, TradingEvent, trading_channels
 from kimiha.types import Executor
@@ -164,18 +162,13 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
         bar = _Status(status)
         started = time.perf_counter()
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        give_back = []
 
-        def on_signal(signum: int) -> None:
-            interrupted.append(signal.Signals(signum).name)
+        def on_signal(name: str) -> None:
+            interrupted.append(name)
             stop.set()
 
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:  # Ctrl-C and SIGTERM stop the run through the same staged shutdown
-                give_back.append(take_signal(loop, signum, functools.partial(on_signal, signum)))
-            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
-                pass
+        # Ctrl-C and SIGTERM stop the run through the same staged shutdown
+        give_back = on_stop_signals(asyncio.get_running_loop(), on_signal)
         ended = "duration"
         error: str | None = None
         drained: float | None = None
@@ -223,8 +216,7 @@ async def run_live(symbols: Sequence[str], *, ws_url: str | None = None, rest_ur
                 for pipe in pipelines:
                     await pipe.orchestrator.shutdown(timeout=30)
             finally:
-                for restore in give_back:
-                    restore()
+                give_back()
                 await feed.aclose()
                 for pipe in pipelines:
                     await pipe.close_rest()

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["take_signal"]
+__all__ = ["STOP_SIGNALS", "on_stop_signals", "take_signal"]
+
+#: The signals that ask a run to stop: Ctrl-C and ``kill``'s default.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _loop_handles_signal(loop: asyncio.AbstractEventLoop, sig: int, current: Any) -> bool:
@@ -56,3 +60,27 @@ def take_signal(
             signal.signal(sig, previous)
 
     return give_back
+
+
+def on_stop_signals(
+    loop: asyncio.AbstractEventLoop, notify: Callable[[str], Any], signals: tuple[int, ...] = STOP_SIGNALS
+) -> Callable[[], None]:
+    """Make each of ``signals`` (default SIGINT and SIGTERM) call ``notify(name)`` on ``loop``, ``name`` being
+    the signal's name (``"SIGINT"``); return the function that gives the host its handlers back.
+
+    Each signal is taken with :func:`take_signal`. Where a handler cannot be installed (not the main thread,
+    or no signals on this platform) that signal is left alone: the run then stops only in its other ways.
+    """
+    give_back: list[Callable[[], None]] = []
+    for sig in signals:
+        try:
+            give_back.append(take_signal(loop, sig, functools.partial(notify, signal.Signals(sig).name)))
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+            pass
+
+    def restore() -> None:
+        for back in reversed(give_back):
+            back()
+        give_back.clear()
+
+    return restore

@@ -203,8 +203,11 @@ class _UsedIds:
         self.ends: list[int] = []  # last id of each run (inclusive)
 
     def __contains__(self, oid: int) -> bool:
+        ends = self.ends
+        if not ends or oid > ends[-1]:  # a new id past every used one: the usual case
+            return False
         i = bisect_right(self.starts, oid) - 1
-        return i >= 0 and oid <= self.ends[i]
+        return i >= 0 and oid <= ends[i]
 
     def add(self, oid: int) -> None:
         starts, ends = self.starts, self.ends

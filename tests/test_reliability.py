@@ -534,7 +534,7 @@ def test_soak_pipeline_memory_tasks_fds_threads(loops):
     growth_mb = (end - warm) / 2**20
     assert growth_mb <= 2.0, result["marks"]
     report("soak pipeline", lines=result["lines"], measured_lines=(loops - first - 1) * 99_574,
-           rss_growth_mb=round(growth_mb, 2),
+           rss_growth_mb=round(growth_mb, 2), orders=result["orders"], executed_id_runs=result["id_runs"],
            seconds=round(result["seconds"], 1), leaked_tasks=0, leaked_fds=0, leaked_threads=0)
 
 

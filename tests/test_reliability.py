@@ -485,11 +485,12 @@ async def soak_pipeline(loops: int) -> dict:
     marks: list[tuple[int, int]] = []
     bus = EventBus(trading_channels())
     connector = BinanceConnector(bus, tape_in_a_loop(marks))
+    strategy, executor = ImbalanceStrategyTask(bus), PaperExecutorTask(bus)
     engine = (kimiha.TradingOrchestratorBuilder(bus)
               .with_connector(connector)
               .with_aggregator(BinanceAggregator(bus))
-              .with_strategy(ImbalanceStrategyTask(bus))
-              .with_executor(PaperExecutorTask(bus))
+              .with_strategy(strategy)
+              .with_executor(executor)
               .build())
     started = time.perf_counter()
     async with engine:
@@ -497,18 +498,15 @@ async def soak_pipeline(loops: int) -> dict:
     published = bus.stats(TradingEvent.RAW_MARKET_DATA)["published"]
     return {"marks": marks, "lines": connector.lines, "published": published,
             "seconds": time.perf_counter() - started,
-            "aggregator_errors": engine.registry.get("binance-aggregator").errors}
+            "aggregator_errors": engine.registry.get("binance-aggregator").errors,
+            "orders": executor.paper.orders, "rejected": executor.rejected,
+            # per-order state left at the end: none of it may grow with the number of orders
+            "id_runs": executor.paper._seen_ids.runs, "resting": len(executor.paper.resting),
+            "open_orders": len(strategy.logic._open), "pending_orders": len(executor._orders),
+            "timer_heap": len(strategy.clock._table.heap)}
 
 
-# Known defect (0.3.0, found at the end of the session that made it): over the 10M soak RSS keeps growing by
-# about 27 KB a tape after every ring is full (2.09 MB from tape 23 to 102; 0.2 grew 0.97 MB in all). Not found
-# yet: the paper executor's set of used order ids grows by one int per order, which is not all of it. Not strict:
-# the growth is close to the bound (2.09 MB), so a quiet machine may pass it; remove the marker once it is fixed.
-_SOAK_LEAK = pytest.mark.xfail(strict=False, reason="known 0.3.0 defect: RSS grows ~27 KB per tape in the 10M "
-                               "soak after the rings are full (see RELIABILITY.md)")
-
-
-@pytest.mark.parametrize("loops", [5, pytest.param(102, marks=[pytest.mark.slow, _SOAK_LEAK])], ids=["500k", "10M"])
+@pytest.mark.parametrize("loops", [5, pytest.param(102, marks=pytest.mark.slow)], ids=["500k", "10M"])
 def test_soak_pipeline_memory_tasks_fds_threads(loops):
     kimiha.run(asyncio.sleep(0))  # the first loop of a process opens process-wide fds once: not a leak
     gc.collect()
@@ -519,6 +517,12 @@ def test_soak_pipeline_memory_tasks_fds_threads(loops):
     assert result["aggregator_errors"] == 0, "the aggregator must count bad data, never fail on it"
     assert open_fds() == fds, "file descriptors leaked"
     assert threading.active_count() == threads, "threads leaked"
+    # Nothing kept per order: the executed ids are one run (0.3.0 kept a set of every id, 2 MB over the 10M
+    # soak), no order left open at the strategy or resting, the fired cooldown alerts gone from the clock.
+    assert result["orders"] > 200 * loops
+    assert result["id_runs"] <= 1 + result["rejected"], result
+    assert result["resting"] == result["pending_orders"] == 0, result
+    assert result["open_orders"] <= 1 and result["timer_heap"] <= 1, result
     # Warm-up lasts until every ring is full: the rings keep the last `capacity` decoded events of each channel
     # (4,096 here), and the thin channels fill slowly (Signals 280, Orders and Fills 192 a tape): 22 tapes.
     # At the first wrap of the tape the update ids jump back and both books fill their bounded snapshot-wait
@@ -530,7 +534,7 @@ def test_soak_pipeline_memory_tasks_fds_threads(loops):
     growth_mb = (end - warm) / 2**20
     assert growth_mb <= 2.0, result["marks"]
     report("soak pipeline", lines=result["lines"], measured_lines=(loops - first - 1) * 99_574,
-           rss_growth_mb=round(growth_mb, 2),
+           rss_growth_mb=round(growth_mb, 2), orders=result["orders"], executed_id_runs=result["id_runs"],
            seconds=round(result["seconds"], 1), leaked_tasks=0, leaked_fds=0, leaked_threads=0)
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import random
+from bisect import bisect_right
 from typing import Any
 
 from kimiha.trading.book import BookNotReady, OrderBook
@@ -185,6 +186,56 @@ class RestingOrder:
                 f"ahead={self.ahead})")
 
 
+class _UsedIds:
+    """The order ids already executed, kept exactly as runs of consecutive ints.
+
+    A strategy numbers its orders one after the other, so the ids used form a few runs whatever their
+    number: memory grows with the number of gaps between used ids (an id never executed, a rejected one
+    say), not with the number of orders. A ``set`` of every id grew by an int and a slot per order for the
+    life of the executor (0.3.0's soak leak: 24,000 ids and a 2 MiB table after 102 tapes). Hand-written
+    (bisect over two lists) because it is on every order's path and small.
+    """
+
+    __slots__ = ("starts", "ends")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []  # first id of each run, ascending
+        self.ends: list[int] = []  # last id of each run (inclusive)
+
+    def __contains__(self, oid: int) -> bool:
+        ends = self.ends
+        if not ends or oid > ends[-1]:  # a new id past every used one: the usual case
+            return False
+        i = bisect_right(self.starts, oid) - 1
+        return i >= 0 and oid <= ends[i]
+
+    def add(self, oid: int) -> None:
+        starts, ends = self.starts, self.ends
+        if ends and oid == ends[-1] + 1:  # the next id of the newest run: the usual case
+            ends[-1] = oid
+            return
+        i = bisect_right(starts, oid) - 1  # the run starting at or before oid, or -1
+        if i >= 0 and oid <= ends[i]:
+            return
+        joins_left = i >= 0 and ends[i] == oid - 1
+        joins_right = i + 1 < len(starts) and starts[i + 1] == oid + 1
+        if joins_left and joins_right:  # fills the only hole between two runs: one run
+            ends[i] = ends[i + 1]
+            del starts[i + 1], ends[i + 1]
+        elif joins_left:
+            ends[i] = oid
+        elif joins_right:
+            starts[i + 1] = oid
+        else:
+            starts.insert(i + 1, oid)
+            ends.insert(i + 1, oid)
+
+    @property
+    def runs(self) -> int:
+        """Return how many runs of consecutive ids are kept (what the memory grows with)."""
+        return len(self.starts)
+
+
 class PaperExecutor:
     """Fill orders as a taker against an order book and track the resulting account.
 
@@ -259,7 +310,9 @@ class PaperExecutor:
         self.unfilled = 0
         self.volume = 0.0
         self.notional = 0.0
-        self._seen_ids: set[Any] = set()
+        # The ids already executed (exact: a reused id is always refused), kept as runs of consecutive ids,
+        # so memory stays flat for a strategy numbering its orders (see _UsedIds).
+        self._seen_ids = _UsedIds()
 
     # ------------------------------------------------------------------ validation
     def _reject(self, order_id: Any, field: str, message: str) -> OrderRejected:

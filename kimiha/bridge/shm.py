@@ -220,9 +220,13 @@ class _Segment:
             fd = os.open(ring_path, os.O_RDWR | os.O_CLOEXEC)
         try:
             self.mm = mmap.mmap(fd, os.fstat(fd).st_size)
-        finally:
+            # the fd stays open: the ring fstat()s it before each batch, so a file truncated under the mapping
+            # is an InvalidStateError, not a SIGBUS
+            self.ring = shm.Ring(self.mm, fd)
+        except BaseException:
             os.close(fd)
-        self.ring = shm.Ring(self.mm)
+            raise
+        self.fd = fd
 
     def close(self) -> None:
         self.ring.release()
@@ -230,6 +234,9 @@ class _Segment:
             self.mm.close()
         except BufferError:  # pragma: no cover - a frame view still alive
             pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def busy(self) -> bool:
         """Whether any live process still holds a lock in this folder."""
@@ -252,8 +259,9 @@ def remove_stale(directory: str | os.PathLike[str] | None = None) -> list[str]:
 class _ShmEndpoint(BackgroundTask):
     def __init__(self, bus: EventBus, event_type: Any, subject: str, *, directory: Path, capacity: int,
                  data_bytes: int, max_readers: int, block: bool, batch: int, liveness_interval: float,
-                 name: str) -> None:
+                 name: str, bridge: str = "kimiha") -> None:
         self.name = name
+        self.bridge = bridge
         self._channel = bus.channel(event_type)
         self.event_type = event_type
         self.type_name = self._channel.name
@@ -273,6 +281,25 @@ class _ShmEndpoint(BackgroundTask):
         self._lock_fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._log_budget = 20
+
+    def _ring_figure(self, what: str) -> int:
+        """``head`` or ``lost`` of the ring (its last known value once closed, or if its file shrank)."""
+        if self._ring is not None:
+            try:
+                self._final[what] = int(getattr(self._ring, what))
+            except InvalidStateError:
+                pass
+        return self._final[what]
+
+    def attached_readers(self) -> int:
+        """How many readers the ring has attached now (0 once closed)."""
+        ring = self._ring
+        if ring is None:
+            return 0
+        try:
+            return sum(1 for i in range(ring.max_readers) if ring.reader(i)[0] == 1)
+        except InvalidStateError:
+            return 0
 
     def _identity(self) -> dict[str, Any]:
         return {"channel": self.type_name, "subject": self.subject, "delivery": "shm", "stream": None,
@@ -314,7 +341,10 @@ class _ShmEndpoint(BackgroundTask):
         seg, self._seg = self._seg, None
         if seg is not None:
             ring, self._ring = self._ring, None
-            self._final = {"head": int(ring.head), "lost": int(ring.lost), "readers": 0}
+            try:
+                self._final = {"head": int(ring.head), "lost": int(ring.lost), "readers": 0}
+            except InvalidStateError:  # the file shrank under the mapping: nothing more is read from it
+                pass
             seg.close()
             try:
                 if not seg.busy():  # the last one out removes the folder (another may just have done so)
@@ -356,7 +386,7 @@ class ShmExporter(_ShmEndpoint):
     @property
     def last_seq(self) -> int:
         """The ring's position after the last frame written (its readers' ``position`` reaches it)."""
-        return int(self._ring.head) if self._ring is not None else self._final["head"]
+        return self._ring_figure("head")
 
     @property
     def lost(self) -> int:
@@ -368,10 +398,7 @@ class ShmExporter(_ShmEndpoint):
 
     def stats(self) -> dict[str, Any]:
         """Return the exporter's counters."""
-        ring = self._ring
-        readers = 0
-        if ring is not None:
-            readers = sum(1 for i in range(ring.max_readers) if ring.reader(i)[0] == 1)
+        readers = self.attached_readers()
         return {
             **self._identity(),
             "sender": self.sender,
@@ -421,9 +448,7 @@ class ShmExporter(_ShmEndpoint):
                            self.type_name, skipped)
 
     def _take(self, items: list[Any]) -> None:
-        if not self._channel.track_latency:  # the ring stamps slots only when it tracks latency
-            now = monotonic_ns()
-            items = [(seq, now, frame) for seq, _, frame in items]
+        # a channel that does not track latency hands out publish_ns 0: Ring.write stamps those with its own time
         if self._start < len(self._pending):
             self._pending = self._pending[self._start:] + items
         else:
@@ -456,14 +481,21 @@ class ShmExporter(_ShmEndpoint):
                 progressed = True
                 self._poke_readers()
                 continue
-            frame = pending[self._start][2]
+            _, ts, frame = pending[self._start]
             if len(frame) > ring.max_frame:
+                # dropped, but its place stays in the ring's sequence: every reader sees the hole and counts it
+                position = ring.head
+                if not ring.write_hole(ts, len(frame)):
+                    break  # BLOCK and full: the hole waits for room like a frame
                 self._start += 1
                 self.dropped += 1
                 self.errors += 1
                 ring.set_lost(self.lagged + self.dropped)
-                logger.error("%s: an event of %d bytes exceeds the ring's largest frame (%d bytes, a quarter of "
-                             "data_bytes); dropped", self.name, len(frame), ring.max_frame)
+                logger.error("%s: dropped an event of %d bytes on channel %r: it exceeds the largest frame of "
+                             "ring %s (%d bytes, a quarter of data_bytes %d); its readers see a hole at frame %d",
+                             self.name, len(frame), self.type_name, self.path, ring.max_frame, ring.data_size,
+                             position)
+                self._poke_readers()
                 progressed = True
                 continue
             break
@@ -582,11 +614,14 @@ class ShmExporter(_ShmEndpoint):
                              self.flush_timeout)
             self._sub.close()
             ring = self._ring
-            if ring is not None:
-                ring.set_closed()
-                for idx in range(ring.max_readers):
-                    if ring.reader(idx)[0] == 1:
-                        self._poke(idx)
+            try:
+                if ring is not None:
+                    ring.set_closed()
+                    for idx in range(ring.max_readers):
+                        if ring.reader(idx)[0] == 1:
+                            self._poke(idx)
+            except InvalidStateError as exc:  # the ring's file shrank: release the mapping all the same
+                logger.error("%s: %s", self.name, exc)
             for fd in self._reader_fds.values():
                 os.close(fd)
             self._reader_fds.clear()
@@ -619,6 +654,8 @@ class ShmImporter(_ShmEndpoint):
         self.delivered = 0
         self.missing = 0
         self.bad_frames = 0
+        self.dropped_by_writer = 0
+        self.last_hole: str | None = None
         self.waits = 0
         self.sleeps = 0
         self.writer_restarts = 0
@@ -629,7 +666,8 @@ class ShmImporter(_ShmEndpoint):
         self._same_clock = True
 
     def position(self, sender: str | None = None) -> int:
-        """Return the ring position accounted for here: frames published locally, bad or counted missing.
+        """Return the ring position accounted for here: frames published locally, bad, counted missing, or
+        holes (frames the writer dropped, ``dropped_by_writer``).
 
         ``sender`` is accepted for symmetry with :meth:`ChannelImporter.position`; a ring has one sequence
         whatever writer incarnation wrote it.
@@ -642,7 +680,7 @@ class ShmImporter(_ShmEndpoint):
 
     @property
     def lost_at_senders(self) -> int:
-        return int(self._ring.lost) if self._ring is not None else self._final["lost"]
+        return self._ring_figure("lost")
 
     def stats(self) -> dict[str, Any]:
         """Return the importer's counters and latency summary."""
@@ -657,6 +695,8 @@ class ShmImporter(_ShmEndpoint):
             "delivered": self.delivered,
             "duplicates": 0,
             "missing": self.missing,
+            "dropped_by_writer": self.dropped_by_writer,
+            "last_hole": self.last_hole,
             "late": 0,
             "lost_at_senders": self.lost_at_senders,
             "bad_frames": self.bad_frames,
@@ -720,18 +760,19 @@ class ShmImporter(_ShmEndpoint):
     async def execute(self) -> None:
         ring = self._ring
         start = self._cursor
-        channel: Any = self._channel
-        # the frames' loop runs in the compiled ring: copy out, publish_raw, record the latency
-        cursor, lagged, delivered, failed = ring.deliver(self._idx, start, self.batch, channel.publish_raw,
-                                                         self.latency.record)
+        # the frames' loop runs in the compiled ring: copy out, validate, write into the channel, record the
+        # latency (Ring.pump), one call per batch
+        cursor, lagged, delivered, holes, failed = ring.pump(self._idx, start, self.batch, self._channel,
+                                                             self.latency)
         self.delivered += delivered
+        if holes:
+            self._holes(holes)
         if lagged:
             self.missing += lagged
             if self._log_budget > 0:
                 self._log_budget -= 1
                 logger.warning("%s: fell behind ring %s: %d frame(s) overwritten before they were read "
-                               "(missing); resuming at frame %d", self.name, self.path, lagged,
-                               cursor - delivered)
+                               "(missing); resuming at frame %d", self.name, self.path, lagged, start + lagged)
         if failed is not None:
             self._commit(cursor, lagged)  # what was published so far is accounted for, whatever comes next
             lagged = 0
@@ -764,6 +805,17 @@ class ShmImporter(_ShmEndpoint):
             return cursor
         self._bad(exc, data, cursor)
         return cursor + 1
+
+    def _holes(self, holes: list[tuple[int, int, int]]) -> None:
+        """Count the frames the writer dropped (holes in the ring's sequence) and say which."""
+        self.dropped_by_writer += len(holes)
+        for position, _, size in holes:
+            self.last_hole = (f"frame {position} of {self.path}: the writer dropped an event of {size} bytes on "
+                              f"channel {self.type_name!r} (the ring's largest frame is {self._ring.max_frame} "
+                              f"bytes)")
+            if self._log_budget > 0:
+                self._log_budget -= 1
+                logger.warning("%s: hole at %s", self.name, self.last_hole)
 
     def _bad(self, exc: BaseException, data: bytes, seq: int) -> None:
         self.bad_frames += 1
@@ -831,8 +883,11 @@ class ShmImporter(_ShmEndpoint):
     async def shutdown(self) -> None:
         """Stop reading: detach from the ring (a durable reader's place and cursor stay for its restart)."""
         ring = self._ring
-        if ring is not None and self._idx >= 0:
-            ring.detach(self._idx)
+        try:
+            if ring is not None and self._idx >= 0:
+                ring.detach(self._idx)
+        except InvalidStateError as exc:  # the ring's file shrank: release the mapping all the same
+            logger.error("%s: %s", self.name, exc)
         self._close()
 
 
@@ -891,7 +946,7 @@ class ShmBridge(BridgeTasks):
         return {"directory": self.directory, "capacity": capacity, "data_bytes": max(data_bytes, 4096),
                 "max_readers": _positive_int(f"{what}.max_readers", max_readers),
                 "block": overflow in (Overflow.BLOCK, "block"), "batch": _positive_int(f"{what}.batch", batch),
-                "liveness_interval": self.liveness_interval}
+                "liveness_interval": self.liveness_interval, "bridge": self.name}
 
     def export_channel(self, event_type: Any, subject: str | None = None, *, overflow: Any = Overflow.BLOCK,
                        capacity: int = 8192, data_bytes: int | None = None, max_readers: int = 8,

@@ -525,3 +525,116 @@ def test_reader_slots_free_ones_first_and_a_clear_error_when_none_is_left(run, t
             await writer.stop()
 
     run(main())
+
+
+# -- holes, a shrunken file (review defects of 0.3.0) ----------------------------------------------------------
+
+
+class Big(EventType):
+    BLOBS = "Blobs"
+
+
+class Blob(Event, frozen=True):
+    seq: int
+    data: str
+
+
+class CollectBlobs(Collect):
+    def subscribed_event(self) -> Big:
+        return Big.BLOBS
+
+
+def test_a_frame_too_large_for_the_ring_is_a_hole_every_reader_counts(run, tmp_path, caplog):
+    # data_bytes 4096: the largest frame is 1024 bytes; the third event is about 2000
+    def node(name):
+        bus = EventBus([(Big.BLOBS, ChannelConfig(64, payload_type=Blob, overflow=Overflow.BLOCK))])
+        return bus, Scheduler(bus, name=name), ShmBridge(bus, tmp_path, name=name, liveness_interval=0.05)
+
+    async def main():
+        rbus, rsched, rbridge = node("r")
+        importer = rbridge.import_channel(Big.BLOBS, "blobs", capacity=16, data_bytes=4096)
+        collect = CollectBlobs()
+        rsched.register_event_task(collect)
+        rbridge.register(rsched)
+        await rsched.start()
+        wbus, wsched, wbridge = node("w")
+        exporter = wbridge.export_channel(Big.BLOBS, "blobs", capacity=16, data_bytes=4096)
+        wbridge.register(wsched)
+        await wsched.start()
+        try:
+            for i, size in enumerate([10, 10, 2000, 10], start=1):
+                await wbus.publish_async(Big.BLOBS, Blob(i, "x" * size))
+            assert await wbridge.flush(WAIT)
+            assert await importer.wait_position(None, 4, WAIT)  # the hole takes its place in the sequence
+            await until(lambda: len(collect.seqs) == 3, what="the 3 carried events handled")
+        finally:
+            await wsched.shutdown()
+            await rsched.shutdown()
+        assert collect.seqs == [1, 2, 4]
+        s = importer.stats()
+        assert (s["delivered"], s["dropped_by_writer"], s["missing"], s["lost_at_senders"]) == (3, 1, 0, 1)
+        assert "frame 2 of" in s["last_hole"] and "'Blobs'" in s["last_hole"] and "1024 bytes" in s["last_hole"]
+        e = exporter.stats()
+        assert (e["sent"], e["dropped"]) == (3, 1)
+        said = [r.getMessage() for r in caplog.records]
+        assert any("dropped an event of" in m and "'Blobs'" in m and "1024 bytes" in m and "hole at frame 2" in m
+                   for m in said), said
+        assert any("hole at frame 2" in m and "shm-import:Blobs" in m for m in said), said
+
+    run(main())
+
+
+def test_a_hole_on_a_full_block_ring_waits_for_room_like_a_frame():
+    r = ring(capacity=4, data=4096, block=True)
+    r.attach(0, os.getpid(), 0, "")
+    assert r.write(items(0, 4)) == 4
+    assert r.write_hole(77, 5000) is False  # no free slot: the hole does not overwrite the reader's frames
+    frames, cursor, lagged, holes = r.read(0, 0, 10)
+    assert (len(frames), cursor, lagged, holes) == (4, 4, 0, [])
+    r.commit(0, cursor)
+    assert r.write_hole(77, 5000) is True and r.head == 5
+    assert r.write(items(5, 6)) == 1
+    frames, cursor, lagged, holes = r.read(0, 4, 10)
+    assert (frames, cursor, lagged, holes) == ([(1005, (5).to_bytes(4, "little") * 2)], 6, 0, [(4, 77, 5000)])
+
+
+SHRINK = r"""
+import asyncio, os, sys
+sys.path.insert(0, sys.argv[2])
+import kimiha
+from kimiha.error import InvalidStateError
+from test_shm import Node, md, until
+
+async def main(directory):
+    node = Node(directory, "r")
+    importer = node.reader("md.shrink", busy_poll=sys.argv[3] == "poll")
+    await node.start()
+    ring = importer._seg.ring
+    import msgspec
+    ring.write([(0, 0, msgspec.msgpack.encode(md(1)))])
+    await until(lambda: node.collect.seqs == [1], what="the first event")
+    os.truncate(os.path.join(directory, "md.shrink", "ring"), 0)  # another process shrinks the file
+    try:
+        ring.write([(1, 0, msgspec.msgpack.encode(md(2)))])
+    except InvalidStateError as exc:
+        print("writer:", exc, flush=True)
+    await until(lambda: importer.failed or node.scheduler.registry.get(importer.name).errors, what="the error")
+    info = node.scheduler.registry.get(importer.name)
+    print("reader:", info.errors, repr(info.last_error)[:400], flush=True)
+    await node.stop()
+    print("alive", flush=True)
+
+kimiha.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("mode", ["wake", "poll"])
+def test_a_ring_file_truncated_under_the_mapping_is_an_error_not_sigbus(tmp_path, mode):
+    script = tmp_path / "shrink.py"
+    script.write_text(SHRINK)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "rings"), str(CHILD.parent), mode],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-3000:])  # -7 was SIGBUS
+    assert "writer: shm ring: its file was truncated to 0 bytes under the mapping" in done.stdout, done.stdout
+    assert "reader: " in done.stdout and "truncated to 0 bytes" in done.stdout, (done.stdout, done.stderr[-2000:])
+    assert "alive" in done.stdout

@@ -621,6 +621,7 @@ async def main(directory):
     await until(lambda: importer.failed or node.scheduler.registry.get(importer.name).errors, what="the error")
     info = node.scheduler.registry.get(importer.name)
     print("reader:", info.errors, repr(info.last_error)[:400], flush=True)
+    print("importer failed:", importer.stats()["failed"] is not None, flush=True)
     await node.stop()
     print("alive", flush=True)
 
@@ -636,5 +637,8 @@ def test_a_ring_file_truncated_under_the_mapping_is_an_error_not_sigbus(tmp_path
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-3000:])  # -7 was SIGBUS
     assert "writer: shm ring: its file was truncated to 0 bytes under the mapping" in done.stdout, done.stdout
-    assert "reader: " in done.stdout and "truncated to 0 bytes" in done.stdout, (done.stdout, done.stderr[-2000:])
-    assert "alive" in done.stdout
+    said = [line for line in done.stdout.splitlines() if line.startswith("reader: ")]
+    assert said and "shm-import:MD: ring" in said[0] and "md.shrink" in said[0] and "truncated to 0 bytes" in said[0], \
+        (done.stdout, done.stderr[-2000:])
+    assert "exporter failed" not in done.stdout
+    assert "importer failed: True" in done.stdout and "alive" in done.stdout

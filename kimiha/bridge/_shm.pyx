@@ -33,6 +33,10 @@ from kimiha._core cimport Channel, LatencyHistogram
 
 from kimiha.error import ChannelClosed, ChannelFull, InvalidStateError
 
+
+class RingTruncated(InvalidStateError):
+    """The ring's file is shorter than its mapping (another process shrank or recreated it)."""
+
 cdef extern from *:
     """
     #include <stdint.h>
@@ -204,7 +208,7 @@ cdef class Ring:
         if fstat(self.fd, &st) != 0:
             raise OSError(f"shm ring: fstat of its file failed")
         if <uint64_t>st.st_size < self.length:
-            raise InvalidStateError(
+            raise RingTruncated(
                 f"shm ring: its file was truncated to {st.st_size} bytes under the mapping, expected "
                 f"{self.length} (another process shrank or recreated it); the ring is unusable, nothing more "
                 f"is read or written through it")

@@ -281,6 +281,21 @@ class _ShmEndpoint(BackgroundTask):
         self._lock_fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._log_budget = 20
+        #: Why this endpoint stopped working for good (its ring's file shrank under the mapping), or None.
+        self.failed: str | None = None
+
+    def _broke(self, exc: BaseException) -> None:
+        """The ring is unusable (its file shrank): say so once, raise it for the scheduler; later rounds idle."""
+        self.failed = f"{self.name}: ring {self.path}: {exc}"
+        logger.error("%s", self.failed)
+        raise InvalidStateError(self.failed) from None
+
+    async def _failed_round(self) -> bool:
+        """Idle instead of touching a broken ring; return whether this round was such a one."""
+        if self.failed is None:
+            return False
+        await self._wake.wait(self.liveness_interval)
+        return True
 
     def _ring_figure(self, what: str) -> int:
         """``head`` or ``lost`` of the ring (its last known value once closed, or if its file shrank)."""
@@ -419,6 +434,7 @@ class ShmExporter(_ShmEndpoint):
             "wakeups_sent": self.wakeups,
             "errors": self.errors,
             "unflushed": self.unflushed,
+            "failed": self.failed,
         }
 
     async def initialize(self) -> None:
@@ -456,6 +472,14 @@ class ShmExporter(_ShmEndpoint):
         self._start = 0
 
     async def execute(self) -> None:
+        if await self._failed_round():
+            return
+        try:
+            await self._round()
+        except _ring_module().RingTruncated as exc:
+            self._broke(exc)
+
+    async def _round(self) -> None:
         if self._start >= len(self._pending):
             try:
                 items = self._sub.drain(self.batch)
@@ -592,7 +616,7 @@ class ShmExporter(_ShmEndpoint):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.flush_timeout
         try:
-            while True:
+            while self.failed is None:
                 try:
                     items = self._sub.drain(-1)
                 except ChannelClosed:
@@ -606,6 +630,9 @@ class ShmExporter(_ShmEndpoint):
                     break
                 if not await self._write_some():
                     await self._wait_room(min(remaining, self.liveness_interval))
+        except _ring_module().RingTruncated as exc:  # nothing more can be written: count what is left
+            self.failed = f"{self.name}: ring {self.path}: {exc}"
+            logger.error("%s", self.failed)
         finally:
             self.unflushed = self.pending
             if self.unflushed:
@@ -662,7 +689,6 @@ class ShmImporter(_ShmEndpoint):
         self.writer_deaths = 0
         self.resumed = False
         self.last_bad: str | None = None
-        self.failed: str | None = None
         self._same_clock = True
 
     def position(self, sender: str | None = None) -> int:
@@ -758,6 +784,14 @@ class ShmImporter(_ShmEndpoint):
                         self.path, self._cursor, head)
 
     async def execute(self) -> None:
+        if await self._failed_round():
+            return
+        try:
+            await self._round()
+        except _ring_module().RingTruncated as exc:
+            self._broke(exc)
+
+    async def _round(self) -> None:
         ring = self._ring
         start = self._cursor
         # the frames' loop runs in the compiled ring: copy out, validate, write into the channel, record the

@@ -642,3 +642,70 @@ def test_a_ring_file_truncated_under_the_mapping_is_an_error_not_sigbus(tmp_path
         (done.stdout, done.stderr[-2000:])
     assert "exporter failed" not in done.stdout
     assert "importer failed: True" in done.stdout and "alive" in done.stdout
+
+
+def test_shm_rings_are_in_the_metrics_and_in_top(run, tmp_path):
+    pytest.importorskip("prometheus_client")
+    pytest.importorskip("rich")
+    from prometheus_client.parser import text_string_to_metric_families
+    from rich.console import Console
+
+    from kimiha.apps.top import parse, render
+    from kimiha.metrics import KimihaCollector, render_text
+
+    def node(name):
+        bus = EventBus([(Big.BLOBS, ChannelConfig(64, payload_type=Blob, overflow=Overflow.BLOCK))])
+        return bus, Scheduler(bus, name=name), ShmBridge(bus, tmp_path, name=name, liveness_interval=0.05)
+
+    def scrape(bus, scheduler):
+        text = render_text(KimihaCollector(bus, scheduler).families())
+        found = {}
+        for family in text_string_to_metric_families(text):  # prometheus-client's own parser
+            for s in family.samples:
+                found[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return text, found
+
+    async def main():
+        rbus, rsched, rbridge = node("rb")
+        importer = rbridge.import_channel(Big.BLOBS, "blobs.m", capacity=16, data_bytes=4096)
+        rsched.register_event_task(CollectBlobs())
+        rbridge.register(rsched)
+        await rsched.start()
+        wbus, wsched, wbridge = node("wb")
+        wbridge.export_channel(Big.BLOBS, "blobs.m", capacity=16, data_bytes=4096)
+        wbridge.register(wsched)
+        await wsched.start()
+        try:
+            for i in range(1, 101):
+                await wbus.publish_async(Big.BLOBS, Blob(i, "x" * (3000 if i == 50 else 5)))
+            assert await wbridge.flush(WAIT)
+            assert await importer.wait_position(None, 100, WAIT)
+            wtext, w = scrape(wbus, wsched)
+            rtext, r = scrape(rbus, rsched)
+        finally:
+            await wsched.shutdown()
+            await rsched.shutdown()
+        wl = (("bridge", "wb"), ("channel", "Blobs"), ("ring", "blobs.m"))
+        rl = (("bridge", "rb"), ("channel", "Blobs"), ("ring", "blobs.m"))
+        assert w[("kimiha_shm_export_written_total", wl)] == 99
+        assert w[("kimiha_shm_export_dropped_total", wl)] == 1
+        assert w[("kimiha_shm_export_lagged_total", wl)] == 0
+        assert w[("kimiha_shm_export_readers_attached", wl)] == 1
+        assert w[("kimiha_shm_export_head_events", wl)] == 100
+        assert r[("kimiha_shm_import_read_total", rl)] == 99
+        assert r[("kimiha_shm_import_delivered_total", rl)] == 99
+        assert r[("kimiha_shm_import_dropped_by_writer_total", rl)] == 1
+        assert r[("kimiha_shm_import_lagged_total", rl)] == 0
+        assert r[("kimiha_shm_import_position_events", rl)] == 100
+        assert r[("kimiha_shm_import_writer_alive", rl)] == 1
+        assert r[("kimiha_shm_import_latency_seconds_count", rl)] == 99
+        console = Console(width=200, record=True, color_system=None)
+        for text in (wtext, rtext):
+            console.print(render("http://x", parse(text, at=1.0), None, None, None, None, width=200))
+        shown = console.export_text()
+        assert "shm wb writes Blobs -> ring blobs.m: written 99" in shown and "readers 1" in shown, shown
+        assert "dropped 1" in shown, shown
+        assert "shm rb reads ring blobs.m -> Blobs: read 99" in shown and "dropped by writer 1" in shown, shown
+        assert "writer alive" in shown, shown
+
+    run(main())

@@ -885,6 +885,9 @@ class ShmImporter(_ShmEndpoint):
             self._next_check = now + self.liveness_interval
             self._watch_writer()
         if self.busy_poll:
+            # let a process waiting for this core run first (the writer, on a machine with fewer free cores
+            # than busy processes); with a core to itself this returns at once
+            os.sched_yield()
             await asyncio.sleep(0)
             return
         if not ring.sleep_if_idle(self._idx, self._cursor):

@@ -709,3 +709,31 @@ def test_shm_rings_are_in_the_metrics_and_in_top(run, tmp_path):
         assert "writer alive" in shown, shown
 
     run(main())
+
+
+def test_a_full_local_channel_makes_the_reader_wait_not_lose(run, tmp_path):
+    # the batch import stops at a full BLOCK channel and waits for room; nothing is skipped or repeated
+    async def main():
+        bus = make_bus(capacity=4)
+        scheduler = Scheduler(bus, name="r")
+        bridge = ShmBridge(bus, tmp_path, name="r", liveness_interval=0.05)
+        importer = bridge.import_channel(Ev.MD, "md.full")
+        sub = bus.subscribe(Ev.MD)  # a pull subscriber that reads only later: the channel fills up
+        bridge.register(scheduler)
+        await scheduler.start()
+        try:
+            frames = [(i, 0, msgspec.msgpack.encode(md(i + 1))) for i in range(20)]
+            assert importer._seg.ring.write(frames) == 20
+            await until(lambda: importer.stats()["channel_full_waits"] > 0, what="the reader waiting for room")
+            assert importer.position() < 20
+            got = []
+            while len(got) < 20:
+                got.append((await asyncio.wait_for(sub.recv(), WAIT)).seq)
+            await until(lambda: importer.position() == 20, what="20 frames accounted for")
+        finally:
+            await scheduler.shutdown()
+        assert got == list(range(1, 21))
+        s = importer.stats()
+        assert (s["delivered"], s["missing"], s["bad_frames"]) == (20, 0, 0)
+
+    run(main())

@@ -20,7 +20,15 @@ writer's head store and a reader's "I am going to sleep" store cannot both miss 
 A frame the writer cannot carry (larger than ``max_frame``) still takes its place in the sequence as a *hole*
 (:meth:`Ring.write_hole`), so every reader sees and counts it. A ring built with a file descriptor checks the
 file's size (one ``fstat``) before each batch it reads or writes: a file truncated under the mapping raises
-``InvalidStateError`` instead of killing the process with SIGBUS at the first touch of a page past its end.
+``RingTruncated`` (an ``InvalidStateError``) instead of killing the process with SIGBUS at the first touch of
+a page past its end (a truncation between that check and the batch's accesses still faults: the check
+narrows the window to one batch, it cannot close it without a signal handler).
+
+:meth:`Ring.pump` is the readers' batch import: it does what ``Channel.publish_raw`` does (closed and room
+checks, decode-to-validate, write, restamp with the writer's publish time) through the C methods
+``kimiha/_core.pxd`` declares, with no Python call per frame. Those are internal declarations of the core,
+built from the same tree; a public ``Channel.publish_raw_c(frame, publish_ns)`` there would let this module
+stop repeating the checks.
 """
 
 from libc.stdint cimport int64_t, uint64_t

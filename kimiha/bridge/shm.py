@@ -14,12 +14,20 @@ Files, under ``directory`` (default ``/dev/shm/kimiha-<uid>``, mode 0700), one f
 * **Overflow.** ``BLOCK`` (default): the writer never overwrites a frame an attached reader has not read;
   when the ring is full it stops reading its local channel, whose publishers then wait (nothing lost).
   ``LAG``: the writer never waits; a reader that falls more than the ring behind skips what was overwritten,
-  counts it exactly (``missing``) and goes on from the oldest frame still there.
+  counts it exactly (``missing``) and goes on from the oldest frame still there. An event larger than the
+  ring's largest frame (a quarter of ``data_bytes``) is dropped by the writer (logged: channel, size, limit,
+  ring position) but keeps its place in the ring's sequence as a *hole*, which every reader counts
+  (``dropped_by_writer``) and names in a warning: nothing is lost silently on either ring.
 * **Wake-ups.** A reader with nothing to read sets its waiting flag and sleeps on its FIFO (in the event loop,
   no thread, no spinning); the writer writes one byte to the FIFO of each reader that sleeps after a batch
   (the flag and the head are sequentially consistent: a frame written while a reader goes to sleep is never
   missed). ``busy_poll=True`` makes a reader poll the ring on every pass of its loop instead: lower latency,
-  one core busy.
+  one core busy (an idle pass calls ``sched_yield`` so that, on a machine with fewer free cores than busy
+  processes, the writer is not starved by its polling readers).
+* **Batches.** A reader publishes what the ring holds in one compiled call per wake-up or pass
+  (``Ring.pump``: copy out, validate by decoding, write into the local channel, record the latency; the checks
+  of ``Channel.publish_raw``), a writer copies what its channel holds in one call (``Ring.write``) and wakes
+  each sleeping reader once per batch.
 * **Crashes.** Liveness is the kernel's: a lock held with ``flock`` goes when its process dies, however it
   dies. A BLOCK writer waiting for room checks its readers' locks (every ``liveness_interval`` s) and detaches
   a dead one (``readers_lost``), so a killed reader never blocks it for more than that. A reader sees a dead
@@ -27,7 +35,9 @@ Files, under ``directory`` (default ``/dev/shm/kimiha-<uid>``, mode 0700), one f
   read. A writer started again on the same subject takes the ring over where it stopped (the readers go on,
   ``writer_restarts`` counted); a reader started again with the same ``durable`` name resumes at its saved
   cursor (nothing lost or repeated while the ring still holds its frames; what was overwritten meanwhile is
-  counted as ``missing``).
+  counted as ``missing``). A ring file truncated under the mapping (by another process) is found by an
+  ``fstat`` before each batch: the endpoint fails once with a clear error (``failed`` in its stats) instead
+  of the process dying of SIGBUS.
 * **Cleanup.** The last one out (writer or reader, at shutdown, when no other process holds a lock) removes
   the subject's folder; :func:`remove_stale` removes folders whose processes are all gone (after a crash).
 """

@@ -300,13 +300,6 @@ class _ShmEndpoint(BackgroundTask):
         logger.error("%s", self.failed)
         raise InvalidStateError(self.failed) from None
 
-    async def _failed_round(self) -> bool:
-        """Idle instead of touching a broken ring; return whether this round was such a one."""
-        if self.failed is None:
-            return False
-        await self._wake.wait(self.liveness_interval)
-        return True
-
     def _ring_figure(self, what: str) -> int:
         """``head`` or ``lost`` of the ring (its last known value once closed, or if its file shrank)."""
         if self._ring is not None:
@@ -482,14 +475,9 @@ class ShmExporter(_ShmEndpoint):
         self._start = 0
 
     async def execute(self) -> None:
-        if await self._failed_round():
+        if self.failed is not None:  # the ring is unusable: idle (see _broke)
+            await self._wake.wait(self.liveness_interval)
             return
-        try:
-            await self._round()
-        except _ring_module().RingTruncated as exc:
-            self._broke(exc)
-
-    async def _round(self) -> None:
         if self._start >= len(self._pending):
             try:
                 items = self._sub.drain(self.batch)
@@ -499,8 +487,11 @@ class ShmExporter(_ShmEndpoint):
                 await self._wake.wait(self.liveness_interval)
                 return
             self._take(items)
-        if not await self._write_some():
-            await self._wait_room(self.liveness_interval)
+        try:
+            if not await self._write_some():
+                await self._wait_room(self.liveness_interval)
+        except _ring_module().RingTruncated as exc:  # (evaluated only when something is raised)
+            self._broke(exc)
 
     async def _write_some(self) -> bool:
         """Write what is pending, as much as fits; return False if nothing could be written (full)."""
@@ -794,37 +785,36 @@ class ShmImporter(_ShmEndpoint):
                         self.path, self._cursor, head)
 
     async def execute(self) -> None:
-        if await self._failed_round():
+        if self.failed is not None:  # the ring is unusable: idle (see _broke)
+            await self._wake.wait(self.liveness_interval)
             return
         try:
-            await self._round()
-        except _ring_module().RingTruncated as exc:
+            ring = self._ring
+            start = self._cursor
+            # the frames' loop runs in the compiled ring: copy out, validate, write into the channel,
+            # record the latency (Ring.pump), one call per batch
+            cursor, lagged, delivered, holes, failed = ring.pump(self._idx, start, self.batch, self._channel,
+                                                                 self.latency)
+            self.delivered += delivered
+            if holes:
+                self._holes(holes)
+            if lagged:
+                self.missing += lagged
+                if self._log_budget > 0:
+                    self._log_budget -= 1
+                    logger.warning("%s: fell behind ring %s: %d frame(s) overwritten before they were read "
+                                   "(missing); resuming at frame %d", self.name, self.path, lagged,
+                                   start + lagged)
+            if failed is not None:
+                self._commit(cursor, lagged)  # what was published so far is accounted for, whatever comes next
+                lagged = 0
+                cursor = await self._failed(failed, cursor)
+            if cursor != start or lagged:
+                self._commit(cursor, lagged)
+            elif failed is None:
+                await self._idle()
+        except _ring_module().RingTruncated as exc:  # (evaluated only when something is raised)
             self._broke(exc)
-
-    async def _round(self) -> None:
-        ring = self._ring
-        start = self._cursor
-        # the frames' loop runs in the compiled ring: copy out, validate, write into the channel, record the
-        # latency (Ring.pump), one call per batch
-        cursor, lagged, delivered, holes, failed = ring.pump(self._idx, start, self.batch, self._channel,
-                                                             self.latency)
-        self.delivered += delivered
-        if holes:
-            self._holes(holes)
-        if lagged:
-            self.missing += lagged
-            if self._log_budget > 0:
-                self._log_budget -= 1
-                logger.warning("%s: fell behind ring %s: %d frame(s) overwritten before they were read "
-                               "(missing); resuming at frame %d", self.name, self.path, lagged, start + lagged)
-        if failed is not None:
-            self._commit(cursor, lagged)  # what was published so far is accounted for, whatever comes next
-            lagged = 0
-            cursor = await self._failed(failed, cursor)
-        if cursor != start or lagged:
-            self._commit(cursor, lagged)
-        elif failed is None:
-            await self._idle()
 
     async def _failed(self, failed: tuple[BaseException, int, bytes], cursor: int) -> int:
         """Deal with the frame at ``cursor`` whose publish raised; return the cursor after it (or at it, if
@@ -896,9 +886,9 @@ class ShmImporter(_ShmEndpoint):
             self._watch_writer()
         if self.busy_poll:
             # let a process waiting for this core run first (the writer, on a machine with fewer free cores
-            # than busy processes); with a core to itself this returns at once
+            # than busy processes); with a core to itself this returns at once. The scheduler's loop yields to
+            # the event loop after each execute(), so the next poll comes after one pass of it.
             os.sched_yield()
-            await asyncio.sleep(0)
             return
         if not ring.sleep_if_idle(self._idx, self._cursor):
             if ring.closed and ring.head <= self._cursor:

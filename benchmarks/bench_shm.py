@@ -12,11 +12,16 @@ publish; the handler records ``monotonic_ns() - t_ns`` into a :class:`kimiha.Lat
 Two phases per path: **rate** (``--rate`` events/s, 100k by default: the latency of a stream that is busy but
 not saturated; the publisher spins between events, yielding to the loop once per event) and **flood**
 (``publish_async`` as fast as the path takes them: throughput = events / (last handler time in any reader -
-first publish time); each reader receives every event). Readers busy-poll by default (``--wake`` makes them
-sleep on the ring's FIFO wake-up instead).
+first publish time), end to end into the readers' bus handlers; each reader receives every event). Readers
+busy-poll by default (``--wake`` makes them sleep on the ring's FIFO wake-up instead). Each process's CPU time
+over the flood per event is reported too (a busy-polling reader's includes its polling).
 
-    python benchmarks/bench_shm.py                   # 20000 rate + 200000 flood events, 2 readers, x3, ~40 s
-    python benchmarks/bench_shm.py --quick           # 5000 + 50000, once, ~8 s
+Then **ring-to-ring**, the transport alone (``--ring-frames``, 0 skips it): this process ``Ring.write``s ready
+frames (the flood's ``Tick`` encoding) in batches of 256 into a BLOCK ring, ``--readers`` processes
+``Ring.read`` them (each copied out into a ``bytes``) and count; no bus, no decode, no handler.
+
+    python benchmarks/bench_shm.py                   # 20000 rate + 200000 flood events + 2M ring frames, 2 readers, x3
+    python benchmarks/bench_shm.py --quick           # 5000 + 50000 + 500000, once, ~5 s
     python benchmarks/bench_shm.py --quick --wake    # readers sleep between frames (no busy core)
     python benchmarks/bench_shm.py --json out.json
 """

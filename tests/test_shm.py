@@ -546,20 +546,21 @@ class CollectBlobs(Collect):
         return Big.BLOBS
 
 
+def blob_node(directory, name):
+    bus = EventBus([(Big.BLOBS, ChannelConfig(64, payload_type=Blob, overflow=Overflow.BLOCK))])
+    return bus, Scheduler(bus, name=name), ShmBridge(bus, directory, name=name, liveness_interval=0.05)
+
+
 def test_a_frame_too_large_for_the_ring_is_a_hole_every_reader_counts(run, tmp_path, caplog):
     # data_bytes 4096: the largest frame is 1024 bytes; the third event is about 2000
-    def node(name):
-        bus = EventBus([(Big.BLOBS, ChannelConfig(64, payload_type=Blob, overflow=Overflow.BLOCK))])
-        return bus, Scheduler(bus, name=name), ShmBridge(bus, tmp_path, name=name, liveness_interval=0.05)
-
     async def main():
-        rbus, rsched, rbridge = node("r")
+        rbus, rsched, rbridge = blob_node(tmp_path, "r")
         importer = rbridge.import_channel(Big.BLOBS, "blobs", capacity=16, data_bytes=4096)
         collect = CollectBlobs()
         rsched.register_event_task(collect)
         rbridge.register(rsched)
         await rsched.start()
-        wbus, wsched, wbridge = node("w")
+        wbus, wsched, wbridge = blob_node(tmp_path, "w")
         exporter = wbridge.export_channel(Big.BLOBS, "blobs", capacity=16, data_bytes=4096)
         wbridge.register(wsched)
         await wsched.start()
@@ -655,10 +656,6 @@ def test_shm_rings_are_in_the_metrics_and_in_top(run, tmp_path):
     from kimiha.apps.top import parse, render
     from kimiha.metrics import KimihaCollector, render_text
 
-    def node(name):
-        bus = EventBus([(Big.BLOBS, ChannelConfig(64, payload_type=Blob, overflow=Overflow.BLOCK))])
-        return bus, Scheduler(bus, name=name), ShmBridge(bus, tmp_path, name=name, liveness_interval=0.05)
-
     def scrape(bus, scheduler):
         text = render_text(KimihaCollector(bus, scheduler).families())
         found = {}
@@ -668,12 +665,12 @@ def test_shm_rings_are_in_the_metrics_and_in_top(run, tmp_path):
         return text, found
 
     async def main():
-        rbus, rsched, rbridge = node("rb")
+        rbus, rsched, rbridge = blob_node(tmp_path, "rb")
         importer = rbridge.import_channel(Big.BLOBS, "blobs.m", capacity=16, data_bytes=4096)
         rsched.register_event_task(CollectBlobs())
         rbridge.register(rsched)
         await rsched.start()
-        wbus, wsched, wbridge = node("wb")
+        wbus, wsched, wbridge = blob_node(tmp_path, "wb")
         wbridge.export_channel(Big.BLOBS, "blobs.m", capacity=16, data_bytes=4096)
         wbridge.register(wsched)
         await wsched.start()

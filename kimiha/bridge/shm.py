@@ -922,6 +922,7 @@ class ShmImporter(_ShmEndpoint):
         ring = self._ring
         try:
             if ring is not None and self._idx >= 0:
+                self._watch_writer()  # a writer change since the last idle check counts in the final stats
                 ring.detach(self._idx)
         except InvalidStateError as exc:  # the ring's file shrank: release the mapping all the same
             logger.error("%s: %s", self.name, exc)

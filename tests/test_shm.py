@@ -24,6 +24,7 @@ import msgspec
 import pytest
 
 from kimiha import ChannelConfig, Event, EventBus, EventTask, EventType, InvalidConfigurationError, Overflow, Scheduler
+from kimiha.error import SerializationError
 from kimiha.bridge import ShmBridge, open_bridge, remove_stale
 from kimiha.bridge import _shm
 
@@ -174,6 +175,12 @@ def test_a_corrupt_slot_is_never_copied_past_the_data_area():
     frames, cursor, lagged, holes = r.read(0, 0, 10)
     assert all(len(f) == 8 for _, f in frames), [len(f) for _, f in frames]
     assert (cursor, lagged, holes) == (2, 1, [])  # dropped and counted; the reader goes on
+    # the batch import's own loop: the same slot dropped and counted, the next frame copied whole (8 bytes,
+    # which the channel then refuses: not msgpack of one value)
+    bus = EventBus([(Ev.MD, ChannelConfig(16))])
+    cursor, lagged, delivered, holes, failed = r.pump(0, 0, 10, bus.channel(Ev.MD))
+    assert (cursor, lagged, delivered, holes) == (1, 1, 0, None)
+    assert isinstance(failed[0], SerializationError) and len(failed[2]) == 8, failed
 
 
 def test_a_corrupt_header_geometry_is_refused_without_overflow():

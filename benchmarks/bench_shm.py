@@ -12,11 +12,16 @@ publish; the handler records ``monotonic_ns() - t_ns`` into a :class:`kimiha.Lat
 Two phases per path: **rate** (``--rate`` events/s, 100k by default: the latency of a stream that is busy but
 not saturated; the publisher spins between events, yielding to the loop once per event) and **flood**
 (``publish_async`` as fast as the path takes them: throughput = events / (last handler time in any reader -
-first publish time); each reader receives every event). Readers busy-poll by default (``--wake`` makes them
-sleep on the ring's FIFO wake-up instead).
+first publish time), end to end into the readers' bus handlers; each reader receives every event). Readers
+busy-poll by default (``--wake`` makes them sleep on the ring's FIFO wake-up instead). Each process's CPU time
+over the flood per event is reported too (a busy-polling reader's includes its polling).
 
-    python benchmarks/bench_shm.py                   # 20000 rate + 200000 flood events, 2 readers, x3, ~40 s
-    python benchmarks/bench_shm.py --quick           # 5000 + 50000, once, ~8 s
+Then **ring-to-ring**, the transport alone (``--ring-frames``, 0 skips it): this process ``Ring.write``s ready
+frames (the flood's ``Tick`` encoding) in batches of 256 into a BLOCK ring, ``--readers`` processes
+``Ring.read`` them (each copied out into a ``bytes``) and count; no bus, no decode, no handler.
+
+    python benchmarks/bench_shm.py                   # 20000 rate + 200000 flood events + 2M ring frames, 2 readers, x3
+    python benchmarks/bench_shm.py --quick           # 5000 + 50000 + 500000, once, ~5 s
     python benchmarks/bench_shm.py --quick --wake    # readers sleep between frames (no busy core)
     python benchmarks/bench_shm.py --json out.json
 """
@@ -27,6 +32,7 @@ import argparse
 import asyncio
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -58,7 +64,13 @@ async def reader(opts: argparse.Namespace) -> None:
 
     bus = make_bus()
     scheduler = Scheduler(bus)
-    probe = Probe(opts.rate_events, opts.flood, lambda phase: print(f"phase-done {phase}", flush=True))
+    cpu = [0.0, 0.0]
+
+    def phase_done(phase: int) -> None:
+        cpu[phase] = time.process_time()  # the flood's CPU: from the end of the paced phase to its own end
+        print(f"phase-done {phase}", flush=True)
+
+    probe = Probe(opts.rate_events, opts.flood, phase_done)
     scheduler.register_event_task(probe)
     bridge = ShmBridge(bus, opts.dir, name="bench-reader")
     importer = bridge.import_channel(Ev.TICKS, opts.subject, busy_poll=not opts.wake)
@@ -67,9 +79,88 @@ async def reader(opts: argparse.Namespace) -> None:
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the writer closes it
     results = _timed(probe)
+    results["cpu_us_per_flood_event"] = (cpu[1] - cpu[0]) / opts.flood * 1e6
     results["importer"] = importer.stats()
     await scheduler.shutdown()
     print("results " + json.dumps(results), flush=True)
+
+
+def ring_reader(opts: argparse.Namespace) -> None:
+    """Ring-to-ring: read ``--ring-frames`` frames straight from the ring (``Ring.read``: each copied out into a
+    bytes object), no bus, no decode; busy-polls (``sched_yield`` when empty)."""
+    import mmap
+    import os
+
+    from kimiha.bridge import _shm
+
+    fd = os.open(opts.dir, os.O_RDWR)
+    ring = _shm.Ring(mmap.mmap(fd, os.fstat(fd).st_size), fd)
+    ring.attach(opts.slot, os.getpid(), 0, "")
+    print("ready", flush=True)
+    cursor = got = 0
+    cpu0 = time.process_time()
+    while got < opts.ring_frames:
+        frames, cursor, lagged, holes = ring.read(opts.slot, cursor, 1024)
+        if frames:
+            got += len(frames)
+            ring.commit(opts.slot, cursor)
+        else:
+            os.sched_yield()
+    done = monotonic_ns()
+    print("results " + json.dumps({"done_ns": done, "frames": got, "lagged": lagged,
+                                   "cpu_us_per_frame": (time.process_time() - cpu0) / got * 1e6}), flush=True)
+
+
+async def ring_to_ring(opts: argparse.Namespace, directory: str) -> dict[str, Any]:
+    """The transport alone: this process ``Ring.write``s ready frames (the flood's 27-byte ``Tick`` encoding)
+    in batches of 256 into a BLOCK ring that ``--readers`` processes read with ``Ring.read``."""
+    import mmap
+    import os
+
+    import msgspec
+
+    from kimiha.bridge import _shm
+
+    path = os.path.join(directory, f"ring.{time.monotonic_ns()}")
+    capacity, data = 8192, 8192 * 256
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, _shm.segment_size(capacity, data, 8))
+    mm = mmap.mmap(fd, os.fstat(fd).st_size)
+    _shm.init_segment(mm, capacity, data, 8, True)
+    ring = _shm.Ring(mm, fd)
+    frame = msgspec.msgpack.encode(Tick(1, monotonic_ns(), 1))
+    procs = [await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--role", "ring-reader", "--dir", path, "--slot", str(i), "--ring-frames",
+        str(opts.ring_frames), stdout=asyncio.subprocess.PIPE) for i in range(opts.readers)]
+    try:
+        for p in procs:
+            assert (await asyncio.wait_for(p.stdout.readline(), 60)).startswith(b"ready")
+        cpu0 = time.process_time()
+        start = monotonic_ns()
+        sent = 0
+        while sent < opts.ring_frames:
+            batch = [(sent + i, start, frame) for i in range(min(256, opts.ring_frames - sent))]
+            at = 0
+            while at < len(batch):
+                n = ring.write(batch, at)
+                at += n
+                if not n:
+                    os.sched_yield()
+            sent += len(batch)
+        writer_cpu = (time.process_time() - cpu0) / sent * 1e6
+        results = [json.loads((await asyncio.wait_for(p.stdout.readline(), 120))[len("results "):]) for p in procs]
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+            await p.wait()
+        ring.release()
+        mm.close()
+        os.close(fd)
+        os.unlink(path)
+    assert all(r["frames"] == opts.ring_frames for r in results), results
+    return {"throughput": opts.ring_frames / ((max(r["done_ns"] for r in results) - start) / 1e9),
+            "writer_cpu_us_per_frame": writer_cpu, "readers": results}
 
 
 # -- the writing side ----------------------------------------------------------------------------------------------
@@ -137,8 +228,10 @@ async def shm(opts: argparse.Namespace, directory: str) -> dict[str, Any]:
         await scheduler.start()
         await at_rate(bus, opts.rate_events, opts.rate)
         await expect_all("phase-done 0", 120)
+        cpu0 = time.process_time()
         await flood(bus, opts.flood)
         await expect_all("phase-done 1", 300)
+        writer_cpu = (time.process_time() - cpu0) / opts.flood * 1e6
         for p in procs:
             p.stdin.close()
         readers = [json.loads(line[len("results "):]) for line in await expect_all("results ", 60)]
@@ -159,15 +252,18 @@ async def shm(opts: argparse.Namespace, directory: str) -> dict[str, Any]:
     for phase in ("paced", "flood"):  # the worst reader's figures (each reader gets every event)
         merged[phase] = {k: max(r[phase][k] for r in readers) for k in readers[0][phase]}
     return {**merged, "throughput": opts.flood / ((last - first) / 1e9), "readers": readers,
-            "exporter": exporter.stats()}
+            "exporter": exporter.stats(), "writer_cpu_us_per_flood_event": writer_cpu}
 
 
 async def run_all(opts: argparse.Namespace) -> list[dict[str, Any]]:
     runs = []
     with tempfile.TemporaryDirectory(prefix="kimiha-bench-shm-") as directory:
         for _ in range(opts.repeat):
-            runs.append({"in-process": await in_process(opts),
-                         f"shm, 1 writer -> {opts.readers} reader processes": await shm(opts, directory)})
+            run = {"in-process": await in_process(opts),
+                   f"shm, 1 writer -> {opts.readers} reader processes": await shm(opts, directory)}
+            if opts.ring_frames:
+                run["ring-to-ring"] = await ring_to_ring(opts, directory)
+            runs.append(run)
     return runs
 
 
@@ -186,7 +282,7 @@ def report(runs: list[dict[str, Any]], opts: argparse.Namespace, seconds: float)
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
 
-    for name in runs[0]:
+    for name in [n for n in runs[0] if n != "ring-to-ring"]:
         per = [run[name] for run in runs]
         row = [_cell([r["paced"][k] for r in per], 1e3, ",.1f") for k in ("p50", "p99", "p99_9", "max")]
         row.append(_cell([r["throughput"] for r in per], 1, ",.0f"))
@@ -195,19 +291,32 @@ def report(runs: list[dict[str, Any]], opts: argparse.Namespace, seconds: float)
     lines.append("")
     for run in runs:
         for name, r in run.items():
-            if "readers" in r:
+            if "exporter" in r:
                 counts = [rd["counts"] for rd in r["readers"]]
                 missing = [rd["importer"]["missing"] for rd in r["readers"]]
+                cpu = ", ".join(f"{rd['cpu_us_per_flood_event']:.2f}" for rd in r["readers"])
                 lines.append(f"{name}: sent {r['exporter']['sent']:,}, handled per reader {counts}, missing "
-                             f"{missing}, writer waits {r['exporter']['blocked_waits']}")
+                             f"{missing}, writer waits {r['exporter']['blocked_waits']}; CPU us per flood event: "
+                             f"writer {r['writer_cpu_us_per_flood_event']:.2f}, readers {cpu}")
     ratio = [run[list(run)[1]]["throughput"] / run["in-process"]["throughput"] for run in runs]
     lines.append(f"shm flood throughput / in-process (same run): {_median(ratio):.2f}")
+    if "ring-to-ring" in runs[0]:
+        per = [run["ring-to-ring"] for run in runs]
+        cpu = [statistics.median(rd["cpu_us_per_frame"] for r in per for rd in r["readers"])]
+        lines.append(f"ring-to-ring, the transport alone (Ring.write of ready frames in batches of 256 -> Ring.read "
+                     f"copies in each of {opts.readers} reader processes, no bus, no decode), {opts.ring_frames:,} "
+                     f"frames: {_cell([r['throughput'] for r in per], 1, ',.0f')} frames/s per reader; CPU us per "
+                     f"frame: writer {_median([r['writer_cpu_us_per_frame'] for r in per]):.3f}, reader "
+                     f"{cpu[0]:.3f} (busy-polling)")
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--role", choices=["bench", "reader"], default="bench")
+    parser.add_argument("--role", choices=["bench", "reader", "ring-reader"], default="bench")
+    parser.add_argument("--slot", type=int, default=0)
+    parser.add_argument("--ring-frames", type=int, default=2_000_000,
+                        help="frames of the ring-to-ring phase (0: skip it)")
     parser.add_argument("--dir", default=None)
     parser.add_argument("--subject", default="bench")
     parser.add_argument("--rate", type=float, default=100_000.0, help="events/s of the rate phase")
@@ -222,8 +331,12 @@ def main() -> int:
     opts = parser.parse_args()
     if opts.quick:
         opts.rate_events, opts.flood, opts.repeat = 5000, 50_000, 1
+        opts.ring_frames = min(opts.ring_frames, 500_000)
     if opts.role == "reader":
         kimiha.run(reader(opts), loop=opts.loop)
+        return 0
+    if opts.role == "ring-reader":
+        ring_reader(opts)
         return 0
     started = time.perf_counter()
     runs = kimiha.run(run_all(opts), loop=opts.loop)

@@ -3,10 +3,10 @@
 Needs the ``metrics`` extra (``pip install 'kimiha[metrics]'``, ``'.[metrics]'`` in a checkout: prometheus-client).
 
 Nothing here runs per event. A custom collector reads the counters the compiled core and the scheduler keep
-anyway (channel counters, the C latency histograms, the task registry, the NATS bridge's tasks) when a scraper
-asks. While the watched event loop runs, that loop accepts and answers the scrape between two of its callbacks
-(a consistent snapshot, no other thread taking the GIL from it); before and after, the server's own thread
-answers. What a scrape costs the dispatch loop is measured in ``benchmarks/README.md``.
+anyway (channel counters, the C latency histograms, the task registry, the bridges' tasks: NATS, and shared
+memory per ring) when a scraper asks. While the watched event loop runs, that loop accepts and answers the
+scrape between two of its callbacks (a consistent snapshot, no other thread taking the GIL from it); before and
+after, the server's own thread answers. What a scrape costs the dispatch loop is measured in ``benchmarks/README.md``.
 
 Names follow the Prometheus conventions: prefix ``kimiha_``, counters end in ``_total``, times are in seconds,
 event counts in events. The latency histograms are the C histograms' buckets (about 1.6 % wide) folded into
@@ -377,12 +377,63 @@ _IMPORT_COUNTERS = (
 
 
 
+_SHM_EXPORT_COUNTERS = (
+    ("sent", "written_total", "frames written into the shared-memory ring"),
+    ("dropped", "dropped_total", "events dropped as larger than the ring's largest frame (holes its readers count)"),
+    ("lagged", "lagged_total", "events overwritten in the local channel before export (lost)"),
+    ("blocked_waits", "blocked_waits_total", "waits for room in a full BLOCK ring"),
+    ("readers_lost", "readers_lost_total", "dead readers detached from the ring"),
+    ("wakeups_sent", "wakeups_total", "wake-ups written to sleeping readers"),
+)
+_SHM_EXPORT_GAUGES = (
+    ("readers", "readers_attached", "readers attached to the ring now"),
+    ("head", "head_events", "the ring's position: frames and holes written by every writer so far"),
+    ("buffered", "buffered_events", "events taken from the channel, not yet in the ring"),
+    ("unflushed", "unflushed_events", "events not written at shutdown"),
+)
+_SHM_IMPORT_COUNTERS = (
+    ("received", "read_total", "frames read from the shared-memory ring"),
+    ("delivered", "delivered_total", "events published into the local channel"),
+    ("missing", "lagged_total", "frames overwritten in a LAG ring before this reader read them (lost)"),
+    ("dropped_by_writer", "dropped_by_writer_total", "holes: events the writer dropped as too large for the ring"),
+    ("bad_frames", "bad_frames_total", "undecodable frames (counted and skipped)"),
+    ("channel_full_waits", "channel_full_waits_total", "waits for room in a BLOCK local channel"),
+)
+_SHM_IMPORT_GAUGES = (
+    ("position", "position_events", "ring position accounted for (delivered, bad, lagged or holes)"),
+    ("writer_alive", "writer_alive", "1 while the ring's writer process lives"),
+)
+
+
+def _shm_metrics(exports: list[Any], imports: list[Any]) -> list[Family]:
+    """The shared-memory transport's series, per ring (labels bridge, channel, ring = the subject)."""
+    exp = _families("kimiha_shm_export", [(m, "counter", d) for _, m, d in _SHM_EXPORT_COUNTERS]
+                    + [(m, "gauge", d) for _, m, d in _SHM_EXPORT_GAUGES])
+    for e in exports:
+        s = e.stats()
+        labels: _Labels = (("bridge", e.bridge), ("channel", e.type_name), ("ring", e.subject))
+        for field, metric, _ in _SHM_EXPORT_COUNTERS + _SHM_EXPORT_GAUGES:
+            exp[metric].add(labels, s[field])
+    imp = _families("kimiha_shm_import", [(m, "counter", d) for _, m, d in _SHM_IMPORT_COUNTERS]
+                    + [(m, "gauge", d) for _, m, d in _SHM_IMPORT_GAUGES])
+    latency = Family("kimiha_shm_import_latency_seconds", "histogram",
+                     "writer-side publish -> local publish latency of events read from the ring")
+    for i in imports:
+        s = i.stats()
+        labels = (("bridge", i.bridge), ("channel", i.type_name), ("ring", i.subject))
+        for field, metric, _ in _SHM_IMPORT_COUNTERS + _SHM_IMPORT_GAUGES:
+            imp[metric].add(labels, int(s[field]))
+        latency.add_histogram(labels, i.latency)
+    return [*exp.values(), *imp.values(), latency]
+
+
 def _bridge_metrics(scheduler: Scheduler) -> list[Family]:
     from kimiha.bridge.exporter import ChannelExporter
     from kimiha.bridge.importer import ChannelImporter
     from kimiha.bridge.link import NatsLink
+    from kimiha.bridge.shm import ShmExporter, ShmImporter
 
-    links, exports, imports = [], [], []
+    links, exports, imports, shm_exports, shm_imports = [], [], [], [], []
     for info in scheduler.registry:
         task = info.task
         if isinstance(task, NatsLink):
@@ -391,8 +442,13 @@ def _bridge_metrics(scheduler: Scheduler) -> list[Family]:
             exports.append(task)
         elif isinstance(task, ChannelImporter):
             imports.append(task)
+        elif isinstance(task, ShmExporter):
+            shm_exports.append(task)
+        elif isinstance(task, ShmImporter):
+            shm_imports.append(task)
+    shm = _shm_metrics(shm_exports, shm_imports) if shm_exports or shm_imports else []
     if not (links or exports or imports):
-        return []
+        return shm
     link_fams = _families("kimiha_bridge_link", [(m, "counter", d) for _, m, d in _LINK_COUNTERS])
     up = Family("kimiha_bridge_link_up", "gauge", "1 while the NATS link is up")
     for link in links:
@@ -418,7 +474,7 @@ def _bridge_metrics(scheduler: Scheduler) -> list[Family]:
         for field, metric, _ in _IMPORT_COUNTERS:
             imp[metric].add(labels, s[field])
         latency.add_histogram(labels, i.latency)
-    return [up, *link_fams.values(), *exp.values(), *imp.values(), latency]
+    return [up, *link_fams.values(), *exp.values(), *imp.values(), latency, *shm]
 
 
 #: The longest request head read (a scrape's is a few hundred bytes).

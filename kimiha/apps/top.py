@@ -1,7 +1,7 @@
 """``kimiha top URL``: a live terminal view of a running engine, read from its Prometheus endpoint.
 
-Channels with their rates, lag, backlog and latency; tasks with their state and errors; the NATS bridge when
-there is one. Redrawn in place every ``--interval`` seconds with rich; ``q`` or Ctrl-C quits. When the endpoint
+Channels with their rates, lag, backlog and latency; tasks with their state and errors; the NATS bridge and
+the shared-memory rings (written, read, lagged, dropped, readers attached) when there are. Redrawn in place every ``--interval`` seconds with rich; ``q`` or Ctrl-C quits. When the endpoint
 does not answer, the view says so (with the reason) and keeps asking. Needs the ``metrics`` extra
 (prometheus-client for its parser, rich for the terminal).
 """
@@ -95,6 +95,9 @@ class Snapshot:
     links: dict[str, dict[str, float]] = field(default_factory=dict)
     exports: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
     imports: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    #: Shared-memory rings, keyed (bridge, channel, ring): what this process writes, and what it reads.
+    shm_exports: dict[tuple[str, str, str], dict[str, float]] = field(default_factory=dict)
+    shm_imports: dict[tuple[str, str, str], dict[str, float]] = field(default_factory=dict)
 
 
 #: The largest answer read (a kimiha scrape is a few kB per channel): past it, the endpoint is not kimiha's.
@@ -203,6 +206,12 @@ def _read_families(snap: Snapshot, families: Iterable[Any]) -> None:
             elif name.startswith("kimiha_bridge_import_") and "latency" not in name:
                 key2 = (labels["bridge"], labels["channel"])
                 snap.imports.setdefault(key2, {})[name.removeprefix("kimiha_bridge_import_")] = value
+            elif name.startswith("kimiha_shm_export_"):
+                key3 = (labels["bridge"], labels["channel"], labels["ring"])
+                snap.shm_exports.setdefault(key3, {})[name.removeprefix("kimiha_shm_export_")] = value
+            elif name.startswith("kimiha_shm_import_") and "latency" not in name:
+                key3 = (labels["bridge"], labels["channel"], labels["ring"])
+                snap.shm_imports.setdefault(key3, {})[name.removeprefix("kimiha_shm_import_")] = value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -347,6 +356,26 @@ def render(url: str, snap: Snapshot | None, prev: Snapshot | None, error: str | 
         parts.append(Text(f"  import {channel}: received {_count(i.get('received_total'))}  delivered "
                           f"{_count(i.get('delivered_total'))}  missing {_count(i.get('missing_total'))}  bad "
                           f"{_count(i.get('bad_frames_total'))}"))
+    for (bridge, channel, ring), e in snap.shm_exports.items():
+        before_e = prev.shm_exports.get((bridge, channel, ring)) if prev is not None else None
+        dropped = e.get("dropped_total", 0.0)
+        line = Text(f"shm {bridge} writes {channel} -> ring {ring}: written {_count(e.get('written_total'))} "
+                    f"({_rate(e, before_e, 'written_total', dt)}/s)  readers {_count(e.get('readers_attached'))}  ")
+        line.append(f"dropped {_count(dropped)}", style="red" if dropped else "")
+        line.append(f"  lagged {_count(e.get('lagged_total'))}  waits {_count(e.get('blocked_waits_total'))}  "
+                    f"readers lost {_count(e.get('readers_lost_total'))}")
+        parts.append(line)
+    for (bridge, channel, ring), i in snap.shm_imports.items():
+        before_i = prev.shm_imports.get((bridge, channel, ring)) if prev is not None else None
+        lost = i.get("lagged_total", 0.0) + i.get("dropped_by_writer_total", 0.0)
+        line = Text(f"shm {bridge} reads ring {ring} -> {channel}: read {_count(i.get('read_total'))} "
+                    f"({_rate(i, before_i, 'read_total', dt)}/s)  delivered {_count(i.get('delivered_total'))}  ")
+        line.append(f"lagged {_count(i.get('lagged_total'))}  dropped by writer "
+                    f"{_count(i.get('dropped_by_writer_total'))}", style="red" if lost else "")
+        line.append(f"  bad {_count(i.get('bad_frames_total'))}  writer ")
+        alive = i.get("writer_alive") == 1
+        line.append("alive" if alive else "GONE", style="green" if alive else "bold red")
+        parts.append(line)
     return Group(*parts)
 
 

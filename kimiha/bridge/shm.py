@@ -14,12 +14,20 @@ Files, under ``directory`` (default ``/dev/shm/kimiha-<uid>``, mode 0700), one f
 * **Overflow.** ``BLOCK`` (default): the writer never overwrites a frame an attached reader has not read;
   when the ring is full it stops reading its local channel, whose publishers then wait (nothing lost).
   ``LAG``: the writer never waits; a reader that falls more than the ring behind skips what was overwritten,
-  counts it exactly (``missing``) and goes on from the oldest frame still there.
+  counts it exactly (``missing``) and goes on from the oldest frame still there. An event larger than the
+  ring's largest frame (a quarter of ``data_bytes``) is dropped by the writer (logged: channel, size, limit,
+  ring position) but keeps its place in the ring's sequence as a *hole*, which every reader counts
+  (``dropped_by_writer``) and names in a warning: nothing is lost silently on either ring.
 * **Wake-ups.** A reader with nothing to read sets its waiting flag and sleeps on its FIFO (in the event loop,
   no thread, no spinning); the writer writes one byte to the FIFO of each reader that sleeps after a batch
   (the flag and the head are sequentially consistent: a frame written while a reader goes to sleep is never
   missed). ``busy_poll=True`` makes a reader poll the ring on every pass of its loop instead: lower latency,
-  one core busy.
+  one core busy (an idle pass calls ``sched_yield`` so that, on a machine with fewer free cores than busy
+  processes, the writer is not starved by its polling readers).
+* **Batches.** A reader publishes what the ring holds in one compiled call per wake-up or pass
+  (``Ring.pump``: copy out, validate by decoding, write into the local channel, record the latency; the checks
+  of ``Channel.publish_raw``), a writer copies what its channel holds in one call (``Ring.write``) and wakes
+  each sleeping reader once per batch.
 * **Crashes.** Liveness is the kernel's: a lock held with ``flock`` goes when its process dies, however it
   dies. A BLOCK writer waiting for room checks its readers' locks (every ``liveness_interval`` s) and detaches
   a dead one (``readers_lost``), so a killed reader never blocks it for more than that. A reader sees a dead
@@ -27,7 +35,9 @@ Files, under ``directory`` (default ``/dev/shm/kimiha-<uid>``, mode 0700), one f
   read. A writer started again on the same subject takes the ring over where it stopped (the readers go on,
   ``writer_restarts`` counted); a reader started again with the same ``durable`` name resumes at its saved
   cursor (nothing lost or repeated while the ring still holds its frames; what was overwritten meanwhile is
-  counted as ``missing``).
+  counted as ``missing``). A ring file truncated under the mapping (by another process) is found by an
+  ``fstat`` before each batch: the endpoint fails once with a clear error (``failed`` in its stats) instead
+  of the process dying of SIGBUS.
 * **Cleanup.** The last one out (writer or reader, at shutdown, when no other process holds a lock) removes
   the subject's folder; :func:`remove_stale` removes folders whose processes are all gone (after a crash).
 """
@@ -151,13 +161,25 @@ def _fifo(path: Path) -> int:
 
 
 def _drain_fd(fd: int) -> None:
+    """Empty a wake-up FIFO: one read unless it was full (a short read took all it held)."""
     try:
-        while os.read(fd, 4096):
+        while len(os.read(fd, 4096)) == 4096:
             pass
     except (BlockingIOError, InterruptedError):
         pass
     except OSError:
         pass
+
+
+async def _sleep_on(waiters: _Waiters, fut: asyncio.Future[None], timeout: float) -> None:
+    """Wait for ``fut`` (armed on ``waiters``) at most ``timeout`` s: a timer notifies ``waiters`` then. One
+    future and one timer handle per wait: half what ``asyncio.timeout`` costs per wake-up (measured, uvloop)."""
+    handle = asyncio.get_running_loop().call_later(timeout, waiters.notify)
+    try:
+        await fut
+    finally:
+        handle.cancel()
+        waiters.disarm(fut)
 
 
 def _private_dir(path: Path) -> None:
@@ -220,9 +242,13 @@ class _Segment:
             fd = os.open(ring_path, os.O_RDWR | os.O_CLOEXEC)
         try:
             self.mm = mmap.mmap(fd, os.fstat(fd).st_size)
-        finally:
+            # the fd stays open: the ring fstat()s it before each batch, so a file truncated under the mapping
+            # is an InvalidStateError, not a SIGBUS
+            self.ring = shm.Ring(self.mm, fd)
+        except BaseException:
             os.close(fd)
-        self.ring = shm.Ring(self.mm)
+            raise
+        self.fd = fd
 
     def close(self) -> None:
         self.ring.release()
@@ -230,6 +256,9 @@ class _Segment:
             self.mm.close()
         except BufferError:  # pragma: no cover - a frame view still alive
             pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def busy(self) -> bool:
         """Whether any live process still holds a lock in this folder."""
@@ -252,8 +281,9 @@ def remove_stale(directory: str | os.PathLike[str] | None = None) -> list[str]:
 class _ShmEndpoint(BackgroundTask):
     def __init__(self, bus: EventBus, event_type: Any, subject: str, *, directory: Path, capacity: int,
                  data_bytes: int, max_readers: int, block: bool, batch: int, liveness_interval: float,
-                 name: str) -> None:
+                 name: str, bridge: str = "kimiha") -> None:
         self.name = name
+        self.bridge = bridge
         self._channel = bus.channel(event_type)
         self.event_type = event_type
         self.type_name = self._channel.name
@@ -273,6 +303,33 @@ class _ShmEndpoint(BackgroundTask):
         self._lock_fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._log_budget = 20
+        #: Why this endpoint stopped working for good (its ring's file shrank under the mapping), or None.
+        self.failed: str | None = None
+
+    def _broke(self, exc: BaseException) -> None:
+        """The ring is unusable (its file shrank): say so once, raise it for the scheduler; later rounds idle."""
+        self.failed = f"{self.name}: ring {self.path}: {exc}"
+        logger.error("%s", self.failed)
+        raise InvalidStateError(self.failed) from None
+
+    def _ring_figure(self, what: str) -> int:
+        """``head`` or ``lost`` of the ring (its last known value once closed, or if its file shrank)."""
+        if self._ring is not None:
+            try:
+                self._final[what] = int(getattr(self._ring, what))
+            except InvalidStateError:
+                pass
+        return self._final[what]
+
+    def attached_readers(self) -> int:
+        """How many readers the ring has attached now (0 once closed)."""
+        ring = self._ring
+        if ring is None:
+            return 0
+        try:
+            return sum(1 for i in range(ring.max_readers) if ring.reader(i)[0] == 1)
+        except InvalidStateError:
+            return 0
 
     def _identity(self) -> dict[str, Any]:
         return {"channel": self.type_name, "subject": self.subject, "delivery": "shm", "stream": None,
@@ -314,7 +371,10 @@ class _ShmEndpoint(BackgroundTask):
         seg, self._seg = self._seg, None
         if seg is not None:
             ring, self._ring = self._ring, None
-            self._final = {"head": int(ring.head), "lost": int(ring.lost), "readers": 0}
+            try:
+                self._final = {"head": int(ring.head), "lost": int(ring.lost), "readers": 0}
+            except InvalidStateError:  # the file shrank under the mapping: nothing more is read from it
+                pass
             seg.close()
             try:
                 if not seg.busy():  # the last one out removes the folder (another may just have done so)
@@ -356,7 +416,7 @@ class ShmExporter(_ShmEndpoint):
     @property
     def last_seq(self) -> int:
         """The ring's position after the last frame written (its readers' ``position`` reaches it)."""
-        return int(self._ring.head) if self._ring is not None else self._final["head"]
+        return self._ring_figure("head")
 
     @property
     def lost(self) -> int:
@@ -368,10 +428,7 @@ class ShmExporter(_ShmEndpoint):
 
     def stats(self) -> dict[str, Any]:
         """Return the exporter's counters."""
-        ring = self._ring
-        readers = 0
-        if ring is not None:
-            readers = sum(1 for i in range(ring.max_readers) if ring.reader(i)[0] == 1)
+        readers = self.attached_readers()
         return {
             **self._identity(),
             "sender": self.sender,
@@ -392,6 +449,7 @@ class ShmExporter(_ShmEndpoint):
             "wakeups_sent": self.wakeups,
             "errors": self.errors,
             "unflushed": self.unflushed,
+            "failed": self.failed,
         }
 
     async def initialize(self) -> None:
@@ -421,9 +479,7 @@ class ShmExporter(_ShmEndpoint):
                            self.type_name, skipped)
 
     def _take(self, items: list[Any]) -> None:
-        if not self._channel.track_latency:  # the ring stamps slots only when it tracks latency
-            now = monotonic_ns()
-            items = [(seq, now, frame) for seq, _, frame in items]
+        # a channel that does not track latency hands out publish_ns 0: Ring.write stamps those with its own time
         if self._start < len(self._pending):
             self._pending = self._pending[self._start:] + items
         else:
@@ -431,6 +487,9 @@ class ShmExporter(_ShmEndpoint):
         self._start = 0
 
     async def execute(self) -> None:
+        if self.failed is not None:  # the ring is unusable: idle (see _broke)
+            await self._wake.wait(self.liveness_interval)
+            return
         if self._start >= len(self._pending):
             try:
                 items = self._sub.drain(self.batch)
@@ -440,8 +499,11 @@ class ShmExporter(_ShmEndpoint):
                 await self._wake.wait(self.liveness_interval)
                 return
             self._take(items)
-        if not await self._write_some():
-            await self._wait_room(self.liveness_interval)
+        try:
+            if not await self._write_some():
+                await self._wait_room(self.liveness_interval)
+        except _ring_module().RingTruncated as exc:  # (evaluated only when something is raised)
+            self._broke(exc)
 
     async def _write_some(self) -> bool:
         """Write what is pending, as much as fits; return False if nothing could be written (full)."""
@@ -456,14 +518,21 @@ class ShmExporter(_ShmEndpoint):
                 progressed = True
                 self._poke_readers()
                 continue
-            frame = pending[self._start][2]
+            _, ts, frame = pending[self._start]
             if len(frame) > ring.max_frame:
+                # dropped, but its place stays in the ring's sequence: every reader sees the hole and counts it
+                position = ring.head
+                if not ring.write_hole(ts, len(frame)):
+                    break  # BLOCK and full: the hole waits for room like a frame
                 self._start += 1
                 self.dropped += 1
                 self.errors += 1
                 ring.set_lost(self.lagged + self.dropped)
-                logger.error("%s: an event of %d bytes exceeds the ring's largest frame (%d bytes, a quarter of "
-                             "data_bytes); dropped", self.name, len(frame), ring.max_frame)
+                logger.error("%s: dropped an event of %d bytes on channel %r: it exceeds the largest frame of "
+                             "ring %s (%d bytes, a quarter of data_bytes %d); its readers see a hole at frame %d",
+                             self.name, len(frame), self.type_name, self.path, ring.max_frame, ring.data_size,
+                             position)
+                self._poke_readers()
                 progressed = True
                 continue
             break
@@ -506,7 +575,7 @@ class ShmExporter(_ShmEndpoint):
         try:
             if await self._write_some():  # a reader moved between the failed write and the flag
                 return
-            await asyncio.wait((fut,), timeout=min(timeout, max(0.001, self._next_check - time.monotonic())))
+            await _sleep_on(self._wake, fut, min(timeout, max(0.001, self._next_check - time.monotonic())))
         finally:
             self._wake.disarm(fut)
             ring.clear_writer_waiting()
@@ -560,7 +629,7 @@ class ShmExporter(_ShmEndpoint):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.flush_timeout
         try:
-            while True:
+            while self.failed is None:
                 try:
                     items = self._sub.drain(-1)
                 except ChannelClosed:
@@ -574,6 +643,9 @@ class ShmExporter(_ShmEndpoint):
                     break
                 if not await self._write_some():
                     await self._wait_room(min(remaining, self.liveness_interval))
+        except _ring_module().RingTruncated as exc:  # nothing more can be written: count what is left
+            self.failed = f"{self.name}: ring {self.path}: {exc}"
+            logger.error("%s", self.failed)
         finally:
             self.unflushed = self.pending
             if self.unflushed:
@@ -582,11 +654,14 @@ class ShmExporter(_ShmEndpoint):
                              self.flush_timeout)
             self._sub.close()
             ring = self._ring
-            if ring is not None:
-                ring.set_closed()
-                for idx in range(ring.max_readers):
-                    if ring.reader(idx)[0] == 1:
-                        self._poke(idx)
+            try:
+                if ring is not None:
+                    ring.set_closed()
+                    for idx in range(ring.max_readers):
+                        if ring.reader(idx)[0] == 1:
+                            self._poke(idx)
+            except InvalidStateError as exc:  # the ring's file shrank: release the mapping all the same
+                logger.error("%s: %s", self.name, exc)
             for fd in self._reader_fds.values():
                 os.close(fd)
             self._reader_fds.clear()
@@ -619,17 +694,19 @@ class ShmImporter(_ShmEndpoint):
         self.delivered = 0
         self.missing = 0
         self.bad_frames = 0
+        self.dropped_by_writer = 0
+        self.last_hole: str | None = None
         self.waits = 0
         self.sleeps = 0
         self.writer_restarts = 0
         self.writer_deaths = 0
         self.resumed = False
         self.last_bad: str | None = None
-        self.failed: str | None = None
         self._same_clock = True
 
     def position(self, sender: str | None = None) -> int:
-        """Return the ring position accounted for here: frames published locally, bad or counted missing.
+        """Return the ring position accounted for here: frames published locally, bad, counted missing, or
+        holes (frames the writer dropped, ``dropped_by_writer``).
 
         ``sender`` is accepted for symmetry with :meth:`ChannelImporter.position`; a ring has one sequence
         whatever writer incarnation wrote it.
@@ -642,7 +719,7 @@ class ShmImporter(_ShmEndpoint):
 
     @property
     def lost_at_senders(self) -> int:
-        return int(self._ring.lost) if self._ring is not None else self._final["lost"]
+        return self._ring_figure("lost")
 
     def stats(self) -> dict[str, Any]:
         """Return the importer's counters and latency summary."""
@@ -657,6 +734,8 @@ class ShmImporter(_ShmEndpoint):
             "delivered": self.delivered,
             "duplicates": 0,
             "missing": self.missing,
+            "dropped_by_writer": self.dropped_by_writer,
+            "last_hole": self.last_hole,
             "late": 0,
             "lost_at_senders": self.lost_at_senders,
             "bad_frames": self.bad_frames,
@@ -718,28 +797,36 @@ class ShmImporter(_ShmEndpoint):
                         self.path, self._cursor, head)
 
     async def execute(self) -> None:
-        ring = self._ring
-        start = self._cursor
-        channel: Any = self._channel
-        # the frames' loop runs in the compiled ring: copy out, publish_raw, record the latency
-        cursor, lagged, delivered, failed = ring.deliver(self._idx, start, self.batch, channel.publish_raw,
-                                                         self.latency.record)
-        self.delivered += delivered
-        if lagged:
-            self.missing += lagged
-            if self._log_budget > 0:
-                self._log_budget -= 1
-                logger.warning("%s: fell behind ring %s: %d frame(s) overwritten before they were read "
-                               "(missing); resuming at frame %d", self.name, self.path, lagged,
-                               cursor - delivered)
-        if failed is not None:
-            self._commit(cursor, lagged)  # what was published so far is accounted for, whatever comes next
-            lagged = 0
-            cursor = await self._failed(failed, cursor)
-        if cursor != start or lagged:
-            self._commit(cursor, lagged)
-        elif failed is None:
-            await self._idle()
+        if self.failed is not None:  # the ring is unusable: idle (see _broke)
+            await self._wake.wait(self.liveness_interval)
+            return
+        try:
+            ring = self._ring
+            start = self._cursor
+            # the frames' loop runs in the compiled ring: copy out, validate, write into the channel,
+            # record the latency (Ring.pump), one call per batch
+            cursor, lagged, delivered, holes, failed = ring.pump(self._idx, start, self.batch, self._channel,
+                                                                 self.latency)
+            self.delivered += delivered
+            if holes:
+                self._holes(holes)
+            if lagged:
+                self.missing += lagged
+                if self._log_budget > 0:
+                    self._log_budget -= 1
+                    logger.warning("%s: fell behind ring %s: %d frame(s) overwritten before they were read "
+                                   "(missing); resuming at frame %d", self.name, self.path, lagged,
+                                   start + lagged)
+            if failed is not None:
+                self._commit(cursor, lagged)  # what was published so far is accounted for, whatever comes next
+                lagged = 0
+                cursor = await self._failed(failed, cursor)
+            if cursor != start or lagged:
+                self._commit(cursor, lagged)
+            elif failed is None:
+                await self._idle()
+        except _ring_module().RingTruncated as exc:  # (evaluated only when something is raised)
+            self._broke(exc)
 
     async def _failed(self, failed: tuple[BaseException, int, bytes], cursor: int) -> int:
         """Deal with the frame at ``cursor`` whose publish raised; return the cursor after it (or at it, if
@@ -764,6 +851,17 @@ class ShmImporter(_ShmEndpoint):
             return cursor
         self._bad(exc, data, cursor)
         return cursor + 1
+
+    def _holes(self, holes: list[tuple[int, int, int]]) -> None:
+        """Count the frames the writer dropped (holes in the ring's sequence) and say which."""
+        self.dropped_by_writer += len(holes)
+        for position, _, size in holes:
+            self.last_hole = (f"frame {position} of {self.path}: the writer dropped an event of {size} bytes on "
+                              f"channel {self.type_name!r} (the ring's largest frame is {self._ring.max_frame} "
+                              f"bytes)")
+            if self._log_budget > 0:
+                self._log_budget -= 1
+                logger.warning("%s: hole at %s", self.name, self.last_hole)
 
     def _bad(self, exc: BaseException, data: bytes, seq: int) -> None:
         self.bad_frames += 1
@@ -799,7 +897,10 @@ class ShmImporter(_ShmEndpoint):
             self._next_check = now + self.liveness_interval
             self._watch_writer()
         if self.busy_poll:
-            await asyncio.sleep(0)
+            # let a process waiting for this core run first (the writer, on a machine with fewer free cores
+            # than busy processes); with a core to itself this returns at once. The scheduler's loop yields to
+            # the event loop after each execute(), so the next poll comes after one pass of it.
+            os.sched_yield()
             return
         if not ring.sleep_if_idle(self._idx, self._cursor):
             if ring.closed and ring.head <= self._cursor:
@@ -807,7 +908,7 @@ class ShmImporter(_ShmEndpoint):
             return
         self.sleeps += 1
         try:
-            await self._wake.wait(max(0.001, self._next_check - time.monotonic()))
+            await _sleep_on(self._wake, self._wake.arm(), max(0.001, self._next_check - time.monotonic()))
         finally:
             ring.clear_waiting(self._idx)
 
@@ -831,8 +932,12 @@ class ShmImporter(_ShmEndpoint):
     async def shutdown(self) -> None:
         """Stop reading: detach from the ring (a durable reader's place and cursor stay for its restart)."""
         ring = self._ring
-        if ring is not None and self._idx >= 0:
-            ring.detach(self._idx)
+        try:
+            if ring is not None and self._idx >= 0:
+                self._watch_writer()  # a writer change since the last idle check counts in the final stats
+                ring.detach(self._idx)
+        except InvalidStateError as exc:  # the ring's file shrank: release the mapping all the same
+            logger.error("%s: %s", self.name, exc)
         self._close()
 
 
@@ -891,7 +996,7 @@ class ShmBridge(BridgeTasks):
         return {"directory": self.directory, "capacity": capacity, "data_bytes": max(data_bytes, 4096),
                 "max_readers": _positive_int(f"{what}.max_readers", max_readers),
                 "block": overflow in (Overflow.BLOCK, "block"), "batch": _positive_int(f"{what}.batch", batch),
-                "liveness_interval": self.liveness_interval}
+                "liveness_interval": self.liveness_interval, "bridge": self.name}
 
     def export_channel(self, event_type: Any, subject: str | None = None, *, overflow: Any = Overflow.BLOCK,
                        capacity: int = 8192, data_bytes: int | None = None, max_readers: int = 8,

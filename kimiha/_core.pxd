@@ -86,6 +86,7 @@ cdef class Channel:
     cdef bint dispatch_scheduled
     cdef object loop
     cdef object loop_thread
+    cdef unsigned long loop_tid       # loop_thread as a C value (the thread check of write())
     cdef object bus                    # weak reference to the EventBusCore that owns it (rebinds them all)
     cdef object dispatch_cb
     cdef object flush_cb
@@ -107,6 +108,7 @@ cdef class Channel:
     cdef inline void note_backlog(self, uint64_t backlog) noexcept
     cdef uint64_t slowest_cursor(self)
     cdef Py_ssize_t n_subscribers(self)
+    cdef int check_thread(self) except -1
     cdef Py_ssize_t write(self, object payload, object frame) except -1
     cdef object encode_c(self, object payload)
     cdef int64_t stamp_of(self, object publish_ns) except? -1

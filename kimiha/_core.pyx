@@ -11,6 +11,7 @@ coalesced to one loop callback (handlers) or one future (pulling readers) per ba
 cimport cython
 from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
 from cpython.ref cimport Py_INCREF, Py_XDECREF
+from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset
@@ -131,9 +132,13 @@ cdef object _log_traceback = _logs.log_traceback
 cdef object _log_fields = _logs.fields
 cdef object _ERROR = logging.ERROR
 cdef object _MethodType = types.MethodType
+#: What a sync handler may return only by mistake: a body that did not run (it runs when awaited or iterated).
+cdef tuple _Unrun = (collections.abc.Coroutine, types.GeneratorType, types.AsyncGeneratorType)
 cdef object _FunctionType = types.FunctionType
 cdef object _partial = functools.partial
 cdef object _iscoroutinefunction = inspect.iscoroutinefunction
+cdef object _isgeneratorfunction = inspect.isgeneratorfunction
+cdef object _isasyncgenfunction = inspect.isasyncgenfunction
 
 DEFAULT_BUDGET = 1024
 
@@ -342,6 +347,17 @@ cdef bint _is_async_callable(object fn):
     return _iscoroutinefunction(getattr(type(fn), "__call__", None))
 
 
+cdef bint _is_generator_callable(object fn):
+    """Whether calling ``fn`` returns a (sync or async) generator: a function with ``yield``, bound, behind an
+    object's ``__call__`` or a ``functools.partial``."""
+    while isinstance(fn, _partial):
+        fn = fn.func
+    for f in (fn, getattr(type(fn), "__call__", None)):
+        if _isgeneratorfunction(f) or _isasyncgenfunction(f):
+            return True
+    return False
+
+
 cdef inline object _not_awaited_advice():
     return ("the dispatch loop calls it without awaiting, so its body would never run; for async handlers use "
             "an EventTask run by the Scheduler, or the pull API (async for event in bus.subscribe(key)), where "
@@ -417,9 +433,11 @@ cdef class Channel:
         cdef Subscription sub
         if loop is self.loop:
             self.loop_thread = thread_id
+            self.loop_tid = thread_id
             return
         self.loop = loop
         self.loop_thread = thread_id
+        self.loop_tid = thread_id
         # Callbacks and futures of the previous loop died with it. A flag left set for a callback that will
         # never run would keep every handler of this channel from being called again: reset it, forget the
         # futures of the old loop, and let the new loop carry on where the old one stopped.
@@ -520,8 +538,22 @@ cdef class Channel:
 
     # -- writing ------------------------------------------------------------------------------------------------
 
+    cdef int check_thread(self) except -1:
+        """A publish from a thread other than the loop's, on a channel whose handlers or waiting readers the loop
+        serves: refused (``call_soon`` does not wake a loop from another thread, and an INLINE handler would
+        run beside the loop's). A loop that has closed is left to the rebinding that follows."""
+        if self.loop is None or self.loop.is_closed():
+            return 0
+        raise InvalidStateError(
+            f"channel {self.name!r}: publish called from thread {PyThread_get_thread_ident()}, but the bus's event "
+            f"loop runs in thread {self.loop_tid} and this channel has handlers or waiting readers there; "
+            f"nothing was written. From another thread use bus.publish_threadsafe(key, payload), which hands the "
+            f"event to the loop's thread in call order")
+
     cdef Py_ssize_t write(self, object payload, object frame) except -1:
         cdef Py_ssize_t idx
+        if (self.push_subs or self.n_waiting) and PyThread_get_thread_ident() != self.loop_tid:
+            self.check_thread()
         if self.n_frame_subs and frame is None:
             # A frames subscriber (exporter, journal) reads every slot as msgpack: make the frame now, so a
             # payload that cannot be encoded is refused before anything is written instead of failing a
@@ -1109,6 +1141,11 @@ cdef class Channel:
                 continue
             if not callable(fn):
                 raise TypeError(f"channel {self.name!r}: subscribe {what} must be callable, got {fn!r}")
+            if _is_generator_callable(fn):
+                raise TypeError(
+                    f"channel {self.name!r}: subscribe expected a plain function as {what}, got the generator "
+                    f"function {fn!r:.200}: calling it returns a generator and runs none of its body (it has "
+                    f"`yield`); make it a plain function (return, not yield)")
             if _is_async_callable(fn):
                 if self.inline and what == "handler":
                     raise TypeError(
@@ -1512,7 +1549,7 @@ cdef class Subscription:
                 self.c_handler.on_event(event)
             else:
                 result = self.handler(event)
-                if result is not None and isinstance(result, _Coroutine):
+                if result is not None and isinstance(result, _Unrun):
                     self.handler_returned_coroutine(result, ch.objs[idx])
         except (Exception, _CancelledError) as exc:  # no task cancels a plain call: its own failure
             self.handler_failed(exc, ch.objs[idx])
@@ -1527,10 +1564,15 @@ cdef class Subscription:
         return 0
 
     cdef int check_result(self, PyObject* result, object event) except -1:
-        """A handler returned something (steals ``result``): a coroutine means an async one slipped past."""
+        """A handler returned something (steals ``result``): a coroutine or a generator means a body that never
+        ran (an async or generator function slipped past subscribe())."""
         ret = <object>result
         Py_XDECREF(result)
-        if isinstance(ret, _Coroutine):
+        try:
+            unrun = isinstance(ret, _Unrun)
+        except Exception as exc:   # a returned object whose class check raises: still the handler's failure
+            return self.handler_failed(exc, event)
+        if unrun:
             self.handler_returned_coroutine(ret, event)
         return 0
 
@@ -1558,14 +1600,23 @@ cdef class Subscription:
         return 0
 
     cdef int handler_returned_coroutine(self, object coro, object event) except -1:
-        try:
-            coro.close()                  # never awaited: close it, so it does not warn at collection
-        except Exception:
-            pass
-        exc = TypeError(
-            f"handler {self.handler!r:.200} on channel {self.channel.name!r} returned a coroutine "
-            f"({getattr(coro, '__qualname__', type(coro).__name__)}) instead of handling the event: "
-            f"{_not_awaited_advice()}")
+        """The handler returned a coroutine or a generator: its body never ran. Closed and counted."""
+        cdef bint generator = isinstance(coro, (types.GeneratorType, types.AsyncGeneratorType))
+        if not isinstance(coro, types.AsyncGeneratorType):
+            try:
+                coro.close()              # never awaited: close it, so it does not warn at collection
+            except Exception:
+                pass
+        name = getattr(coro, '__qualname__', type(coro).__name__)
+        if generator:
+            exc = TypeError(
+                f"handler {self.handler!r:.200} on channel {self.channel.name!r} returned a generator ({name}) "
+                f"instead of handling the event: a function with `yield` runs its body only when iterated, so "
+                f"none of it ran; make it a plain function (return, not yield)")
+        else:
+            exc = TypeError(
+                f"handler {self.handler!r:.200} on channel {self.channel.name!r} returned a coroutine ({name}) "
+                f"instead of handling the event: {_not_awaited_advice()}")
         return self.handler_failed(exc, event)
 
     cdef object park(self):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 import threading
 from typing import Any
 
@@ -423,3 +424,148 @@ def test_the_high_water_mark_never_goes_down(looked_first):
     sub.close()                                 # the backlog went with the subscriber; its mark stays
     assert bus.stats(Ev.MD)["high_water_mark"] == 5 and bus.stats(Ev.MD)["backlog"] == 0
     assert bus.channel(Ev.MD).high_water_mark == 5
+
+
+# -- found by the adversarial trial of 0.3.1's dispatch fast paths ------------------------------------------------
+
+class _ClassCheckRaises:
+    """A returned object whose class check raises (isinstance looks at ``__class__``)."""
+
+    @property  # type: ignore[misc]
+    def __class__(self):  # noqa: D401
+        raise RuntimeError("boom __class__")
+
+
+@pytest.mark.parametrize("dispatch", ["INLINE", "LOOP"])
+def test_a_return_value_whose_class_check_raises_is_the_handlers_failure_not_the_publishers(dispatch):
+    from kimiha import Dispatch
+
+    class Ev(EventType):
+        A = "A"
+
+    class Tick(Event):
+        seq: int
+
+    async def main():
+        bus = EventBus([(Ev.A, ChannelConfig(8, payload_type=Tick, dispatch=Dispatch[dispatch]))])
+        seen: list[int] = []
+
+        def handler(event: Tick) -> object:
+            seen.append(event.seq)
+            return _ClassCheckRaises()
+
+        bus.subscribe(Ev.A, handler, on_error=lambda exc, ev: errors.append(repr(exc)))
+        errors: list[str] = []
+        for i in range(3):
+            assert bus.publish(Ev.A, Tick(i)) == 1      # the event was written: publish does not raise
+        await asyncio.sleep(0)
+        assert seen == [0, 1, 2] and len(errors) == 3 and "boom __class__" in errors[0]
+        assert bus.stats(Ev.A)["handler_errors"] == 3
+        bus.close()
+
+    asyncio.run(main())
+
+
+def test_a_generator_function_is_refused_at_subscribe_and_a_returned_generator_is_an_error(caplog):
+    import functools
+
+    class Ev(EventType):
+        A = "A"
+
+    class Tick(Event):
+        seq: int
+
+    def gen_handler(event: Tick):
+        yield event
+
+    async def agen_handler(event: Tick):
+        yield event
+
+    async def main():
+        bus = EventBus([(Ev.A, ChannelConfig(8, payload_type=Tick))])
+        for fn in (gen_handler, agen_handler, functools.partial(gen_handler)):
+            with pytest.raises(TypeError, match="generator function .* runs none of its body"):
+                bus.subscribe(Ev.A, fn)
+        bus.subscribe(Ev.A, lambda e: gen_handler(e))    # hides the generator function from subscribe()
+        with caplog.at_level(logging.ERROR, logger="kimiha"):
+            bus.publish(Ev.A, Tick(1))
+            await asyncio.sleep(0)
+        assert bus.stats(Ev.A)["handler_errors"] == 1
+        assert "returned a generator" in caplog.text
+        bus.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("dispatch", ["INLINE", "LOOP"])
+@pytest.mark.parametrize("reader", ["handler", "waiting pull reader"])
+def test_a_plain_publish_from_another_thread_is_refused_when_the_loop_serves_the_channel(dispatch, reader):
+    """call_soon() from another thread does not wake the loop (the event sat in the ring until some timer
+    fired), and an INLINE handler ran on the foreign thread beside the loop: refused, nothing written, and
+    publish_threadsafe named."""
+    import threading
+
+    from kimiha import Dispatch, InvalidStateError
+
+    class Ev(EventType):
+        A = "A"
+
+    class Tick(Event):
+        seq: int
+
+    async def main():
+        bus = EventBus([(Ev.A, ChannelConfig(8, payload_type=Tick, dispatch=Dispatch[dispatch]))])
+        got: list[int] = []
+        if reader == "handler":
+            bus.subscribe(Ev.A, lambda e: got.append(e.seq))
+        else:
+            sub = bus.subscribe(Ev.A)
+            pulling = asyncio.ensure_future(sub.recv())
+            await asyncio.sleep(0)                       # parked on its waiter
+        outcome: list[BaseException] = []
+
+        def other_thread() -> None:
+            try:
+                bus.publish(Ev.A, Tick(1))
+            except BaseException as exc:                 # noqa: BLE001 - reported to the test below
+                outcome.append(exc)
+
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join(10)
+        assert len(outcome) == 1 and isinstance(outcome[0], InvalidStateError), outcome
+        assert "publish_threadsafe" in str(outcome[0]) and "'A'" in str(outcome[0])
+        assert bus.channel(Ev.A).published == 0          # nothing was written
+        bus.publish_threadsafe(Ev.A, Tick(2))           # the way from another thread still works
+        if reader == "handler":
+            for _ in range(100):
+                if got:
+                    break
+                await asyncio.sleep(0)
+            assert got == [2]
+        else:
+            assert (await asyncio.wait_for(pulling, 10)).seq == 2
+        bus.close()
+
+    asyncio.run(main())
+
+
+def test_a_plain_publish_from_another_thread_with_nobody_served_by_the_loop_still_writes():
+    import threading
+
+    class Ev(EventType):
+        A = "A"
+
+    class Tick(Event):
+        seq: int
+
+    async def main():
+        bus = EventBus([(Ev.A, ChannelConfig(8, payload_type=Tick))])
+        sub = bus.subscribe(Ev.A)                        # a pull reader that is not waiting
+        t = threading.Thread(target=lambda: bus.publish(Ev.A, Tick(1)))
+        t.start()
+        t.join(10)
+        assert [e.seq for e in sub.drain()] == [1]
+        bus.close()
+
+    asyncio.run(main())

@@ -46,6 +46,9 @@ from typing import Any
 
 from kimiha.error import InvalidConfigurationError, InvalidStateError
 
+#: SimClock's default bound on the ticks one periodic timer may owe at one advance (see ``max_catch_up``).
+DEFAULT_MAX_CATCH_UP = 1_000_000
+
 __all__ = ["Clock", "LiveClock", "SimClock", "TimeEvent", "TimerCallback", "receive_time"]
 
 logger = logging.getLogger("kimiha.clock")
@@ -394,31 +397,44 @@ class SimClock(Clock):
     Parameters
     ----------
     start_ns : int, optional
-        The time before the first advance. Left out, the clock starts at the first time the data gives it:
-        ``now_ns()`` is 0 until then, and a periodic timer set before then without ``start_ns``/``stop_ns``
-        (in a task's ``initialize``, say) counts its first interval from that first time -- not from 0, which
-        would make it fire once per interval over the decades up to the data's epoch timestamps.
+        The time before the first advance. Left out, the clock has no time until the data gives it one:
+        ``now_ns()`` is 0 and :attr:`started` False until then, and a periodic timer set before then without
+        ``start_ns`` (in a task's ``initialize``, say) counts its first interval from that first time (its
+        ``stop_ns`` stays absolute). Under a scheduler each task's view starts at the first time of the
+        task's own events. From 0 instead, such a timer would fire once per interval over the decades up to
+        the data's epoch timestamps.
     time_of : callable, optional
         Under a scheduler: ``time_of(event)`` gives the time an event task's clock moves to before the task
         handles ``event`` (None: the event does not move it). Default :func:`receive_time` (the event's
         ``recv_ts_ns``); pick the events that carry the data's own time, never ones whose arrival depends on
         how fast another task answered (a fill, say), or the replay stops being deterministic.
+    max_catch_up : int or None, default 1,000,000
+        Most ticks one periodic timer may owe at one advance. A timer further behind the data than that (a
+        tiny interval across a gap in the data, an explicit ``start_ns`` far before it) fires once, at its
+        last deadline before the new time, and the skipped ticks are reported as the timer's failure (with
+        the task's supervision) instead of being called one by one for hours. None: every tick fires.
     """
 
     simulated = True
 
     def __init__(self, start_ns: int | None = None, *,
-                 time_of: Callable[[Any], int | None] = receive_time) -> None:
+                 time_of: Callable[[Any], int | None] = receive_time,
+                 max_catch_up: int | None = DEFAULT_MAX_CATCH_UP) -> None:
         super().__init__()
         if start_ns is not None:
             _check_ns("SimClock", "start_ns", start_ns, low=0)
         if not callable(time_of):
             raise InvalidConfigurationError(f"SimClock: time_of must be callable, got {time_of!r}")
+        if max_catch_up is not None and (isinstance(max_catch_up, bool) or not isinstance(max_catch_up, int)
+                                         or max_catch_up < 1):
+            raise InvalidConfigurationError(
+                f"SimClock: max_catch_up expected an int >= 1 (ticks) or None, got {max_catch_up!r}")
+        self.max_catch_up = max_catch_up
         self._now = 0 if start_ns is None else start_ns
-        #: Whether the clock has a time yet (start_ns given, or moved by the data); on the root clock.
+        #: Whether this clock (a task's view: its own events) has a time yet: start_ns given, or data moved it.
         self._started = start_ns is not None
         #: Periodic timers set before the clock had a time: their first interval counts from its first time.
-        self._floating: list[tuple[_Table, _Timer]] = []
+        self._floating: list[_Timer] = []
         self.time_of = time_of
         self._parent: SimClock | None = None
         self._views: list[SimClock] = []
@@ -439,25 +455,41 @@ class SimClock(Clock):
 
     @property
     def started(self) -> bool:
-        """Whether the clock has a time: ``start_ns`` was given, or the data has moved it."""
-        return self.root._started
+        """Whether this clock has a time: ``start_ns`` was given, or the data has moved it (a task's view:
+        the task's own events)."""
+        return self._started
 
     def set_timer(self, name: str, interval_ns: int, callback: TimerCallback, *, start_ns: int | None = None,
                   stop_ns: int | None = None) -> None:
-        root = self.root
-        super().set_timer(name, interval_ns, callback, start_ns=start_ns, stop_ns=stop_ns)
-        if not root._started and start_ns is None and stop_ns is None:
-            root._floating.append((self._table, self._table.timers[(self._owner, name)]))
+        if not self._started and start_ns is None and stop_ns is not None:
+            _check_ns(f"SimClock.set_timer({name!r})", "stop_ns", stop_ns, low=0)
+            _check_ns(f"SimClock.set_timer({name!r})", "interval_ns", interval_ns, low=1)
+            # No time yet: the first deadline is the first time + interval; stop_ns is checked against it then.
+            self._add("set_timer", name, interval_ns, callback, interval_ns, stop_ns)
+        else:
+            super().set_timer(name, interval_ns, callback, start_ns=start_ns, stop_ns=stop_ns)
+        if not self._started and start_ns is None:
+            self._floating.append(self._table.timers[(self._owner, name)])
 
     def _start(self, ts_ns: int) -> None:
         """The data gives the clock its first time: anchor the timers set before it there."""
-        root = self.root
-        root._started = True
-        for table, timer in root._floating:   # each task view keeps its own timers
-            if timer.live:
-                timer.next_ns += ts_ns
-                heapq.heappush(table.heap, (timer.next_ns, timer.order, timer))
-        root._floating.clear()
+        self._started = True
+        table = self._table
+        for timer in self._floating:
+            if not timer.live:
+                continue
+            timer.next_ns += ts_ns
+            if timer.stop_ns is not None and timer.next_ns > timer.stop_ns:
+                table.remove(timer.key)
+                timer.on_error(timer.name, InvalidConfigurationError(
+                    f"timer {timer.name!r}: its first deadline, the clock's first time {ts_ns} + interval "
+                    f"{timer.interval_ns} ns, is after its stop_ns {timer.stop_ns}: it never fires (removed)"))
+                continue
+            heapq.heappush(table.heap, (timer.next_ns, timer.order, timer))
+        self._floating.clear()
+        parent = self._parent
+        if parent is not None and not parent._started:
+            parent._start(ts_ns)          # the scheduler's clock has a time once any task's view has one
 
     def due_by(self, ts_ns: int) -> bool:
         """Return whether a timer is due at or before ``ts_ns`` (an advance to it would fire one)."""
@@ -467,7 +499,7 @@ class SimClock(Clock):
     def set_time(self, ts_ns: int) -> bool:
         """Move the clock to ``ts_ns`` when no timer is due by then and return True; else return False
         (call :meth:`advance_to`, which fires them). The cheap path of a producer setting the time per line."""
-        if not self._parent_started():
+        if not self._started:
             self._start(ts_ns)
         if ts_ns <= self._now:
             return True
@@ -510,13 +542,16 @@ class SimClock(Clock):
     def _fire_due(self, ts_ns: int) -> Iterator[tuple[_Timer, Any]]:
         """Fire the timers due by ``ts_ns`` in order, yielding each awaitable a callback returned (the caller
         awaits or schedules it before the next timer fires); then move the clock to ``ts_ns``."""
-        if not self._parent_started():
+        if not self._started:
             self._start(ts_ns)
         if ts_ns <= self._now:
             ts_ns = self._now
         table = self._table
+        limit = self.max_catch_up
         while (popped := table.pop_due(ts_ns)) is not None:
             timer, due = popped
+            if limit is not None and timer.interval_ns and (ts_ns - due) // timer.interval_ns > limit:
+                due = self._skip_ticks(timer, due, ts_ns)
             if due > self._now:
                 self._now = due
             self.fired += 1
@@ -528,12 +563,34 @@ class SimClock(Clock):
         if parent is not None and ts_ns > parent._now:
             parent._now = ts_ns
 
-    def _parent_started(self) -> bool:
-        return self.root._started
+    def _skip_ticks(self, timer: _Timer, due: int, ts_ns: int) -> int:
+        """``timer`` owes more than ``max_catch_up`` ticks by ``ts_ns``: move it to its last deadline at or
+        before ``ts_ns`` (returned: it fires there once), report the skipped ticks as its failure."""
+        interval = timer.interval_ns
+        owed = (ts_ns - due) // interval
+        last = due + owed * interval
+        nxt = last + interval
+        if timer.stop_ns is not None and last > timer.stop_ns:
+            owed = (timer.stop_ns - due) // interval
+            last = due + owed * interval
+            nxt = timer.stop_ns + 1
+        if timer.live:
+            if timer.stop_ns is None or nxt <= timer.stop_ns:
+                timer.next_ns = nxt
+                heapq.heappush(self._table.heap, (nxt, timer.order, timer))  # the older entry goes stale
+            else:
+                self._table.remove(timer.key)
+        timer.on_error(timer.name, InvalidStateError(
+            f"timer {timer.name!r} (every {interval} ns) owed {owed + 1:,} ticks, from {due} to {ts_ns}, when the "
+            f"clock moved (more than max_catch_up={self.max_catch_up:,}): {owed:,} were skipped and it fires "
+            f"once, at {last}. A gap in the data, or a start of the clock or timer far before it? "
+            f"SimClock(max_catch_up=None) fires every tick"))
+        return last
 
     def _for_task(self, owner: Any, on_error: ErrorHandler,
                   time_of: Callable[[Any], int | None] | None = None) -> Clock:
-        view = SimClock(self._now, time_of=time_of or self.time_of)
+        view = SimClock(self._now if self._started else None, time_of=time_of or self.time_of,
+                        max_catch_up=self.max_catch_up)
         view._parent = self
         view._owner = owner
         view._on_error = on_error

@@ -76,6 +76,28 @@ def _placeholder(task: Any, method: str, base: type) -> bool:
     return getattr(getattr(task, method, None), "__func__", None) is base.__dict__[method]
 
 
+class _UntimedWarning:
+    """Say once when a task's events give its SimClock no time while timers wait on it (they never fire)."""
+
+    __slots__ = ("info", "clock", "said")
+
+    def __init__(self, info: TaskInfo, clock: SimClock) -> None:
+        self.info = info
+        self.clock = clock
+        self.said = False
+
+    def check(self, event: Any) -> None:
+        if self.said or self.clock.started or not self.clock.timer_names():
+            return
+        self.said = True
+        logger.warning(
+            "task %r: its event %s gives its SimClock no time (time_of returned None: the default reads "
+            "recv_ts_ns, which %s has not), so the task's clock does not move and its timers %s wait; give "
+            "the events a recv_ts_ns or the clock a time_of= that reads their time",
+            self.info.name, type(event).__name__, type(event).__name__,
+            ", ".join(self.clock.timer_names()), extra=fields(self.info.name))
+
+
 class Scheduler:
     """Runs background tasks and event tasks over ``bus``, supervised, with a clean shutdown.
 
@@ -363,10 +385,13 @@ class Scheduler:
         time_of = clock.time_of
         set_time = clock.set_time
         advance = clock.advance_to
+        untimed = _UntimedWarning(info, clock)
         if is_async:
             async def timed_async(event: Any) -> Any:
                 ts = time_of(event)
-                if ts is not None and not set_time(ts):
+                if ts is None:
+                    untimed.check(event)
+                elif not set_time(ts):
                     await advance(ts)
                 return await handler(event)
 
@@ -375,7 +400,9 @@ class Scheduler:
 
         def timed(event: Any) -> Any:
             ts = time_of(event)
-            if ts is not None and not set_time(ts):
+            if ts is None:
+                untimed.check(event)
+            elif not set_time(ts):
                 advance_now(ts)
             return handler(event)
 

@@ -110,8 +110,13 @@ class _EventTypeMeta(type):
         type.__setattr__(cls, "_member_names_", names)
         return cls
 
-    def __call__(cls, value: Any) -> Any:
+    def __call__(cls, value: Any, *args: Any, **kwargs: Any) -> Any:
         """Return the member whose value is ``value`` (``Ev("MarketData") is Ev.MARKET_DATA``)."""
+        if args or kwargs:
+            raise TypeError(
+                f"{cls.__qualname__}({value!r}, ...): EventType has no functional form (enum's "
+                f"Enum('Name', [...])); {cls.__qualname__}(value) looks a member up by value. Define the "
+                f"members in a class: class Ev(EventType): MARKET_DATA = \"MarketData\"")
         try:
             return cls._value2member_map_[value]
         except (KeyError, TypeError):

@@ -566,3 +566,164 @@ def test_an_explicit_start_keeps_timers_anchored_there(run):
         return fired
 
     assert run(main()) == [10, 20, 30]
+
+
+# -- found by the adversarial and new-user trials of 0.3.1's SimClock start ----------------------------------------
+
+def test_a_timer_with_stop_ns_set_before_the_first_time_is_anchored_there_too(run):
+    """set_timer(..., stop_ns=T0 + 1 h) before any data: it fired once per interval from 0 (1.7M calls and
+    counting at 60 s bars from 1970); now its first deadline is the first time + interval, stop_ns absolute."""
+    t0 = 1_700_000_000 * 10**9
+    minute = 60 * 10**9
+
+    async def main():
+        clock = SimClock()
+        fired: list[int] = []
+        clock.set_timer("bar", minute, lambda e: fired.append(e.ts_ns), stop_ns=t0 + 3 * minute)
+        await clock.advance_to(t0)
+        assert fired == [] and clock.started
+        await clock.advance_to(t0 + 10 * minute)
+        return fired
+
+    assert run(main()) == [t0 + minute, t0 + 2 * minute, t0 + 3 * minute]
+
+
+def test_a_stop_before_the_anchored_first_deadline_is_reported_not_silent(run):
+    errors: list[tuple[str, BaseException]] = []
+
+    async def main():
+        clock = SimClock()
+        clock._on_error = lambda name, exc: errors.append((name, exc))  # what a scheduler's view reports to
+        clock.set_timer("late", 10, lambda e: None, stop_ns=5_000)
+        await clock.advance_to(1_000_000)
+        return clock.timer_names()
+
+    assert run(main()) == []
+    assert errors and errors[0][0] == "late" and "never fires" in str(errors[0][1])
+
+
+def test_a_timer_far_behind_the_data_fires_once_and_reports_the_skipped_ticks(run):
+    """A 1 us timer across a 1-day gap owed 8.64e10 calls in one advance (about 20 h); with max_catch_up it
+    fires once at its last deadline and says how many it skipped; max_catch_up=None keeps every tick."""
+    day = 86_400 * 10**9
+    errors: list[BaseException] = []
+
+    async def main(limit):
+        clock = SimClock(0, max_catch_up=limit)
+        clock._on_error = lambda name, exc: errors.append(exc)
+        fired: list[int] = []
+        clock.set_timer("us", 1_000, lambda e: fired.append(e.ts_ns))
+        await clock.advance_to(day)
+        await clock.advance_to(day + 2_500)
+        return fired
+
+    assert run(main(1_000_000)) == [day, day + 1_000, day + 2_000]
+    assert len(errors) == 1 and "skipped" in str(errors[0]) and "86,399,999,999" in str(errors[0])
+
+
+def test_max_catch_up_sets_the_bound_and_none_fires_every_tick(run):
+    async def main(limit):
+        clock = SimClock(0, max_catch_up=limit)
+        clock._on_error = lambda name, exc: None
+        fired: list[int] = []
+        clock.set_timer("t", 10, lambda e: fired.append(e.ts_ns))
+        await clock.advance_to(10 * 5_000)           # 5,000 ticks owed
+        return len(fired)
+
+    assert run(main(100)) == 1
+    assert run(main(5_000)) == 5_000
+    assert run(main(None)) == 5_000
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5, "10"])
+def test_max_catch_up_is_checked(bad):
+    with pytest.raises(InvalidConfigurationError, match="max_catch_up expected an int >= 1"):
+        SimClock(max_catch_up=bad)
+
+
+def test_each_tasks_view_starts_at_its_own_first_timed_event(run):
+    """A task whose first events carry no time (fills, say) got timers counted from 0 once another task had
+    started the clock (1,002,000 calls instead of about 2,000): each view starts at its own first time."""
+    epoch = 1_000 * 10**9
+    ms = 10**6
+
+    class Untimed(Event):
+        n: int
+
+    class Ev2(EventType):
+        TICKS = "Ticks2"
+        FILLS = "Fills2"
+
+    class Late(EventTask):
+        def __init__(self) -> None:
+            self.timer_at: list[int] = []
+
+        def subscribed_event(self):
+            return (Ev2.TICKS, Ev2.FILLS)
+
+        async def initialize(self) -> None:
+            pass
+
+        def handle_event(self, event) -> None:
+            if isinstance(event, Untimed) and not self.clock.timer_names():
+                self.clock.set_timer("ms", ms, lambda e: self.timer_at.append(e.ts_ns))
+
+    class Feed(EventTask):
+        def subscribed_event(self):
+            return Ev2.TICKS
+
+        def handle_event(self, event) -> None:
+            pass
+
+    async def main():
+        bus = EventBus([(Ev2.TICKS, ChannelConfig(64, payload_type=Tick)),
+                        (Ev2.FILLS, ChannelConfig(64, payload_type=Untimed))])
+        late = Late()
+        async with Scheduler(bus, clock=SimClock()) as scheduler:
+            scheduler.register_event_task(Feed())
+            scheduler.register_event_task(late)
+            await scheduler.start()
+            bus.publish(Ev2.FILLS, Untimed(1))            # no time: the view has none yet
+            await _wait_for(lambda: late.clock.timer_names() == ["ms"])
+            bus.publish(Ev2.TICKS, Tick(0, epoch))
+            bus.publish(Ev2.TICKS, Tick(1, epoch + 2 * ms + 1))
+            await _wait_for(lambda: len(late.timer_at) >= 2)
+            await asyncio.sleep(0)
+        return late.timer_at
+
+    assert run(main()) == [epoch + ms, epoch + 2 * ms]
+
+
+def test_a_task_whose_events_give_its_clock_no_time_is_told_once(run, caplog):
+    import logging
+
+    class Untimed(Event):
+        px: float
+
+    class Ev3(EventType):
+        P = "P3"
+
+    class Waiting(EventTask):
+        def subscribed_event(self):
+            return Ev3.P
+
+        async def initialize(self) -> None:
+            self.clock.set_timer("beat", 10**9, lambda e: None)
+
+        def handle_event(self, event) -> None:
+            pass
+
+    async def main():
+        bus = EventBus([(Ev3.P, ChannelConfig(64, payload_type=Untimed))])
+        task = Waiting()
+        async with Scheduler(bus, clock=SimClock()) as scheduler:
+            scheduler.register_event_task(task)
+            await scheduler.start()
+            for i in range(3):
+                bus.publish(Ev3.P, Untimed(float(i)))
+            await _wait_for(lambda: scheduler.registry.get("Waiting").handled() == 3)
+
+    with caplog.at_level(logging.WARNING, logger="kimiha"):
+        run(main())
+    said = [r.getMessage() for r in caplog.records if "gives its SimClock no time" in r.getMessage()]
+    assert len(said) == 1 and "'Waiting'" in said[0] and "Untimed" in said[0] and "beat" in said[0]

@@ -179,3 +179,9 @@ def test_a_member_inside_a_payload_travels_as_its_value_as_an_enum_member_did(ru
         bus.close()
 
     run(main())
+
+
+def test_the_functional_form_is_refused_with_the_class_form_named():
+    """A new-user trial: EventType("Ev", {...}) gave a bare TypeError about __call__'s arguments."""
+    with pytest.raises(TypeError, match="no functional form .* class Ev\\(EventType\\)"):
+        EventType("Ev", {"A": "a"})

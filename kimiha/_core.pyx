@@ -130,6 +130,7 @@ cdef object _current_task = asyncio.current_task
 cdef object _Coroutine = collections.abc.Coroutine
 cdef object _log_traceback = _logs.log_traceback
 cdef object _log_fields = _logs.fields
+cdef object _safe_repr = _logs.safe_repr
 cdef object _ERROR = logging.ERROR
 cdef object _MethodType = types.MethodType
 #: What a sync handler may return only by mistake: a body that did not run (it runs when awaited or iterated).
@@ -491,7 +492,7 @@ cdef class Channel:
         elif not isinstance(payload, self.payload_classes):
             raise PayloadTypeError(
                 f"channel {self.name!r}: expected payload of type {_type_name(self.payload_classes)}, "
-                f"got {type(payload).__name__}: {payload!r:.200}; nothing was written")
+                f"got {type(payload).__name__}: {_safe_repr(payload, 200)}; nothing was written")
         return 0
 
     cdef Py_ssize_t n_subscribers(self):
@@ -728,7 +729,7 @@ cdef class Channel:
             raise SerializationError(
                 f"channel {self.name!r}: expected a payload msgpack can encode (the channel has "
                 f"{self.n_frame_subs} frames subscriber(s), which read every event as a frame), got "
-                f"{type(payload).__name__} {payload!r:.200} that cannot be encoded: "
+                f"{type(payload).__name__} {_safe_repr(payload, 200)} that cannot be encoded: "
                 f"{type(exc).__name__}: {exc}; nothing was written") from None
 
     cdef Py_ssize_t publish_c(self, object payload) except -1:
@@ -1591,8 +1592,8 @@ cdef class Subscription:
         if self.errors <= 10:
             # The traceback goes in the record's exception text (a JSON line's ``exception`` field), not in
             # the message.
-            _log_traceback(logger, _ERROR, exc, "handler %r on channel %r raised on %.200r (error %d)",
-                           self.handler, self.channel.name, event, self.errors,
+            _log_traceback(logger, _ERROR, exc, "handler %s on channel %r raised on %s (error %d)",
+                           _safe_repr(self.handler, 200), self.channel.name, _safe_repr(event, 200), self.errors,
                            extra=_log_fields(channel=self.channel.name))
         elif self.errors % 1000 == 0:
             logger.error("handler %r on channel %r: %r (%d errors so far)", self.handler, self.channel.name,

@@ -44,6 +44,16 @@ def fields(task: str | None = None, channel: Any = None) -> dict[str, Any]:
     return out
 
 
+def safe_repr(obj: Any, limit: int = 200) -> str:
+    """``repr(obj)`` cut to ``limit`` characters, or a placeholder naming the type when ``repr`` raises: what
+    error messages and log lines show of an event or payload, which must never fail themselves."""
+    try:
+        text = repr(obj)
+    except Exception as exc:           # a broken __repr__ must not take the report of the real failure with it
+        return f"<{type(obj).__qualname__} object (its repr raised {type(exc).__name__})>"
+    return text if len(text) <= limit else text[:limit]
+
+
 def log_traceback(logger: logging.Logger, level: int, exc: BaseException, msg: str, *args: Any,
                   extra: dict[str, Any] | None = None) -> None:
     """Log ``msg % args`` with ``exc``'s traceback as the record's exception text (``exc_text``).

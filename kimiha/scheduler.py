@@ -38,7 +38,7 @@ from kimiha.error import (
     TaskShutdownError,
 )
 from kimiha.event_bus import EventBus
-from kimiha.logs import fields
+from kimiha.logs import fields, safe_repr
 from kimiha.scheduling.registry import (
     SCHEDULER_TRANSITIONS,
     SchedulerState,
@@ -467,13 +467,13 @@ class Scheduler:
 
     def _handler_error_cb(self, info: TaskInfo) -> Callable[[BaseException, Any], None]:
         def on_error(exc: BaseException, event: Any) -> None:
-            self._supervisor.failed(info, exc, f"handle_event({event!r:.120})")
+            self._supervisor.failed(info, exc, f"handle_event({safe_repr(event, 120)})")
 
         return on_error
 
     def _pump_error_cb(self, info: TaskInfo) -> Callable[[BaseException, Any], float | None]:
         def on_error(exc: BaseException, event: Any) -> float | None:
-            return self._supervisor.failed(info, exc, f"handle_event({event!r:.120})")
+            return self._supervisor.failed(info, exc, f"handle_event({safe_repr(event, 120)})")
 
         return on_error
 
@@ -522,7 +522,7 @@ class Scheduler:
             error: BaseException = exc
             if deadline is not None and deadline.expired():
                 error = TimeoutError(f"handle_event did not finish within {timeout} s")
-            delay = self._supervisor.failed(info, error, f"handle_event({event!r:.120})")
+            delay = self._supervisor.failed(info, error, f"handle_event({safe_repr(event, 120)})")
             if delay:
                 await asyncio.sleep(delay)
             return

@@ -423,3 +423,49 @@ def test_a_failing_plain_handler_logs_its_traceback_as_exception_text_not_in_the
     assert record.channel == "A"
     line = json.loads(JsonFormatter().format(record))
     assert "ValueError: bad tick 7" in line["exception"] and line["channel"] == "A"
+
+
+class _ReprRaises(Event):
+    seq: int
+
+    def __repr__(self) -> str:
+        raise RuntimeError("broken repr")
+
+
+def test_a_failing_handler_on_an_event_whose_repr_raises_is_still_reported_and_supervised(caplog):
+    """Adversarial trial: the core's log line became '--- Logging error ---' and the Scheduler's on_error
+    (which formats the event) failed itself, so the task's supervision never saw the failure."""
+
+    class Ev(EventType):
+        A = "A2"
+
+    class Boom(EventTask):
+        def subscribed_event(self):
+            return Ev.A
+
+        def handle_event(self, event) -> None:
+            raise ValueError("handler failed")
+
+    async def main() -> tuple[int, int]:
+        bus = EventBus([(Ev.A, ChannelConfig(8, payload_type=_ReprRaises))])
+        plain = bus.subscribe(Ev.A, lambda e: (_ for _ in ()).throw(ValueError("plain failed")))
+        sched = Scheduler(bus)
+        sched.register_event_task(Boom())
+        await sched.start()
+        bus.publish(Ev.A, _ReprRaises(1))
+        for _ in range(100):
+            if sched.registry.get("Boom").snapshot().get("errors", 0) or plain.errors:
+                await asyncio.sleep(0)
+                break
+            await asyncio.sleep(0)
+        errors = sched.registry.get("Boom").snapshot()["errors"]
+        await sched.shutdown()
+        bus.close()
+        return errors, plain.errors
+
+    with caplog.at_level(logging.ERROR, logger="kimiha"):
+        task_errors, plain_errors = asyncio.run(main())
+    assert task_errors == 1 and plain_errors == 1
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "its repr raised RuntimeError" in text and "plain failed" in "".join(
+        r.exc_text or "" for r in caplog.records)

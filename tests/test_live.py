@@ -10,6 +10,7 @@ import math
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -388,10 +389,39 @@ def test_ed25519_signed_order_is_accepted(excerpt: Path) -> None:
     assert answer["status"] == "FILLED" and float(answer["executedQty"]) == 0.002
 
 
-def test_order_life_new_partial_fill_via_user_stream_and_pnl_agrees(excerpt: Path) -> None:
+def _orders_arrive_late(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the local exchange take each new LIMIT order at the worst moment a loaded machine could deliver it:
+    once the book would fill it whole in one trade (a level at or below its price holding its quantity), or
+    once the exchange is held or done playing. What the order meets is then no longer what the test read."""
+    new_order = LocalExchange._new_order
+
+    async def late(self: LocalExchange, request: Any) -> Any:
+        query = request.query
+        if query.get("type") == "LIMIT" and query.get("side") == "BUY":
+            qty, price = float(query["quantity"]), float(query["price"])
+
+            def fills_whole() -> bool:
+                best = self.books[query["symbol"]].best_ask()
+                return best is not None and best[0] <= price and best[1] >= qty
+
+            await until(lambda: fills_whole() or self.held.is_set() or self.finished.is_set(),
+                        "a book that fills the order whole, a hold or the recording's end")
+        return await new_order(self, request)
+
+    monkeypatch.setattr(LocalExchange, "_new_order", late)
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["prompt", "late-order"])
+def test_order_life_new_partial_fill_via_user_stream_and_pnl_agrees(excerpt: Path, late: bool,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    if late:
+        _orders_arrive_late(monkeypatch)
+
     async def main() -> tuple[BinanceExecutorTask, LocalExchange, list[Fill], dict]:
-        async with LocalExchange(excerpt, speed=10.0, start_on_connect=False) as ex:
-            await until(lambda: "BTCUSDT" in ex.books and ex.books["BTCUSDT"].is_live, "the exchange's book")
+        # The book stands still at message 100 (live by then) while the test reads it and the order travels:
+        # an order sized on a book still playing could meet a larger best level or a lower ask and fill whole.
+        async with LocalExchange(excerpt, speed=10.0, start_on_connect=False, faults=SimFaults(hold_at=100)) as ex:
+            await until(ex.held.is_set, "the exchange held at message 100")
             bus = EventBus(trading_channels())
             fills = bus.subscribe(TradingEvent.FILLS)
             rest = BinanceRest(ex.rest_url, signer=HmacSigner(ex.api_key, ex.api_secret))
@@ -401,7 +431,8 @@ def test_order_life_new_partial_fill_via_user_stream_and_pnl_agrees(excerpt: Pat
                 ask_px, ask_qty = ex.books["BTCUSDT"].best_ask()
                 qty = round(ask_qty + 0.001, 8)  # more than the best level: part now, the rest rests at ask_px
                 order = Order(1, Side.BUY, qty, OrderType.LIMIT, ask_px, time.time_ns(), "BTCUSDT")
-                await executor.handle_event(order)
+                await executor.handle_event(order)  # answered: matched against the held book
+                ex.resume()  # the recording's later trades at ask_px fill the rest
                 fill = await asyncio.wait_for(fills.recv(), 30)
                 query = await executor.client.query_order("BTCUSDT", client_order_id=executor.client_order_id(1))
                 # a market sell closes the position: the account has realized PnL and fees on both sides
@@ -427,6 +458,44 @@ def test_order_life_new_partial_fill_via_user_stream_and_pnl_agrees(excerpt: Pat
     marks = ex.marks()
     assert acct.total_pnl(marks["BTCUSDT"]) == pytest.approx(server.equity_change(marks), rel=1e-9, abs=1e-9)
     assert executor.tick_to_trade.count == 2
+
+
+def test_fill_reported_before_the_rest_answer(excerpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The order's final execution report arrives (and its fill is published) before its REST answer: the
+    executor books the fill once, then counts the answer as an acknowledgement, not a second order."""
+    executors: list[BinanceExecutorTask] = []
+    new_order = LocalExchange._new_order
+
+    async def answer_after_the_report(self: LocalExchange, request: Any) -> Any:
+        response = await new_order(self, request)
+        await until(lambda: executors[0].working == 0, "the order's final report at the executor")
+        return response
+
+    monkeypatch.setattr(LocalExchange, "_new_order", answer_after_the_report)
+
+    async def main() -> tuple[BinanceExecutorTask, list[Fill | None], LocalExchange]:
+        async with LocalExchange(excerpt, speed=None, start_on_connect=False) as ex:
+            await until(ex.finished.is_set, "the book")
+            bus = EventBus(trading_channels())
+            fills = bus.subscribe(TradingEvent.FILLS)
+            rest = BinanceRest(ex.rest_url, signer=HmacSigner(ex.api_key, ex.api_secret))
+            executor = BinanceExecutorTask(bus, rest, ex.ws_url, symbol="BTCUSDT")
+            executors.append(executor)
+            await executor.initialize()
+            try:
+                await executor.handle_event(Order(1, Side.BUY, 0.002, OrderType.MARKET, None, time.time_ns(),
+                                                  "BTCUSDT"))
+                assert executor.working == 0 and executor.acked == 1  # reported first, answered after
+                fill = await asyncio.wait_for(fills.recv(), 30)
+            finally:
+                await executor.shutdown()  # publishes whatever fill is still queued
+                await rest.close()
+            return executor, [fill, fills.try_recv()], ex
+
+    executor, (fill, extra), ex = run(main())
+    assert fill.order_id == 1 and fill.qty == pytest.approx(0.002) and extra is None
+    assert executor.rejected == 0 and executor.foreign_reports == 0 and executor.duplicate_reports == 0
+    assert executor.account.position == pytest.approx(ex.accounts[ex.api_key].positions["BTCUSDT"], abs=1e-12)
 
 
 def test_cancel_and_query_unknown_order(excerpt: Path) -> None:

@@ -78,12 +78,18 @@ class SimFaults(msgspec.Struct, kw_only=True):
     hold_after : int or None
         After playing this many messages, wait for :meth:`LocalExchange.resume` before playing on (a test
         makes what happens meanwhile -- a reconnect -- come before the rest, whatever the machine's load).
+    hold_at : int or None
+        After playing this many messages of the recording (counted from its first, snapshots not counted, with
+        or without a client), wait for :meth:`LocalExchange.resume`: the book stands still at a known point of
+        the recording while a test reads it and sends orders against it, however slowly the orders travel.
+        :meth:`~LocalExchange.resume` releases both holds (an exchange resumed does not hold again).
     """
 
     drop_diffs: list[int] = []
     close_after: list[int] = []
     silent_after: int | None = None
     hold_after: int | None = None
+    hold_at: int | None = None
     ping_interval: float | None = None
     depth_429: int = 0
     depth_418: int = 0
@@ -298,7 +304,7 @@ class LocalExchange:
         await self.stop()
 
     def resume(self) -> None:
-        """Play on after ``SimFaults.hold_after`` (see :attr:`held`)."""
+        """Play on after ``SimFaults.hold_after`` or ``SimFaults.hold_at`` (see :attr:`held`)."""
         self._resumed.set()
 
     def _start_playing(self) -> None:
@@ -346,7 +352,8 @@ class LocalExchange:
                 if synced and faults.silent_after is not None and played_since == faults.silent_after:
                     for client in self._clients:
                         client.silenced = True
-                if synced and faults.hold_after is not None and played_since == faults.hold_after:
+                if (synced and faults.hold_after is not None and played_since == faults.hold_after
+                        or faults.hold_at is not None and self.played == faults.hold_at):
                     self.held.set()
                     await self._resumed.wait()
         except asyncio.CancelledError:

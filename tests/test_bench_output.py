@@ -164,6 +164,18 @@ def test_compare_table_aligns_explains_its_markers_and_fits():
     assert "--clock cpu" not in text
 
 
+def test_compare_report_wraps_the_note_of_a_skipped_library():
+    cases = compare.build_cases(["uvloop"])
+    for c in cases:
+        c.samples = [100.0] * 5
+    args = argparse.Namespace(events=1000, repeat=5, capacity=4096, seed=20240601, clock="wall")
+    reason = "x is not installed; pip install 'kimiha[bench]' " * 3
+    skipped = {kind: Anchor(kind, reason=reason) for kind in compare.ANCHOR_KINDS}
+    lines = compare.format_report(cases, compare.build_ratios(cases, ["uvloop"]), INFO, args, 1024, 1.0, skipped)
+    assert max(len(line) for line in lines.splitlines()) <= 110
+    assert "Nautilus MessageBus, tuned: skipped: x is not installed" in lines
+
+
 def test_compare_suggests_the_cpu_clock_when_the_spread_is_large():
     assert any("--clock cpu" in line and "spread up to 141%" in line for line in compare_report(spread=141))
     assert not any("--clock cpu" in line for line in compare_report(spread=141, clock="cpu"))

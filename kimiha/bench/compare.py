@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import gc
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -493,10 +494,9 @@ def format_report(
     anchors: dict[str, Anchor],
 ) -> str:
     lines = machine_header(info) + [
-        (
-            f"{args.events} events/run, {args.repeat} interleaved repetitions, capacity {args.capacity}, "
-            f"chunks of {chunk}, seed {args.seed}, {args.clock} clock; total {elapsed_s:.1f} s"
-        ),
+        f"{args.events} events/run, {args.repeat} interleaved repetitions, {args.clock} clock; total "
+        f"{elapsed_s:.1f} s",
+        f"capacity {args.capacity}, chunks of {chunk}, seed {args.seed}",
         f"ns/event = {args.clock} time of one run / events published (with 4 subscribers each event is handled "
         f"4 times)",
     ]
@@ -504,7 +504,7 @@ def format_report(
         if anchor.available:
             lines.append(f"{KINDS[kind]}: {anchor.name} {anchor.version}, {anchor.detail}")
         else:
-            lines.append(f"{KINDS[kind]}: skipped: {anchor.reason}")
+            lines += textwrap.wrap(f"{KINDS[kind]}: skipped: {anchor.reason}", 110, subsequent_indent="  ")
     lines.append("")
     floors = {c.subs: c.median for c in cases if c.kind == "floor"}
     width = max([len("case")] + [len(c.label) for c in cases])

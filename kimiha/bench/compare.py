@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import gc
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -233,7 +234,7 @@ KINDS = {
     "publish-idiom": "publish only: bus.publish(Ev.MD, e)",
     "publish-idiom-nolat": "publish only: bus.publish, no latency",
     "publish-hoisted": "publish only: channel.publish(e)",
-    "publish-hoisted-nolat": "publish only: channel.publish, no lat.",
+    "publish-hoisted-nolat": "publish only: channel.publish, no latency",
     "pyee": "pyee EventEmitter.emit",
     "nautilus": "Nautilus MessageBus, tuned",
     "nautilus-default": "Nautilus MessageBus, default config",
@@ -387,7 +388,7 @@ class Ratio:
     num: Case
     den: Case
     target: str = ""  # "<= 1.5" or ">= 5"; empty: information only
-    headline: bool = False  # the tracker's target case: default configuration (latency on), uvloop
+    headline: bool = False  # one of issue 13's targets: default configuration (latency on), uvloop
 
     @property
     def value(self) -> float:
@@ -407,6 +408,12 @@ class Ratio:
             return None
         op, bound = self.target.split()
         return self.value <= float(bound) if op == "<=" else self.value >= float(bound)
+
+
+#: Ratio labels kept short enough for a 110-column report.
+NAUTILUS_SHORT = "Nautilus, tuned"  # KINDS["nautilus"]: "Nautilus MessageBus, tuned"
+PUBLISH_RATIO = "publish only: bus.publish(Ev.MD, e) / channel.publish(e)"
+PUBLISH_RATIO_NOLAT = "publish only, no latency: bus.publish / channel.publish"
 
 
 def build_ratios(cases: list[Case], loops: list[str]) -> list[Ratio]:
@@ -431,21 +438,19 @@ def build_ratios(cases: list[Case], loops: list[str]) -> list[Ratio]:
                 add(f"latency tracking cost: {KINDS[kind].removeprefix('kimiha ')} / no latency",
                     f"{kind}/{loop}/{subs}", f"{kind}-nolat/{loop}/{subs}", "<= 1.05" if subs == 1 else "",
                     headline=main and subs == 1)
-        for lat in ("", "-nolat"):
-            add(f"{KINDS['publish-idiom' + lat]} / {KINDS['publish-hoisted' + lat].removeprefix('publish only: ')}",
-                f"publish-idiom{lat}/-/{subs}", f"publish-hoisted{lat}/-/{subs}", "<= 2", headline=True)
+        for lat, label in (("", PUBLISH_RATIO), ("-nolat", PUBLISH_RATIO_NOLAT)):
+            add(label, f"publish-idiom{lat}/-/{subs}", f"publish-hoisted{lat}/-/{subs}", "<= 2", headline=True)
         for loop in loops:
             main = loop == main_loop
-            add(f"{KINDS['nautilus']} / {KINDS['inline'].removeprefix('kimiha ')}",
+            add(f"{NAUTILUS_SHORT} / {KINDS['inline'].removeprefix('kimiha ')}",
                 f"nautilus/-/{subs}", f"inline/{loop}/{subs}", ">= 1.6", headline=main)
-            add(f"{KINDS['nautilus']} / {KINDS['sync'].removeprefix('kimiha ')}",
+            add(f"{NAUTILUS_SHORT} / {KINDS['sync'].removeprefix('kimiha ')}",
                 f"nautilus/-/{subs}", f"sync/{loop}/{subs}", ">= 1.3", headline=main)
             for kind in ("inline-nolat", "sync-nolat", "inline-hoisted", "sync-hoisted"):
-                add(f"{KINDS['nautilus']} / {KINDS[kind].removeprefix('kimiha ')}",
+                add(f"{NAUTILUS_SHORT} / {KINDS[kind].removeprefix('kimiha ')}",
                     f"nautilus/-/{subs}", f"{kind}/{loop}/{subs}")
-            for anchor in ("nautilus-default", "pyee"):
-                add(f"{KINDS[anchor]} / {KINDS['sync'].removeprefix('kimiha ')}",
-                    f"{anchor}/-/{subs}", f"sync/{loop}/{subs}")
+            for anchor, name in (("nautilus-default", "Nautilus, default config"), ("pyee", KINDS["pyee"])):
+                add(f"{name} / {KINDS['sync'].removeprefix('kimiha ')}", f"{anchor}/-/{subs}", f"sync/{loop}/{subs}")
         for loop in loops:
             queue = f"queue/{loop}/{subs}"
             target = (">= 4" if subs == 1 else ">= 6") if loop == "uvloop" else ""
@@ -470,6 +475,14 @@ def gate_ratio(cases: list[Case]) -> Ratio | None:
 # ---------------------------------------------------------------------------------------------------------------
 # Reporting.
 
+#: Above this spread (%) the report suggests ``--clock cpu``.
+SPREAD_HINT = 50.0
+
+
+def spread(c: Case) -> float:
+    """(max - min) / median of the case's samples, in %."""
+    return float(max(c.samples) - min(c.samples)) / c.median * 100
+
 
 def format_report(
     cases: list[Case],
@@ -481,10 +494,9 @@ def format_report(
     anchors: dict[str, Anchor],
 ) -> str:
     lines = machine_header(info) + [
-        (
-            f"{args.events} events/run, {args.repeat} interleaved repetitions, capacity {args.capacity}, "
-            f"chunks of {chunk}, seed {args.seed}, {args.clock} clock; total {elapsed_s:.1f} s"
-        ),
+        f"{args.events} events/run, {args.repeat} interleaved repetitions, {args.clock} clock; total "
+        f"{elapsed_s:.1f} s",
+        f"capacity {args.capacity}, chunks of {chunk}, seed {args.seed}",
         f"ns/event = {args.clock} time of one run / events published (with 4 subscribers each event is handled "
         f"4 times)",
     ]
@@ -492,25 +504,39 @@ def format_report(
         if anchor.available:
             lines.append(f"{KINDS[kind]}: {anchor.name} {anchor.version}, {anchor.detail}")
         else:
-            lines.append(f"{KINDS[kind]}: skipped: {anchor.reason}")
+            lines += textwrap.wrap(f"{KINDS[kind]}: skipped: {anchor.reason}", 110, subsequent_indent="  ")
     lines.append("")
     floors = {c.subs: c.median for c in cases if c.kind == "floor"}
+    width = max([len("case")] + [len(c.label) for c in cases])
 
     def row(c: Case) -> str:
         med = c.median
         lo, hi = min(c.samples), max(c.samples)
         return (
-            f"{c.label:<38} {c.loop or '-':<8} {c.subs:>4} {med:>9.1f} {lo:>9.1f} {hi:>9.1f} "
-            f"{(hi - lo) / med * 100:>6.1f}% {med / floors[c.subs]:>7.2f}x"
+            f"{c.label:<{width}} {c.loop or '-':<7} {c.subs:>4} {med:>9.1f} {lo:>9.1f} {hi:>9.1f} "
+            f"{spread(c):>6.1f}% {med / floors[c.subs]:>7.2f}x"
         )
 
     header = (
-        f"{'case':<38} {'loop':<8} {'subs':>4} {'median':>9} {'min':>9} {'max':>9} "
+        f"{'case':<{width}} {'loop':<7} {'subs':>4} {'median':>9} {'min':>9} {'max':>9} "
         f"{'spread':>7} {'x floor':>8}"
     )
     lines += [header, "-" * len(header)] + rows_by_subscribers(cases, row)
+    if any(c.kind in PUBLISH_KINDS for c in cases):
+        lines += [
+            "publish only: these rows call no handler (pull subscriptions drained every 1024 events), so their",
+            "  'x floor' (publishing alone / calling the handler directly) can be under 1x",
+        ]
+    widest = max(cases, key=spread, default=None)
+    if widest is not None and spread(widest) > SPREAD_HINT and args.clock == "wall":
+        lines.append(
+            f"spread up to {spread(widest):.0f}% ({widest.key}): a noisy machine; --clock cpu times this "
+            f"process's CPU only"
+        )
+    lines.append("")
+    rwidth = max([len("ratio of medians")] + [len(r.label) for r in ratios])
     header = (
-        f"  {'ratio of medians':<62} {'loop':<8} {'subs':>4} {'ratio':>7} {'paired min..max':>16} "
+        f"  {'ratio of medians':<{rwidth}} {'loop':<7} {'subs':>4} {'ratio':>7} {'paired min..max':>15} "
         f"{'target':>7}"
     )
     lines += [header, "-" * (len(header) + 7)]
@@ -518,12 +544,14 @@ def format_report(
         paired = r.paired
         status = "" if r.met is None else ("met" if r.met else "missed")
         lines.append(
-            f"{'*' if r.headline else ' '} {r.label:<62} {r.loop:<8} {r.num.subs:>4} {r.value:>6.2f}x "
-            f"{min(paired):>7.2f}..{max(paired):<7.2f} {r.target:>7} {status.upper() if r.headline else status}"
+            f"{'*' if r.headline else ' '} {r.label:<{rwidth}} {r.loop:<7} {r.num.subs:>4} {r.value:>6.2f}x "
+            f"{min(paired):>6.2f}..{max(paired):<7.2f} {r.target:>7} {status.upper() if r.headline else status}"
         )
     lines += [
-        "* = the tracker's target (default configuration: latency tracking on; uvloop); other rows show the same",
-        "    target for reference. spread = (max - min) / median over the repetitions; paired = per-repetition ratio",
+        "* = one of issue 13's targets (default configuration: latency tracking on; uvloop), its status in",
+        "    capitals (MET / MISSED); rows without * show a target for reference (met / missed) or none.",
+        "    Targets: benchmarks/README.md, 'Hot path round 2'. Nautilus, tuned = its MessageBus tuned (above).",
+        "    spread = (max - min) / median over the repetitions; paired = the ratio within each repetition",
     ]
     return "\n".join(line.rstrip() for line in lines)
 

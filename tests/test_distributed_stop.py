@@ -549,3 +549,35 @@ def _not_drained(summary):
     """The summary's stop lines only (format_distributed's tail), for a summary of the distributed part."""
     d = summary["distributed"]
     return distributed._drain_line(d)
+
+
+# -- a child notices its coordinator's death from its first moment ---------------------------------------------
+
+
+def test_a_child_whose_coordinator_dies_while_it_connects_says_so_and_exits():
+    # before: the child watched its stdin only once started; it sat in the connect retry to a server that had
+    # died with the coordinator (15-30 s), then said "cannot connect to NATS"
+    import socket
+    import subprocess
+
+    with socket.socket() as server:  # a "server" that accepts and never speaks: the child is stuck connecting
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(HANG)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kimiha.apps.distributed", "--role", "strategy", "--run", "gone", "--nats",
+             f"nats://127.0.0.1:{server.getsockname()[1]}", "--loop", "asyncio", "--connect-timeout", "30"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            conn, _ = server.accept()  # the child is in its connect now
+            with conn:
+                out, err = proc.communicate(timeout=HANG)  # closes its stdin first: the coordinator dies
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = err.decode()
+    assert "[strategy] kimiha demo --distributed: the coordinator is gone (this process's stdin closed while it " \
+           "started); the strategy process stops" in text, text
+    assert "cannot connect" not in text and "Traceback" not in text, text
+    assert proc.returncode == 1 and b"@kimiha" not in out, (proc.returncode, out)

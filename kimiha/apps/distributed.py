@@ -50,6 +50,7 @@ import os
 import secrets
 import signal
 import sys
+import tempfile
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Sequence
@@ -58,6 +59,7 @@ from typing import Any, TextIO
 
 import kimiha
 from kimiha.apps.observe import say
+from kimiha.apps.rundir import RunDirectory, reap_stale
 from kimiha.apps.demo import RecordingError, accounting, channel_summary, log_not_shown, survey_recordings
 from kimiha.clock import SimClock
 from kimiha.event_bus import EventBus
@@ -1321,6 +1323,7 @@ def main(args: Any) -> int:
     timeout = getattr(args, "connect_timeout", None) or CONNECT_TIMEOUT
     run = secrets.token_hex(4)
     server = None
+    workdir: RunDirectory | None = None
     try:
         if args.nats:
             url = args.nats
@@ -1331,7 +1334,12 @@ def main(args: Any) -> int:
                       f"or give it longer with --connect-timeout)", file=sys.stderr)
                 return 1
         else:
-            server = NatsServer(auth=True).start()  # a token per run: other local clients are refused
+            # the server's store and configuration in a folder of this run: removed at the end, or reaped by
+            # a later run if this process is killed (its nats-server dies with it)
+            reap_stale(nats_runs_directory(), "nats-")
+            workdir = RunDirectory(nats_runs_directory(), f"nats-{run}")
+            server = NatsServer(auth=True, temp_dir=workdir.path)  # a token per run: others are refused
+            server.start()
             url = server.url
             if not args.json:
                 say(f"{prog}: started nats-server on {url} (JetStream store {server.store_dir})")
@@ -1354,9 +1362,28 @@ def main(args: Any) -> int:
     finally:
         if server is not None:
             server.close()
+        if workdir is not None:
+            workdir.close()
     summary["distributed"]["nats_server_pid"] = server.process.pid if server is not None and server.process else None
     return _finish(summary, args, lossless=delivery != "core")
 
+
+
+def nats_runs_directory() -> Path:
+    """Where the runs' nats-server folders live: ``<temporary directory>/kimiha-demo-<uid>``."""
+    return Path(tempfile.gettempdir()) / f"kimiha-demo-{os.getuid()}"
+
+
+def _rings_in_use(path: Path) -> bool:
+    """Whether a live process still holds a ring in run folder ``path``, after removing the rings nobody
+    holds (a child of a killed coordinator may still be stopping: its rings are left for a later run)."""
+    from kimiha.bridge.shm import remove_stale
+
+    remove_stale(path)
+    try:
+        return any((p / "ring").exists() for p in path.iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return False
 
 
 def _finish(summary: dict[str, Any], args: Any, lossless: bool) -> int:
@@ -1385,15 +1412,17 @@ def _finish(summary: dict[str, Any], args: Any, lossless: bool) -> int:
 def _main_shm(args: Any, prog: str) -> int:
     """The distributed demo over shared-memory rings: no broker; the rings live in a folder of this run,
     removed at the end whatever happened to the processes."""
-    import shutil
-
     from kimiha.apps.cli import signal_exit_code
     from kimiha.bridge.shm import default_directory
 
     run = secrets.token_hex(4)
-    directory = default_directory() / f"demo-{run}"
+    workdir: RunDirectory | None = None
     try:
-        directory.mkdir(mode=0o700, parents=True)
+        # the rings in a folder of this run; the folders of runs whose coordinator was killed (and their
+        # rings, once no process of theirs holds one) go first
+        reap_stale(default_directory(), "demo-", busy=_rings_in_use)
+        workdir = RunDirectory(default_directory(), f"demo-{run}")
+        directory = workdir.path
         if not args.json:
             say(f"{prog}: shared-memory rings in {directory}")
         summary = kimiha.run(_coordinate(args, str(directory), run, SHM), loop=args.loop)
@@ -1405,7 +1434,8 @@ def _main_shm(args: Any, prog: str) -> int:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        if workdir is not None:
+            workdir.close()
     summary["distributed"]["nats_server_pid"] = None
     return _finish(summary, args, lossless=True)
 

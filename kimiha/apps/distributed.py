@@ -99,6 +99,9 @@ CHILD_CONNECT_TIMEOUT = 15.0
 CHILD_SHUTDOWN_TIMEOUT = 10.0
 #: A child's exporter flush at shutdown (``NatsBridge(flush_timeout=...)``); within the deadline above.
 CHILD_FLUSH_TIMEOUT = 5.0
+#: A child whose coordinator is gone (its stdin closed) stops within this: nobody is left to hand its
+#: remaining events or its summary to, and a local nats-server died with the coordinator.
+CHILD_GONE_TIMEOUT = 2.0
 #: Once its scheduler stopped: the child's summary line and its exit (loop teardown, interpreter exit).
 CHILD_EXIT_MARGIN = 3.0
 #: After a stop request (Ctrl-C, SIGTERM, the end of the run, a failed process): how long the processes get to
@@ -531,8 +534,8 @@ async def _child_run(ctl: _Control, proc: _Process, metrics_url: str | None) -> 
         if ctl.gone.is_set():
             _say_gone(role.name, "while it ran")
         elapsed = time.perf_counter() - started
-        try:
-            await scheduler.shutdown()
+        try:  # the coordinator gone, nobody waits for what is left (its NATS server died with it): be brief
+            await scheduler.shutdown(CHILD_GONE_TIMEOUT if ctl.gone.is_set() else None)
         except Exception as exc:
             failed = f"shutdown: {exc!r}"
     if scheduler.failure is not None:

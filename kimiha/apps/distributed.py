@@ -25,11 +25,15 @@ drains what it received and runs its shutdown hooks, then reports). The summary'
 the sender published, what the receiver received and delivered, and what was not delivered; it says
 "drained" only when nothing is missing anywhere. A process that dies is named (its exit code or signal), the
 others' figures are printed, and the exit status is 1. The coordinator's death (a child sees its stdin
-close) stops every process and the server. A process that has not stopped :data:`STOP_GRACE` seconds after
+close, from its first moment: also while it connects) stops every process within :data:`CHILD_GONE_TIMEOUT`
+and the server; what the run keeps on disk (the rings, or the server's store and configuration) is in one
+folder of the run (:class:`~kimiha.apps.rundir.RunDirectory`), which the next start reaps once its
+coordinator is dead. A process that has not stopped :data:`STOP_GRACE` seconds after
 it was told to gets SIGTERM, then SIGKILL :data:`TERM_GRACE` later (said on stderr, and in the summary); that
 ladder is derived from the children's own deadlines (:data:`CHILD_SHUTDOWN_TIMEOUT`,
 :data:`CHILD_FLUSH_TIMEOUT`), so a child stopping within them is never killed. A third signal to the same
-process terminates them. A control line that cannot be read is counted, shown escaped, and skipped.
+process terminates them; signals are counted, and one that arrives after the run drained (every process
+ended its stream and runs its normal shutdown) is said and never escalates. A control line that cannot be read is counted, shown escaped, and skipped.
 
 Channels travel over JetStream by default (no loss whatever the replay speed), or core NATS with
 ``--delivery core`` (or ``KIMIHA_DEMO_DELIVERY=core``), or through shared-memory rings with ``--transport shm``

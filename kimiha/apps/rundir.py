@@ -39,19 +39,15 @@ def _private_parent(parent: Path) -> None:
 
 def owner_alive(path: Path) -> bool | None:
     """Whether the owner of run folder ``path`` still lives: True, False, or None if it has no owner file."""
-    try:
-        fd = os.open(path / OWNER_FILE, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
+    from kimiha.bridge.shm import _held  # the rings' own liveness test: a lock someone holds
+
+    owner = path / OWNER_FILE
+    if not owner.exists():
         return None
-    except OSError:  # not ours to read: treat as alive (never remove what we cannot judge)
-        return True
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
+        return _held(owner)
+    except OSError:  # not ours to open: treat as alive (never remove what we cannot judge)
         return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def reap_stale(parent: str | os.PathLike[str], prefix: str, *,

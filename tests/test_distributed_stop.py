@@ -554,13 +554,13 @@ def _not_drained(summary):
 # -- a child notices its coordinator's death from its first moment ---------------------------------------------
 
 
-def test_a_child_whose_coordinator_dies_while_it_connects_says_so_and_exits():
-    # before: the child watched its stdin only once started; it sat in the connect retry to a server that had
-    # died with the coordinator (15-30 s), then said "cannot connect to NATS"
+def child_stuck_connecting(then):
+    """Start a real strategy process whose NATS server accepts and never speaks (it is stuck in its connect),
+    call ``then(proc)`` once it connected; return its exit code, stdout and stderr."""
     import socket
     import subprocess
 
-    with socket.socket() as server:  # a "server" that accepts and never speaks: the child is stuck connecting
+    with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
         server.settimeout(HANG)
@@ -571,13 +571,34 @@ def test_a_child_whose_coordinator_dies_while_it_connects_says_so_and_exits():
         try:
             conn, _ = server.accept()  # the child is in its connect now
             with conn:
-                out, err = proc.communicate(timeout=HANG)  # closes its stdin first: the coordinator dies
+                then(proc)
+                out, err = proc.communicate(timeout=HANG)  # (closes its stdin)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    text = err.decode()
+    return proc.returncode, out, err.decode()
+
+
+def test_a_child_told_to_terminate_is_ended_by_sigterm_whatever_it_was_doing():
+    # the coordinator's rung before SIGTERM; before: a child with a running loop took the SIGTERM for a user's
+    # first signal (forwarded it, and went on), so only SIGKILL ended it
+    def terminate(proc):
+        proc.stdin.write(b'{"type": "terminate"}\n')
+        proc.stdin.flush()
+
+    code, out, err = child_stuck_connecting(terminate)
+    assert code == -signal.SIGTERM, (code, err)
+    assert "[strategy] kimiha demo --distributed: told to terminate by the coordinator: the strategy process " \
+           "terminates now" in err, err
+
+
+def test_a_child_whose_coordinator_dies_while_it_connects_says_so_and_exits():
+    # before: the child watched its stdin only once started; it sat in the connect retry to a server that had
+    # died with the coordinator (15-30 s), then said "cannot connect to NATS"
+    code, out, text = child_stuck_connecting(lambda proc: None)  # communicate() closes its stdin: the
+    # coordinator dies
     assert "[strategy] kimiha demo --distributed: the coordinator is gone (this process's stdin closed while it " \
            "started); the strategy process stops" in text, text
     assert "cannot connect" not in text and "Traceback" not in text, text
-    assert proc.returncode == 1 and b"@kimiha" not in out, (proc.returncode, out)
+    assert code == 1 and b"@kimiha" not in out, (code, out)

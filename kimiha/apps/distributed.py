@@ -57,7 +57,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -179,6 +179,8 @@ class _Control:
         self.gone = asyncio.Event()
         self._changed = asyncio.Event()
         self._reader_task: asyncio.Task[None] | None = None
+        #: Called on the "terminate" line (the coordinator's rung before SIGTERM).
+        self.on_terminate: Callable[[], None] | None = None
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -206,6 +208,8 @@ class _Control:
                 self.go.set()  # a finish before the go: the replay ends before its first line
             elif kind == "stop":
                 self.stop.set()
+            elif kind == "terminate" and self.on_terminate is not None:
+                self.on_terminate()
             elif kind == "upstream":
                 self.upstream[msg["channel"]] = (msg["sender"], int(msg["last_seq"]))
             self._changed.set()
@@ -443,25 +447,31 @@ async def _child(opts: argparse.Namespace) -> int:
     await ctl.open()
     signals: list[str] = []
 
+    def terminate(name: str, why: str) -> None:
+        # ends the process by ``name`` itself (its default action): the coordinator sees it killed by it
+        say(f"[{opts.role}] kimiha demo --distributed: {why}: the {opts.role} process terminates now (its "
+            f"summary is not reported)")
+        give_back()
+        signum = signal.Signals[name]
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
     def on_signal(name: str) -> None:
         # A signal to this process (``kill PID``) stops the whole run in order: the coordinator hears of it
-        # and starts the ordered stop, as for its own Ctrl-C; a second one stops this process at once. One
-        # that arrives while the process is stopping already (told to by the coordinator, or by a second
-        # signal) terminates it: that is the coordinator's SIGTERM rung, or a user's third signal.
+        # and starts the ordered stop, as for its own Ctrl-C (or, once the run drained, only notes it); a
+        # second one stops this process at once; a third terminates it.
         signals.append(name)
-        if len(signals) == 1 and not ctl.stop.is_set():
+        if len(signals) == 1:
             ctl.send("interrupt", role=opts.role, signal=name)
-        elif not ctl.stop.is_set():
+        elif len(signals) == 2:
             ctl.stop.set()
         else:
-            say(f"[{opts.role}] kimiha demo --distributed: {name} while stopping: the {opts.role} process "
-                f"terminates now (its summary is not reported)")
-            give_back()
-            signum = signal.Signals[name]
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            terminate(name, f"a {_nth(len(signals))} {name}")
 
     give_back = on_stop_signals(asyncio.get_running_loop(), on_signal)  # for the life of the process
+    # the coordinator's terminate line (sent just before its SIGTERM, which a running loop would take for a
+    # user's first signal)
+    ctl.on_terminate = lambda: terminate("SIGTERM", "told to terminate by the coordinator")
     proc = _Process(opts, ctl.go, ctl.finish)
     metrics = None
     if opts.metrics_port is not None:  # a taken port fails this process, with the address in the message
@@ -777,6 +787,8 @@ async def _stop_children(children: list[_Child], grace: float | None = None, why
                     out.write(f"kimiha demo --distributed: the {child.role} process (pid {child.proc.pid}) did not "
                               f"stop {after}; sending {signame}\n")
                     child.escalated = signame
+                    if signame == "SIGTERM":  # a running loop takes the line; the signal is for one that is not
+                        _send(child, "terminate")
                     try:
                         child.proc.send_signal(getattr(signal, signame))
                     except ProcessLookupError:  # it just exited

@@ -33,7 +33,8 @@ it was told to gets SIGTERM, then SIGKILL :data:`TERM_GRACE` later (said on stde
 ladder is derived from the children's own deadlines (:data:`CHILD_SHUTDOWN_TIMEOUT`,
 :data:`CHILD_FLUSH_TIMEOUT`), so a child stopping within them is never killed. A third signal to the same
 process terminates them; signals are counted, and one that arrives after the run drained (every process
-ended its stream and runs its normal shutdown) is said and never escalates. A control line that cannot be read is counted, shown escaped, and skipped.
+ended its stream and runs its normal shutdown) is said and never escalates. A control line that cannot be
+read is counted, shown escaped, and skipped.
 
 Channels travel over JetStream by default (no loss whatever the replay speed), or core NATS with
 ``--delivery core`` (or ``KIMIHA_DEMO_DELIVERY=core``), or through shared-memory rings with ``--transport shm``

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import sys
 import textwrap
 
@@ -267,21 +269,26 @@ FAKE_CHILD = textwrap.dedent('''
     send("ready", role=role, pid=os.getpid(), total=10 if role == "feed" else None, senders={})
     if mode == "crash":  # dies without a summary
         os._exit(3)
-    if mode in ("interrupting", "slow-finish", "interrupting-crash"):
+    if mode in ("interrupting", "slow-finish", "interrupting-crash", "interrupting-twice", "finishing"):
         # a signal to this process, forwarded to the coordinator (what the real children do); then it
         # reports what it heard: "finish" first (ends its stream, "done"), "stop" only after
+        # ("finishing": no signal of its own, it ends its stream when told to finish)
         heard = []
-        send("interrupt", role=role, signal="SIGINT")
+        ends = mode in ("interrupting", "interrupting-twice", "finishing")
+        if mode != "finishing":
+            send("interrupt", role=role, signal="SIGINT")
         if mode == "interrupting-crash":
             os._exit(3)
-        if mode == "interrupting" and role != "feed":  # its upstream (the feed) is what ends the stream
+        if ends and role != "feed":  # its upstream (the feed) is what ends the stream
             send("done", role=role)
         for line in sys.stdin:
             kind = json.loads(line)["type"]
             heard.append(kind)
-            if kind == "finish" and mode == "interrupting":
+            if kind == "finish" and ends:
                 send("done", role=role)
             if kind == "stop":
+                if mode == "interrupting-twice":  # a second signal, once the run drained (told to stop)
+                    send("interrupt", role=role, signal="SIGTERM")
                 break
         send("summary", role=role, parts={"heard": heard}, channels={}, tasks=[],
              bridge={"imports": {}, "link": {"reconnects": 0}}, failed=None,
@@ -352,7 +359,7 @@ def test_a_process_that_ignores_the_stop_gets_sigterm_then_sigkill(run, scripted
     d = summary["distributed"]
     assert d["escalated"]["strategy"] == "SIGKILL", d
     assert "SIGKILL" not in [sig for role, sig in d["escalated"].items() if role != "strategy"], d
-    assert d["failed"] == {"strategy": "no summary (exit code -9, after SIGKILL)"}, d
+    assert d["failed"] == {"strategy": "no summary (terminated by the coordinator's SIGKILL)"}, d
     assert set(d["shutdown"]) == {"feed", "executor"}
     err = capsys.readouterr().err
     assert "the strategy process (pid" in err, err
@@ -438,7 +445,8 @@ def test_a_process_that_dies_is_named_and_the_others_report(run, scripted, capsy
     assert "the executor process (pid" in capsys.readouterr().err
     text = distributed.format_distributed(summary)
     assert "processes that died: executor: exited with code 3 before reporting" in text, text
-    assert "NOT drained" in text and "unknown (a process did not report)" in text, text
+    assert "NOT drained" in text and "unknown, since the executor process did not report: " in text, text
+    assert "at least 0" not in text, text
 
 
 def test_one_signal_reaching_every_process_is_one_ordered_stop(run, scripted):
@@ -450,3 +458,147 @@ def test_one_signal_reaching_every_process_is_one_ordered_stop(run, scripted):
     d = summary["distributed"]
     assert d["stop"]["how"] == "in order" and d["stop"]["why"] is None, d["stop"]
     assert set(d["shutdown"]) == set(ROLES) and not d["escalated"] and not d["died"], d
+
+
+# -- signals are counted; one after the run drained never terminates it ----------------------------------------
+
+
+def test_a_second_signal_to_a_process_after_the_run_drained_is_not_taken_for_a_third(run, scripted, capsys):
+    # before: the end of the ordered stop and an escalated stop were the same phase, and any repeated signal
+    # in it was "a third": every process was SIGTERMed, a summary lost, "NOT drained", exit 1
+    scripted["feed"] = "interrupting-twice"  # its second signal arrives once every process said "done"
+    summary = run(distributed._coordinate(coordinator_args(), "nats://127.0.0.1:1", "t", "core"))
+    d = summary["distributed"]
+    err = capsys.readouterr().err
+    assert d["stop"]["how"] == "in order" and d["stop"]["signal_to"] == "feed", d["stop"]
+    assert not d["escalated"] and not d["failed"] and not d["died"], d
+    assert set(d["shutdown"]) == set(ROLES), d  # every summary is in
+    assert summary["interrupted"] == "SIGINT"
+    assert "a second SIGTERM to the feed process after the run drained" in err and "not escalated" in err, err
+    assert "third" not in err and "sending SIGTERM" not in err, err
+
+
+def _signal_coordinator(monkeypatch, at: dict[str, int]):
+    """SIGTERM this process (the coordinator's) when the n-th event of a kind was taken: ``at`` maps a kind to
+    (n, how many signals). The signals are handled after the coordinator handled that event."""
+    real = distributed._next_event
+    seen: dict[str, int] = {}
+
+    async def next_event(events, timeout):
+        event = await real(events, timeout)
+        if event is not None and event[1] is not None:
+            kind = event[1]["type"]
+            seen[kind] = seen.get(kind, 0) + 1
+            n, signals = at.get(kind, (0, 0))
+            if seen[kind] == n:
+                for _ in range(signals):
+                    os.kill(os.getpid(), signal.SIGTERM)
+        return event
+
+    monkeypatch.setattr(distributed, "_next_event", next_event)
+
+
+@pytest.mark.parametrize("after", [1, 2])
+def test_signals_to_the_coordinator_after_the_run_drained_never_terminate_it(run, scripted, monkeypatch, capsys,
+                                                                             after):
+    for role in ROLES:
+        scripted[role] = "finishing"  # the feed ends its stream once told to finish
+    # the first SIGTERM once all are ready (the ordered stop); then `after` more once the last "done" is in
+    _signal_coordinator(monkeypatch, {"ready": (3, 1), "done": (3, after)})
+    summary = run(distributed._coordinate(coordinator_args(), "nats://127.0.0.1:1", "t", "core"))
+    d = summary["distributed"]
+    err = capsys.readouterr().err
+    assert d["stop"]["how"] == "in order" and d["stop"]["signal_to"] == "coordinator", d["stop"]
+    assert not d["escalated"] and not d["failed"] and not d["died"] and set(d["shutdown"]) == set(ROLES), d
+    assert summary["interrupted"] == "SIGTERM"
+    for n in range(2, 2 + after):  # each said with its true count
+        assert f"a {distributed._nth(n)} SIGTERM to the coordinator after the run drained" in err, err
+    assert "sending SIGTERM" not in err and "did not stop" not in err, err
+
+
+def test_the_third_signal_terminates_and_says_which_it_was(run, scripted, monkeypatch, capsys):
+    monkeypatch.setattr(distributed, "TERM_GRACE", 0.5)
+    scripted["feed"] = "slow-finish"   # never ends its stream: the run cannot drain
+    scripted["strategy"] = "stubborn"  # ignores the stop line and SIGTERM
+    _signal_coordinator(monkeypatch, {"ready": (3, 3)})  # ordered stop, at once, terminate
+    summary = run(distributed._coordinate(coordinator_args(), "nats://127.0.0.1:1", "t", "core"))
+    d = summary["distributed"]
+    err = capsys.readouterr().err
+    assert d["stop"]["how"] == "at once" and d["stop"]["why"] == "a second SIGTERM to the coordinator", d["stop"]
+    assert "did not stop before the third signal to the coordinator (SIGTERM); sending SIGTERM" in err, err
+    assert d["escalated"]["strategy"] == "SIGKILL", d
+    assert d["failed"]["strategy"] == "no summary (terminated by the coordinator's SIGKILL)", d
+    text = distributed.format_distributed(summary)
+    assert "NOT drained" in text and "at least 0" not in text, text
+
+
+def test_a_process_that_did_not_report_is_never_at_least_zero_events_lost():
+    hop = {"route": "strategy -> executor", "channel": "Orders", "published": None, "received": 5, "delivered": 5,
+           "not_delivered": None, "in_transit": None, "missing": 0, "bad_frames": 0, "lost_at_sender": 0}
+    summary = {"distributed": {"processes": {"feed": 1, "strategy": 2, "executor": 3}, "events_lost": 0,
+                               "hops": [hop], "drained": False, "failed": {"strategy": "no summary (exited with "
+                                                                                       "code 1)"},
+                               "events_not_handled": {}}}
+    line = next(line for line in _not_drained(summary).splitlines() if "NOT drained" in line)
+    assert "at least 0" not in line, line
+    assert ("NOT drained: no event is known to be lost; unknown, since the strategy process did not "
+            "report: strategy -> executor Orders (published, not delivered)") == line.strip(), line
+
+
+def _not_drained(summary):
+    """The summary's stop lines only (format_distributed's tail), for a summary of the distributed part."""
+    d = summary["distributed"]
+    return distributed._drain_line(d)
+
+
+# -- a child notices its coordinator's death from its first moment ---------------------------------------------
+
+
+def child_stuck_connecting(then):
+    """Start a real strategy process whose NATS server accepts and never speaks (it is stuck in its connect),
+    call ``then(proc)`` once it connected; return its exit code, stdout and stderr."""
+    import socket
+    import subprocess
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(HANG)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kimiha.apps.distributed", "--role", "strategy", "--run", "gone", "--nats",
+             f"nats://127.0.0.1:{server.getsockname()[1]}", "--loop", "asyncio", "--connect-timeout", "30"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            conn, _ = server.accept()  # the child is in its connect now
+            with conn:
+                then(proc)
+                out, err = proc.communicate(timeout=HANG)  # (closes its stdin)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return proc.returncode, out, err.decode()
+
+
+def test_a_child_told_to_terminate_is_ended_by_sigterm_whatever_it_was_doing():
+    # the coordinator's rung before SIGTERM; before: a child with a running loop took the SIGTERM for a user's
+    # first signal (forwarded it, and went on), so only SIGKILL ended it
+    def terminate(proc):
+        proc.stdin.write(b'{"type": "terminate"}\n')
+        proc.stdin.flush()
+
+    code, out, err = child_stuck_connecting(terminate)
+    assert code == -signal.SIGTERM, (code, err)
+    assert "[strategy] kimiha demo --distributed: told to terminate by the coordinator: the strategy process " \
+           "terminates now" in err, err
+
+
+def test_a_child_whose_coordinator_dies_while_it_connects_says_so_and_exits():
+    # before: the child watched its stdin only once started; it sat in the connect retry to a server that had
+    # died with the coordinator (15-30 s), then said "cannot connect to NATS"
+    code, out, text = child_stuck_connecting(lambda proc: None)  # communicate() closes its stdin: the
+    # coordinator dies
+    assert "[strategy] kimiha demo --distributed: the coordinator is gone (this process's stdin closed while it " \
+           "started); the strategy process stops" in text, text
+    assert "cannot connect" not in text and "Traceback" not in text, text
+    assert code == 1 and b"@kimiha" not in out, (code, out)

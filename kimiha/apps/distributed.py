@@ -25,11 +25,16 @@ drains what it received and runs its shutdown hooks, then reports). The summary'
 the sender published, what the receiver received and delivered, and what was not delivered; it says
 "drained" only when nothing is missing anywhere. A process that dies is named (its exit code or signal), the
 others' figures are printed, and the exit status is 1. The coordinator's death (a child sees its stdin
-close) stops every process and the server. A process that has not stopped :data:`STOP_GRACE` seconds after
+close, from its first moment: also while it connects) stops every process within :data:`CHILD_GONE_TIMEOUT`
+and the server; what the run keeps on disk (the rings, or the server's store and configuration) is in one
+folder of the run (:class:`~kimiha.apps.rundir.RunDirectory`), which the next start reaps once its
+coordinator is dead. A process that has not stopped :data:`STOP_GRACE` seconds after
 it was told to gets SIGTERM, then SIGKILL :data:`TERM_GRACE` later (said on stderr, and in the summary); that
 ladder is derived from the children's own deadlines (:data:`CHILD_SHUTDOWN_TIMEOUT`,
 :data:`CHILD_FLUSH_TIMEOUT`), so a child stopping within them is never killed. A third signal to the same
-process terminates them. A control line that cannot be read is counted, shown escaped, and skipped.
+process terminates them; signals are counted, and one that arrives after the run drained (every process
+ended its stream and runs its normal shutdown) is said and never escalates. A control line that cannot be
+read is counted, shown escaped, and skipped.
 
 Channels travel over JetStream by default (no loss whatever the replay speed), or core NATS with
 ``--delivery core`` (or ``KIMIHA_DEMO_DELIVERY=core``), or through shared-memory rings with ``--transport shm``
@@ -50,14 +55,16 @@ import os
 import secrets
 import signal
 import sys
+import tempfile
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import kimiha
 from kimiha.apps.observe import say
+from kimiha.apps.rundir import RunDirectory, reap_stale
 from kimiha.apps.demo import RecordingError, accounting, channel_summary, log_not_shown, survey_recordings
 from kimiha.clock import SimClock
 from kimiha.event_bus import EventBus
@@ -97,6 +104,9 @@ CHILD_CONNECT_TIMEOUT = 15.0
 CHILD_SHUTDOWN_TIMEOUT = 10.0
 #: A child's exporter flush at shutdown (``NatsBridge(flush_timeout=...)``); within the deadline above.
 CHILD_FLUSH_TIMEOUT = 5.0
+#: A child whose coordinator is gone (its stdin closed) stops within this: nobody is left to hand its
+#: remaining events or its summary to, and a local nats-server died with the coordinator.
+CHILD_GONE_TIMEOUT = 2.0
 #: Once its scheduler stopped: the child's summary line and its exit (loop teardown, interpreter exit).
 CHILD_EXIT_MARGIN = 3.0
 #: After a stop request (Ctrl-C, SIGTERM, the end of the run, a failed process): how long the processes get to
@@ -166,8 +176,12 @@ class _Control:
         #: Set by "finish": end the input now (the feed's replay), then end the stream in order as usual.
         self.finish = asyncio.Event()
         self.stop = asyncio.Event()
+        #: Set when stdin closed: the coordinator is gone (whatever the child was doing, even starting up).
+        self.gone = asyncio.Event()
         self._changed = asyncio.Event()
         self._reader_task: asyncio.Task[None] | None = None
+        #: Called on the "terminate" line (the coordinator's rung before SIGTERM).
+        self.on_terminate: Callable[[], None] | None = None
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -179,6 +193,7 @@ class _Control:
         while True:
             line = await reader.readline()
             if not line:  # the coordinator is gone: stop
+                self.gone.set()
                 self.stop.set()
                 self._changed.set()
                 return
@@ -194,6 +209,8 @@ class _Control:
                 self.go.set()  # a finish before the go: the replay ends before its first line
             elif kind == "stop":
                 self.stop.set()
+            elif kind == "terminate" and self.on_terminate is not None:
+                self.on_terminate()
             elif kind == "upstream":
                 self.upstream[msg["channel"]] = (msg["sender"], int(msg["last_seq"]))
             self._changed.set()
@@ -431,16 +448,31 @@ async def _child(opts: argparse.Namespace) -> int:
     await ctl.open()
     signals: list[str] = []
 
+    def terminate(name: str, why: str) -> None:
+        # ends the process by ``name`` itself (its default action): the coordinator sees it killed by it
+        say(f"[{opts.role}] kimiha demo --distributed: {why}: the {opts.role} process terminates now (its "
+            f"summary is not reported)")
+        give_back()
+        signum = signal.Signals[name]
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
     def on_signal(name: str) -> None:
         # A signal to this process (``kill PID``) stops the whole run in order: the coordinator hears of it
-        # and starts the ordered stop, as for its own Ctrl-C; a second one stops this process at once.
+        # and starts the ordered stop, as for its own Ctrl-C (or, once the run drained, only notes it); a
+        # second one stops this process at once; a third terminates it.
         signals.append(name)
         if len(signals) == 1:
             ctl.send("interrupt", role=opts.role, signal=name)
-        else:
+        elif len(signals) == 2:
             ctl.stop.set()
+        else:
+            terminate(name, f"a {_nth(len(signals))} {name}")
 
-    on_stop_signals(asyncio.get_running_loop(), on_signal)  # for the life of the process
+    give_back = on_stop_signals(asyncio.get_running_loop(), on_signal)  # for the life of the process
+    # the coordinator's terminate line (sent just before its SIGTERM, which a running loop would take for a
+    # user's first signal)
+    ctl.on_terminate = lambda: terminate("SIGTERM", "told to terminate by the coordinator")
     proc = _Process(opts, ctl.go, ctl.finish)
     metrics = None
     if opts.metrics_port is not None:  # a taken port fails this process, with the address in the message
@@ -454,10 +486,36 @@ async def _child(opts: argparse.Namespace) -> int:
             metrics.close()
 
 
+def _say_gone(role: str, when: str) -> None:
+    say(f"[{role}] kimiha demo --distributed: the coordinator is gone (this process's stdin closed {when}); "
+        f"the {role} process stops")
+
+
+async def _start_or_gone(ctl: _Control, scheduler: Scheduler, role: str) -> bool:
+    """Start ``scheduler``; return False (its start cancelled and rolled back) if the coordinator goes away
+    first: a child never sits in a connect retry to a server that died with its coordinator."""
+    start = asyncio.ensure_future(scheduler.start())
+    gone = asyncio.ensure_future(ctl.gone.wait())
+    try:
+        await asyncio.wait((start, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if start.done():
+        start.result()  # a failed start raises here, as before
+        return True
+    start.cancel()
+    await asyncio.wait((start,))
+    if not start.cancelled():
+        start.exception()  # the rollback's TaskInitializationError (or a failure it met): nobody to tell it to
+    _say_gone(role, "while it started")
+    return False
+
+
 async def _child_run(ctl: _Control, proc: _Process, metrics_url: str | None) -> int:
     role, scheduler, bridge, connector = proc.role, proc.scheduler, proc.bridge, proc.connector
     started = time.perf_counter()
-    await scheduler.start()
+    if not await _start_or_gone(ctl, scheduler, role.name):
+        return 1
     ctl.send("ready", role=role.name, pid=os.getpid(), total=proc.parts.get("lines_in_files"),
              senders={e.type_name: e.sender for e in bridge.exporters}, metrics=metrics_url)
     failed: str | None = None
@@ -488,9 +546,11 @@ async def _child_run(ctl: _Control, proc: _Process, metrics_url: str | None) -> 
         if not ctl.stop.is_set():  # not asked to stop: a task failed the scheduler (reported below)
             failed = "stopped before the end of the stream"
     finally:
+        if ctl.gone.is_set():
+            _say_gone(role.name, "while it ran")
         elapsed = time.perf_counter() - started
-        try:
-            await scheduler.shutdown()
+        try:  # the coordinator gone, nobody waits for what is left (its NATS server died with it): be brief
+            await scheduler.shutdown(CHILD_GONE_TIMEOUT if ctl.gone.is_set() else None)
         except Exception as exc:
             failed = f"shutdown: {exc!r}"
     if scheduler.failure is not None:
@@ -728,6 +788,8 @@ async def _stop_children(children: list[_Child], grace: float | None = None, why
                     out.write(f"kimiha demo --distributed: the {child.role} process (pid {child.proc.pid}) did not "
                               f"stop {after}; sending {signame}\n")
                     child.escalated = signame
+                    if signame == "SIGTERM":  # a running loop takes the line; the signal is for one that is not
+                        _send(child, "terminate")
                     try:
                         child.proc.send_signal(getattr(signal, signame))
                     except ProcessLookupError:  # it just exited
@@ -751,6 +813,18 @@ def _exit_reason(code: int | None) -> str:
     return f"exited with code {code} before reporting"
 
 
+def _no_summary(code: int | None, escalated: str | None) -> str:
+    """Say how a process that did not report ended: its exit, and the coordinator's signal if it sent one
+    (a process the coordinator terminated never looks like one that just exited)."""
+    if code is None:
+        return "did not stop in time" + (f", even after the coordinator's {escalated}" if escalated else "")
+    if escalated is None:
+        return _exit_reason(code).removesuffix(" before reporting")
+    if code == -getattr(signal, escalated):
+        return f"terminated by the coordinator's {escalated}"
+    return f"sent {escalated} by the coordinator, then {_exit_reason(code).removesuffix(' before reporting')}"
+
+
 def _was(why: str) -> str:
     """``why`` (from :func:`_exit_reason`) as the predicate of a sentence about the process."""
     return f"was {why}" if why.startswith("killed") else why
@@ -758,9 +832,18 @@ def _was(why: str) -> str:
 
 class _Phase:
     """Where the coordinator's run is: running, stopping in order (the feed told to finish, each process
-    ending its stream once its upstream did), or stopping at once (every process told to stop)."""
+    ending its stream once its upstream did), stopping at once (every process told to stop before the end of
+    its stream), or ending (every process reported the end of its stream, the normal end of a run or of an
+    ordered stop, and was told to stop: nothing is in flight, only the shutdowns run)."""
 
-    RUNNING, ORDERED, AT_ONCE = "running", "ordered", "at once"
+    RUNNING, ORDERED, AT_ONCE, ENDING = "running", "ordered", "at once", "ending"
+
+
+_ORDINALS = {1: "first", 2: "second", 3: "third"}
+
+
+def _nth(n: int) -> str:
+    return _ORDINALS.get(n, f"{n}th")
 
 
 async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str | None = None) -> dict[str, Any]:
@@ -769,9 +852,12 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
     children: list[_Child] = []
     events: asyncio.Queue[tuple[_Child | None, dict[str, Any] | None]] = asyncio.Queue()
     # The stop signals, to the coordinator or forwarded by a process, and who got each (None: the coordinator).
-    # A second (third) one to the same process escalates: every process stops at once (is terminated).
+    # Counted per receiver: the first starts the ordered stop, the second to the same process stops every
+    # process at once, the third terminates them; once the run drained (phase ENDING) none escalates.
     interrupted: list[str] = []
     signalled: list[str | None] = []
+    counts: dict[str | None, int] = {}
+    terminate_why = ""
     stop_timeout = getattr(args, "stop_timeout", None)
     drain_timeout = DRAIN_TIMEOUT if stop_timeout is None else float(stop_timeout)
     out = sys.stderr
@@ -794,7 +880,7 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
         # every process stops now: it drains what it holds and runs its hooks, then reports; what was still
         # on the way between processes is counted in the summary
         nonlocal phase, deadline
-        if phase == _Phase.RUNNING or phase == _Phase.ORDERED:
+        if phase == _Phase.RUNNING or phase == _Phase.ORDERED:  # (ENDING: the stops were sent, keep its deadline)
             if why is not None:
                 stop["how"], stop["why"] = "at once", why
             phase = _Phase.AT_ONCE
@@ -821,28 +907,41 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
                               f"was not delivered is counted in the summary)\n")
                     stop_at_once(f"the ordered stop did not end within {drain_timeout:g} s")
                     continue
-                if phase == _Phase.AT_ONCE:
+                if phase in (_Phase.AT_ONCE, _Phase.ENDING):
                     break  # some process did not report in time: it is terminated below
                 raise RuntimeError(f"no process reported anything for {SILENCE_TIMEOUT:.0f} s; giving up")
             child, msg = event
             if msg is not None and msg["type"] == "interrupt":
                 source = None if child is None else child.role
-                again = source in signalled
-                interrupted.append(msg["signal"])
+                name = msg["signal"]
+                interrupted.append(name)
                 signalled.append(source)
-                if phase != _Phase.RUNNING and not again:
-                    continue  # the same stop reaching another process (``kill`` of them all): no escalation
-                if phase == _Phase.RUNNING:
-                    if drain_timeout <= 0:
-                        stop_at_once("--stop-timeout 0")
-                    else:  # upstream first: the feed ends its replay, the end of stream travels down as usual
-                        phase, deadline = _Phase.ORDERED, time.monotonic() + drain_timeout
-                        stop["how"] = "in order"
-                        _send(by_role["feed"], "finish")
-                elif phase == _Phase.ORDERED:
-                    stop_at_once(f"a second {msg['signal']}")
-                else:  # a third: terminate them now
-                    terminate = True
+                n = counts[source] = counts.get(source, 0) + 1
+                to = "the coordinator" if source is None else f"the {source} process"
+                if phase == _Phase.ENDING:
+                    # the run drained already: every process was told to stop and runs its normal shutdown;
+                    # nothing is in flight, so there is nothing to stop sooner, and it is never terminated
+                    out.write(f"kimiha demo --distributed: a {_nth(n)} {name} to {to} after the run drained: "
+                              f"every process is already stopping (its normal shutdown, nothing in flight); "
+                              f"not escalated\n")
+                    for c in children:  # (a process that missed its stop line hears it again)
+                        _send(c, "stop")
+                elif n == 1:
+                    if phase == _Phase.RUNNING:
+                        if drain_timeout <= 0:
+                            stop_at_once("--stop-timeout 0")
+                        else:  # upstream first: the feed ends its replay, the end of stream travels down
+                            phase, deadline = _Phase.ORDERED, time.monotonic() + drain_timeout
+                            stop["how"] = "in order"
+                            _send(by_role["feed"], "finish")
+                    # else: the same stop reaching another process (``kill`` of them all), or a stop under way
+                elif n == 2:
+                    if phase == _Phase.AT_ONCE:
+                        out.write(f"kimiha demo --distributed: a second {name} to {to}: every process is "
+                                  f"already stopping at once; a third signal terminates them\n")
+                    stop_at_once(f"a second {name} to {to}")
+                else:  # the third to the same process: terminate them now
+                    terminate, terminate_why = True, f"before the {_nth(n)} signal to {to} ({name})"
                     break
                 continue
             assert child is not None
@@ -883,18 +982,18 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
                             _send(other, "upstream", channel=name, **info)
             elif kind == "done":
                 child.done = True
-                if all(c.done for c in children) and phase != _Phase.AT_ONCE:
+                if all(c.done for c in children) and phase in (_Phase.RUNNING, _Phase.ORDERED):
                     # the end of the stream (or of the ordered stop): everything was handed on and handled
                     if not interrupted:
                         elapsed = time.perf_counter() - (started or time.perf_counter())
                         if bar is not None:
                             bar.update(bar.total, final=True)
-                    phase, deadline = _Phase.AT_ONCE, time.monotonic() + STOP_GRACE
+                    phase, deadline = _Phase.ENDING, time.monotonic() + STOP_GRACE
                     for c in children:
                         _send(c, "stop")
             elif kind == "summary":
                 child.summary = msg
-                if msg.get("failed") and phase != _Phase.AT_ONCE:
+                if msg.get("failed") and phase in (_Phase.RUNNING, _Phase.ORDERED):
                     out.write(f"kimiha demo --distributed: the {child.role} process failed: {msg['failed']}; "
                               f"stopping the others\n")
                     stop_at_once(f"the {child.role} process failed")
@@ -906,10 +1005,17 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
     finally:
         # once stopping, the processes were told to stop already: what is left of the grace, then terminate
         if terminate:
-            await _stop_children(children, 0.0, f"before a third {interrupted[-1]}")
+            await _stop_children(children, 0.0, terminate_why)
         else:
-            await _stop_children(children, None if deadline is None or phase != _Phase.AT_ONCE
+            await _stop_children(children, None if deadline is None or phase not in (_Phase.AT_ONCE, _Phase.ENDING)
                                  else max(0.0, deadline - time.monotonic()))
+        # every process is gone: its output ends; a summary it printed while it stopped still counts
+        if readers:
+            await asyncio.wait(readers, timeout=KILL_WAIT)
+        while not events.empty():
+            child, msg = events.get_nowait()
+            if child is not None and msg is not None and msg["type"] == "summary" and child.summary is None:
+                child.summary = msg
         for reader in readers:
             reader.cancel()
         give_back()
@@ -976,9 +1082,7 @@ def _assemble(children: list[_Child], elapsed: float, url: str, delivery: str, r
     failed = {role: s["failed"] for role, s in by_role.items() if s.get("failed")}
     for c in children:
         if c.summary is None:
-            code = c.proc.returncode
-            how = f"exit code {code}" if code is not None else "did not stop in time"
-            failed[c.role] = f"no summary ({how}{', after ' + c.escalated if c.escalated else ''})"
+            failed[c.role] = f"no summary ({_no_summary(c.proc.returncode, c.escalated)})"
     summary["distributed"] = {
         "transport": "shm" if delivery == SHM else "nats",
         "nats": url if delivery != SHM else None,
@@ -1054,6 +1158,10 @@ def _hops(by_role: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], int
     return hops, lost, not_handled
 
 
+#: A hop's figures, in the order the summary's table shows them (a missing report leaves some unknown).
+_HOP_FIGURES = ("published", "received", "delivered", "not_delivered")
+
+
 def _count(n: int | None) -> str:
     return "unknown" if n is None else f"{n:,}"
 
@@ -1102,19 +1210,7 @@ def format_distributed(summary: dict[str, Any]) -> str:
     if d.get("died"):
         out.append("  processes that died: " + ", ".join(f"{role}: {why} (pid {d['processes'].get(role)})"
                                                           for role, why in d["died"].items()))
-    if d.get("drained"):
-        out.append("  drained: yes (every event published reached the next process and was handled)")
-    else:
-        hops = d.get("hops", ())
-        short = [f"{h['route']} {h['channel']} {h['not_delivered'] + h['lost_at_sender']:,}" for h in hops
-                 if h["not_delivered"] is not None and (h["not_delivered"] or h["lost_at_sender"])]
-        unknown = [f"{h['route']} {h['channel']}" for h in hops if h["not_delivered"] is None]
-        unhandled = d.get("events_not_handled") or {}
-        out.append(f"  NOT drained: {'at least ' if unknown else ''}{d['events_lost']:,} event(s) published "
-                   f"but not delivered" + (f" ({', '.join(short)})" if short else "")
-                   + (f"; unknown (a process did not report): {', '.join(unknown)}" if unknown else "")
-                   + (f"; received but not handled: {', '.join(f'{r} {n:,}' for r, n in unhandled.items())}"
-                      if unhandled else ""))
+    out.append(_drain_line(d))
     if d.get("escalated"):
         out.append("  processes that had to be signalled to stop: "
                    + ", ".join(f"{role} ({sig})" for role, sig in d["escalated"].items()))
@@ -1122,6 +1218,35 @@ def format_distributed(summary: dict[str, Any]) -> str:
         out.append("  malformed control lines (skipped): "
                    + ", ".join(f"{role} {n}" for role, n in d["control_lines_malformed"].items()))
     return "\n".join(out)
+
+
+def _drain_line(d: dict[str, Any]) -> str:
+    """The summary's line saying whether the run drained; if not, what is known lost, and which figures are
+    unknown because a process did not report (never "at least 0 lost")."""
+    if d.get("drained"):
+        return "  drained: yes (every event published reached the next process and was handled)"
+    hops = d.get("hops", ())
+    short = [f"{h['route']} {h['channel']} {h['not_delivered'] + h['lost_at_sender']:,}" for h in hops
+             if h["not_delivered"] is not None and (h["not_delivered"] or h["lost_at_sender"])]
+    unknown = [f"{h['route']} {h['channel']} (" + ", ".join(k.replace("_", " ") for k in _HOP_FIGURES
+                                                               if h[k] is None) + ")"
+               for h in hops if h["not_delivered"] is None]
+    unhandled = d.get("events_not_handled") or {}
+    failed = d.get("failed") or {}
+    silent = [role for role in d.get("processes", {}) if str(failed.get(role, "")).startswith("no summary")]
+    if d["events_lost"]:
+        lost = (f"{'at least ' if unknown else ''}{d['events_lost']:,} event(s) published but not delivered"
+                + (f" ({', '.join(short)})" if short else ""))
+    elif unknown:  # nothing is known lost; what is not known is said as unknown, not as "at least 0"
+        lost = "no event is known to be lost"
+    else:
+        lost = "every event published was delivered"
+    who = (f"the {silent[0]} process did not report" if len(silent) == 1
+           else f"the {' and '.join(silent)} processes did not report" if silent else "a process did not report")
+    return (f"  NOT drained: {lost}"
+            + (f"; unknown, since {who}: {', '.join(unknown)}" if unknown else "")
+            + (f"; received but not handled: {', '.join(f'{r} {n:,}' for r, n in unhandled.items())}"
+               if unhandled else ""))
 
 
 def _redacted(url: str) -> str:
@@ -1218,6 +1343,7 @@ def main(args: Any) -> int:
     timeout = getattr(args, "connect_timeout", None) or CONNECT_TIMEOUT
     run = secrets.token_hex(4)
     server = None
+    workdir: RunDirectory | None = None
     try:
         if args.nats:
             url = args.nats
@@ -1228,7 +1354,12 @@ def main(args: Any) -> int:
                       f"or give it longer with --connect-timeout)", file=sys.stderr)
                 return 1
         else:
-            server = NatsServer(auth=True).start()  # a token per run: other local clients are refused
+            # the server's store and configuration in a folder of this run: removed at the end, or reaped by
+            # a later run if this process is killed (its nats-server dies with it)
+            reap_stale(nats_runs_directory(), "nats-")
+            workdir = RunDirectory(nats_runs_directory(), f"nats-{run}")
+            server = NatsServer(auth=True, temp_dir=workdir.path)  # a token per run: others are refused
+            server.start()
             url = server.url
             if not args.json:
                 say(f"{prog}: started nats-server on {url} (JetStream store {server.store_dir})")
@@ -1251,9 +1382,28 @@ def main(args: Any) -> int:
     finally:
         if server is not None:
             server.close()
+        if workdir is not None:
+            workdir.close()
     summary["distributed"]["nats_server_pid"] = server.process.pid if server is not None and server.process else None
     return _finish(summary, args, lossless=delivery != "core")
 
+
+
+def nats_runs_directory() -> Path:
+    """Where the runs' nats-server folders live: ``<temporary directory>/kimiha-demo-<uid>``."""
+    return Path(tempfile.gettempdir()) / f"kimiha-demo-{os.getuid()}"
+
+
+def _rings_in_use(path: Path) -> bool:
+    """Whether a live process still holds a ring in run folder ``path``, after removing the rings nobody
+    holds (a child of a killed coordinator may still be stopping: its rings are left for a later run)."""
+    from kimiha.bridge.shm import remove_stale
+
+    remove_stale(path)
+    try:
+        return any((p / "ring").exists() for p in path.iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return False
 
 
 def _finish(summary: dict[str, Any], args: Any, lossless: bool) -> int:
@@ -1282,15 +1432,17 @@ def _finish(summary: dict[str, Any], args: Any, lossless: bool) -> int:
 def _main_shm(args: Any, prog: str) -> int:
     """The distributed demo over shared-memory rings: no broker; the rings live in a folder of this run,
     removed at the end whatever happened to the processes."""
-    import shutil
-
     from kimiha.apps.cli import signal_exit_code
     from kimiha.bridge.shm import default_directory
 
     run = secrets.token_hex(4)
-    directory = default_directory() / f"demo-{run}"
+    workdir: RunDirectory | None = None
     try:
-        directory.mkdir(mode=0o700, parents=True)
+        # the rings in a folder of this run; the folders of runs whose coordinator was killed (and their
+        # rings, once no process of theirs holds one) go first
+        reap_stale(default_directory(), "demo-", busy=_rings_in_use)
+        workdir = RunDirectory(default_directory(), f"demo-{run}")
+        directory = workdir.path
         if not args.json:
             say(f"{prog}: shared-memory rings in {directory}")
         summary = kimiha.run(_coordinate(args, str(directory), run, SHM), loop=args.loop)
@@ -1302,7 +1454,8 @@ def _main_shm(args: Any, prog: str) -> int:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        if workdir is not None:
+            workdir.close()
     summary["distributed"]["nats_server_pid"] = None
     return _finish(summary, args, lossless=True)
 

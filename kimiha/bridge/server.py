@@ -103,13 +103,18 @@ class NatsServer:
     auth : bool
         Require a token from every client: a fresh one (``secrets.token_urlsafe(32)``) for this server, kept
         across restarts, readable as :attr:`token`. Without it any local process may connect.
+    temp_dir : str or Path, optional
+        Where the temporary store directory (unless ``store_dir`` is given) and the configuration's directory
+        are made; the system's temporary directory by default. Give a folder of your own that you remove
+        (or reap) to leave nothing behind if this process is killed before :meth:`close`.
 
     Use it as a context manager (``with NatsServer() as server: server.url``), or call :meth:`start` and
     :meth:`close`.
     """
 
     def __init__(self, *, port: int | None = None, store_dir: str | os.PathLike[str] | None = None,
-                 jetstream: bool = True, executable: str | None = None, auth: bool = False) -> None:
+                 jetstream: bool = True, executable: str | None = None, auth: bool = False,
+                 temp_dir: str | os.PathLike[str] | None = None) -> None:
         self.executable = executable or nats_server_executable()
         #: The token clients must present (``None`` without ``auth``). Secret: never log or print it.
         self.token: str | None = secrets.token_urlsafe(32) if auth else None
@@ -118,10 +123,11 @@ class NatsServer:
         self.port = port or free_port()
         self.jetstream = jetstream
         self._own_dir = store_dir is None
-        self.store_dir = Path(store_dir) if store_dir is not None else Path(tempfile.mkdtemp(prefix="kimiha-nats-"))
+        self.store_dir = Path(store_dir) if store_dir is not None else Path(
+            tempfile.mkdtemp(prefix="kimiha-nats-", dir=temp_dir))
         self.log_file = self.store_dir / "nats-server.log"
         # the configuration (it may hold the token): a directory only we can enter, a file only we can read
-        self._conf_dir = Path(tempfile.mkdtemp(prefix="kimiha-nats-conf-"))
+        self._conf_dir = Path(tempfile.mkdtemp(prefix="kimiha-nats-conf-", dir=temp_dir))
         self.config_file = self._conf_dir / "nats-server.conf"
         self._remove_conf = weakref.finalize(self, shutil.rmtree, str(self._conf_dir), True)
         self.process: subprocess.Popen[bytes] | None = None

@@ -320,7 +320,10 @@ def test_restarted_receiver_on_the_same_durable_loses_nothing(run, server):
                second=len(second.seqs), refused_by_first=first.importer.refused_at_shutdown,
                resumed_pending=second.importer.resumed_pending, lost=n - len(set(seen)),
                duplicates=len(seen) - len(set(seen)), missing=second.importer.missing)
-        assert second.importer.missing == 0 and second.importer.duplicates == 0
+        # No duplicate reached a handler (``seen`` above is every event once, in order). The importer may still
+        # count duplicates it dropped: JetStream redelivers what the second had not acknowledged within
+        # ack_wait (1 s), which a loaded machine reaches (315 in one full-suite run): the deduplication at work.
+        assert second.importer.missing == 0
         # did the scenario happen: the first left events unacknowledged, the second found them on its durable?
         return second.importer.resumed_pending > 0
 

@@ -455,4 +455,8 @@ def test_transport_option_misuse_is_a_usage_error(tmp_path, args, expected):
     proc = subprocess.run([sys.executable, "-m", "kimiha", "demo", *args], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60, check=False)
     assert proc.returncode == 2 and expected in proc.stderr, (proc.returncode, proc.stderr[-500:])
+    # new-user trial: every one in the README's form, and no hint about NATS where NATS is not the point
+    assert proc.stderr.startswith("kimiha demo: error: "), proc.stderr
+    if "--stop-timeout" in args or args == ["--transport", "shm"]:
+        assert "NATS" not in proc.stderr, proc.stderr
 

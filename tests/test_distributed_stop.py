@@ -447,6 +447,11 @@ def test_a_process_that_dies_is_named_and_the_others_report(run, scripted, capsy
     assert "processes that died: executor: exited with code 3 before reporting" in text, text
     assert "NOT drained" in text and "unknown, since the executor process did not report: " in text, text
     assert "at least 0" not in text, text
+    # new-user trial: the dead executor's figures read 0 (fills 0, PnL +0.0000, an empty digest) as if known
+    assert summary["fills"] is None and summary["pnl"] is None and summary["digest"] is None, summary
+    assert summary["orders"] is not None     # the strategy reported
+    assert "fills unknown" in text and "PnL: unknown (the executor process did not report)" in text, text
+    assert "digest unknown (the executor process did not report)" in text, text
 
 
 def test_one_signal_reaching_every_process_is_one_ordered_stop(run, scripted):

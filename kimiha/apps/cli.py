@@ -487,8 +487,13 @@ def _main(argv: Sequence[str] | None) -> int:
                               ("--connect-timeout", args.connect_timeout), ("--transport", args.transport),
                               ("--stop-timeout", args.stop_timeout)):
             if value is not None:
+                why = {"--nats": " (the in-process demo uses no NATS)", "--delivery": " (the in-process demo "
+                       "uses no NATS)", "--transport": " (the in-process demo has one process: nothing to "
+                       "carry between processes)", "--stop-timeout": " (it bounds the ordered stop of the "
+                       "distributed demo's processes)", "--connect-timeout": " (the in-process demo connects "
+                       "to nothing)"}[option]
                 demo.error(f"{option} applies to the distributed demo only: add --distributed, or leave out "
-                           f"{option} (the in-process demo uses no NATS)")
+                           f"{option}{why}")
     elif args.metrics_linger:
         demo.error("--metrics-linger applies to the in-process demo only: each process of the distributed demo "
                    "serves its metrics until it exits")

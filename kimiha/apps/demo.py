@@ -513,6 +513,11 @@ def _summary(bus: EventBus, orchestrator: Any, connector: Any, aggregator: Binan
     }
 
 
+def _fig(value: int | None) -> str:
+    """A count of the summary, or "unknown" when the process that counts it did not report."""
+    return "unknown" if value is None else f"{value:,}"
+
+
 def _shown(text: str) -> str:
     """``text`` as a terminal may show it: control characters (a recording's stream names, file names) escaped."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
@@ -558,16 +563,22 @@ def format_summary(s: dict[str, Any]) -> str:
     bc = s["book_check"]
     out.append(f"  book check: {bc['matched']:,} matched / {bc['compared']:,} compared "
                f"(gaps {bc['gaps']}, book {bc['book_state']})")
-    out.append(f"  trades {s['trades']:,}  signals {s['signals']:,}  orders {s['orders']:,}  "
-               f"fills {s['fills']:,}  rejected {s['rejected']}"
-               + (f"  cooldowns ended {s['cooldowns_ended']:,}" if "cooldowns_ended" in s else ""))
+    # None: the process that counts it did not report (a distributed run whose process died).
+    out.append(f"  trades {_fig(s['trades'])}  signals {_fig(s['signals'])}  orders {_fig(s['orders'])}  "
+               f"fills {_fig(s['fills'])}  rejected {_fig(s['rejected'])}"
+               + (f"  cooldowns ended {_fig(s['cooldowns_ended'])}" if "cooldowns_ended" in s else ""))
     pnl = s["pnl"]
-    out.append(f"  position {s['position']:+.5f} BTC  PnL: realized {pnl['realized']:+.4f}  unrealized "
-               f"{pnl['unrealized']:+.4f}  fees {pnl['fees']:.4f}  total {pnl['total']:+.4f} USDT")
+    if pnl is None or s["position"] is None:
+        out.append("  position unknown  PnL: unknown (the executor process did not report)")
+    else:
+        out.append(f"  position {s['position']:+.5f} BTC  PnL: realized {pnl['realized']:+.4f}  unrealized "
+                   f"{pnl['unrealized']:+.4f}  fees {pnl['fees']:.4f}  total {pnl['total']:+.4f} USDT")
     if "pnl_by_latency" in s:
         out.append("  PnL by order latency: " + ", ".join(
             f"{label} {p['total']:+.4f} USDT ({p['fills']} fills)" for label, p in s["pnl_by_latency"].items()))
-    if "digest" in s:
+    if "digest" in s and s["digest"] is None:
+        out.append("  digest unknown (the executor process did not report)")
+    elif "digest" in s:
         latency = f", order latency {s['latency_ms']:g} ms" if s.get("latency_ms") else ""
         out.append(f"  digest {s['digest']} (orders and fills, sha256{latency})")
     if "recorded_digest" in s:

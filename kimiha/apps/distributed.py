@@ -1036,6 +1036,11 @@ def _assemble(children: list[_Child], elapsed: float, url: str, delivery: str, r
     feed = by_role["feed"].get("parts", {})
     strategy = by_role["strategy"].get("parts", {})
     executor = by_role["executor"].get("parts", {})
+    # A process that did not report (killed, stopped too late): its figures are unknown (None), not zero.
+    reported = {c.role for c in children if c.summary is not None}
+
+    def of(role: str, parts: dict[str, Any], key: str, default: Any) -> Any:
+        return parts.get(key, default) if role in reported else None
     lines_read = feed.get("lines_read", 0)
     summary: dict[str, Any] = {
         "data": feed.get("data", []),
@@ -1049,16 +1054,16 @@ def _assemble(children: list[_Child], elapsed: float, url: str, delivery: str, r
         "lines_read_accounted": feed.get("lines_read_accounted", False),
         "hooks_run": all(s and all(t["state"] == "stopped" for t in s.get("tasks", ())) for s in by_role.values()),
         "book_check": feed.get("book_check", {"matched": 0, "compared": 0, "gaps": 0, "book_state": "unknown"}),
-        "trades": feed.get("trades", 0),
-        "signals": strategy.get("signals", 0),
-        "orders": strategy.get("orders", 0),
-        "fills": executor.get("fills", 0),
-        "rejected": executor.get("rejected", 0),
-        "position": executor.get("position", 0.0),
-        "pnl": executor.get("pnl", {"realized": 0.0, "unrealized": 0.0, "fees": 0.0, "total": 0.0}),
-        "digest": executor.get("digest", ""),
+        "trades": of("feed", feed, "trades", 0),
+        "signals": of("strategy", strategy, "signals", 0),
+        "orders": of("strategy", strategy, "orders", 0),
+        "fills": of("executor", executor, "fills", 0),
+        "rejected": of("executor", executor, "rejected", 0),
+        "position": of("executor", executor, "position", 0.0),
+        "pnl": of("executor", executor, "pnl", {"realized": 0.0, "unrealized": 0.0, "fees": 0.0, "total": 0.0}),
+        "digest": of("executor", executor, "digest", ""),
         "latency_ms": 0.0,  # --latency is in-process only (the CLI refuses it with --distributed)
-        "cooldowns_ended": strategy.get("cooldowns_ended", 0),
+        "cooldowns_ended": of("strategy", strategy, "cooldowns_ended", 0),
         "wall_time_s": round(elapsed, 3),
         "messages_per_s": round(lines_read / elapsed, 1) if elapsed else 0.0,
         "channels": {f"{role}/{name}": ch for role, s in by_role.items()
@@ -1202,7 +1207,8 @@ def format_distributed(summary: dict[str, Any]) -> str:
                    f"{_count(h['not_delivered']):>14}")
     reconnects = sum(b.get("link", {}).get("reconnects", 0) for b in d["bridge"].values())
     out.append(f"  bridge: events lost {d['events_lost']:,}, reconnects {reconnects}"
-               + (f"; FAILED: {d['failed']}" if d["failed"] else ""))
+               + ("; FAILED: " + "; ".join(f"{role}: {why}" for role, why in d["failed"].items())
+                  if d["failed"] else ""))
     stop = d.get("stop") or {}
     if stop.get("how"):
         out.append(f"  stop: {stop['how']}" + (f" ({stop['why']})" if stop.get("why") else "")
@@ -1331,7 +1337,8 @@ def main(args: Any) -> int:
     if transport == "shm":
         for option in ("nats", "delivery"):
             if getattr(args, option, None):
-                print(f"{prog}: --{option} applies to --transport nats only (shared memory has no broker)",
+                print(f"kimiha demo: error: --{option} applies to --transport nats only (shared memory has "
+                      f"no broker): leave out --{option}, or use --transport nats (see kimiha demo --help)",
                       file=sys.stderr)
                 return 2
         return _main_shm(args, prog)

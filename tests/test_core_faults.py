@@ -426,7 +426,7 @@ def test_the_high_water_mark_never_goes_down(looked_first):
     assert bus.channel(Ev.MD).high_water_mark == 5
 
 
-# -- found by the adversarial trial of 0.3.1's dispatch fast paths ------------------------------------------------
+# -- found by the adversarial trial of 0.3.1's dispatch fast paths (the module's Ev.MD channel of Tick) --------
 
 class _ClassCheckRaises:
     """A returned object whose class check raises (isinstance looks at ``__class__``)."""
@@ -440,27 +440,21 @@ class _ClassCheckRaises:
 def test_a_return_value_whose_class_check_raises_is_the_handlers_failure_not_the_publishers(dispatch):
     from kimiha import Dispatch
 
-    class Ev(EventType):
-        A = "A"
-
-    class Tick(Event):
-        seq: int
-
     async def main():
-        bus = EventBus([(Ev.A, ChannelConfig(8, payload_type=Tick, dispatch=Dispatch[dispatch]))])
+        bus = EventBus([(Ev.MD, ChannelConfig(8, payload_type=Tick, dispatch=Dispatch[dispatch]))])
         seen: list[int] = []
 
         def handler(event: Tick) -> object:
             seen.append(event.seq)
             return _ClassCheckRaises()
 
-        bus.subscribe(Ev.A, handler, on_error=lambda exc, ev: errors.append(repr(exc)))
+        bus.subscribe(Ev.MD, handler, on_error=lambda exc, ev: errors.append(repr(exc)))
         errors: list[str] = []
         for i in range(3):
-            assert bus.publish(Ev.A, Tick(i)) == 1      # the event was written: publish does not raise
+            assert bus.publish(Ev.MD, Tick(i)) == 1      # the event was written: publish does not raise
         await asyncio.sleep(0)
         assert seen == [0, 1, 2] and len(errors) == 3 and "boom __class__" in errors[0]
-        assert bus.stats(Ev.A)["handler_errors"] == 3
+        assert bus.stats(Ev.MD)["handler_errors"] == 3
         bus.close()
 
     asyncio.run(main())
@@ -469,12 +463,6 @@ def test_a_return_value_whose_class_check_raises_is_the_handlers_failure_not_the
 def test_a_generator_function_is_refused_at_subscribe_and_a_returned_generator_is_an_error(caplog):
     import functools
 
-    class Ev(EventType):
-        A = "A"
-
-    class Tick(Event):
-        seq: int
-
     def gen_handler(event: Tick):
         yield event
 
@@ -482,15 +470,15 @@ def test_a_generator_function_is_refused_at_subscribe_and_a_returned_generator_i
         yield event
 
     async def main():
-        bus = EventBus([(Ev.A, ChannelConfig(8, payload_type=Tick))])
+        bus = EventBus([(Ev.MD, ChannelConfig(8, payload_type=Tick))])
         for fn in (gen_handler, agen_handler, functools.partial(gen_handler)):
             with pytest.raises(TypeError, match="generator function .* runs none of its body"):
-                bus.subscribe(Ev.A, fn)
-        bus.subscribe(Ev.A, lambda e: gen_handler(e))    # hides the generator function from subscribe()
+                bus.subscribe(Ev.MD, fn)
+        bus.subscribe(Ev.MD, lambda e: gen_handler(e))    # hides the generator function from subscribe()
         with caplog.at_level(logging.ERROR, logger="kimiha"):
-            bus.publish(Ev.A, Tick(1))
+            bus.publish(Ev.MD, Tick(1))
             await asyncio.sleep(0)
-        assert bus.stats(Ev.A)["handler_errors"] == 1
+        assert bus.stats(Ev.MD)["handler_errors"] == 1
         assert "returned a generator" in caplog.text
         bus.close()
 
@@ -507,26 +495,20 @@ def test_a_plain_publish_from_another_thread_is_refused_when_the_loop_serves_the
 
     from kimiha import Dispatch, InvalidStateError
 
-    class Ev(EventType):
-        A = "A"
-
-    class Tick(Event):
-        seq: int
-
     async def main():
-        bus = EventBus([(Ev.A, ChannelConfig(8, payload_type=Tick, dispatch=Dispatch[dispatch]))])
+        bus = EventBus([(Ev.MD, ChannelConfig(8, payload_type=Tick, dispatch=Dispatch[dispatch]))])
         got: list[int] = []
         if reader == "handler":
-            bus.subscribe(Ev.A, lambda e: got.append(e.seq))
+            bus.subscribe(Ev.MD, lambda e: got.append(e.seq))
         else:
-            sub = bus.subscribe(Ev.A)
+            sub = bus.subscribe(Ev.MD)
             pulling = asyncio.ensure_future(sub.recv())
             await asyncio.sleep(0)                       # parked on its waiter
         outcome: list[BaseException] = []
 
         def other_thread() -> None:
             try:
-                bus.publish(Ev.A, Tick(1))
+                bus.publish(Ev.MD, Tick(1))
             except BaseException as exc:                 # noqa: BLE001 - reported to the test below
                 outcome.append(exc)
 
@@ -534,9 +516,9 @@ def test_a_plain_publish_from_another_thread_is_refused_when_the_loop_serves_the
         t.start()
         t.join(10)
         assert len(outcome) == 1 and isinstance(outcome[0], InvalidStateError), outcome
-        assert "publish_threadsafe" in str(outcome[0]) and "'A'" in str(outcome[0])
-        assert bus.channel(Ev.A).published == 0          # nothing was written
-        bus.publish_threadsafe(Ev.A, Tick(2))           # the way from another thread still works
+        assert "publish_threadsafe" in str(outcome[0]) and "'MarketData'" in str(outcome[0])
+        assert bus.channel(Ev.MD).published == 0          # nothing was written
+        bus.publish_threadsafe(Ev.MD, Tick(2))           # the way from another thread still works
         if reader == "handler":
             for _ in range(100):
                 if got:
@@ -553,16 +535,10 @@ def test_a_plain_publish_from_another_thread_is_refused_when_the_loop_serves_the
 def test_a_plain_publish_from_another_thread_with_nobody_served_by_the_loop_still_writes():
     import threading
 
-    class Ev(EventType):
-        A = "A"
-
-    class Tick(Event):
-        seq: int
-
     async def main():
-        bus = EventBus([(Ev.A, ChannelConfig(8, payload_type=Tick))])
-        sub = bus.subscribe(Ev.A)                        # a pull reader that is not waiting
-        t = threading.Thread(target=lambda: bus.publish(Ev.A, Tick(1)))
+        bus = EventBus([(Ev.MD, ChannelConfig(8, payload_type=Tick))])
+        sub = bus.subscribe(Ev.MD)                        # a pull reader that is not waiting
+        t = threading.Thread(target=lambda: bus.publish(Ev.MD, Tick(1)))
         t.start()
         t.join(10)
         assert [e.seq for e in sub.drain()] == [1]

@@ -157,6 +157,24 @@ class _Fallback(logging.Handler):
             self.handleError(record)
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler on whatever ``sys.stderr`` is when a record is written, not the stream it was when the
+    handler was made: a test harness or an application that replaces ``sys.stderr`` later (and closes the old
+    one) still gets the lines, and nothing writes to a closed file."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stderr
+        if stream is None:
+            return
+        self.stream = stream
+        super().emit(record)
+
+    def flush(self) -> None:
+        if sys.stderr is not None:
+            self.stream = sys.stderr
+            super().flush()
+
+
 def install_fallback() -> None:
     """Put the stand-aside stderr handler on the ``kimiha`` logger (once; :mod:`kimiha` does it at import)."""
     logger = logging.getLogger("kimiha")
@@ -184,7 +202,7 @@ def configure(fmt: str = "text", level: int | str = logging.WARNING, *, stream: 
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_kimiha_configured", False)]:
         root.removeHandler(old)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler: logging.Handler = logging.StreamHandler(stream) if stream is not None else _Stderr()
     handler.setFormatter(JsonFormatter(static) if fmt == "json" else TextFormatter(prefix))
     handler._kimiha_configured = True  # type: ignore[attr-defined]
     root.addHandler(handler)

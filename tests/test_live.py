@@ -742,6 +742,30 @@ def test_feed_records_each_line_on_arrival_and_counts_what_is_still_queued(tmp_p
     assert [line.partition(b" ")[0] for line in iter_lines(tmp_path / "rec.gz")] == [b"1", b"2", b"3"]
 
 
+def test_a_stop_cancelling_the_feeds_yield_leaves_the_line_queued() -> None:
+    """The feed yields to the loop every ``yield_every`` lines; a stop cancelling the consumer at that yield must
+    not lose the line (it was taken from the queue before the yield: counted out, handed to nobody)."""
+    async def main() -> tuple[dict[str, int], bytes]:
+        feed = BinanceLiveFeed(["BTCUSDT"], ws_url="ws://127.0.0.1:1", rest_url="http://127.0.0.1:1",
+                               yield_every=1)
+        for i in range(2):
+            feed._on_message(i + 1, b'{"stream":"btcusdt@trade","data":{"e":"trade","t":%d}}' % i)
+        taker = asyncio.ensure_future(feed.__anext__())
+        await asyncio.sleep(0)  # the taker runs up to its yield
+        assert not taker.done()
+        taker.cancel()
+        await asyncio.gather(taker, return_exceptions=True)
+        assert taker.cancelled()
+        stats = feed.stats()
+        first = await feed.__anext__()
+        await feed.aclose()
+        return stats, first
+
+    stats, first = run(main())
+    assert stats["lines_in"] == 2 and stats["lines_out"] == 0 and stats["queued"] == 2
+    assert first == b'1 {"stream":"btcusdt@trade","data":{"e":"trade","t":0}}'
+
+
 def _gate_connector_until_the_stop(monkeypatch: pytest.MonkeyPatch) -> None:
     """The pipeline takes nothing until the feed stops receiving: everything that arrived is a backlog then."""
     import kimiha.apps.live as live_app

@@ -236,6 +236,27 @@ def test_configure_replaces_only_its_own_handler():
         root.setLevel(saved_level)
 
 
+def test_configure_writes_to_the_stderr_of_the_moment_not_the_one_it_was_made_with(monkeypatch):
+    """A harness (pytest's capture) or an application may replace sys.stderr after configure() and close the
+    old stream; the handler must follow, not write to the closed file ("I/O operation on closed file")."""
+    import io
+
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    before, after = io.StringIO(), io.StringIO()
+    try:
+        monkeypatch.setattr(sys, "stderr", before)
+        configure("text", "warning")
+        before.close()
+        monkeypatch.setattr(sys, "stderr", after)
+        logging.getLogger("kimiha.test_logs").warning("after the swap")
+        written = after.getvalue()
+        assert "Logging error" not in written and written.rstrip("\n").endswith("after the swap")
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+
+
 # -- the CLI ----------------------------------------------------------------------------------------------------
 
 

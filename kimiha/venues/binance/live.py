@@ -633,7 +633,13 @@ class BinanceLiveFeed:
         return self
 
     async def __anext__(self) -> bytes:
+        # Every await comes before the line leaves the queue: a cancel (a stop) at any await leaves it queued,
+        # counted in the backlog, never taken and lost.
         queue = self._queue
+        self._since_yield += 1
+        if self._since_yield >= self.yield_every:  # a long backlog does not starve the loop
+            self._since_yield = 0
+            await asyncio.sleep(0)
         if self._closed:
             raise StopAsyncIteration
         while not queue:
@@ -646,13 +652,10 @@ class BinanceLiveFeed:
             finally:
                 self._waiter = None
             self._since_yield = 0
-        line = queue.popleft()
+            if self._closed:
+                raise StopAsyncIteration
         self.lines_out += 1
-        self._since_yield += 1
-        if self._since_yield >= self.yield_every:
-            self._since_yield = 0
-            await asyncio.sleep(0)
-        return line
+        return queue.popleft()
 
     def stats(self) -> dict[str, int]:
         """Return the feed's counters."""

@@ -40,6 +40,7 @@ except ImportError:  # not installed: use the source tree this script lives in (
 
 from kimiha import (
     ChannelConfig,
+    Dispatch,
     Event,
     EventBus,
     EventTask,
@@ -61,8 +62,9 @@ class Tick(Event, frozen=True, gc=False):
     phase: int  # 0 paced, 1 flood
 
 
-def make_bus(capacity: int = 4096) -> EventBus:
-    return EventBus([(Ev.TICKS, ChannelConfig(capacity, payload_type=Tick, overflow=Overflow.BLOCK))])
+def make_bus(capacity: int = 4096, dispatch: Dispatch = Dispatch.LOOP) -> EventBus:
+    return EventBus([(Ev.TICKS, ChannelConfig(capacity, payload_type=Tick, overflow=Overflow.BLOCK,
+                                              dispatch=dispatch))])
 
 
 class Probe(EventTask):

@@ -14,7 +14,13 @@ not saturated; the publisher spins between events, yielding to the loop once per
 (``publish_async`` as fast as the path takes them: throughput = events / (last handler time in any reader -
 first publish time), end to end into the readers' bus handlers; each reader receives every event). Readers
 busy-poll by default (``--wake`` makes them sleep on the ring's FIFO wake-up instead). Each process's CPU time
-over the flood per event is reported too (a busy-polling reader's includes its polling).
+over the flood per event is reported too (a busy-polling reader's includes its polling). ``--inline`` makes the
+channel ``Dispatch.INLINE`` in every process (the in-process path too) and the exporter ``eager``: each event is
+written into the ring inside ``publish``, and the reader's handler runs inside the import (the lowest-latency
+configuration; events then cross one by one, not in batches). Every process moves what its setup built out of
+the garbage collector's passes once it is ready (``gc.collect(); gc.freeze()``, as ``kimiha bench latency``
+does): without it a full collection over the imported libraries stalls a process for milliseconds, which is
+what the p99 then shows.
 
 Then **ring-to-ring**, the transport alone (``--ring-frames``, 0 skips it): this process ``Ring.write``s ready
 frames (the flood's ``Tick`` encoding) in batches of 256 into a BLOCK ring, ``--readers`` processes
@@ -23,6 +29,7 @@ frames (the flood's ``Tick`` encoding) in batches of 256 into a BLOCK ring, ``--
     python benchmarks/bench_shm.py                   # 20000 rate + 200000 flood events + 2M ring frames, 2 readers, x3
     python benchmarks/bench_shm.py --quick           # 5000 + 50000 + 500000, once, ~5 s
     python benchmarks/bench_shm.py --quick --wake    # readers sleep between frames (no busy core)
+    python benchmarks/bench_shm.py --quick --inline --readers 1   # INLINE channels, eager export: latency
     python benchmarks/bench_shm.py --json out.json
 """
 
@@ -46,6 +53,7 @@ except ImportError:  # not installed: use the source tree this script lives in (
     import kimiha
 
 from kimiha import EventBus, Scheduler, monotonic_ns
+from kimiha.bench.runner import freeze_setup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_nats import Ev, Probe, Tick, _cell, _median, flood, make_bus  # noqa: E402  (the same event)
@@ -62,7 +70,7 @@ def _timed(probe: Probe) -> dict[str, Any]:
 async def reader(opts: argparse.Namespace) -> None:
     from kimiha.bridge import ShmBridge
 
-    bus = make_bus()
+    bus = make_bus(dispatch=_dispatch(opts))
     scheduler = Scheduler(bus)
     cpu = [0.0, 0.0]
 
@@ -76,6 +84,7 @@ async def reader(opts: argparse.Namespace) -> None:
     importer = bridge.import_channel(Ev.TICKS, opts.subject, busy_poll=not opts.wake)
     bridge.register(scheduler)
     await scheduler.start()
+    freeze_setup()
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the writer closes it
     results = _timed(probe)
@@ -178,13 +187,20 @@ async def at_rate(bus: EventBus, n: int, rate: float) -> None:
         await asyncio.sleep(0)
 
 
+def _dispatch(opts: argparse.Namespace) -> Any:
+    from kimiha import Dispatch
+
+    return Dispatch.INLINE if opts.inline else Dispatch.LOOP
+
+
 async def in_process(opts: argparse.Namespace) -> dict[str, Any]:
-    bus = make_bus()
+    bus = make_bus(dispatch=_dispatch(opts))
     done = [asyncio.Event(), asyncio.Event()]
     probe = Probe(opts.rate_events, opts.flood, lambda phase: done[phase].set())
     scheduler = Scheduler(bus)
     scheduler.register_event_task(probe)
     await scheduler.start()
+    freeze_setup()
     try:
         await at_rate(bus, opts.rate_events, opts.rate)
         await asyncio.wait_for(done[0].wait(), 60)
@@ -203,6 +219,8 @@ async def shm(opts: argparse.Namespace, directory: str) -> dict[str, Any]:
             "--rate-events", str(opts.rate_events), "--flood", str(opts.flood), "--loop", opts.loop]
     if opts.wake:
         args.append("--wake")
+    if opts.inline:
+        args.append("--inline")
     procs = [await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.PIPE,
                                                   stdout=asyncio.subprocess.PIPE) for _ in range(opts.readers)]
 
@@ -218,14 +236,15 @@ async def shm(opts: argparse.Namespace, directory: str) -> dict[str, Any]:
     async def expect_all(prefix: str, timeout: float) -> list[str]:
         return list(await asyncio.gather(*(expect(p, prefix, timeout) for p in procs)))
 
-    bus = make_bus()
+    bus = make_bus(dispatch=_dispatch(opts))
     scheduler = Scheduler(bus)
     bridge = ShmBridge(bus, directory, name="bench-writer")
-    exporter = bridge.export_channel(Ev.TICKS, subject)
+    exporter = bridge.export_channel(Ev.TICKS, subject, eager=opts.inline)
     bridge.register(scheduler)
     try:
         await expect_all("ready", 60)
         await scheduler.start()
+        freeze_setup()
         await at_rate(bus, opts.rate_events, opts.rate)
         await expect_all("phase-done 0", 120)
         cpu0 = time.process_time()
@@ -273,7 +292,8 @@ def report(runs: list[dict[str, Any]], opts: argparse.Namespace, seconds: float)
     mode = "wake-up (FIFO)" if opts.wake else "busy-poll"
     lines = [
         f"kimiha {kimiha.__version__} | Python {platform.python_version()} | {opts.loop} | msgspec "
-        f"{msgspec.__version__} | readers: {mode}",
+        f"{msgspec.__version__} | readers: {mode} | channels: "
+        f"{'INLINE, eager export' if opts.inline else 'LOOP (default), batched export'}",
         f"{opts.rate_events} events at {opts.rate:,.0f}/s + {opts.flood} flood events per path, {len(runs)} "
         f"repetition(s), medians [min..max]; total {seconds:.1f} s",
         "",
@@ -325,6 +345,8 @@ def main() -> int:
     parser.add_argument("--readers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--wake", action="store_true", help="readers sleep on the wake-up instead of polling")
+    parser.add_argument("--inline", action="store_true",
+                        help="Dispatch.INLINE channels and an eager exporter (each event into the ring in publish)")
     parser.add_argument("--quick", action="store_true", help="5000 + 50000 events, once")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     parser.add_argument("--json", default=None, help="also write every run's figures here")

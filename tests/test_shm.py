@@ -23,7 +23,8 @@ import threading
 import msgspec
 import pytest
 
-from kimiha import ChannelConfig, Event, EventBus, EventTask, EventType, InvalidConfigurationError, Overflow, Scheduler
+from kimiha import (ChannelConfig, Dispatch, Event, EventBus, EventTask, EventType, InvalidConfigurationError,
+                    Overflow, Scheduler)
 from kimiha.error import SerializationError
 from kimiha.bridge import ShmBridge, open_bridge, remove_stale
 from kimiha.bridge import _shm
@@ -45,8 +46,8 @@ def md(i: int) -> Tick:
     return Tick(i, 100.0 + i)
 
 
-def make_bus(overflow: Overflow = Overflow.BLOCK, capacity: int = 256) -> EventBus:
-    return EventBus([(Ev.MD, ChannelConfig(capacity, payload_type=Tick, overflow=overflow))])
+def make_bus(overflow: Overflow = Overflow.BLOCK, capacity: int = 256, dispatch: Dispatch = Dispatch.LOOP) -> EventBus:
+    return EventBus([(Ev.MD, ChannelConfig(capacity, payload_type=Tick, overflow=overflow, dispatch=dispatch))])
 
 
 class Collect(EventTask):
@@ -72,8 +73,9 @@ async def until(predicate, timeout: float = WAIT, what: str = "condition") -> No
 class Node:
     """One 'process' (bus, scheduler, shm bridge) inside the test's own."""
 
-    def __init__(self, directory, name: str, overflow: Overflow = Overflow.BLOCK) -> None:
-        self.bus = make_bus(overflow)
+    def __init__(self, directory, name: str, overflow: Overflow = Overflow.BLOCK,
+                 dispatch: Dispatch = Dispatch.LOOP) -> None:
+        self.bus = make_bus(overflow, dispatch=dispatch)
         self.scheduler = Scheduler(self.bus, name=name)
         self.bridge = ShmBridge(self.bus, directory, name=name, liveness_interval=0.05)
         self.collect = Collect()
@@ -232,6 +234,77 @@ def test_block_round_trip_to_two_readers_in_order(run, tmp_path, busy_poll):
     run(main())
 
 
+@pytest.mark.parametrize("dispatch", [Dispatch.INLINE, Dispatch.LOOP])
+def test_eager_export_round_trip_through_a_small_block_ring_in_order(run, tmp_path, dispatch):
+    # eager: each event goes into the ring as it is published; a full ring leaves the rest in the channel
+    # (BLOCK holds the publisher), written in order once the readers make room
+    n = 3000
+
+    async def main():
+        subject = "md.eager"
+        reader = Node(tmp_path, "r", dispatch=dispatch)
+        importer = reader.reader(subject, busy_poll=True, capacity=64)
+        await reader.start()
+        writer = Node(tmp_path, "w", dispatch=dispatch)
+        exporter = writer.bridge.export_channel(Ev.MD, subject, capacity=64, eager=True)
+        await writer.start()
+        try:
+            for i in range(1, n + 1):
+                await writer.bus.publish_async(Ev.MD, md(i))
+            assert await writer.bridge.flush(WAIT)
+            assert await importer.wait_position(exporter.sender, n, WAIT)
+            await until(lambda: len(reader.collect.seqs) == n, what="every event handled")
+        finally:
+            await writer.stop()
+            await reader.stop()
+        assert reader.collect.seqs == list(range(1, n + 1))
+        s = importer.stats()
+        assert (s["delivered"], s["missing"], s["bad_frames"]) == (n, 0, 0)
+        e = exporter.stats()
+        assert (e["sent"], e["dropped"], e["lagged"], e["unflushed"], e["eager"]) == (n, 0, 0, 0, True)
+        if dispatch is Dispatch.INLINE:  # (on LOOP the exporter's own pass may take them first, in a batch)
+            assert e["eager_writes"] > 0
+
+    run(main())
+
+
+def test_eager_export_on_an_inline_channel_writes_the_ring_inside_publish(run, tmp_path):
+    # the frame is in the ring when publish returns: no pass of the event loop in between (without eager the
+    # exporter writes on its next pass, so the ring's head is still 0 here)
+    async def main():
+        results = {}
+        for eager in (False, True):
+            node = Node(tmp_path, f"w{eager}", dispatch=Dispatch.INLINE)
+            exporter = node.bridge.export_channel(Ev.MD, f"md.inside.{eager}", eager=eager)
+            await node.start()
+            try:
+                heads = []
+                for i in range(1, 4):
+                    node.bus.publish(Ev.MD, md(i))
+                    heads.append(exporter.last_seq)
+                results[eager] = heads
+                assert await node.bridge.flush(WAIT)
+            finally:
+                await node.stop()
+        return results
+
+    results = run(main())
+    assert results[True] == [1, 2, 3]
+    assert results[False] == [0, 0, 0]
+
+
+def test_spin_until_sees_a_frame_written_by_another_thread_and_gives_up_after_its_bound():
+    r = ring(block=False)
+    assert r.spin_until(0, 0) is False and r.spin_until(0, 1_000) is False  # nothing written: gives up
+    writer = threading.Timer(0.01, lambda: r.write(items(0, 1)))
+    writer.start()
+    try:
+        assert r.spin_until(0, 10_000_000_000) is True  # the GIL is released while spinning: the thread writes
+    finally:
+        writer.join()
+    assert r.head == 1 and r.spin_until(0, 0) is True and r.spin_until(1, 0) is False
+
+
 def test_lag_ring_reader_reports_exactly_what_it_missed(run, tmp_path):
     async def main():
         subject = "md.lag"
@@ -283,6 +356,12 @@ def test_settings_are_checked(tmp_path):
         bridge.export_channel(Ev.MD, "../escape")
     with pytest.raises(InvalidConfigurationError, match="replay"):
         bridge.import_channel(Ev.MD, "x", replay="last")
+    for bad in (-1, 10_001, float("nan"), "50", True, None):
+        with pytest.raises(InvalidConfigurationError, match=r"import_channel.spin_us: expected a number of "
+                                                            r"microseconds from 0 to 10,000, got"):
+            bridge.import_channel(Ev.MD, "x", busy_poll=True, spin_us=bad)
+    with pytest.raises(InvalidConfigurationError, match="export_channel.eager: expected True or False, got 'yes'"):
+        bridge.export_channel(Ev.MD, "x", eager="yes")
     with pytest.raises(InvalidConfigurationError, match="transport"):
         open_bridge(make_bus(), transport="carrier-pigeon")
     assert isinstance(open_bridge(make_bus(), transport="shm", directory=tmp_path), ShmBridge)

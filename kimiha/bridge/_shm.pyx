@@ -58,6 +58,13 @@ cdef extern from *:
     static inline void kh_fence_acq(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
     static inline void kh_fence_rel(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
     static inline void kh_fence_sc(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+    #if defined(__x86_64__) || defined(__i386__)
+    static inline void kh_relax(void) { __builtin_ia32_pause(); }
+    #elif defined(__aarch64__)
+    static inline void kh_relax(void) { __asm__ __volatile__("yield"); }
+    #else
+    static inline void kh_relax(void) { }
+    #endif
     """
     uint64_t kh_load_acq(uint64_t *p) nogil
     uint64_t kh_load_rlx(uint64_t *p) nogil
@@ -69,6 +76,7 @@ cdef extern from *:
     void kh_fence_acq() nogil
     void kh_fence_rel() nogil
     void kh_fence_sc() nogil
+    void kh_relax() nogil
 
 #: "KIMIHASH" little-endian, then the layout version.
 cdef uint64_t C_MAGIC = 0x485341484D494B4B
@@ -608,6 +616,37 @@ cdef class Ring:
             kh_store_rel(self._r(idx, R_LAGGED), kh_load_rlx(self._r(idx, R_LAGGED)) + lagged)
         kh_store_sc(self._r(idx, R_CURSOR), cursor)
         return kh_load_sc(self._h(H_WRITER_WAITING)) != 0 and kh_xchg(self._h(H_WRITER_WAITING), 0) != 0
+
+    def spin_until(self, uint64_t cursor, int64_t max_ns):
+        """Spin (a CPU pause between checks, the GIL released) until frames after ``cursor`` are written, the
+        stream closes, or ``max_ns`` pass; return whether frames are there. The busy-poll reader's wait: no
+        system call and no pass of the event loop between a write and its discovery."""
+        self._check_file()
+        cdef uint64_t *head = self._h(H_HEAD)
+        cdef uint64_t *closed = self._h(H_CLOSED)
+        cdef timespec now
+        cdef int64_t deadline
+        cdef int i
+        cdef bint found = False
+        if kh_load_acq(head) > cursor:
+            return True
+        if max_ns <= 0:
+            return False
+        with nogil:
+            clock_gettime(CLOCK_MONOTONIC, &now)
+            deadline = <int64_t>now.tv_sec * 1000000000 + now.tv_nsec + max_ns
+            while True:
+                for i in range(64):
+                    if kh_load_acq(head) > cursor:
+                        found = True
+                        break
+                    kh_relax()
+                if found or kh_load_acq(closed):
+                    break
+                clock_gettime(CLOCK_MONOTONIC, &now)
+                if <int64_t>now.tv_sec * 1000000000 + now.tv_nsec >= deadline:
+                    break
+        return found or kh_load_acq(head) > cursor
 
     def sleep_if_idle(self, Py_ssize_t idx, uint64_t cursor):
         """Set reader ``idx``'s waiting flag unless frames after ``cursor`` are there; return whether it is set

@@ -90,6 +90,15 @@ def _ring_module() -> Any:
     return _shm
 
 
+#: How long a busy-polling importer spins on the ring's head per idle pass of the loop (microseconds).
+DEFAULT_SPIN_US = 50.0
+MAX_SPIN_US = 10_000
+
+
+def _ignore_lag(skipped: int) -> None:
+    """The eager exporter's handler does not count losses: its frames subscription does (``lagged``)."""
+
+
 def default_directory() -> Path:
     """Return where segments live by default: ``/dev/shm/kimiha-<uid>`` (RAM), else the temporary directory."""
     base = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
@@ -391,11 +400,16 @@ class ShmExporter(_ShmEndpoint):
 
     role = "bridge-export"
 
-    def __init__(self, bus: EventBus, event_type: Any, subject: str, *, flush_timeout: float, **kw: Any) -> None:
+    def __init__(self, bus: EventBus, event_type: Any, subject: str, *, flush_timeout: float, eager: bool = False,
+                 **kw: Any) -> None:
         super().__init__(bus, event_type, subject, **kw)
         self.flush_timeout = flush_timeout
+        self.eager = eager
         self.sender = new_sender_id()
         self._sub: Any = None
+        self._nudge_sub: Any = None
+        self._broken: BaseException | None = None
+        self.eager_writes = 0
         self._pending: list[Any] = []
         self._start = 0
         self._reader_fds: dict[int, int] = {}
@@ -438,6 +452,8 @@ class ShmExporter(_ShmEndpoint):
             "buffered": self.pending,
             "head": self.last_seq,
             "overflow": "block" if self.block else "lag",
+            "eager": self.eager,
+            "eager_writes": self.eager_writes,
             "capacity": self.capacity,
             "readers": readers,
             "readers_lost": self.readers_lost,
@@ -469,6 +485,10 @@ class ShmExporter(_ShmEndpoint):
         ring.set_writer(os.getpid(), int.from_bytes(secrets.token_bytes(8), "little") | 1, self.sender)
         self._listen(self.path / "w.fifo")
         self._sub = self._channel.subscribe(frames=True, on_lag=self._on_lag)
+        if self.eager:
+            # a handler that writes what the frames subscription holds as soon as an event is published (in
+            # publish on an INLINE channel); the frames subscription keeps the accounting (cursor, BLOCK, lag)
+            self._nudge_sub = self._channel.subscribe(self._nudge, on_lag=_ignore_lag)
 
     def _on_lag(self, skipped: int) -> None:
         self.lagged += skipped
@@ -486,7 +506,33 @@ class ShmExporter(_ShmEndpoint):
             self._pending = items
         self._start = 0
 
+    def _nudge(self, _event: Any) -> None:
+        """Eager export: write what the frames subscription holds now, unless a backlog waits for room (then
+        :meth:`execute` writes it, in order, and this call only wakes it)."""
+        if self._start < len(self._pending) or self.failed is not None or self._stopping:
+            self._wake.notify()
+            return
+        try:
+            items = self._sub.drain(self.batch)
+        except ChannelClosed:
+            return
+        if not items:
+            return
+        self._take(items)
+        try:
+            self._write_ready()
+        except _ring_module().RingTruncated as exc:  # execute() reports it to the scheduler (see _broke)
+            self._broken = exc
+            self._wake.notify()
+            return
+        self.eager_writes += 1
+        if self._start < len(self._pending):
+            self._wake.notify()  # the ring is full: execute() waits for room
+
     async def execute(self) -> None:
+        if self._broken is not None:  # the eager handler found the ring's file shrunk
+            exc, self._broken = self._broken, None
+            self._broke(exc)
         if self.failed is not None:  # the ring is unusable: idle (see _broke)
             await self._wake.wait(self.liveness_interval)
             return
@@ -494,6 +540,9 @@ class ShmExporter(_ShmEndpoint):
             try:
                 items = self._sub.drain(self.batch)
                 if not items:
+                    if self.eager:  # the handler writes each event; this pass only takes a backlog left to it
+                        await self._wake.wait(self.liveness_interval)
+                        return
                     items = await self._sub.recv_batch(self.batch)
             except ChannelClosed:
                 await self._wake.wait(self.liveness_interval)
@@ -507,6 +556,10 @@ class ShmExporter(_ShmEndpoint):
 
     async def _write_some(self) -> bool:
         """Write what is pending, as much as fits; return False if nothing could be written (full)."""
+        return self._write_ready()
+
+    def _write_ready(self) -> bool:
+        """:meth:`_write_some`, callable from a handler (it never waits)."""
         ring = self._ring
         pending = self._pending
         progressed = False
@@ -653,6 +706,8 @@ class ShmExporter(_ShmEndpoint):
                              "not make room within %.1f s)", self.name, self.unflushed, self.type_name,
                              self.flush_timeout)
             self._sub.close()
+            if self._nudge_sub is not None:
+                self._nudge_sub.close()
             ring = self._ring
             try:
                 if ring is not None:
@@ -678,11 +733,14 @@ class ShmImporter(_ShmEndpoint):
     role = "bridge-import"
 
     def __init__(self, bus: EventBus, event_type: Any, subject: str, *, durable: str | None, replay: str,
-                 busy_poll: bool, **kw: Any) -> None:
+                 busy_poll: bool, spin_us: float = 0.0, **kw: Any) -> None:
         super().__init__(bus, event_type, subject, **kw)
         self.durable = durable
         self.replay = replay
         self.busy_poll = busy_poll
+        self.spin_us = spin_us
+        self._spin_ns = int(spin_us * 1000) if busy_poll else 0
+        self.spins_found = 0
         self._idx = -1
         self._cursor = 0
         self._first = 0
@@ -744,6 +802,8 @@ class ShmImporter(_ShmEndpoint):
             "channel_full_waits": self.waits,
             "sleeps": self.sleeps,
             "busy_poll": self.busy_poll,
+            "spin_us": self.spin_us if self.busy_poll else 0.0,
+            "spins_found": self.spins_found,
             "writer_alive": self._writer_alive,
             "writer_deaths": self.writer_deaths,
             "writer_restarts": self.writer_restarts,
@@ -801,32 +861,41 @@ class ShmImporter(_ShmEndpoint):
             await self._wake.wait(self.liveness_interval)
             return
         try:
-            ring = self._ring
-            start = self._cursor
-            # the frames' loop runs in the compiled ring: copy out, validate, write into the channel,
-            # record the latency (Ring.pump), one call per batch
-            cursor, lagged, delivered, holes, failed = ring.pump(self._idx, start, self.batch, self._channel,
-                                                                 self.latency)
-            self.delivered += delivered
-            if holes:
-                self._holes(holes)
-            if lagged:
-                self.missing += lagged
-                if self._log_budget > 0:
-                    self._log_budget -= 1
-                    logger.warning("%s: fell behind ring %s: %d frame(s) overwritten before they were read "
-                                   "(missing); resuming at frame %d", self.name, self.path, lagged,
-                                   start + lagged)
-            if failed is not None:
-                self._commit(cursor, lagged)  # what was published so far is accounted for, whatever comes next
-                lagged = 0
-                cursor = await self._failed(failed, cursor)
-            if cursor != start or lagged:
-                self._commit(cursor, lagged)
-            elif failed is None:
-                await self._idle()
+            if await self._pump_once():
+                # the busy-poll spin saw frames arrive: read them now, not after a pass of the loop (once: the
+                # loop gets its pass after that, whatever the second round finds)
+                await self._pump_once()
         except _ring_module().RingTruncated as exc:  # (evaluated only when something is raised)
             self._broke(exc)
+
+    async def _pump_once(self) -> bool:
+        """One round: publish what the ring holds; with nothing there, wait (:meth:`_idle`). Return True when
+        the busy-poll spin saw frames arrive (read them at once)."""
+        ring = self._ring
+        start = self._cursor
+        # the frames' loop runs in the compiled ring: copy out, validate, write into the channel,
+        # record the latency (Ring.pump), one call per batch
+        cursor, lagged, delivered, holes, failed = ring.pump(self._idx, start, self.batch, self._channel,
+                                                             self.latency)
+        self.delivered += delivered
+        if holes:
+            self._holes(holes)
+        if lagged:
+            self.missing += lagged
+            if self._log_budget > 0:
+                self._log_budget -= 1
+                logger.warning("%s: fell behind ring %s: %d frame(s) overwritten before they were read "
+                               "(missing); resuming at frame %d", self.name, self.path, lagged,
+                               start + lagged)
+        if failed is not None:
+            self._commit(cursor, lagged)  # what was published so far is accounted for, whatever comes next
+            lagged = 0
+            cursor = await self._failed(failed, cursor)
+        if cursor != start or lagged:
+            self._commit(cursor, lagged)
+        elif failed is None:
+            return await self._idle()
+        return False
 
     async def _failed(self, failed: tuple[BaseException, int, bytes], cursor: int) -> int:
         """Deal with the frame at ``cursor`` whose publish raised; return the cursor after it (or at it, if
@@ -890,27 +959,32 @@ class ShmImporter(_ShmEndpoint):
         finally:
             os.close(fd)
 
-    async def _idle(self) -> None:
+    async def _idle(self) -> bool:
         ring = self._ring
         now = time.monotonic()
         if now >= self._next_check:
             self._next_check = now + self.liveness_interval
             self._watch_writer()
         if self.busy_poll:
-            # let a process waiting for this core run first (the writer, on a machine with fewer free cores
-            # than busy processes); with a core to itself this returns at once. The scheduler's loop yields to
-            # the event loop after each execute(), so the next poll comes after one pass of it.
+            # spin on the ring's head for up to spin_us (no system call, no pass of the loop between the write
+            # and its discovery); then let a process waiting for this core run first (the writer, on a machine
+            # with fewer free cores than busy processes) -- with a core to itself this returns at once -- and
+            # give the loop its pass (the scheduler yields to it after each execute()).
+            if self._spin_ns and ring.spin_until(self._cursor, self._spin_ns):
+                self.spins_found += 1
+                return True
             os.sched_yield()
-            return
+            return False
         if not ring.sleep_if_idle(self._idx, self._cursor):
             if ring.closed and ring.head <= self._cursor:
                 await self._wake.wait(self.liveness_interval)  # the stream ended: wait for a new writer
-            return
+            return False
         self.sleeps += 1
         try:
             await _sleep_on(self._wake, self._wake.arm(), max(0.001, self._next_check - time.monotonic()))
         finally:
             ring.clear_waiting(self._idx)
+        return False
 
     def _watch_writer(self) -> None:
         ring = self._ring
@@ -1000,7 +1074,7 @@ class ShmBridge(BridgeTasks):
 
     def export_channel(self, event_type: Any, subject: str | None = None, *, overflow: Any = Overflow.BLOCK,
                        capacity: int = 8192, data_bytes: int | None = None, max_readers: int = 8,
-                       batch: int = 1024) -> ShmExporter:
+                       batch: int = 1024, eager: bool = False) -> ShmExporter:
         """Write every event published on ``event_type``'s channel into the ring ``subject``.
 
         Parameters
@@ -1013,22 +1087,30 @@ class ShmBridge(BridgeTasks):
             of ``data_bytes``. An existing ring keeps its own geometry.
         batch : int
             Frames taken from the channel per round.
+        eager : bool
+            Write each event into the ring as it is published, not on the exporter's next pass of the event
+            loop: on a ``Dispatch.INLINE`` channel inside ``publish`` itself (the publisher pays for the
+            write; the lowest cross-process latency), on a ``Dispatch.LOOP`` channel in its dispatch. Events go
+            one by one instead of in batches (more CPU per event under a flood). While the ring is full
+            (BLOCK), events wait in the channel as without ``eager``.
         """
         self._check_open("export_channel")
+        if not isinstance(eager, bool):
+            raise InvalidConfigurationError(f"export_channel.eager: expected True or False, got {eager!r}")
         channel = self.bus.channel(event_type)
         subject = self._subject(event_type, subject, "export_channel")
         if any(e.event_type == event_type for e in self.exporters):
             raise InvalidConfigurationError(f"channel {channel.name!r} is already exported by this bridge")
-        exporter = ShmExporter(self.bus, event_type, subject, flush_timeout=self.flush_timeout,
+        exporter = ShmExporter(self.bus, event_type, subject, flush_timeout=self.flush_timeout, eager=eager,
                                name=f"shm-export:{channel.name}",
                                **self._geometry("export_channel", overflow, capacity, data_bytes, max_readers, batch))
         self.exporters.append(exporter)
         return exporter
 
     def import_channel(self, event_type: Any, subject: str | None = None, *, durable: str | None = None,
-                       replay: str = "new", busy_poll: bool = False, overflow: Any = Overflow.BLOCK,
-                       capacity: int = 8192, data_bytes: int | None = None, max_readers: int = 8,
-                       batch: int = 1024) -> ShmImporter:
+                       replay: str = "new", busy_poll: bool = False, spin_us: float = DEFAULT_SPIN_US,
+                       overflow: Any = Overflow.BLOCK, capacity: int = 8192, data_bytes: int | None = None,
+                       max_readers: int = 8, batch: int = 1024) -> ShmImporter:
         """Publish the frames of ring ``subject`` into ``event_type``'s channel.
 
         Parameters
@@ -1040,8 +1122,13 @@ class ShmBridge(BridgeTasks):
             Where a reader without a saved place starts: at the next frame written, or at the oldest the ring
             still holds.
         busy_poll : bool
-            Poll the ring on every pass of the event loop instead of sleeping on a wake-up (lower latency, one
-            core busy).
+            Poll the ring instead of sleeping on a wake-up (lower latency, one core busy): on each pass of the
+            event loop that finds nothing, spin on the ring for up to ``spin_us`` first.
+        spin_us : float
+            With ``busy_poll``, how long one idle pass spins on the ring's head (a CPU pause between checks, the
+            GIL released) before it gives the loop its pass: a frame written meanwhile is read within about a
+            microsecond, not after a pass of the loop. The loop's other work (timers, tasks) waits up to this
+            long. 0: no spin (one check per pass). Default 50; at most 10,000.
         overflow, capacity, data_bytes, max_readers :
             The ring's geometry if this side creates it first (see :meth:`export_channel`).
         batch : int
@@ -1058,9 +1145,13 @@ class ShmBridge(BridgeTasks):
         if any(i.event_type == event_type and i.subject == subject for i in self.importers):
             raise InvalidConfigurationError(
                 f"subject {subject!r} is already imported into channel {channel.name!r} by this bridge")
+        if (isinstance(spin_us, bool) or not isinstance(spin_us, (int, float)) or not 0 <= spin_us <= MAX_SPIN_US
+                or spin_us != spin_us):
+            raise InvalidConfigurationError(f"import_channel.spin_us: expected a number of microseconds from 0 to "
+                                            f"{MAX_SPIN_US:,}, got {spin_us!r}")
         same = sum(1 for i in self.importers if i.event_type == event_type)
         importer = ShmImporter(self.bus, event_type, subject, durable=durable, replay=replay,
-                               busy_poll=bool(busy_poll),
+                               busy_poll=bool(busy_poll), spin_us=float(spin_us),
                                name=f"shm-import:{channel.name}" + (f"#{same + 1}" if same else ""),
                                **self._geometry("import_channel", overflow, capacity, data_bytes, max_readers, batch))
         self.importers.append(importer)

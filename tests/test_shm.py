@@ -305,6 +305,28 @@ def test_spin_until_sees_a_frame_written_by_another_thread_and_gives_up_after_it
     assert r.head == 1 and r.spin_until(0, 0) is True and r.spin_until(1, 0) is False
 
 
+def test_a_file_truncated_during_the_spin_raises_instead_of_killing_the_process(tmp_path):
+    # the spin reads the ring's head for its whole bound: a file shrunk meanwhile makes that read fault
+    # (SIGBUS); the fault is caught and reported like any other call's (before: the process died)
+    path = tmp_path / "ring"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        size = _shm.segment_size(16, 4096, 2)
+        os.ftruncate(fd, size)
+        buf = mmap.mmap(fd, size)
+        _shm.init_segment(buf, 16, 4096, 2, False)
+        r = _shm.Ring(buf, fd)
+        shrink = threading.Timer(0.02, lambda: os.truncate(path, 0))
+        shrink.start()
+        try:
+            with pytest.raises(_shm.RingTruncated, match="truncated to 0 bytes under the mapping"):
+                r.spin_until(0, 20_000_000_000)  # bounded: 20 s, if the truncation were never seen
+        finally:
+            shrink.join()
+    finally:
+        os.close(fd)
+
+
 def test_lag_ring_reader_reports_exactly_what_it_missed(run, tmp_path):
     async def main():
         subject = "md.lag"

@@ -22,7 +22,9 @@ A frame the writer cannot carry (larger than ``max_frame``) still takes its plac
 file's size (one ``fstat``) before each batch it reads or writes: a file truncated under the mapping raises
 ``RingTruncated`` (an ``InvalidStateError``) instead of killing the process with SIGBUS at the first touch of
 a page past its end (a truncation between that check and the batch's accesses still faults: the check
-narrows the window to one batch, it cannot close it without a signal handler).
+narrows the window to one batch). The busy-poll spin (:meth:`Ring.spin_until`), which reads the head for up to
+its whole bound, runs under a SIGBUS guard instead: a fault there jumps out of the spin (pure C, no Python
+object in hand) and raises ``RingTruncated``; every other SIGBUS goes to the handler installed before.
 
 :meth:`Ring.pump` is the readers' batch import: it does what ``Channel.publish_raw`` does (closed and room
 checks, decode-to-validate, write, restamp with the writer's publish time) through the C methods
@@ -58,6 +60,10 @@ cdef extern from *:
     static inline void kh_fence_acq(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
     static inline void kh_fence_rel(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
     static inline void kh_fence_sc(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+    #include <setjmp.h>
+    #include <signal.h>
+    #include <string.h>
+    #include <time.h>
     #if defined(__x86_64__) || defined(__i386__)
     static inline void kh_relax(void) { __builtin_ia32_pause(); }
     #elif defined(__aarch64__)
@@ -65,6 +71,70 @@ cdef extern from *:
     #else
     static inline void kh_relax(void) { }
     #endif
+
+    /* The busy-poll spin reads the ring's head word for up to tens of microseconds, with no Python object in
+       hand. A file truncated under the mapping meanwhile makes that read fault (SIGBUS): the handler below
+       jumps back out of the spin (and only out of the spin: kh_spin_jmp is set only while it runs in this
+       thread), which then reports the fault; any other SIGBUS goes to the handler that was there before. */
+    static __thread sigjmp_buf *kh_spin_jmp = NULL;
+    static struct sigaction kh_prev_bus;
+    static int kh_bus_installed = 0;
+
+    static void kh_on_sigbus(int sig, siginfo_t *info, void *ctx) {
+        sigjmp_buf *jmp = kh_spin_jmp;
+        if (jmp != NULL) {
+            kh_spin_jmp = NULL;
+            siglongjmp(*jmp, 1);
+        }
+        if (kh_prev_bus.sa_flags & SA_SIGINFO) {
+            if (kh_prev_bus.sa_sigaction != NULL) { kh_prev_bus.sa_sigaction(sig, info, ctx); return; }
+        } else if (kh_prev_bus.sa_handler != SIG_DFL && kh_prev_bus.sa_handler != SIG_IGN) {
+            kh_prev_bus.sa_handler(sig);
+            return;
+        }
+        signal(SIGBUS, SIG_DFL);  /* returning re-runs the faulting access: the default action then */
+    }
+
+    static int kh_install_bus_guard(void) {
+        /* (again if another handler was installed since, e.g. faulthandler.enable(): ours goes first and
+           hands it every SIGBUS that is not a spin's) */
+        struct sigaction sa, cur;
+        if (kh_bus_installed && sigaction(SIGBUS, NULL, &cur) == 0 && (cur.sa_flags & SA_SIGINFO)
+                && cur.sa_sigaction == kh_on_sigbus) return 0;
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_sigaction = kh_on_sigbus;
+        sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGBUS, &sa, &kh_prev_bus) != 0) return -1;
+        kh_bus_installed = 1;
+        return 0;
+    }
+
+    /* 1: frames after cursor, 0: none within the deadline (or the stream closed), -1: the mapping faulted */
+    static int kh_spin(uint64_t *head, uint64_t *closed, uint64_t cursor, int64_t max_ns) {
+        sigjmp_buf jmp;
+        volatile int result = 0;
+        struct timespec now;
+        int64_t deadline;
+        int i;
+        if (sigsetjmp(jmp, 0) != 0) {
+            return -1;
+        }
+        kh_spin_jmp = &jmp;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        deadline = (int64_t)now.tv_sec * 1000000000 + now.tv_nsec + max_ns;
+        for (;;) {
+            for (i = 0; i < 64; i++) {
+                if (__atomic_load_n(head, __ATOMIC_ACQUIRE) > cursor) { result = 1; break; }
+                kh_relax();
+            }
+            if (result || __atomic_load_n(closed, __ATOMIC_ACQUIRE)) break;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            if ((int64_t)now.tv_sec * 1000000000 + now.tv_nsec >= deadline) break;
+        }
+        kh_spin_jmp = NULL;
+        return result;
+    }
     """
     uint64_t kh_load_acq(uint64_t *p) nogil
     uint64_t kh_load_rlx(uint64_t *p) nogil
@@ -77,6 +147,8 @@ cdef extern from *:
     void kh_fence_rel() nogil
     void kh_fence_sc() nogil
     void kh_relax() nogil
+    int kh_install_bus_guard() nogil
+    int kh_spin(uint64_t *head, uint64_t *closed, uint64_t cursor, int64_t max_ns) nogil
 
 #: "KIMIHASH" little-endian, then the layout version.
 cdef uint64_t C_MAGIC = 0x485341484D494B4B
@@ -620,33 +692,26 @@ cdef class Ring:
     def spin_until(self, uint64_t cursor, int64_t max_ns):
         """Spin (a CPU pause between checks, the GIL released) until frames after ``cursor`` are written, the
         stream closes, or ``max_ns`` pass; return whether frames are there. The busy-poll reader's wait: no
-        system call and no pass of the event loop between a write and its discovery."""
+        system call and no pass of the event loop between a write and its discovery. A file truncated under
+        the mapping during the spin raises ``RingTruncated`` (the fault is caught: the spin holds no Python
+        object, nothing is left half done), as every other call does."""
         self._check_file()
         cdef uint64_t *head = self._h(H_HEAD)
         cdef uint64_t *closed = self._h(H_CLOSED)
-        cdef timespec now
-        cdef int64_t deadline
-        cdef int i
-        cdef bint found = False
+        cdef int got
         if kh_load_acq(head) > cursor:
             return True
         if max_ns <= 0:
             return False
+        if self.fd >= 0 and kh_install_bus_guard() != 0:
+            raise OSError("shm ring: could not install the SIGBUS guard of the busy-poll spin")
         with nogil:
-            clock_gettime(CLOCK_MONOTONIC, &now)
-            deadline = <int64_t>now.tv_sec * 1000000000 + now.tv_nsec + max_ns
-            while True:
-                for i in range(64):
-                    if kh_load_acq(head) > cursor:
-                        found = True
-                        break
-                    kh_relax()
-                if found or kh_load_acq(closed):
-                    break
-                clock_gettime(CLOCK_MONOTONIC, &now)
-                if <int64_t>now.tv_sec * 1000000000 + now.tv_nsec >= deadline:
-                    break
-        return found or kh_load_acq(head) > cursor
+            got = kh_spin(head, closed, cursor, max_ns)
+        if got < 0:
+            self._check_file()        # raises RingTruncated
+            raise RingTruncated("shm ring: its mapping faulted during the busy-poll spin (the file shrank); the "
+                                "ring is unusable, nothing more is read or written through it")
+        return got == 1 or kh_load_acq(head) > cursor
 
     def sleep_if_idle(self, Py_ssize_t idx, uint64_t cursor):
         """Set reader ``idx``'s waiting flag unless frames after ``cursor`` are there; return whether it is set

@@ -378,10 +378,16 @@ def test_settings_are_checked(tmp_path):
         bridge.export_channel(Ev.MD, "../escape")
     with pytest.raises(InvalidConfigurationError, match="replay"):
         bridge.import_channel(Ev.MD, "x", replay="last")
-    for bad in (-1, 10_001, float("nan"), "50", True, None):
+    for bad in (-1, 10_001, float("nan"), "50", True):
         with pytest.raises(InvalidConfigurationError, match=r"import_channel.spin_us: expected a number of "
                                                             r"microseconds from 0 to 10,000, got"):
             bridge.import_channel(Ev.MD, "x", busy_poll=True, spin_us=bad)
+    # found by the new-user trial: busy_poll="false" turned busy-polling on; spin_us without it did nothing
+    with pytest.raises(InvalidConfigurationError, match="import_channel.busy_poll: expected True or False, got 'false'"):
+        bridge.import_channel(Ev.MD, "x", busy_poll="false")
+    with pytest.raises(InvalidConfigurationError, match=r"spin_us: applies to a busy-polling reader only "
+                                                        r"\(busy_poll=True\); got spin_us=100 with busy_poll=False"):
+        bridge.import_channel(Ev.MD, "x", spin_us=100)
     with pytest.raises(InvalidConfigurationError, match="export_channel.eager: expected True or False, got 'yes'"):
         bridge.export_channel(Ev.MD, "x", eager="yes")
     with pytest.raises(InvalidConfigurationError, match="transport"):

@@ -495,7 +495,9 @@ class ShmExporter(_ShmEndpoint):
         self._ring.set_lost(self.lagged + self.dropped)
         if self._log_budget > 0:
             self._log_budget -= 1
-            logger.warning("%s: fell behind channel %r: %d event(s) overwritten before export (lost)", self.name,
+            logger.warning("%s: fell behind channel %r: %d event(s) overwritten before export (lost; a channel "
+                           "with overflow=Overflow.BLOCK holds its publishers instead, or give it more capacity)",
+                           self.name,
                            self.type_name, skipped)
 
     def _take(self, items: list[Any]) -> None:
@@ -519,13 +521,15 @@ class ShmExporter(_ShmEndpoint):
         if not items:
             return
         self._take(items)
+        sent = self.sent
         try:
             self._write_ready()
         except _ring_module().RingTruncated as exc:  # execute() reports it to the scheduler (see _broke)
             self._broken = exc
             self._wake.notify()
             return
-        self.eager_writes += 1
+        finally:
+            self.eager_writes += self.sent - sent
         if self._start < len(self._pending):
             self._wake.notify()  # the ring is full: execute() waits for room
 
@@ -861,14 +865,14 @@ class ShmImporter(_ShmEndpoint):
             await self._wake.wait(self.liveness_interval)
             return
         try:
-            if await self._pump_once():
-                # the busy-poll spin saw frames arrive: read them now, not after a pass of the loop (once: the
-                # loop gets its pass after that, whatever the second round finds)
-                await self._pump_once()
+            if await self._pump_once(spin=True):
+                # the busy-poll spin saw frames arrive: read them now, not after a pass of the loop (once, and
+                # with no second spin: the loop gets its pass after that, whatever this round finds)
+                await self._pump_once(spin=False)
         except _ring_module().RingTruncated as exc:  # (evaluated only when something is raised)
             self._broke(exc)
 
-    async def _pump_once(self) -> bool:
+    async def _pump_once(self, spin: bool) -> bool:
         """One round: publish what the ring holds; with nothing there, wait (:meth:`_idle`). Return True when
         the busy-poll spin saw frames arrive (read them at once)."""
         ring = self._ring
@@ -894,7 +898,7 @@ class ShmImporter(_ShmEndpoint):
         if cursor != start or lagged:
             self._commit(cursor, lagged)
         elif failed is None:
-            return await self._idle()
+            return await self._idle(spin)
         return False
 
     async def _failed(self, failed: tuple[BaseException, int, bytes], cursor: int) -> int:
@@ -959,7 +963,7 @@ class ShmImporter(_ShmEndpoint):
         finally:
             os.close(fd)
 
-    async def _idle(self) -> bool:
+    async def _idle(self, spin: bool = True) -> bool:
         ring = self._ring
         now = time.monotonic()
         if now >= self._next_check:
@@ -970,7 +974,7 @@ class ShmImporter(_ShmEndpoint):
             # and its discovery); then let a process waiting for this core run first (the writer, on a machine
             # with fewer free cores than busy processes) -- with a core to itself this returns at once -- and
             # give the loop its pass (the scheduler yields to it after each execute()).
-            if self._spin_ns and ring.spin_until(self._cursor, self._spin_ns):
+            if spin and self._spin_ns and ring.spin_until(self._cursor, self._spin_ns):
                 self.spins_found += 1
                 return True
             os.sched_yield()
@@ -1088,11 +1092,15 @@ class ShmBridge(BridgeTasks):
         batch : int
             Frames taken from the channel per round.
         eager : bool
-            Write each event into the ring as it is published, not on the exporter's next pass of the event
-            loop: on a ``Dispatch.INLINE`` channel inside ``publish`` itself (the publisher pays for the
-            write; the lowest cross-process latency), on a ``Dispatch.LOOP`` channel in its dispatch. Events go
-            one by one instead of in batches (more CPU per event under a flood). While the ring is full
-            (BLOCK), events wait in the channel as without ``eager``.
+            Write events into the ring as they are published, not on the exporter's next pass of the event
+            loop: on a ``Dispatch.INLINE`` channel inside ``publish`` itself, one by one (the publisher pays for
+            the write; the lowest cross-process latency, but several times the writer's CPU per event under a
+            flood: benchmarks/README.md), on a ``Dispatch.LOOP`` channel in its dispatch, a dispatch batch at a
+            time. It is a handler subscription on the channel (``bus.stats()`` shows it among the subscribers,
+            and its deliveries in ``delivered``). While the ring is full (BLOCK), events wait in the channel as
+            without ``eager`` -- held there only if the channel is ``Overflow.BLOCK`` too; a LAG channel
+            overwrites them and the exporter counts them in ``lagged``. The exporter's ``eager_writes`` counts
+            the frames the handler wrote (the rest went through its task).
         """
         self._check_open("export_channel")
         if not isinstance(eager, bool):
@@ -1108,7 +1116,7 @@ class ShmBridge(BridgeTasks):
         return exporter
 
     def import_channel(self, event_type: Any, subject: str | None = None, *, durable: str | None = None,
-                       replay: str = "new", busy_poll: bool = False, spin_us: float = DEFAULT_SPIN_US,
+                       replay: str = "new", busy_poll: bool = False, spin_us: float | None = None,
                        overflow: Any = Overflow.BLOCK, capacity: int = 8192, data_bytes: int | None = None,
                        max_readers: int = 8, batch: int = 1024) -> ShmImporter:
         """Publish the frames of ring ``subject`` into ``event_type``'s channel.
@@ -1124,11 +1132,12 @@ class ShmBridge(BridgeTasks):
         busy_poll : bool
             Poll the ring instead of sleeping on a wake-up (lower latency, one core busy): on each pass of the
             event loop that finds nothing, spin on the ring for up to ``spin_us`` first.
-        spin_us : float
-            With ``busy_poll``, how long one idle pass spins on the ring's head (a CPU pause between checks, the
-            GIL released) before it gives the loop its pass: a frame written meanwhile is read within about a
-            microsecond, not after a pass of the loop. The loop's other work (timers, tasks) waits up to this
-            long. 0: no spin (one check per pass). Default 50; at most 10,000.
+        spin_us : float, optional
+            With ``busy_poll`` (only), how long one idle pass spins on the ring's head (a CPU pause between
+            checks, the GIL released) before it gives the loop its pass: a frame written meanwhile is read
+            within about a microsecond, not after a pass of the loop. The loop's other work (timers, tasks)
+            waits up to this long (plus the batch it then reads). 0: no spin (one check per pass). Default 50;
+            at most 10,000. The importer's ``spins_found`` counts the spins that ended with a frame.
         overflow, capacity, data_bytes, max_readers :
             The ring's geometry if this side creates it first (see :meth:`export_channel`).
         batch : int
@@ -1145,13 +1154,20 @@ class ShmBridge(BridgeTasks):
         if any(i.event_type == event_type and i.subject == subject for i in self.importers):
             raise InvalidConfigurationError(
                 f"subject {subject!r} is already imported into channel {channel.name!r} by this bridge")
+        if not isinstance(busy_poll, bool):
+            raise InvalidConfigurationError(f"import_channel.busy_poll: expected True or False, got {busy_poll!r}")
+        if spin_us is None:
+            spin_us = DEFAULT_SPIN_US if busy_poll else 0.0
+        elif not busy_poll:
+            raise InvalidConfigurationError(f"import_channel.spin_us: applies to a busy-polling reader only "
+                                            f"(busy_poll=True); got spin_us={spin_us!r} with busy_poll=False")
         if (isinstance(spin_us, bool) or not isinstance(spin_us, (int, float)) or not 0 <= spin_us <= MAX_SPIN_US
                 or spin_us != spin_us):
             raise InvalidConfigurationError(f"import_channel.spin_us: expected a number of microseconds from 0 to "
                                             f"{MAX_SPIN_US:,}, got {spin_us!r}")
         same = sum(1 for i in self.importers if i.event_type == event_type)
         importer = ShmImporter(self.bus, event_type, subject, durable=durable, replay=replay,
-                               busy_poll=bool(busy_poll), spin_us=float(spin_us),
+                               busy_poll=busy_poll, spin_us=float(spin_us),
                                name=f"shm-import:{channel.name}" + (f"#{same + 1}" if same else ""),
                                **self._geometry("import_channel", overflow, capacity, data_bytes, max_readers, batch))
         self.importers.append(importer)

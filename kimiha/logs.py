@@ -160,18 +160,20 @@ class _Fallback(logging.Handler):
 class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
     """A stream handler on whatever ``sys.stderr`` is when a record is written, not the stream it was when the
     handler was made: a test harness or an application that replaces ``sys.stderr`` later (and closes the old
-    one) still gets the lines, and nothing writes to a closed file."""
+    one) still gets the lines, and nothing writes to a closed file (a ``sys.stderr`` closed and not replaced
+    takes no lines: they are dropped rather than raised into the code that logged)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         stream = sys.stderr
-        if stream is None:
-            return
+        if stream is None or getattr(stream, "closed", False):
+            return  # nowhere to write (closed, not replaced): dropped, not raised into the caller
         self.stream = stream
         super().emit(record)
 
     def flush(self) -> None:
-        if sys.stderr is not None:
-            self.stream = sys.stderr
+        stream = sys.stderr
+        if stream is not None and not getattr(stream, "closed", False):
+            self.stream = stream
             super().flush()
 
 

@@ -293,6 +293,78 @@ def test_eager_export_on_an_inline_channel_writes_the_ring_inside_publish(run, t
     assert results[False] == [0, 0, 0]
 
 
+def test_eager_export_keeps_the_order_of_events_published_from_another_thread(run, tmp_path):
+    # found by the adversarial trial: the exporter's drain freed slots of a full INLINE channel, which let
+    # waiting publish_threadsafe payloads in; their publish ran the eager handler inside that drain, which
+    # wrote them into the ring before the events the drain had just taken (..., 257, 259, ..., 258 later)
+    n = 2000
+
+    async def main():
+        reader = Node(tmp_path, "r")
+        importer = reader.reader("md.ts", capacity=64)
+        await reader.start()
+        writer = Node(tmp_path, "w", dispatch=Dispatch.INLINE)
+        exporter = writer.bridge.export_channel(Ev.MD, "md.ts", capacity=64, eager=True)
+        await writer.start()
+        producer = threading.Thread(target=lambda: [writer.bus.publish_threadsafe(Ev.MD, md(i))
+                                                    for i in range(1, n + 1)])
+        producer.start()
+        try:
+            await until(lambda: not producer.is_alive(), what="the producer thread")
+            assert await writer.bridge.flush(WAIT)
+            assert await importer.wait_position(exporter.sender, n, WAIT)
+            await until(lambda: len(reader.collect.seqs) == n, what="every event handled")
+        finally:
+            producer.join(WAIT)
+            await writer.stop()
+            await reader.stop()
+        assert reader.collect.seqs == list(range(1, n + 1))
+
+    run(main())
+
+
+def test_a_ring_that_never_makes_room_bounds_the_drain_by_flush_timeout_not_the_whole_stop(run, tmp_path):
+    # found by the adversarial trial: with events still in the channel and a reader that never reads, the
+    # scheduler's drain waited for the exporter until the stop's deadline, and the exporter's shutdown hook then
+    # started too late to run (TaskShutdownError); flush_timeout is the exporter's own bound on its readers
+    import fcntl
+
+    from kimiha.bridge.shm import _Segment
+
+    async def main():
+        subject = "md.never"
+        seg = _Segment(tmp_path / subject, capacity=16, data_bytes=4096, max_readers=2, block=True)
+        lock = os.open(tmp_path / subject / "r0.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # alive, as far as the writer can tell
+        seg.ring.attach(0, os.getpid(), 0, "stuck")
+        bus = make_bus(capacity=16)
+        scheduler = Scheduler(bus)
+        bridge = ShmBridge(bus, tmp_path, flush_timeout=0.3, liveness_interval=0.05)
+        exporter = bridge.export_channel(Ev.MD, subject, batch=4)
+        bridge.register(scheduler)
+        await scheduler.start()
+        published = 0
+        try:
+            for i in range(1, 200):
+                try:
+                    bus.publish(Ev.MD, md(i))
+                except Exception:  # ChannelFull: the channel holds what the ring could not take
+                    await until(lambda: exporter.stats()["blocked_waits"] > 0, what="the writer waiting")
+                    break
+                published += 1
+                await asyncio.sleep(0)
+        finally:
+            await scheduler.shutdown(timeout=5)  # raised TaskShutdownError before the fix
+            os.close(lock)
+            seg.close()
+        report = scheduler.last_shutdown
+        assert report["finished"] and not report["hook_failures"], report
+        e = exporter.stats()
+        assert e["sent"] == 16 and e["sent"] + e["unflushed"] == published, (e, published)
+
+    run(main())
+
+
 def test_spin_until_sees_a_frame_written_by_another_thread_and_gives_up_after_its_bound():
     r = ring(block=False)
     assert r.spin_until(0, 0) is False and r.spin_until(0, 1_000) is False  # nothing written: gives up

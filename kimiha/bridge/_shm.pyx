@@ -95,10 +95,14 @@ cdef extern from *:
         signal(SIGBUS, SIG_DFL);  /* returning re-runs the faulting access: the default action then */
     }
 
+    static unsigned int kh_bus_calls = 0;
+
     static int kh_install_bus_guard(void) {
-        /* (again if another handler was installed since, e.g. faulthandler.enable(): ours goes first and
-           hands it every SIGBUS that is not a spin's) */
+        /* Installed once; looked at again every 4096 spins (a system call: not on every spin) in case another
+           handler was installed since, e.g. faulthandler.enable(): ours then goes first again and hands it
+           every SIGBUS that is not a spin's. (Meanwhile a spin's fault still reaches ours through it.) */
         struct sigaction sa, cur;
+        if (kh_bus_installed && (++kh_bus_calls & 4095) != 0) return 0;
         if (kh_bus_installed && sigaction(SIGBUS, NULL, &cur) == 0 && (cur.sa_flags & SA_SIGINFO)
                 && cur.sa_sigaction == kh_on_sigbus) return 0;
         memset(&sa, 0, sizeof(sa));
@@ -122,7 +126,8 @@ cdef extern from *:
         }
         kh_spin_jmp = &jmp;
         clock_gettime(CLOCK_MONOTONIC, &now);
-        deadline = (int64_t)now.tv_sec * 1000000000 + now.tv_nsec + max_ns;
+        deadline = (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+        deadline = max_ns > INT64_MAX - deadline ? INT64_MAX : deadline + max_ns;  /* no overflow */
         for (;;) {
             for (i = 0; i < 64; i++) {
                 if (__atomic_load_n(head, __ATOMIC_ACQUIRE) > cursor) { result = 1; break; }
@@ -253,6 +258,12 @@ cdef class Ring:
     #: The file the buffer maps (-1: none, no size check) and the bytes mapped.
     cdef readonly int fd
     cdef readonly uint64_t length
+    #: Whether a reader said it sleeps, as seen right after the last write published the head (the flags are
+    #: read after that store, so a reader going to sleep either is seen here or sees the new frames itself):
+    #: only then does the writer need :meth:`take_waiting` and its wake-ups.
+    cdef readonly bint sleepers
+    #: Whether the last ``pump(..., commit=True)`` found the writer waiting for room (it needs a wake-up).
+    cdef readonly bint writer_waits
 
     def __cinit__(self, buffer, int fd=-1):
         self.fd = -1
@@ -468,7 +479,16 @@ cdef class Ring:
             if written:
                 kh_store_sc(self._h(H_HEAD), h)  # also orders the head before reading the waiting flags
                 kh_store_rlx(self._h(H_WRITES), kh_load_rlx(self._h(H_WRITES)) + 1)
+                self.sleepers = self._any_sleeper()
         return written
+
+    cdef bint _any_sleeper(self) noexcept:
+        cdef Py_ssize_t i
+        kh_fence_sc()
+        for i in range(<Py_ssize_t>self.max_readers):
+            if kh_load_rlx(self._r(i, R_WAITING)):
+                return True
+        return False
 
     def write_hole(self, int64_t ts, uint64_t length):
         """Put a hole where a frame of ``length`` bytes the ring cannot carry would go (see the module doc).
@@ -490,6 +510,7 @@ cdef class Ring:
         kh_store_rel(&slot.seq, h + 1)
         kh_store_sc(self._h(H_HEAD), h + 1)
         kh_store_rlx(self._h(H_WRITES), kh_load_rlx(self._h(H_WRITES)) + 1)
+        self.sleepers = self._any_sleeper()
         return True
 
     def take_waiting(self):
@@ -502,6 +523,7 @@ cdef class Ring:
         for i in range(<Py_ssize_t>self.max_readers):
             if kh_load_rlx(self._r(i, R_WAITING)) and kh_xchg(self._r(i, R_WAITING), 0):
                 out.append(i)
+        self.sleepers = False
         return out
 
     def set_writer_waiting(self):
@@ -612,7 +634,7 @@ cdef class Ring:
         return out, c, lagged, holes
 
     def pump(self, Py_ssize_t idx, uint64_t cursor, Py_ssize_t max_frames, Channel channel,
-             LatencyHistogram latency=None):
+             LatencyHistogram latency=None, bint commit=False):
         """Publish the frames from ``cursor`` on into ``channel``, all in C: the compiled batch import.
 
         Each frame is copied out, validated by the channel's decoder (a bad one is counted in the channel's
@@ -624,9 +646,14 @@ cdef class Ring:
         frame)`` of the frame at ``next cursor`` that could not be published (the channel is full --
         ``ChannelFull`` --, closed, or refused the frame); the round stops there and the caller decides (wait
         for room, or count it as bad and go on).
+
+        With ``commit``, the reader's progress (``next cursor``, and ``lagged``) is also published, as
+        :meth:`commit` does, when it moved: one call (one check of the file) per round instead of two.
+        :attr:`writer_waits` then says whether the writer waits for room (wake it).
         """
         self._check_reader(idx)
         self._check_file()
+        self.writer_waits = False
         cdef uint64_t h = kh_load_acq(self._h(H_HEAD))
         cdef uint64_t c = cursor, lagged = 0, off = 0, ln = 0
         cdef int64_t ts = 0
@@ -661,16 +688,22 @@ cdef class Ring:
                 continue
             # what Channel.publish_raw does, through the core's C methods (see the module doc of shm.py)
             if channel.closed:
+                if commit and (c != cursor or lagged):
+                    self._commit_c(idx, c, lagged)
                 return c, lagged, n, holes, (ChannelClosed(f"channel {channel.name!r} is closed; nothing was "
                                                            f"written"), ts, frame)
             if channel.block and (channel.pub_waiters or not channel.has_room()):
                 channel.full += 1
+                if commit and (c != cursor or lagged):
+                    self._commit_c(idx, c, lagged)
                 return c, lagged, n, holes, (ChannelFull(f"channel {channel.name!r} is full (capacity "
                                                          f"{channel.capacity})"), ts, frame)
             try:
                 decoded = channel.decode_frame(frame)
                 channel.write((<tuple>decoded)[0], (<tuple>decoded)[1])
             except Exception as exc:
+                if commit and (c != cursor or lagged):
+                    self._commit_c(idx, c, lagged)
                 return c, lagged, n, holes, (exc, ts, frame)
             channel.restamp(ts)
             n += 1
@@ -678,16 +711,22 @@ cdef class Ring:
             if ts > 0 and latency is not None:
                 clock_gettime(CLOCK_MONOTONIC, &now)
                 latency.record_c(<int64_t>now.tv_sec * 1000000000 + now.tv_nsec - ts)
+        if commit and (c != cursor or lagged):
+            self._commit_c(idx, c, lagged)
         return c, lagged, n, holes, None
 
     def commit(self, Py_ssize_t idx, uint64_t cursor, uint64_t lagged=0):
         """Publish reader ``idx``'s progress; return True if the writer sleeps waiting for room (wake it)."""
         self._check_file()
         self._check_reader(idx)
+        return self._commit_c(idx, cursor, lagged)
+
+    cdef bint _commit_c(self, Py_ssize_t idx, uint64_t cursor, uint64_t lagged) noexcept:
         if lagged:
             kh_store_rel(self._r(idx, R_LAGGED), kh_load_rlx(self._r(idx, R_LAGGED)) + lagged)
         kh_store_sc(self._r(idx, R_CURSOR), cursor)
-        return kh_load_sc(self._h(H_WRITER_WAITING)) != 0 and kh_xchg(self._h(H_WRITER_WAITING), 0) != 0
+        self.writer_waits = kh_load_sc(self._h(H_WRITER_WAITING)) != 0 and kh_xchg(self._h(H_WRITER_WAITING), 0) != 0
+        return self.writer_waits
 
     def spin_until(self, uint64_t cursor, int64_t max_ns):
         """Spin (a CPU pause between checks, the GIL released) until frames after ``cursor`` are written, the
@@ -695,14 +734,13 @@ cdef class Ring:
         system call and no pass of the event loop between a write and its discovery. A file truncated under
         the mapping during the spin raises ``RingTruncated`` (the fault is caught: the spin holds no Python
         object, nothing is left half done), as every other call does."""
-        self._check_file()
+        if self.base == NULL:
+            raise ValueError("shm ring: released")
         cdef uint64_t *head = self._h(H_HEAD)
         cdef uint64_t *closed = self._h(H_CLOSED)
         cdef int got
-        if kh_load_acq(head) > cursor:
-            return True
-        if max_ns <= 0:
-            return False
+        if max_ns < 0:
+            max_ns = 0
         if self.fd >= 0 and kh_install_bus_guard() != 0:
             raise OSError("shm ring: could not install the SIGBUS guard of the busy-poll spin")
         with nogil:
@@ -711,7 +749,7 @@ cdef class Ring:
             self._check_file()        # raises RingTruncated
             raise RingTruncated("shm ring: its mapping faulted during the busy-poll spin (the file shrank); the "
                                 "ring is unusable, nothing more is read or written through it")
-        return got == 1 or kh_load_acq(head) > cursor
+        return got == 1
 
     def sleep_if_idle(self, Py_ssize_t idx, uint64_t cursor):
         """Set reader ``idx``'s waiting flag unless frames after ``cursor`` are there; return whether it is set

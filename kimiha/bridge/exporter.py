@@ -75,6 +75,7 @@ class ChannelExporter(ChannelEndpoint):
         self.ack_timeout = ack_timeout
         self.batch = batch
         self.flush_timeout = flush_timeout
+        self.drain_timeout = flush_timeout  # the scheduler's drain waits no longer than this for its readers
         #: Bytes of frames one NATS message may carry (0: one frame per message, the format before batches).
         self.max_batch_bytes = max_batch_bytes
         #: Seconds a busy exporter waits for more frames to join a batch (0: never waits).

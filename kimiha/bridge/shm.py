@@ -404,11 +404,13 @@ class ShmExporter(_ShmEndpoint):
                  **kw: Any) -> None:
         super().__init__(bus, event_type, subject, **kw)
         self.flush_timeout = flush_timeout
+        self.drain_timeout = flush_timeout  # the scheduler's drain waits no longer than this for its readers
         self.eager = eager
         self.sender = new_sender_id()
         self._sub: Any = None
         self._nudge_sub: Any = None
         self._broken: BaseException | None = None
+        self._draining = False
         self.eager_writes = 0
         self._pending: list[Any] = []
         self._start = 0
@@ -509,13 +511,15 @@ class ShmExporter(_ShmEndpoint):
         self._start = 0
 
     def _nudge(self, _event: Any) -> None:
-        """Eager export: write what the frames subscription holds now, unless a backlog waits for room (then
-        :meth:`execute` writes it, in order, and this call only wakes it)."""
-        if self._start < len(self._pending) or self.failed is not None or self._stopping:
+        """Eager export: write what the frames subscription holds now, unless a backlog waits for room or a
+        drain is under way (then :meth:`execute` writes it, in order, and this call only wakes it)."""
+        if self._draining or self._start < len(self._pending) or self.failed is not None or self._stopping:
+            # (a drain frees slots, which lets waiting publish_threadsafe payloads in: their publishes call
+            # this handler from inside that drain, before its events are written -- they must wait their turn)
             self._wake.notify()
             return
         try:
-            items = self._sub.drain(self.batch)
+            items = self._drain(self.batch)
         except ChannelClosed:
             return
         if not items:
@@ -533,6 +537,15 @@ class ShmExporter(_ShmEndpoint):
         if self._start < len(self._pending):
             self._wake.notify()  # the ring is full: execute() waits for room
 
+    def _drain(self, limit: int) -> list[Any]:
+        """Take up to ``limit`` frames from the channel (the eager handler stays out while this runs)."""
+        self._draining = True
+        try:
+            items: list[Any] = self._sub.drain(limit)
+        finally:
+            self._draining = False
+        return items
+
     async def execute(self) -> None:
         if self._broken is not None:  # the eager handler found the ring's file shrunk
             exc, self._broken = self._broken, None
@@ -542,7 +555,7 @@ class ShmExporter(_ShmEndpoint):
             return
         if self._start >= len(self._pending):
             try:
-                items = self._sub.drain(self.batch)
+                items = self._drain(self.batch)
                 if not items:
                     if self.eager:  # the handler writes each event; this pass only takes a backlog left to it
                         await self._wake.wait(self.liveness_interval)
@@ -598,8 +611,9 @@ class ShmExporter(_ShmEndpoint):
         return progressed or self._start >= len(pending)
 
     def _poke_readers(self) -> None:
-        for idx in self._ring.take_waiting():
-            self._poke(idx)
+        if self._ring.sleepers:  # (seen by the last write: no reader sleeps, no flags to take)
+            for idx in self._ring.take_waiting():
+                self._poke(idx)
 
     def _poke(self, idx: int) -> None:
         fd = self._reader_fds.get(idx)
@@ -688,7 +702,7 @@ class ShmExporter(_ShmEndpoint):
         try:
             while self.failed is None:
                 try:
-                    items = self._sub.drain(-1)
+                    items = self._drain(-1)
                 except ChannelClosed:
                     items = []
                 if items:
@@ -704,11 +718,16 @@ class ShmExporter(_ShmEndpoint):
             self.failed = f"{self.name}: ring {self.path}: {exc}"
             logger.error("%s", self.failed)
         finally:
-            self.unflushed = self.pending
+            try:
+                untaken = self._sub.backlog  # still in the channel: never taken (a failed ring takes nothing)
+            except Exception:
+                untaken = 0
+            self.unflushed = self.pending + untaken
             if self.unflushed:
-                logger.error("%s: %d event(s) of channel %r not written to the ring at shutdown (its readers did "
-                             "not make room within %.1f s)", self.name, self.unflushed, self.type_name,
-                             self.flush_timeout)
+                why = (f"the ring failed: {self.failed}" if self.failed is not None else
+                       f"its readers did not make room within {self.flush_timeout:.1f} s")
+                logger.error("%s: %d event(s) of channel %r not written to the ring at shutdown (%s)", self.name,
+                             self.unflushed, self.type_name, why)
             self._sub.close()
             if self._nudge_sub is not None:
                 self._nudge_sub.close()
@@ -879,8 +898,9 @@ class ShmImporter(_ShmEndpoint):
         start = self._cursor
         # the frames' loop runs in the compiled ring: copy out, validate, write into the channel,
         # record the latency (Ring.pump), one call per batch
+        # commit=True: the progress is published in the same call (one check of the ring's file per round)
         cursor, lagged, delivered, holes, failed = ring.pump(self._idx, start, self.batch, self._channel,
-                                                             self.latency)
+                                                             self.latency, True)
         self.delivered += delivered
         if holes:
             self._holes(holes)
@@ -891,13 +911,13 @@ class ShmImporter(_ShmEndpoint):
                 logger.warning("%s: fell behind ring %s: %d frame(s) overwritten before they were read "
                                "(missing); resuming at frame %d", self.name, self.path, lagged,
                                start + lagged)
+        if cursor != start or lagged:  # (the pump committed it: what was published is accounted for)
+            self._committed(cursor, ring.writer_waits)
         if failed is not None:
-            self._commit(cursor, lagged)  # what was published so far is accounted for, whatever comes next
-            lagged = 0
-            cursor = await self._failed(failed, cursor)
-        if cursor != start or lagged:
-            self._commit(cursor, lagged)
-        elif failed is None:
+            after = await self._failed(failed, cursor)
+            if after != cursor:
+                self._commit(after, 0)
+        elif cursor == start and not lagged:
             return await self._idle(spin)
         return False
 
@@ -946,8 +966,11 @@ class ShmImporter(_ShmEndpoint):
             logger.warning("%s: skipped a bad frame: %s", self.name, self.last_bad)
 
     def _commit(self, cursor: int, lagged: int) -> None:
+        self._committed(cursor, self._ring.commit(self._idx, cursor, lagged))
+
+    def _committed(self, cursor: int, writer_waits: bool) -> None:
         self._cursor = cursor
-        if self._ring.commit(self._idx, cursor, lagged):
+        if writer_waits:
             self._poke_writer()
         self._progress.notify()
 
@@ -1135,9 +1158,11 @@ class ShmBridge(BridgeTasks):
         spin_us : float, optional
             With ``busy_poll`` (only), how long one idle pass spins on the ring's head (a CPU pause between
             checks, the GIL released) before it gives the loop its pass: a frame written meanwhile is read
-            within about a microsecond, not after a pass of the loop. The loop's other work (timers, tasks)
-            waits up to this long (plus the batch it then reads). 0: no spin (one check per pass). Default 50;
-            at most 10,000. The importer's ``spins_found`` counts the spins that ended with a frame.
+            within about a microsecond, not after a pass of the loop. Every pass of the loop that finds the
+            ring idle spins once, so the loop's other work waits: a timer that fires and the task it wakes take
+            a pass each, about 2-3x ``spin_us`` late in all (measured), times the busy-polling importers on
+            that loop. 0: no spin (one check per pass). Default 50; at most 10,000. The importer's
+            ``spins_found`` counts the spins that ended with a frame.
         overflow, capacity, data_bytes, max_readers :
             The ring's geometry if this side creates it first (see :meth:`export_channel`).
         batch : int
@@ -1158,7 +1183,7 @@ class ShmBridge(BridgeTasks):
             raise InvalidConfigurationError(f"import_channel.busy_poll: expected True or False, got {busy_poll!r}")
         if spin_us is None:
             spin_us = DEFAULT_SPIN_US if busy_poll else 0.0
-        elif not busy_poll:
+        elif not busy_poll and spin_us != 0:
             raise InvalidConfigurationError(f"import_channel.spin_us: applies to a busy-polling reader only "
                                             f"(busy_poll=True); got spin_us={spin_us!r} with busy_poll=False")
         if (isinstance(spin_us, bool) or not isinstance(spin_us, (int, float)) or not 0 <= spin_us <= MAX_SPIN_US

@@ -8,7 +8,9 @@
 3. ``drain and stop`` -- background tasks that read channels (``consumes()``, or the subscriptions they opened
    in ``initialize``, e.g. a bridge exporter): they keep running while the stages drain, since any stage may
    publish to them (and on a ``BLOCK`` channel it would wait for them); then each subscription they opened is
-   read up to what was published, and their loops are cancelled and awaited.
+   read up to what was published (for at most the task's ``drain_timeout`` seconds when it has one: a bridge
+   exporter's ``flush_timeout``, whose readers may never make room), and their loops are cancelled and
+   awaited.
 
 Then the event tasks' subscriptions are closed and their pumps stopped, and every ``shutdown`` hook runs in
 reverse registration order, even when some fail.
@@ -253,15 +255,30 @@ class StopSequence:
         but subscribed later has simply kept running through the drains, and its hook takes what is left.
         """
         targets = [(info, sub, sub.channel.published) for info in infos for sub in info.read_subscriptions()]
+        # A task may bound its own drain (``drain_timeout``, seconds: a bridge exporter's flush_timeout, as its
+        # readers may never make room); past it the task is left to its hook, which counts what is left.
+        now = self.loop.time()
+        own_deadline = {info.name: now + float(limit) for info in infos
+                        if isinstance(limit := getattr(info.task, "drain_timeout", None), (int, float))}
+        given_up: set[str] = set()
 
         def behind() -> dict[str, int]:
             out: dict[str, int] = {}
+            at = self.loop.time()
             for info, sub, target in targets:
                 if info.state is TaskState.FAILED or sub.closed or all(r.done() for r in info.runners):
                     continue
                 left = target - sub.cursor
-                if left > 0:
-                    out[info.name] = out.get(info.name, 0) + left
+                if left <= 0:
+                    continue
+                if info.name in own_deadline and at >= own_deadline[info.name]:
+                    if info.name not in given_up:
+                        given_up.add(info.name)
+                        logger.warning("%s: task %r did not read %d event(s) within its own drain_timeout "
+                                       "(%.1f s); its shutdown hook takes what is left", self.name, info.name,
+                                       left, getattr(info.task, "drain_timeout", 0.0), extra=fields(info.name))
+                    continue
+                out[info.name] = out.get(info.name, 0) + left
             return out
 
         turns = 0

@@ -300,6 +300,8 @@ def test_distributed_demo_stops_everything_on_ctrl_c(tmp_path, speed, transport)
         assert code == 130, err
         # the summary of what ran, every process having stopped in order, on its own
         assert "interrupted by SIGINT: replay stopped early" in out and "every shutdown hook run: yes" in out, out
+        # whose lines: the feed process's (the "drained" line says whether its events reached the others)
+        assert "by the feed process before the stop" in out, out
         assert "FAILED" not in out and "signalled to stop" not in out, out
         assert "sending SIGTERM" not in err and "malformed control line" not in err, err
         _, alive = psutil.wait_procs(descendants, timeout=10)

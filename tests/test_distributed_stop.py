@@ -19,9 +19,11 @@ import argparse
 import asyncio
 import json
 import os
+import pathlib
 import signal
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -583,6 +585,52 @@ def child_stuck_connecting(then):
                 proc.kill()
                 proc.wait()
     return proc.returncode, out, err.decode()
+
+
+def test_a_sigterm_while_a_child_still_imports_is_taken_as_its_first_stop_signal(tmp_path):
+    # before: a child installed its signal handlers once its loop ran, about a second after it started (its
+    # imports); a SIGTERM in that second ended it by the default action, nothing reported. The imports are held
+    # here (a msgspec.py first on the path waits for a go file), so the signal lands in them every time.
+    import socket
+    import subprocess
+
+    marker, go = tmp_path / "importing", tmp_path / "go"
+    (tmp_path / "msgspec.py").write_text(
+        "import importlib, os, sys, time\n"
+        f"open({str(marker)!r}, 'w').close()\n"
+        f"while not os.path.exists({str(go)!r}):\n"
+        "    time.sleep(0.01)\n"
+        "sys.path.remove(os.path.dirname(os.path.abspath(__file__)))\n"
+        "del sys.modules['msgspec']\n"
+        "sys.modules['msgspec'] = importlib.import_module('msgspec')\n")
+    root = str(pathlib.Path(distributed.__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), root])}
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(HANG)
+        proc = subprocess.Popen(
+            [*distributed.child_command(), "--role", "strategy", "--run", "early", "--nats",
+             f"nats://127.0.0.1:{server.getsockname()[1]}", "--loop", "asyncio", "--connect-timeout", "30"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        try:
+            deadline = time.monotonic() + HANG
+            while not marker.exists():  # the child is in its imports (a hang guard, not a speed check)
+                assert proc.poll() is None and time.monotonic() < deadline, proc.poll()
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            go.touch()
+            conn, _ = server.accept()  # it lived on: it connects
+            with conn:
+                out, err = proc.communicate(timeout=HANG)  # (closes its stdin: the coordinator is gone)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode != -signal.SIGTERM, err
+    prefix = distributed._CTL.encode()
+    control = [json.loads(line[len(prefix):]) for line in out.splitlines() if line.startswith(prefix)]
+    assert [c["signal"] for c in control if c["type"] == "interrupt"] == ["SIGTERM"], (out, err)
 
 
 def test_a_child_told_to_terminate_is_ended_by_sigterm_whatever_it_was_doing():

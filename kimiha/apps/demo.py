@@ -551,7 +551,10 @@ def format_summary(s: dict[str, Any]) -> str:
                    f"every shutdown hook run: {'yes' if s['hooks_run'] else 'NO'}")
     if s.get("interrupted"):
         ok = s.get("lines_read_accounted", s["all_lines_accounted"])
-        out.append(f"  lines: {s['lines_read']:,} read of {s['lines_in_files']:,} {where} before the stop, "
+        # distributed: this is the feed process's reading; whether its events reached the other processes is
+        # the "drained" line's (both can be true: every line read was parsed, and an event was lost later)
+        scope = " by the feed process" if "distributed" in s else ""
+        out.append(f"  lines: {s['lines_read']:,} read of {s['lines_in_files']:,} {where}{scope} before the stop, "
                    f"{s['bad_lines']:,} bad; every line read accounted for: {'yes' if ok else 'NO'}")
     else:
         out.append(f"  lines: {s['lines_read']:,} read of {s['lines_in_files']:,} {where}, "

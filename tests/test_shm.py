@@ -323,20 +323,27 @@ def test_eager_export_keeps_the_order_of_events_published_from_another_thread(ru
     run(main())
 
 
-def test_a_ring_that_never_makes_room_bounds_the_drain_by_flush_timeout_not_the_whole_stop(run, tmp_path):
-    # found by the adversarial trial: with events still in the channel and a reader that never reads, the
-    # scheduler's drain waited for the exporter until the stop's deadline, and the exporter's shutdown hook then
-    # started too late to run (TaskShutdownError); flush_timeout is the exporter's own bound on its readers
+def stuck_reader(directory, subject: str):
+    """A BLOCK ring of 16 frames with a reader that is alive (its lock held) and never reads; return the
+    segment and the lock's descriptor (close both)."""
     import fcntl
 
     from kimiha.bridge.shm import _Segment
 
+    seg = _Segment(directory / subject, capacity=16, data_bytes=4096, max_readers=2, block=True)
+    lock = os.open(directory / subject / "r0.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # alive, as far as the writer can tell
+    seg.ring.attach(0, os.getpid(), 0, "stuck")
+    return seg, lock
+
+
+def test_a_ring_that_never_makes_room_bounds_the_drain_by_flush_timeout_not_the_whole_stop(run, tmp_path):
+    # found by the adversarial trial: with events still in the channel and a reader that never reads, the
+    # scheduler's drain waited for the exporter until the stop's deadline, and the exporter's shutdown hook then
+    # started too late to run (TaskShutdownError); flush_timeout is the exporter's own bound on its readers
     async def main():
         subject = "md.never"
-        seg = _Segment(tmp_path / subject, capacity=16, data_bytes=4096, max_readers=2, block=True)
-        lock = os.open(tmp_path / subject / "r0.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(lock, fcntl.LOCK_EX)  # alive, as far as the writer can tell
-        seg.ring.attach(0, os.getpid(), 0, "stuck")
+        seg, lock = stuck_reader(tmp_path, subject)
         bus = make_bus(capacity=16)
         scheduler = Scheduler(bus)
         bridge = ShmBridge(bus, tmp_path, flush_timeout=0.3, liveness_interval=0.05)
@@ -646,16 +653,9 @@ def test_a_durable_reader_started_again_resumes_where_it_stopped(shm_dir):
 def test_a_live_reader_that_never_reads_bounds_the_writers_shutdown_by_its_flush_timeout(run, tmp_path):
     """BLOCK never overwrites a live reader's frames, so a stuck one holds the writer back, but its shutdown
     gives up after flush_timeout and counts what it could not write (nothing lost silently)."""
-    import fcntl
-
-    from kimiha.bridge.shm import _Segment
-
     async def main():
         subject = "md.stuck"
-        seg = _Segment(tmp_path / subject, capacity=16, data_bytes=4096, max_readers=2, block=True)
-        lock = os.open(tmp_path / subject / "r0.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(lock, fcntl.LOCK_EX)  # alive, as far as the writer can tell
-        seg.ring.attach(0, os.getpid(), 0, "stuck")
+        seg, lock = stuck_reader(tmp_path, subject)
         bus = make_bus()
         scheduler = Scheduler(bus)
         bridge = ShmBridge(bus, tmp_path, flush_timeout=0.3, liveness_interval=0.05)

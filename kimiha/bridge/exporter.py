@@ -76,6 +76,7 @@ class ChannelExporter(ChannelEndpoint):
         self.batch = batch
         self.flush_timeout = flush_timeout
         self.drain_timeout = flush_timeout  # the scheduler's drain waits no longer than this for its readers
+        self._flush_by: float | None = None  # (loop time) set when the stop's drain begins: see drain_started
         #: Bytes of frames one NATS message may carry (0: one frame per message, the format before batches).
         self.max_batch_bytes = max_batch_bytes
         #: Seconds a busy exporter waits for more frames to join a batch (0: never waits).
@@ -223,13 +224,21 @@ class ChannelExporter(ChannelEndpoint):
         if self._outbox and link.up:
             await self._send_outbox()
 
+    def drain_started(self, deadline: float) -> None:
+        """Called by the scheduler when its stop begins to drain this exporter (``deadline``: the stop's, in loop
+        time). The drain and the flush in :meth:`shutdown` then share one ``flush_timeout``, and the flush ends
+        before the stop's deadline leaves the hooks no time (a stuck reader or a dead broker never costs more)."""
+        from kimiha.scheduling.shutdown import HOOK_RESERVE
+
+        self._flush_by = min(asyncio.get_running_loop().time() + self.flush_timeout, deadline - HOOK_RESERVE)
+
     async def shutdown(self) -> None:
         """Send what the ring and the buffer still hold (within ``flush_timeout``), then unsubscribe."""
         self._stopping = True
         if self._sub is None:  # never initialized
             return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.flush_timeout
+        deadline = self._flush_by if self._flush_by is not None else loop.time() + self.flush_timeout
         link = self._link
         try:
             while True:

@@ -405,6 +405,7 @@ class ShmExporter(_ShmEndpoint):
         super().__init__(bus, event_type, subject, **kw)
         self.flush_timeout = flush_timeout
         self.drain_timeout = flush_timeout  # the scheduler's drain waits no longer than this for its readers
+        self._flush_by: float | None = None  # (loop time) set when the stop's drain begins: see drain_started
         self.eager = eager
         self.sender = new_sender_id()
         self._sub: Any = None
@@ -690,6 +691,14 @@ class ShmExporter(_ShmEndpoint):
         return await wait_until(lambda: sub.cursor >= target and self._start >= len(self._pending), self._progress,
                                 timeout)
 
+    def drain_started(self, deadline: float) -> None:
+        """Called by the scheduler when its stop begins to drain this exporter (``deadline``: the stop's, in loop
+        time). The drain and the flush in :meth:`shutdown` then share one ``flush_timeout``, and the flush ends
+        before the stop's deadline leaves the hooks no time (a stuck reader or a dead broker never costs more)."""
+        from kimiha.scheduling.shutdown import HOOK_RESERVE
+
+        self._flush_by = min(asyncio.get_running_loop().time() + self.flush_timeout, deadline - HOOK_RESERVE)
+
     async def shutdown(self) -> None:
         """Write what the channel still holds (within ``flush_timeout``), end the stream, release the ring."""
         self._stopping = True
@@ -698,7 +707,7 @@ class ShmExporter(_ShmEndpoint):
                 self._close()
             return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.flush_timeout
+        deadline = self._flush_by if self._flush_by is not None else loop.time() + self.flush_timeout
         try:
             while self.failed is None:
                 try:

@@ -54,6 +54,29 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
 
+#: The part of the stop's deadline a task's own drain bound (``drain_timeout``) leaves to the shutdown hooks.
+HOOK_RESERVE = 0.2
+
+
+def _drain_limit(info: TaskInfo) -> float | None:
+    """``info``'s ``drain_timeout`` in seconds (0 or more), or None: none, or one that is not a finite number
+    (said once in the log, and then ignored: a bad bound must not stop the stop)."""
+    try:
+        limit = getattr(info.task, "drain_timeout", None)
+        if limit is None:
+            return None
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+            raise TypeError(f"expected a number of seconds, got {limit!r}")
+        value = float(limit)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"expected a finite number of seconds, got {limit!r}")
+    except Exception as exc:
+        logger.warning("shutdown: task %r: its drain_timeout is ignored (no bound of its own): %s", info.name, exc,
+                       extra=fields(info.name))
+        return None
+    return max(0.0, value)
+
+
 #: Loop turns granted past the deadline to tasks cancelled once more: enough for a task that honours the
 #: cancellation to unwind (each turn runs every ready callback), never a wait of its own.
 _GRACE_TURNS = 8
@@ -256,10 +279,22 @@ class StopSequence:
         """
         targets = [(info, sub, sub.channel.published) for info in infos for sub in info.read_subscriptions()]
         # A task may bound its own drain (``drain_timeout``, seconds: a bridge exporter's flush_timeout, as its
-        # readers may never make room); past it the task is left to its hook, which counts what is left.
+        # readers may never make room); past it the task is left to its hook, which counts what is left. Such a
+        # drain also ends HOOK_RESERVE before the stop's deadline, so that the hook still starts in time, and
+        # a task with ``drain_started(deadline)`` is told the stop's deadline (its hook's flush shares it).
         now = self.loop.time()
-        own_deadline = {info.name: now + float(limit) for info in infos
-                        if isinstance(limit := getattr(info.task, "drain_timeout", None), (int, float))}
+        own_deadline: dict[str, float] = {}
+        for info in infos:
+            limit = _drain_limit(info)
+            if limit is not None:
+                own_deadline[info.name] = min(now + limit, self.deadline - HOOK_RESERVE)
+            started = getattr(info.task, "drain_started", None)
+            if callable(started):
+                try:
+                    started(self.deadline)
+                except Exception as exc:
+                    logger.warning("%s: drain_started() of task %r failed: %r", self.name, info.name, exc,
+                                   extra=fields(info.name))
         given_up: set[str] = set()
 
         def behind() -> dict[str, int]:
@@ -274,9 +309,11 @@ class StopSequence:
                 if info.name in own_deadline and at >= own_deadline[info.name]:
                     if info.name not in given_up:
                         given_up.add(info.name)
-                        logger.warning("%s: task %r did not read %d event(s) within its own drain_timeout "
-                                       "(%.1f s); its shutdown hook takes what is left", self.name, info.name,
-                                       left, getattr(info.task, "drain_timeout", 0.0), extra=fields(info.name))
+                        unread = sum(max(0, t - sb.cursor) for i, sb, t in targets if i is info)
+                        self.report["not_drained"][info.name] = unread
+                        logger.warning("%s: task %r stopped reading with %d event(s) unread at its own drain "
+                                       "bound (drain_timeout); its shutdown hook takes what is left", self.name,
+                                       info.name, unread, extra=fields(info.name))
                     continue
                 out[info.name] = out.get(info.name, 0) + left
             return out

@@ -125,6 +125,27 @@ def test_a_feed_stopped_mid_replay_drains_and_flushes_everything(run, nats_serve
 # -- the coordinator's wait cannot lose a cancellation ----------------------------------------------------------
 
 
+def test_a_finish_before_go_ends_the_feeds_source_with_no_line(run):
+    # found by the adversarial trial: two signals to a child before every process was ready started an ordered
+    # stop (the feed told to finish) before "go"; the feed's source waited for a go that never came, and the
+    # run sat idle to the end of --stop-timeout
+    async def main():
+        go, finish = asyncio.Event(), asyncio.Event()
+
+        async def source():
+            for line in (b"a", b"b"):
+                yield line
+
+        finish.set()
+        got = []
+        async with asyncio.timeout(HANG):
+            async for line in distributed._after_go(go, source(), finish):
+                got.append(line)
+        return got
+
+    assert run(main()) == []
+
+
 def test_a_cancellation_in_the_turn_an_event_arrives_is_kept(run):
     async def main():
         events: asyncio.Queue = asyncio.Queue()
@@ -297,6 +318,13 @@ FAKE_CHILD = textwrap.dedent('''
              shutdown={"seconds": 0.0, "finished": True, "not_drained": {}, "did_not_stop": [],
                        "hook_failures": []})
         sys.exit(0)
+    if mode == "stopped-by-signal":  # two signals to it: forwarded once, then it stops on its own and reports
+        send("interrupt", role=role, signal="SIGTERM")
+        send("summary", role=role, parts={}, channels={}, tasks=[], stopped_by="SIGTERM",
+             bridge={"imports": {}, "link": {"reconnects": 0}}, failed=None,
+             shutdown={"seconds": 0.0, "finished": True, "not_drained": {}, "did_not_stop": [],
+                       "hook_failures": []})
+        sys.exit(0)
     if mode == "malformed":
         sys.stdout.write("@kimiha {not json\\n@kimiha \\x1b[31m\\n")
         sys.stdout.flush()
@@ -454,6 +482,18 @@ def test_a_process_that_dies_is_named_and_the_others_report(run, scripted, capsy
     assert summary["orders"] is not None     # the strategy reported
     assert "fills unknown" in text and "PnL: unknown (the executor process did not report)" in text, text
     assert "digest unknown (the executor process did not report)" in text, text
+
+
+def test_a_process_stopped_by_its_own_second_signal_stops_the_others_at_once(run, scripted):
+    # found by the adversarial trial: two signals to the strategy (before every process was ready) stopped it
+    # before the end of its stream; the ordered stop could not end (the executor waited for that end) and the
+    # run sat idle to the end of --stop-timeout, then said "the ordered stop did not end"
+    scripted["strategy"] = "stopped-by-signal"
+    summary = run(distributed._coordinate(coordinator_args(stop_timeout=3.0), "nats://127.0.0.1:1", "t", "core"))
+    d = summary["distributed"]
+    assert d["stop"]["how"] == "at once", d["stop"]
+    assert d["stop"]["why"] == "a second SIGTERM to the strategy process stopped it", d["stop"]
+    assert set(d["shutdown"]) == set(ROLES) and not d["died"], d
 
 
 def test_one_signal_reaching_every_process_is_one_ordered_stop(run, scripted):

@@ -176,6 +176,8 @@ class _Control:
         #: Set by "finish": end the input now (the feed's replay), then end the stream in order as usual.
         self.finish = asyncio.Event()
         self.stop = asyncio.Event()
+        #: The signal that stopped this process on its own (a second one to it), not the coordinator's "stop".
+        self.stopped_by: str | None = None
         #: Set when stdin closed: the coordinator is gone (whatever the child was doing, even starting up).
         self.gone = asyncio.Event()
         self._changed = asyncio.Event()
@@ -237,9 +239,22 @@ async def _after_go(go: asyncio.Event, source: AsyncIterator[bytes], finish: asy
     """Yield ``source``'s lines once ``go`` is set, until ``finish`` is set (the source then ends early).
 
     As fast as possible, ``finish`` is looked at before each line; ``paced``, the wait for the next line (a
-    sleep of the replay's pacing) is also cut short by it.
+    sleep of the replay's pacing) is also cut short by it. A ``finish`` before ``go`` (a stop before the replay
+    began) ends it at once, with no line: waiting for a ``go`` that never comes held the ordered stop to its
+    deadline.
     """
-    await go.wait()
+    if finish is None:
+        await go.wait()
+    elif not go.is_set():
+        began = asyncio.ensure_future(go.wait())
+        finished = asyncio.ensure_future(finish.wait())
+        try:
+            await asyncio.wait((began, finished), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (began, finished):
+                waiter.cancel()
+        if not go.is_set():
+            return
     try:
         if finish is None:
             async for line in source:
@@ -465,6 +480,8 @@ async def _child(opts: argparse.Namespace, early: list[str]) -> int:
         if len(signals) == 1:
             ctl.send("interrupt", role=opts.role, signal=name)
         elif len(signals) == 2:
+            if not ctl.stop.is_set():
+                ctl.stopped_by = name
             ctl.stop.set()
         else:
             terminate(name, f"a {_nth(len(signals))} {name}")
@@ -560,6 +577,7 @@ async def _child_run(ctl: _Control, proc: _Process, metrics_url: str | None) -> 
     report = scheduler.last_shutdown or {}
     ctl.send("summary", role=role.name, parts=proc.results(), channels=channel_summary(proc.bus),
              tasks=scheduler.registry.snapshot(), bridge=bridge.stats(), elapsed=elapsed, failed=failed,
+             stopped_by=ctl.stopped_by,
              published={e.type_name: {"sender": e.sender, "last_seq": e.last_seq} for e in bridge.exporters},
              shutdown={"seconds": round(report.get("seconds", 0.0), 3), "finished": report.get("finished", False),
                        "not_drained": report.get("not_drained", {}), "did_not_stop": report.get("did_not_stop", []),
@@ -1004,6 +1022,11 @@ async def _coordinate(args: Any, url: str, run: str, delivery: str, token: str |
                     out.write(f"kimiha demo --distributed: the {child.role} process failed: {msg['failed']}; "
                               f"stopping the others\n")
                     stop_at_once(f"the {child.role} process failed")
+                elif (isinstance(msg.get("stopped_by"), str) and not child.done
+                      and phase in (_Phase.RUNNING, _Phase.ORDERED)):
+                    # a second signal to it stopped it before the end of its stream: the ordered stop cannot
+                    # end (its downstream waits for that end); waiting for its deadline would only idle
+                    stop_at_once(f"a second {msg['stopped_by']} to the {child.role} process stopped it")
         if interrupted or stop["how"]:  # the replay ran until the feed stopped
             elapsed = time.perf_counter() - started if started is not None else 0.0
             feed = by_role["feed"].summary

@@ -239,6 +239,7 @@ class ChannelExporter(ChannelEndpoint):
             return
         loop = asyncio.get_running_loop()
         deadline = self._flush_by if self._flush_by is not None else loop.time() + self.flush_timeout
+        self._flush_by = None  # (this stop's: a later one is told again)
         link = self._link
         try:
             while True:

@@ -708,6 +708,7 @@ class ShmExporter(_ShmEndpoint):
             return
         loop = asyncio.get_running_loop()
         deadline = self._flush_by if self._flush_by is not None else loop.time() + self.flush_timeout
+        self._flush_by = None  # (this stop's: a later one is told again)
         try:
             while self.failed is None:
                 try:

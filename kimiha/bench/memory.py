@@ -29,7 +29,7 @@ DEFAULT_EVENTS = 10_000_000
 QUICK_EVENTS = 500_000
 CHUNK = 1024
 CAPACITY = 4096
-#: RSS growth target of the tracker (MB) over 10M events.
+#: The project's target for the growth of the resident set (MB) over 10M events (benchmarks/README.md).
 TARGET_MB = 2.0
 MB = 1024 * 1024
 

@@ -444,7 +444,20 @@ class ShmExporter(_ShmEndpoint):
         return len(self._pending) - self._start
 
     def stats(self) -> dict[str, Any]:
-        """Return the exporter's counters."""
+        """Return the exporter's counters.
+
+        ``channel``, ``subject``, ``path``: what is exported where (``delivery`` "shm"); ``sender``: this
+        writer's id in the ring; ``sent``: frames written into the ring (``eager_writes`` of them by the eager
+        handler, with ``eager``); ``buffered``: taken from the channel, not yet written (the ring full);
+        ``unflushed``: what the shutdown could not write (``buffered`` plus what stayed in the channel);
+        ``head``: the ring's position after the last frame; ``readers``: readers attached now,
+        ``readers_lost``: detached because their process was gone; ``took_over``: this writer took the ring
+        over from a previous one; ``dropped``: events too large for a frame (a hole in the sequence that each
+        reader counts); ``lagged``: events the channel (LAG) overwrote before they were taken;
+        ``blocked_waits``: waits for room (BLOCK); ``wakeups_sent``: FIFO wake-ups to sleeping readers;
+        ``errors``: dropped plus write errors; ``failed``: why the ring is unusable, or None. ``acked``,
+        ``in_flight`` and ``resent`` keep the NATS exporter's shape (a ring has no acknowledgements).
+        """
         readers = self.attached_readers()
         return {
             **self._identity(),
@@ -813,7 +826,21 @@ class ShmImporter(_ShmEndpoint):
         return self._ring_figure("lost")
 
     def stats(self) -> dict[str, Any]:
-        """Return the importer's counters and latency summary."""
+        """Return the importer's counters and latency summary.
+
+        ``slot``: this reader's place in the ring (``durable``: its name, ``resumed``: it took up where a
+        predecessor of that name stopped); ``position``: the next frame to read, ``first_position``: where it
+        began; ``received`` = ``delivered`` (published into the channel) + ``bad_frames`` (refused by the
+        channel's decoder, skipped); ``missing``: frames a LAG ring overwrote before they were read;
+        ``dropped_by_writer``: holes, events the writer could not carry (``last_hole`` says which);
+        ``lost_at_senders``: what the writer lost before the ring (its channel lagged);
+        ``channel_full_waits``: waits for room in the local (BLOCK) channel; ``sleeps``: waits on the wake-up
+        (not busy-polling); ``busy_poll``, ``spin_us``: the polling mode, ``spins_found``: spins that ended with
+        a frame; ``writer_alive``, ``writer_deaths``, ``writer_restarts``: the writer's process as last seen;
+        ``failed``: why the ring is unusable, or None; ``latency_ns``: publish (in the writer) to import (here),
+        a summary of the histogram. ``duplicates``, ``late``, ``foreign`` and ``held`` keep the NATS importer's
+        shape (always 0 here: a ring neither repeats nor reorders).
+        """
         return {
             **self._identity(),
             "durable": self.durable,

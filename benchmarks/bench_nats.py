@@ -106,6 +106,15 @@ class Probe(EventTask):
 # -- the receiver process --------------------------------------------------------------------------------------------
 
 
+async def stdin_closed() -> Any:
+    """Return an awaitable that ends when the parent closes this process's stdin (the end of the run), read on
+    the event loop: a thread reading it, started as the run began, took the GIL from the process's loop for the
+    first 1-2 ms of the measurement."""
+    stdin = asyncio.StreamReader()
+    await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    return stdin.read()
+
+
 async def raw_receiver(opts: argparse.Namespace, probe: Probe) -> None:
     """nats-py alone: a subscription callback decodes the frame and calls the probe (no kimiha bus)."""
     import msgspec
@@ -119,8 +128,9 @@ async def raw_receiver(opts: argparse.Namespace, probe: Probe) -> None:
 
     await nc.subscribe(opts.subject, cb=on_msg, pending_msgs_limit=10_000_000, pending_bytes_limit=0)
     await nc.flush()
+    closed = await stdin_closed()
     print("ready", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await closed
     await nc.close()
     print("results " + json.dumps(probe.results()), flush=True)
 
@@ -144,8 +154,9 @@ async def receiver(opts: argparse.Namespace) -> None:
     importer = bridge.import_channel(Ev.TICKS, opts.subject, delivery=opts.delivery, **extra)
     bridge.register(scheduler)
     await scheduler.start()
+    closed = await stdin_closed()
     print("ready", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the sender closes it
+    await closed  # until the sender closes it
     results = probe.results()
     results["importer"] = {k: v for k, v in importer.stats().items() if k not in ("senders",)}
     await scheduler.shutdown()

@@ -56,7 +56,8 @@ from kimiha import EventBus, Scheduler, monotonic_ns
 from kimiha.bench.runner import freeze_setup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_nats import Ev, Probe, Tick, _cell, _median, flood, make_bus  # noqa: E402  (the same event)
+from bench_nats import (  # noqa: E402  (the same event)
+    Ev, Probe, Tick, _cell, _median, flood, make_bus, stdin_closed)
 
 
 def _timed(probe: Probe) -> dict[str, Any]:
@@ -84,9 +85,10 @@ async def reader(opts: argparse.Namespace) -> None:
     importer = bridge.import_channel(Ev.TICKS, opts.subject, busy_poll=not opts.wake)
     bridge.register(scheduler)
     await scheduler.start()
+    closed = await stdin_closed()  # (on the loop, not a thread: see there)
     freeze_setup()
     print("ready", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the writer closes it
+    await closed  # until the writer closes it
     results = _timed(probe)
     results["cpu_us_per_flood_event"] = (cpu[1] - cpu[0]) / opts.flood * 1e6
     results["importer"] = importer.stats()

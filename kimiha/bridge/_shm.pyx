@@ -654,6 +654,13 @@ cdef class Ring:
         self._check_reader(idx)
         self._check_file()
         self.writer_waits = False
+        cdef tuple out = self._pump(idx, cursor, max_frames, channel, latency)
+        if commit and (<uint64_t>out[0] != cursor or <uint64_t>out[1]):
+            self._commit_c(idx, <uint64_t>out[0], <uint64_t>out[1])
+        return out
+
+    cdef tuple _pump(self, Py_ssize_t idx, uint64_t cursor, Py_ssize_t max_frames, Channel channel,
+                     LatencyHistogram latency):
         cdef uint64_t h = kh_load_acq(self._h(H_HEAD))
         cdef uint64_t c = cursor, lagged = 0, off = 0, ln = 0
         cdef int64_t ts = 0
@@ -688,22 +695,16 @@ cdef class Ring:
                 continue
             # what Channel.publish_raw does, through the core's C methods (see the module doc of shm.py)
             if channel.closed:
-                if commit and (c != cursor or lagged):
-                    self._commit_c(idx, c, lagged)
                 return c, lagged, n, holes, (ChannelClosed(f"channel {channel.name!r} is closed; nothing was "
                                                            f"written"), ts, frame)
             if channel.block and (channel.pub_waiters or not channel.has_room()):
                 channel.full += 1
-                if commit and (c != cursor or lagged):
-                    self._commit_c(idx, c, lagged)
                 return c, lagged, n, holes, (ChannelFull(f"channel {channel.name!r} is full (capacity "
                                                          f"{channel.capacity})"), ts, frame)
             try:
                 decoded = channel.decode_frame(frame)
                 channel.write((<tuple>decoded)[0], (<tuple>decoded)[1])
             except Exception as exc:
-                if commit and (c != cursor or lagged):
-                    self._commit_c(idx, c, lagged)
                 return c, lagged, n, holes, (exc, ts, frame)
             channel.restamp(ts)
             n += 1
@@ -711,8 +712,6 @@ cdef class Ring:
             if ts > 0 and latency is not None:
                 clock_gettime(CLOCK_MONOTONIC, &now)
                 latency.record_c(<int64_t>now.tv_sec * 1000000000 + now.tv_nsec - ts)
-        if commit and (c != cursor or lagged):
-            self._commit_c(idx, c, lagged)
         return c, lagged, n, holes, None
 
     def commit(self, Py_ssize_t idx, uint64_t cursor, uint64_t lagged=0):

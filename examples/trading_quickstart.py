@@ -1,8 +1,11 @@
 """Trading quick start: replay the shipped Binance BTCUSDT tape through
-connector -> aggregator -> strategy -> paper executor, then print what happened."""
+connector -> aggregator -> strategy -> paper executor, then print what happened.
+
+A replay runs on a SimClock: the strategy's cooldown timers follow the tape's time."""
 
 import kimiha
 from kimiha import EventBus, TradingOrchestratorBuilder
+from kimiha.clock import SimClock
 from kimiha.trading.tasks import ImbalanceStrategyTask, PaperExecutorTask, trading_channels
 from kimiha.venues.binance import BinanceAggregator, BinanceConnector, recorded_tape, replay_lines
 
@@ -12,7 +15,7 @@ async def main() -> None:
     connector = BinanceConnector(bus, replay_lines(recorded_tape()))
     aggregator = BinanceAggregator(bus)
     executor = PaperExecutorTask(bus)
-    engine = (TradingOrchestratorBuilder(bus)
+    engine = (TradingOrchestratorBuilder(bus, clock=SimClock())  # live data: the default LiveClock
               .with_connector(connector)
               .with_aggregator(aggregator)
               .with_strategy(ImbalanceStrategyTask(bus, max_position=0.005))

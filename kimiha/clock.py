@@ -49,6 +49,10 @@ from kimiha.error import InvalidConfigurationError, InvalidStateError
 #: SimClock's default bound on the ticks one periodic timer may owe at one advance (see ``max_catch_up``).
 DEFAULT_MAX_CATCH_UP = 1_000_000
 
+#: A LiveClock deadline this far behind the wall clock is reported (once per task): it almost always means
+#: event time (a recording's ``ts_ns``) meeting real time, i.e. a replay that should run on a SimClock.
+STALE_DEADLINE_NS = 60_000_000_000
+
 __all__ = ["Clock", "LiveClock", "SimClock", "TimeEvent", "TimerCallback", "receive_time"]
 
 logger = logging.getLogger("kimiha.clock")
@@ -199,6 +203,7 @@ class Clock:
     def __init__(self) -> None:
         self._table = _Table()
         self._owner: Any = None  # views share their root's table and key their timers by owner
+        self._label: str | None = None  # a task's view: "task 'name'" (set by the scheduler)
         self._on_error: ErrorHandler = _log_error
 
     # -- reading --------------------------------------------------------------------------------------------
@@ -279,10 +284,14 @@ class Clock:
             raise InvalidConfigurationError(
                 f"{who}({name!r}): a timer of that name is already active; cancel_timer({name!r}) first or pick "
                 f"another name (active: {', '.join(self.timer_names())})")
+        self._check_deadline(f"{who}({name!r})", first_ns, interval_ns)
         table = self._table
         table.add(_Timer(key, name, interval_ns, callback, first_ns, stop_ns, table.next_order(),
                          self._on_error))
         self._rearm()
+
+    def _check_deadline(self, who: str, first_ns: int, interval_ns: int) -> None:
+        """A new timer's first deadline is ``first_ns`` (a live clock reports one far in the past)."""
 
     def _rearm(self) -> None:
         """The earliest deadline may have changed (a live clock re-arms its loop timer)."""
@@ -312,10 +321,30 @@ class LiveClock(Clock):
         self._armed_for: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stale_warned: set[Any] = set()
         self.fired = 0
 
     def now_ns(self) -> int:
         return time.time_ns()
+
+    def _check_deadline(self, who: str, first_ns: int, interval_ns: int) -> None:
+        behind = time.time_ns() - first_ns
+        if behind <= STALE_DEADLINE_NS:
+            return
+        warned = self._root._stale_warned
+        if self._owner in warned:
+            return
+        warned.add(self._owner)
+        task = f"{self._label}: " if self._label else ""
+        then = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(first_ns / 1e9))
+        late = ("it fires at once" if not interval_ns else
+                f"it fires at once and then catches up every one of the {behind // interval_ns:,} ticks since")
+        logger.warning(
+            "%s%s: the first deadline (%d ns since the epoch, %s) is %.0f s behind the LiveClock's wall-clock "
+            "time; %s. Times taken from recorded events (ts_ns, recv_ts_ns) are far behind real time: run a "
+            "replay on a SimClock (TradingOrchestratorBuilder(bus, clock=SimClock()) or Scheduler(bus, "
+            "clock=SimClock())), or base live deadlines on self.clock.now_ns(). Said once per task.",
+            task, who, first_ns, then, behind / 1e9, late)
 
     def _rearm(self) -> None:
         root = self._root
@@ -376,6 +405,7 @@ class LiveClock(Clock):
         view._armed_for = None
         view._loop = None
         view._tasks = self._tasks
+        view._stale_warned = self._stale_warned
         view.fired = 0
         return view
 

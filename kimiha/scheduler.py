@@ -194,6 +194,7 @@ class Scheduler:
         info = TaskInfo(self._next_id, task, kind, supervision, interval, channels)
         self._next_id += 1
         info.clock = self.clock._for_task(info.id, self._timer_error_cb(info))
+        info.clock._label = f"task {info.name!r}"  # what the clock's own warnings call this task's view
         if kind == "event" and isinstance(info.clock, SimClock) and \
                 not inspect.iscoroutinefunction(getattr(task, "handle_event", None)):
             # its timers fire inside each event's dispatch: the clock refuses coroutine callbacks (kimiha.clock)

@@ -183,6 +183,48 @@ def test_live_clock_coalesces_timers_into_one_loop_timer():
     assert during - before == 1
 
 
+def test_live_clock_warns_once_per_task_of_a_deadline_far_behind_the_wall_clock(run, caplog):
+    """A replay's event time (2024) on the default LiveClock: alerts fire at once and repeating timers owe every
+    tick since. The trading quick start lost its cooldown that way without a word; now the clock says so."""
+    recorded = 1_723_161_259_298_259_467  # a ts_ns of the shipped tape
+
+    class Watch(Recorder):
+        async def initialize(self) -> None:  # no timer of its own (Recorder's starts at 0 ns)
+            pass
+
+        def handle_event(self, tick: Tick) -> None:
+            self.clock.cancel_timer("quiet")
+            self.clock.set_time_alert("quiet", tick.recv_ts_ns + 5_000_000_000, self.on_timer)
+
+        def on_timer(self, event: TimeEvent) -> None:
+            self.seen.append((event.name, event.ts_ns))
+
+    async def main():
+        bus = EventBus([(Ev.TICKS, ChannelConfig(64, payload_type=Tick))])
+        watch = Watch(use_async=False)
+        scheduler = Scheduler(bus)
+        scheduler.register_event_task(watch)
+        await scheduler.start()
+        for i in range(3):
+            bus.publish(Ev.TICKS, Tick(i, recorded + i))
+            await _wait_for(lambda: len(watch.seen) > i, turns=10**6)
+        clock = LiveClock()  # alone (no task): a repeating timer started in the past, and a recent alert
+        clock.set_timer("beat", 1_000_000_000, lambda e: None, start_ns=clock.now_ns() - 3_600_000_000_000)
+        clock.set_time_alert("recent", clock.now_ns() - 1_000_000_000, lambda e: None)
+        clock._close()
+        await scheduler.shutdown()
+        return watch.seen
+
+    with caplog.at_level("WARNING", logger="kimiha.clock"):
+        seen = run(main())
+    assert [name for name, _ in seen] == ["quiet"] * 3  # fired at once, as before: only the warning is new
+    stale = [r.getMessage() for r in caplog.records if "behind the LiveClock" in r.getMessage()]
+    assert len(stale) == 2, stale  # once for the task (not per alert), once for the repeating timer
+    assert "task 'Watch'" in stale[0] and "set_time_alert('quiet')" in stale[0] and "SimClock" in stale[0]
+    assert "2024-08-0" in stale[0]
+    assert "set_timer('beat')" in stale[1] and "catches up every one of the 3,5" in stale[1]
+
+
 def test_live_clock_needs_a_running_loop():
     with pytest.raises(InvalidStateError, match="running event loop"):
         LiveClock().set_time_alert("a", 1, lambda e: None)

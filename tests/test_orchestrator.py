@@ -297,6 +297,18 @@ def test_trading_quickstart_output():
     assert "book check 1072/1072" in proc.stdout
 
 
+def test_trading_quickstart_trades_as_the_demo_does():
+    """The quick start replays the demo's tape through the same tasks: it must make the same fills. On the
+    default LiveClock the strategy's cooldown alerts (the tape's 2024 time + 1 s) fired at once: 206 fills and a
+    short position, silently."""
+    quick = run_python(str(ROOT / "examples" / "trading_quickstart.py"))
+    demo = run_python("-m", "kimiha", "demo", "--json", "--no-progress")
+    assert quick.returncode == 0 and demo.returncode == 0, (quick.stderr, demo.stderr)
+    summary = json.loads(demo.stdout)
+    assert f"fills {summary['fills']}, position {summary['position']:+.5f} BTC" in quick.stdout, quick.stdout
+    assert "WARNING" not in quick.stderr, quick.stderr
+
+
 def test_cli_demo_json_and_bad_arguments(tmp_path):
     proc = run_python("-m", "kimiha", "demo", "--json", "--no-progress")
     assert proc.returncode == 0, proc.stderr

@@ -24,6 +24,7 @@ import signal
 import sys
 import textwrap
 import time
+import types
 
 import pytest
 
@@ -695,3 +696,16 @@ def test_a_child_whose_coordinator_dies_while_it_connects_says_so_and_exits():
            "started); the strategy process stops" in text, text
     assert "cannot connect" not in text and "Traceback" not in text, text
     assert code == 1 and b"@kimiha" not in out, (code, out)
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_an_interrupt_before_any_line_says_nothing_to_summarize_as_the_one_process_demo_does(capsys, as_json):
+    # new-user trial: Ctrl-C at 0.5 s printed a whole summary of nothing (empty tables, "wall time 0.000 s", a
+    # digest of no orders, "drained: yes") where the one-process demo says one line
+    summary = {"interrupted": "SIGINT", "lines_read": 0, "all_lines_accounted": True,
+               "distributed": {"died": {}, "failed": {}, "events_lost": 0}}
+    code = distributed._finish(summary, types.SimpleNamespace(json=as_json), lossless=True)
+    out, err = capsys.readouterr()
+    assert code == 130 and out == "", (code, out)
+    assert "interrupted by SIGINT before the replay started (no line was read)" in err
+    assert "nothing to summarize" in err, err

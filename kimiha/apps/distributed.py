@@ -1447,12 +1447,17 @@ def _finish(summary: dict[str, Any], args: Any, lossless: bool) -> int:
     """Print the summary; return the exit code (a lossless transport must have lost nothing)."""
     from kimiha.apps.cli import signal_exit_code
 
+    d = summary["distributed"]
+    if summary.get("interrupted") and not summary.get("lines_read") and not (d.get("died") or d["failed"]):
+        # as the one-process demo says it: a summary of nothing (empty tables, a digest of no orders) misleads
+        print(f"kimiha demo --distributed: interrupted by {summary['interrupted']} before the replay started (no line was "
+              f"read); every process stopped; nothing to summarize", file=sys.stderr)
+        return signal_exit_code(summary["interrupted"])
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print(format_distributed(summary))
     sys.stdout.flush()
-    d = summary["distributed"]
     if d.get("died") or d["failed"]:  # one line naming the process, after the figures of all of them
         role, why = next(iter((d.get("died") or d["failed"]).items()))
         others = [r for r in ROLES if r != role]

@@ -930,7 +930,9 @@ cdef class Channel:
         """Publish ``payload`` from any thread; it enters the ring on the loop's thread, in call order.
 
         On a ``BLOCK`` channel whose queue of such payloads is full (``capacity`` waiting), the calling thread
-        waits for room; on the loop's own thread that raises ``ChannelFull`` instead. A payload the channel's
+        waits for room; on the loop's own thread that raises ``ChannelFull`` instead. A thread waiting there
+        gets ``ChannelClosed`` when the channel closes and ``InvalidStateError`` when the loop closes (nothing
+        would make room for it again; what was queued before stays queued for the next loop). A payload the channel's
         frames subscribers cannot encode is dropped when it reaches the ring, counted in ``encode_errors`` and
         logged (the calling thread cannot be told then; on the loop's thread it may raise at once).
         """
@@ -955,21 +957,31 @@ cdef class Channel:
                     f"but it is closed; nothing was written (call bus.bind_loop() on the new loop first)")
             self.follow_running_loop()
             loop = self.loop
-        if self.block and len(self.pending) >= self.capacity:
-            if on_loop:
-                self.full += 1
-                raise ChannelFull(f"channel {self.name!r} is full (capacity {self.capacity}); nothing was written")
-            self.blocked += 1
-            with self.thread_cond:
+        if self.block and len(self.pending) >= self.capacity and on_loop:
+            self.full += 1
+            raise ChannelFull(f"channel {self.name!r} is full (capacity {self.capacity}); nothing was written")
+        # Under the lock that close() takes to set `closed` and count what is pending: an event is either
+        # queued before that (then published or counted in dropped_on_close) or refused, never queued after it.
+        with self.thread_cond:
+            if self.block and len(self.pending) >= self.capacity:
+                self.blocked += 1
                 self.thread_waiters += 1
                 try:
                     while len(self.pending) >= self.capacity and not self.closed:
-                        self.thread_cond.wait()
+                        # woken by each flush and by close(); the bound only notices a loop that closed
+                        # meanwhile (nothing would flush for this publisher again)
+                        self.thread_cond.wait(0.1)
+                        if len(self.pending) >= self.capacity and not self.closed and loop.is_closed():
+                            raise InvalidStateError(
+                                f"channel {self.name!r}: the bus's event loop closed while publish_threadsafe "
+                                f"waited for room (BLOCK, capacity {self.capacity}, {len(self.pending)} queued); "
+                                f"nothing was written")
                 finally:
                     self.thread_waiters -= 1
             if self.closed:
-                raise ChannelClosed(f"channel {self.name!r} was closed while a publisher waited for room")
-        self.pending.append(payload)
+                raise ChannelClosed(f"channel {self.name!r} was closed while a publisher waited for room; "
+                                    f"nothing was written")
+            self.pending.append(payload)
         if not self.ts_scheduled:
             self.ts_scheduled = True
             try:
@@ -1254,15 +1266,15 @@ cdef class Channel:
         if self.closed:
             return
         self.flush_pending()
-        dropped = len(self.pending)
+        with self.thread_cond:  # a publish_threadsafe queues under this lock: after it, none can
+            self.closed = True
+            dropped = len(self.pending)
+            self.pending.clear()
+            self.thread_cond.notify_all()
         if dropped:
             self.dropped_on_close += dropped
-            self.pending.clear()
             logger.warning("channel %r closed with %d thread-published event(s) that found no room; dropped",
                            self.name, dropped)
-        self.closed = True
-        with self.thread_cond:
-            self.thread_cond.notify_all()
         while self.pub_waiters:
             fut = self.pub_waiters.popleft()
             if not fut.done():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import threading
 
 import msgspec
@@ -13,6 +14,7 @@ import pytest
 import kimiha
 from kimiha import (
     BackgroundTask,
+    ChannelClosed,
     ChannelConfig,
     Connector,
     Event,
@@ -22,6 +24,7 @@ from kimiha import (
     InvalidChannelError,
     InvalidConfigurationError,
     InvalidStateError,
+    Overflow,
     Scheduler,
     SchedulerState,
 )
@@ -441,3 +444,90 @@ def test_the_same_handler_subscribed_twice_is_two_independent_subscriptions(run)
 
     run(main())
 
+
+
+def test_close_racing_thread_publishers_on_block_accounts_for_every_accepted_event(run):
+    """Adversarial trial: close() woke the waiting threads, counted and cleared the queue, and only then set
+    `closed`: woken threads queued after the count, returned normally, and their events were never published
+    nor counted (12 of 30 runs: 64 lost each, pending_threadsafe 64 after close)."""
+
+    async def trial() -> tuple[int, int, int]:
+        bus = EventBus([(Ev.MD, ChannelConfig(64, overflow=Overflow.BLOCK))])
+        bus.bind_loop()
+        reader = bus.subscribe(Ev.MD)  # never reads: the ring fills, then the thread queue, then threads wait
+        accepted = [0] * 4
+        started = threading.Barrier(5)
+
+        def feed(k: int) -> None:
+            started.wait()
+            while True:
+                try:
+                    bus.publish_threadsafe(Ev.MD, k)
+                except ChannelClosed:
+                    return
+                accepted[k] += 1
+
+        threads = [threading.Thread(target=feed, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        started.wait()
+        await asyncio.sleep(0.02)  # the threads publish, wait and are woken meanwhile: close() lands among them
+        bus.close()
+        for t in threads:
+            t.join()
+        st = bus.stats(Ev.MD)
+        return sum(accepted), st["published"] + st["dropped_on_close"], st["pending_threadsafe"]
+
+    async def main() -> list[tuple[int, int, int]]:
+        return [await trial() for _ in range(30)]
+
+    # The window was a few lines of close() (a log call among them): switching threads every microsecond
+    # instead of every 5 ms lets the woken threads run inside it, as a log handler writing to stderr did.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        results = run(main())
+    finally:
+        sys.setswitchinterval(interval)
+    for accepted, accounted, pending in results:
+        assert (accepted, pending) == (accounted, 0), (accepted, accounted, pending)
+
+
+def test_a_thread_waiting_for_room_is_told_when_the_loop_closes(loop_name):
+    """Adversarial trial: a thread blocked in publish_threadsafe on a full BLOCK channel waited forever once
+    the loop had closed (a non-daemon feed thread then hung the process at exit)."""
+    bus = EventBus([(Ev.MD, ChannelConfig(2, overflow=Overflow.BLOCK))])
+    outcome: list[object] = []
+
+    def feed() -> None:
+        for i in range(5):
+            try:
+                bus.publish_threadsafe(Ev.MD, i)
+            except Exception as exc:  # noqa: BLE001 - the outcome is the test
+                outcome.append(exc)
+                return
+            outcome.append(i)
+
+    readers: list[object] = []
+    loop = kimiha.runtime.new_event_loop(loop_name)
+    try:
+        bus.bind_loop(loop)
+
+        async def start() -> threading.Thread:
+            readers.append(bus.subscribe(Ev.MD))  # never reads (kept: a dropped subscription is unsubscribed)
+            thread = threading.Thread(target=feed, daemon=True)
+            thread.start()
+            channel = bus.channel(Ev.MD)
+            await until(lambda: bus.stats(Ev.MD)["published"] == 2 and channel.pending_threadsafe == 2,
+                        "events 0 and 1 in the ring, 2 and 3 queued", turns=10**6)
+            return thread
+
+        thread = loop.run_until_complete(start())
+    finally:
+        loop.close()
+    thread.join(10)
+    assert not thread.is_alive(), "the feed thread still waits for room on a closed loop"
+    assert outcome[:-1] == [0, 1, 2, 3] and isinstance(outcome[-1], InvalidStateError), outcome
+    # waiting for room when the loop closed (or, had the thread not reached the wait by then, at the call)
+    assert "closed" in str(outcome[-1]) and "nothing was written" in str(outcome[-1]), outcome
+    assert bus.channel(Ev.MD).pending_threadsafe == 2  # what was queued stays queued for a next loop

@@ -476,6 +476,7 @@ def test_close_racing_thread_publishers_on_block_accounts_for_every_accepted_eve
         for t in threads:
             t.join()
         st = bus.stats(Ev.MD)
+        assert st["published"] == reader.backlog == 64  # BLOCK: the ring filled and nothing was overwritten
         return sum(accepted), st["published"] + st["dropped_on_close"], st["pending_threadsafe"]
 
     async def main() -> list[tuple[int, int, int]]:

@@ -60,7 +60,7 @@ cdef class Channel:
     cdef readonly uint64_t latency_sample   # stamp and record every Nth event (1: every event)
     cdef uint64_t sample_mask          # latency_sample - 1 when it is a power of two
     cdef bint sample_pow2
-    cdef readonly uint64_t inline_deferred  # inline deliveries handed to the loop (depth or budget reached)
+    cdef readonly uint64_t inline_deferred  # hand-overs of an inline delivery to the loop (depth or budget reached)
     cdef readonly bint closed
     cdef readonly object payload_type
     cdef object payload_classes        # tuple of classes, or None for any payload

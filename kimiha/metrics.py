@@ -253,7 +253,7 @@ _CHANNEL_COUNTERS = (
     ("handler_errors", "handler_errors_total", "exceptions raised by the channel's handlers"),
     ("dropped_on_close", "dropped_on_close_total", "thread-safe publishes still pending when the bus closed"),
     ("inline_deferred", "inline_deferred_total",
-     "INLINE deliveries handed to the loop (nesting depth or dispatch budget reached)"),
+     "times an INLINE channel handed its delivery over to the loop (nesting depth or dispatch budget reached)"),
 )
 _CHANNEL_GAUGES = (
     ("backlog", "backlog_events", "largest backlog of a live subscriber now"),

@@ -405,7 +405,6 @@ class LiveClock(Clock):
         view._armed_for = None
         view._loop = None
         view._tasks = self._tasks
-        view._stale_warned = self._stale_warned
         view.fired = 0
         return view
 

@@ -1450,8 +1450,8 @@ def _finish(summary: dict[str, Any], args: Any, lossless: bool) -> int:
     d = summary["distributed"]
     if summary.get("interrupted") and not summary.get("lines_read") and not (d.get("died") or d["failed"]):
         # as the one-process demo says it: a summary of nothing (empty tables, a digest of no orders) misleads
-        print(f"kimiha demo --distributed: interrupted by {summary['interrupted']} before the replay started (no line was "
-              f"read); every process stopped; nothing to summarize", file=sys.stderr)
+        print(f"kimiha demo --distributed: interrupted by {summary['interrupted']} before the replay started "
+              f"(no line was read); every process stopped; nothing to summarize", file=sys.stderr)
         return signal_exit_code(summary["interrupted"])
     if args.json:
         print(json.dumps(summary, indent=2, default=str))

@@ -102,12 +102,15 @@ cdef class Channel:
     cdef readonly uint64_t encode_errors
     cdef readonly uint64_t handler_errors
     cdef readonly uint64_t dropped_on_close
+    cdef readonly uint64_t unread_on_close   # events subscriptions left unread when they were closed
+    cdef bint refuse_bool              # the payload types take an int but not a bool (msgspec would not decode it)
 
     cdef int check_payload(self, object payload) except -1
     cdef bint has_room(self)
     cdef inline void note_backlog(self, uint64_t backlog) noexcept
     cdef uint64_t slowest_cursor(self)
     cdef Py_ssize_t n_subscribers(self)
+    cdef str label(self)
     cdef int check_thread(self) except -1
     cdef Py_ssize_t write(self, object payload, object frame) except -1
     cdef object encode_c(self, object payload)
@@ -156,6 +159,7 @@ cdef class Subscription:
     cdef public int64_t drain_target      # a pump returns once its cursor reaches this (-1: never)
     cdef Py_ssize_t streak
     cdef object ready                  # the _Ready that __anext__ hands out again once it was taken
+    cdef readonly uint64_t unread_on_close   # events after the cursor when it was closed (never received)
     cdef object __weakref__
 
     cdef inline uint64_t backlog_c(self) noexcept
@@ -170,4 +174,5 @@ cdef class Subscription:
     cdef int handler_returned_coroutine(self, object coro, object event) except -1
     cdef int check_pull(self) except -1
     cdef object park(self)
+    cdef list drain_c(self, Py_ssize_t max_events)
     cdef void unpark(self, object fut)

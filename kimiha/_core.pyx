@@ -332,6 +332,25 @@ cdef class Handler:
 # ---------------------------------------------------------------------------------------------------------------
 # Channel: the ring and everything that moves events through it.
 
+cdef Py_ssize_t _batch_limit(object max_events, str method, Channel ch) except -2:
+    """``max_events`` of drain / recv_batch / batches as a C limit: -1 for ``None`` (every ready event)."""
+    cdef object n
+    if max_events is None:
+        return -1
+    if isinstance(max_events, bool) or not hasattr(type(max_events), "__index__"):
+        raise TypeError(
+            f"Subscription.{method}(max_events=...) on channel {ch.label()}: expected a positive int, or None "
+            f"for every ready event; got {type(max_events).__name__} {_safe_repr(max_events, 100)}")
+    n = max_events.__index__()
+    if n < 1:
+        raise ValueError(
+            f"Subscription.{method}(max_events=...) on channel {ch.label()}: expected a positive int, or None "
+            f"for every ready event; got {n}")
+    if n > 0x7fffffffffffffff:
+        return -1                      # more than can ever be ready: every ready event
+    return <Py_ssize_t>n
+
+
 cdef str _type_name(object classes):
     if isinstance(classes, tuple):
         return " | ".join([c.__name__ for c in classes])
@@ -397,6 +416,10 @@ cdef class Channel:
             self.payload_classes = classes[0]
         else:
             self.payload_classes = tuple(classes)
+        # isinstance(True, int) holds, but a frame of True does not decode as an int (msgspec is strict): refuse a
+        # bool at publish where the declared types take it only as an int, as publish_raw of its frame would.
+        self.refuse_bool = bool(classes) and bool not in classes and object not in classes and any(
+            issubclass(bool, c) for c in classes)
         # The hooks keep EventType members in payloads as they were with enum.Enum: encoded as their value,
         # decoded back to the member where the payload type names the class. Called only for such objects.
         if config.payload_type is None:
@@ -489,11 +512,17 @@ cdef class Channel:
             if payload is None:
                 raise PayloadTypeError(
                     f"channel {self.name!r}: expected a payload, got None; nothing was written")
-        elif not isinstance(payload, self.payload_classes):
+        elif not isinstance(payload, self.payload_classes) or (self.refuse_bool and type(payload) is bool):
             raise PayloadTypeError(
                 f"channel {self.name!r}: expected payload of type {_type_name(self.payload_classes)}, "
                 f"got {type(payload).__name__}: {_safe_repr(payload, 200)}; nothing was written")
         return 0
+
+    cdef str label(self):
+        """The channel's name, and its description when it has one, for messages."""
+        if self.description:
+            return f'{self.name!r} ("{self.description}")'
+        return repr(self.name)
 
     cdef Py_ssize_t n_subscribers(self):
         return len(self.push_subs) + len(self.pull_refs)
@@ -1344,6 +1373,7 @@ cdef class Channel:
             "handler_errors": self.handler_errors,
             "pending_threadsafe": len(self.pending),
             "dropped_on_close": self.dropped_on_close,
+            "unread_on_close": self.unread_on_close,
             "dispatch": "INLINE" if self.inline else "LOOP",
             "inline_deferred": self.inline_deferred,
             "latency_sample": self.latency_sample,
@@ -1448,7 +1478,9 @@ cdef class Subscription:
                 logger.exception("on_lag callback of a subscription to channel %r failed", ch.name)
             return 0
         if self.handler is not None:
-            logger.warning("handler %r on channel %r lagged: %d event(s) skipped", self.handler, ch.name, skipped)
+            logger.warning("handler %r on channel %s lagged: %d event(s) skipped (overwritten in the ring of %d "
+                           "before it ran; a larger capacity or Overflow.BLOCK keeps them)", self.handler,
+                           ch.label(), skipped, ch.capacity)
             return 0
         raise Lagged(skipped, ch.name, ch.capacity)
 
@@ -1736,12 +1768,16 @@ cdef class Subscription:
                 self.unpark(fut)
                 raise
 
-    def drain(self, Py_ssize_t max_events=-1):
-        """Return every ready event (at most ``max_events`` if > 0) as a list, without waiting.
+    def drain(self, max_events=None):
+        """Return every ready event (at most ``max_events``, a positive int, if given) as a list, without waiting.
 
         Raise ``Lagged`` (once) before returning events that follow a lag, and ``ChannelClosed`` only when
         no event is left.
         """
+        return self.drain_c(_batch_limit(max_events, "drain", self.channel))
+
+    cdef list drain_c(self, Py_ssize_t max_events):
+        """:meth:`drain` with a C limit (-1: every ready event)."""
         self.check_pull()
         cdef Channel ch = self.channel
         event = self.next_c()
@@ -1752,24 +1788,27 @@ cdef class Subscription:
             out.append(self.next_c())
         return out
 
-    def batches(self, Py_ssize_t max_events=-1):
+    def batches(self, max_events=None):
         """Return an async iterator of batches: ``async for batch in sub.batches(): ...``.
 
-        Each batch is a non-empty list of every event ready at that moment (at most ``max_events`` if > 0),
+        Each batch is a non-empty list of every event ready at that moment (at most ``max_events``, a positive
+        int, if given),
         handed over without a coroutine when events are ready; iteration ends when the channel is closed and
         everything was received. ``Lagged`` is raised (once) as from :meth:`drain`.
         """
         self.check_pull()
         cdef _Batches it = _Batches.__new__(_Batches)
         it.sub = self
-        it.max_events = max_events
+        it.max_events = _batch_limit(max_events, "batches", self.channel)
         return it
 
-    async def recv_batch(self, Py_ssize_t max_events=-1):
-        """Wait until at least one event is ready, then return every ready event (at most ``max_events``)."""
+    async def recv_batch(self, max_events=None):
+        """Wait until at least one event is ready, then return every ready event (at most ``max_events``, a
+        positive int, if given)."""
+        cdef Py_ssize_t limit = _batch_limit(max_events, "recv_batch", self.channel)
         self.check_pull()
         while True:
-            batch = self.drain(max_events)
+            batch = self.drain_c(limit)
             if batch:
                 return batch
             fut = self.park()
@@ -1842,10 +1881,16 @@ cdef class Subscription:
                 self.channel.schedule_dispatch()
 
     def close(self):
-        """Detach from the channel; a pending ``recv`` raises ``ChannelClosed``. Idempotent."""
+        """Detach from the channel; a pending ``recv`` raises ``ChannelClosed``. Idempotent.
+
+        Events published after this subscription's cursor that it never received are counted in its
+        ``unread_on_close`` and the channel's (still in the ring or already overwritten alike).
+        """
         if self.closed:
             return
         self.closed = True
+        self.unread_on_close = self.channel.tail - self.cursor
+        self.channel.unread_on_close += self.unread_on_close
         fut = self.waiter
         if fut is not None:
             self.unpark(fut)
@@ -1887,6 +1932,7 @@ cdef class Subscription:
             "handled": self.handled,
             "backlog": self.backlog,
             "closed": self.closed,
+            "unread_on_close": self.unread_on_close,
             "paused": self.paused,
         }
 
@@ -1905,7 +1951,7 @@ cdef class _Batches:
         """Every ready event (an empty list: none); ``StopAsyncIteration`` once the channel is done."""
         cdef list batch
         try:
-            batch = self.sub.drain(self.max_events)
+            batch = self.sub.drain_c(self.max_events)
         except ChannelClosed:
             raise StopAsyncIteration from None
         self.sub.streak += len(batch)

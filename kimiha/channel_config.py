@@ -69,8 +69,8 @@ def _payload_classes(payload_type: Any) -> tuple[type, ...]:
                 )
         return tuple(members)
     raise InvalidConfigurationError(
-        f"ChannelConfig.payload_type: expected a msgspec.Struct type, a Union of them, or None; "
-        f"got {payload_type!r}"
+        f"ChannelConfig.payload_type: expected a type (a msgspec.Struct, or int, str, ...), a Union of types, "
+        f"or None (any payload); got {type(payload_type).__name__} {payload_type!r}"
     )
 
 

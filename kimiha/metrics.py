@@ -252,6 +252,7 @@ _CHANNEL_COUNTERS = (
     ("encode_errors", "encode_errors_total", "payloads refused because a frames subscriber could not encode them"),
     ("handler_errors", "handler_errors_total", "exceptions raised by the channel's handlers"),
     ("dropped_on_close", "dropped_on_close_total", "thread-safe publishes still pending when the bus closed"),
+    ("unread_on_close", "unread_on_close_total", "events subscriptions left unread when they were closed"),
     ("inline_deferred", "inline_deferred_total",
      "times an INLINE channel handed its delivery over to the loop (nesting depth or dispatch budget reached)"),
 )

@@ -1,19 +1,34 @@
-"""Running coroutines on uvloop (the default) or asyncio."""
+"""Running coroutines on uvloop (the default) or asyncio.
+
+:func:`run` is ``asyncio.run`` with a choice of loop and one difference: the end is bounded. ``asyncio.run``
+cancels the tasks left when ``main`` ends and then waits for them without a limit, so one task that swallows
+its ``CancelledError`` in a loop keeps the process from ever exiting. Here they get ``shutdown_timeout``
+seconds; a task still running then is named in an ERROR and left behind, and the loop closes.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import signal
+import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from kimiha.error import InvalidConfigurationError
 
-__all__ = ["run", "new_event_loop", "LOOPS"]
+__all__ = ["run", "new_event_loop", "LOOPS", "SHUTDOWN_TIMEOUT"]
 
 T = TypeVar("T")
 
+logger = logging.getLogger("kimiha.runtime")
+
 #: Names accepted by ``run(..., loop=...)``.
 LOOPS = ("uvloop", "asyncio")
+
+#: Seconds :func:`run` gives the tasks left when ``main`` ends to finish once cancelled.
+SHUTDOWN_TIMEOUT = 5.0
 
 
 def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -35,16 +50,121 @@ def new_event_loop(loop: str = "uvloop") -> asyncio.AbstractEventLoop:
     return _loop_factory(loop)()
 
 
-def run(main: Coroutine[Any, Any, T], *, loop: str = "uvloop", debug: bool | None = None) -> T:
+def _task_name(task: asyncio.Task[Any]) -> str:
+    coro = task.get_coro()
+    where = getattr(coro, "__qualname__", None) or type(coro).__name__
+    return f"{task.get_name()} ({where})"
+
+
+def _cancel_remaining(loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+    """Cancel every task still pending on ``loop`` and wait up to ``timeout`` s in all for them to end.
+
+    Tasks started while the others unwind are cancelled too, within the same deadline.
+    """
+    deadline = time.monotonic() + timeout
+    waited: set[asyncio.Task[Any]] = set()
+    while True:
+        pending = {t for t in asyncio.all_tasks(loop) if not t.done()}
+        if not pending:
+            break
+        for task in pending - waited:
+            task.cancel()
+        waited |= pending
+        remaining = deadline - time.monotonic()
+        left: set[asyncio.Task[Any]] = pending
+        if remaining > 0:
+            _, left = loop.run_until_complete(asyncio.wait(pending, timeout=remaining))
+        if left:
+            names = ", ".join(sorted(_task_name(t) for t in left))
+            logger.error(
+                "kimiha.run(): %d task(s) still running %.3g s after they were cancelled (they ignore "
+                "cancellation); left behind so that the loop can close: %s", len(left), timeout, names)
+            break
+    for task in waited:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            loop.call_exception_handler({
+                "message": "unhandled exception during kimiha.run() shutdown",
+                "exception": task.exception(),
+                "task": task,
+            })
+
+
+async def _bounded(aw: Coroutine[Any, Any, None], timeout: float, what: str) -> None:
+    try:
+        await asyncio.wait_for(aw, timeout)
+    except TimeoutError:
+        logger.error("kimiha.run(): %s did not finish within %.3g s; the loop closes without them", what, timeout)
+
+
+def run(main: Coroutine[Any, Any, T], *, loop: str = "uvloop", debug: bool | None = None,
+        shutdown_timeout: float = SHUTDOWN_TIMEOUT) -> T:
     """Run ``main`` to completion on a new uvloop event loop (or asyncio's with ``loop="asyncio"``).
 
-    Like ``asyncio.run``: remaining tasks are cancelled and async generators closed at the end.
+    Like ``asyncio.run``: a first Ctrl-C cancels ``main`` (and then raises ``KeyboardInterrupt``), a second
+    one interrupts at once; at the end the tasks still pending are cancelled and async generators closed. Unlike
+    it, the end has a deadline: tasks that are still running ``shutdown_timeout`` seconds after their
+    cancellation (a task that swallows ``CancelledError``) are named in an ERROR and left behind, and the
+    loop closes, so the process can exit.
     """
     try:
         factory = _loop_factory(loop)
-    except InvalidConfigurationError:
+        if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, (int, float)) or not (
+            shutdown_timeout > 0
+        ):
+            raise InvalidConfigurationError(
+                f"run(shutdown_timeout=...): expected seconds > 0, got {shutdown_timeout!r}")
+        if not asyncio.iscoroutine(main):
+            raise TypeError(f"run(main): expected a coroutine, got {type(main).__name__} {main!r}")
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError("kimiha.run() cannot be called from a running event loop; await the coroutine "
+                               "instead")
+    except BaseException:
         if asyncio.iscoroutine(main):
             main.close()  # it will never run: do not leave a "never awaited" warning behind
         raise
-    with asyncio.Runner(loop_factory=factory, debug=debug) as runner:
-        return runner.run(main)
+    ev = factory()
+    try:
+        if debug is not None:
+            ev.set_debug(debug)
+        task = ev.create_task(main)
+        interrupts = 0
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            nonlocal interrupts
+            interrupts += 1
+            if interrupts == 1 and not task.done():
+                task.cancel()
+                ev.call_soon_threadsafe(lambda: None)  # wake the loop if it is waiting in select
+                return
+            raise KeyboardInterrupt()
+
+        handler: Callable[[int, Any], None] | None = None
+        if threading.current_thread() is threading.main_thread() and (
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
+            try:
+                signal.signal(signal.SIGINT, on_sigint)
+                handler = on_sigint
+            except ValueError:  # an embedded interpreter without signal support
+                pass
+        try:
+            return ev.run_until_complete(task)
+        except asyncio.CancelledError:
+            if interrupts > 0 and task.uncancel() == 0:
+                raise KeyboardInterrupt() from None
+            raise
+        finally:
+            if handler is not None and signal.getsignal(signal.SIGINT) is handler:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+    finally:
+        try:
+            bound = float(shutdown_timeout)
+            _cancel_remaining(ev, bound)
+            ev.run_until_complete(_bounded(ev.shutdown_asyncgens(), bound, "closing async generators"))
+            ev.run_until_complete(ev.shutdown_default_executor())
+        finally:
+            ev.close()

@@ -674,3 +674,77 @@ def test_run_defaults_to_uvloop():
     assert kimiha.run(which(), loop="asyncio").startswith("asyncio")
     with pytest.raises(ValueError, match="loop"):
         kimiha.run(which(), loop="trio")
+
+
+# --- nothing leaves silently: unread events at a subscription's close, bools on int channels, lag names -------
+
+
+def test_closing_a_subscription_counts_the_events_it_left_unread(run):
+    """Before: ``sub.close()`` dropped its unread events with no counter anywhere."""
+
+    async def main():
+        bus = make_bus(capacity=8)
+        kept = bus.subscribe(Ev.MD)
+        left = bus.subscribe(Ev.MD)
+        for i in range(3):
+            bus.publish(Ev.MD, Tick(i))
+        assert left.drain(1)[0].seq == 0
+        left.close()
+        assert left.unread_on_close == 2
+        overrun = bus.subscribe(Ev.MD)
+        for i in range(3, 20):  # 17 more on a ring of 8: `overrun` is lagged past its capacity
+            bus.publish(Ev.MD, Tick(i))
+        overrun.close()
+        overrun.close()  # idempotent: counted once
+        assert overrun.unread_on_close == 17  # still in the ring or overwritten alike: never received
+        stats = bus.stats(Ev.MD)
+        assert stats["unread_on_close"] == 19
+        assert kept.backlog == 8 and kept.unread_on_close == 0  # a live subscription is not counted
+        assert [s["unread_on_close"] for s in stats["per_subscriber"]] == [0]
+
+    run(main())
+
+
+def test_a_bool_is_refused_on_an_int_channel_as_its_frame_would_be(run):
+    """Before: ``publish(True)`` was accepted on a ``payload_type=int`` channel (isinstance(True, int)), while
+    ``publish_raw`` of that very event's frame was refused: the two paths disagreed on what the channel holds."""
+
+    class E(EventType):
+        N = "N"
+        B = "B"
+        U = "U"
+
+    async def main():
+        bus = EventBus([(E.N, ChannelConfig(8, payload_type=int)), (E.B, ChannelConfig(8, payload_type=bool)),
+                        (E.U, ChannelConfig(8, payload_type=int | bool))])
+        with pytest.raises(PayloadTypeError, match=r"channel 'N': expected payload of type int, got bool: True"):
+            bus.publish(E.N, True)
+        with pytest.raises(PayloadTypeError, match="got bool"):
+            bus.channel(E.N).publish(False)
+        assert bus.stats(E.N)["published"] == 0
+        assert bus.publish(E.N, 7) == 0
+        with pytest.raises(SerializationError):
+            bus.channel(E.N).publish_raw(msgspec.msgpack.encode(True))
+        bus.publish(E.B, True)  # declared bool, or int | bool: a bool is what the channel holds
+        bus.publish(E.U, True)
+        bus.publish(E.U, 3)
+        assert bus.stats(E.B)["published"] == 1 and bus.stats(E.U)["published"] == 2
+
+    run(main())
+
+
+def test_a_handler_lag_warning_names_the_channel_with_its_description_and_the_remedy(run, caplog):
+    async def main():
+        bus = EventBus([(Ev.MD, ChannelConfig(4, "market ticks", payload_type=Tick))])
+        bus.subscribe(Ev.MD, lambda e: None)
+        for i in range(10):  # the loop does not run during the burst: the handler falls 6 behind
+            bus.publish(Ev.MD, Tick(i))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    with caplog.at_level("WARNING", logger="kimiha.bus"):
+        run(main())
+    lines = [r.getMessage() for r in caplog.records if "lagged" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert """on channel 'MarketData' ("market ticks") lagged: 6 event(s) skipped""" in lines[0]
+    assert "capacity" in lines[0] and "Overflow.BLOCK" in lines[0]

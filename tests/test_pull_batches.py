@@ -204,3 +204,39 @@ def test_anext_on_a_handler_subscription_is_refused_and_takes_nothing_from_the_h
         bus.close()
 
     run(main())
+
+
+# --- max_events: a positive int or None, nothing else -----------------------------------------------------------
+
+
+def test_batch_limits_refuse_what_is_not_a_positive_int_and_name_the_call_and_channel(run):
+    """Before: 0 and negatives silently meant "every event", True meant 1, 10**30 raised a bare OverflowError."""
+
+    async def main():
+        bus = EventBus([(Ev.MD, ChannelConfig(64, "ticks", payload_type=Tick))])
+        sub = bus.subscribe(Ev.MD)
+        for i in range(5):
+            bus.publish(Ev.MD, Tick(i))
+        for bad in (0, -1, -(10**30)):
+            with pytest.raises(ValueError, match=rf"""Subscription.drain\(max_events=...\) on channel 'MarketData' \("ticks"\): expected a positive int, or None for every ready event; got {bad}"""):
+                sub.drain(bad)
+            with pytest.raises(ValueError, match=r"Subscription.batches\(max_events=...\).*got"):
+                sub.batches(bad)
+            with pytest.raises(ValueError, match=r"Subscription.recv_batch\(max_events=...\).*got"):
+                await sub.recv_batch(bad)
+        for bad in (True, 2.0, "3"):
+            with pytest.raises(TypeError, match=rf"drain\(max_events=...\).*got {type(bad).__name__}"):
+                sub.drain(bad)
+            with pytest.raises(TypeError, match=r"recv_batch\(max_events=...\)"):
+                await sub.recv_batch(bad)
+            with pytest.raises(TypeError, match=r"batches\(max_events=...\)"):
+                sub.batches(bad)
+        assert sub.backlog == 5  # every refusal took nothing
+        assert [e.seq for e in sub.drain(2)] == [0, 1]
+        assert [e.seq for e in sub.drain(10**30)] == [2, 3, 4]  # more than can be ready: all that is
+        bus.publish(Ev.MD, Tick(5))
+        assert [e.seq for e in sub.drain(None)] == [5]
+        bus.publish(Ev.MD, Tick(6))
+        assert [e.seq for e in await sub.recv_batch(None)] == [6]
+
+    run(main())

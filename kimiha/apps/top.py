@@ -287,16 +287,26 @@ def render(url: str, snap: Snapshot | None, prev: Snapshot | None, error: str | 
     from rich.text import Text
 
     parts: list[Any] = []
-    header = Text()
-    header.append("kimiha top ", style="bold")
-    header.append(url)
+    # The header's pieces, each kept whole: one that would not fit ``width`` starts a new line (a terminal
+    # wrapping it would cut a URL or a scheduler's name in two).
+    pieces = [Text.assemble(("kimiha top ", "bold"), url)]
     if snap is not None and snap.version:
-        header.append(f"  kimiha {snap.version}")
+        pieces.append(Text(f"kimiha {snap.version}"))
     for name, state in (snap.scheduler_state.items() if snap is not None else ()):
-        header.append(f"  {name}: ")
-        header.append(state, style="green" if state == "running" else "yellow")
+        pieces.append(Text.assemble(f"{name}: ", (state, "green" if state == "running" else "yellow")))
     if interval is not None:  # None: a single view (--once), nothing redraws and no key is read
-        header.append(f"  every {interval:g} s, q quits", style="dim")
+        pieces.append(Text(f"every {interval:g} s, q quits", style="dim"))
+    header = Text()
+    used = 0
+    for piece in pieces:
+        if used and width is not None and used + 2 + len(piece) > width:
+            header.append("\n")
+            used = 0
+        elif used:
+            header.append("  ")
+            used += 2
+        header.append_text(piece)
+        used += len(piece)
     parts.append(header)
     if error is not None:
         since = "" if last_ok is None else f"; last answer {time.monotonic() - last_ok:.0f} s ago, shown below"

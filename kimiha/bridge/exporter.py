@@ -330,7 +330,7 @@ class ChannelExporter(ChannelEndpoint):
 
     def _take_ready(self, limit: int | None, *, bounded: bool = True) -> list[_Frame]:
         try:
-            batch = self._sub.drain(-1 if limit is None else limit)
+            batch = self._sub.drain(limit)
         except ChannelClosed:
             return []
         self._take(batch, bounded=bounded)

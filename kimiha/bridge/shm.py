@@ -551,7 +551,7 @@ class ShmExporter(_ShmEndpoint):
         if self._start < len(self._pending):
             self._wake.notify()  # the ring is full: execute() waits for room
 
-    def _drain(self, limit: int) -> list[Any]:
+    def _drain(self, limit: int | None) -> list[Any]:
         """Take up to ``limit`` frames from the channel (the eager handler stays out while this runs)."""
         self._draining = True
         try:
@@ -725,7 +725,7 @@ class ShmExporter(_ShmEndpoint):
         try:
             while self.failed is None:
                 try:
-                    items = self._drain(-1)
+                    items = self._drain(None)
                 except ChannelClosed:
                     items = []
                 if items:

@@ -7,6 +7,8 @@ Environment variables select build variants:
 * ``KIMIHA_ANNOTATE=1`` -- write ``kimiha/_core.html`` (``cython -a`` annotation).
 * ``KIMIHA_DEBUG=1``    -- keep debug info and symbols (native profiling with ``py-spy --native``, gdb);
   release builds are compiled without debug info and stripped (0.4 MB instead of 2.5 MB).
+* ``KIMIHA_BUILD_JOBS=N`` -- Cython and the C compiler work on the two extensions in N parallel jobs (default:
+  the CPUs this process may use, at most 2; 1 builds one after the other).
 """
 
 import os
@@ -21,6 +23,19 @@ posix = os.name != "nt"
 compile_args = ["-O3"] + ([] if debug else ["-g0"]) if posix else []
 link_args = ["-Wl,--strip-all"] if posix and not debug and sys.platform.startswith("linux") else []
 macros = [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")] if trace else []
+# The two extensions are independent: translating and compiling them side by side takes the longer one's time
+# instead of the sum (about 35 s instead of 60 s on 2 cores; every `pip install .` pays it).
+try:
+    cpus = len(os.sched_getaffinity(0))
+except AttributeError:  # not Linux
+    cpus = os.cpu_count() or 1
+jobs_env = os.environ.get("KIMIHA_BUILD_JOBS", "")
+try:
+    jobs = int(jobs_env) if jobs_env else min(2, cpus)
+except ValueError:
+    jobs = 0
+if jobs < 1:
+    sys.exit(f"setup.py: KIMIHA_BUILD_JOBS: expected a number of parallel jobs >= 1, got {jobs_env!r}")
 
 extensions = [
     Extension(
@@ -43,6 +58,7 @@ if posix:
     )
 
 setup(
+    options={"build_ext": {"parallel": jobs}} if jobs > 1 else {},
     ext_modules=cythonize(
         extensions,
         compiler_directives={
@@ -51,5 +67,6 @@ setup(
             "linetrace": trace,
         },
         annotate=os.environ.get("KIMIHA_ANNOTATE") == "1",
+        nthreads=jobs if jobs > 1 else 0,
     )
 )

@@ -368,14 +368,19 @@ class BinanceExecutorTask(Executor):
     tick_to_trade : LatencyHistogram
         Receive time of the deciding market data -> the order's signed request handed to the HTTP client, ns.
     sent, acked, rejected, reports : int
-        Orders sent, answered 2xx, refused (by the server or before sending), execution reports received.
+        Orders sent, acknowledged (answered 2xx, or found by a query after no answer or a 5xx), refused (by
+        the server or before sending), execution reports received.
     foreign_reports, duplicate_reports, overfills : int
         Reports of orders this executor does not know (another client's, or after their final report), trade
         reports received again (the same trade id; counted once in the fill), trades that took an order past
         its quantity (booked as the server reports them). Each is logged the first time.
     unanswered : int
-        New orders that got no answer (a timeout): the server is asked by client id whether it has them; if
-        it has, its execution reports settle them as usual, otherwise they are refused.
+        New orders that got no answer (a timeout) or a 5xx answer (the execution status is unknown: the
+        order may have been taken): the server is asked by client id whether it has them; if it has (or
+        their final execution report arrives meanwhile), they count as acknowledged and their execution
+        reports settle them as usual, otherwise they are refused. A new order is never sent again after a 5xx
+        or no answer (:class:`BinanceRest` resends a request only after a ``429`` or a ``-1021``, which the
+        server refused without taking it, and with the same client order id).
     errors : list of str
         The first refusals' messages.
     digest : str
@@ -467,7 +472,10 @@ class BinanceExecutorTask(Executor):
             self._refused(cid, order, str(exc), log=False)
             return
         except BinanceUnavailable as exc:
-            if exc.status is None:  # no answer at all: the order may be on the book all the same
+            # No answer at all, or a 5xx: the problem is on the server's side and the order's execution status
+            # is unknown (Binance's API docs): it may be on the book all the same. A 3xx (a redirect, not
+            # followed) never reached the API: refused.
+            if exc.status is None or exc.status >= 500:
                 await self._unanswered(cid, symbol, order, str(exc))
             else:
                 self._refused(cid, order, str(exc))
@@ -475,19 +483,26 @@ class BinanceExecutorTask(Executor):
         except BinanceError as exc:
             self._refused(cid, order, str(exc))
             return
+        self._acknowledged(order)
+
+    def _acknowledged(self, order: Order) -> None:
         self.acked += 1
         self._orders_hash.update(self._encode(order))
 
     async def _unanswered(self, cid: str, symbol: str, order: Order, message: str) -> None:
-        """A new order got no answer (timeout, dropped connection): ask the server whether it has it, by its
-        client id. Known: its execution reports settle it as usual. Unknown: refused. No answer to the
-        queries either: kept as working (counted in ``unanswered``; :meth:`shutdown` names what is left)."""
+        """A new order got no answer (timeout, dropped connection) or a 5xx (its execution status is unknown):
+        ask the server whether it has it, by its client id. Known: its execution reports settle it as usual.
+        Unknown: refused. No answer to the queries either: kept as working (counted in ``unanswered``;
+        :meth:`shutdown` names what is left)."""
         self.unanswered += 1
         logger.warning("%s: order %s: %s; asking the server whether it took the order", self.name, order.order_id,
                        message)
         for attempt in range(1, 4):
             if cid not in self._working:
-                return  # its final execution report arrived meanwhile
+                # Its final execution report arrived meanwhile: the server had it (an order refused leaves
+                # _working only on this path, which returns).
+                self._acknowledged(order)
+                return
             try:
                 await self.client.query_order(symbol, client_order_id=cid)
             except BinanceUnknownOrder:
@@ -497,8 +512,7 @@ class BinanceExecutorTask(Executor):
                 message = str(exc)
                 await asyncio.sleep(backoff_delay(attempt, 0.2, 2.0))
                 continue
-            self.acked += 1
-            self._orders_hash.update(self._encode(order))
+            self._acknowledged(order)
             return
         logger.warning("%s: order %s: still no answer (%s); kept as working until an execution report settles it",
                        self.name, order.order_id, message)

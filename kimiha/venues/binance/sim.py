@@ -648,8 +648,8 @@ class LocalExchange:
         faults = self.faults
         if self.order_503_sent >= faults.order_503 and self.order_503_untaken_sent < faults.order_503_untaken:
             self.order_503_untaken_sent += 1
-            return _error(-1008, "Server is currently overloaded with other requests. Please try again in a few "
-                                 "minutes.", 503)
+            return _error(-1008, "Server is currently overloaded with other requests. Please try again in a "
+                                 "few minutes.", 503)
         now = time.time_ns() // 1_000_000
         cid = params.get("newClientOrderId") or f"sim-{secrets.token_hex(8)}"
         order = SimOrder(order_id=next(self._order_ids), client_order_id=cid, symbol=symbol, side=side,

@@ -412,7 +412,7 @@ def test_duplicated_and_foreign_execution_reports_are_counted_once(caplog: pytes
                   _report(cid, "TRADE", "PARTIALLY_FILLED", 0.4, 0.4, 11),  # the same trade again
                   _report("someone-else", "TRADE", "FILLED", 1.0, 1.0, 99),
                   _report(cid, "TRADE", "FILLED", 0.6, 1.0, 12),
-                  _report(cid, "TRADE", "FILLED", 0.6, 1.0, 12)]:  # again, after the order is done
+                  _report(cid, "TRADE", "FILLED", 0.6, 1.0, 12)]:  # again, after the order is done: known
             ex._on_report(r)
         fills = [ex._out.get_nowait() for _ in range(ex._out.qsize())]
         await rest.close()
@@ -422,7 +422,8 @@ def test_duplicated_and_foreign_execution_reports_are_counted_once(caplog: pytes
         ex, fills = run(main())
     assert len(fills) == 1 and fills[0].qty == pytest.approx(1.0)
     assert ex.account.position == pytest.approx(1.0)
-    assert ex.duplicate_reports == 1 and ex.foreign_reports == 2
+    assert ex.duplicate_reports == 2 and ex.foreign_reports == 1  # the repeat after the final report is known
+    assert ex.late_reports == 0 and ex.reconciled == 0
     assert sum("does not know" in r.getMessage() for r in caplog.records) == 1
     for record in caplog.records:
         assert KEY not in record.getMessage() and SECRET not in record.getMessage()

@@ -28,6 +28,7 @@ import re
 import secrets
 import time
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +65,8 @@ MAINNET_HOSTS = frozenset({
 
 _LISTEN_KEY = re.compile(r"[A-Za-z0-9_-]{1,256}")  # it becomes a URL path segment: nothing else is taken
 _FINAL = frozenset({"FILLED", "CANCELED", "EXPIRED", "REJECTED", "EXPIRED_IN_MATCH"})
+#: Settled orders the executor remembers, to tell a late or repeated report of one from another client's.
+_SETTLED_KEPT = 1024
 
 
 def _canonical_host(url: str) -> str:
@@ -330,7 +333,7 @@ class UserDataStream:
 
 
 class _Working:
-    __slots__ = ("fee", "levels", "maker", "order", "quote_qty", "reports", "filled", "trade_ids")
+    __slots__ = ("fee", "levels", "maker", "order", "quote_qty", "reports", "filled", "trade_ids", "unseen")
 
     def __init__(self, order: Order) -> None:
         self.order = order
@@ -341,6 +344,7 @@ class _Working:
         self.maker = True
         self.reports: list[str] = []
         self.trade_ids: set[int] = set()
+        self.unseen = 0.0  # quantity its final report settled whose trade reports had not arrived
 
 
 class BinanceExecutorTask(Executor):
@@ -368,14 +372,30 @@ class BinanceExecutorTask(Executor):
     tick_to_trade : LatencyHistogram
         Receive time of the deciding market data -> the order's signed request handed to the HTTP client, ns.
     sent, acked, rejected, reports : int
-        Orders sent, answered 2xx, refused (by the server or before sending), execution reports received.
-    foreign_reports, duplicate_reports, overfills : int
-        Reports of orders this executor does not know (another client's, or after their final report), trade
-        reports received again (the same trade id; counted once in the fill), trades that took an order past
-        its quantity (booked as the server reports them). Each is logged the first time.
+        Orders sent, acknowledged (answered 2xx, or found by a query after no answer or a 5xx), refused (by
+        the server or before sending), execution reports received.
+    foreign_reports, duplicate_reports, late_reports, overfills : int
+        Reports of orders this executor does not know (another client's, or of an order settled before the
+        last 1,024 it remembers), trade reports received again (the same trade id, or a trade of a settled
+        order whose quantity its final report did not leave unaccounted for; counted once in the fill),
+        reports of an order that arrived after its final report (a trade the final report's cumulative
+        quantity had already settled: its fee is booked then, its quantity never twice; other reports:
+        nothing to book), trades that took an order past its quantity (booked as the server reports them).
+        Each is logged the first time.
+    reconciled : int
+        Final reports whose cumulative quantity (``z``) exceeded the trades reported so far (an earlier trade
+        report overtaken by the final one): the missing quantity is booked at once, in the account and in
+        the order's fill (as one more level), at the missing cumulative quote (``Z``) over it (at the order's
+        limit price, or the average of the trades seen, from a server that sends no ``Z``). The fee of those
+        unseen trades is not known then: the fill's fee lacks it (and its liquidity is that of the trades
+        seen); the account books the fee when their reports arrive (``late_reports``). Logged the first time.
     unanswered : int
-        New orders that got no answer (a timeout): the server is asked by client id whether it has them; if
-        it has, its execution reports settle them as usual, otherwise they are refused.
+        New orders that got no answer (a timeout) or a 5xx answer (the execution status is unknown: the
+        order may have been taken): the server is asked by client id whether it has them; if it has (or
+        their final execution report arrives meanwhile), they count as acknowledged and their execution
+        reports settle them as usual, otherwise they are refused. A new order is never sent again after a 5xx
+        or no answer (:class:`BinanceRest` resends a request only after a ``429`` or a ``-1021``, which the
+        server refused without taking it, and with the same client order id).
     errors : list of str
         The first refusals' messages.
     digest : str
@@ -407,7 +427,9 @@ class BinanceExecutorTask(Executor):
         self.reports = 0
         self.foreign_reports = 0
         self.duplicate_reports = 0
+        self.late_reports = 0
         self.overfills = 0
+        self.reconciled = 0
         self.unanswered = 0
         self.errors: list[str] = []
         self.fatal: BinanceAuthError | None = None
@@ -417,6 +439,7 @@ class BinanceExecutorTask(Executor):
         self.history: list[tuple[str, str, str]] = []  # (client order id, execution type, status), in order
         self._prefix = f"k{secrets.token_hex(3)}-"
         self._working: dict[str, _Working] = {}
+        self._settled: OrderedDict[str, _Working] = OrderedDict()  # the last _SETTLED_KEPT orders settled
         self._fills = bus.channel(TradingEvent.FILLS)
         self._out: asyncio.Queue[Fill] = asyncio.Queue()
         self._pump: asyncio.Task[None] | None = None
@@ -467,7 +490,10 @@ class BinanceExecutorTask(Executor):
             self._refused(cid, order, str(exc), log=False)
             return
         except BinanceUnavailable as exc:
-            if exc.status is None:  # no answer at all: the order may be on the book all the same
+            # No answer at all, or a 5xx: the problem is on the server's side and the order's execution status
+            # is unknown (Binance's API docs): it may be on the book all the same. A 3xx (a redirect, not
+            # followed) never reached the API: refused.
+            if exc.status is None or exc.status >= 500:
                 await self._unanswered(cid, symbol, order, str(exc))
             else:
                 self._refused(cid, order, str(exc))
@@ -475,19 +501,26 @@ class BinanceExecutorTask(Executor):
         except BinanceError as exc:
             self._refused(cid, order, str(exc))
             return
+        self._acknowledged(order)
+
+    def _acknowledged(self, order: Order) -> None:
         self.acked += 1
         self._orders_hash.update(self._encode(order))
 
     async def _unanswered(self, cid: str, symbol: str, order: Order, message: str) -> None:
-        """A new order got no answer (timeout, dropped connection): ask the server whether it has it, by its
-        client id. Known: its execution reports settle it as usual. Unknown: refused. No answer to the
-        queries either: kept as working (counted in ``unanswered``; :meth:`shutdown` names what is left)."""
+        """A new order got no answer (timeout, dropped connection) or a 5xx (its execution status is unknown):
+        ask the server whether it has it, by its client id. Known: its execution reports settle it as usual.
+        Unknown: refused. No answer to the queries either: kept as working (counted in ``unanswered``;
+        :meth:`shutdown` names what is left)."""
         self.unanswered += 1
         logger.warning("%s: order %s: %s; asking the server whether it took the order", self.name, order.order_id,
                        message)
         for attempt in range(1, 4):
             if cid not in self._working:
-                return  # its final execution report arrived meanwhile
+                # Its final execution report arrived meanwhile: the server had it (an order refused leaves
+                # _working only on this path, which returns).
+                self._acknowledged(order)
+                return
             try:
                 await self.client.query_order(symbol, client_order_id=cid)
             except BinanceUnknownOrder:
@@ -497,8 +530,7 @@ class BinanceExecutorTask(Executor):
                 message = str(exc)
                 await asyncio.sleep(backoff_delay(attempt, 0.2, 2.0))
                 continue
-            self.acked += 1
-            self._orders_hash.update(self._encode(order))
+            self._acknowledged(order)
             return
         logger.warning("%s: order %s: still no answer (%s); kept as working until an execution report settles it",
                        self.name, order.order_id, message)
@@ -527,6 +559,10 @@ class BinanceExecutorTask(Executor):
         self.reports += 1
         work = self._working.get(r.c)
         if work is None:
+            settled = self._settled.get(r.c)
+            if settled is not None:
+                self._late_report(settled, r)
+                return
             self.foreign_reports += 1
             if self.foreign_reports == 1:
                 logger.warning("%s: an executionReport for an order it does not know (client id %r, %s %s); "
@@ -561,6 +597,10 @@ class BinanceExecutorTask(Executor):
             self.account._book_fill(side, r.l, r.L, r.l * r.L, fee)
         if r.X in _FINAL:
             del self._working[r.c]
+            self._reconcile(work, r)
+            self._settled[r.c] = work
+            if len(self._settled) > _SETTLED_KEPT:
+                self._settled.popitem(last=False)
             order = work.order
             filled = work.filled
             if filled > 0:
@@ -574,6 +614,82 @@ class BinanceExecutorTask(Executor):
                                       work.quote_qty / filled if filled else math.nan, work.fee, r.T * 1_000_000,
                                       Liquidity.MAKER if filled and work.maker else Liquidity.TAKER, order.qty,
                                       work.levels, r.s))
+
+    def _reconcile(self, work: _Working, r: ExecutionReport) -> None:
+        """Book what a final report's cumulative quantities (``z``, ``Z``) hold beyond the trades reported so
+        far: trades whose reports the final one overtook (see ``reconciled`` in the class docstring)."""
+        missing = r.z - work.filled
+        if not missing > 1e-9 * r.z:  # in order: the trades seen sum to z (up to rounding)
+            return
+        order = work.order
+        missing_quote = r.Z - work.quote_qty
+        if missing_quote > 0:
+            price = missing_quote / missing
+        else:  # a server that sends no cumulative quote quantity (Binance always does)
+            price = order.price or (work.quote_qty / work.filled if work.filled else math.nan)
+            missing_quote = missing * price
+        if not (price > 0 and math.isfinite(price)):
+            logger.warning("%s: order %s: its final report (%s, cumulative %g) came before trades of %g it "
+                           "had not seen, and carries no cumulative quote quantity to price them: not booked",
+                           self.name, r.c, r.X, r.z, missing)
+            return
+        self.reconciled += 1
+        if self.reconciled == 1:
+            logger.warning("%s: order %s: its final report (%s, cumulative %g) came before trades it had "
+                           "not seen (it had seen %g): booked %g at %g (the reported cumulative quote); "
+                           "their fee is booked when their reports arrive (counted in reconciled)", self.name,
+                           r.c, r.X, r.z, work.filled, missing, price)
+        if work.filled <= order.qty * (1 + 1e-9) < r.z:  # (trades seen past it were counted already)
+            self.overfills += 1
+            if self.overfills == 1:
+                logger.warning("%s: order %s: trades of %g take it past its quantity %g; booked as the "
+                               "server reports them", self.name, r.c, r.z, order.qty)
+        work.filled = r.z
+        work.quote_qty += missing_quote
+        work.unseen = missing
+        work.levels += 1
+        self.account._book_fill(Side.BUY if r.S == "BUY" else Side.SELL, missing, price, missing_quote, 0.0)
+
+    def _late_report(self, work: _Working, r: ExecutionReport) -> None:
+        """A report of an order already settled: a trade its final report overtook (its quantity booked
+        then: its fee is booked now), a repeated trade (counted once), or a stale status report (nothing to
+        book). A trade past what is booked (its final report could not be priced, or a server reporting
+        trades past the final cumulative quantity) is booked whole, as the server reports it."""
+        trade = r.x == "TRADE" and r.l > 0
+        covered = trade and r.l <= work.unseen * (1 + 1e-9) + 1e-12
+        beyond = trade and not covered and r.z > work.filled * (1 + 1e-9)
+        if trade and ((r.t >= 0 and r.t in work.trade_ids) or not (covered or beyond)):
+            self.duplicate_reports += 1
+            if self.duplicate_reports == 1:
+                logger.warning("%s: order %s: trade %d (cumulative %g) reported again after its final "
+                               "report; counted once", self.name, r.c, r.t, r.z)
+            return
+        self.late_reports += 1
+        self.history.append((r.c, r.x, r.X))
+        work.reports.append(r.x)
+        fee = _fee_in_quote(r) if trade else 0.0
+        if r.t >= 0 and trade:
+            work.trade_ids.add(r.t)
+        if covered:
+            work.unseen = max(work.unseen - r.l, 0.0)
+            self.account.fees_paid += fee  # the quantity and the quote were booked with the final report
+            self.account.cash -= fee
+            done = f"its quantity was booked with the final report, its fee {fee:g} now"
+        elif beyond:
+            if work.filled + r.l > work.order.qty * (1 + 1e-9):
+                self.overfills += 1
+                if self.overfills == 1:
+                    logger.warning("%s: order %s: trades of %g take it past its quantity %g; booked as the "
+                                   "server reports them", self.name, r.c, work.filled + r.l, work.order.qty)
+            work.filled += r.l
+            self.account._book_fill(Side.BUY if r.S == "BUY" else Side.SELL, r.l, r.L, r.l * r.L, fee)
+            done = "its final report had not covered it: booked now (its fill was published without it)"
+        else:
+            done = "nothing to book"
+        if self.late_reports == 1:
+            what = f"trade {r.t} of {r.l:g} at {r.L:g} (cumulative {r.z:g})" if trade else f"a {r.x} report"
+            logger.warning("%s: order %s: %s arrived after its final report; %s (counted in late_reports)",
+                           self.name, r.c, what, done)
 
     @property
     def working(self) -> int:

@@ -13,7 +13,7 @@
   trade reaches its price) and sends ``executionReport`` events on a user data stream (``POST
   /api/v3/userDataStream`` for a listen key, then ``/ws/<listenKey>``); keeps each key's account;
 * injects faults on demand (:class:`SimFaults`): a diff not sent, the socket closed mid-stream, a stream gone
-  silent, server pings, ``429`` answers with ``Retry-After``.
+  silent, server pings, ``429`` answers with ``Retry-After``, ``503`` answers to new orders it took (or not).
 
 It binds 127.0.0.1 only. ``python -m kimiha live --sim`` runs it with the whole live path; tests start their own
 on a free port. Simplifications: no market impact (the recording's book is what orders trade against; a fill
@@ -83,6 +83,12 @@ class SimFaults(msgspec.Struct, kw_only=True):
         or without a client), wait for :meth:`LocalExchange.resume`: the book stands still at a known point of
         the recording while a test reads it and sends orders against it, however slowly the orders travel.
         :meth:`~LocalExchange.resume` releases both holds (an exchange resumed does not hold again).
+    order_503 : int
+        Take the first this-many new orders (matched, reported on the user data stream, kept) and then answer
+        them ``503`` with ``-1007`` ("execution status unknown"), as Binance does when its backend's answer
+        is late: the client cannot tell from the answer whether the order exists.
+    order_503_untaken : int
+        Then answer this many new orders ``503`` with ``-1008`` (server busy) without taking them.
     """
 
     drop_diffs: list[int] = []
@@ -94,6 +100,8 @@ class SimFaults(msgspec.Struct, kw_only=True):
     depth_429: int = 0
     depth_418: int = 0
     retry_after: int = 1
+    order_503: int = 0
+    order_503_untaken: int = 0
 
 
 class SimOrder(msgspec.Struct, kw_only=True):
@@ -180,6 +188,8 @@ class LocalExchange:
         Set when the recording has been played to its end.
     played, messages_sent, diffs_sent, diffs_dropped, closes, pongs, depth_requests, depth_429_sent : int
         Counters of what the server did.
+    order_503_sent, order_503_untaken_sent : int
+        New orders answered ``503`` after being taken, and without being taken (see :class:`SimFaults`).
     depth_request_times : list of float
         ``time.monotonic()`` of each depth request (what tests of ``Retry-After`` compare).
     orders : dict
@@ -234,6 +244,8 @@ class LocalExchange:
         self.depth_requests = 0
         self.depth_429_sent = 0
         self.depth_418_sent = 0
+        self.order_503_sent = 0
+        self.order_503_untaken_sent = 0
         self._snapshot_served = False
         self.depth_request_times: list[float] = []
         self.bad_signatures = 0
@@ -633,6 +645,11 @@ class LocalExchange:
         book = self.books.get(symbol)
         if book is None or not book.is_live:
             return _error(-1121, "Invalid symbol.")
+        faults = self.faults
+        if self.order_503_sent >= faults.order_503 and self.order_503_untaken_sent < faults.order_503_untaken:
+            self.order_503_untaken_sent += 1
+            return _error(-1008, "Server is currently overloaded with other requests. Please try again in a "
+                                 "few minutes.", 503)
         now = time.time_ns() // 1_000_000
         cid = params.get("newClientOrderId") or f"sim-{secrets.token_hex(8)}"
         order = SimOrder(order_id=next(self._order_ids), client_order_id=cid, symbol=symbol, side=side,
@@ -661,6 +678,10 @@ class LocalExchange:
                 self._report(order, "EXPIRED")
             else:
                 self._resting.append(order)
+        if self.order_503_sent < faults.order_503:  # taken, reported, kept: only the answer is lost
+            self.order_503_sent += 1
+            return _error(-1007, "Timeout waiting for response from backend server. Send status unknown; "
+                                 "execution status unknown.", 503)
         return web.json_response(self._order_json(order), headers=self._weight(1))
 
     def _fill(self, order: SimOrder, px: float, qty: float, *, maker: bool) -> None:

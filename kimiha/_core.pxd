@@ -175,4 +175,5 @@ cdef class Subscription:
     cdef int check_pull(self) except -1
     cdef object park(self)
     cdef list drain_c(self, Py_ssize_t max_events)
+    cdef void count_unread(self) noexcept
     cdef void unpark(self, object fut)

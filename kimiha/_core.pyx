@@ -23,6 +23,7 @@ import collections.abc
 import functools
 import inspect
 import logging
+import operator
 import threading
 import types
 import weakref
@@ -136,6 +137,7 @@ cdef object _MethodType = types.MethodType
 #: What a sync handler may return only by mistake: a body that did not run (it runs when awaited or iterated).
 cdef tuple _Unrun = (collections.abc.Coroutine, types.GeneratorType, types.AsyncGeneratorType)
 cdef object _FunctionType = types.FunctionType
+cdef object _index = operator.index
 cdef object _partial = functools.partial
 cdef object _iscoroutinefunction = inspect.iscoroutinefunction
 cdef object _isgeneratorfunction = inspect.isgeneratorfunction
@@ -337,11 +339,16 @@ cdef Py_ssize_t _batch_limit(object max_events, str method, Channel ch) except -
     cdef object n
     if max_events is None:
         return -1
-    if isinstance(max_events, bool) or not hasattr(type(max_events), "__index__"):
+    n = None
+    if not isinstance(max_events, bool):
+        try:
+            n = _index(max_events)
+        except TypeError:
+            pass
+    if n is None:
         raise TypeError(
             f"Subscription.{method}(max_events=...) on channel {ch.label()}: expected a positive int, or None "
             f"for every ready event; got {type(max_events).__name__} {_safe_repr(max_events, 100)}")
-    n = max_events.__index__()
     if n < 1:
         raise ValueError(
             f"Subscription.{method}(max_events=...) on channel {ch.label()}: expected a positive int, or None "
@@ -1774,6 +1781,7 @@ cdef class Subscription:
         Raise ``Lagged`` (once) before returning events that follow a lag, and ``ChannelClosed`` only when
         no event is left.
         """
+        self.check_pull()     # a handler subscription is refused first, whatever the limit (as batches() does)
         return self.drain_c(_batch_limit(max_events, "drain", self.channel))
 
     cdef list drain_c(self, Py_ssize_t max_events):
@@ -1805,8 +1813,8 @@ cdef class Subscription:
     async def recv_batch(self, max_events=None):
         """Wait until at least one event is ready, then return every ready event (at most ``max_events``, a
         positive int, if given)."""
-        cdef Py_ssize_t limit = _batch_limit(max_events, "recv_batch", self.channel)
         self.check_pull()
+        cdef Py_ssize_t limit = _batch_limit(max_events, "recv_batch", self.channel)
         while True:
             batch = self.drain_c(limit)
             if batch:
@@ -1889,14 +1897,23 @@ cdef class Subscription:
         if self.closed:
             return
         self.closed = True
-        self.unread_on_close = self.channel.tail - self.cursor
-        self.channel.unread_on_close += self.unread_on_close
+        self.count_unread()
         fut = self.waiter
         if fut is not None:
             self.unpark(fut)
             if not fut.done():
                 fut.set_result(None)
         self.channel.detach(self)
+
+    cdef void count_unread(self) noexcept:
+        self.unread_on_close = self.channel.tail - self.cursor
+        self.channel.unread_on_close += self.unread_on_close
+
+    def __dealloc__(self):
+        # A pull subscription dropped without close() (the channel holds it weakly): its unread events count
+        # as a close's would. (In a cycle the collector may have cleared `channel` first: nothing to count.)
+        if not self.closed and self.channel is not None:
+            self.count_unread()
 
     def __enter__(self):
         return self

@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 
 from kimiha.error import InvalidConfigurationError
+from kimiha.types import _msgspec_dec_hook
 
 __all__ = ["ChannelConfig", "Dispatch", "Overflow", "MAX_CAPACITY", "DEFAULT_LATENCY_SAMPLE"]
 
@@ -44,6 +45,8 @@ class Dispatch(enum.Enum):
     INLINE = "inline"
 
 
+_PROBE = msgspec.msgpack.encode(None)
+
 _NONE_PAYLOAD = (
     "ChannelConfig.payload_type: expected payload types that exclude None, got {payload_type!r}: a payload "
     "is never None (try_recv() answers None for 'nothing ready', so a None event would be taken and lost); "
@@ -53,6 +56,10 @@ _NONE_PAYLOAD = (
 
 def _payload_classes(payload_type: Any) -> tuple[type, ...]:
     """Return the classes an ``isinstance`` check must accept for ``payload_type``."""
+    if payload_type is typing.Any or payload_type is object:
+        raise InvalidConfigurationError(
+            f"ChannelConfig.payload_type: {payload_type!r} would accept every payload; leave payload_type=None "
+            f"for any payload (which also refuses None, and carries frames of any msgspec-encodable value)")
     if payload_type is types.NoneType:
         raise InvalidConfigurationError(_NONE_PAYLOAD.format(payload_type=payload_type))
     if isinstance(payload_type, type):
@@ -146,11 +153,21 @@ class ChannelConfig:
         if payload_type is not None:
             classes = _payload_classes(payload_type)
             try:
-                msgspec.msgpack.Decoder(payload_type)
+                decoder = msgspec.msgpack.Decoder(payload_type, dec_hook=_msgspec_dec_hook)
             except (TypeError, ValueError) as exc:
                 raise InvalidConfigurationError(
                     f"ChannelConfig.payload_type: {payload_type!r} cannot be decoded by msgspec: {exc}"
                 ) from None
+            try:  # a type msgspec accepts only through the hook (object, an ABC ...) decodes no frame at all
+                decoder.decode(_PROBE)
+            except NotImplementedError:
+                raise InvalidConfigurationError(
+                    f"ChannelConfig.payload_type: msgspec cannot decode frames of {payload_type!r} (bridges, "
+                    f"journals and publish_raw could not carry it); declare concrete types (msgspec.Struct, int, "
+                    f"str ...), or None for any payload"
+                ) from None
+            except (msgspec.ValidationError, msgspec.DecodeError, ValueError, TypeError):
+                pass  # the probe is no payload of the type: expected
         self.capacity = capacity
         self.description = description
         self.overflow = overflow

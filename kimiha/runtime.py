@@ -3,13 +3,17 @@
 :func:`run` is ``asyncio.run`` with a choice of loop and one difference: the end is bounded. ``asyncio.run``
 cancels the tasks left when ``main`` ends and then waits for them without a limit, so one task that swallows
 its ``CancelledError`` in a loop keeps the process from ever exiting. Here they get ``shutdown_timeout``
-seconds; a task still running then is named in an ERROR and left behind, and the loop closes.
+seconds; a task still running then is named in an ERROR and left behind, and the loop closes. Closing async
+generators and shutting the default executor down get the same deadline each. (A thread of that executor still
+running at its deadline cannot be stopped: ``run`` returns, and the interpreter waits for the thread at exit,
+as it always does for executor threads.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import threading
 import time
@@ -77,8 +81,11 @@ def _cancel_remaining(loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         if left:
             names = ", ".join(sorted(_task_name(t) for t in left))
             logger.error(
-                "kimiha.run(): %d task(s) still running %.3g s after they were cancelled (they ignore "
-                "cancellation); left behind so that the loop can close: %s", len(left), timeout, names)
+                "kimiha.run(): %d task(s) did not finish within %.3g s of their cancellation (they ignore it, or "
+                "clean up for longer; shutdown_timeout= gives more time); left behind so that the loop can "
+                "close: %s", len(left), timeout, names)
+            for task in left:
+                _quiet(task)
             break
     for task in waited:
         if task.done() and not task.cancelled() and task.exception() is not None:
@@ -89,11 +96,26 @@ def _cancel_remaining(loop: asyncio.AbstractEventLoop, timeout: float) -> None:
             })
 
 
-async def _bounded(aw: Coroutine[Any, Any, None], timeout: float, what: str) -> None:
+def _quiet(task: asyncio.Task[Any]) -> None:
+    """A task left behind was named in an ERROR: no "Task was destroyed but it is pending!" for it too."""
     try:
-        await asyncio.wait_for(aw, timeout)
-    except TimeoutError:
-        logger.error("kimiha.run(): %s did not finish within %.3g s; the loop closes without them", what, timeout)
+        task._log_destroy_pending = False  # type: ignore[attr-defined]
+    except AttributeError:  # pragma: no cover - a Task implementation without the flag
+        pass
+
+
+async def _bounded(aw: Coroutine[Any, Any, None], timeout: float, what: str) -> None:
+    """Await ``aw`` for at most ``timeout`` s, then go on without it: it is left pending, not cancelled (an
+    async generator that ignores cancellation would keep ``wait_for`` waiting forever, and a cancelled executor
+    shutdown joins its thread on the loop's own thread)."""
+    task = asyncio.ensure_future(aw)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if task in done:
+        task.result()
+        return
+    _quiet(task)
+    logger.error("kimiha.run(): %s did not finish within %.3g s; the loop closes without waiting for it",
+                 what, timeout)
 
 
 def run(main: Coroutine[Any, Any, T], *, loop: str = "uvloop", debug: bool | None = None,
@@ -104,15 +126,21 @@ def run(main: Coroutine[Any, Any, T], *, loop: str = "uvloop", debug: bool | Non
     one interrupts at once; at the end the tasks still pending are cancelled and async generators closed. Unlike
     it, the end has a deadline: tasks that are still running ``shutdown_timeout`` seconds after their
     cancellation (a task that swallows ``CancelledError``) are named in an ERROR and left behind, and the
-    loop closes, so the process can exit.
+    loop closes, so the process can exit. Closing async generators and shutting the default executor down
+    get ``shutdown_timeout`` each too (see the module's docstring for executor threads).
     """
     try:
         factory = _loop_factory(loop)
-        if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, (int, float)) or not (
-            shutdown_timeout > 0
-        ):
+        try:
+            if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, (int, float)):
+                raise TypeError
+            bound = float(shutdown_timeout)
+        except (TypeError, OverflowError):
+            bound = math.nan
+        if not bound > 0:
             raise InvalidConfigurationError(
-                f"run(shutdown_timeout=...): expected seconds > 0, got {shutdown_timeout!r}")
+                f"run(shutdown_timeout=...): expected seconds > 0 (a float or an int), got "
+                f"{type(shutdown_timeout).__name__} {shutdown_timeout!r:.100}")
         if not asyncio.iscoroutine(main):
             raise TypeError(f"run(main): expected a coroutine, got {type(main).__name__} {main!r}")
         try:
@@ -162,9 +190,10 @@ def run(main: Coroutine[Any, Any, T], *, loop: str = "uvloop", debug: bool | Non
                 signal.signal(signal.SIGINT, signal.default_int_handler)
     finally:
         try:
-            bound = float(shutdown_timeout)
             _cancel_remaining(ev, bound)
             ev.run_until_complete(_bounded(ev.shutdown_asyncgens(), bound, "closing async generators"))
-            ev.run_until_complete(ev.shutdown_default_executor())
+            ev.run_until_complete(_bounded(ev.shutdown_default_executor(), bound,
+                                           "shutting down the default executor (a thread of run_in_executor "
+                                           "still runs: the interpreter waits for it at exit)"))
         finally:
             ev.close()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import threading
 
 import msgspec
+import numbers
 import pytest
+import typing
 
 import kimiha
 from kimiha import (
@@ -701,6 +704,11 @@ def test_closing_a_subscription_counts_the_events_it_left_unread(run):
         assert stats["unread_on_close"] == 19
         assert kept.backlog == 8 and kept.unread_on_close == 0  # a live subscription is not counted
         assert [s["unread_on_close"] for s in stats["per_subscriber"]] == [0]
+        dropped = bus.subscribe(Ev.MD)
+        bus.publish(Ev.MD, Tick(20))
+        del dropped  # never closed: its unread event counts when it goes (adversarial trial)
+        gc.collect()
+        assert bus.stats(Ev.MD)["unread_on_close"] == 20
 
     run(main())
 
@@ -748,3 +756,19 @@ def test_a_handler_lag_warning_names_the_channel_with_its_description_and_the_re
     assert len(lines) == 1, lines
     assert """on channel 'MarketData' ("market ticks") lagged: 6 event(s) skipped""" in lines[0]
     assert "capacity" in lines[0] and "Overflow.BLOCK" in lines[0]
+
+
+@pytest.mark.parametrize("payload_type", [typing.Any, object])
+def test_a_payload_type_that_accepts_everything_is_refused_for_none(payload_type):
+    """Before: ``typing.Any`` was accepted, then every publish raised a bare TypeError from isinstance;
+    ``object`` was accepted, then every raw frame was refused (bridges and journals could not carry it)."""
+    with pytest.raises(kimiha.InvalidConfigurationError, match=r"would accept every payload; leave payload_type=None"):
+        ChannelConfig(8, payload_type=payload_type)
+
+
+def test_a_payload_type_msgspec_cannot_decode_frames_of_is_refused_at_config():
+    with pytest.raises(kimiha.InvalidConfigurationError,
+                       match=r"msgspec cannot decode frames of <class 'numbers.Integral'>.*or None for any payload"):
+        ChannelConfig(8, payload_type=numbers.Integral)
+    ChannelConfig(8, payload_type=int | str)  # concrete types still pass
+    ChannelConfig(8, payload_type=Tick)

@@ -240,3 +240,33 @@ def test_batch_limits_refuse_what_is_not_a_positive_int_and_name_the_call_and_ch
         assert [e.seq for e in await sub.recv_batch(None)] == [6]
 
     run(main())
+
+
+def test_a_misbehaving_index_is_refused_with_the_call_and_a_handler_subscription_first(run):
+    """Adversarial trial: ``__index__`` returning a float or a str gave bare TypeErrors naming neither the call nor
+    the channel; and drain(0) on a handler subscription raised the limit's error where batches(0) raised the
+    handler's."""
+
+    class BadIndex:
+        def __init__(self, value):
+            self.value = value
+
+        def __index__(self):
+            return self.value
+
+    async def main():
+        bus = EventBus([(Ev.MD, ChannelConfig(64, "ticks", payload_type=Tick))])
+        sub = bus.subscribe(Ev.MD)
+        for bad in (BadIndex(2.5), BadIndex("x")):
+            with pytest.raises(TypeError, match=r"Subscription.drain\(max_events=...\) on channel 'MarketData'.*got BadIndex"):
+                sub.drain(bad)
+        bus.publish(Ev.MD, Tick(0))
+        assert [e.seq for e in sub.drain(BadIndex(3))] == [0]  # a well-behaved __index__ is an int
+        handler = bus.subscribe(Ev.MD, lambda e: None)
+        for call in (lambda: handler.drain(0), lambda: handler.batches(0)):
+            with pytest.raises(InvalidStateError, match="cannot be received from"):
+                call()
+        with pytest.raises(InvalidStateError, match="cannot be received from"):
+            await handler.recv_batch(0)
+
+    run(main())

@@ -320,19 +320,20 @@ def test_top_once_has_no_redraw_hint():
 def test_top_header_breaks_between_its_pieces_never_inside_one():
     """Before: at 80 columns the header was one text the terminal wrapped wherever it was full, cutting a
     scheduler's "name: state" (or the URL) in two."""
+    from rich.cells import cell_len
     from rich.console import Console
 
     from kimiha.apps.top import render
 
     now, before = demo_snapshots()
     now.scheduler_state = {"connector-scheduler": "running", "strategy-scheduler": "stopping",
-                           "executor-scheduler": "running"}
+                           "executor-scheduler": "running", "取引スケジューラ": "running"}
     url = "http://127.0.0.1:9464/metrics"
     for width in (60, 80, 100):
         console = Console(width=width, record=True, file=open(os.devnull, "w"), color_system=None)
         console.print(render(url, now, before, None, 2.0, 1.0, console.width))
         lines = console.export_text().splitlines()
-        assert max(len(line) for line in lines) <= width
-        for piece in (f"kimiha top {url}", "kimiha 0.2.0", "connector-scheduler: running",
+        assert max(cell_len(line) for line in lines) <= width  # screen columns: a wide character takes two
+        for piece in (f"kimiha top {url}", "kimiha 0.2.0", "取引スケジューラ: running", "connector-scheduler: running",
                       "strategy-scheduler: stopping", "executor-scheduler: running", "every 1 s, q quits"):
             assert any(piece in line for line in lines), (width, piece, lines[:4])

@@ -299,14 +299,14 @@ def render(url: str, snap: Snapshot | None, prev: Snapshot | None, error: str | 
     header = Text()
     used = 0
     for piece in pieces:
-        if used and width is not None and used + 2 + len(piece) > width:
+        if used and width is not None and used + 2 + piece.cell_len > width:
             header.append("\n")
             used = 0
         elif used:
             header.append("  ")
             used += 2
         header.append_text(piece)
-        used += len(piece)
+        used += piece.cell_len  # screen columns: a wide character takes two
     parts.append(header)
     if error is not None:
         since = "" if last_ok is None else f"; last answer {time.monotonic() - last_ok:.0f} s ago, shown below"

@@ -5,7 +5,9 @@
 * ``benchmarks/README.md``, ``RELIABILITY.md``: every line of every ```` ```bash ```` block is a command (blank
   lines and ``#`` comment lines aside; a trailing ``  # comment`` is dropped). ``python .ci/doc_commands.py
   run FILE ...`` runs each in bash from the repository root, in order, prints its wall time and stops at the
-  first that fails.
+  first that fails. With ``--suite-ran``, a command that is nothing but ``pytest`` of test files (``-q`` /
+  ``-s`` at most: no marker, no selection, no environment) is not run again: the README's test command ran the
+  whole suite in this environment just before (CI on 3.11), those files included; the line says so.
 
 Stdlib only: it runs before anything is installed.
 """
@@ -46,7 +48,11 @@ def bash_commands(path: pathlib.Path) -> list[str]:
     return commands
 
 
-def run(paths: list[str]) -> int:
+#: ``pytest tests/x.py [tests/y.py ...] [-q] [-s]``: what the whole suite already covers.
+SUITE_SUBSET = re.compile(r"^pytest(\s+tests/[\w/]+\.py)+(\s+-[qs])*$")
+
+
+def run(paths: list[str], suite_ran: bool = False) -> int:
     total = time.monotonic()
     for name in paths:
         path = (ROOT / name).resolve()
@@ -55,6 +61,10 @@ def run(paths: list[str]) -> int:
             print(f"doc_commands: {name} has no ```bash block: nothing it claims to run", file=sys.stderr)
             return 1
         for command in commands:
+            if suite_ran and SUITE_SUBSET.match(command):
+                print(f"\n-- {name}: $ {command}\n-- {name}: not run again: these test files ran in the whole "
+                      f"suite (the README's test command) in this environment", flush=True)
+                continue
             print(f"\n-- {name}: $ {command}", flush=True)
             started = time.monotonic()
             rc = subprocess.run(["bash", "-c", f"set -eo pipefail; {command}"], cwd=ROOT).returncode
@@ -76,8 +86,11 @@ def main(argv: list[str]) -> int:
             print("\n".join(bash_commands(ROOT / name)))
         return 0
     if argv[:1] == ["run"] and len(argv) > 1:
-        return run(argv[1:])
-    print("usage: doc_commands.py readme main|tests | list FILE... | run FILE...", file=sys.stderr)
+        suite_ran = "--suite-ran" in argv[1:]
+        files = [a for a in argv[1:] if a != "--suite-ran"]
+        if files:
+            return run(files, suite_ran)
+    print("usage: doc_commands.py readme main|tests | list FILE... | run [--suite-ran] FILE...", file=sys.stderr)
     return 2
 
 

@@ -69,6 +69,10 @@ def _payload_classes(payload_type: Any) -> tuple[type, ...]:
         if types.NoneType in members:
             raise InvalidConfigurationError(_NONE_PAYLOAD.format(payload_type=payload_type))
         for member in members:
+            if member is typing.Any or member is object:
+                raise InvalidConfigurationError(
+                    f"ChannelConfig.payload_type: {payload_type!r} holds {member!r}, which would accept every "
+                    f"payload; leave payload_type=None for any payload")
             if not isinstance(member, type):
                 raise InvalidConfigurationError(
                     f"ChannelConfig.payload_type: expected a type or a Union of types, got member "

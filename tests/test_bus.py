@@ -758,11 +758,12 @@ def test_a_handler_lag_warning_names_the_channel_with_its_description_and_the_re
     assert "capacity" in lines[0] and "Overflow.BLOCK" in lines[0]
 
 
-@pytest.mark.parametrize("payload_type", [typing.Any, object])
+@pytest.mark.parametrize("payload_type", [typing.Any, object, typing.Union[int, typing.Any], int | object])
 def test_a_payload_type_that_accepts_everything_is_refused_for_none(payload_type):
     """Before: ``typing.Any`` was accepted, then every publish raised a bare TypeError from isinstance;
     ``object`` was accepted, then every raw frame was refused (bridges and journals could not carry it)."""
-    with pytest.raises(kimiha.InvalidConfigurationError, match=r"would accept every payload; leave payload_type=None"):
+    with pytest.raises(kimiha.InvalidConfigurationError,
+                       match=r"would accept every payload; leave payload_type=None for any payload"):
         ChannelConfig(8, payload_type=payload_type)
 
 

@@ -518,10 +518,10 @@ cdef class Channel:
         if self.payload_classes is None:
             if payload is None:
                 raise PayloadTypeError(
-                    f"channel {self.name!r}: expected a payload, got None; nothing was written")
+                    f"channel {self.label()}: expected a payload, got None; nothing was written")
         elif not isinstance(payload, self.payload_classes) or (self.refuse_bool and type(payload) is bool):
             raise PayloadTypeError(
-                f"channel {self.name!r}: expected payload of type {_type_name(self.payload_classes)}, "
+                f"channel {self.label()}: expected payload of type {_type_name(self.payload_classes)}, "
                 f"got {type(payload).__name__}: {_safe_repr(payload, 200)}; nothing was written")
         return 0
 

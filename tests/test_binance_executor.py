@@ -68,10 +68,13 @@ def excerpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ------------------------------------------------------------------------------------- 5xx to a new order
+@pytest.mark.parametrize("status", [503, 400], ids=["http-503", "http-400"])
 @pytest.mark.parametrize("first", ["answer", "report"], ids=["503-before-reports", "reports-before-503"])
-def test_a_503_to_a_new_order_is_looked_up_not_counted_as_refused(excerpt: Path, first: str,
+def test_a_503_to_a_new_order_is_looked_up_not_counted_as_refused(excerpt: Path, first: str, status: int,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Order 1: the exchange takes it (it fills at once) and answers 503 (-1007, execution status unknown).
+    ``status`` 400: the same -1007 under a 4xx status (Binance's docs: the status is unknown whatever the HTTP
+    status; it was refused as a bad request before).
     Order 2: the exchange answers 503 (-1008) without taking it. Order 1 must be settled by its execution
     reports (its fill reaches the strategy, the account follows the exchange's), order 2 refused once.
 
@@ -90,7 +93,7 @@ def test_a_503_to_a_new_order_is_looked_up_not_counted_as_refused(excerpt: Path,
         monkeypatch.setattr(LocalExchange, "_new_order", answer_after_the_report)
 
     async def main() -> tuple[BinanceExecutorTask, LocalExchange, list[Fill | None]]:
-        faults = SimFaults(order_503=1, order_503_untaken=1)
+        faults = SimFaults(order_503=1, order_503_untaken=1, order_unknown_status=status)
         async with LocalExchange(excerpt, speed=None, start_on_connect=False, faults=faults) as ex:
             await until(lambda: "BTCUSDT" in ex.books and ex.books["BTCUSDT"].is_live, "the exchange's book")
             bus = EventBus(trading_channels())

@@ -723,9 +723,10 @@ def test_a_bool_is_refused_on_an_int_channel_as_its_frame_would_be(run):
         U = "U"
 
     async def main():
-        bus = EventBus([(E.N, ChannelConfig(8, payload_type=int)), (E.B, ChannelConfig(8, payload_type=bool)),
-                        (E.U, ChannelConfig(8, payload_type=int | bool))])
-        with pytest.raises(PayloadTypeError, match=r"channel 'N': expected payload of type int, got bool: True"):
+        bus = EventBus([(E.N, ChannelConfig(8, "counts", payload_type=int)),
+                        (E.B, ChannelConfig(8, payload_type=bool)), (E.U, ChannelConfig(8, payload_type=int | bool))])
+        refused = r"""channel 'N' \("counts"\): expected payload of type int, got bool: True"""
+        with pytest.raises(PayloadTypeError, match=refused):
             bus.publish(E.N, True)
         with pytest.raises(PayloadTypeError, match="got bool"):
             bus.channel(E.N).publish(False)

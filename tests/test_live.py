@@ -532,6 +532,8 @@ def test_error_codes_map_to_kimiha_errors() -> None:
     assert isinstance(err(-2010), BinanceOrderRejected)
     assert isinstance(err(-2013), BinanceUnknownOrder) and isinstance(err(-2011), BinanceUnknownOrder)
     assert isinstance(err(-1100), BinanceBadRequest) and isinstance(err(-1013), BinanceBadRequest)
+    # "execution status unknown" whatever the HTTP status says (a plain BinanceError under a 4xx before)
+    assert isinstance(err(-1006), BinanceUnavailable) and isinstance(err(-1007, 400), BinanceUnavailable)
     garbage = error_from_answer(502, b"<html>bad gateway</html>", "GET /api/v3/depth")
     assert isinstance(garbage, BinanceUnavailable) and "expected a JSON error" in str(garbage)
 
@@ -628,6 +630,16 @@ def test_cli_live_sim_with_binance_executor(excerpt: Path, capsys: pytest.Captur
     ours, theirs = agreement["pnl_at_our_marks"]
     assert ours == pytest.approx(theirs, abs=1e-5) and out["pnl"]["total"] == pytest.approx(ours, abs=1e-5)
     assert len(out["digest"]) == 64
+    # the executor's counters of ambiguous answers and unusual reports are in the summary; the text shows
+    # them once one is not zero (before: neither showed, so a reconciled or late report left no trace there)
+    from kimiha.apps.live import format_live_summary
+
+    reports = out["order_reports"]
+    assert reports["reports"] > 0 and reports["unanswered"] == reports["late_reports"] == 0, reports
+    assert "order answers and reports" not in format_live_summary(out)
+    out["order_reports"] = {**reports, "reconciled": 1, "late_reports": 2}
+    text = format_live_summary(out)
+    assert "order answers and reports: " in text and "reconciled 1" in text and "late 2" in text, text
 
 
 # ---------------------------------------------------------------------------------------------- several symbols

@@ -523,6 +523,10 @@ def _status_text(elapsed: float, feed: BinanceLiveFeed, pipelines: list[_Pipelin
     return text
 
 
+#: The Binance executor's counters of ambiguous answers and unusual reports, in the summary (see its docstring).
+_REPORT_COUNTERS = ("reports", "unanswered", "reconciled", "late_reports", "duplicate_reports", "foreign_reports",
+                    "overfills")
+
 #: Tick-to-trade (p99) above this is reported as the pipeline falling behind the stream.
 SLOW_TICK_TO_TRADE_US = 100_000.0
 
@@ -558,6 +562,8 @@ def _pipeline_summary(p: _Pipeline) -> dict[str, Any]:
         "orders": p.strategy.logic.orders,
         "fills": account.fills,
         "rejected": p.execution.rejected,
+        # the Binance executor's view of the exchange's answers and reports (zeros for the paper executor)
+        "order_reports": {k: getattr(p.execution, k, 0) for k in _REPORT_COUNTERS},
         "position": round(account.position, 8),
         "pnl": {
             "realized": round(account.realized_pnl, 6),
@@ -599,6 +605,7 @@ def _summary(pipelines: list[_Pipeline], feed: BinanceLiveFeed, split: _SymbolSp
                 "book_state": "/".join(s["book_check"]["book_state"] for s in per.values()),
             },
             **{k: sum(s[k] for s in per.values()) for k in ("trades", "signals", "orders", "fills", "rejected")},
+            "order_reports": {k: sum(s["order_reports"][k] for s in per.values()) for k in _REPORT_COUNTERS},
             "position": first["position"],
             "pnl": {k: round(sum(s["pnl"][k] for s in per.values()), 6) for k in first["pnl"]},
             "tick_to_trade_us": _latency(tick),
@@ -677,6 +684,10 @@ def format_live_summary(s: dict[str, Any]) -> str:
                f"server {f['closed_by_server']})  snapshots {f['snapshots']}  dropped {f['dropped']}")
     out.append(f"  trades {s['trades']:,}  signals {s['signals']:,}  orders {s['orders']:,}  "
                f"fills {s['fills']:,}  rejected {s['rejected']}  ({s['executor']} executor)")
+    reports = s.get("order_reports") or {}
+    if any(reports.get(k) for k in _REPORT_COUNTERS if k != "reports"):
+        out.append("  order answers and reports: " + "  ".join(
+            f"{k.replace('_reports', '').replace('_', ' ')} {reports[k]:,}" for k in _REPORT_COUNTERS))
     pnl = s["pnl"]
     out.append(f"  position {s['position']:+.5f}  PnL: realized {pnl['realized']:+.4f}  unrealized "
                f"{pnl['unrealized']:+.4f}  fees {pnl['fees']:.4f}  total {pnl['total']:+.4f} (quote asset)")

@@ -42,8 +42,8 @@ from kimiha.trading.model import Fill, Liquidity, Order, OrderType, Side
 from kimiha.trading.paper import PaperExecutor
 from kimiha.trading.tasks import TradingEvent
 from kimiha.types import Executor
-from kimiha.venues.binance.rest import (BinanceAuthError, BinanceError, BinanceRest, BinanceUnavailable,
-                                        BinanceUnknownOrder, backoff_delay)
+from kimiha.venues.binance.rest import (STATUS_UNKNOWN_CODES, BinanceAuthError, BinanceError, BinanceRest,
+                                        BinanceUnavailable, BinanceUnknownOrder, backoff_delay)
 
 __all__ = [
     "MAINNET_HOSTS",
@@ -490,10 +490,10 @@ class BinanceExecutorTask(Executor):
             self._refused(cid, order, str(exc), log=False)
             return
         except BinanceUnavailable as exc:
-            # No answer at all, or a 5xx: the problem is on the server's side and the order's execution status
-            # is unknown (Binance's API docs): it may be on the book all the same. A 3xx (a redirect, not
+            # No answer at all, a 5xx, or -1006 / -1007 under any status: the problem is on the server's side and
+            # the order's execution status is unknown (Binance's API docs): it may be on the book all the same. A 3xx (a redirect, not
             # followed) never reached the API: refused.
-            if exc.status is None or exc.status >= 500:
+            if exc.status is None or exc.status >= 500 or exc.code in STATUS_UNKNOWN_CODES:
                 await self._unanswered(cid, symbol, order, str(exc))
             else:
                 self._refused(cid, order, str(exc))

@@ -116,6 +116,9 @@ class BinanceRateLimited(BinanceError):
 
 _AUTH_CODES = {-1002, -1022, -2014, -2015}
 _UNKNOWN_ORDER_CODES = {-2011, -2013}
+#: "Execution status unknown" (-1006 an unexpected answer from Binance's message bus, -1007 its backend's
+#: timeout): whatever the HTTP status, the request may have been carried out.
+STATUS_UNKNOWN_CODES = frozenset({-1006, -1007})
 
 
 class _ErrorBody(msgspec.Struct):
@@ -162,7 +165,7 @@ def error_from_answer(status: int, body: bytes, request: str) -> BinanceError:
         return BinanceRateLimited(head, retry_after=60.0, banned=False, **kw)
     if -1199 <= code <= -1100 or code == -1013:
         return BinanceBadRequest(head, **kw)
-    if status >= 500:
+    if status >= 500 or code in STATUS_UNKNOWN_CODES:
         return BinanceUnavailable(head, **kw)
     return BinanceError(head, **kw)
 

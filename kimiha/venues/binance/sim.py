@@ -89,6 +89,9 @@ class SimFaults(msgspec.Struct, kw_only=True):
         is late: the client cannot tell from the answer whether the order exists.
     order_503_untaken : int
         Then answer this many new orders ``503`` with ``-1008`` (server busy) without taking them.
+    order_unknown_status : int
+        The HTTP status of the ``order_503`` answers (default 503): ``-1007`` leaves the execution status unknown
+        whatever the status says.
     """
 
     drop_diffs: list[int] = []
@@ -102,6 +105,7 @@ class SimFaults(msgspec.Struct, kw_only=True):
     retry_after: int = 1
     order_503: int = 0
     order_503_untaken: int = 0
+    order_unknown_status: int = 503
 
 
 class SimOrder(msgspec.Struct, kw_only=True):
@@ -681,7 +685,7 @@ class LocalExchange:
         if self.order_503_sent < faults.order_503:  # taken, reported, kept: only the answer is lost
             self.order_503_sent += 1
             return _error(-1007, "Timeout waiting for response from backend server. Send status unknown; "
-                                 "execution status unknown.", 503)
+                                 "execution status unknown.", faults.order_unknown_status)
         return web.json_response(self._order_json(order), headers=self._weight(1))
 
     def _fill(self, order: SimOrder, px: float, qty: float, *, maker: bool) -> None:

@@ -12,14 +12,12 @@ order.
 from __future__ import annotations
 
 import asyncio
-import gzip
-import itertools
 import logging
 import math
 import time
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -30,7 +28,6 @@ import kimiha  # noqa: E402
 from kimiha.event_bus import EventBus  # noqa: E402
 from kimiha.trading.model import Fill, Liquidity, Order, OrderType, Side  # noqa: E402
 from kimiha.trading.tasks import TradingEvent, trading_channels  # noqa: E402
-from kimiha.venues.binance import iter_lines, recorded_tape  # noqa: E402
 from kimiha.venues.binance.orders import BinanceExecutorTask, ExecutionReport, _Working  # noqa: E402
 from kimiha.venues.binance.rest import BinanceRest  # noqa: E402
 from kimiha.venues.binance.signing import HmacSigner  # noqa: E402
@@ -57,14 +54,10 @@ async def until(condition: Any, what: str, timeout: float = 20.0) -> None:
         await asyncio.sleep(0.01)
 
 
-@pytest.fixture(scope="module")
-def excerpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture
+def excerpt(tape_slice: Any) -> Path:
     """The shipped tape's first 400 lines (the snapshot is line 8: the book is live after it)."""
-    path = tmp_path_factory.mktemp("tape") / "excerpt.gz"
-    with gzip.open(path, "wb") as f:
-        for line in itertools.islice(iter_lines(recorded_tape()), 400):
-            f.write(line + b"\n")
-    return path
+    return cast(Path, tape_slice(400))
 
 
 # ------------------------------------------------------------------------------------- 5xx to a new order

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import sys
@@ -82,7 +83,8 @@ async def reader(opts: argparse.Namespace) -> None:
     probe = Probe(opts.rate_events, opts.flood, phase_done)
     scheduler.register_event_task(probe)
     bridge = ShmBridge(bus, opts.dir, name="bench-reader")
-    importer = bridge.import_channel(Ev.TICKS, opts.subject, busy_poll=not opts.wake)
+    importer = bridge.import_channel(Ev.TICKS, opts.subject, busy_poll=not opts.wake,
+                                      **({} if opts.spin_us is None else {"spin_us": opts.spin_us}))
     bridge.register(scheduler)
     await scheduler.start()
     closed = await stdin_closed()  # (on the loop, not a thread: see there)
@@ -100,7 +102,6 @@ def ring_reader(opts: argparse.Namespace) -> None:
     """Ring-to-ring: read ``--ring-frames`` frames straight from the ring (``Ring.read``: each copied out into a
     bytes object), no bus, no decode; busy-polls (``sched_yield`` when empty)."""
     import mmap
-    import os
 
     from kimiha.bridge import _shm
 
@@ -126,7 +127,6 @@ async def ring_to_ring(opts: argparse.Namespace, directory: str) -> dict[str, An
     """The transport alone: this process ``Ring.write``s ready frames (the flood's 27-byte ``Tick`` encoding)
     in batches of 256 into a BLOCK ring that ``--readers`` processes read with ``Ring.read``."""
     import mmap
-    import os
 
     import msgspec
 
@@ -177,12 +177,21 @@ async def ring_to_ring(opts: argparse.Namespace, directory: str) -> dict[str, An
 # -- the writing side ----------------------------------------------------------------------------------------------
 
 
-async def at_rate(bus: EventBus, n: int, rate: float) -> None:
+async def at_rate(bus: EventBus, n: int, rate: float, pace: str = "spin") -> None:
+    """Publish ``n`` events at ``rate`` per second, waiting for each one's time on the clock.
+
+    ``pace="spin"`` waits on the loop alone (this process keeps its core); ``"yield"`` also gives the core to
+    any other runnable process on it while it waits (``sched_yield``): what a producer that sleeps in its
+    event loop between messages does, where a spinning one holds a core that a reader may need.
+    """
     channel = bus.channel(Ev.TICKS)
     step = int(1e9 / rate)
+    give_way = os.sched_yield if pace == "yield" else None
     due = monotonic_ns()
     for i in range(n):
-        while monotonic_ns() < due:  # spin to the event's time, letting the exporter run meanwhile
+        while monotonic_ns() < due:  # wait for the event's time, letting the exporter run meanwhile
+            if give_way is not None:
+                give_way()
             await asyncio.sleep(0)
         channel.publish(Tick(i, monotonic_ns(), 0))
         due += step
@@ -204,7 +213,7 @@ async def in_process(opts: argparse.Namespace) -> dict[str, Any]:
     await scheduler.start()
     freeze_setup()
     try:
-        await at_rate(bus, opts.rate_events, opts.rate)
+        await at_rate(bus, opts.rate_events, opts.rate, opts.pace)
         await asyncio.wait_for(done[0].wait(), 60)
         await flood(bus, opts.flood)
         await asyncio.wait_for(done[1].wait(), 120)
@@ -223,6 +232,8 @@ async def shm(opts: argparse.Namespace, directory: str) -> dict[str, Any]:
         args.append("--wake")
     if opts.inline:
         args.append("--inline")
+    if opts.spin_us is not None:
+        args += ["--spin-us", str(opts.spin_us)]
     procs = [await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.PIPE,
                                                   stdout=asyncio.subprocess.PIPE) for _ in range(opts.readers)]
 
@@ -247,7 +258,7 @@ async def shm(opts: argparse.Namespace, directory: str) -> dict[str, Any]:
         await expect_all("ready", 60)
         await scheduler.start()
         freeze_setup()
-        await at_rate(bus, opts.rate_events, opts.rate)
+        await at_rate(bus, opts.rate_events, opts.rate, opts.pace)
         await expect_all("phase-done 0", 120)
         cpu0 = time.process_time()
         await flood(bus, opts.flood)
@@ -291,11 +302,12 @@ async def run_all(opts: argparse.Namespace) -> list[dict[str, Any]]:
 def report(runs: list[dict[str, Any]], opts: argparse.Namespace, seconds: float) -> str:
     import msgspec
 
-    mode = "wake-up (FIFO)" if opts.wake else "busy-poll"
+    mode = "wake-up (FIFO)" if opts.wake else "busy-poll" + (
+        "" if opts.spin_us is None else f" (spin_us {opts.spin_us:g})")
     lines = [
         f"kimiha {kimiha.__version__} | Python {platform.python_version()} | {opts.loop} | msgspec "
         f"{msgspec.__version__} | readers: {mode} | channels: "
-        f"{'INLINE, eager export' if opts.inline else 'LOOP (default), batched export'}",
+        f"{'INLINE, eager export' if opts.inline else 'LOOP (default), batched export'} | pace: {opts.pace}",
         f"{opts.rate_events} events at {opts.rate:,.0f}/s + {opts.flood} flood events per path, {len(runs)} "
         f"repetition(s), medians [min..max]; total {seconds:.1f} s",
         "",
@@ -347,6 +359,11 @@ def main() -> int:
     parser.add_argument("--readers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--wake", action="store_true", help="readers sleep on the wake-up instead of polling")
+    parser.add_argument("--spin-us", type=float, default=None,
+                        help="busy-polling readers' spin_us (default: import_channel's)")
+    parser.add_argument("--pace", choices=["spin", "yield"], default="spin",
+                        help="how the paced publisher waits for each event's time: on its loop alone (spin, "
+                             "default), or also giving its core to other runnable processes (yield)")
     parser.add_argument("--inline", action="store_true",
                         help="Dispatch.INLINE channels and an eager exporter (each event into the ring in publish)")
     parser.add_argument("--quick", action="store_true", help="5000 + 50000 events, once")

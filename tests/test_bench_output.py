@@ -179,3 +179,35 @@ def test_compare_report_wraps_the_note_of_a_skipped_library():
 def test_compare_suggests_the_cpu_clock_when_the_spread_is_large():
     assert any("--clock cpu" in line and "spread up to 141%" in line for line in compare_report(spread=141))
     assert not any("--clock cpu" in line for line in compare_report(spread=141, clock="cpu"))
+
+
+def test_the_cpu_clock_counts_only_the_thread_that_runs_the_case():
+    """``--clock cpu`` timed the process: a thread beside the case (uvloop's io_uring polling thread, any
+    library's worker) made the case look slower by all of that thread's CPU. The clock must count the case's
+    thread alone. Here the measuring thread only sleeps while another burns CPU: the clock must show (almost)
+    none of it, and the other thread's own CPU time shows that it did burn."""
+    import threading
+    import time
+
+    clock = compare.CLOCKS["cpu"]
+    burned: list[int] = []
+    started = threading.Event()
+
+    def burn() -> None:
+        t0 = time.thread_time_ns()
+        started.set()
+        while time.thread_time_ns() - t0 < 60_000_000:  # 60 ms of this thread's own CPU
+            pass
+        burned.append(time.thread_time_ns() - t0)
+
+    worker = threading.Thread(target=burn)
+    before = clock()
+    worker.start()
+    started.wait()
+    worker.join()  # this thread waits (sleeps in join) while the worker burns
+    measured = clock() - before
+    assert burned and burned[0] >= 60_000_000
+    assert measured < burned[0] / 4, (
+        f"the cpu clock counted {measured / 1e6:.1f} ms while this thread only waited and another burned "
+        f"{burned[0] / 1e6:.1f} ms"
+    )

@@ -1199,7 +1199,10 @@ class ShmBridge(BridgeTasks):
             ring idle spins once, so the loop's other work waits: a timer that fires and the task it wakes take
             a pass each, about 2-3x ``spin_us`` late in all (measured), times the busy-polling importers on
             that loop. 0: no spin (one check per pass). Default 50; at most 10,000. The importer's
-            ``spins_found`` counts the spins that ended with a frame.
+            ``spins_found`` counts the spins that ended with a frame. On a host with fewer free cores than
+            busy processes (two busy-polling readers and their writer on two cores), a short spin such as 5
+            does better: a long one holds the core that the writer needs (``benchmarks/README.md``, shared
+            memory on quiet cores).
         overflow, capacity, data_bytes, max_readers :
             The ring's geometry if this side creates it first (see :meth:`export_channel`).
         batch : int

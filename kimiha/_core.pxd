@@ -121,6 +121,7 @@ cdef class Channel:
     cdef Py_ssize_t publish_c(self, object payload) except -1
     cdef inline bint sampled(self, uint64_t seq) noexcept
     cdef int deliver_one(self, Subscription sub, object event) except -1
+    cdef int deliver_each(self, list subs, object event) except -1
     cdef int deliver_inline(self) except -1
     cdef int defer_inline(self) except -1
     cdef int schedule_dispatch(self) except -1

@@ -644,10 +644,12 @@ cdef class Channel:
             self.wake_readers()
         n = len(self.push_subs) + len(self.pull_refs)
         if self.inline and self.push_subs:
-            if len(self.push_subs) == 1 and not self.delivering and _inline_depth < INLINE_DEPTH_C:
+            if self.delivering or _inline_depth >= INLINE_DEPTH_C:
+                self.deliver_inline()
+            elif len(self.push_subs) == 1:
                 self.deliver_one(<Subscription>self.push_subs[0], payload)
             else:
-                self.deliver_inline()
+                self.deliver_each(self.push_subs, payload)
         return n
 
     cdef inline bint sampled(self, uint64_t seq) noexcept:
@@ -699,6 +701,68 @@ cdef class Channel:
         if self.tail != sub.cursor or len(self.push_subs) != 1:
             # The handler published to this channel, or subscribed another handler: the general delivery
             # gives every subscriber what it has not had, in order.
+            self.deliver_inline()
+        elif self.block and (self.pub_waiters or self.pending):
+            self.reader_advanced()
+        return 0
+
+    cdef int deliver_each(self, list subs, object event) except -1:
+        """Dispatch.INLINE with several handlers that have all had every event before this one.
+
+        Each is called straight from C in subscription order, as :meth:`deliver_one` calls one (no budget loop,
+        no exception frame, no second pass over the subscribers). Anything else, before or after the calls,
+        takes :meth:`deliver_inline`: a sampled event, a paused, closed, frames or ``Handler`` subscriber, one
+        with a backlog; a handler that published to this channel, or subscribed or closed a handler (the list
+        changed: the calls stop there and the general delivery, which goes by each cursor, gives everyone what
+        they have not had).
+        """
+        global _inline_depth
+        cdef uint64_t seq = self.tail - 1
+        cdef Py_ssize_t n = len(subs)
+        cdef Py_ssize_t i
+        cdef Subscription sub
+        cdef PyObject* result
+        if self.track_latency and self.sampled(seq):
+            return self.deliver_inline()
+        for i in range(n):
+            sub = <Subscription>subs[i]
+            if (sub.cursor != seq or sub.paused or sub.closed or sub.frames or sub.c_handler is not None
+                    or sub.handler_time is not None):
+                return self.deliver_inline()
+        if self.high_water_mark == 0:
+            self.high_water_mark = 1
+        i = 0
+        while i < n and len(subs) == n:
+            sub = <Subscription>subs[i]
+            i += 1
+            if sub.cursor != seq or sub.paused or sub.closed:
+                continue           # an earlier handler paused or closed it: it is not owed this event now
+            sub.cursor = seq + 1
+            sub.delivered += 1
+            self.delivered += 1
+            self.delivering = True
+            _inline_depth += 1
+            if sub.func is not None:
+                result = kimiha_call_func(<PyObject*>sub.func, <PyObject*>sub.func_self if sub.func_self is not None
+                                          else NULL, <PyObject*>event)
+            else:
+                result = kimiha_call1(<PyObject*>sub.handler, <PyObject*>event)
+            self.delivering = False
+            _inline_depth -= 1
+            if result is NULL:
+                try:
+                    sub.call_failed(event)
+                except BaseException:
+                    # KeyboardInterrupt / SystemExit: the handlers after this one and what was published
+                    # meanwhile wait for the loop, and the exception goes on to the publisher.
+                    if i < n or self.tail != seq + 1:
+                        self.defer_inline()
+                    raise
+            elif result is not <PyObject*>None:
+                sub.check_result(result, event)
+            else:
+                Py_XDECREF(result)
+        if i < n or len(subs) != n or self.tail != seq + 1:
             self.deliver_inline()
         elif self.block and (self.pub_waiters or self.pending):
             self.reader_advanced()

@@ -737,6 +737,8 @@ cdef class Channel:
             i += 1
             if sub.cursor != seq or sub.paused or sub.closed:
                 continue           # an earlier handler paused or closed it: it is not owed this event now
+            # The call below is deliver_one's, written out again on purpose: one shared cdef method (inline
+            # or not) cost deliver_one 2-3 ns an event (77-80 against 75-77 ns, 3 interleaved pairs).
             sub.cursor = seq + 1
             sub.delivered += 1
             self.delivered += 1

@@ -1,5 +1,6 @@
-"""Build script: cythonize the compiled core ``kimiha/_core.pyx`` and the shared-memory ring
-``kimiha/bridge/_shm.pyx`` (the same-host transport's hot path; POSIX only).
+"""Build script: cythonize the compiled core ``kimiha/_core.pyx``, the shared-memory ring
+``kimiha/bridge/_shm.pyx`` (the same-host transport's hot path; POSIX only) and the benchmark's lower bounds
+``kimiha/bench/_bounds.pyx`` (both it and the core include ``kimiha/_call.h``, the handler calls).
 
 Environment variables select build variants:
 
@@ -44,7 +45,14 @@ extensions = [
         define_macros=macros,
         extra_compile_args=compile_args,
         extra_link_args=link_args,
-    )
+    ),
+    # `kimiha bench compare`'s lower bounds: the least a compiled bus costs (calls handlers as _core does).
+    Extension(
+        "kimiha.bench._bounds",
+        ["kimiha/bench/_bounds.pyx"],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+    ),
 ]
 if posix:
     extensions.append(

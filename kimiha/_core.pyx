@@ -47,32 +47,10 @@ from kimiha.error import (
 cdef extern from *:
     int __builtin_clzll(unsigned long long) nogil
 
-# One positional argument through vectorcall, with the spare slot before it that lets a bound method put
-# its ``self`` in front without copying the arguments (PY_VECTORCALL_ARGUMENTS_OFFSET).
-cdef extern from *:
-    """
-    static inline PyObject *kimiha_call1(PyObject *callable, PyObject *arg) {
-        PyObject *args[2] = {NULL, arg};
-        return PyObject_Vectorcall(callable, args + 1, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    }
-    """
+# The handler calls (kimiha/_call.h): one argument through vectorcall, and a Python function (or a method bound
+# to one) through the function's own vectorcall entry with its ``self`` put in front.
+cdef extern from "_call.h":
     PyObject* kimiha_call1(PyObject* callable, PyObject* arg)
-
-# A handler that is a Python function, or a method bound to one, is called through the function's own
-# vectorcall entry with its ``self`` put in front here: no bound-method hop and no generic call checks.
-cdef extern from *:
-    """
-    static inline PyObject *kimiha_call_func(PyObject *func, PyObject *self, PyObject *arg) {
-        vectorcallfunc call = PyVectorcall_Function(func);
-        if (self == NULL) {
-            PyObject *args[2] = {NULL, arg};
-            return call(func, args + 1, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-        } else {
-            PyObject *args[3] = {NULL, self, arg};
-            return call(func, args + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-        }
-    }
-    """
     PyObject* kimiha_call_func(PyObject* func, PyObject* self, PyObject* arg)
 
 # A ready event is handed to ``await`` through the am_send slot (CPython >= 3.10): no coroutine object and
@@ -662,20 +640,22 @@ cdef class Channel:
         """Dispatch.INLINE, the common case: one handler, which has had every event before this one.
 
         The handler is called straight from C (no budget loop, no exception frame around the call); anything
-        else -- a sampled event (timed), a paused or closed subscriber, a Handler subclass, a backlog, a frames
-        reader -- takes :meth:`deliver_inline`, as does whatever the handler published to this channel.
+        else -- a sampled event when the channel tracks latency or the subscription times its handler (the
+        Scheduler's do), a paused or closed subscriber, a Handler subclass, a backlog, a frames reader -- takes
+        :meth:`deliver_inline`, as does whatever the handler published to this channel.
         """
         global _inline_depth
         cdef uint64_t seq = self.tail - 1
         cdef PyObject* result
         if (sub.cursor != seq or sub.paused or sub.closed or sub.frames or sub.c_handler is not None
-                or sub.handler_time is not None or (self.track_latency and self.sampled(seq))):
+                or ((self.track_latency or sub.handler_time is not None) and self.sampled(seq))):
             return self.deliver_inline()
         if self.high_water_mark == 0:
             self.high_water_mark = 1
         sub.cursor = self.tail
         sub.delivered += 1
         self.delivered += 1
+        self.inline_direct += 1
         self.delivering = True
         _inline_depth += 1
         if sub.func is not None:
@@ -711,8 +691,8 @@ cdef class Channel:
 
         Each is called straight from C in subscription order, as :meth:`deliver_one` calls one (no budget loop,
         no exception frame, no second pass over the subscribers). Anything else, before or after the calls,
-        takes :meth:`deliver_inline`: a sampled event, a paused, closed, frames or ``Handler`` subscriber, one
-        with a backlog; a handler that published to this channel, or subscribed or closed a handler (the list
+        takes :meth:`deliver_inline`: a sampled event that is timed (latency, or a subscriber's handler time), a
+        paused, closed, frames or ``Handler`` subscriber, one with a backlog; a handler that published to this channel, or subscribed or closed a handler (the list
         changed: the calls stop there and the general delivery, which goes by each cursor, gives everyone what
         they have not had).
         """
@@ -722,12 +702,13 @@ cdef class Channel:
         cdef Py_ssize_t i
         cdef Subscription sub
         cdef PyObject* result
-        if self.track_latency and self.sampled(seq):
+        cdef bint sampled = self.sampled(seq)
+        if sampled and self.track_latency:
             return self.deliver_inline()
         for i in range(n):
             sub = <Subscription>subs[i]
             if (sub.cursor != seq or sub.paused or sub.closed or sub.frames or sub.c_handler is not None
-                    or sub.handler_time is not None):
+                    or (sampled and sub.handler_time is not None)):
                 return self.deliver_inline()
         if self.high_water_mark == 0:
             self.high_water_mark = 1
@@ -742,6 +723,7 @@ cdef class Channel:
             sub.cursor = seq + 1
             sub.delivered += 1
             self.delivered += 1
+            self.inline_direct += 1
             self.delivering = True
             _inline_depth += 1
             if sub.func is not None:

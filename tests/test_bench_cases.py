@@ -52,3 +52,17 @@ def test_tick_to_trade_pipelines_send_the_floors_orders(kind):
     assert elapsed > 0 and len(floor.orders) > 5 and stages.orders == floor.orders
     _, paced, clock = tick.run_one(kind, lines[:300], 50_000, "uvloop")  # 20k lines/s: 15 ms
     assert clock.hist.count == len(paced.orders) > 0
+
+
+def test_the_verification_catches_an_inline_case_that_missed_the_fast_path(setup):
+    case = compare.Case("inline", "uvloop", 1)
+    sinks = [compare.SinkTask()]
+    for e in setup.events:
+        sinks[0].handle_event(e)
+    n_sampled = len(range(0, N, compare.DEFAULT_LATENCY_SAMPLE))
+    stats = {"published": N, "delivered": N, "lagged": 0, "handler_errors": 0,
+             "latency_ns": {"count": n_sampled}, "inline_direct": 0}
+    with pytest.raises(RuntimeError, match=r"0 handler calls took the inline fast path, expected \d+"):
+        compare.verify(case, N, sinks, stats)
+    stats["inline_direct"] = N - n_sampled
+    compare.verify(case, N, sinks, stats)

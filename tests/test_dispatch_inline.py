@@ -596,3 +596,36 @@ def test_a_keyboard_interrupt_from_one_of_several_inline_handlers_loses_nothing(
         bus.close()
 
     run(main())
+
+
+@pytest.mark.parametrize("tasks", [1, 4])
+@pytest.mark.parametrize("track_latency", [True, False])
+def test_event_tasks_under_a_scheduler_take_the_inline_fast_path_and_still_time_the_sample(run, tasks, track_latency):
+    # The Scheduler subscribes every EventTask with its handler timed (``measure=True``). Timing is taken on
+    # the channel's sample of events only, so the others must go straight to the handlers (deliver_one /
+    # deliver_each). Before the fix a timed subscription never took the fast path: the README idiom, an
+    # EventTask under a Scheduler, always went through the general delivery.
+    n, sample = 64, 8
+
+    async def main():
+        bus = EventBus([(Ev.A, inline(latency_sample=sample, track_latency=track_latency))])
+        counters = [Counter(Ev.A) for _ in range(tasks)]
+        sched = Scheduler(bus)
+        for c in counters:
+            sched.register_event_task(c)
+        async with sched:
+            await sched.start()
+            for i in range(n):
+                bus.publish(Ev.A, Tick(i))
+                assert all(c.seen[-1] == i for c in counters)  # handled before publish returned
+            ch = bus.channel(Ev.A)
+            sampled = len(range(0, n, sample))
+            assert ch.inline_direct == (n - sampled) * tasks
+            for sub in ch.subscriptions():
+                assert sub.handler_time.count == sampled      # the sample is still timed
+            stats = bus.stats(Ev.A)
+            assert stats["delivered"] == n * tasks and stats["handler_errors"] == 0
+            assert stats["latency_ns"]["count"] == (sampled * tasks if track_latency else 0)
+            assert all(c.seen == list(range(n)) for c in counters)
+
+    run(main())

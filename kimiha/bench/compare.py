@@ -15,6 +15,14 @@ libraries included. Cases, each with 1 and 4 subscribers:
 * ``floor``          -- the producer calls the handler(s) itself: ``for e in events: h(e)``.
 * ``bound``          -- the cheapest per-event deferred hand-off a Python producer can make: ``list.append``
                         every event (one C call), then call the handler(s) over the list.
+* ``bound-inline``   -- the least any compiled bus can cost on the README idiom when it calls the handlers
+                        inside ``publish``: ``bound.publish(Ev.MD, e)`` into a compiled object that calls each
+                        handler as kimiha's dispatch loop does and does nothing else (no lookup, ring, counters
+                        or fault isolation; :mod:`kimiha.bench._bounds`). INLINE, pyee and Nautilus have this
+                        shape: a Python call into C, then a call from C into Python per handler.
+* ``bound-loop``     -- the same least for a bus that defers: ``publish`` stores the event, and after each
+                        chunk a compiled ``flush()`` calls the handlers over what was stored (LOOP's shape,
+                        less its loop callback).
 * ``sync``           -- the README idiom on a ``Dispatch.LOOP`` channel (the default): ``bus.publish(Ev.MD, e)``
                         in chunks, yielding to the loop between chunks; the compiled dispatch loop calls the
                         EventTasks. Latency tracking at its default (``sync-nolat``: off).
@@ -52,6 +60,7 @@ from typing import Any
 import kimiha
 from kimiha import Dispatch, Scheduler
 from kimiha.bench.main import MIN_REPEAT, machine_header, machine_info, progress
+from kimiha.bench._bounds import InlineBound, LoopBound
 from kimiha.bench.anchors import NAUTILUS_TOPIC, PYEE_EVENT, Anchor, load_nautilus, load_pyee
 from kimiha.bench.cases import (
     SEED,
@@ -116,6 +125,25 @@ def run_bound(events: list[Tick], handlers: list[Callable[[Tick], None]]) -> tup
     return perf_counter_ns() - t0, None
 
 
+def run_bound_inline(chunks: list[list[Tick]], handlers: list[Callable[[Tick], None]]) -> tuple[int, None]:
+    bound = InlineBound(handlers)
+    t0 = perf_counter_ns()
+    for chunk in chunks:
+        for e in chunk:
+            bound.publish(Ev.MD, e)
+    return perf_counter_ns() - t0, None
+
+
+def run_bound_loop(chunks: list[list[Tick]], handlers: list[Callable[[Tick], None]]) -> tuple[int, None]:
+    bound = LoopBound(handlers, max(len(c) for c in chunks))
+    t0 = perf_counter_ns()
+    for chunk in chunks:
+        for e in chunk:
+            bound.publish(Ev.MD, e)
+        bound.flush()
+    return perf_counter_ns() - t0, None
+
+
 def run_pyee(anchor: Anchor, events: list[Tick], handlers: list[Callable[[Tick], None]]) -> tuple[int, None]:
     emit = anchor.factory(handlers).emit
     name = PYEE_EVENT
@@ -161,6 +189,7 @@ async def run_tasks(
         await idiom_flood(bus, subs, chunks)
     elapsed = perf_counter_ns() - t0
     stats = bus.stats(Ev.MD)
+    stats["inline_direct"] = bus.channel(Ev.MD).inline_direct
     await scheduler.shutdown()
     return elapsed, stats
 
@@ -223,6 +252,8 @@ async def run_queue(chunks: list[list[Tick]], handlers: list[Callable[[Tick], No
 KINDS = {
     "floor": "floor: direct calls",
     "bound": "bound: list.append + direct calls",
+    "bound-inline": "bound: compiled, calls in publish",
+    "bound-loop": "bound: compiled, calls per chunk",
     "sync": "kimiha README idiom, LOOP",
     "sync-nolat": "kimiha README idiom, LOOP, no latency",
     "inline": "kimiha README idiom, INLINE",
@@ -257,6 +288,8 @@ LOOP_KINDS = (
     "flood-batches",
     "queue",
 )
+#: The lower bounds, no event loop.
+BOUND_KINDS = ("bound", "bound-inline", "bound-loop")
 #: Cases without an event loop: the publish path alone.
 PUBLISH_KINDS = ("publish-idiom", "publish-idiom-nolat", "publish-hoisted", "publish-hoisted-nolat")
 FLOOD_CONSUMERS: dict[str, Callable[[Any, Any], Coroutine[Any, Any, None]]] = {
@@ -299,7 +332,8 @@ def build_cases(loops: list[str], anchors: dict[str, Anchor] | None = None) -> l
     cases = []
     for subs in SUBSCRIBER_COUNTS:
         cases.append(Case("floor", None, subs))
-        cases.append(Case("bound", None, subs))
+        for kind in BOUND_KINDS:
+            cases.append(Case(kind, None, subs))
         for kind in PUBLISH_KINDS:
             cases.append(Case(kind, None, subs))
         for kind, anchor in anchors.items():
@@ -328,6 +362,10 @@ def run_case(case: Case, setup: Setup) -> float:
         elapsed, stats = run_floor(setup.events, handlers)
     elif case.kind == "bound":
         elapsed, stats = run_bound(setup.events, handlers)
+    elif case.kind == "bound-inline":
+        elapsed, stats = run_bound_inline(setup.chunks, handlers)
+    elif case.kind == "bound-loop":
+        elapsed, stats = run_bound_loop(setup.chunks, handlers)
     elif case.kind == "pyee":
         assert case.anchor is not None
         elapsed, stats = run_pyee(case.anchor, setup.events, handlers)
@@ -376,6 +414,14 @@ def verify(case: Case, n: int, sinks: list[SinkTask], stats: dict[str, Any] | No
             problems.append(
                 f"latency histogram holds {stats['latency_ns']['count']} records, expected {want_lat}"
             )
+        if "inline_direct" in stats and case.kind.startswith("inline"):
+            # INLINE: every event but the timed sample (the Scheduler times its handlers on it) goes straight
+            # to the handlers (deliver_one / deliver_each): the case measures the fast path it names.
+            want_direct = (n - len(range(0, n, DEFAULT_LATENCY_SAMPLE))) * case.subs
+            if stats["inline_direct"] != want_direct:
+                problems.append(
+                    f"{stats['inline_direct']} handler calls took the inline fast path, expected {want_direct}"
+                )
     elif stats is not None and stats.get("published") != n:
         problems.append(f"the bus counted {stats.get('published')} publishes, expected {n}")
     if problems:
@@ -432,10 +478,16 @@ def build_ratios(cases: list[Case], loops: list[str]) -> list[Ratio]:
     for subs in SUBSCRIBER_COUNTS:
         floor = f"floor/-/{subs}"
         add("bound / floor", f"bound/-/{subs}", floor)
+        # What the targets ask of any compiled bus: the least it can cost (no work at all) against the targets.
+        add(f"{KINDS['bound-inline']} / floor", f"bound-inline/-/{subs}", floor, "<= 1.6")
+        add(f"{NAUTILUS_SHORT} / {KINDS['bound-inline']}", f"nautilus/-/{subs}", f"bound-inline/-/{subs}", ">= 1.6")
+        add(f"{NAUTILUS_SHORT} / {KINDS['bound-loop']}", f"nautilus/-/{subs}", f"bound-loop/-/{subs}", ">= 1.3")
         for loop in loops:
             main = loop == main_loop
             add(f"{KINDS['sync']} / floor", f"sync/{loop}/{subs}", floor)
             add(f"{KINDS['inline']} / floor", f"inline/{loop}/{subs}", floor, "<= 1.6", headline=main)
+            add(f"{KINDS['inline']} / bound", f"inline/{loop}/{subs}", f"bound-inline/-/{subs}")
+            add(f"{KINDS['sync']} / bound", f"sync/{loop}/{subs}", f"bound-loop/-/{subs}")
             for kind in ("sync", "inline"):
                 add(f"{KINDS[kind]} / {KINDS[kind + '-hoisted'].removeprefix('kimiha ')}",
                     f"{kind}/{loop}/{subs}", f"{kind}-hoisted/{loop}/{subs}", "<= 2")
@@ -624,6 +676,10 @@ EPILOG = """\
 cases (each with 1 and 4 subscribers; the loop-dependent ones on every loop of --loops):
   floor             the producer calls the handler(s) directly: for e in events: h(e)
   bound             list.append every event, then call the handler(s) over the list (cheapest deferred hand-off)
+  bound-inline      the least a compiled bus costs on the README idiom, calling handlers inside publish: a
+                    compiled publish(Ev.MD, e) that only calls each handler as kimiha does (no lookup, ring,
+                    counters or fault isolation); INLINE, pyee and Nautilus have this shape
+  bound-loop        the same least for a deferring bus: publish stores, a compiled flush() per chunk calls
   sync              README idiom: bus.publish(Ev.MD, e) in chunks into EventTasks under a Scheduler (LOOP channel)
   inline            the same on a Dispatch.INLINE channel: publish calls the EventTasks before it returns
   *-hoisted         the same with channel = bus.channel(Ev.MD); channel.publish(e)

@@ -105,7 +105,7 @@ from kimiha.types import (
     Strategy,
 )
 
-__version__ = "0.3.5"
+__version__ = "0.3.6"
 
 _install_fallback()  # readable log lines for a process that configured no logging (kimiha.logs)
 _moved.install()  # kimiha 0.1's module paths keep working for one release (see CHANGELOG.md)

@@ -105,6 +105,7 @@ cdef class Channel:
     cdef readonly uint64_t unread_on_close   # events subscriptions left unread when they were closed
     cdef bint refuse_bool              # the payload types take an int but not a bool (msgspec would not decode it)
     cdef readonly uint64_t inline_direct  # handler calls made straight by deliver_one / deliver_each (diagnostic)
+    cdef uint64_t subs_version         # bumped by every change to push_subs (the fast paths' list check)
 
     cdef int check_payload(self, object payload) except -1
     cdef bint has_room(self)

@@ -646,6 +646,7 @@ cdef class Channel:
         """
         global _inline_depth
         cdef uint64_t seq = self.tail - 1
+        cdef uint64_t version = self.subs_version
         cdef PyObject* result
         if (sub.cursor != seq or sub.paused or sub.closed or sub.frames or sub.c_handler is not None
                 or ((self.track_latency or sub.handler_time is not None) and self.sampled(seq))):
@@ -678,8 +679,8 @@ cdef class Channel:
             sub.check_result(result, event)
         else:
             Py_XDECREF(result)
-        if self.tail != sub.cursor or len(self.push_subs) != 1:
-            # The handler published to this channel, or subscribed another handler: the general delivery
+        if self.tail != sub.cursor or self.subs_version != version:
+            # The handler published to this channel, or subscribed or closed a handler: the general delivery
             # gives every subscriber what it has not had, in order.
             self.deliver_inline()
         elif self.block and (self.pub_waiters or self.pending):
@@ -698,6 +699,7 @@ cdef class Channel:
         """
         global _inline_depth
         cdef uint64_t seq = self.tail - 1
+        cdef uint64_t version = self.subs_version
         cdef Py_ssize_t n = len(subs)
         cdef Py_ssize_t i
         cdef Subscription sub
@@ -713,7 +715,9 @@ cdef class Channel:
         if self.high_water_mark == 0:
             self.high_water_mark = 1
         i = 0
-        while i < n and len(subs) == n:
+        # The list is the channel's own: a handler that subscribes or closes one changes it (a close and a
+        # subscribe leave its length as it was but shift it), and the version says so.
+        while i < n and self.subs_version == version:
             sub = <Subscription>subs[i]
             i += 1
             if sub.cursor != seq or sub.paused or sub.closed:
@@ -739,14 +743,14 @@ cdef class Channel:
                 except BaseException:
                     # KeyboardInterrupt / SystemExit: the handlers after this one and what was published
                     # meanwhile wait for the loop, and the exception goes on to the publisher.
-                    if i < n or self.tail != seq + 1:
+                    if i < n or self.subs_version != version or self.tail != seq + 1:
                         self.defer_inline()
                     raise
             elif result is not <PyObject*>None:
                 sub.check_result(result, event)
             else:
                 Py_XDECREF(result)
-        if i < n or len(subs) != n or self.tail != seq + 1:
+        if i < n or self.subs_version != version or self.tail != seq + 1:
             self.deliver_inline()
         elif self.block and (self.pub_waiters or self.pending):
             self.reader_advanced()
@@ -1320,6 +1324,7 @@ cdef class Channel:
             sub.handler_time = LatencyHistogram()
         if handler is not None:
             self.push_subs.append(sub)
+            self.subs_version += 1
         else:
             self.pull_refs.append(weakref.ref(sub, self._forget_frames if frames else self._forget))
         if frames:
@@ -1357,6 +1362,7 @@ cdef class Channel:
         if sub.handler is not None:
             try:
                 self.push_subs.remove(sub)
+                self.subs_version += 1
                 found = True
             except ValueError:
                 pass

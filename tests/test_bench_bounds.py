@@ -74,3 +74,37 @@ def test_bad_arguments_say_what_was_expected():
         InlineBound([print, 3])
     with pytest.raises(ValueError, match="expected capacity >= 1, got 0"):
         LoopBound([print], 0)
+
+
+def test_loop_bound_refuses_to_be_published_to_or_flushed_while_it_flushes():
+    # A re-entrant publish overwrote the slots still being flushed (found by an adversarial trial).
+    errors: list[str] = []
+
+    def reenter(event: object) -> None:
+        for call in (lambda: bound.publish("k", "again"), bound.flush):
+            try:
+                call()
+            except RuntimeError as exc:
+                errors.append(str(exc))
+
+    seen: list = []
+    bound = LoopBound([reenter, seen.append], 4)
+    for i in range(3):
+        bound.publish("k", i)
+    assert bound.flush() == 3
+    assert seen == [0, 1, 2]
+    assert len(errors) == 6 and "publish while flush() calls the handlers" in errors[0]
+    assert "flush() while flush() calls the handlers" in errors[1]
+    bound.publish("k", 9)                 # usable again afterwards
+    assert bound.flush() == 1 and seen[-1] == 9
+
+
+def test_handlers_that_a_call_would_not_run_are_refused():
+    async def coro(event: object) -> None: ...
+
+    def gen(event: object):
+        yield event
+
+    for h in (coro, gen):
+        with pytest.raises(TypeError, match="expected plain \\(sync\\) handlers"):
+            InlineBound([h])

@@ -464,7 +464,9 @@ from hypothesis import strategies as st  # noqa: E402
 
 MAX_HANDLERS = 6
 MAX_EVENTS = 24
-ACTIONS = st.sampled_from(["none", "none", "publish", "publish", "raise", "close", "subscribe", "pause", "other"])
+ACTIONS = st.sampled_from(
+    ["none", "none", "publish", "publish", "raise", "close", "subscribe", "replace", "pause", "other"]
+)
 SCRIPTS = st.dictionaries(
     st.tuples(st.integers(0, MAX_HANDLERS - 1), st.integers(0, MAX_EVENTS - 1)),
     st.tuples(ACTIONS, st.integers(0, MAX_HANDLERS - 1)),
@@ -509,6 +511,11 @@ def run_script(first: int, script: dict, config: ChannelConfig) -> tuple[dict, d
                 subs[target].close()
             elif action == "subscribe":
                 add()
+            elif action == "replace" and target in subs and target not in closed:
+                # close one and subscribe another in the same call: the list keeps its length but shifts
+                closed[target] = bus.channel(Ev.A).published
+                subs[target].close()
+                add()
             elif action == "pause" and target in subs and target not in closed and not resumed[0]:
                 subs[target].pause()
                 paused.add(target)
@@ -523,6 +530,10 @@ def run_script(first: int, script: dict, config: ChannelConfig) -> tuple[dict, d
             add()
         while published[0] < MAX_EVENTS:
             publish()
+            if not bus.channel(Ev.A).inline_deferred:
+                # Handled before publish returned: every live, unpaused handler has had every event.
+                late = {h: s.backlog for h, s in subs.items() if h not in closed and h not in paused and s.backlog}
+                assert not late, f"after publish {published[0] - 1} returned, handlers still owed events: {late}"
         resumed[0] = True
         for h in sorted(paused - set(closed)):
             subs[h].resume()
@@ -627,5 +638,68 @@ def test_event_tasks_under_a_scheduler_take_the_inline_fast_path_and_still_time_
             assert stats["delivered"] == n * tasks and stats["handler_errors"] == 0
             assert stats["latency_ns"]["count"] == (sampled * tasks if track_latency else 0)
             assert all(c.seen == list(range(n)) for c in counters)
+
+    run(main())
+
+
+def test_a_handler_that_closes_one_subscription_and_subscribes_another_strands_no_event(run):
+    # deliver_each noticed a change to the handler list only by its length: a close and a subscribe in one
+    # call keep the length but shift the list, so the handler after the caller was skipped and the event
+    # stranded until the next publish (or forever). Found by an adversarial trial.
+    async def main():
+        for closer in ("itself", "an earlier one"):
+            bus = EventBus([(Ev.A, inline(track_latency=False))])
+            got: list[int] = []
+            subs: dict = {}
+
+            def first(e: Tick) -> None:
+                pass
+
+            def swapper(e: Tick) -> None:
+                if e.seq == 1:
+                    subs["swapper" if closer == "itself" else "first"].close()
+                    bus.subscribe(Ev.A, lambda e: None)
+
+            subs["first"] = bus.subscribe(Ev.A, first)
+            subs["swapper"] = bus.subscribe(Ev.A, swapper)
+            bus.subscribe(Ev.A, lambda e: got.append(e.seq))
+            for i in range(3):
+                bus.publish(Ev.A, Tick(i))
+                assert got == list(range(i + 1)), (closer, got)   # before publish returned
+            assert all(sub.backlog == 0 for sub in bus.channel(Ev.A).subscriptions()), closer
+            assert bus.stats(Ev.A)["handler_errors"] == 0
+            bus.close()
+
+    run(main())
+
+
+def test_an_event_task_stopped_after_subscribing_a_handler_strands_no_event_for_the_next_task(run):
+    from kimiha import OnError, Supervision
+
+    class Rec(EventTask):
+        def __init__(self, bus: EventBus | None = None) -> None:
+            self.bus, self.seen = bus, []
+
+        def subscribed_event(self) -> Ev:
+            return Ev.A
+
+        def handle_event(self, e: Tick) -> None:
+            self.seen.append(e.seq)
+            if self.bus is not None and e.seq == 3:
+                self.bus.subscribe(Ev.A, lambda e: None)
+                raise RuntimeError("giving up")   # OnError.STOP closes this task's subscription
+
+    async def main():
+        bus = EventBus([(Ev.A, inline())])
+        sched = Scheduler(bus)
+        a, b = Rec(bus), Rec()
+        sched.register_event_task(a, supervision=Supervision(on_error=OnError.STOP))
+        sched.register_event_task(b)
+        async with sched:
+            await sched.start()
+            for i in range(4):
+                bus.publish(Ev.A, Tick(i))
+                assert b.seen == list(range(i + 1))   # before publish returned
+            assert a.seen == [0, 1, 2, 3]
 
     run(main())

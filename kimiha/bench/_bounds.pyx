@@ -21,6 +21,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF
 
+import inspect
 import types
 
 cdef extern from "../_call.h":
@@ -57,6 +58,8 @@ cdef class _Calls:
         for h in handlers:
             if not callable(h):
                 raise TypeError(f"expected callable handlers, got {type(h).__name__} {h!r:.100}")
+            if inspect.iscoroutinefunction(h) or inspect.isgeneratorfunction(h) or inspect.isasyncgenfunction(h):
+                raise TypeError(f"expected plain (sync) handlers, got {h!r:.100}, whose calls would not run it")
         if self.funcs != NULL:
             raise RuntimeError("already initialised")
         self.n = len(handlers)
@@ -102,6 +105,7 @@ cdef class LoopBound(_Calls):
     cdef list slots
     cdef Py_ssize_t capacity
     cdef Py_ssize_t count
+    cdef bint flushing
 
     def __init__(self, handlers, Py_ssize_t capacity):
         super().__init__(handlers)
@@ -112,6 +116,9 @@ cdef class LoopBound(_Calls):
         self.count = 0
 
     def publish(self, key, payload, /):
+        if self.flushing:
+            raise RuntimeError("LoopBound: publish while flush() calls the handlers (it would overwrite the "
+                               "payloads being flushed)")
         if self.count >= self.capacity:
             raise OverflowError(f"LoopBound: {self.capacity} payloads stored and not flushed")
         self.slots[self.count] = payload
@@ -122,8 +129,14 @@ cdef class LoopBound(_Calls):
         cdef Py_ssize_t i, j
         cdef Py_ssize_t n = self.count
         cdef list slots = self.slots
-        self.count = 0
-        for i in range(self.n):
-            for j in range(n):
-                call(self.funcs[i], self.selves[i], self.plain[i], slots[j])
+        if self.flushing:
+            raise RuntimeError("LoopBound: flush() while flush() calls the handlers")
+        self.flushing = True
+        try:
+            for i in range(self.n):
+                for j in range(n):
+                    call(self.funcs[i], self.selves[i], self.plain[i], slots[j])
+        finally:
+            self.flushing = False
+            self.count = 0
         return n

@@ -3,9 +3,12 @@
 Wall and CPU time on a shared machine drift by 1.5x and more between runs (on a bad day the spreads of
 ``bench compare`` reach 50-160 %); the number of machine instructions a case executes does not. This runs each
 case, exactly as ``bench compare`` runs it (``kimiha.bench.compare.run_case``: the README idiom, the same
-handler, the same checks), once under ``valgrind --tool=cachegrind`` with N1 events and once with N2, and
-reports (I(N2) - I(N1)) / (N2 - N1): the instructions per published event, with start-up, imports, set-up and
-the interpreter's warm-up cancelled out. The events are made for N2 in both runs, so their making cancels too.
+handler, the same checks), once under ``valgrind --tool=callgrind`` with N1 events and once with N2, and
+reports (I(N2) - I(N1)) / (N2 - N1): the instructions per published event. Callgrind counts only inside the
+run (it is called through ``operator.call``, whose C function is callgrind's ``--toggle-collect``), so start-up
+and imports are not counted at all: NautilusTrader's import alone is 3.4 billion instructions, and it varies
+by millions from one start to the next. Set-up and the interpreter's warm-up cancel out in the difference; the
+events are made for N2 in both runs. A count repeats to within a few instructions.
 
 Instructions are not time: a cache miss, a mispredicted branch or a slow instruction costs more than one, so
 the ratios here can differ from the timed ones. They answer a narrower question without noise: how much work
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import operator
 import os
 import re
 import shutil
@@ -40,7 +44,9 @@ DEFAULT_CASES = "floor,bound-inline,bound-loop,inline,sync,nautilus,flood-iter,q
 #: Below this many events between the two runs, the interpreter's warm-up and the loop's wake-ups are not
 #: amortised and the difference says little.
 MIN_SPAN = 1_000
-IR = re.compile(r"I\s+refs:\s+([\d,]+)")
+IR = re.compile(r"Collected\s*:\s*(\d+)")
+#: The C function behind ``operator.call`` in CPython: callgrind counts only what runs inside it.
+TRAMPOLINE = "_operator_call"
 
 
 def child_tape(kind: str, n: int, loop: str) -> None:
@@ -54,7 +60,7 @@ def child_tape(kind: str, n: int, loop: str) -> None:
     if n > len(lines):
         sys.exit(f"--n2: the tape has {len(lines)} lines, asked for {n}")
     freeze_setup()
-    run_one(kind, lines[:n], 0, loop)
+    operator.call(run_one, kind, lines[:n], 0, loop)
     sys.stdout.flush()
     os._exit(0)
 
@@ -74,7 +80,9 @@ def child(kind: str, subs: int, n: int, n_max: int, loop: str) -> None:
     setup = Setup(n, capacity, events, chunked(events, chunk_size(n, capacity)))
     case = Case(kind, loop if kind.removesuffix("-nolat") in LOOP_KINDS else None, subs, anchor=anchor)
     freeze_setup()
-    run_case(case, setup)
+    # operator.call is the trampoline that callgrind collects inside (--toggle-collect): only the run itself is
+    # counted, not the imports, whose work varies from one start to the next (NautilusTrader's by millions).
+    operator.call(run_case, case, setup)
     # Leave without tearing down: what finalization frees depends on which events the run referenced last,
     # and would add up to ~300 instructions an event to every case alike.
     sys.stdout.flush()
@@ -103,8 +111,8 @@ def tape(args: argparse.Namespace) -> int:
 def count(kind: str, subs: int | str, n: int, n_max: int, loop: str) -> int:
     """Run the child under cachegrind; return the instructions it executed (and say so on stderr)."""
     cmd = [
-        "valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
-        sys.executable, __file__, "--child", kind, str(subs), str(n), str(n_max), loop,
+        "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", "--collect-atstart=no",
+        f"--toggle-collect={TRAMPOLINE}", sys.executable, __file__, "--child", kind, str(subs), str(n), str(n_max), loop,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
     found = IR.search(proc.stderr)
@@ -113,6 +121,9 @@ def count(kind: str, subs: int | str, n: int, n_max: int, loop: str) -> int:
         tail = "\n".join(proc.stderr.splitlines()[-15:])
         raise RuntimeError(f"{kind} ({what}, {n}) failed under valgrind (exit {proc.returncode}):\n{tail}")
     instructions = int(found.group(1).replace(",", ""))
+    if instructions == 0:
+        raise RuntimeError(f"{kind} ({what}, {n}): callgrind counted nothing inside {TRAMPOLINE} (operator.call): "
+                           f"this Python's operator.call has another C name")
     print(f"  {kind} ({what}, {n}): {instructions:,} instructions", file=sys.stderr, flush=True)
     return instructions
 

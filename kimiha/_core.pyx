@@ -664,21 +664,27 @@ cdef class Channel:
                                       else NULL, <PyObject*>event)
         else:
             result = kimiha_call1(<PyObject*>sub.handler, <PyObject*>event)
-        self.delivering = False
-        _inline_depth -= 1
-        if result is NULL:
+        if result is <PyObject*>None:
+            Py_XDECREF(result)
+        else:
+            # A failure or a returned object is handled while the delivery still holds the channel, as the
+            # general delivery does: whatever on_error publishes here is only written (it is delivered below,
+            # in order), and it counts towards INLINE_DEPTH.
             try:
-                sub.call_failed(event)
+                if result is NULL:
+                    sub.call_failed(event)
+                else:
+                    sub.check_result(result, event)
             except BaseException:
                 # KeyboardInterrupt / SystemExit: what the handler published waits for the loop, and the
                 # exception goes on to the publisher.
-                if self.tail != sub.cursor:
+                self.delivering = False
+                _inline_depth -= 1
+                if self.tail != sub.cursor or self.subs_version != version:
                     self.defer_inline()
                 raise
-        elif result is not <PyObject*>None:
-            sub.check_result(result, event)
-        else:
-            Py_XDECREF(result)
+        self.delivering = False
+        _inline_depth -= 1
         if self.tail != sub.cursor or self.subs_version != version:
             # The handler published to this channel, or subscribed or closed a handler: the general delivery
             # gives every subscriber what it has not had, in order.
@@ -715,6 +721,8 @@ cdef class Channel:
         if self.high_water_mark == 0:
             self.high_water_mark = 1
         i = 0
+        self.delivering = True
+        _inline_depth += 1
         # The list is the channel's own: a handler that subscribes or closes one changes it (a close and a
         # subscribe leave its length as it was but shift it), and the version says so.
         while i < n and self.subs_version == version:
@@ -728,28 +736,30 @@ cdef class Channel:
             sub.delivered += 1
             self.delivered += 1
             self.inline_direct += 1
-            self.delivering = True
-            _inline_depth += 1
             if sub.func is not None:
                 result = kimiha_call_func(<PyObject*>sub.func, <PyObject*>sub.func_self if sub.func_self is not None
                                           else NULL, <PyObject*>event)
             else:
                 result = kimiha_call1(<PyObject*>sub.handler, <PyObject*>event)
-            self.delivering = False
-            _inline_depth -= 1
-            if result is NULL:
+            if result is <PyObject*>None:
+                Py_XDECREF(result)
+            else:
+                # Handled while the delivery holds the channel, as in deliver_one.
                 try:
-                    sub.call_failed(event)
+                    if result is NULL:
+                        sub.call_failed(event)
+                    else:
+                        sub.check_result(result, event)
                 except BaseException:
                     # KeyboardInterrupt / SystemExit: the handlers after this one and what was published
                     # meanwhile wait for the loop, and the exception goes on to the publisher.
+                    self.delivering = False
+                    _inline_depth -= 1
                     if i < n or self.subs_version != version or self.tail != seq + 1:
                         self.defer_inline()
                     raise
-            elif result is not <PyObject*>None:
-                sub.check_result(result, event)
-            else:
-                Py_XDECREF(result)
+        self.delivering = False
+        _inline_depth -= 1
         if i < n or self.subs_version != version or self.tail != seq + 1:
             self.deliver_inline()
         elif self.block and (self.pub_waiters or self.pending):

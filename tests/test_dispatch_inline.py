@@ -703,3 +703,117 @@ def test_an_event_task_stopped_after_subscribing_a_handler_strands_no_event_for_
             assert a.seen == [0, 1, 2, 3]
 
     run(main())
+
+
+@pytest.mark.parametrize("config", [{"track_latency": False}, {"latency_sample": 1}], ids=["direct", "general"])
+def test_an_on_error_that_publishes_again_is_flat_and_bounded_as_a_handler_that_does(run, config):
+    # The direct path handled a failure after it had let go of the channel, so a publish from on_error went
+    # straight back into it: the handler nested once per event (a RecursionError after ~1000, a segfault
+    # with a raised recursion limit), and INLINE_DEPTH did not apply. Found by an adversarial trial.
+    n = 3000
+
+    async def main():
+        bus = EventBus([(Ev.A, inline(**config))])
+        seen: list[int] = []
+        depth = [0, 0]
+
+        def handler(e: Tick) -> None:
+            seen.append(e.seq)
+            raise ValueError(e.seq)
+
+        def on_error(exc: BaseException, e: Tick) -> None:
+            depth[0] += 1                      # on_error calls nested in each other: 1 when flat
+            depth[1] = max(depth[1], depth[0])
+            if e.seq + 1 < n:
+                bus.publish(Ev.A, Tick(e.seq + 1))
+            depth[0] -= 1
+
+        bus.subscribe(Ev.A, handler, on_error=on_error)
+        bus.publish(Ev.A, Tick(0))
+        assert len(seen) >= 1024 and seen == list(range(len(seen)))   # a budget before publish returned
+        for _ in range(50):
+            await asyncio.sleep(0)
+            if len(seen) == n:
+                break
+        assert seen == list(range(n)) and depth[1] == 1
+        assert bus.stats(Ev.A)["handler_errors"] == n
+        bus.close()
+
+    run(main())
+
+
+def test_an_on_error_that_publishes_to_the_next_inline_channel_is_held_to_the_depth_bound(run):
+    k = 40
+
+    async def main():
+        keys = [f"c{i}" for i in range(k)]
+        bus = EventBus([(key, inline(8, track_latency=False)) for key in keys])
+        depth = [0, 0]
+        handled: list[int] = []
+
+        def make(i: int) -> None:
+            def handler(e: Tick) -> None:
+                handled.append(i)
+                raise ValueError(i)
+
+            def on_error(exc: BaseException, e: Tick) -> None:
+                depth[0] += 1
+                depth[1] = max(depth[1], depth[0])
+                if i + 1 < k:
+                    bus.publish(keys[i + 1], Tick(0))
+                depth[0] -= 1
+
+            bus.subscribe(keys[i], handler, on_error=on_error)
+
+        for i in range(k):
+            make(i)
+        bus.publish(keys[0], Tick(0))
+        assert depth[1] <= INLINE_DEPTH
+        assert sum(bus.channel(key).inline_deferred for key in keys) >= 1
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert handled == list(range(k))
+        bus.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("handlers", [1, 2])
+def test_a_keyboard_interrupt_from_on_error_after_a_returned_coroutine_strands_nothing(run, handlers):
+    # check_result had no BaseException guard on the direct path: the interrupt reached the publisher but
+    # nothing was handed to the loop, so the next handler's event (or the handler's own publish) stranded.
+    async def body() -> None:
+        pass
+
+    async def main():
+        bus = EventBus([(Ev.A, inline(track_latency=False))])
+        seen: dict[str, list[int]] = {"first": [], "last": []}
+
+        def first(e: Tick):
+            seen["first"].append(e.seq)
+            if e.seq == 1:
+                bus.publish(Ev.A, Tick(100))
+                return body()                 # a coroutine returned: this handler's error
+
+        def on_error(exc: BaseException, e: Tick) -> None:
+            raise KeyboardInterrupt
+
+        bus.subscribe(Ev.A, first, on_error=on_error)
+        if handlers == 2:
+            bus.subscribe(Ev.A, lambda e: seen["last"].append(e.seq))
+        bus.publish(Ev.A, Tick(0))
+        with pytest.raises(KeyboardInterrupt):
+            bus.publish(Ev.A, Tick(1))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert seen["first"] == [0, 1, 100]
+        if handlers == 2:
+            assert seen["last"] == [0, 1, 100]
+        assert bus.stats(Ev.A)["backlog"] == 0
+        bus.close()
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # the coroutine the handler returned is never awaited
+        run(main())

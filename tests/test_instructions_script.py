@@ -3,6 +3,8 @@ valgrind runs each kind of case (here without valgrind: the counting itself is v
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +48,20 @@ def test_the_child_runs_a_case_once_and_checks_it(kind, subs):
 def test_the_tape_child_replays_the_first_lines():
     proc = run("--child", "inline", "tape", "1500", "1500", "uvloop")
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_a_small_count_under_valgrind_reports_each_case_and_the_bound_above_the_floor(tmp_path):
+    # Two calls (Python -> C -> Python) cost more instructions than the interpreter's one inlined call: the
+    # bound must come out above the floor, or the counting is broken.
+    out = tmp_path / "ir.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--cases", "floor,bound-inline", "--subs", "1", "--n1", "1000", "--n2",
+         "2000", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["case"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"floor", "bound-inline"}
+    assert 100 < rows["floor"]["instructions_per_event"] < rows["bound-inline"]["instructions_per_event"]
+    assert "bound: compiled, calls in publish" in proc.stdout

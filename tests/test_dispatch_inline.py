@@ -459,7 +459,7 @@ def test_stats_say_the_dispatch_mode_the_sample_and_what_was_deferred(run):
 # channel's promises: every handler gets, once and in order, every event from its subscription on (until it is
 # closed), the counters agree, and nothing is left undelivered.
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 MAX_HANDLERS = 6
@@ -566,8 +566,22 @@ def check_promises(got: dict, start: dict, closed: dict, total: int) -> None:
             assert seqs == list(range(start[h], total)), (h, start[h], seqs)
 
 
+def interacting(script: dict) -> bool:
+    """Whether a handler's action can change what another handler is offered: closing, replacing or pausing
+    another, or subscribing one. The two paths interleave handlers differently (the direct path hands each
+    event to every handler in turn; the general one hands each handler its whole backlog in turn), so then
+    they may make different calls, each keeping the channel's promises."""
+    return any(
+        (action in ("close", "replace", "pause") and target != h) or action == "subscribe"
+        for (h, _seq), (action, target) in script.items()
+    )
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(first=st.integers(2, 4), script=SCRIPTS)
+# Found on 3.12: handler 0 publishes at 8 and closes handler 1 at 9; the general path gives handler 0 both
+# before handler 1 is offered 8, so handler 1's planned raise at 8 never comes. Both keep the promises.
+@example(first=2, script={(0, 8): ("publish", 0), (0, 9): ("close", 1), (1, 8): ("raise", 0)})
 def test_several_inline_handlers_keep_every_promise_whatever_they_do_on_the_fast_and_the_general_path(
     first, script
 ):
@@ -575,8 +589,10 @@ def test_several_inline_handlers_keep_every_promise_whatever_they_do_on_the_fast
     general = run_script(first, script, inline(latency_sample=1))
     for got, start, closed, total, _, _ in (fast, general):
         check_promises(got, start, closed, total)
-    # Both paths publish the same events to the other channel and raise as often: the same calls were made.
-    assert fast[3:] == general[3:]
+    if not interacting(script):
+        # Each handler is offered the same events on both paths: the same calls were made, so both publish
+        # the same events to the other channel and raise as often.
+        assert fast[3:] == general[3:]
 
 
 def test_a_keyboard_interrupt_from_one_of_several_inline_handlers_loses_nothing(run):

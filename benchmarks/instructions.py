@@ -112,7 +112,8 @@ def count(kind: str, subs: int | str, n: int, n_max: int, loop: str) -> int:
     """Run the child under cachegrind; return the instructions it executed (and say so on stderr)."""
     cmd = [
         "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", "--collect-atstart=no",
-        f"--toggle-collect={TRAMPOLINE}", sys.executable, __file__, "--child", kind, str(subs), str(n), str(n_max), loop,
+        f"--toggle-collect={TRAMPOLINE}",
+        sys.executable, __file__, "--child", kind, str(subs), str(n), str(n_max), loop,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
     found = IR.search(proc.stderr)

@@ -699,9 +699,9 @@ cdef class Channel:
         Each is called straight from C in subscription order, as :meth:`deliver_one` calls one (no budget loop,
         no exception frame, no second pass over the subscribers). Anything else, before or after the calls,
         takes :meth:`deliver_inline`: a sampled event that is timed (latency, or a subscriber's handler time), a
-        paused, closed, frames or ``Handler`` subscriber, one with a backlog; a handler that published to this channel, or subscribed or closed a handler (the list
-        changed: the calls stop there and the general delivery, which goes by each cursor, gives everyone what
-        they have not had).
+        paused, closed, frames or ``Handler`` subscriber, one with a backlog; a handler that published to this
+        channel, or subscribed or closed a handler (the list changed: the calls stop there and the general
+        delivery, which goes by each cursor, gives everyone what they have not had).
         """
         global _inline_depth
         cdef uint64_t seq = self.tail - 1
